@@ -1,0 +1,320 @@
+"""
+Plumbing shared by every script: command-line settings, devices and precision, torch.distributed
+start-up and shutdown, checkpoints, EMA, the learning-rate schedule, logging and image grids.
+
+Nothing here is specific to DGAE; it is the part of train_ae.py / train_dit.py / sample.py /
+eval.py that would otherwise be copied between them. Read the training scripts first and come
+here when they call something.
+"""
+
+import json
+import math
+import os
+import random
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from PIL import Image
+
+# -----------------------------------------------------------------------------
+# settings: plain variables at the top of each script, overridden from the command line
+
+
+def configure(settings, argv=None):
+    """Override a script's settings in place from `--name value` or `--name=value` arguments.
+
+    `settings` is the dict of the script's top-level variables (pass `globals()`); only names that
+    already exist with a bool/int/float/str default can be set, and values are parsed to the type
+    of that default, so `--compression 32` gives an int and `--compile false` a bool. Dashes in
+    names are read as underscores (`--latent-channels` sets `latent_channels`). Returns the dict
+    of all settings, which is what the checkpoint records.
+    """
+    keys = sorted(k for k, v in settings.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str)))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print("settings (override with --name value):")
+            for k in keys:
+                print(f"  --{k.replace('_', '-')} {settings[k]!r}")
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise SystemExit(f"error: unexpected argument {arg!r}; settings are given as --name value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:  # the value is the next argument
+            if i + 1 >= len(argv):
+                raise SystemExit(f"error: {arg} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        key = name.replace("-", "_")
+        if key not in keys:
+            raise SystemExit(f"error: unknown setting --{name}; valid settings: " + " ".join("--" + k.replace("_", "-") for k in keys))
+        settings[key] = _parse_like(value, settings[key], name)
+    return {k: settings[k] for k in keys}
+
+
+def _parse_like(value, default, name):
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise SystemExit(f"error: --{name} takes true or false, got {value!r}")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise SystemExit(f"error: --{name} takes a {type(default).__name__}, got {value!r}") from None
+
+
+# -----------------------------------------------------------------------------
+# devices, distributed training and precision
+
+
+@dataclass
+class Dist:
+    ddp: bool  # launched by torchrun with more than one process (or explicitly as a process group)
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    master: bool  # rank 0: the only process that writes files and prints
+
+
+def default_device():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def setup_distributed(device=""):
+    """Start torch.distributed when torchrun set the environment, else run as a single process.
+
+    torchrun exports RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR/PORT), so the same script runs
+    on a laptop, one GPU, or many nodes. NCCL talks between GPUs; gloo is the CPU backend.
+    """
+    device = device or default_device()
+    if "RANK" not in os.environ:
+        return Dist(False, 0, 0, 1, torch.device(device), True)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        torch_dist.init_process_group("nccl", device_id=dev)
+    else:
+        dev = torch.device(device)
+        torch_dist.init_process_group("gloo")
+    return Dist(True, rank, local_rank, world, dev, rank == 0)
+
+
+def shutdown(dist):
+    """End a DDP worker so that it cannot crash on the way out.
+
+    With gloo on CPU, a worker that simply returns from the script intermittently aborts in the
+    interpreter's teardown ("terminate called without an active exception": gloo's threads die
+    while Python destroys objects in no particular order). So every rank waits for the others,
+    tears the process group down explicitly, flushes its output, and leaves with os._exit(0),
+    which skips the fragile teardown altogether. Everything worth keeping was written before.
+    """
+    if not dist.ddp:
+        return
+    torch_dist.barrier()
+    torch_dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def all_reduce_sum(t, dist):
+    if dist.ddp:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(t, dist):
+    """Average a tensor over ranks, so the logged loss is the whole batch's, not rank 0's share."""
+    return all_reduce_sum(t, dist) / dist.world_size
+
+
+def autocast_context(device):
+    """bf16 autocast and TF32 matmuls on CUDA; plain fp32 elsewhere (CPU bf16 is slow and lossy).
+
+    bf16 has fp32's exponent range, so unlike fp16 it needs no gradient scaler.
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def make_optimizer(model, lr, weight_decay, betas, device):
+    """AdamW with weight decay on matrices/kernels only (norm gains and biases are not decayed).
+
+    The fused CUDA kernel is used on GPUs; on CPU the default implementation.
+    """
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def lr_at(step, base_lr, warmup_steps):
+    """Linear warm-up from 0 to base_lr over warmup_steps, then constant (as DiT trains)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model, for every parameter and buffer.
+
+    The EMA weights are smoother than the raw ones and are what we sample and evaluate with.
+    """
+    for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(p.to(e.dtype), 1.0 - decay)
+        else:
+            e.copy_(p)
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def strip_prefixes(state_dict):
+    """Remove the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes wrappers add to keys."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint dict onto the CPU, refusing a file of the wrong stage.
+
+    weights_only=True: loading a checkpoint never runs code from it.
+    kind: "ae" (train_ae.py) or "dit" (train_dit.py).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise ValueError(f"{path} is not a DGAE checkpoint (no 'kind' field)")
+    if ckpt["kind"] != kind:
+        made_by = {"ae": "train_ae.py", "dit": "train_dit.py"}
+        raise ValueError(
+            f"{path} is a '{ckpt['kind']}' checkpoint (written by {made_by.get(ckpt['kind'], '?')}), "
+            f"but a '{kind}' checkpoint (written by {made_by.get(kind, '?')}) is needed here"
+        )
+    for key in ("model", "ema"):
+        if key in ckpt:
+            ckpt[key] = strip_prefixes(ckpt[key])
+    return ckpt
+
+
+def rng_state():
+    """Every random generator a training step touches, so --resume continues bit-identically."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": _numpy_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"]["key"].numpy(), *state["numpy"]["rest"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state():
+    # numpy's state holds an ndarray, which weights_only loading refuses; store it as a tensor
+    _, key, *rest = np.random.get_state()
+    return {"key": torch.from_numpy(key.astype(np.int64)), "rest": rest}
+
+
+# -----------------------------------------------------------------------------
+# pretrained weight files (VGG16 + LPIPS heads, InceptionV3)
+
+
+def find_weights(path, filename, url, flag, env_var, required=True):
+    """Resolve a pretrained weight file: `path` if given, else $env_var, else $DGAE_WEIGHTS/filename.
+
+    $DGAE_WEIGHTS defaults to ./weights. Nothing is ever downloaded: if the file is missing and
+    required, the error says which file, where it is published and how to point us at it.
+    """
+    candidate = path or os.environ.get(env_var) or os.path.join(os.environ.get("DGAE_WEIGHTS", "weights"), filename)
+    if os.path.isfile(candidate):
+        return candidate
+    if not required:
+        return None
+    raise FileNotFoundError(
+        f"pretrained weight file {filename} not found (looked at {candidate}). Download it once from {url} "
+        f"and pass its path with {flag} PATH, or set {env_var}=PATH, or put it in $DGAE_WEIGHTS (default ./weights/)."
+    )
+
+
+# -----------------------------------------------------------------------------
+# logging and images
+
+
+class JsonlLogger:
+    """Appends one JSON object per line: easy to tail, grep and load with pandas."""
+
+    def __init__(self, path, enabled=True):
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def log(self, **row):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def to_uint8(x):
+    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8 numpy, rounding like the reference evaluators."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image_grid(x, path, nrow=8, pad=2):
+    """Tile a batch (N, 3, H, W) in [-1, 1] into one PNG, nrow images per row."""
+    imgs = to_uint8(x)  # (N, H, W, 3)
+    n, h, w, _ = imgs.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[i]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)
