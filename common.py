@@ -273,7 +273,7 @@ def find_weights(path, filename, url, flag, env_var, required=True):
     candidate = path or os.environ.get(env_var) or os.path.join(os.environ.get("DGAE_WEIGHTS", "weights"), filename)
     if os.path.isfile(candidate):
         return candidate
-    if not required:
+    if not required and not path:  # a path the user typed must exist, even for an optional file
         return None
     raise FileNotFoundError(
         f"pretrained weight file {filename} not found (looked at {candidate}). Download it once from {url} "

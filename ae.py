@@ -1,0 +1,276 @@
+"""
+Stage 1: the DGAE autoencoder.
+
+    x (B, 3, H, W) --Encoder--> posterior N(mean, var) over z (B, c, H/f, W/f)
+    z --diffusion decoder (decoder_diffusion.UNet + Euler sampler)--> x_hat
+
+This file holds the SD-VAE style convolutional encoder, the diagonal Gaussian posterior with its
+KL term, the `DGAE` module (encode / decode / reconstruct / loss), the deterministic SD-VAE style
+decoder used as the paper's baseline (`--decoder gaussian`), the size presets and the loader of
+trained checkpoints. Read decoder_diffusion.py next to it: that is where the decoder lives.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, euler_sample,
+                               sample_t, velocity_target, x0_estimate)
+
+# default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (DESIGN.md §2,
+# our reading of the paper's "2x smaller latent")
+DEFAULT_LATENT_CHANNELS = {8: 4, 16: 8, 32: 16, 64: 64}
+
+
+@dataclass
+class AEConfig:
+    resolution: int = 32
+    compression: int = 8  # spatial compression f: z is (c, H/f, W/f)
+    latent_channels: int = 4  # c
+    decoder: str = "diffusion"  # "diffusion" (DGAE) or "gaussian" (SD-VAE style baseline)
+    cond: str = "latent_decoder"  # how z enters the U-Net: "latent_decoder" or "concat"
+    # encoder (and baseline decoder) widths: ch * min(2^level, enc_max_mult) per level
+    enc_ch: int = 32
+    enc_max_mult: int = 4
+    enc_res_blocks: int = 1
+    # diffusion decoder U-Net
+    unet_ch: int = 32
+    unet_mult: tuple = (1, 2, 2)
+    unet_res_blocks: int = 1
+    attn_res: tuple = (8,)
+    cond_ch: int = 32
+    dropout: float = 0.0
+    attn_impl: str = "math"
+    # diffusion and loss (defaults of DESIGN.md §2)
+    t_dist: str = "logit_normal"
+    decode_steps: int = 10
+    lpips_weight: float = 0.5
+    kl_weight: float = 1e-6
+    l1_weight: float = 1.0  # baseline decoder only
+
+
+# Size presets. `tiny` trains on a laptop CPU in minutes at 32 px; `base` is the paper-scale
+# 256 px ImageNet model (SD-VAE-sized encoder, ADM-sized pixel U-Net); `large` is the bigger
+# decoder the paper reports scaling to (our sizes). Flags override any field.
+PRESETS = {
+    "tiny": dict(resolution=32, compression=8, enc_ch=32, enc_res_blocks=1, unet_ch=32, unet_mult=(1, 2, 2),
+                 unet_res_blocks=1, attn_res=(8,), cond_ch=32),
+    "small": dict(resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64, unet_mult=(1, 2, 2, 2),
+                  unet_res_blocks=2, attn_res=(8,), cond_ch=64),
+    "base": dict(resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,
+                 unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=2, attn_res=(16,), cond_ch=128),
+    "large": dict(resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=192,
+                  unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=3, attn_res=(16, 32), cond_ch=192),
+}
+
+
+def make_config(preset, **overrides):
+    """A config from a preset name plus overrides; checks that the sizes fit together."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    if "latent_channels" not in fields or not fields["latent_channels"]:
+        fields["latent_channels"] = DEFAULT_LATENT_CHANNELS.get(fields["compression"], 4)
+    cfg = AEConfig(**fields)
+    f, r = cfg.compression, cfg.resolution
+    if f not in DEFAULT_LATENT_CHANNELS:
+        raise ValueError(f"--compression must be one of {sorted(DEFAULT_LATENT_CHANNELS)}, got {f}")
+    if r % f:
+        raise ValueError(f"--resolution {r} is not divisible by --compression {f}: the latent would have "
+                         f"a fractional size; pick a resolution that is a multiple of {f}")
+    if cfg.decoder not in ("diffusion", "gaussian"):
+        raise ValueError(f"--decoder must be 'diffusion' or 'gaussian', got {cfg.decoder!r}")
+    if r % 2 ** (len(cfg.unet_mult) - 1):
+        raise ValueError(f"--resolution {r} must be divisible by 2^{len(cfg.unet_mult) - 1} (U-Net levels)")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# encoder and posterior (the paper's KL-regularised, SD-VAE style encoder)
+
+
+def _widths(cfg, n_levels):
+    return [cfg.enc_ch * min(2 ** i, cfg.enc_max_mult) for i in range(n_levels)]
+
+
+class Encoder(nn.Module):
+    """SD-VAE style conv encoder: log2(f) stride-2 downsamples, res blocks, mid attention.
+
+    Outputs 2c channels: the mean and log-variance of the diagonal Gaussian posterior over z.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_down = int(math.log2(cfg.compression))
+        widths = _widths(cfg, n_down + 1)
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        layers, cur = [], widths[0]
+        for i, w in enumerate(widths):
+            for _ in range(cfg.enc_res_blocks):
+                layers.append(ResBlock(cur, w))
+                cur = w
+            if i < n_down:
+                layers.append(Downsample(cur))
+        layers += [ResBlock(cur, cur), AttnBlock(cur, attn_impl=cfg.attn_impl), ResBlock(cur, cur)]
+        self.layers = nn.ModuleList(layers)
+        self.norm_out = Norm(cur)
+        self.conv_out = nn.Conv2d(cur, 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)  # (B, ch, H, W)
+        for layer in self.layers:
+            h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2c, H/f, W/f)
+
+
+class DiagonalGaussian:
+    """The posterior q(z|x) = N(mean, diag(exp(logvar)))."""
+
+    def __init__(self, moments):
+        self.mean, logvar = moments.float().chunk(2, dim=1)  # (B, c, h, w) each
+        self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self):
+        """Reparameterisation z = mean + std * eps, so gradients reach mean and std."""
+        return self.mean + self.std * torch.randn_like(self.mean)
+
+    def mode(self):
+        return self.mean
+
+    def kl(self):
+        """KL(q || N(0, I)) = 1/2 sum(mean^2 + var - 1 - logvar), summed over the latent, per image (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+# -----------------------------------------------------------------------------
+# the baseline: a deterministic SD-VAE style decoder (--decoder gaussian)
+
+
+class GaussianDecoder(nn.Module):
+    """z -> x with convolutions only: the decoder DGAE replaces (trained with L1 + LPIPS + KL)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_up = int(math.log2(cfg.compression))
+        widths = _widths(cfg, n_up + 1)[::-1]
+        cur = widths[0]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, cur, 3, padding=1)
+        layers = [ResBlock(cur, cur), AttnBlock(cur, attn_impl=cfg.attn_impl), ResBlock(cur, cur)]
+        for i, w in enumerate(widths):
+            for _ in range(cfg.enc_res_blocks + 1):
+                layers.append(ResBlock(cur, w))
+                cur = w
+            if i < n_up:
+                layers.append(Upsample(cur))
+        self.layers = nn.ModuleList(layers)
+        self.norm_out = Norm(cur)
+        self.conv_out = nn.Conv2d(cur, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)  # (B, C, H/f, W/f)
+        for layer in self.layers:
+            h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+# -----------------------------------------------------------------------------
+# DGAE
+
+
+class DGAE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        if cfg.decoder == "diffusion":
+            self.decoder = UNet(cfg.latent_channels, cfg.compression, cfg.resolution, ch=cfg.unet_ch,
+                                ch_mult=tuple(cfg.unet_mult), num_res_blocks=cfg.unet_res_blocks,
+                                attn_res=tuple(cfg.attn_res), cond=cfg.cond, cond_ch=cfg.cond_ch,
+                                dropout=cfg.dropout, attn_impl=cfg.attn_impl)
+        else:
+            self.decoder = GaussianDecoder(cfg)
+
+    def posterior(self, x):
+        return DiagonalGaussian(self.encoder(x))
+
+    def encode(self, x, sample=False):
+        """x (B, 3, H, W) in [-1, 1] -> z (B, c, H/f, W/f): the posterior mean, or a sample."""
+        q = self.posterior(x)
+        return q.sample() if sample else q.mode()
+
+    @torch.no_grad()
+    def decode(self, z, steps=None, seed=0):
+        """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE from noise that is a
+        function of `seed` alone, so a fixed seed gives the same reconstruction every time."""
+        if self.cfg.decoder == "gaussian":
+            return self.decoder(z).clamp(-1, 1)
+        B, _, h, w = z.shape
+        f = self.cfg.compression
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(B, 3, h * f, w * f, generator=g).to(z.device)  # x at t=1, drawn on the CPU so every device agrees
+        x = euler_sample(lambda x_t, t: self.decoder(x_t, t, z), noise, steps or self.cfg.decode_steps)
+        return x.clamp(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, x, steps=None, seed=0):
+        return self.decode(self.encode(x), steps, seed)
+
+    def forward(self, x, lpips=None):
+        # DDP only synchronises gradients of what runs through forward(), so training calls the
+        # model itself; forward is the loss.
+        return self.loss(x, lpips)
+
+    def loss(self, x, lpips=None):
+        """Training objective. Returns (total, {term: value}) with x (B, 3, H, W) in [-1, 1].
+
+        DGAE (paper: diffusion loss + perceptual loss + KL, no GAN):
+            L = |v_hat - v|^2 + lpips_weight * LPIPS(x0_hat, x) + kl_weight * KL(q(z|x) || N(0, I))
+        with x_t = (1 - t) x + t eps, v = eps - x, v_hat = UNet(x_t, t, z), x0_hat = x_t - t v_hat.
+        Baseline (--decoder gaussian): L = |x_hat - x|_1 + lpips_weight * LPIPS(x_hat, x) + kl_weight * KL.
+        LPIPS is skipped when `lpips` is None (no weight files) or lpips_weight is 0.
+        """
+        cfg = self.cfg
+        q = self.posterior(x)
+        z = q.sample()  # (B, c, h, w)
+        kl = q.kl().mean()
+        terms = {}
+        if cfg.decoder == "diffusion":
+            t = sample_t(x.shape[0], cfg.t_dist, x.device)  # (B,)
+            eps = torch.randn_like(x)
+            x_t = add_noise(x, eps, t)
+            v_hat = self.decoder(x_t, t, z)  # (B, 3, H, W)
+            terms["flow"] = F.mse_loss(v_hat.float(), velocity_target(x, eps))
+            x_pred = x0_estimate(x_t, t, v_hat.float())
+            total = terms["flow"]
+        else:
+            x_pred = self.decoder(z).float()
+            terms["l1"] = (x_pred - x).abs().mean()
+            total = cfg.l1_weight * terms["l1"]
+        if lpips is not None and cfg.lpips_weight > 0:
+            terms["lpips"] = lpips(x_pred, x).mean()
+            total = total + cfg.lpips_weight * terms["lpips"]
+        terms["kl"] = kl
+        total = total + cfg.kl_weight * kl
+        return total, terms
+
+
+def config_to_dict(cfg):
+    d = asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def config_from_dict(d):
+    return AEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def load_dgae(path, device="cpu", ema=True):
+    """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
+    ckpt = common.load_checkpoint(path, "ae")
+    model = DGAE(config_from_dict(ckpt["model_args"]))
+    model.load_state_dict(ckpt["ema" if ema else "model"])
+    return model.to(device).eval()

@@ -1,0 +1,303 @@
+"""
+The heart of DGAE: the decoder is a conditional diffusion model.
+
+Instead of mapping the latent z straight to pixels, the decoder starts from Gaussian noise and
+denoises it into the image, guided by z. This file holds:
+
+1. the rectified-flow math (noising, velocity target, t sampling, the one-step estimate of the
+   clean image, and the Euler ODE sampler). These are plain functions of tensors, independent of
+   any network, and the stage-2 DiT reuses them unchanged;
+2. the network blocks (residual block with time-modulated normalisation, self-attention block,
+   down/up-sampling) that the U-Net here and the encoder in ae.py are built from;
+3. the latent conditioning network ("latent decoder") that turns z into a feature map at every
+   U-Net resolution, and the conditional U-Net denoiser itself.
+
+Conventions: images x are in [-1, 1]; t in [0, 1] with t=0 the data and t=1 pure noise.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dit import attention, timestep_embedding
+
+# -----------------------------------------------------------------------------
+# 1. rectified flow (our choice, DESIGN.md §2; the paper states "a conditional diffusion model")
+#
+# The forward process is a straight line between the data x and noise eps:
+#     x_t = (1 - t) x + t eps
+# Its time derivative dx_t/dt = eps - x is the velocity the network learns to predict. Sampling
+# integrates that ODE backwards from t=1 (noise) to t=0 (data).
+
+
+def add_noise(x, eps, t):
+    """x_t = (1 - t) x + t eps.   x, eps: (B, ...), t: (B,)."""
+    t = t.view(-1, *([1] * (x.dim() - 1)))  # (B, 1, 1, 1) to broadcast over pixels
+    return (1 - t) * x + t * eps
+
+
+def velocity_target(x, eps):
+    """v = d x_t / dt = eps - x: the regression target of the denoiser."""
+    return eps - x
+
+
+def x0_estimate(x_t, t, v_hat):
+    """One-step estimate of the clean image, x0_hat = x_t - t v_hat.
+
+    Exact when v_hat is the true velocity (x_t - t (eps - x) = x). The training loss puts LPIPS on
+    this estimate, so the perceptual term shapes the decoder without running the whole sampler.
+    """
+    t = t.view(-1, *([1] * (x_t.dim() - 1)))
+    return x_t - t * v_hat
+
+
+def sample_t(n, dist="logit_normal", device="cpu", mean=0.0, std=1.0):
+    """Training times t in (0, 1).
+
+    logit-normal (t = sigmoid(u), u ~ N(mean, std)) puts more samples in the middle of the path,
+    where predicting the velocity is hardest and matters most (Esser et al., SD3); uniform is the
+    plain rectified-flow choice. Draws from the global torch RNG, which checkpoints save.
+    """
+    if dist == "logit_normal":
+        return torch.sigmoid(torch.randn(n, device=device) * std + mean)
+    if dist == "uniform":
+        return torch.rand(n, device=device)
+    raise ValueError(f"unknown t distribution {dist!r}; use 'logit_normal' or 'uniform'")
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn, x1, steps):
+    """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps.
+
+    velocity_fn(x_t, t) takes t as a (B,) tensor. Deterministic: the same x1 gives the same x0.
+    Each step moves x along the predicted velocity: x_{t - dt} = x_t - dt * v(x_t, t).
+    """
+    x = x1
+    ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)  # (steps + 1,)
+    for i in range(steps):
+        t = ts[i].expand(x.shape[0])  # (B,)
+        v = velocity_fn(x, t)
+        x = x + (ts[i + 1] - ts[i]) * v.to(x.dtype)  # dt is negative: we walk back towards the data
+    return x
+
+
+# -----------------------------------------------------------------------------
+# 2. network blocks (shared with the encoder and the baseline decoder in ae.py)
+
+
+def Norm(ch):
+    """GroupNorm with 32 groups (fewer for thin toy widths), as in SD-VAE and ADM."""
+    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    """Residual block: norm -> SiLU -> conv -> norm (modulated) -> SiLU -> conv, plus the skip.
+
+    With an embedding `emb` (time, in the denoiser) the second normalisation is modulated,
+    h = norm(h) * (1 + scale) + shift, with (scale, shift) a linear function of emb: this is how
+    every block learns to behave differently at different noise levels (ADM's "scale-shift norm").
+    Without emb_dim (the encoder, the baseline decoder) it is a plain SD-VAE residual block.
+    """
+
+    def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0):
+        super().__init__()
+        self.norm1 = Norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch) if emb_dim else None
+        self.norm2 = Norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
+        h = self.norm2(h)
+        if self.emb_proj is not None:
+            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1) each
+            h = h * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Spatial self-attention over the H*W positions, with the repository's one `attention`."""
+
+    def __init__(self, ch, head_dim=64, attn_impl="math"):
+        super().__init__()
+        self.heads = max(1, ch // head_dim)
+        self.norm = Norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        self.attn_impl = attn_impl
+
+    def forward(self, x, emb=None):
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # (B, 3, nh, hs, HW)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, nh, HW, hs)
+        h = attention(q, k, v, self.attn_impl)  # (B, nh, HW, hs)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+
+
+# -----------------------------------------------------------------------------
+# 3. the conditional U-Net denoiser
+
+
+class LatentDecoder(nn.Module):
+    """Turns z (B, c, H/f, W/f) into a feature map at every resolution from H/f up to H.
+
+    This is how z guides the diffusion decoder by default (our design, DESIGN.md §2): a small
+    convolutional decoder upsamples z step by step, and the U-Net adds a projection of the map of
+    matching size to its activations. The U-Net thus receives z's content at every scale, already
+    spread out spatially, instead of having to infer it from a tiny tensor at the input.
+    Returns {resolution: (B, ch, r, r)}.
+    """
+
+    def __init__(self, latent_channels, compression, ch):
+        super().__init__()
+        self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
+        self.blocks = nn.ModuleList([ResBlock(ch, ch) for _ in range(int(math.log2(compression)) + 1)])
+        self.ups = nn.ModuleList([Upsample(ch) for _ in range(int(math.log2(compression)))])
+
+    def forward(self, z):
+        h = self.conv_in(z)  # (B, ch, H/f, W/f)
+        feats = {}
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            feats[h.shape[-1]] = h
+            if i < len(self.ups):
+                h = self.ups[i](h)  # doubles the resolution
+        return feats
+
+
+class Level(nn.Module):
+    """One resolution of the U-Net: its residual(+attention) blocks, the projection of the
+    latent-decoder features added at its start, and the down/up-sampling that leaves it."""
+
+    def __init__(self, blocks, cond_proj, resample):
+        super().__init__()
+        self.blocks, self.cond_proj, self.resample = nn.ModuleList(blocks), cond_proj, resample
+
+
+def _run(block, h, emb):
+    for layer in block:
+        h = layer(h, emb)
+    return h
+
+
+class UNet(nn.Module):
+    """The denoiser v_hat = UNet(x_t, t, z), an ADM-style U-Net in pixel space.
+
+    Down path: at each level `num_res_blocks` residual blocks, then a stride-2 conv; every block
+    output is kept as a skip. Middle: res-attn-res. Up path: each block takes the matching skip
+    (concatenated), then nearest-upsample + conv. Self-attention at the resolutions in `attn_res`.
+    cond="latent_decoder" (default) adds the LatentDecoder's features at the start of every level;
+    cond="concat" instead upsamples z (nearest) to the image size and concatenates it with x_t.
+    """
+
+    def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
+                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math"):
+        super().__init__()
+        if cond not in ("latent_decoder", "concat"):
+            raise ValueError(f"unknown cond {cond!r}; use 'latent_decoder' or 'concat'")
+        self.cond, self.compression, self.ch = cond, compression, ch
+        emb_dim = 4 * ch
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(3 + (latent_channels if cond == "concat" else 0), ch, 3, padding=1)
+        if cond == "latent_decoder":
+            self.latent_decoder = LatentDecoder(latent_channels, compression, cond_ch)
+
+        def cond_proj(c):  # 1x1 conv from latent-decoder features to this level's width
+            return nn.Conv2d(cond_ch, c, 1) if cond == "latent_decoder" else None
+
+        def block(c_in, c_out, res):
+            layers = [ResBlock(c_in, c_out, emb_dim, dropout)]
+            if res in attn_res:
+                layers.append(AttnBlock(c_out, attn_impl=attn_impl))
+            return nn.ModuleList(layers)
+
+        # down path; `skips` records the width of every tensor the up path will concatenate
+        self.down, skips, cur, res = nn.ModuleList(), [ch], ch, resolution
+        for level, mult in enumerate(ch_mult):
+            proj, blocks = cond_proj(cur), []
+            for _ in range(num_res_blocks):
+                blocks.append(block(cur, ch * mult, res))
+                cur = ch * mult
+                skips.append(cur)
+            last = level == len(ch_mult) - 1
+            self.down.append(Level(blocks, proj, None if last else Downsample(cur)))
+            if not last:
+                skips.append(cur)
+                res //= 2
+        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout), AttnBlock(cur, attn_impl=attn_impl),
+                                  ResBlock(cur, cur, emb_dim, dropout)])
+
+        # up path, the mirror image; every block eats one skip, so there is one block more per level
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(ch_mult))):
+            proj, blocks = cond_proj(cur), []
+            for _ in range(num_res_blocks + 1):
+                blocks.append(block(cur + skips.pop(), ch * mult, res))
+                cur = ch * mult
+            self.up.append(Level(blocks, proj, Upsample(cur) if level > 0 else None))
+            res *= 2
+        self.norm_out = Norm(cur)
+        self.conv_out = nn.Conv2d(cur, 3, 3, padding=1)
+
+    def forward(self, x_t, t, z):
+        """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f). Returns v_hat (B, 3, H, W)."""
+        emb = self.time_mlp(timestep_embedding(t, self.ch).to(x_t.dtype))  # (B, 4ch)
+        feats = None
+        if self.cond == "concat":
+            z_up = F.interpolate(z, scale_factor=float(self.compression), mode="nearest")  # (B, c, H, W)
+            x_t = torch.cat([x_t, z_up.to(x_t.dtype)], dim=1)  # (B, 3 + c, H, W)
+        else:
+            feats = self.latent_decoder(z)  # {r: (B, cond_ch, r, r)} for r = H/f ... H
+
+        h = self.conv_in(x_t)  # (B, ch, H, W)
+        hs = [h]
+        for level in self.down:
+            if feats is not None:
+                h = h + level.cond_proj(_features_at(feats, h.shape[-1]))  # z guides every scale
+            for block in level.blocks:
+                h = _run(block, h, emb)
+                hs.append(h)
+            if level.resample is not None:
+                h = level.resample(h)
+                hs.append(h)
+        h = _run(self.mid, h, emb)  # (B, C_mid, H_min, W_min)
+        for level in self.up:
+            if feats is not None:
+                h = h + level.cond_proj(_features_at(feats, h.shape[-1]))
+            for block in level.blocks:
+                h = _run(block, torch.cat([h, hs.pop()], dim=1), emb)
+            if level.resample is not None:
+                h = level.resample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
+
+
+def _features_at(feats, r):
+    """The latent-decoder map at resolution r; below the latent's own resolution, average-pool it."""
+    if r in feats:
+        return feats[r]
+    return F.adaptive_avg_pool2d(feats[min(feats)], r)
