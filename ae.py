@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, euler_sample,
-                               sample_t, velocity_target, x0_estimate)
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, euler_sample, flow_matching_loss,
+                               x0_estimate)
 
 # default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (DESIGN.md §2,
 # our reading of the paper's "2x smaller latent")
@@ -240,12 +240,8 @@ class DGAE(nn.Module):
         kl = q.kl().mean()
         terms = {}
         if cfg.decoder == "diffusion":
-            t = sample_t(x.shape[0], cfg.t_dist, x.device)  # (B,)
-            eps = torch.randn_like(x)
-            x_t = add_noise(x, eps, t)
-            v_hat = self.decoder(x_t, t, z)  # (B, 3, H, W)
-            terms["flow"] = F.mse_loss(v_hat.float(), velocity_target(x, eps))
-            x_pred = x0_estimate(x_t, t, v_hat.float())
+            terms["flow"], x_t, t, v_hat = flow_matching_loss(lambda x_t, t: self.decoder(x_t, t, z), x, cfg.t_dist)
+            x_pred = x0_estimate(x_t, t, v_hat)  # (B, 3, H, W), the one-step estimate LPIPS looks at
             total = terms["flow"]
         else:
             x_pred = self.decoder(z).float()

@@ -35,6 +35,7 @@ def configure(settings, argv=None):
     """
     keys = sorted(k for k, v in settings.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str)))
     argv = sys.argv[1:] if argv is None else list(argv)
+    settings["_given"] = set()  # the names set on the command line (e.g. to check them against a checkpoint)
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -56,6 +57,7 @@ def configure(settings, argv=None):
         if key not in keys:
             raise SystemExit(f"error: unknown setting --{name}; valid settings: " + " ".join("--" + k.replace("_", "-") for k in keys))
         settings[key] = _parse_like(value, settings[key], name)
+        settings["_given"].add(key)
     return {k: settings[k] for k in keys}
 
 
@@ -244,6 +246,15 @@ def rng_state():
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def gather_rng_states(dist):
+    """rng_state() of every rank, as a list indexed by rank (each rank draws its own noise)."""
+    if not dist.ddp:
+        return [rng_state()]
+    states = [None] * dist.world_size
+    torch_dist.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rng_state(state):

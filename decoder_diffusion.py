@@ -67,6 +67,20 @@ def sample_t(n, dist="logit_normal", device="cpu", mean=0.0, std=1.0):
     raise ValueError(f"unknown t distribution {dist!r}; use 'logit_normal' or 'uniform'")
 
 
+def flow_matching_loss(velocity_fn, x, t_dist="logit_normal"):
+    """The rectified-flow training loss |v_hat - v|^2 on a batch of clean data x (B, ...).
+
+    Draws t and eps, builds x_t, asks velocity_fn(x_t, t) for v_hat and regresses it on
+    v = eps - x. Returns (loss, x_t, t, v_hat) so a caller can add terms on x0_hat (DGAE's LPIPS).
+    Used by the DGAE decoder (velocity_fn = UNet given z) and by the DiT (given the class).
+    """
+    t = sample_t(x.shape[0], t_dist, x.device)  # (B,)
+    eps = torch.randn_like(x)
+    x_t = add_noise(x, eps, t)
+    v_hat = velocity_fn(x_t, t).float()
+    return F.mse_loss(v_hat, velocity_target(x, eps)), x_t, t, v_hat
+
+
 @torch.no_grad()
 def euler_sample(velocity_fn, x1, steps):
     """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps.

@@ -1,0 +1,212 @@
+"""
+Stage 1 training: the DGAE autoencoder (encoder + diffusion decoder), or the Gaussian baseline.
+
+One script for every scale:
+    python train_ae.py                                   # tiny model, built-in data, laptop CPU, minutes
+    python train_ae.py --data /path/imagenet --compression 32              # one GPU
+    torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet --compression 32   # one node
+Every setting below can be overridden with --name value (dashes or underscores).
+Writes to out_dir: ckpt.pt (everything needed to resume or sample), log.jsonl, recon_*.png.
+"""
+
+import copy
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+from ae import DGAE, config_from_dict, config_to_dict, make_config
+from data import Loader, build_dataset, random_hflip
+from lpips import load_lpips
+
+# -----------------------------------------------------------------------------
+# settings
+# data
+data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in procedural dataset
+dataset_size = 10000  # images in the built-in dataset
+num_workers = 0  # data-loading processes per rank (use 8+ for ImageNet)
+# model (0 / "" = the preset's value; see ae.PRESETS)
+model = ""  # tiny | small | base | large; "" = tiny on the built-in data, base with --data
+resolution = 0
+compression = 0  # spatial compression f in {8, 16, 32, 64}
+latent_channels = 0  # 0 = DESIGN.md default for f: 4, 8, 16, 64
+decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline)
+cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
+t_dist = "logit_normal"  # training t distribution: logit_normal | uniform
+decode_steps = 10  # Euler steps when decoding for the reconstruction grids
+attn_impl = "math"  # math | sdpa
+# loss
+lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
+kl_weight = 1e-6
+vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16, or $DGAE_WEIGHTS/)
+lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
+# optimisation
+batch_size = 32  # per process and micro-step; the global batch is batch_size * grad_accum * world size
+grad_accum = 1
+max_steps = 1200
+lr = 4e-4
+warmup_steps = 100
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.999
+# bookkeeping
+out_dir = "out/ae"
+log_every = 25
+sample_every = 400
+ckpt_every = 400
+resume = False
+seed = 0
+device = ""  # "" = cuda, then mps, then cpu
+compile = False  # torch.compile the model (worth it on GPUs for long runs)
+settings = common.configure(globals())
+# -----------------------------------------------------------------------------
+
+
+def main():
+    dist = common.setup_distributed(device)
+    dev = dist.device
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
+
+    # never overwrite a finished or running job by accident; --resume continues it
+    ckpt = None
+    if resume:
+        ckpt = common.load_checkpoint(ckpt_path, "ae")
+    elif os.path.exists(ckpt_path):
+        raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
+                         "or choose another --out-dir.")
+
+    # data first: a wrong path fails here, before any model is built
+    preset = model or ("base" if data else "tiny")
+    cfg = make_config(preset, resolution=resolution or None, compression=compression or None,
+                      latent_channels=latent_channels or None, decoder=decoder, cond=cond, t_dist=t_dist,
+                      decode_steps=decode_steps, attn_impl=attn_impl, lpips_weight=lpips_weight, kl_weight=kl_weight)
+    if ckpt is not None:
+        cfg = _check_resume_config(ckpt, cfg)
+    dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
+    loader = Loader(dataset, batch_size, dist.rank, dist.world_size, seed, num_workers)
+    log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
+
+    # the perceptual loss needs the VGG16 + LPIPS files; the built-in run works without them
+    lpips = None
+    if cfg.lpips_weight > 0:
+        lpips = load_lpips(vgg_path or None, lpips_path or None, required=bool(data), device=dev)
+    log("perceptual loss: " + ("LPIPS (VGG16) on x0_hat" if lpips is not None else
+        "off (" + ("--lpips-weight 0" if cfg.lpips_weight == 0 else
+                   "weight files not found; see README 'Pretrained weight files'") + ")"))
+
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    net = DGAE(cfg).to(dev)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    optimizer = common.make_optimizer(net, lr, weight_decay, (0.9, 0.99), dev)
+    log(f"model: {preset}, {cfg.decoder} decoder, f={cfg.compression}, latent "
+        f"{cfg.latent_channels}x{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
+        f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, decoder {common.count_params(net.decoder) / 1e6:.2f}M params")
+
+    step = 0
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        loader.load_state_dict(ckpt["loader"])
+        common.set_rng_state(ckpt["rng"][dist.rank])
+        step = ckpt["step"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise and t on every rank
+
+    train_model = torch.compile(net) if compile else net
+    if dist.ddp:
+        train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast = common.autocast_context(dev)
+    logger = common.JsonlLogger(os.path.join(out_dir, "log.jsonl"), dist.master)
+    fixed = torch.stack([dataset[i][0] for i in _first_good(dataset, 8)]).to(dev)  # images for the grids
+
+    def save():
+        rngs = common.gather_rng_states(dist)  # every rank's generators, for an exact --resume
+        if dist.master:
+            common.save_checkpoint(ckpt_path, dict(
+                kind="ae", step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                loader=loader.state_dict(), rng=rngs, model_args=config_to_dict(cfg), config=settings,
+                lpips_used=lpips is not None))
+
+    pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
+    t0, images_seen = time.time(), 0
+    while step < max_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = common.lr_at(step, lr, warmup_steps)
+        sums = {}
+        for micro in range(grad_accum):
+            x, _, n_bad = next(loader)
+            x = random_hflip(x).to(dev, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+            # gradients are all-reduced only on the last micro-step; the others just accumulate
+            sync = micro == grad_accum - 1 or not dist.ddp
+            with (nullcontext() if sync else train_model.no_sync()), autocast:
+                loss, terms = train_model(x, lpips)
+            (loss / grad_accum).backward()
+            for k, v in [("loss", loss), *terms.items(), ("bad_images", torch.tensor(float(n_bad)))]:
+                sums[k] = sums.get(k, 0.0) + v.detach().float().to(dev) / grad_accum
+            images_seen += x.shape[0] * dist.world_size
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        common.update_ema(ema, net, ema_decay)
+        step += 1
+
+        if step % log_every == 0 or step == max_steps:
+            # averaged over ranks (and the bad-image count summed), so the log describes the whole batch
+            names = list(sums)
+            vals = common.all_reduce_mean(torch.stack([sums[k] for k in names]), dist)
+            row = {k: v.item() for k, v in zip(names, vals)}
+            row["bad_images"] *= dist.world_size * grad_accum
+            row.update(step=step, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                       img_per_s=images_seen / (time.time() - t0))
+            logger.log(**row)
+            pbar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", *terms, "img_per_s")})
+        pbar.update(1)
+        if step % sample_every == 0 or step == max_steps:
+            _save_grid(ema, fixed, cfg, os.path.join(out_dir, f"recon_{step:06d}.png"), dist)
+        if step % ckpt_every == 0 or step == max_steps:
+            save()
+    pbar.close()
+    log(f"done: {ckpt_path}")
+    common.shutdown(dist)
+
+
+def _check_resume_config(ckpt, cfg):
+    """On --resume the checkpoint defines the model; a model flag that disagrees is an error."""
+    saved = config_from_dict(ckpt["model_args"])
+    for name in ("compression", "latent_channels", "resolution", "decoder", "cond"):
+        flag = globals()[name]
+        if name in _given and flag != getattr(saved, name):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {flag} does not match the checkpoint being resumed "
+                             f"({getattr(saved, name)}); drop the flag or choose another --out-dir")
+    return saved
+
+
+def _first_good(dataset, n):
+    """Indices of the first n readable images (a corrupt file must not break the grids)."""
+    out = []
+    for i in range(len(dataset)):
+        if dataset[i] is not None:
+            out.append(i)
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def _save_grid(ema, x, cfg, path, dist):
+    """Inputs in the top row, EMA reconstructions (fixed decoder seed) below them."""
+    if not dist.master:
+        return
+    recon = ema.reconstruct(x, steps=cfg.decode_steps, seed=0)
+    common.save_image_grid(torch.cat([x, recon]), path, nrow=x.shape[0])
+
+
+if __name__ == "__main__":
+    main()
