@@ -140,6 +140,23 @@ def all_reduce_sum(t, dist):
     return t
 
 
+@torch.no_grad()
+def check_replicas_identical(model, dist):
+    """Raise if the ranks' copies of the weights have drifted apart (DDP must keep them equal).
+
+    Every rank computes the same fingerprint of its parameters; rank 0 compares them all.
+    Returns True when all ranks agree (always True in a single process).
+    """
+    if not dist.ddp:
+        return True
+    fp = torch.stack([p.detach().double().pow(2).sum() + p.detach().double().sum() for p in model.parameters()])
+    prints = [None] * dist.world_size
+    torch_dist.all_gather_object(prints, fp.cpu())
+    if not all(torch.equal(prints[0], p) for p in prints):
+        raise RuntimeError("model weights differ between DDP ranks; training is not synchronised")
+    return True
+
+
 def all_reduce_mean(t, dist):
     """Average a tensor over ranks, so the logged loss is the whole batch's, not rank 0's share."""
     return all_reduce_sum(t, dist) / dist.world_size

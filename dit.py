@@ -38,7 +38,8 @@ def attention(q, k, v, impl="math"):
         raise ValueError(f"unknown attention impl {impl!r}; use 'math' or 'sdpa'")
     scale = 1.0 / math.sqrt(q.shape[-1])
     att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
-    att = att.float().softmax(dim=-1).to(v.dtype)  # softmax in fp32, then back to the compute dtype
+    # softmax in (at least) fp32, then back to the compute dtype
+    att = att.to(torch.promote_types(att.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
     return att @ v  # (B, nh, T, hs)
 
 

@@ -173,6 +173,8 @@ def main():
         if step % ckpt_every == 0 or step == max_steps:
             save()
     pbar.close()
+    if common.check_replicas_identical(net, dist) and dist.ddp:
+        log(f"weights identical on all {dist.world_size} ranks")
     log(f"done: {ckpt_path}")
     common.shutdown(dist)
 

@@ -1,0 +1,123 @@
+"""The rectified-flow math and the conditional U-Net denoiser (decoder_diffusion.py)."""
+
+import math
+
+import pytest
+import torch
+
+import decoder_diffusion as dd
+
+
+def test_noising_velocity_and_one_step_estimate_match_hand_computed_values():
+    x = torch.tensor([[1.0, -1.0]])  # (B=1, 2)
+    eps = torch.tensor([[0.5, 2.0]])
+    t = torch.tensor([0.25])
+    x_t = dd.add_noise(x, eps, t)
+    # (1 - 0.25) * 1 + 0.25 * 0.5 = 0.875 ; 0.75 * -1 + 0.25 * 2 = -0.25
+    assert torch.allclose(x_t, torch.tensor([[0.875, -0.25]]))
+    v = dd.velocity_target(x, eps)
+    assert torch.allclose(v, torch.tensor([[-0.5, 3.0]]))
+    # with the true velocity the one-step estimate recovers x exactly
+    assert torch.allclose(dd.x0_estimate(x_t, t, v), x)
+    # t is per-sample: broadcast over all other dims
+    x4 = torch.ones(2, 3, 4, 4)
+    out = dd.add_noise(x4, torch.zeros_like(x4), torch.tensor([0.0, 1.0]))
+    assert torch.equal(out[0], x4[0]) and torch.equal(out[1], torch.zeros(3, 4, 4))
+
+
+def test_t_sampling_distributions():
+    torch.manual_seed(0)
+    u = dd.sample_t(20000, "uniform")
+    ln = dd.sample_t(20000, "logit_normal")
+    for t in (u, ln):
+        assert t.shape == (20000,) and t.min() > 0 and t.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.003
+    # logit(t) ~ N(0, 1): check the moments of the logit
+    logit = torch.log(ln / (1 - ln))
+    assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1.0) < 0.03
+    with pytest.raises(ValueError, match="unknown t distribution"):
+        dd.sample_t(4, "beta")
+
+
+def test_euler_sampler_integrates_straight_line_field_exactly():
+    # The velocity of the straight path through a fixed point x0 is v(x, t) = (x - x0) / t.
+    # Euler steps along a straight line are exact, so any number of steps lands on x0.
+    torch.manual_seed(0)
+    x0 = torch.randn(3, 2, 5, 5)
+    x1 = torch.randn(3, 2, 5, 5)
+    calls = []
+
+    def v(x, t):
+        calls.append(t.clone())
+        assert t.shape == (3,)
+        return (x - x0) / t.view(-1, 1, 1, 1)
+
+    for steps in (1, 4, 7):
+        calls.clear()
+        out = dd.euler_sample(v, x1, steps)
+        assert torch.allclose(out, x0, atol=1e-5)
+        assert len(calls) == steps and calls[0][0].item() == 1.0
+        assert math.isclose(calls[-1][0].item(), 1.0 / steps, rel_tol=1e-6)
+
+
+def test_euler_sampler_matches_closed_form_for_linear_field():
+    # dx/dt = a x  -> Euler from t=1 to 0 with N steps of dt = -1/N gives x1 * (1 - a/N)^N
+    x1 = torch.randn(2, 3)
+    a = 0.7
+    out = dd.euler_sample(lambda x, t: a * x, x1, 5)
+    assert torch.allclose(out, x1 * (1 - a / 5) ** 5, atol=1e-6)
+
+
+def test_flow_matching_loss_is_the_mse_on_the_velocity():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    net = lambda x_t, t: x_t * 0.3 + t.view(-1, 1, 1, 1)  # any differentiable function
+    torch.manual_seed(1)
+    loss, x_t, t, v_hat = dd.flow_matching_loss(net, x, "uniform")
+    torch.manual_seed(1)  # redraw the same t and eps by hand
+    t_ref = torch.rand(4)
+    eps = torch.randn_like(x)
+    x_t_ref = (1 - t_ref.view(-1, 1, 1, 1)) * x + t_ref.view(-1, 1, 1, 1) * eps
+    assert torch.equal(t, t_ref) and torch.allclose(x_t, x_t_ref)
+    ref = ((net(x_t_ref, t_ref) - (eps - x)) ** 2).mean()
+    assert torch.allclose(loss, ref)
+
+
+def _unet(cond, f=8, res=32):
+    torch.manual_seed(0)
+    return dd.UNet(latent_channels=4, compression=f, resolution=res, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                   attn_res=(16,), cond=cond, cond_ch=16)
+
+
+@pytest.mark.parametrize("cond", ["latent_decoder", "concat"])
+@pytest.mark.parametrize("f", [8, 16, 32])
+def test_unet_shapes_for_every_compression(cond, f):
+    net = _unet(cond, f)
+    x = torch.randn(2, 3, 32, 32)
+    z = torch.randn(2, 4, 32 // f, 32 // f)
+    assert net(x, torch.rand(2), z).shape == (2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("cond", ["latent_decoder", "concat"])
+def test_denoiser_uses_z_and_t(cond):
+    net = _unet(cond)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([0.3, 0.8])
+    z = torch.randn(2, 4, 4, 4, requires_grad=True)
+    out = net(x, t, z)
+    assert not torch.allclose(out, net(x, t, z + 1.0), atol=1e-4), "changing z must change the output"
+    assert not torch.allclose(out, net(x, t.flip(0), z), atol=1e-4), "changing t must change the output"
+    # and the gradient reaches z, so the encoder is trained through the decoder
+    out.square().mean().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_latent_decoder_emits_a_map_at_every_resolution_from_latent_to_image():
+    ld = dd.LatentDecoder(latent_channels=4, compression=8, ch=16)
+    feats = ld(torch.randn(2, 4, 4, 4))
+    assert sorted(feats) == [4, 8, 16, 32]
+    assert all(v.shape == (2, 16, r, r) for r, v in feats.items())
+
+
+def test_unknown_conditioning_is_an_error():
+    with pytest.raises(ValueError, match="unknown cond"):
+        dd.UNet(4, 8, 32, cond="crossattn")
