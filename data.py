@@ -1,0 +1,388 @@
+"""
+Datasets and the data loader shared by every script of the pipeline.
+
+train_ae.py, train_dit.py (latent caching), sample.py (reconstructions) and eval.py (rFID)
+all read images through this file, so they all see the same pixels:
+
+- ProceduralDataset: a built-in, download-free dataset of coloured shapes and textures
+  (discs, stripes, checkerboards, ...). It makes `python train_ae.py` work out of the box and
+  gives the tests something with sharp, high-frequency detail to reconstruct.
+- ImageFolderDataset: an ImageNet-style folder (`train/<class>/*.JPEG`) with the ADM center
+  crop. Unreadable files are reported and skipped (the item is None), never a crash.
+- collate_skip_bad: batches the good items and counts the bad ones.
+- Loader: an infinite, resumable, per-rank batch iterator. Its state_dict() goes into the
+  checkpoint so that `--resume` replays exactly the batches the interrupted run would have seen.
+- random_hflip: the training augmentation, applied to the batch in the trainer so that it draws
+  from the (checkpointed) global torch RNG instead of from worker processes.
+
+Images are float32 tensors (3, H, W) in [-1, 1]; labels are Python ints.
+"""
+
+import math
+import os
+import sys
+import warnings
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+# -----------------------------------------------------------------------------
+# the built-in procedural dataset
+
+
+@lru_cache(maxsize=8)
+def _grid(resolution):
+    # pixel-centre coordinates in [-1, 1]. Every shape below is defined in these continuous
+    # coordinates, so the same (seed, index) draws the same picture at 32 px and at 256 px.
+    u = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution * 2.0 - 1.0
+    yy, xx = np.meshgrid(u, u, indexing="ij")  # (H, W) each; y grows downwards
+    return yy, xx
+
+
+def _rotate(yy, xx, cy, cx, angle):
+    # coordinates relative to (cy, cx) in a frame rotated by `angle`
+    dy, dx = yy - cy, xx - cx
+    c, s = math.cos(angle), math.sin(angle)
+    return c * dy - s * dx, s * dy + c * dx
+
+
+# Each pattern maps (rng, yy, xx) -> a mask (H, W) in [0, 1]: 1 = foreground colour,
+# 0 = background colour. Sizes, positions, phases and frequencies are random within the class;
+# frequencies are in cycles per unit of the [-1, 1] coordinates (x2 = cycles per image), chosen
+# so that at 32 px a period is still >= ~4 px and the class stays recognisable.
+
+def _disc(rng, yy, xx):
+    cy, cx = rng.uniform(-0.4, 0.4, 2)
+    r = rng.uniform(0.3, 0.6)
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _square(rng, yy, xx):
+    cy, cx = rng.uniform(-0.4, 0.4, 2)
+    ry, rx = _rotate(yy, xx, cy, cx, rng.uniform(0, math.pi / 2))
+    return np.maximum(np.abs(ry), np.abs(rx)) <= rng.uniform(0.25, 0.5)
+
+
+def _triangle(rng, yy, xx):
+    # equilateral triangle = intersection of three half-planes whose outward normals are 120
+    # degrees apart; the inradius is half the circumradius r.
+    cy, cx = rng.uniform(-0.35, 0.35, 2)
+    r, theta = rng.uniform(0.45, 0.75), rng.uniform(0, 2 * math.pi)
+    inside = np.ones_like(yy, dtype=bool)
+    for k in range(3):
+        a = theta + 2 * math.pi * k / 3
+        inside &= (yy - cy) * math.sin(a) + (xx - cx) * math.cos(a) <= r / 2
+    return inside
+
+
+def _ring(rng, yy, xx):
+    cy, cx = rng.uniform(-0.3, 0.3, 2)
+    r, w = rng.uniform(0.35, 0.6), rng.uniform(0.08, 0.16)
+    return np.abs(np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - r) <= w
+
+
+def _stripes(coord, rng):
+    f, phase = rng.uniform(1.5, 4.0), rng.uniform(0, 2 * math.pi)
+    return np.sin(2 * math.pi * f * coord + phase) > 0
+
+
+def _hstripes(rng, yy, xx):
+    return _stripes(yy, rng)
+
+
+def _vstripes(rng, yy, xx):
+    return _stripes(xx, rng)
+
+
+def _dstripes(rng, yy, xx):
+    sign = 1.0 if rng.uniform() < 0.5 else -1.0  # "/" or "\"
+    return _stripes((xx + sign * yy) / math.sqrt(2), rng)
+
+
+def _checkerboard(rng, yy, xx):
+    f = rng.uniform(1.0, 2.5)
+    py, px = rng.uniform(0, 2 * math.pi, 2)
+    return np.sin(2 * math.pi * f * yy + py) * np.sin(2 * math.pi * f * xx + px) > 0
+
+
+def _concentric(rng, yy, xx):
+    cy, cx = rng.uniform(-0.5, 0.5, 2)
+    f, phase = rng.uniform(1.5, 3.5), rng.uniform(0, 2 * math.pi)
+    return np.sin(2 * math.pi * f * np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) + phase) > 0
+
+
+def _dots(rng, yy, xx):
+    # a square lattice of dots: local coordinates inside each lattice cell, centred on 0
+    f = rng.uniform(1.5, 3.0)
+    oy, ox = rng.uniform(0, 1, 2)
+    ly = (yy * f + oy) % 1.0 - 0.5
+    lx = (xx * f + ox) % 1.0 - 0.5
+    return ly ** 2 + lx ** 2 <= rng.uniform(0.2, 0.35) ** 2
+
+
+def _mosaic(rng, yy, xx):
+    # random-valued g x g blocks (a "noise texture" with hard edges); the mask is continuous here
+    g = int(rng.integers(4, 9))
+    cells = rng.uniform(0, 1, (g, g)).astype(np.float32)
+    iy = np.minimum(((yy + 1) / 2 * g).astype(np.int64), g - 1)
+    ix = np.minimum(((xx + 1) / 2 * g).astype(np.int64), g - 1)
+    return cells[iy, ix]
+
+
+def _cross(rng, yy, xx):
+    cy, cx = rng.uniform(-0.3, 0.3, 2)
+    arm, w = rng.uniform(0.4, 0.7), rng.uniform(0.08, 0.16)
+    dy, dx = np.abs(yy - cy), np.abs(xx - cx)
+    return ((dy <= w) & (dx <= arm)) | ((dx <= w) & (dy <= arm))
+
+
+# the first 10 are the default classes; num_classes may go up to len(_PATTERNS)
+_PATTERNS = [
+    ("disc", _disc), ("square", _square), ("triangle", _triangle), ("ring", _ring),
+    ("horizontal_stripes", _hstripes), ("vertical_stripes", _vstripes),
+    ("diagonal_stripes", _dstripes), ("checkerboard", _checkerboard),
+    ("concentric_circles", _concentric), ("dot_grid", _dots),
+    ("mosaic", _mosaic), ("cross", _cross),
+]
+
+
+class ProceduralDataset(Dataset):
+    """Coloured shapes and textures, one pattern per class; item i is a pure function of (seed, i)."""
+
+    def __init__(self, resolution=32, num_classes=10, size=10000, seed=0):
+        if not 1 <= num_classes <= len(_PATTERNS):
+            raise ValueError(f"ProceduralDataset has {len(_PATTERNS)} patterns, not num_classes={num_classes}")
+        self.resolution, self.num_classes, self.size, self.seed = resolution, num_classes, size, seed
+        self.class_names = [name for name, _ in _PATTERNS[:num_classes]]
+
+    def __len__(self):
+        return self.size
+
+    def image(self, i):
+        """The i-th image as a float32 numpy array (H, W, 3) in [-1, 1]."""
+        # a fresh generator per item (not one per dataset) is what makes item i independent of
+        # which items were drawn before it, in which worker process, in which order.
+        i = int(i)
+        if not 0 <= i < self.size:
+            raise IndexError(f"index {i} out of range for ProceduralDataset of size {self.size}")
+        rng = np.random.default_rng((self.seed, i))
+        yy, xx = _grid(self.resolution)
+        mask = _PATTERNS[i % self.num_classes][1](rng, yy, xx).astype(np.float32)  # (H, W)
+        # two random colours with enough contrast that the pattern is always visible
+        bg = rng.uniform(-1, 1, 3)
+        fg = rng.uniform(-1, 1, 3)
+        if np.abs(fg - bg).max() < 0.8:
+            fg = np.where(bg > 0, bg - 1.0, bg + 1.0)  # push one unit away from bg on every channel
+        bg, fg = bg.astype(np.float32), fg.astype(np.float32)
+        return bg + mask[:, :, None] * (fg - bg)  # (H, W, 3)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(self.image(i)).permute(2, 0, 1).contiguous()  # (3, H, W)
+        return x, int(i) % self.num_classes
+
+
+# -----------------------------------------------------------------------------
+# ImageNet-style image folders
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM center crop (guided-diffusion, image_datasets.py) -> np.uint8 (image_size, image_size, 3).
+
+    The field's standard preprocessing for ImageNet 256 (ADM, DiT, and the rFID protocol), kept
+    identical so numbers are comparable: halve with a BOX filter while the short side is still
+    >= 2x the target (cheap and alias-free for huge JPEGs), then one BICUBIC resize that makes
+    the short side exactly image_size, then cut the central square.
+    """
+    if pil_image.mode != "RGB":
+        pil_image = pil_image.convert("RGB")
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)  # (h, w, 3); PIL sizes are (w, h)
+    top = (arr.shape[0] - image_size) // 2
+    left = (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+def _is_image(name):
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+_EXPECTED = ("expected an ImageNet-style folder: <root>/train/<class>/*.JPEG "
+             "(or <root>/<class>/*.JPEG, or a flat folder of images); set it with --data")
+
+
+class ImageFolderDataset(Dataset):
+    """Images under `root/train/<class>/` (or `root/<class>/`, or flat `root/`), ADM center-cropped."""
+
+    def __init__(self, root, resolution):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"--data {root!r}: no such folder; {_EXPECTED}")
+        base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+        self.root, self.resolution = base, resolution
+        # classes = sorted sub-folder names, so label k means the same class on every machine
+        # (for ImageNet: the sorted wnids n01440764, ... -> 0..999, the usual indexing)
+        subdirs = sorted(d for d in os.listdir(base)
+                         if not d.startswith(".") and os.path.isdir(os.path.join(base, d)))
+        samples = []
+        for label, d in enumerate(subdirs):
+            found = [os.path.join(dirpath, f)
+                     for dirpath, _, filenames in os.walk(os.path.join(base, d), followlinks=True)
+                     for f in filenames if _is_image(f)]
+            samples += [(path, label) for path in sorted(found)]  # sorted: same order on every machine
+        if samples:
+            self.classes = subdirs
+        else:
+            # no class folders with images: a flat folder (e.g. ImageNet val as 50K loose JPEGs)
+            # is one class with label 0; eval.py and sample.py read such folders.
+            self.classes = [os.path.basename(os.path.normpath(base))]
+            samples = [(os.path.join(base, f), 0) for f in sorted(os.listdir(base))
+                       if _is_image(f) and os.path.isfile(os.path.join(base, f))]
+        if not samples:
+            raise ValueError(f"--data {root!r}: found no images ({', '.join(IMG_EXTENSIONS)}) "
+                             f"in {base!r}; {_EXPECTED}")
+        self.samples = samples  # [(path, label)], sorted by label then path
+        self._warned = set()  # bad files already reported (per process: each worker keeps its own)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                arr = center_crop_arr(im.convert("RGB"), self.resolution)  # convert() decodes fully
+        except Exception as e:  # truncated JPEG, not an image, permissions, ...: skip, never crash
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
+            return None
+        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W) in [-1, 1]
+        return x, label
+
+
+def build_dataset(data, resolution, num_classes=10, size=10000, seed=0):
+    """--data "" -> the built-in ProceduralDataset, else an ImageFolderDataset at `data`."""
+    if data == "" or data is None:
+        return ProceduralDataset(resolution, num_classes=num_classes, size=size, seed=seed)
+    return ImageFolderDataset(data, resolution)
+
+
+# -----------------------------------------------------------------------------
+# batching and the resumable loader
+
+
+def collate_skip_bad(batch):
+    """[(x, y) or None] -> (x (B, 3, H, W), y (B,) long, n_bad). Runs inside the worker, so
+    n_bad travels back with the batch and the trainer can report skips even with workers."""
+    good = [item for item in batch if item is not None]
+    n_bad = len(batch) - len(good)
+    if not good:  # every image of the batch was bad; Loader skips such batches
+        return torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.long), n_bad
+    x = torch.stack([item[0] for item in good])  # (B, 3, H, W)
+    y = torch.tensor([int(item[1]) for item in good], dtype=torch.long)  # (B,)
+    return x, y, n_bad
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler (shuffle, drop_last) that can start `start` indices into its shard.
+
+    The permutation of an epoch comes from torch.randperm with a generator seeded by
+    seed + epoch (DistributedSampler's own rule), so it is the same on every rank and every
+    restart; rank r takes positions r, r + W, r + 2W, ..., so shards are disjoint.
+    """
+
+    def __init__(self, dataset, rank, world_size, seed):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class Loader:
+    """Infinite batch iterator for one rank: next(loader) -> (x (B, 3, H, W), y (B,), n_bad).
+
+    Every rank gets the same number of batches per epoch (num_samples // batch_size), which DDP
+    needs. state_dict() = (epoch, batches consumed this epoch); a new Loader given it continues
+    with exactly the batches the old one would have produced next.
+    """
+
+    def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0):
+        if len(dataset) < batch_size * world_size:
+            raise ValueError(f"dataset has {len(dataset)} images, fewer than one global batch "
+                             f"(batch_size {batch_size} x world_size {world_size}); "
+                             f"use a smaller batch size or a bigger dataset (--data)")
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.sampler = ResumableDistributedSampler(dataset, rank, world_size, seed)
+        self.batches_per_epoch = self.sampler.num_samples // batch_size
+        # The DataLoader draws its workers' base seed from `generator`; without one it would draw
+        # from the global torch RNG, and the trainer's noise (saved/restored for --resume) would
+        # depend on how many times the loader was (re)started.
+        generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            collate_fn=collate_skip_bad, num_workers=num_workers, generator=generator,
+            persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )
+        self.epoch, self.batch = 0, 0
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        n_bad = 0
+        while True:
+            if self._it is None:
+                # (re)start the epoch at the current position; the sampler is read in this
+                # process when the iterator is created, so persistent workers see the change.
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.start = self.batch * self.batch_size
+                self._it = iter(self.loader)
+            try:
+                x, y, bad = next(self._it)
+            except StopIteration:
+                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+                continue
+            self.batch += 1
+            n_bad += bad
+            # A batch whose images were all unreadable is skipped, its count carried forward.
+            # (Only then can ranks drift apart by a batch; with real data it does not happen.)
+            if len(y) > 0:
+                return x, y, n_bad
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
+                "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def load_state_dict(self, d):
+        for k in ("seed", "batch_size", "world_size"):
+            if k in d and d[k] != getattr(self, k):
+                print(f"data: resuming with {k}={getattr(self, k)} (was {d[k]}): the data order "
+                      f"will not match the interrupted run exactly", file=sys.stderr)
+        self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
+        self._it = None  # the next batch restarts the epoch at the loaded position
+
+
+def random_hflip(x, generator=None):
+    """Mirror each image of x (B, 3, H, W) left-right with probability 1/2.
+
+    Done on the batch in the trainer, not in the dataset: the coin flips then come from the
+    trainer's RNG (the global torch RNG unless a generator is given), which the checkpoint saves,
+    so a resumed run flips exactly the same images. The coins are drawn on the CPU (or on the
+    generator's device), so a seed flips the same images whatever device x lives on.
+    """
+    device = generator.device if generator is not None else torch.device("cpu")
+    flip = torch.rand(x.shape[0], generator=generator, device=device) < 0.5  # (B,)
+    flip = flip.to(x.device).view(-1, 1, 1, 1)
+    return torch.where(flip, x.flip(-1), x)
