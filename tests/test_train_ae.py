@@ -1,0 +1,135 @@
+"""train_ae.py run for real, as a subprocess: resume, torchrun, image folders, and the errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--batch-size", "4", "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--decode-steps", "2"]
+
+
+def _env(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DGAE_WEIGHTS=str(tmp_path / "no_weights_here"))
+    env.pop("DGAE_VGG16", None)
+    env.pop("DGAE_LPIPS", None)
+    return env
+
+
+def run_train(tmp_path, *args, torchrun=False, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    proc = subprocess.run(cmd + [os.path.join(ROOT, "train_ae.py"), *args], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"differs at {where}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{where}[{i}]")
+
+
+def test_resume_is_bit_identical(tmp_path):
+    args = FAST + ["--grad-accum", "2", "--warmup-steps", "2"]
+    run_train(tmp_path, "--out-dir", "full", "--max-steps", "4", *args)
+    run_train(tmp_path, "--out-dir", "split", "--max-steps", "2", *args)
+    run_train(tmp_path, "--out-dir", "split", "--max-steps", "4", "--resume", "true", *args)
+    full, split = load(tmp_path / "full/ckpt.pt"), load(tmp_path / "split/ckpt.pt")
+    assert full["step"] == split["step"] == 4
+    for key in ("model", "ema", "optimizer", "loader"):
+        assert_same_tensors(full[key], split[key], key)
+    # and training did change the weights (the comparison is not between two untouched inits)
+    first = load(tmp_path / "split/ckpt.pt")["model"]
+    run_train(tmp_path, "--out-dir", "other", "--max-steps", "1", *args)
+    assert not all(torch.equal(first[k], v) for k, v in load(tmp_path / "other/ckpt.pt")["model"].items())
+
+
+def test_default_run_writes_checkpoint_log_and_reconstruction_grid(tmp_path):
+    run_train(tmp_path, "--max-steps", "3", "--batch-size", "4", "--sample-every", "3", "--decode-steps", "2")
+    ckpt = load(tmp_path / "out/ae/ckpt.pt")
+    assert ckpt["kind"] == "ae" and ckpt["step"] == 3 and ckpt["model_args"]["compression"] == 8
+    assert ckpt["config"]["max_steps"] == 3
+    grid = Image.open(tmp_path / "out/ae/recon_000003.png")
+    assert grid.size == (8 * 34 + 2, 2 * 34 + 2)  # 8 inputs over 8 reconstructions, 32 px + 2 px padding
+    rows = [json.loads(line) for line in open(tmp_path / "out/ae/log.jsonl")]
+    assert rows[-1]["step"] == 3 and np.isfinite(rows[-1]["loss"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_finishes_cleanly_with_identical_weights(tmp_path):
+    # gloo workers used to abort at exit about one run in five; run it several times
+    for i in range(4):
+        proc = run_train(tmp_path, "--out-dir", f"ddp{i}", "--max-steps", "2", *FAST, torchrun=True)
+        out = proc.stdout + proc.stderr
+        assert "terminate called" not in out and "Traceback" not in out
+        assert "weights identical on all 2 ranks" in out
+        assert load(tmp_path / f"ddp{i}/ckpt.pt")["step"] == 2
+        assert len(load(tmp_path / f"ddp{i}/ckpt.pt")["rng"]) == 2  # every rank's RNG, for exact resume
+
+
+def _image_folder(root, n_per_class=4, size=(48, 40)):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(root / "train" / c)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / "train" / c / f"{i}.JPEG" if i % 2 else root / "train" / c / f"{i}.png")
+    # a truncated JPEG and a text file that pretends to be one
+    good = root / "train" / "cat" / "1.JPEG"
+    (root / "train" / "dog" / "truncated.JPEG").write_bytes(good.read_bytes()[:200])
+    (root / "train" / "dog" / "notes.jpg").write_text("not an image")
+
+
+def test_image_folder_training_skips_and_counts_corrupt_images(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    proc = run_train(tmp_path, "--data", "imgs", "--model", "tiny", "--resolution", "32", "--lpips-weight", "0",
+                     "--max-steps", "3", *FAST)
+    assert "truncated.JPEG" in proc.stderr and "notes.jpg" in proc.stderr  # each bad file is named
+    rows = [json.loads(line) for line in open(tmp_path / "out/ae/log.jsonl")]
+    assert sum(r["bad_images"] for r in rows) >= 1  # the 10-image epoch (3 steps x 4) meets them
+    assert load(tmp_path / "out/ae/ckpt.pt")["step"] == 3
+
+
+def test_missing_dataset_is_a_clear_error_before_building_a_model(tmp_path):
+    proc = run_train(tmp_path, "--data", "/no/such/imagenet", "--lpips-weight", "0", check=False)
+    assert proc.returncode != 0
+    assert "/no/such/imagenet" in proc.stderr and "--data" in proc.stderr
+    assert "model:" not in proc.stdout and not (tmp_path / "out/ae/ckpt.pt").exists()
+
+
+def test_missing_lpips_weights_with_data_names_the_file_and_flag(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    proc = run_train(tmp_path, "--data", "imgs", "--model", "tiny", "--resolution", "32", *FAST, check=False)
+    assert proc.returncode != 0
+    assert "vgg16-397923af.pth" in proc.stderr and "--vgg-path" in proc.stderr
+    assert "download.pytorch.org" in proc.stderr
+
+
+def test_existing_run_wrong_kind_and_mismatched_flags_are_refused(tmp_path):
+    run_train(tmp_path, "--max-steps", "1", *FAST)
+    proc = run_train(tmp_path, "--max-steps", "2", *FAST, check=False)  # would overwrite the run
+    assert proc.returncode != 0 and "--resume" in proc.stderr
+    proc = run_train(tmp_path, "--max-steps", "2", "--resume", "true", "--compression", "16", *FAST, check=False)
+    assert proc.returncode != 0 and "--compression 16 does not match" in proc.stderr
+    torch.save({"kind": "dit", "model": {}}, tmp_path / "out/ae/ckpt.pt")
+    proc = run_train(tmp_path, "--max-steps", "2", "--resume", "true", *FAST, check=False)
+    assert proc.returncode != 0 and "'dit' checkpoint" in proc.stderr
+    proc = run_train(tmp_path, "--compresion", "16", check=False)  # a typo is not silently ignored
+    assert proc.returncode != 0 and "unknown setting --compresion" in proc.stderr
