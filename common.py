@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
 # settings: plain variables at the top of each script, overridden from the command line
@@ -210,6 +211,66 @@ def count_params(model):
 
 
 # -----------------------------------------------------------------------------
+# the optimisation step and its log row, shared by train_ae.py and train_dit.py
+
+
+def wrap_for_training(net, dist, compile):
+    """The module the loop calls: net, optionally torch.compile'd, then DDP-wrapped under torchrun.
+
+    `net` itself stays unwrapped: the optimizer, the EMA and the checkpoints use its parameters.
+    """
+    model = torch.compile(net) if compile else net
+    if dist.ddp:
+        model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    return model
+
+
+def train_step(model, net, ema, optimizer, micro_step, dist, autocast, lr, grad_accum, grad_clip, ema_decay):
+    """One optimizer step: grad_accum micro-batches, gradient clipping, AdamW, then the EMA update.
+
+    micro_step(model) fetches one micro-batch and returns (loss, {name: 0-d tensor}); it runs under
+    autocast, and under DDP's no_sync() on every micro-step but the last, so the gradients are
+    all-reduced once per step, not once per micro-batch. `model` is the wrapped module,
+    `net` the plain one (see wrap_for_training). Returns (means, grad_norm): this rank's mean of
+    "loss" and every term over the micro-batches (0-d tensors, not yet averaged over ranks; see
+    log_step) and the gradient norm before clipping.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    means = {}
+    for micro in range(grad_accum):
+        sync = micro == grad_accum - 1 or not dist.ddp
+        with (nullcontext() if sync else model.no_sync()), autocast:
+            loss, terms = micro_step(model)
+        (loss / grad_accum).backward()
+        for k, v in [("loss", loss), *terms.items()]:
+            means[k] = means.get(k, 0.0) + v.detach().float().to(loss.device) / grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    update_ema(ema, net, ema_decay)
+    return means, grad_norm
+
+
+def log_step(logger, pbar, means, dist, totals=(), grad_accum=1, **fields):
+    """Write one log row and show it on the progress bar; returns the row.
+
+    The terms are averaged over ranks (one all-reduce), so the row describes the whole global
+    batch rather than rank 0's share. Names in `totals` are counts (e.g. skipped images): they are
+    reported summed over micro-batches and ranks instead. `fields` (step, lr, ...) are added as is.
+    """
+    names = list(means)
+    vals = all_reduce_mean(torch.stack([means[k] for k in names]), dist)
+    row = {k: v.item() for k, v in zip(names, vals)}
+    for k in totals:
+        row[k] *= dist.world_size * grad_accum
+    row.update(fields)
+    logger.log(**row)
+    pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*names, "img_per_s") if k in row and k not in totals})
+    return row
+
+
+# -----------------------------------------------------------------------------
 # checkpoints
 
 
@@ -255,6 +316,37 @@ def load_checkpoint(path, kind):
         if key in ckpt:
             ckpt[key] = strip_prefixes(ckpt[key])
     return ckpt
+
+
+def resume_or_refuse(ckpt_path, resume, kind):
+    """--resume: the run's checkpoint. Otherwise None, and an existing checkpoint is an error, so a
+    finished or running job is never overwritten by accident."""
+    if resume:
+        return load_checkpoint(ckpt_path, kind)
+    if os.path.exists(ckpt_path):
+        raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
+                         "or choose another --out-dir.")
+    return None
+
+
+def save_training(path, dist, kind, step, net, ema, optimizer, loader, **extra):
+    """Checkpoint a training run: weights, EMA, optimizer, data position and every rank's RNG state
+    (each rank draws its own noise), plus `extra` (model args, settings, ...). Call it on every
+    rank, since the RNG states are gathered; rank 0 alone writes."""
+    rngs = gather_rng_states(dist)
+    if dist.master:
+        save_checkpoint(path, dict(kind=kind, step=step, model=net.state_dict(), ema=ema.state_dict(),
+                                   optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=rngs, **extra))
+
+
+def restore_training(ckpt, dist, net, ema, optimizer, loader):
+    """The inverse of save_training, for --resume; returns the step to continue from."""
+    net.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"][dist.rank])
+    return ckpt["step"]
 
 
 def rng_state():
@@ -326,6 +418,17 @@ class JsonlLogger:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+
+def first_good(dataset, n):
+    """Indices of the first n readable items (an unreadable image is None and must not break a grid)."""
+    out = []
+    for i in range(len(dataset)):
+        if len(out) == n:
+            break
+        if dataset[i] is not None:
+            out.append(i)
+    return out
 
 
 def to_uint8(x):

@@ -12,10 +12,8 @@ Writes to out_dir: ckpt.pt (everything needed to resume or sample), log.jsonl, r
 import copy
 import os
 import time
-from contextlib import nullcontext
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
@@ -72,13 +70,7 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
 
-    # never overwrite a finished or running job by accident; --resume continues it
-    ckpt = None
-    if resume:
-        ckpt = common.load_checkpoint(ckpt_path, "ae")
-    elif os.path.exists(ckpt_path):
-        raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
-                         "or choose another --out-dir.")
+    ckpt = common.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
 
     # data first: a wrong path fails here, before any model is built
     preset = model or ("base" if data else "tiny")
@@ -109,69 +101,42 @@ def main():
 
     step = 0
     if ckpt is not None:
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        loader.load_state_dict(ckpt["loader"])
-        common.set_rng_state(ckpt["rng"][dist.rank])
-        step = ckpt["step"]
+        step = common.restore_training(ckpt, dist, net, ema, optimizer, loader)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise and t on every rank
 
-    train_model = torch.compile(net) if compile else net
-    if dist.ddp:
-        train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    train_model = common.wrap_for_training(net, dist, compile)
     autocast = common.autocast_context(dev)
     logger = common.JsonlLogger(os.path.join(out_dir, "log.jsonl"), dist.master)
-    fixed = torch.stack([dataset[i][0] for i in _first_good(dataset, 8)]).to(dev)  # images for the grids
+    fixed = torch.stack([dataset[i][0] for i in common.first_good(dataset, 8)]).to(dev)  # images for the grids
 
-    def save():
-        rngs = common.gather_rng_states(dist)  # every rank's generators, for an exact --resume
-        if dist.master:
-            common.save_checkpoint(ckpt_path, dict(
-                kind="ae", step=step, model=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict(),
-                loader=loader.state_dict(), rng=rngs, model_args=config_to_dict(cfg), config=settings,
-                lpips_used=lpips is not None))
+    def micro_step(model):
+        x, _, n_bad = next(loader)
+        x = random_hflip(x).to(dev, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
+        loss, terms = model(x, lpips)
+        return loss, {**terms, "bad_images": torch.tensor(float(n_bad))}
 
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     t0, images_seen = time.time(), 0
     while step < max_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = common.lr_at(step, lr, warmup_steps)
-        sums = {}
-        for micro in range(grad_accum):
-            x, _, n_bad = next(loader)
-            x = random_hflip(x).to(dev, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
-            # gradients are all-reduced only on the last micro-step; the others just accumulate
-            sync = micro == grad_accum - 1 or not dist.ddp
-            with (nullcontext() if sync else train_model.no_sync()), autocast:
-                loss, terms = train_model(x, lpips)
-            (loss / grad_accum).backward()
-            for k, v in [("loss", loss), *terms.items(), ("bad_images", torch.tensor(float(n_bad)))]:
-                sums[k] = sums.get(k, 0.0) + v.detach().float().to(dev) / grad_accum
-            images_seen += x.shape[0] * dist.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        common.update_ema(ema, net, ema_decay)
+        # grad_accum micro-batches (gradients all-reduced on the last only), clip, AdamW, EMA
+        means, grad_norm = common.train_step(train_model, net, ema, optimizer, micro_step, dist, autocast,
+                                             common.lr_at(step, lr, warmup_steps), grad_accum, grad_clip, ema_decay)
         step += 1
+        images_seen += batch_size * grad_accum * dist.world_size
 
         if step % log_every == 0 or step == max_steps:
             # averaged over ranks (and the bad-image count summed), so the log describes the whole batch
-            names = list(sums)
-            vals = common.all_reduce_mean(torch.stack([sums[k] for k in names]), dist)
-            row = {k: v.item() for k, v in zip(names, vals)}
-            row["bad_images"] *= dist.world_size * grad_accum
-            row.update(step=step, lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
-                       img_per_s=images_seen / (time.time() - t0))
-            logger.log(**row)
-            pbar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", *terms, "img_per_s")})
+            common.log_step(logger, pbar, means, dist, totals=("bad_images",), grad_accum=grad_accum, step=step,
+                            lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
+                            img_per_s=images_seen / (time.time() - t0))
         pbar.update(1)
         if step % sample_every == 0 or step == max_steps:
             _save_grid(ema, fixed, cfg, os.path.join(out_dir, f"recon_{step:06d}.png"), dist)
         if step % ckpt_every == 0 or step == max_steps:
-            save()
+            common.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
+                                 config=settings, lpips_used=lpips is not None)
     pbar.close()
     if common.check_replicas_identical(net, dist) and dist.ddp:
         log(f"weights identical on all {dist.world_size} ranks")
@@ -188,17 +153,6 @@ def _check_resume_config(ckpt, cfg):
             raise SystemExit(f"error: --{name.replace('_', '-')} {flag} does not match the checkpoint being resumed "
                              f"({getattr(saved, name)}); drop the flag or choose another --out-dir")
     return saved
-
-
-def _first_good(dataset, n):
-    """Indices of the first n readable images (a corrupt file must not break the grids)."""
-    out = []
-    for i in range(len(dataset)):
-        if dataset[i] is not None:
-            out.append(i)
-        if len(out) == n:
-            break
-    return out
 
 
 @torch.no_grad()
