@@ -1,0 +1,396 @@
+"""
+Evaluation: the numbers papers report, computed the way the field computes them (DESIGN.md §4).
+
+    python eval.py recon --ckpt out/ae/ckpt.pt --data /imagenet/val           # stage 1: PSNR SSIM LPIPS rFID
+    python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # stage 2: FID sFID IS P/R
+    python eval.py stats --images /path/to/images --out stats.npz             # reusable FID statistics
+    torchrun --nproc_per_node=8 eval.py <mode> ...                            # same, sharded over GPUs
+
+recon: every image of --data is ADM center-cropped to the model's resolution, encoded and decoded
+(--decode-steps Euler steps, seeded noise), and compared with the same cropped original.
+gen: the samples (.npz with arr_0, what sample.py writes, or a folder) against a reference: an
+.npz of precomputed statistics (mu, sigma, and mu_s, sigma_s for sFID; the ADM ImageNet 256
+reference batch also holds 10K images in arr_0, used for precision/recall), or images.
+
+Conventions, chosen to match published numbers:
+  - Everything is measured on uint8 images, i.e. what a saved PNG holds: reconstructions are
+    rounded to uint8 exactly like the originals (common.to_uint8's rounding) before any metric.
+  - PSNR per image on [0, 255] (MSE over pixels and channels), averaged over images.
+  - SSIM per image (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03,
+    L = 255, over the 'valid' window positions, per channel, averaged; then over images.
+  - LPIPS VGG16 v0.1 (lpips.py, the module the stage-1 loss uses), averaged over images.
+  - FID / rFID on the 2048-d pool features of the FID InceptionV3 (inception.py); mean and
+    covariance (N - 1) in float64. sFID the same on the 2023-d mixed_6/conv features. IS over 10
+    splits. Precision / recall with k = 3 nearest neighbours in pool-feature space (Kynkaanniemi
+    et al. 2019, as the ADM evaluator computes them).
+  - The ADM reference statistics were computed with the TF graph; our PyTorch port of the same
+    network resizes differently (inception.py), so gFID against them is close to, not identical
+    with, the ADM evaluator's. For a paper table, also run that evaluator on the same samples.npz.
+  - Under torchrun each rank takes a contiguous run of the single-process batches; features are
+    gathered in rank order, so rank 0 sees the single-process arrays (and recon the same decoder
+    noise) on any number of GPUs, and alone computes and writes the results.
+"""
+
+import json
+import math
+import os
+import sys
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import common
+from data import ImageFolderDataset, collate_skip_bad
+from inception import load_inception
+from lpips import load_lpips
+
+# -----------------------------------------------------------------------------
+# settings (override with --name value)
+ckpt = ""  # recon: stage-1 checkpoint written by train_ae.py
+data = ""  # recon: folder of images to reconstruct (ImageNet val: 50K images)
+samples = ""  # gen: generated images, an .npz with arr_0 (N, H, W, 3) uint8 or a folder
+ref = ""  # gen: reference .npz with mu/sigma[/mu_s/sigma_s][/arr_0], or images (.npz or folder)
+images = ""  # stats: images to summarise (.npz or folder)
+out = ""  # results .json (the table goes beside it as .txt); stats: the .npz to write
+resolution = 256  # gen/stats: folder images are ADM center-cropped to this size
+num_images = 0  # recon/gen/stats: use only the first N images (0 = all)
+batch_size = 50
+num_workers = 4  # data-loader workers for folders
+decode_steps = 0  # recon: Euler steps of the diffusion decoder (0 = the checkpoint's default)
+seed = 0  # recon: decoder noise seed (each batch uses seed + the index of its first image)
+prec_recall = True  # gen: precision/recall when the reference holds images (10K for ADM's batch)
+inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION, $DGAE_WEIGHTS)
+vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
+lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
+device = ""  # "" = auto (cuda, mps, cpu)
+# -----------------------------------------------------------------------------
+
+FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
+
+# -----------------------------------------------------------------------------
+# pixel metrics: inputs are (B, 3, H, W) float tensors of integers in [0, 255]
+
+
+def to_pixels(x):
+    """(B, 3, H, W) in [-1, 1] -> the uint8 values a PNG would store, as floats in [0, 255]."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def psnr(x, y):
+    """(B,) PSNR in dB of images in [0, 255]; inf for identical images."""
+    mse = ((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """The normalised 1-D Gaussian (size,); SSIM's 2-D window is its outer product (separable)."""
+    c = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(c**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x, y, size=11, sigma=1.5, k1=0.01, k2=0.03, data_range=255.0):
+    """(B,) mean SSIM of images in [0, 255], per channel then averaged (float64 throughout)."""
+    x, y = x.double(), y.double()
+    C = x.shape[1]
+    g = gaussian_window(size, sigma).to(x.device)
+    gh, gw = g.view(1, 1, size, 1).repeat(C, 1, 1, 1), g.view(1, 1, 1, size).repeat(C, 1, 1, 1)
+
+    def filt(t):  # Gaussian-weighted local mean over each 'valid' window, channel by channel
+        return F.conv2d(F.conv2d(t, gh, groups=C), gw, groups=C)  # (B, C, H-size+1, W-size+1)
+
+    mu_x, mu_y = filt(x), filt(y)
+    var_x, var_y, cov = filt(x * x) - mu_x**2, filt(y * y) - mu_y**2, filt(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3))
+
+
+# -----------------------------------------------------------------------------
+# distribution metrics on Inception features
+
+
+def feature_stats(f, device="cpu"):
+    """(N, D) features -> mean (D,) and covariance (D, D), float64 (N - 1 normalisation, as np.cov)."""
+    f = torch.as_tensor(f).to(device, torch.float64)
+    mu = f.mean(0)
+    d = f - mu
+    return mu.cpu(), (d.t() @ d / (len(f) - 1)).cpu()
+
+
+def _sqrt_psd(a):
+    """Symmetric PSD square root through eigh; tiny negative eigenvalues (round-off) become 0."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.t()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64, without scipy.
+
+    sqrtm(S1 S2) is not symmetric, which is why scipy's route can return complex garbage for
+    nearly singular covariances. But S1 S2 is similar to the symmetric PSD matrix
+    S1^(1/2) S2 S1^(1/2), so tr sqrtm(S1 S2) = sum of the square roots of that matrix's eigenvalues,
+    which a symmetric eigensolver gets stably (negative round-off eigenvalues clamped to 0).
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(t).double() for t in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different sizes: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
+    s1_half = _sqrt_psd(sigma1)
+    m = s1_half @ sigma2 @ s1_half
+    tr_covmean = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+
+
+def inception_score(logits, splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))) on each of `splits` chunks -> (mean, std) over chunks.
+
+    The protocol (improved-GAN, ADM) uses 10 chunks of 5000 for 50K samples; p(y) is the chunk's
+    mean prediction. xlogy makes 0 * log 0 = 0 for saturated softmax outputs.
+    """
+    p = torch.softmax(torch.as_tensor(logits).double(), dim=1)  # (N, 1008)
+    scores = []
+    for part in p.tensor_split(min(splits, len(p))):  # exactly `splits` near-equal chunks
+        py = part.mean(0, keepdim=True)  # (1, 1008) marginal
+        kl = (torch.xlogy(part, part) - torch.xlogy(part, py)).sum(1).mean()
+        scores.append(kl.exp())
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
+
+
+def _sq_dists(a, b):
+    """(n, D), (m, D) -> (n, m) squared Euclidean distances (the ADM evaluator's form, clamped >= 0)."""
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.t() + (b * b).sum(1)[None]).clamp_min(0)
+
+
+def knn_radii(f, k=3, block=1024):
+    """(N,) squared distance from each row of f to its k-th nearest other row (itself is the 0th)."""
+    return torch.cat([_sq_dists(f[i : i + block], f).topk(k + 1, dim=1, largest=False).values[:, k]
+                      for i in range(0, len(f), block)])
+
+
+def inside(f, ref, radii, block=1024):
+    """(N,) bool: row i of f lies within the k-NN ball of at least one row of ref."""
+    return torch.cat([(_sq_dists(f[i : i + block], ref) <= radii[None]).any(1) for i in range(0, len(f), block)])
+
+
+def precision_recall(ref_feats, sample_feats, k=3, device="cpu"):
+    """Improved precision (samples inside the real manifold) and recall (reals inside the sample one)."""
+    r = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
+    s = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
+    precision = inside(s, r, knn_radii(r, k)).double().mean()
+    recall = inside(r, s, knn_radii(s, k)).double().mean()
+    return float(precision), float(recall)
+
+
+# -----------------------------------------------------------------------------
+# image sources, sharding and gathering
+
+
+class ImageSource:
+    """Images from an .npz (arr_0: (N, H, W, 3) uint8) or a folder (ADM center crop to `res`).
+
+    .npz files are streamed: 50K 256^2 samples are 9.8 GB, so each rank seeks to its shard inside
+    the arr_0.npy member (cheap when stored uncompressed, as np.savez writes it) and reads one
+    batch at a time instead of loading it all.
+    """
+
+    def __init__(self, path, res):
+        self.path, self.n_bad = path, 0
+        if path.endswith(".npz"):
+            with zipfile.ZipFile(path) as zf:
+                if "arr_0.npy" not in zf.namelist():
+                    raise ValueError(f"{path} has no arr_0 (images); it holds {zf.namelist()}")
+                with zf.open("arr_0.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    fmt = np.lib.format
+                    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    self.shape, fortran, dtype = read_header(f)
+                    self.offset = f.tell()
+            if fortran or dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
+                raise ValueError(f"{path}: arr_0 must be a C-order (N, H, W, 3) uint8 array, got {self.shape} {dtype}")
+            self.dataset, self.n = None, self.shape[0]
+        else:
+            self.dataset = ImageFolderDataset(path, res)
+            self.n = len(self.dataset)
+
+    def shard(self, limit, bs, dist):
+        """This rank's contiguous index range [lo, hi) of the first `limit` (0 = all) images.
+
+        Ranks get whole batches of the single-process batching (image i is in batch i // bs on any
+        number of GPUs), so recon's per-batch decoder seeds, and the numbers, don't depend on the
+        world size.
+        """
+        n = self.n if limit <= 0 else min(limit, self.n)
+        n_batches = math.ceil(n / bs)
+        lo, hi = (n_batches * r // dist.world_size for r in (dist.rank, dist.rank + 1))
+        return min(lo * bs, n), min(hi * bs, n)
+
+    def batches(self, lo, hi, bs):
+        """Yield images lo..hi-1 as (B, 3, H, W) float pixel tensors in [0, 255] (unreadable ones skipped)."""
+        if self.dataset is None:
+            item = int(np.prod(self.shape[1:]))  # bytes per image
+            with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
+                f.seek(self.offset + lo * item)
+                for i in range(lo, hi, bs):
+                    b = min(bs, hi - i)
+                    arr = np.frombuffer(f.read(b * item), dtype=np.uint8).reshape(b, *self.shape[1:])
+                    yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
+        else:
+            shard = Subset(self.dataset, range(lo, hi))
+            for x, _, n_bad in DataLoader(shard, bs, num_workers=num_workers, collate_fn=collate_skip_bad):
+                self.n_bad += n_bad
+                if len(x):
+                    yield to_pixels(x)
+
+
+def gather_rows(parts, width, dist):
+    """Concatenate this rank's list of row arrays, then all ranks' in rank order (= global order)."""
+    a = np.concatenate(parts) if parts else np.zeros((0,) + width, np.float32)
+    if not dist.ddp:
+        return a
+    everything = [None] * dist.world_size
+    torch_dist.all_gather_object(everything, a)
+    return np.concatenate(everything)
+
+
+def total(count, dist):
+    return int(common.all_reduce_sum(torch.tensor([count], device=dist.device), dist).item())
+
+
+@torch.no_grad()
+def inception_features(source, model, dist, limit=0, desc=""):
+    """Pool, spatial and logit features of the first `limit` (0 = all) images of a source, gathered."""
+    lo, hi = source.shard(limit, batch_size, dist)
+    feats = {k: [] for k in FEATURE_DIMS}
+    batches = source.batches(lo, hi, batch_size)
+    for x in tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc=desc, disable=not dist.master):
+        for k, v in model(x.to(dist.device) / 255).items():
+            feats[k].append(v.float().cpu().numpy())
+    return {k: gather_rows(v, (FEATURE_DIMS[k],), dist) for k, v in feats.items()}
+
+
+def write_results(results, path):
+    """The results as JSON at `path`, and as an aligned two-column table beside it (.txt) and on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    width = max(len(k) for k in results)
+    table = "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                      for k, v in results.items())
+    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# the three modes
+
+
+@torch.no_grad()
+def run_recon(dist):
+    from ae import load_dgae  # only this mode needs the stage-1 model
+
+    if not ckpt or not data:
+        raise SystemExit("recon needs --ckpt (train_ae.py checkpoint) and --data (image folder)")
+    model = load_dgae(ckpt, dist.device)
+    res, steps = model.cfg.resolution, decode_steps or model.cfg.decode_steps
+    lpips_net = load_lpips(vgg_path or None, lpips_path or None, device=dist.device)
+    inception = load_inception(inception_path or None, dist.device)
+    source = ImageSource(data, res)
+    lo, hi = source.shard(num_images, batch_size, dist)
+    per_image = {"psnr": [], "ssim": [], "lpips": []}
+    pools = {"real": [], "recon": []}
+    batches = source.batches(lo, hi, batch_size)
+    for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc="recon", disable=not dist.master)):
+        real = real.to(dist.device)  # (B, 3, res, res) uint8 values
+        with common.autocast_context(dist.device):
+            rec = model.reconstruct(real / 127.5 - 1, steps=steps, seed=seed + lo + i * batch_size)
+        rec = to_pixels(rec)  # quantised like the originals: what a saved reconstruction PNG holds
+        per_image["psnr"].append(psnr(real, rec).cpu().numpy())
+        per_image["ssim"].append(ssim(real, rec).cpu().numpy())
+        per_image["lpips"].append(lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double().cpu().numpy())
+        pools["real"].append(inception(real / 255)["pool"].cpu().numpy())
+        pools["recon"].append(inception(rec / 255)["pool"].cpu().numpy())
+    per_image = {k: gather_rows(v, (), dist) for k, v in per_image.items()}
+    pools = {k: gather_rows(v, (FEATURE_DIMS["pool"],), dist) for k, v in pools.items()}
+    n_bad = total(source.n_bad, dist)
+    if dist.master:
+        results = {"mode": "recon", "ckpt": ckpt, "data": data, "resolution": res, "decode_steps": steps,
+                   "seed": seed, "num_images": len(per_image["psnr"]), "num_unreadable": n_bad}
+        results.update({k: float(v.mean()) for k, v in per_image.items()})
+        real_stats, recon_stats = feature_stats(pools["real"], dist.device), feature_stats(pools["recon"], dist.device)
+        results["rfid"] = frechet_distance(*real_stats, *recon_stats)
+        write_results(results, out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval_recon_steps{steps}.json"))
+
+
+def stats_of(feats, device="cpu"):
+    """The reference-batch format: FID statistics (mu, sigma) and sFID statistics (mu_s, sigma_s)."""
+    (mu, sigma), (mu_s, sigma_s) = feature_stats(feats["pool"], device), feature_stats(feats["spatial"], device)
+    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "mu_s": mu_s.numpy(), "sigma_s": sigma_s.numpy()}
+
+
+def run_gen(dist):
+    if not samples or not ref:
+        raise SystemExit("gen needs --samples (.npz with arr_0, or a folder) and --ref (reference .npz or images)")
+    # The reference: precomputed statistics if the file has them, plus its images (if any) for P/R.
+    ref_stats, has_images = {}, not ref.endswith(".npz")
+    if ref.endswith(".npz"):
+        with np.load(ref) as z:
+            ref_stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
+            has_images = "arr_0" in z.files
+    if "mu" not in ref_stats and not has_images:
+        raise SystemExit(f"--ref {ref} has neither statistics (mu, sigma) nor images (arr_0)")
+    inception = load_inception(inception_path or None, dist.device)
+    fake = inception_features(ImageSource(samples, resolution), inception, dist, num_images, "samples")
+    ref_feats = None
+    if has_images and (prec_recall or "mu" not in ref_stats):
+        ref_feats = inception_features(ImageSource(ref, resolution), inception, dist, 0, "reference")
+    if not dist.master:
+        return
+    if "mu" not in ref_stats:
+        ref_stats = stats_of(ref_feats, dist.device)
+    n = len(fake["pool"])
+    if n != 50000:
+        print(f"note: {n} samples; the ImageNet protocol uses 50K, and FID is biased upwards for fewer")
+    results = {"mode": "gen", "samples": samples, "ref": ref, "num_samples": n}
+    results["fid"] = frechet_distance(*feature_stats(fake["pool"], dist.device), ref_stats["mu"], ref_stats["sigma"])
+    if "mu_s" in ref_stats:
+        fake_stats = feature_stats(fake["spatial"], dist.device)
+        results["sfid"] = frechet_distance(*fake_stats, ref_stats["mu_s"], ref_stats["sigma_s"])
+    results["inception_score"], results["inception_score_std"] = inception_score(fake["logits"])
+    if prec_recall and ref_feats is not None:
+        results["num_ref_images"] = len(ref_feats["pool"])
+        results["precision"], results["recall"] = precision_recall(ref_feats["pool"], fake["pool"], device=dist.device)
+    write_results(results, out or os.path.splitext(samples.rstrip("/"))[0] + "_eval.json")
+
+
+def run_stats(dist):
+    if not images or not out:
+        raise SystemExit("stats needs --images (.npz with arr_0, or a folder) and --out (the .npz to write)")
+    inception = load_inception(inception_path or None, dist.device)
+    feats = inception_features(ImageSource(images, resolution), inception, dist, num_images, "images")
+    if dist.master:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        np.savez(out, **stats_of(feats, dist.device), num_images=len(feats["pool"]))
+        print(f"wrote FID statistics of {len(feats['pool'])} images to {out}")
+
+
+MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        common.configure(globals(), ["--help"])  # lists the settings and exits
+    if sys.argv[1] not in MODES:
+        raise SystemExit(f"error: unknown mode {sys.argv[1]!r}; usage: python eval.py {{recon,gen,stats}} --name value ...")
+    common.configure(globals(), sys.argv[2:])
+    dist = common.setup_distributed(device)
+    MODES[sys.argv[1]](dist)
+    common.shutdown(dist)
