@@ -12,6 +12,7 @@ import math
 import os
 import random
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as torch_dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # settings: plain variables at the top of each script, overridden from the command line
@@ -135,6 +137,12 @@ def shutdown(dist):
     os._exit(0)
 
 
+def barrier(dist):
+    """Wait until every rank gets here (e.g. until rank 0 has written a file the others read)."""
+    if dist.ddp:
+        torch_dist.barrier()
+
+
 def all_reduce_sum(t, dist):
     if dist.ddp:
         torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
@@ -233,7 +241,7 @@ def train_step(model, net, ema, optimizer, micro_step, dist, autocast, lr, grad_
     all-reduced once per step, not once per micro-batch. `model` is the wrapped module,
     `net` the plain one (see wrap_for_training). Returns (means, grad_norm): this rank's mean of
     "loss" and every term over the micro-batches (0-d tensors, not yet averaged over ranks; see
-    log_step) and the gradient norm before clipping.
+    TrainingProgress) and the gradient norm before clipping.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -252,22 +260,36 @@ def train_step(model, net, ema, optimizer, micro_step, dist, autocast, lr, grad_
     return means, grad_norm
 
 
-def log_step(logger, pbar, means, dist, totals=(), grad_accum=1, **fields):
-    """Write one log row and show it on the progress bar; returns the row.
+class TrainingProgress:
+    """A training loop's progress bar, throughput and log.jsonl (written by rank 0 alone).
 
-    The terms are averaged over ranks (one all-reduce), so the row describes the whole global
-    batch rather than rank 0's share. Names in `totals` are counts (e.g. skipped images): they are
-    reported summed over micro-batches and ranks instead. `fields` (step, lr, ...) are added as is.
+    update() is called once per optimizer step. On logging steps it writes one row: the step's
+    terms averaged over ranks (one all-reduce, so the row describes the whole global batch rather
+    than rank 0's share), the counts named in `totals` (e.g. skipped images) summed over
+    micro-batches and ranks instead, and step, lr, grad_norm and img_per_s.
     """
-    names = list(means)
-    vals = all_reduce_mean(torch.stack([means[k] for k in names]), dist)
-    row = {k: v.item() for k, v in zip(names, vals)}
-    for k in totals:
-        row[k] *= dist.world_size * grad_accum
-    row.update(fields)
-    logger.log(**row)
-    pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*names, "img_per_s") if k in row and k not in totals})
-    return row
+
+    def __init__(self, path, step, max_steps, images_per_step, dist, totals=(), grad_accum=1):
+        self.logger = JsonlLogger(path, dist.master)
+        self.pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
+        self.dist, self.totals, self.grad_accum = dist, totals, grad_accum
+        self.images_per_step, self.images, self.t0 = images_per_step, 0, time.time()
+
+    def update(self, step, means, grad_norm, lr, log):
+        self.images += self.images_per_step
+        if log:
+            names = list(means)
+            vals = all_reduce_mean(torch.stack([means[k] for k in names]), self.dist)
+            row = {k: v.item() for k, v in zip(names, vals)}
+            for k in self.totals:
+                row[k] *= self.dist.world_size * self.grad_accum
+            row.update(step=step, lr=lr, grad_norm=grad_norm.item(), img_per_s=self.images / (time.time() - self.t0))
+            self.logger.log(**row)
+            self.pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*names, "img_per_s") if k not in self.totals})
+        self.pbar.update(1)
+
+    def close(self):
+        self.pbar.close()
 
 
 # -----------------------------------------------------------------------------

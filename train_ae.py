@@ -11,10 +11,8 @@ Writes to out_dir: ckpt.pt (everything needed to resume or sample), log.jsonl, r
 
 import copy
 import os
-import time
 
 import torch
-from tqdm import tqdm
 
 import common
 from ae import DGAE, config_from_dict, config_to_dict, make_config
@@ -108,7 +106,6 @@ def main():
 
     train_model = common.wrap_for_training(net, dist, compile)
     autocast = common.autocast_context(dev)
-    logger = common.JsonlLogger(os.path.join(out_dir, "log.jsonl"), dist.master)
     fixed = torch.stack([dataset[i][0] for i in common.first_good(dataset, 8)]).to(dev)  # images for the grids
 
     def micro_step(model):
@@ -117,27 +114,21 @@ def main():
         loss, terms = model(x, lpips)
         return loss, {**terms, "bad_images": torch.tensor(float(n_bad))}
 
-    pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
-    t0, images_seen = time.time(), 0
+    # log rows: averaged over ranks (the bad-image count summed), so they describe the whole batch
+    progress = common.TrainingProgress(os.path.join(out_dir, "log.jsonl"), step, max_steps,
+                                       batch_size * grad_accum * dist.world_size, dist, ("bad_images",), grad_accum)
     while step < max_steps:
         # grad_accum micro-batches (gradients all-reduced on the last only), clip, AdamW, EMA
         means, grad_norm = common.train_step(train_model, net, ema, optimizer, micro_step, dist, autocast,
                                              common.lr_at(step, lr, warmup_steps), grad_accum, grad_clip, ema_decay)
         step += 1
-        images_seen += batch_size * grad_accum * dist.world_size
-
-        if step % log_every == 0 or step == max_steps:
-            # averaged over ranks (and the bad-image count summed), so the log describes the whole batch
-            common.log_step(logger, pbar, means, dist, totals=("bad_images",), grad_accum=grad_accum, step=step,
-                            lr=optimizer.param_groups[0]["lr"], grad_norm=grad_norm.item(),
-                            img_per_s=images_seen / (time.time() - t0))
-        pbar.update(1)
+        progress.update(step, means, grad_norm, optimizer.param_groups[0]["lr"], step % log_every == 0 or step == max_steps)
         if step % sample_every == 0 or step == max_steps:
             _save_grid(ema, fixed, cfg, os.path.join(out_dir, f"recon_{step:06d}.png"), dist)
         if step % ckpt_every == 0 or step == max_steps:
             common.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
                                  config=settings, lpips_used=lpips is not None)
-    pbar.close()
+    progress.close()
     if common.check_replicas_identical(net, dist) and dist.ddp:
         log(f"weights identical on all {dist.world_size} ranks")
     log(f"done: {ckpt_path}")

@@ -1,0 +1,208 @@
+"""
+Sampling: class-conditional images from a trained DiT (stage 2), and stage-1 reconstructions.
+
+    python sample.py --ckpt out/dit/ckpt.pt                                  # grid PNG, one row per class
+    python sample.py --ckpt out/dit/ckpt.pt --classes 207,360 --cfg-scale 4
+    torchrun --nproc_per_node=8 sample.py --ckpt out/dit/ckpt.pt --num-samples 50000 --out samples.npz
+    python sample.py --ckpt out/ae/ckpt.pt --images /path/to/val           # inputs next to reconstructions
+
+A sample is: Gaussian noise (C, h, w) -> Euler ODE of the DiT's velocity, with classifier-free
+guidance on all channels -> un-normalised latent -> the stage-1 DGAE decoder (itself a diffusion
+model, so it draws noise too). The DiT checkpoint records where its stage-1 checkpoint is and the
+latent mean/std, so --ckpt is all it takes. `generate` is also what train_dit.py's grids call.
+
+Determinism: samples are made in chunks of --batch-size consecutive indices; chunk c takes its
+labels, DiT noise and decoder seed from a generator seeded by (seed, c) alone, and rank r makes
+chunks r, r + W, ... . So the images depend on --seed and --batch-size, never on the number of
+processes: each chunk is the same computation, batch shape included, wherever it runs.
+The .npz holds uint8 N x H x W x 3 under `arr_0` (what the ADM/DiT ImageNet evaluator reads) and
+the labels under `labels`.
+"""
+
+import hashlib
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import common
+from ae import load_dgae
+from data import ImageFolderDataset
+from decoder_diffusion import euler_sample
+from dit import DiT
+
+# -----------------------------------------------------------------------------
+# settings (override with --name value)
+ckpt = "out/dit/ckpt.pt"  # a train_dit.py checkpoint; or a train_ae.py one together with --images
+out = ""  # output file; "" = samples.png / samples.npz / recon.png beside --ckpt
+classes = ""  # comma-separated class indices for the grid; "" = the first 10 (ImageNet: 8 well-known ones)
+per_class = 8  # samples per class in the grid (one row per class)
+num_samples = 0  # > 0: that many samples, uniform labels, into an .npz (FID); recon: images to show. (Not --num: torchrun reads that as its --numa-binding)
+cfg_scale = 4.0  # classifier-free guidance scale; 1 = no guidance (half the compute)
+steps = 50  # Euler steps of the DiT's ODE
+decode_steps = 0  # Euler steps of the DGAE decoder; 0 = the stage-1 checkpoint's default
+seed = 0
+batch_size = 64  # samples per chunk (per forward pass); part of what --seed reproduces
+ae_ckpt = ""  # "" = the stage-1 checkpoint recorded in the DiT checkpoint (pass it if that file moved)
+images = ""  # a folder of images: with a stage-1 --ckpt, write reconstructions next to the inputs
+attn_impl = ""  # "" = as trained; sdpa is faster on GPUs
+device = ""
+# -----------------------------------------------------------------------------
+
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py favourites: retriever, otter, panda, ...
+
+
+def encoder_fingerprint(state_dict):
+    """A short hash of the stage-1 encoder's weights (the `encoder.*` entries of a DGAE state dict).
+
+    Latents, their statistics and every DiT trained on them are only valid with this encoder;
+    train_dit.py records the hash in the latent cache and the DiT checkpoint, and both compare it.
+    """
+    h = hashlib.sha256()
+    for k in sorted(k for k in state_dict if k.startswith("encoder.")):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
+    """Everything random about chunk `chunk`, from (seed, chunk) alone: n labels (uniform unless
+    given), the DiT's starting noise (n, C, h, w) at t=1, and the seed of the decoder's noise."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0]))
+    y = torch.randint(num_classes, (n,), generator=g) if labels is None else labels
+    noise = torch.randn(n, *latent_shape, generator=g)
+    return y, noise, int(torch.randint(2**31, (1,), generator=g))
+
+
+@torch.no_grad()
+def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decode_steps=0, decode_seed=0):
+    """Labels y (B,) and noise (B, C, h, w) on the model's device -> images (B, 3, H, W) in [-1, 1].
+
+    The same rectified-flow Euler sampler as the decoder (decoder_diffusion.euler_sample), here on
+    the DiT's velocity; with guidance, v = v_uncond + s (v_cond - v_uncond) on every channel.
+    """
+    if cfg_scale == 1.0:
+        velocity = lambda x, t: dit(x, t, y)  # noqa: E731
+    else:
+        velocity = lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale)  # noqa: E731
+    z = euler_sample(velocity, noise, steps)  # (B, C, h, w): a normalised latent at t=0
+    z = z.float() * latent_std.view(1, -1, 1, 1) + latent_mean.view(1, -1, 1, 1)  # back to the encoder's scale
+    return ae.decode(z, decode_steps or None, seed=decode_seed)
+
+
+def load_models(path, device, ae_path="", attn=""):
+    """A train_dit.py checkpoint -> (EMA DiT, its stage-1 DGAE, the checkpoint dict), in eval mode."""
+    ck = _or_exit(common.load_checkpoint, path, "dit")
+    dit = DiT(**{**ck["model_args"], **({"attn_impl": attn} if attn else {})})
+    dit.load_state_dict(ck["ema"])
+    ae_path = ae_path or ck["ae_ckpt"]
+    if not os.path.isfile(ae_path):
+        raise SystemExit(f"error: stage-1 checkpoint {ae_path} not found. The DiT in {path} generates latents of "
+                         "that autoencoder and needs its decoder; pass --ae-ckpt PATH if the file moved.")
+    ae = load_dgae(ae_path, device)
+    if encoder_fingerprint(ae.state_dict()) != ck["ae_fingerprint"]:
+        print(f"warning: {ae_path} holds another stage-1 encoder than the one whose latents this DiT learned "
+              f"(step {ck['ae_step']} of {ck['ae_ckpt']}); decoded samples may be wrong", file=sys.stderr)
+    return dit.to(device).eval(), ae, ck
+
+
+def _or_exit(load, *args):
+    """Call a checkpoint loader; a missing or wrong-kind file becomes a one-line error, not a traceback."""
+    try:
+        return load(*args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}. sample.py takes a train_dit.py checkpoint, or a train_ae.py one "
+                         "with --images FOLDER (reconstructions).") from None
+
+
+def grid_labels(num_classes):
+    """--classes (or the default classes), each repeated per_class times: one grid row per class."""
+    try:
+        cls = [int(c) for c in classes.split(",")] if classes else (
+            IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10))))
+    except ValueError:
+        raise SystemExit(f"error: --classes takes comma-separated class indices, got {classes!r}") from None
+    for c in cls:
+        if not 0 <= c < num_classes:
+            raise SystemExit(f"error: class {c} is out of range: this model has {num_classes} classes (0 to {num_classes - 1})")
+    return torch.tensor(cls).repeat_interleave(per_class)
+
+
+def main():
+    common.configure(globals())  # here, not at import time: train_dit.py and the tests import this file
+    dist = common.setup_distributed(device)
+    if images:  # stage 1: reconstructions
+        return reconstruct(dist)
+    dit, ae, ck = load_models(ckpt, dist.device, ae_ckpt, attn_impl)
+    mean, std = ck["latent_mean"].to(dist.device), ck["latent_std"].to(dist.device)
+    labels = None if num_samples > 0 else grid_labels(ck["num_classes"])
+    total = num_samples if num_samples > 0 else len(labels)
+    n_chunks = -(-total // batch_size)
+    path = out or os.path.join(os.path.dirname(ckpt), "samples.npz" if num_samples > 0 else "samples.png")
+    if dist.master:
+        print(f"{total} samples from {ckpt} (step {ck['step']}), cfg {cfg_scale}, {steps} DiT steps, "
+              f"decoder {decode_steps or ae.cfg.decode_steps} steps, seed {seed}", flush=True)
+    parts = []
+    with common.autocast_context(dist.device):
+        for c in tqdm(range(dist.rank, n_chunks, dist.world_size), disable=not dist.master, desc="sampling"):
+            lo, hi = c * batch_size, min(total, (c + 1) * batch_size)
+            y, noise, dseed = chunk_inputs(seed, c, hi - lo, ck["num_classes"], ck["latent_shape"],
+                                           None if labels is None else labels[lo:hi])
+            x = generate(dit, ae, y.to(dist.device), noise.to(dist.device), steps, cfg_scale, mean, std, decode_steps, dseed)
+            parts.append((common.to_uint8(x), y.numpy()))
+    imgs, ys = _in_index_order(parts, total, n_chunks, dist, path)
+    if dist.master:
+        if num_samples > 0:
+            np.savez(path, arr_0=imgs, labels=ys)
+        else:
+            common.save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
+            names = ck.get("class_names") or []
+            print("rows: " + ", ".join(names[int(c)] if int(c) < len(names) else str(int(c)) for c in labels[::per_class]))
+        print(f"wrote {path}", flush=True)
+    common.shutdown(dist)
+
+
+def _in_index_order(parts, total, n_chunks, dist, path):
+    """Every rank's chunks -> (images (N, H, W, 3) uint8, labels (N,)) in sample-index order, on rank 0.
+
+    Ranks hand their parts over as files (a 50K x 256^2 batch is ~10 GB, too big for a collective)."""
+    if not dist.ddp:
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    np.savez(f"{path}.rank{dist.rank}.npz", images=np.concatenate([p[0] for p in parts]) if parts else np.zeros(0),
+             labels=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
+    common.barrier(dist)
+    if not dist.master:
+        return None, None
+    imgs, ys = None, np.zeros(total, np.int64)
+    for r in range(dist.world_size):
+        with np.load(f"{path}.rank{r}.npz") as f:
+            part_imgs, part_ys = f["images"], f["labels"]
+        pos = 0
+        for c in range(r, n_chunks, dist.world_size):  # rank r made chunks r, r + W, ... in this order
+            lo, hi = c * batch_size, min(total, (c + 1) * batch_size)
+            if imgs is None:
+                imgs = np.zeros((total, *part_imgs.shape[1:]), np.uint8)
+            imgs[lo:hi], ys[lo:hi] = part_imgs[pos:pos + hi - lo], part_ys[pos:pos + hi - lo]
+            pos += hi - lo
+        os.remove(f"{path}.rank{r}.npz")
+    return imgs, ys
+
+
+@torch.no_grad()
+def reconstruct(dist):
+    """Stage 1: the first --num-samples (default 8) readable images of --images beside their reconstructions."""
+    if dist.master:
+        ae = _or_exit(load_dgae, ckpt, dist.device)
+        dataset = ImageFolderDataset(images, ae.cfg.resolution)
+        x = torch.stack([dataset[i][0] for i in common.first_good(dataset, num_samples or 8)]).to(dist.device)
+        recon = ae.reconstruct(x, decode_steps or None, seed=seed)  # (N, 3, H, W)
+        path = out or os.path.join(os.path.dirname(ckpt), "recon.png")
+        common.save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
+        print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)
+    common.shutdown(dist)
+
+
+if __name__ == "__main__":
+    main()

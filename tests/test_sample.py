@@ -1,0 +1,118 @@
+"""Tests for sample.py: the sampler is Euler + guidance on all channels + un-normalise + decode,
+a seed fixes the images, the .npz has the evaluator's format and the right contents, the
+reconstruction grid, and the errors. Runs sample.main() in-process on tiny random models."""
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import sample
+from ae import load_dgae
+from data import ImageFolderDataset
+from dit import build_dit
+from test_train_dit import save_tiny_ae
+
+MEAN, STD = torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([0.5, 1.0, 2.0, 1.5])
+
+
+@pytest.fixture
+def ckpts(tmp_path):
+    """(DiT checkpoint path, stage-1 checkpoint path): a random DiT-Tiny/1 on 4 x 2 x 2 latents, 10 classes."""
+    ae = save_tiny_ae(tmp_path / "ae.pt")
+    torch.manual_seed(0)
+    dit = build_dit("DiT-Tiny/1", (2, 2), 4, 10)
+    for p in dit.parameters():  # leave the zero init, so the velocity depends on x, t and y
+        torch.nn.init.normal_(p, std=0.05)
+    common.save_checkpoint(str(tmp_path / "dit.pt"), dict(
+        kind="dit", step=3, model=dit.state_dict(), ema=dit.state_dict(), model_args=dit.config,
+        ae_ckpt=str(tmp_path / "ae.pt"), ae_step=7, ae_fingerprint=sample.encoder_fingerprint(ae.state_dict()),
+        latent_shape=[4, 2, 2], latent_mean=MEAN, latent_std=STD, num_classes=10, class_names=list("abcdefghij")))
+    return str(tmp_path / "dit.pt"), str(tmp_path / "ae.pt")
+
+
+def run_sample(monkeypatch, *args):
+    importlib.reload(sample)  # fresh settings: configure() writes them into the module
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    sample.main()
+
+
+def test_generate_is_euler_with_guidance_on_all_channels_then_decode(ckpts):
+    dit, ae, _ = sample.load_models(ckpts[0], "cpu")
+    y, noise = torch.tensor([1, 4, 9]), torch.randn(3, 4, 2, 2)
+    with torch.no_grad():
+        x = noise
+        for t0, t1 in [(1.0, 0.5), (0.5, 0.0)]:  # two Euler steps from t=1 to t=0, by hand
+            t = torch.full((3,), t0)
+            v_cond, v_uncond = dit(x, t, y), dit(x, t, torch.full((3,), 10))  # 10 = the null class
+            x = x + (t1 - t0) * (v_uncond + 3.0 * (v_cond - v_uncond))  # guidance on all 4 channels
+        expected = ae.decode(x * STD.view(1, 4, 1, 1) + MEAN.view(1, 4, 1, 1), 2, seed=5)
+    got = sample.generate(dit, ae, y, noise, 2, 3.0, MEAN, STD, decode_steps=2, decode_seed=5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    unguided = sample.generate(dit, ae, y, noise, 2, 1.0, MEAN, STD, decode_steps=2, decode_seed=5)
+    assert (unguided - got).abs().max() > 1e-3  # the guidance scale matters
+
+
+def test_same_seed_same_images_other_seed_other_images(ckpts, tmp_path, monkeypatch):
+    for name, s in [("a.png", "0"), ("b.png", "0"), ("c.png", "1")]:
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "2", "--per-class", "3", "--classes", "2,5",
+                   "--seed", s, "--out", str(tmp_path / name))
+    a, b, c = (np.asarray(Image.open(tmp_path / n)) for n in ("a.png", "b.png", "c.png"))
+    assert a.shape == (2 * 18 + 2, 3 * 18 + 2, 3)  # one row per class, 16 px tiles + 2 px padding
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_npz_has_the_evaluator_format_and_the_chunks_contents(ckpts, tmp_path, monkeypatch):
+    run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "2", "--num-samples", "10", "--batch-size", "4",
+               "--cfg-scale", "2", "--seed", "3", "--out", str(tmp_path / "s.npz"))
+    f = np.load(tmp_path / "s.npz")
+    assert f["arr_0"].shape == (10, 16, 16, 3) and f["arr_0"].dtype == np.uint8
+    # sample i lives in chunk i // 4; recompute the last chunk (samples 8 and 9) from (seed, chunk) alone
+    dit, ae, _ = sample.load_models(ckpts[0], "cpu")
+    y, noise, dseed = sample.chunk_inputs(3, 2, 2, 10, (4, 2, 2))
+    x = sample.generate(dit, ae, y, noise, 2, 2.0, MEAN, STD, decode_seed=dseed)
+    assert np.array_equal(f["arr_0"][8:], common.to_uint8(x)) and np.array_equal(f["labels"][8:], y.numpy())
+    assert not np.array_equal(f["arr_0"][0], f["arr_0"][4])
+
+
+def test_labels_are_uniform_over_classes():
+    labels = torch.cat([sample.chunk_inputs(0, c, 100, 10, (4, 2, 2))[0] for c in range(50)])  # 5000 labels
+    counts = torch.bincount(labels, minlength=10)
+    assert counts.sum() == 5000 and counts.min() > 400 and counts.max() < 600  # 500 +- 4.5 sigma
+
+
+def test_reconstructions_stand_beside_their_inputs(ckpts, tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    run_sample(monkeypatch, "--ckpt", ckpts[1], "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "r.png"))
+    grid = np.asarray(Image.open(tmp_path / "r.png"))
+    assert grid.shape == (18 + 2, 6 * 18 + 2, 3)  # (input, reconstruction) x 3 in one row
+    ds = ImageFolderDataset(str(tmp_path / "imgs"), 16)
+    for i in range(3):  # inputs at tiles 0, 2, 4; the decoder's outputs at 1, 3, 5
+        assert np.array_equal(grid[2:18, 2 + 36 * i: 18 + 36 * i], common.to_uint8(ds[i][0][None])[0])
+    ae = load_dgae(ckpts[1])
+    recon = common.to_uint8(ae.reconstruct(ds[0][0][None], seed=0))[0]
+    assert np.array_equal(grid[2:18, 20:36], recon)
+
+
+def test_clear_errors(ckpts, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit, match="class 12 is out of range: this model has 10 classes"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--classes", "3,12")
+    with pytest.raises(SystemExit, match="comma-separated"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--classes", "dog")
+    with pytest.raises(SystemExit, match="'ae' checkpoint.*--images"):
+        run_sample(monkeypatch, "--ckpt", ckpts[1])
+    with pytest.raises(SystemExit, match="'dit' checkpoint"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--images", str(tmp_path))
+    save_tiny_ae(tmp_path / "other.pt", seed=1)  # another encoder: a warning, the samples are suspect
+    run_sample(monkeypatch, "--ckpt", ckpts[0], "--ae-ckpt", str(tmp_path / "other.pt"), "--steps", "1",
+               "--per-class", "1", "--out", str(tmp_path / "w.png"))
+    assert "another stage-1 encoder" in capsys.readouterr().err
+    (tmp_path / "ae.pt").unlink()
+    with pytest.raises(SystemExit, match="stage-1 checkpoint .*ae.pt not found.*--ae-ckpt"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0])

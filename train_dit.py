@@ -1,0 +1,305 @@
+"""
+Stage 2 training: a class-conditional DiT on the latents of a trained DGAE (stage 1).
+
+    python train_dit.py                                     # built-in data + out/ae/ckpt.pt, laptop CPU, minutes
+    torchrun --nproc_per_node=8 train_dit.py --ae-ckpt out/ae/ckpt.pt --data /path/imagenet \\
+        --model DiT-XL/1 --batch-size 32 --lr 1e-4 --ema-decay 0.9999 --max-steps 400000
+Every setting below can be overridden with --name value (dashes or underscores).
+
+Step 1 (once per stage-1 checkpoint and dataset): encode every image and its mirror image with the
+stage-1 encoder (posterior mean) into a latent cache, cache_dir = out_dir/latents by default:
+    meta.json             what the cache was built from: stage-1 encoder fingerprint (and its path and
+                          step), dataset, resolution, image count. A mismatch is refused, never used.
+    shard_00000.pt, ...   shard_size images each: z (n, 2, C, h, w) float16 [image, mirror image],
+                          labels y (n,), and per-channel sums for the statistics. Written atomically,
+                          so an interrupted build keeps its finished shards and resumes after them.
+    stats.pt              per-channel mean and std over all cached latents; written last.
+Shards are encoded in parallel across ranks under torchrun. Size: ImageNet train (1,281,167
+images) at f32c16 (16 x 8 x 8 latents) is 1.28M x 2 x 1024 x 2 bytes = 5.2 GB in float16
+(10.5 GB at f16c8). Training memory-maps the shards, so all ranks on a node share one copy.
+
+Step 2: train the DiT on z_norm = (z - mean_c) / std_c with the decoder's rectified-flow loss and
+sample with its Euler sampler (decoder_diffusion.py). The checkpoint records the stage-1 path,
+its encoder fingerprint and the latent statistics, so `python sample.py --ckpt out/dit/ckpt.pt`
+needs nothing else. Writes out_dir/ckpt.pt, log.jsonl and samples_*.png (one row per class).
+"""
+
+import bisect
+import copy
+import glob
+import json
+import math
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+import common
+from ae import load_dgae
+from data import Loader, build_dataset, collate_skip_bad
+from decoder_diffusion import flow_matching_loss
+from dit import DiT, build_dit
+from sample import chunk_inputs, encoder_fingerprint, generate
+
+# -----------------------------------------------------------------------------
+# settings
+# stage 1 and data
+ae_ckpt = "out/ae/ckpt.pt"  # train_ae.py checkpoint: its encoder makes the latents, its decoder the samples
+data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in procedural dataset
+dataset_size = 10000  # images in the built-in dataset
+cache_dir = ""  # "" = <out_dir>/latents; share one cache between runs of the same stage-1 checkpoint
+shard_size = 10000  # images per cache shard
+encode_batch_size = 64
+num_workers = 0  # image-loading processes per rank while encoding (use 8+ for ImageNet)
+# model
+model = ""  # DiT preset (dit.DIT_PRESETS); "" = DiT-Tiny/1 on the built-in data, DiT-XL/p with --data
+class_dropout = 0.1  # fraction of labels replaced by the null class, so that guidance has an unconditional model
+t_dist = "logit_normal"  # training t distribution: logit_normal | uniform
+attn_impl = "math"  # math | sdpa
+# optimisation
+batch_size = 64  # per process and micro-step; global batch = batch_size * grad_accum * world size
+grad_accum = 1
+max_steps = 3000
+lr = 1e-3  # DiT at ImageNet scale: 1e-4 at a global batch of 256
+warmup_steps = 100
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.999  # ImageNet: 0.9999
+# sample grids
+sample_steps = 50  # Euler steps of the DiT
+cfg_scale = 4.0
+decode_steps = 0  # DGAE decoder steps; 0 = the stage-1 checkpoint's default
+# bookkeeping
+out_dir = "out/dit"
+log_every = 50
+sample_every = 1000
+ckpt_every = 1000
+resume = False
+seed = 0
+device = ""  # "" = cuda, then mps, then cpu
+compile = False
+# -----------------------------------------------------------------------------
+
+
+def main():
+    # parsed here rather than at import time, so that the tests can import this file's functions
+    settings = common.configure(globals())
+    dist = common.setup_distributed(device)
+    dev = dist.device
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
+    ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
+
+    # step 1: the latent cache (a no-op once it is complete and matches)
+    ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in _given else ae_ckpt
+    stage1 = stage1_info(ae_path)
+    if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
+        raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the run being resumed was trained on")
+    dataset = build_dataset(data, stage1["resolution"], size=dataset_size, seed=seed)
+    cache = cache_dir or os.path.join(out_dir, "latents")
+    meta = cache_meta(stage1, dataset, data, seed, shard_size)
+    log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images, {meta['num_classes']} classes) "
+        f"at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache {cache}")
+    build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
+    latents = LatentCache(cache)
+    mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
+    loader = Loader(latents, batch_size, dist.rank, dist.world_size, seed)
+    log(f"latents: {len(latents)} images x 2 (with mirror images), per-channel mean "
+        f"{[round(v, 3) for v in latents.mean.tolist()]}, std {[round(v, 3) for v in latents.std.tolist()]}")
+
+    # step 2: the DiT. The stage-1 decoder (for the grids) is built first: its random init must not
+    # draw from the RNG stream that the checkpoint saves and --resume restores.
+    ae = load_dgae(ae_path, dev) if dist.master else None
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    C, h, w = stage1["latent_shape"]
+    name = model or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
+    if ckpt is not None:
+        if "model" in _given and model != ckpt["model_name"]:
+            raise SystemExit(f"error: --model {model} does not match the checkpoint being resumed ({ckpt['model_name']})")
+        name, net = ckpt["model_name"], DiT(**ckpt["model_args"]).to(dev)
+    else:
+        net = build_dit(name, (h, w), C, meta["num_classes"], class_dropout_prob=class_dropout,
+                        attn_impl=attn_impl).to(dev)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    optimizer = common.make_optimizer(net, lr, weight_decay, (0.9, 0.999), dev)
+    log(f"model: {name}, {net.grid[0] * net.grid[1]} tokens, {common.count_params(net) / 1e6:.2f}M params")
+
+    step = 0
+    if ckpt is not None:
+        step = common.restore_training(ckpt, dist, net, ema, optimizer, loader)
+        log(f"resumed from {ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise, t and flips on every rank
+    train_model = common.wrap_for_training(net, dist, compile)
+    autocast = common.autocast_context(dev)
+    grid_y = torch.arange(min(meta["num_classes"], 10)).repeat_interleave(8)  # 8 samples of each of <= 10 classes
+    grid_y, grid_noise, grid_seed = chunk_inputs(seed, 0, len(grid_y), meta["num_classes"], (C, h, w), grid_y)
+
+    def micro_step(model):
+        z2, y, _ = next(loader)  # z2 (B, 2, C, h, w) float16: each image's latent and its mirror image's
+        pick = torch.randint(0, 2, (len(y),))  # the horizontal-flip augmentation: one of the two at random
+        z = z2[torch.arange(len(y)), pick].to(dev, non_blocking=True).float()  # (B, C, h, w)
+        z = (z - mean) / std  # per-channel zero mean, unit variance: the scale the noise has
+        y = y.to(dev, non_blocking=True)
+        loss, *_ = flow_matching_loss(lambda x_t, t: model(x_t, t, y), z, t_dist)
+        return loss, {}
+
+    progress = common.TrainingProgress(os.path.join(out_dir, "log.jsonl"), step, max_steps,
+                                       batch_size * grad_accum * dist.world_size, dist)
+    while step < max_steps:
+        means, grad_norm = common.train_step(train_model, net, ema, optimizer, micro_step, dist, autocast,
+                                             common.lr_at(step, lr, warmup_steps), grad_accum, grad_clip, ema_decay)
+        step += 1
+        progress.update(step, means, grad_norm, optimizer.param_groups[0]["lr"], step % log_every == 0 or step == max_steps)
+        if (step % sample_every == 0 or step == max_steps) and dist.master:
+            with autocast:
+                x = generate(ema, ae, grid_y.to(dev), grid_noise.to(dev), sample_steps, cfg_scale,
+                             latents.mean.to(dev), latents.std.to(dev), decode_steps, grid_seed)
+            common.save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
+        if step % ckpt_every == 0 or step == max_steps:
+            common.save_training(
+                ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,
+                config=settings, ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
+                ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
+                latent_std=latents.std, num_classes=meta["num_classes"], class_names=meta["class_names"])
+    progress.close()
+    if common.check_replicas_identical(net, dist) and dist.ddp:
+        log(f"weights identical on all {dist.world_size} ranks")
+    log(f"done: {ckpt_path}")
+    common.shutdown(dist)
+
+
+# -----------------------------------------------------------------------------
+# step 1: the latent cache
+
+
+def stage1_info(path):
+    """What the DiT needs to know about a stage-1 checkpoint, without building the model."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
+                         "(it writes out/ae/ckpt.pt) or pass its path with --ae-ckpt PATH.")
+    ck = common.load_checkpoint(path, "ae")
+    args = ck["model_args"]
+    r, f = args["resolution"], args["compression"]
+    return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
+                resolution=r, latent_shape=[args["latent_channels"], r // f, r // f])
+
+
+def cache_meta(stage1, dataset, data, dataset_seed, shard_size):
+    """The record of what a cache is built from; the keys in STALE_KEYS decide whether it is still valid."""
+    names = list(getattr(dataset, "classes", None) or dataset.class_names)
+    return dict(stage1, data=os.path.abspath(data) if data else "built-in", dataset_seed=None if data else dataset_seed,
+                num_images=len(dataset), num_classes=len(names), class_names=names, shard_size=shard_size,
+                dtype="float16")
+
+
+# the stage-1 path and step are informative only: a moved but identical checkpoint keeps its cache
+STALE_KEYS = ("ae_fingerprint", "resolution", "latent_shape", "data", "dataset_seed", "num_images", "shard_size", "dtype")
+
+
+@torch.no_grad()
+def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_workers=0):
+    """Step 1: encode `dataset` into `cache` (see the module docstring), resuming after finished shards.
+
+    Every rank encodes shards rank, rank + W, ...; rank 0 then combines the per-shard sums into
+    stats.pt. A cache built from another encoder or dataset is refused. load_ae() builds the
+    stage-1 model, only if some shard is still missing.
+    """
+    meta_path, stats_path = os.path.join(cache, "meta.json"), os.path.join(cache, "stats.pt")
+    if dist.master and not os.path.exists(meta_path):
+        os.makedirs(cache, exist_ok=True)
+        with open(meta_path + ".tmp", "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(meta_path + ".tmp", meta_path)
+    common.barrier(dist)
+    with open(meta_path) as fh:
+        old = json.load(fh)
+    stale = [k for k in STALE_KEYS if old.get(k) != meta[k]]
+    if stale:
+        raise SystemExit(f"error: the latent cache {cache} is stale: it was built from {old['ae_ckpt']} (step "
+                         f"{old['ae_step']}) and {old['data']}, and differs now in: "
+                         + ", ".join(f"{k} (was {old.get(k)}, now {meta[k]})" for k in stale)
+                         + f". Delete {cache} or pass another --cache-dir to encode again.")
+    if os.path.exists(stats_path):
+        return
+    n, size = meta["num_images"], meta["shard_size"]
+    todo = [k for k in range(dist.rank, math.ceil(n / size), dist.world_size) if not os.path.exists(_shard(cache, k))]
+    if todo:
+        ae = load_ae()
+        pbar = tqdm(total=sum(min(n, (k + 1) * size) - k * size for k in todo), disable=not dist.master,
+                    desc="encoding latents" + (f" (rank 0 of {dist.world_size})" if dist.ddp else ""), dynamic_ncols=True)
+        for k in todo:
+            shard = encode_shard(ae, Subset(dataset, range(k * size, min(n, (k + 1) * size))), meta["latent_shape"],
+                                 batch_size, num_workers, pbar)
+            common.save_checkpoint(_shard(cache, k), shard)  # atomic: a shard file exists only when complete
+        pbar.close()
+    common.barrier(dist)
+    if dist.master:
+        shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in _shard_paths(cache)]
+        count = sum(s["count"] for s in shards)
+        mean = sum(s["sum"] for s in shards) / count  # (C,) float64
+        std = (sum(s["sumsq"] for s in shards) / count - mean ** 2).clamp_min(0).sqrt()
+        n_bad = sum(s["n_bad"] for s in shards)
+        common.save_checkpoint(stats_path, dict(mean=mean.float(), std=std.float(), count=count, n_bad=n_bad))
+        print(f"latent cache complete: {cache}" + (f" ({n_bad} unreadable images skipped)" if n_bad else ""), flush=True)
+    common.barrier(dist)
+
+
+def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar):
+    """Posterior means of the images in `subset` and of their mirror images, with per-channel sums.
+
+    Encoded in fp32 (no autocast): it happens once and the latents should be the encoder's own.
+    """
+    dev = next(ae.parameters()).device
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
+                        pin_memory=dev.type == "cuda")
+    zs, ys, n_bad = [torch.zeros(0, 2, *latent_shape, dtype=torch.float16)], [torch.zeros(0, dtype=torch.long)], 0
+    for x, y, bad in loader:
+        n_bad += bad
+        if len(y):
+            x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
+            z = ae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then their mirror images
+            if z.abs().max() > 60000:
+                raise ValueError("latent values beyond the float16 range; the stage-1 encoder has diverged")
+            zs.append(torch.stack(z.chunk(2), dim=1).half().cpu())  # (B, 2, C, h, w)
+            ys.append(y)
+        pbar.update(len(y) + bad)
+    z = torch.cat(zs)
+    z64 = z.double()  # statistics of exactly what training will read (the float16 values), in float64
+    return dict(z=z, y=torch.cat(ys), sum=z64.sum((0, 1, 3, 4)), sumsq=z64.pow(2).sum((0, 1, 3, 4)),
+                count=z64[:, :, 0].numel(), n_bad=n_bad)
+
+
+def _shard(cache, k):
+    return os.path.join(cache, f"shard_{k:05d}.pt")
+
+
+def _shard_paths(cache):
+    return sorted(glob.glob(os.path.join(cache, "shard_*.pt")))
+
+
+class LatentCache(Dataset):
+    """The cached latents as a dataset: item i -> (z (2, C, h, w) float16 [image, mirror image], label).
+
+    Shards are memory-mapped, not read: the OS pages them in on demand and shares the pages
+    between all the ranks of a node.
+    """
+
+    def __init__(self, cache):
+        stats = torch.load(os.path.join(cache, "stats.pt"), map_location="cpu", weights_only=True)
+        self.mean, self.std = stats["mean"], stats["std"]  # (C,) each
+        self.shards = [torch.load(p, map_location="cpu", weights_only=True, mmap=True) for p in _shard_paths(cache)]
+        self.ends = [int(x) for x in torch.tensor([len(s["y"]) for s in self.shards]).cumsum(0)]
+
+    def __len__(self):
+        return self.ends[-1]
+
+    def __getitem__(self, i):
+        k = bisect.bisect_right(self.ends, i)  # the shard that holds item i
+        j = i - (self.ends[k - 1] if k else 0)
+        return self.shards[k]["z"][j], int(self.shards[k]["y"][j])
+
+
+if __name__ == "__main__":
+    main()
