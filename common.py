@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +135,16 @@ def shutdown(dist):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@contextmanager
+def user_errors():
+    """Report the errors of bad input (a missing folder or file, an impossible flag, a checkpoint
+    of the wrong kind) as one line saying what is wrong, instead of a traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def barrier(dist):

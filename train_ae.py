@@ -68,26 +68,28 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
 
-    ckpt = common.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
+    # set-up: a bad path, flag or file stops here with a one-line message, before any model is built
+    with common.user_errors():
+        ckpt = common.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
 
-    # data first: a wrong path fails here, before any model is built
-    preset = model or ("base" if data else "tiny")
-    cfg = make_config(preset, resolution=resolution or None, compression=compression or None,
-                      latent_channels=latent_channels or None, decoder=decoder, cond=cond, t_dist=t_dist,
-                      decode_steps=decode_steps, attn_impl=attn_impl, lpips_weight=lpips_weight, kl_weight=kl_weight)
-    if ckpt is not None:
-        cfg = _check_resume_config(ckpt, cfg)
-    dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
-    loader = Loader(dataset, batch_size, dist.rank, dist.world_size, seed, num_workers)
-    log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
+        # the model config, then the data: both can be wrong on the command line
+        preset = model or ("base" if data else "tiny")
+        cfg = make_config(preset, resolution=resolution or None, compression=compression or None,
+                          latent_channels=latent_channels or None, decoder=decoder, cond=cond, t_dist=t_dist,
+                          decode_steps=decode_steps, attn_impl=attn_impl, lpips_weight=lpips_weight, kl_weight=kl_weight)
+        if ckpt is not None:
+            cfg = _check_resume_config(ckpt, cfg)
+        dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
+        loader = Loader(dataset, batch_size, dist.rank, dist.world_size, seed, num_workers)
+        log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
 
-    # the perceptual loss needs the VGG16 + LPIPS files; the built-in run works without them
-    lpips = None
-    if cfg.lpips_weight > 0:
-        lpips = load_lpips(vgg_path or None, lpips_path or None, required=bool(data), device=dev)
-    log("perceptual loss: " + ("LPIPS (VGG16) on x0_hat" if lpips is not None else
-        "off (" + ("--lpips-weight 0" if cfg.lpips_weight == 0 else
-                   "weight files not found; see README 'Pretrained weight files'") + ")"))
+        # the perceptual loss needs the VGG16 + LPIPS files; the built-in run works without them
+        lpips = None
+        if cfg.lpips_weight > 0:
+            lpips = load_lpips(vgg_path or None, lpips_path or None, required=bool(data), device=dev)
+        log("perceptual loss: " + ("LPIPS (VGG16) on x0_hat" if lpips is not None else
+            "off (" + ("--lpips-weight 0" if cfg.lpips_weight == 0 else
+                       "weight files not found; see README 'Pretrained weight files'") + ")"))
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     net = DGAE(cfg).to(dev)
