@@ -6,17 +6,17 @@ Sampling: class-conditional images from a trained DiT (stage 2), and stage-1 rec
     torchrun --nproc_per_node=8 sample.py --ckpt out/dit/ckpt.pt --num-samples 50000 --out samples.npz
     python sample.py --ckpt out/ae/ckpt.pt --images /path/to/val           # inputs next to reconstructions
 
-A sample is: Gaussian noise (C, h, w) -> Euler ODE of the DiT's velocity, with classifier-free
-guidance on all channels -> un-normalised latent -> the stage-1 DGAE decoder (itself a diffusion
-model, so it draws noise too). The DiT checkpoint records where its stage-1 checkpoint is and the
-latent mean/std, so --ckpt is all it takes. `generate` is also what train_dit.py's grids call.
+A sample: noise (C, h, w) -> Euler ODE of the DiT's velocity, classifier-free guidance on all
+channels -> un-normalised latent -> the stage-1 DGAE decoder (a diffusion model: it draws noise too).
+The DiT checkpoint records its stage-1 checkpoint and the latent mean/std, so --ckpt is all it
+takes. train_dit.py's grids call `generate` too.
 
 Determinism: samples are made in chunks of --batch-size consecutive indices; chunk c takes its
 labels, DiT noise and decoder seed from a generator seeded by (seed, c) alone, and rank r makes
 chunks r, r + W, ... . So the images depend on --seed and --batch-size, never on the number of
 processes: each chunk is the same computation, batch shape included, wherever it runs.
-The .npz holds uint8 N x H x W x 3 under `arr_0` (what the ADM/DiT ImageNet evaluator reads) and
-the labels under `labels`.
+The .npz: uint8 N x H x W x 3 under `arr_0` (what the ADM ImageNet evaluator reads), and `labels`.
+(The flag is --num-samples, not --num: torchrun would take --num for its own --numa-binding.)
 """
 
 import hashlib
@@ -39,7 +39,7 @@ ckpt = "out/dit/ckpt.pt"  # a train_dit.py checkpoint; or a train_ae.py one toge
 out = ""  # output file; "" = samples.png / samples.npz / recon.png beside --ckpt
 classes = ""  # comma-separated class indices for the grid; "" = the first 10 (ImageNet: 8 well-known ones)
 per_class = 8  # samples per class in the grid (one row per class)
-num_samples = 0  # > 0: that many samples, uniform labels, into an .npz (FID); recon: images to show. (Not --num: torchrun reads that as its --numa-binding)
+num_samples = 0  # > 0: that many samples, uniform labels, into an .npz (FID); recon: images to show
 cfg_scale = 4.0  # classifier-free guidance scale; 1 = no guidance (half the compute)
 steps = 50  # Euler steps of the DiT's ODE
 decode_steps = 0  # Euler steps of the DGAE decoder; 0 = the stage-1 checkpoint's default
@@ -83,10 +83,8 @@ def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decod
     The same rectified-flow Euler sampler as the decoder (decoder_diffusion.euler_sample), here on
     the DiT's velocity; with guidance, v = v_uncond + s (v_cond - v_uncond) on every channel.
     """
-    if cfg_scale == 1.0:
-        velocity = lambda x, t: dit(x, t, y)  # noqa: E731
-    else:
-        velocity = lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale)  # noqa: E731
+    guided = cfg_scale != 1.0  # without guidance, one plain forward pass instead of two
+    velocity = (lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale)) if guided else (lambda x, t: dit(x, t, y))
     z = euler_sample(velocity, noise, steps)  # (B, C, h, w): a normalised latent at t=0
     z = z.float() * latent_std.view(1, -1, 1, 1) + latent_mean.view(1, -1, 1, 1)  # back to the encoder's scale
     return ae.decode(z, decode_steps or None, seed=decode_seed)
@@ -117,11 +115,15 @@ def _or_exit(load, *args):
                          "with --images FOLDER (reconstructions).") from None
 
 
+def default_classes(num_classes):
+    """The classes a grid shows unless told otherwise (train_dit.py's grids too)."""
+    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10)))
+
+
 def grid_labels(num_classes):
     """--classes (or the default classes), each repeated per_class times: one grid row per class."""
     try:
-        cls = [int(c) for c in classes.split(",")] if classes else (
-            IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10))))
+        cls = [int(c) for c in classes.split(",")] if classes else default_classes(num_classes)
     except ValueError:
         raise SystemExit(f"error: --classes takes comma-separated class indices, got {classes!r}") from None
     for c in cls:
@@ -158,8 +160,7 @@ def main():
             np.savez(path, arr_0=imgs, labels=ys)
         else:
             common.save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
-            names = ck.get("class_names") or []
-            print("rows: " + ", ".join(names[int(c)] if int(c) < len(names) else str(int(c)) for c in labels[::per_class]))
+            print("rows: " + ", ".join(ck["class_names"][c] for c in labels[::per_class].tolist()))
         print(f"wrote {path}", flush=True)
     common.shutdown(dist)
 
@@ -167,26 +168,25 @@ def main():
 def _in_index_order(parts, total, n_chunks, dist, path):
     """Every rank's chunks -> (images (N, H, W, 3) uint8, labels (N,)) in sample-index order, on rank 0.
 
-    Ranks hand their parts over as files (a 50K x 256^2 batch is ~10 GB, too big for a collective)."""
+    Ranks hand their parts over as files beside the output (50K samples at 256 px are ~10 GB, too
+    much for a collective), so with several nodes the output must be on a shared file system."""
+    imgs, ys = (np.concatenate(a) for a in zip(*parts)) if parts else (np.zeros(0, np.uint8), np.zeros(0, np.int64))
     if not dist.ddp:
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    np.savez(f"{path}.rank{dist.rank}.npz", images=np.concatenate([p[0] for p in parts]) if parts else np.zeros(0),
-             labels=np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64))
+        return imgs, ys
+    np.savez(f"{path}.rank{dist.rank}.npz", images=imgs, labels=ys)
     common.barrier(dist)
     if not dist.master:
         return None, None
-    imgs, ys = None, np.zeros(total, np.int64)
+    imgs, ys = np.zeros((total, *imgs.shape[1:]), np.uint8), np.zeros(total, np.int64)  # rank 0 made chunk 0
     for r in range(dist.world_size):
         with np.load(f"{path}.rank{r}.npz") as f:
             part_imgs, part_ys = f["images"], f["labels"]
+        os.remove(f"{path}.rank{r}.npz")
         pos = 0
         for c in range(r, n_chunks, dist.world_size):  # rank r made chunks r, r + W, ... in this order
             lo, hi = c * batch_size, min(total, (c + 1) * batch_size)
-            if imgs is None:
-                imgs = np.zeros((total, *part_imgs.shape[1:]), np.uint8)
             imgs[lo:hi], ys[lo:hi] = part_imgs[pos:pos + hi - lo], part_ys[pos:pos + hi - lo]
             pos += hi - lo
-        os.remove(f"{path}.rank{r}.npz")
     return imgs, ys
 
 

@@ -40,7 +40,7 @@ from ae import load_dgae
 from data import Loader, build_dataset, collate_skip_bad
 from decoder_diffusion import flow_matching_loss
 from dit import DiT, build_dit
-from sample import chunk_inputs, encoder_fingerprint, generate
+from sample import chunk_inputs, default_classes, encoder_fingerprint, generate
 
 # -----------------------------------------------------------------------------
 # settings
@@ -133,7 +133,7 @@ def main():
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise, t and flips on every rank
     train_model = common.wrap_for_training(net, dist, compile)
     autocast = common.autocast_context(dev)
-    grid_y = torch.arange(min(meta["num_classes"], 10)).repeat_interleave(8)  # 8 samples of each of <= 10 classes
+    grid_y = torch.tensor(default_classes(meta["num_classes"])).repeat_interleave(8)  # a row of 8 samples a class
     grid_y, grid_noise, grid_seed = chunk_inputs(seed, 0, len(grid_y), meta["num_classes"], (C, h, w), grid_y)
 
     def micro_step(model):
@@ -179,7 +179,10 @@ def stage1_info(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
                          "(it writes out/ae/ckpt.pt) or pass its path with --ae-ckpt PATH.")
-    ck = common.load_checkpoint(path, "ae")
+    try:
+        ck = common.load_checkpoint(path, "ae")
+    except ValueError as e:  # not a checkpoint, or not a stage-1 one
+        raise SystemExit(f"error: --ae-ckpt: {e}") from None
     args = ck["model_args"]
     r, f = args["resolution"], args["compression"]
     return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
