@@ -195,7 +195,8 @@ def reconstruct(dist):
     """Stage 1: the first --num-samples (default 8) readable images of --images beside their reconstructions."""
     if dist.master:
         ae = _or_exit(load_dgae, ckpt, dist.device)
-        dataset = ImageFolderDataset(images, ae.cfg.resolution)
+        with common.user_errors():  # no such folder, no images in it
+            dataset = ImageFolderDataset(images, ae.cfg.resolution)
         x = torch.stack([dataset[i][0] for i in common.first_good(dataset, num_samples or 8)]).to(dist.device)
         recon = ae.reconstruct(x, decode_steps or None, seed=seed)  # (N, 3, H, W)
         path = out or os.path.join(os.path.dirname(ckpt), "recon.png")

@@ -39,7 +39,7 @@ import common
 from ae import load_dgae
 from data import Loader, build_dataset, collate_skip_bad
 from decoder_diffusion import flow_matching_loss
-from dit import DiT, build_dit
+from dit import DIT_PRESETS, DiT, build_dit
 from sample import chunk_inputs, default_classes, encoder_fingerprint, generate
 
 # -----------------------------------------------------------------------------
@@ -89,14 +89,22 @@ def main():
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
-    ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
+    # set-up: a bad path, flag or file stops here with a one-line message
+    with common.user_errors():
+        ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
+        ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in _given else ae_ckpt
+        stage1 = stage1_info(ae_path)
+        if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
+            raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the run being resumed was trained on")
+        dataset = build_dataset(data, stage1["resolution"], size=dataset_size, seed=seed)
+        C, h, w = stage1["latent_shape"]
+        name = model or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
+        if ckpt is not None and "model" in _given and model != ckpt["model_name"]:
+            raise SystemExit(f"error: --model {model} does not match the checkpoint being resumed ({ckpt['model_name']})")
+        if name not in DIT_PRESETS:
+            raise SystemExit(f"error: unknown --model {name}; valid: {', '.join(DIT_PRESETS)}")
 
     # step 1: the latent cache (a no-op once it is complete and matches)
-    ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in _given else ae_ckpt
-    stage1 = stage1_info(ae_path)
-    if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
-        raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the run being resumed was trained on")
-    dataset = build_dataset(data, stage1["resolution"], size=dataset_size, seed=seed)
     cache = cache_dir or os.path.join(out_dir, "latents")
     meta = cache_meta(stage1, dataset, data, seed, shard_size)
     log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images, {meta['num_classes']} classes) "
@@ -104,7 +112,8 @@ def main():
     build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
     latents = LatentCache(cache)
     mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
-    loader = Loader(latents, batch_size, dist.rank, dist.world_size, seed)
+    with common.user_errors():  # e.g. fewer latents than one global batch
+        loader = Loader(latents, batch_size, dist.rank, dist.world_size, seed)
     log(f"latents: {len(latents)} images x 2 (with mirror images), per-channel mean "
         f"{[round(v, 3) for v in latents.mean.tolist()]}, std {[round(v, 3) for v in latents.std.tolist()]}")
 
@@ -112,11 +121,7 @@ def main():
     # draw from the RNG stream that the checkpoint saves and --resume restores.
     ae = load_dgae(ae_path, dev) if dist.master else None
     torch.manual_seed(seed)  # the same initial weights on every rank
-    C, h, w = stage1["latent_shape"]
-    name = model or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
     if ckpt is not None:
-        if "model" in _given and model != ckpt["model_name"]:
-            raise SystemExit(f"error: --model {model} does not match the checkpoint being resumed ({ckpt['model_name']})")
         name, net = ckpt["model_name"], DiT(**ckpt["model_args"]).to(dev)
     else:
         net = build_dit(name, (h, w), C, meta["num_classes"], class_dropout_prob=class_dropout,
@@ -179,10 +184,7 @@ def stage1_info(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
                          "(it writes out/ae/ckpt.pt) or pass its path with --ae-ckpt PATH.")
-    try:
-        ck = common.load_checkpoint(path, "ae")
-    except ValueError as e:  # not a checkpoint, or not a stage-1 one
-        raise SystemExit(f"error: --ae-ckpt: {e}") from None
+    ck = common.load_checkpoint(path, "ae")  # a file of the wrong kind: ValueError, reported by user_errors
     args = ck["model_args"]
     r, f = args["resolution"], args["compression"]
     return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
