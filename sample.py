@@ -40,6 +40,7 @@ out = ""  # output file; "" = samples.png / samples.npz / recon.png beside --ckp
 classes = ""  # comma-separated class indices for the grid; "" = the first 10 (ImageNet: 8 well-known ones)
 per_class = 8  # samples per class in the grid (one row per class)
 num_samples = 0  # > 0: that many samples, uniform labels, into an .npz (FID); recon: images to show
+num = 0  # the same as --num-samples; fine with plain python, but torchrun takes --num for itself
 cfg_scale = 4.0  # classifier-free guidance scale; 1 = no guidance (half the compute)
 steps = 50  # Euler steps of the DiT's ODE
 decode_steps = 0  # Euler steps of the DGAE decoder; 0 = the stage-1 checkpoint's default
@@ -133,7 +134,9 @@ def grid_labels(num_classes):
 
 
 def main():
+    global num_samples
     common.configure(globals())  # here, not at import time: train_dit.py and the tests import this file
+    num_samples = num_samples or num
     dist = common.setup_distributed(device)
     if images:  # stage 1: reconstructions
         return reconstruct(dist)

@@ -79,6 +79,13 @@ def test_npz_has_the_evaluator_format_and_the_chunks_contents(ckpts, tmp_path, m
     assert not np.array_equal(f["arr_0"][0], f["arr_0"][4])
 
 
+def test_num_is_the_same_as_num_samples(ckpts, tmp_path, monkeypatch):
+    for flag, name in [("--num", "a.npz"), ("--num-samples", "b.npz")]:
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "1", flag, "5", "--out", str(tmp_path / name))
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["arr_0"].shape[0] == 5 and np.array_equal(a["arr_0"], b["arr_0"])
+
+
 def test_labels_are_uniform_over_classes():
     labels = torch.cat([sample.chunk_inputs(0, c, 100, 10, (4, 2, 2))[0] for c in range(50)])  # 5000 labels
     counts = torch.bincount(labels, minlength=10)
