@@ -11,7 +11,7 @@ trained checkpoints. Read decoder_diffusion.py next to it: that is where the dec
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn

@@ -386,3 +386,38 @@ def random_hflip(x, generator=None):
     flip = torch.rand(x.shape[0], generator=generator, device=device) < 0.5  # (B,)
     flip = flip.to(x.device).view(-1, 1, 1, 1)
     return torch.where(flip, x.flip(-1), x)
+
+
+# -----------------------------------------------------------------------------
+# images out: grids and uint8 arrays
+
+
+def first_good(dataset, n):
+    """Indices of the first n readable items (an unreadable image is None and must not break a grid)."""
+    out = []
+    for i in range(len(dataset)):
+        if len(out) == n:
+            break
+        if dataset[i] is not None:
+            out.append(i)
+    return out
+
+
+def to_uint8(x):
+    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8 numpy, rounding like the reference evaluators."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_image_grid(x, path, nrow=8, pad=2):
+    """Tile a batch (N, 3, H, W) in [-1, 1] into one PNG, nrow images per row."""
+    imgs = to_uint8(x)  # (N, H, W, 3)
+    n, h, w, _ = imgs.shape
+    ncol = min(nrow, n)
+    nrows = math.ceil(n / ncol)
+    grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[i]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid).save(path)

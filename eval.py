@@ -14,7 +14,7 @@ reference batch also holds 10K images in arr_0, used for precision/recall), or i
 
 Conventions, chosen to match published numbers:
   - Everything is measured on uint8 images, i.e. what a saved PNG holds: reconstructions are
-    rounded to uint8 exactly like the originals (common.to_uint8's rounding) before any metric.
+    rounded to uint8 exactly like the originals (data.to_uint8's rounding) before any metric.
   - PSNR per image on [0, 255] (MSE over pixels and channels), averaged over images.
   - SSIM per image (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03,
     L = 255, over the 'valid' window positions, per channel, averaged; then over images.

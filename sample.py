@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import common
 from ae import load_dgae
-from data import ImageFolderDataset
+from data import ImageFolderDataset, first_good, save_image_grid, to_uint8
 from decoder_diffusion import euler_sample
 from dit import DiT
 
@@ -156,13 +156,13 @@ def main():
             y, noise, dseed = chunk_inputs(seed, c, hi - lo, ck["num_classes"], ck["latent_shape"],
                                            None if labels is None else labels[lo:hi])
             x = generate(dit, ae, y.to(dist.device), noise.to(dist.device), steps, cfg_scale, mean, std, decode_steps, dseed)
-            parts.append((common.to_uint8(x), y.numpy()))
+            parts.append((to_uint8(x), y.numpy()))
     imgs, ys = _in_index_order(parts, total, n_chunks, dist, path)
     if dist.master:
         if num_samples > 0:
             np.savez(path, arr_0=imgs, labels=ys)
         else:
-            common.save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
+            save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
             print("rows: " + ", ".join(ck["class_names"][c] for c in labels[::per_class].tolist()))
         print(f"wrote {path}", flush=True)
     common.shutdown(dist)
@@ -200,10 +200,10 @@ def reconstruct(dist):
         ae = _or_exit(load_dgae, ckpt, dist.device)
         with common.user_errors():  # no such folder, no images in it
             dataset = ImageFolderDataset(images, ae.cfg.resolution)
-        x = torch.stack([dataset[i][0] for i in common.first_good(dataset, num_samples or 8)]).to(dist.device)
+        x = torch.stack([dataset[i][0] for i in first_good(dataset, num_samples or 8)]).to(dist.device)
         recon = ae.reconstruct(x, decode_steps or None, seed=seed)  # (N, 3, H, W)
         path = out or os.path.join(os.path.dirname(ckpt), "recon.png")
-        common.save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
+        save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
         print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)
     common.shutdown(dist)
 

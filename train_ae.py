@@ -16,7 +16,7 @@ import torch
 
 import common
 from ae import DGAE, config_from_dict, config_to_dict, make_config
-from data import Loader, build_dataset, random_hflip
+from data import Loader, build_dataset, first_good, random_hflip, save_image_grid
 from lpips import load_lpips
 
 # -----------------------------------------------------------------------------
@@ -58,7 +58,7 @@ resume = False
 seed = 0
 device = ""  # "" = cuda, then mps, then cpu
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
-settings = common.configure(globals())
+settings = common.configure(globals())  # also sets _given: the names set on the command line
 # -----------------------------------------------------------------------------
 
 
@@ -108,7 +108,7 @@ def main():
 
     train_model = common.wrap_for_training(net, dist, compile)
     autocast = common.autocast_context(dev)
-    fixed = torch.stack([dataset[i][0] for i in common.first_good(dataset, 8)]).to(dev)  # images for the grids
+    fixed = torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev)  # images for the grids
 
     def micro_step(model):
         x, _, n_bad = next(loader)
@@ -154,7 +154,7 @@ def _save_grid(ema, x, cfg, path, dist):
     if not dist.master:
         return
     recon = ema.reconstruct(x, steps=cfg.decode_steps, seed=0)
-    common.save_image_grid(torch.cat([x, recon]), path, nrow=x.shape[0])
+    save_image_grid(torch.cat([x, recon]), path, nrow=x.shape[0])
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import common
 from ae import load_dgae
-from data import Loader, build_dataset, collate_skip_bad
+from data import Loader, build_dataset, collate_skip_bad, save_image_grid
 from decoder_diffusion import flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
 from sample import chunk_inputs, default_classes, encoder_fingerprint, generate
@@ -84,7 +84,7 @@ compile = False
 
 def main():
     # parsed here rather than at import time, so that the tests can import this file's functions
-    settings = common.configure(globals())
+    settings = common.configure(globals())  # also sets _given: the names set on the command line
     dist = common.setup_distributed(device)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -161,7 +161,7 @@ def main():
             with autocast:
                 x = generate(ema, ae, grid_y.to(dev), grid_noise.to(dev), sample_steps, cfg_scale,
                              latents.mean.to(dev), latents.std.to(dev), decode_steps, grid_seed)
-            common.save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
+            save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
         if step % ckpt_every == 0 or step == max_steps:
             common.save_training(
                 ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,

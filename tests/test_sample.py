@@ -13,7 +13,7 @@ from PIL import Image
 import common
 import sample
 from ae import load_dgae
-from data import ImageFolderDataset
+from data import ImageFolderDataset, to_uint8
 from dit import build_dit
 from test_train_dit import save_tiny_ae
 
@@ -75,7 +75,7 @@ def test_npz_has_the_evaluator_format_and_the_chunks_contents(ckpts, tmp_path, m
     dit, ae, _ = sample.load_models(ckpts[0], "cpu")
     y, noise, dseed = sample.chunk_inputs(3, 2, 2, 10, (4, 2, 2))
     x = sample.generate(dit, ae, y, noise, 2, 2.0, MEAN, STD, decode_seed=dseed)
-    assert np.array_equal(f["arr_0"][8:], common.to_uint8(x)) and np.array_equal(f["labels"][8:], y.numpy())
+    assert np.array_equal(f["arr_0"][8:], to_uint8(x)) and np.array_equal(f["labels"][8:], y.numpy())
     assert not np.array_equal(f["arr_0"][0], f["arr_0"][4])
 
 
@@ -101,9 +101,9 @@ def test_reconstructions_stand_beside_their_inputs(ckpts, tmp_path, monkeypatch)
     assert grid.shape == (18 + 2, 6 * 18 + 2, 3)  # (input, reconstruction) x 3 in one row
     ds = ImageFolderDataset(str(tmp_path / "imgs"), 16)
     for i in range(3):  # inputs at tiles 0, 2, 4; the decoder's outputs at 1, 3, 5
-        assert np.array_equal(grid[2:18, 2 + 36 * i: 18 + 36 * i], common.to_uint8(ds[i][0][None])[0])
+        assert np.array_equal(grid[2:18, 2 + 36 * i: 18 + 36 * i], to_uint8(ds[i][0][None])[0])
     ae = load_dgae(ckpts[1])
-    recon = common.to_uint8(ae.reconstruct(ds[0][0][None], seed=0))[0]
+    recon = to_uint8(ae.reconstruct(ds[0][0][None], seed=0))[0]
     assert np.array_equal(grid[2:18, 20:36], recon)
 
 
