@@ -57,8 +57,13 @@ class AEConfig:
 # 256 px ImageNet model (SD-VAE-sized encoder, ADM-sized pixel U-Net); `large` is the bigger
 # decoder the paper reports scaling to (our sizes). Flags override any field.
 PRESETS = {
+    # tiny trains t ~ uniform (ours, measured): with a 10-step decoder and only ~1000 training steps,
+    # logit-normal t rarely visits t near 1, where the first Euler steps from pure noise happen; on
+    # the built-in data EMA reconstructions reached 10.4 dB PSNR with logit-normal t and 12.4 dB with
+    # uniform t after 600 steps at lr 1e-3 (14.3 dB after 1000). The paper-scale presets keep the
+    # logit-normal default, whose long runs do cover all t.
     "tiny": dict(resolution=32, compression=8, enc_ch=32, enc_res_blocks=1, unet_ch=32, unet_mult=(1, 2, 2),
-                 unet_res_blocks=1, attn_res=(8,), cond_ch=32),
+                 unet_res_blocks=1, attn_res=(8,), cond_ch=32, t_dist="uniform"),
     "small": dict(resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64, unet_mult=(1, 2, 2, 2),
                   unet_res_blocks=2, attn_res=(8,), cond_ch=64),
     "base": dict(resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,

@@ -230,7 +230,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math"):
+                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math", zero_init=True):
         super().__init__()
         if cond not in ("latent_decoder", "concat"):
             raise ValueError(f"unknown cond {cond!r}; use 'latent_decoder' or 'concat'")
@@ -277,6 +277,20 @@ class UNet(nn.Module):
             res *= 2
         self.norm_out = Norm(cur)
         self.conv_out = nn.Conv2d(cur, 3, 3, padding=1)
+        if zero_init:
+            self._zero_init_residual_branches()
+
+    def _zero_init_residual_branches(self):
+        """ADM's initialisation: the last layer of every residual branch (ResBlock.conv2, the
+        attention output projection) and the output conv start at zero, so each block starts as the
+        identity and the untrained U-Net outputs v_hat = 0. Training then grows each branch from
+        nothing instead of first undoing random noise, which converges faster and more stably."""
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
+            elif isinstance(m, AttnBlock):
+                nn.init.zeros_(m.proj.weight), nn.init.zeros_(m.proj.bias)
+        nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x_t, t, z):
         """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f). Returns v_hat (B, 3, H, W)."""

@@ -32,7 +32,7 @@ compression = 0  # spatial compression f in {8, 16, 32, 64}
 latent_channels = 0  # 0 = DESIGN.md default for f: 4, 8, 16, 64
 decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline)
 cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
-t_dist = "logit_normal"  # training t distribution: logit_normal | uniform
+t_dist = ""  # training t distribution: logit_normal | uniform; "" = the preset's (see ae.PRESETS)
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
 # loss
@@ -44,7 +44,7 @@ lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
 batch_size = 32  # per process and micro-step; the global batch is batch_size * grad_accum * world size
 grad_accum = 1
 max_steps = 1200
-lr = 4e-4
+lr = 0.0  # 0 = the preset's: 1e-3 for tiny, 5e-4 small, 1e-4 base/large (at a global batch of 256)
 warmup_steps = 100
 weight_decay = 0.0
 grad_clip = 1.0
@@ -61,6 +61,10 @@ compile = False  # torch.compile the model (worth it on GPUs for long runs)
 settings = common.configure(globals())  # also sets _given: the names set on the command line
 # -----------------------------------------------------------------------------
 
+# learning rate per preset (--lr overrides): the small models tolerate, and in a few CPU minutes
+# need, a much larger step than the paper-scale ones
+PRESET_LR = {"tiny": 1e-3, "small": 5e-4, "base": 1e-4, "large": 1e-4}
+
 
 def main():
     dist = common.setup_distributed(device)
@@ -75,7 +79,7 @@ def main():
         # the model config, then the data: both can be wrong on the command line
         preset = model or ("base" if data else "tiny")
         cfg = make_config(preset, resolution=resolution or None, compression=compression or None,
-                          latent_channels=latent_channels or None, decoder=decoder, cond=cond, t_dist=t_dist,
+                          latent_channels=latent_channels or None, decoder=decoder, cond=cond, t_dist=t_dist or None,
                           decode_steps=decode_steps, attn_impl=attn_impl, lpips_weight=lpips_weight, kl_weight=kl_weight)
         if ckpt is not None:
             cfg = _check_resume_config(ckpt, cfg)
@@ -91,10 +95,11 @@ def main():
             "off (" + ("--lpips-weight 0" if cfg.lpips_weight == 0 else
                        "weight files not found; see README 'Pretrained weight files'") + ")"))
 
+    base_lr = lr or PRESET_LR[preset]
     torch.manual_seed(seed)  # the same initial weights on every rank
     net = DGAE(cfg).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    optimizer = common.make_optimizer(net, lr, weight_decay, (0.9, 0.99), dev)
+    optimizer = common.make_optimizer(net, base_lr, weight_decay, (0.9, 0.99), dev)
     log(f"model: {preset}, {cfg.decoder} decoder, f={cfg.compression}, latent "
         f"{cfg.latent_channels}x{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
         f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, decoder {common.count_params(net.decoder) / 1e6:.2f}M params")
@@ -122,7 +127,8 @@ def main():
     while step < max_steps:
         # grad_accum micro-batches (gradients all-reduced on the last only), clip, AdamW, EMA
         means, grad_norm = common.train_step(train_model, net, ema, optimizer, micro_step, dist, autocast,
-                                             common.lr_at(step, lr, warmup_steps), grad_accum, grad_clip, ema_decay)
+                                             common.lr_at(step, base_lr, warmup_steps), grad_accum, grad_clip,
+                                             common.ema_decay_at(step, ema_decay))
         step += 1
         progress.update(step, means, grad_norm, optimizer.param_groups[0]["lr"], step % log_every == 0 or step == max_steps)
         if step % sample_every == 0 or step == max_steps:

@@ -154,7 +154,8 @@ def main():
                                        batch_size * grad_accum * dist.world_size, dist)
     while step < max_steps:
         means, grad_norm = common.train_step(train_model, net, ema, optimizer, micro_step, dist, autocast,
-                                             common.lr_at(step, lr, warmup_steps), grad_accum, grad_clip, ema_decay)
+                                             common.lr_at(step, lr, warmup_steps), grad_accum, grad_clip,
+                                             common.ema_decay_at(step, ema_decay))
         step += 1
         progress.update(step, means, grad_norm, optimizer.param_groups[0]["lr"], step % log_every == 0 or step == max_steps)
         if (step % sample_every == 0 or step == max_steps) and dist.master:

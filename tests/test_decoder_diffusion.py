@@ -86,7 +86,7 @@ def test_flow_matching_loss_is_the_mse_on_the_velocity():
 def _unet(cond, f=8, res=32):
     torch.manual_seed(0)
     return dd.UNet(latent_channels=4, compression=f, resolution=res, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-                   attn_res=(16,), cond=cond, cond_ch=16)
+                   attn_res=(16,), cond=cond, cond_ch=16, zero_init=False)
 
 
 @pytest.mark.parametrize("cond", ["latent_decoder", "concat"])
@@ -109,6 +109,16 @@ def test_denoiser_uses_z_and_t(cond):
     # and the gradient reaches z, so the encoder is trained through the decoder
     out.square().mean().backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_zero_init_makes_the_untrained_denoiser_output_zero_but_trainable():
+    torch.manual_seed(0)
+    net = dd.UNet(4, 8, 32, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_res=(16,), cond_ch=16)
+    x, z = torch.randn(2, 3, 32, 32), torch.randn(2, 4, 4, 4)
+    out = net(x, torch.rand(2), z)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()  # the output conv still receives a gradient, so training can start
+    assert net.conv_out.weight.grad.abs().sum() > 0
 
 
 def test_latent_decoder_emits_a_map_at_every_resolution_from_latent_to_image():

@@ -25,6 +25,10 @@ def save_tiny_ae(path, seed=0, step=7):
     torch.manual_seed(seed)
     cfg = make_config("tiny", resolution=16, enc_ch=8, unet_ch=8, cond_ch=8, decode_steps=2)
     model = DGAE(cfg).eval()
+    with torch.no_grad():  # undo the decoder's zero init, so that what it decodes depends on z
+        for p in model.decoder.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
     common.save_checkpoint(str(path), dict(kind="ae", step=step, model=model.state_dict(), ema=model.state_dict(),
                                            model_args=config_to_dict(cfg), config={}))
     return model
