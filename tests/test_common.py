@@ -1,0 +1,90 @@
+"""The shared plumbing (common.py): settings, the CPU side of the CUDA-only features, checkpoints, EMA."""
+
+import os
+
+import pytest
+import torch
+
+import common
+
+
+def test_configure_parses_types_dashes_and_rejects_unknown_names():
+    s = dict(compression=0, lr=1e-3, compile=False, data="", _private=1)
+    out = common.configure(s, ["--compression", "32", "--lr=2e-4", "--compile", "true", "--data", "/x"])
+    assert out == dict(compression=32, lr=2e-4, compile=True, data="/x")
+    assert isinstance(s["compression"], int) and s["_given"] == {"compression", "lr", "compile", "data"}
+    with pytest.raises(SystemExit, match="unknown setting --compresion"):
+        common.configure(dict(compression=0), ["--compresion", "32"])
+    with pytest.raises(SystemExit, match="takes a int"):
+        common.configure(dict(compression=0), ["--compression", "big"])
+    with pytest.raises(SystemExit, match="true or false"):
+        common.configure(dict(compile=False), ["--compile", "maybe"])
+
+
+def test_cpu_paths_of_the_cuda_only_features():
+    # bf16 autocast and TF32 are CUDA-only: on the CPU the context changes nothing
+    with common.autocast_context(torch.device("cpu")):
+        y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+    assert y.dtype == torch.float32
+    # the fused AdamW kernel is CUDA-only; matrices are decayed, gains and biases are not
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = common.make_optimizer(net, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
+    assert not opt.defaults["fused"]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3] and opt.param_groups[1]["weight_decay"] == 0
+    # without torchrun's environment there is no process group and shutdown is a no-op
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
+    try:
+        dist = common.setup_distributed("cpu")
+        assert not dist.ddp and dist.world_size == 1 and dist.master
+        common.shutdown(dist)
+        assert common.check_replicas_identical(net, dist)
+    finally:
+        os.environ.update(env)
+
+
+def test_learning_rate_warmup_and_ema_warmup():
+    assert common.lr_at(0, 1e-3, 10) == pytest.approx(1e-4) and common.lr_at(9, 1e-3, 10) == 1e-3
+    assert common.lr_at(500, 1e-3, 10) == 1e-3
+    assert common.ema_decay_at(0, 0.999) == pytest.approx(0.1) and common.ema_decay_at(10**6, 0.999) == 0.999
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.detach().clone()
+    common.update_ema(ema, model, 0.75)
+    assert torch.allclose(ema.weight, 0.75 * before + 0.25 * model.weight)
+
+
+def test_checkpoints_are_atomic_stripped_and_checked_for_their_kind(tmp_path):
+    path = str(tmp_path / "run" / "ckpt.pt")
+    sd = {"_orig_mod.module.w": torch.ones(2), "module.b": torch.zeros(1)}
+    common.save_checkpoint(path, dict(kind="ae", model=sd, ema=sd, step=3, rng=[common.rng_state()]))
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # no temp file left behind
+    ck = common.load_checkpoint(path, "ae")
+    assert set(ck["model"]) == {"w", "b"} and set(ck["ema"]) == {"w", "b"}
+    common.set_rng_state(ck["rng"][0])  # the saved generator states load back under weights_only
+    with pytest.raises(ValueError, match="'ae' checkpoint .* but a 'dit' checkpoint"):
+        common.load_checkpoint(path, "dit")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        common.load_checkpoint(str(tmp_path / "junk.pt"), "ae")
+    with pytest.raises(FileNotFoundError):
+        common.load_checkpoint(str(tmp_path / "nope.pt"), "ae")
+
+
+def test_rng_state_round_trip_reproduces_the_same_draws():
+    state = common.rng_state()
+    a = (torch.rand(3), torch.randn(2))
+    common.set_rng_state(state)
+    b = (torch.rand(3), torch.randn(2))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_find_weights_order_and_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGAE_WEIGHTS", str(tmp_path))
+    monkeypatch.delenv("DGAE_X", raising=False)
+    args = ("x.pth", "https://example.org/x.pth", "--x-path", "DGAE_X")
+    with pytest.raises(FileNotFoundError, match=r"x\.pth.*https://example\.org/x\.pth.*--x-path.*DGAE_X"):
+        common.find_weights(None, *args)
+    assert common.find_weights(None, *args, required=False) is None
+    (tmp_path / "x.pth").write_bytes(b"")
+    assert common.find_weights(None, *args) == str(tmp_path / "x.pth")
+    with pytest.raises(FileNotFoundError):  # a path the user typed must exist, even for an optional file
+        common.find_weights(str(tmp_path / "typo.pth"), *args, required=False)
