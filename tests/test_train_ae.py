@@ -133,3 +133,12 @@ def test_existing_run_wrong_kind_and_mismatched_flags_are_refused(tmp_path):
     assert proc.returncode != 0 and "'dit' checkpoint" in proc.stderr
     proc = run_train(tmp_path, "--compresion", "16", check=False)  # a typo is not silently ignored
     assert proc.returncode != 0 and "unknown setting --compresion" in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_run_writes_a_checkpoint_that_an_uncompiled_run_resumes(tmp_path):
+    # torch.compile wraps the model (keys gain `_orig_mod.`); the checkpoint must not care
+    run_train(tmp_path, "--max-steps", "2", "--compile", "true", *FAST)
+    assert not any("_orig_mod" in k or "module." in k for k in load(tmp_path / "out/ae/ckpt.pt")["model"])
+    run_train(tmp_path, "--max-steps", "3", "--resume", "true", *FAST)
+    assert load(tmp_path / "out/ae/ckpt.pt")["step"] == 3
