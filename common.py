@@ -288,7 +288,9 @@ class TrainingProgress:
     """
 
     def __init__(self, path, step, max_steps, images_per_step, dist, totals=(), grad_accum=1):
-        self.logger = JsonlLogger(path, dist.master)
+        self.path = path if dist.master else None  # one JSON object per line: easy to tail, grep, load
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self.pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
         self.dist, self.totals, self.grad_accum = dist, totals, grad_accum
         self.images_per_step, self.images, self.t0 = images_per_step, 0, time.time()
@@ -302,7 +304,9 @@ class TrainingProgress:
             for k in self.totals:
                 row[k] *= self.dist.world_size * self.grad_accum
             row.update(step=step, lr=lr, grad_norm=grad_norm.item(), img_per_s=self.images / (time.time() - self.t0))
-            self.logger.log(**row)
+            if self.path:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
             self.pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*names, "img_per_s") if k not in self.totals})
         self.pbar.update(1)
 
@@ -439,22 +443,3 @@ def find_weights(path, filename, url, flag, env_var, required=True):
         f"pretrained weight file {filename} not found (looked at {candidate}). Download it once from {url} "
         f"and pass its path with {flag} PATH, or set {env_var}=PATH, or put it in $DGAE_WEIGHTS (default ./weights/)."
     )
-
-
-# -----------------------------------------------------------------------------
-# logging and images
-
-
-class JsonlLogger:
-    """Appends one JSON object per line: easy to tail, grep and load with pandas."""
-
-    def __init__(self, path, enabled=True):
-        self.path = path
-        self.enabled = enabled
-        if enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def log(self, **row):
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
