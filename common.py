@@ -1,6 +1,7 @@
 """
 Plumbing shared by every script: command-line settings, devices and precision, torch.distributed
-start-up and shutdown, checkpoints, EMA, the learning-rate schedule, logging and image grids.
+start-up and shutdown, the shared optimisation step and its log, checkpoints, EMA, the learning-rate
+schedule, and the lookup of pretrained weight files. (Image grids and datasets live in data.py.)
 
 Nothing here is specific to DGAE; it is the part of train_ae.py / train_dit.py / sample.py /
 eval.py that would otherwise be copied between them. Read the training scripts first and come
