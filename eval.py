@@ -392,5 +392,6 @@ if __name__ == "__main__":
         raise SystemExit(f"error: unknown mode {sys.argv[1]!r}; usage: python eval.py {{recon,gen,stats}} --name value ...")
     common.configure(globals(), sys.argv[2:])
     dist = common.setup_distributed(device)
-    MODES[sys.argv[1]](dist)
+    with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
+        MODES[sys.argv[1]](dist)
     common.shutdown(dist)
