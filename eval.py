@@ -34,7 +34,10 @@ Conventions, chosen to match published numbers:
 import json
 import math
 import os
+import shlex
+import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -45,7 +48,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import common
-from data import ImageFolderDataset, collate_skip_bad
+from data import ImageFolderDataset, ProceduralDataset, collate_skip_bad
 from inception import load_inception
 from lpips import load_lpips
 
@@ -67,6 +70,7 @@ prec_recall = True  # gen: precision/recall when the reference holds images (10K
 inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION, $DGAE_WEIGHTS)
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
+train_args = ""  # compare: extra train_ae.py flags for all four runs, e.g. "--max-steps 600"
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
 
@@ -109,6 +113,40 @@ def ssim(x, y, size=11, sigma=1.5, k1=0.01, k2=0.03, data_range=255.0):
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.mean(dim=(1, 2, 3))
+
+
+def lowfreq_psnr(x, y, factor):
+    """(B,) PSNR after average-pooling both images by `factor` (the autoencoder's compression f).
+
+    The pooled image has the latent's resolution, so this scores what z can actually carry: the
+    colours and layout at the scale of one latent cell, blind to detail finer than a cell.
+    """
+    return psnr(F.avg_pool2d(x.double(), factor), F.avg_pool2d(y.double(), factor))
+
+
+def highfreq_energy(x, factor):
+    """(B,) spectral energy of x above the latent grid's Nyquist frequency.
+
+    The 2-D DFT of each channel; a frequency (ky, kx), in cycles per image, counts as high when
+    max(|ky|, |kx|) > H / (2 factor), i.e. when a grid of H / factor cells cannot represent it.
+    By Parseval, the sum of |X|^2 over all frequencies is H * W times the pixel energy.
+    """
+    H, W = x.shape[-2:]
+    spec = torch.fft.fft2(x.double()).abs() ** 2  # (B, 3, H, W)
+    ky = torch.fft.fftfreq(H, d=1.0 / H, device=x.device).abs()  # (H,) cycles per image
+    kx = torch.fft.fftfreq(W, d=1.0 / W, device=x.device).abs()
+    high = torch.maximum(ky[:, None], kx[None, :]) > H / (2 * factor)  # (H, W)
+    return (spec * high).sum(dim=(1, 2, 3))
+
+
+def highfreq_ratio(recon_energy, real_energy):
+    """Total high-frequency energy of the reconstructions over that of the originals.
+
+    1.0: as much fine detail as the originals; below 1: blurred (a Gaussian decoder's
+    regression to the mean); above 1: more texture or noise than the originals. A ratio of totals
+    over the dataset, not a mean of per-image ratios, since flat images have no such energy.
+    """
+    return float(np.sum(recon_energy) / max(np.sum(real_energy), 1e-12))
 
 
 # -----------------------------------------------------------------------------
@@ -193,16 +231,20 @@ def precision_recall(ref_feats, sample_feats, k=3, device="cpu"):
 
 
 class ImageSource:
-    """Images from an .npz (arr_0: (N, H, W, 3) uint8) or a folder (ADM center crop to `res`).
+    """Images from an .npz (arr_0: (N, H, W, 3) uint8), a folder (ADM center crop to `res`), or, for
+    recon with no path, `builtin_size` held-out images of the built-in procedural dataset.
 
     .npz files are streamed: 50K 256^2 samples are 9.8 GB, so each rank seeks to its shard inside
     the arr_0.npy member (cheap when stored uncompressed, as np.savez writes it) and reads one
     batch at a time instead of loading it all.
     """
 
-    def __init__(self, path, res):
+    def __init__(self, path, res, builtin_size=0):
         self.path, self.n_bad = path, 0
-        if path.endswith(".npz"):
+        if not path and builtin_size:  # recon without --data: held-out images of the built-in dataset
+            self.dataset = ProceduralDataset(res, size=builtin_size, seed=HELDOUT_SEED)
+            self.n = len(self.dataset)
+        elif path.endswith(".npz"):
             with zipfile.ZipFile(path) as zf:
                 if "arr_0.npy" not in zf.namelist():
                     raise ValueError(f"{path} has no arr_0 (images); it holds {zf.namelist()}")
@@ -281,8 +323,13 @@ def write_results(results, path):
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     width = max(len(k) for k in results)
-    table = "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
-                      for k, v in results.items())
+
+    def show(v):
+        if isinstance(v, dict):  # e.g. the skipped metrics and why
+            return "; ".join(f"{k}: {w}" for k, w in v.items())
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    table = "\n".join(f"{k:<{width}}  {show(v)}" for k, v in results.items())
     with open(os.path.splitext(path)[0] + ".txt", "w") as f:
         f.write(table + "\n")
     print(table)
@@ -293,40 +340,98 @@ def write_results(results, path):
 # the three modes
 
 
-@torch.no_grad()
-def run_recon(dist):
-    from ae import load_dgae  # only this mode needs the stage-1 model
+# Held-out images of the built-in dataset: item i of the dataset with this seed. train_ae.py draws
+# its built-in training images from --seed (default 0), so a run never trains on these.
+HELDOUT_SEED = 999_999
+HELDOUT_SIZE = 500  # images scored when --data is empty and --num-images is 0
 
-    if not ckpt or not data:
-        raise SystemExit("recon needs --ckpt (train_ae.py checkpoint) and --data (image folder)")
-    model = load_dgae(ckpt, dist.device)
-    res, steps = model.cfg.resolution, decode_steps or model.cfg.decode_steps
-    lpips_net = load_lpips(vgg_path or None, lpips_path or None, device=dist.device)
-    inception = load_inception(inception_path or None, dist.device)
-    source = ImageSource(data, res)
-    lo, hi = source.shard(num_images, batch_size, dist)
-    per_image = {"psnr": [], "ssim": [], "lpips": []}
+
+def optional_measures(dist):
+    """The LPIPS and Inception networks when their weight files are present, and why each is missing.
+
+    Returns (lpips_net or None, inception or None, {metric: reason it was skipped}). A path the
+    user typed must exist (find_weights raises); a default location that is empty just skips.
+    """
+    lpips_net = load_lpips(vgg_path or None, lpips_path or None, required=False, device=dist.device)
+    inception = load_inception(inception_path or None, dist.device, required=False)
+    skipped = {}
+    if lpips_net is None:
+        skipped["lpips"] = "VGG16 / LPIPS weight files not found (--vgg-path, --lpips-path)"
+    if inception is None:
+        skipped["rfid"] = "FID Inception weight file not found (--inception-path)"
+    return lpips_net, inception, skipped
+
+
+@torch.no_grad()
+def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None):
+    """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the originals.
+
+    Returns {metric: value} (complete on rank 0): per-image means of PSNR, SSIM, low-frequency PSNR,
+    the mean-colour baseline's PSNR and LPIPS (if given), the dataset's high-frequency ratio, rFID
+    (if given), and the decoding time per image. Batch k is decoded with noise seed
+    seed + (index of its first image), so the numbers do not depend on the number of processes.
+    """
+    f = model.cfg.compression
+    lo, hi = source.shard(limit, bs, dist)
+    per_image = {"psnr": [], "ssim": [], "lowfreq_psnr": [], "meancolour_psnr": [], "lpips": []}
+    hf = {"real": [], "recon": []}  # per-image high-frequency energies
     pools = {"real": [], "recon": []}
-    batches = source.batches(lo, hi, batch_size)
-    for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc="recon", disable=not dist.master)):
+    decode_s = 0.0
+    batches = source.batches(lo, hi, bs)
+    for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon", disable=not dist.master)):
         real = real.to(dist.device)  # (B, 3, res, res) uint8 values
+        t0 = time.perf_counter()
         with common.autocast_context(dist.device):
-            rec = model.reconstruct(real / 127.5 - 1, steps=steps, seed=seed + lo + i * batch_size)
+            rec = model.reconstruct(real / 127.5 - 1, steps=steps, seed=seed + lo + i * bs)
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()
+        decode_s += time.perf_counter() - t0
         rec = to_pixels(rec)  # quantised like the originals: what a saved reconstruction PNG holds
+        flat = real.mean(dim=(2, 3), keepdim=True).expand_as(real)  # the trivial baseline: each image's mean colour
         per_image["psnr"].append(psnr(real, rec).cpu().numpy())
         per_image["ssim"].append(ssim(real, rec).cpu().numpy())
-        per_image["lpips"].append(lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double().cpu().numpy())
-        pools["real"].append(inception(real / 255)["pool"].cpu().numpy())
-        pools["recon"].append(inception(rec / 255)["pool"].cpu().numpy())
+        per_image["lowfreq_psnr"].append(lowfreq_psnr(real, rec, f).cpu().numpy())
+        per_image["meancolour_psnr"].append(psnr(real, flat).cpu().numpy())
+        hf["real"].append(highfreq_energy(real, f).cpu().numpy())
+        hf["recon"].append(highfreq_energy(rec, f).cpu().numpy())
+        if lpips_net is not None:
+            per_image["lpips"].append(lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double().cpu().numpy())
+        if inception is not None:
+            pools["real"].append(inception(real / 255)["pool"].cpu().numpy())
+            pools["recon"].append(inception(rec / 255)["pool"].cpu().numpy())
     per_image = {k: gather_rows(v, (), dist) for k, v in per_image.items()}
+    hf = {k: gather_rows(v, (), dist) for k, v in hf.items()}
     pools = {k: gather_rows(v, (FEATURE_DIMS["pool"],), dist) for k, v in pools.items()}
-    n_bad = total(source.n_bad, dist)
-    if dist.master:
-        results = {"mode": "recon", "ckpt": ckpt, "data": data, "resolution": res, "decode_steps": steps,
-                   "seed": seed, "num_images": len(per_image["psnr"]), "num_unreadable": n_bad}
-        results.update({k: float(v.mean()) for k, v in per_image.items()})
+    n = len(per_image["psnr"])
+    results = {"num_images": n, "num_unreadable": total(source.n_bad, dist)}
+    results.update({k: float(v.mean()) for k, v in per_image.items() if len(v)})
+    results["highfreq_ratio"] = highfreq_ratio(hf["recon"], hf["real"])
+    if inception is not None and dist.master:
         real_stats, recon_stats = feature_stats(pools["real"], dist.device), feature_stats(pools["recon"], dist.device)
         results["rfid"] = frechet_distance(*real_stats, *recon_stats)
+    results["decode_ms_per_image"] = 1000 * decode_s / max(hi - lo, 1)  # this rank's
+    return results
+
+
+def run_recon(dist):
+    """Stage-1 reconstruction quality: PSNR, SSIM, low-frequency PSNR and high-frequency ratio
+    always; LPIPS and rFID when their weight files are present (the report names what it skipped)."""
+    from ae import load_dgae  # only this mode needs the stage-1 model
+
+    if not ckpt:
+        raise SystemExit("recon needs --ckpt (a train_ae.py checkpoint); --data is an image folder, "
+                         "or empty for held-out images of the built-in dataset")
+    model = load_dgae(ckpt, dist.device)
+    steps = decode_steps or model.cfg.decode_steps
+    lpips_net, inception, skipped = optional_measures(dist)
+    source = ImageSource(data, model.cfg.resolution, builtin_size=num_images or HELDOUT_SIZE)
+    scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed, lpips_net, inception)
+    if dist.master:
+        results = {"mode": "recon", "ckpt": ckpt, "data": data or f"built-in, held-out (seed {HELDOUT_SEED})",
+                   "resolution": model.cfg.resolution, "compression": model.cfg.compression,
+                   "decode_steps": steps, "seed": seed, **scores}
+        if skipped:
+            results["skipped"] = skipped
         write_results(results, out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval_recon_steps{steps}.json"))
 
 
@@ -382,7 +487,69 @@ def run_stats(dist):
         print(f"wrote FID statistics of {len(feats['pool'])} images to {out}")
 
 
-MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats}
+def run_compare(dist):
+    """The paper's comparison: the same encoder with the diffusion decoder (DGAE) and with the
+    Gaussian (deterministic, SD-VAE style) decoder, at c and c/2 latent channels, equal step budgets
+    and decoders of matched parameter count (ae.matched_gauss_ch). Each model is trained by a real
+    `python train_ae.py` run (`--train-args` are passed on to all four), then scored on held-out
+    images: the diffusion decoder at 1, 3, 10 and 50 Euler steps, the deterministic one once."""
+    from ae import load_dgae
+
+    if dist.ddp:
+        raise SystemExit("compare runs its training jobs one after another; start it with plain python")
+    root = out or "out/compare"
+    runs = []  # (decoder, channels, out_dir)
+
+    def train(decoder, channels):
+        run_dir = os.path.join(root, f"{decoder}_c{channels}" if channels else f"{decoder}_default")
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ae.py"),
+               "--decoder", decoder, "--out-dir", run_dir, *shlex.split(train_args)]
+        if channels:
+            cmd += ["--latent-channels", str(channels)]
+        if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+            cmd += ["--resume", "true"]  # finishes an interrupted run; a finished one just reloads
+        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        return os.path.join(run_dir, "ckpt.pt")
+
+    first = train("diffusion", 0)  # the preset's c, read back from the checkpoint
+    c = load_dgae(first).cfg.latent_channels
+    if c < 2:
+        raise SystemExit(f"compare needs at least 2 latent channels to halve, the model has {c}")
+    runs.append(("diffusion", c, first))
+    runs += [("gaussian", c, train("gaussian", c)), ("diffusion", c // 2, train("diffusion", c // 2)),
+             ("gaussian", c // 2, train("gaussian", c // 2))]
+
+    rows = []
+    for decoder, channels, path in runs:
+        model = load_dgae(path, dist.device)
+        source = ImageSource(data, model.cfg.resolution, builtin_size=num_images or HELDOUT_SIZE)
+        for steps in ((1, 3, 10, 50) if decoder == "diffusion" else (0,)):
+            scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed)
+            rows.append({"decoder": "DGAE (diffusion)" if decoder == "diffusion" else "Gaussian",
+                         "latent": f"{channels}x{model.cfg.resolution // model.cfg.compression}^2",
+                         "decoder_params_M": round(common.count_params(model.decoder) / 1e6, 2),
+                         "steps": steps or "-", **scores})
+    header = ["decoder", "latent", "decoder_params_M", "steps", "psnr", "ssim", "lowfreq_psnr", "highfreq_ratio",
+              "decode_ms_per_image"]
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(r[k]) for k in header) + " |" for r in rows]
+    lines.append(f"\neach image's mean colour: PSNR {rows[0]['meancolour_psnr']:.2f} dB "
+                 f"({rows[0]['num_images']} held-out images, device {dist.device.type})")
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "compare.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(root, "compare.json"), "w") as f:
+        json.dump(rows, f, indent=2)
+    print(f"wrote {os.path.join(root, 'compare.md')}")
+
+
+MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "compare": run_compare}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):

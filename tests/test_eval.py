@@ -94,6 +94,61 @@ def test_ssim_matches_a_slow_window_by_window_reference():
 
 
 # -----------------------------------------------------------------------------
+# low-frequency PSNR and high-frequency ratio (no pretrained network)
+
+
+def _wave(freq, H=32, axis=-1, amp=50.0):
+    """(1, 3, H, H) pixels: 128 + amp * cos(2 pi freq u / H) along one axis, freq in cycles per image."""
+    u = torch.arange(H, dtype=torch.float64)
+    w = 128 + amp * torch.cos(2 * math.pi * freq * u / H)
+    return (w.view(1, 1, 1, H) if axis == -1 else w.view(1, 1, H, 1)).expand(1, 3, H, H).clone()
+
+
+def test_lowfreq_psnr_of_identical_images_is_infinite_and_sees_a_constant_colour_shift_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(20, 200, (2, 3, 32, 32), generator=g).double()
+    assert torch.isinf(ev.lowfreq_psnr(x, x, 8)).all()
+    # pooling keeps a constant offset d unchanged: PSNR = 10 log10(255^2 / d^2), as at full resolution
+    shifted = x + torch.tensor([6.0, -6.0, 6.0]).view(1, 3, 1, 1)
+    assert torch.allclose(ev.lowfreq_psnr(x, shifted, 8), torch.full((2,), 20 * math.log10(255 / 6), dtype=torch.float64))
+
+
+def test_lowfreq_psnr_is_blind_to_detail_inside_a_latent_cell():
+    # a period-2 stripe pattern averages to its mean in every 8x8 cell: invisible at the latent's scale
+    stripes = _wave(16, amp=60.0)  # 16 cycles over 32 px
+    flat = torch.full_like(stripes, 128.0)
+    assert torch.isinf(ev.lowfreq_psnr(stripes, flat, 8)).all()
+    assert ev.psnr(stripes, flat).item() < 20
+
+
+def test_highfreq_energy_counts_only_frequencies_above_the_latent_grids_nyquist():
+    # at f=8 on 32 px the latent grid is 4x4, its Nyquist 2 cycles per image
+    low, high = _wave(2), _wave(3, axis=-2)
+    assert ev.highfreq_energy(low, 8).item() == pytest.approx(0.0, abs=1e-6)
+    # Parseval: a cosine of amplitude A has energy H W A^2 / 2 per channel, all of it at +-3 cycles
+    assert ev.highfreq_energy(high, 8).item() == pytest.approx(3 * 32 * 32 * 50.0**2 / 2, rel=1e-9)
+    assert ev.highfreq_energy(low + high - 128, 8).item() == pytest.approx(ev.highfreq_energy(high, 8).item(), rel=1e-9)
+
+
+def test_highfreq_ratio_is_one_for_identical_images_and_drops_under_a_known_blur():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 32, 32), generator=g).double()
+    e = ev.highfreq_energy(x, 8).numpy()
+    assert ev.highfreq_ratio(e, e) == pytest.approx(1.0)
+    # a 3x3 box blur (circular) multiplies frequency (ky, kx) by |H(ky) H(kx)|^2 <= 1, strictly < 1 above 0
+    kernel = torch.full((3, 1, 3, 3), 1 / 9, dtype=torch.float64)
+    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), kernel, groups=3)
+    ratio = ev.highfreq_ratio(ev.highfreq_energy(blurred, 8).numpy(), e)
+    # the same ratio from the blur's transfer function: H(k) = (1 + 2 cos(2 pi k / 32)) / 3
+    k = torch.fft.fftfreq(32, d=1 / 32, dtype=torch.float64)
+    h = (1 + 2 * torch.cos(2 * math.pi * k / 32)) / 3
+    spec = torch.fft.fft2(x).abs() ** 2 * (h[:, None] * h[None, :]) ** 2
+    high = torch.maximum(k.abs()[:, None], k.abs()[None, :]) > 2
+    assert ratio == pytest.approx((spec * high).sum().item() / e.sum(), rel=1e-9)
+    assert ratio < 0.5
+
+
+# -----------------------------------------------------------------------------
 # FID, IS, precision/recall
 
 
@@ -374,3 +429,34 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
     assert res["psnr"] == pytest.approx(ev.psnr(real, fake).mean().item(), rel=1e-6)
     assert res["ssim"] == pytest.approx(ev.ssim(real, fake).mean().item(), rel=1e-6)
     assert res["lpips"] == pytest.approx(lp(real / 127.5 - 1, fake / 127.5 - 1).mean().item(), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_path):
+    from ae import DGAE, config_to_dict, load_dgae, make_config
+    from data import ProceduralDataset
+
+    cfg = make_config("tiny", decode_steps=2)
+    torch.manual_seed(0)
+    sd = DGAE(cfg).state_dict()
+    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "ae", "model": sd, "ema": sd, "model_args": config_to_dict(cfg)})
+    env_weights = {**os.environ, "DGAE_WEIGHTS": str(tmp_path / "no_weights_here")}
+    cmd = [sys.executable, "eval.py", "recon", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-images", "6",
+           "--batch-size", "4", "--out", str(tmp_path / "recon.json"), "--device", "cpu", "--num-workers", "0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={k: v for k, v in env_weights.items() if not k.startswith("DGAE_") or k == "DGAE_WEIGHTS"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.load(open(tmp_path / "recon.json"))
+    assert set(res["skipped"]) == {"lpips", "rfid"} and "lpips" not in res and "rfid" not in res
+    assert res["num_images"] == 6 and res["compression"] == 4
+    # the numbers by hand: held-out items 0..5 of the built-in data, batches decoded with seeds 0 and 4
+    model = load_dgae(str(tmp_path / "ckpt.pt"))
+    ds = ProceduralDataset(32, size=6, seed=ev.HELDOUT_SEED)
+    x = torch.stack([ds[i][0] for i in range(6)])
+    real = ev.to_pixels(x)
+    fake = ev.to_pixels(torch.cat([model.reconstruct(x[:4], steps=2, seed=0), model.reconstruct(x[4:], steps=2, seed=4)]))
+    for key, value in (("psnr", ev.psnr(real, fake)), ("ssim", ev.ssim(real, fake)), ("lowfreq_psnr", ev.lowfreq_psnr(real, fake, 4)),
+                       ("meancolour_psnr", ev.psnr(real, real.mean(dim=(2, 3), keepdim=True).expand_as(real)))):
+        assert res[key] == pytest.approx(value.mean().item(), rel=1e-6), key
+    hf = ev.highfreq_ratio(ev.highfreq_energy(fake, 4).numpy(), ev.highfreq_energy(real, 4).numpy())
+    assert res["highfreq_ratio"] == pytest.approx(hf, rel=1e-6)
