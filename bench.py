@@ -1,116 +1,345 @@
 """
-Benchmarks: how fast a training step and a reconstruction are, and what they cost in memory.
+Benchmarks: what a training step, a decode and a sample cost, and how close each comes to the machine's limit.
 
-    python bench.py                                   # tiny sizes, any machine (CPU included)
-    python bench.py --ae-model base --dit-model DiT-XL/1 --batch-size 32 --compile true   # one GPU, paper scale
-Prints numbers; asserts nothing. Speed targets live here, not in the tests. Quote these numbers
-(with the device line) in a commit message that claims a speed-up.
+    python bench.py                                  # tiny DGAE + DiT-Tiny/1 on this machine (CPU included)
+    python bench.py --quick true --json q.json       # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
+    python bench.py --ae-model base --dit-model DiT-XL/1 --batch-size 32 --compile true   # one GPU, bf16
+    python bench.py --compare a.json,b.json          # two saved runs side by side (eager vs compiled, f8 vs f32)
+
+Every time is the median of `reps` calls after `warmup` untimed ones (these absorb compilation, allocator
+growth and caches), with the GPU synchronised after each call. Model FLOP utilisation (MFU) is the FLOPs of
+one call, counted by torch's FlopCounterMode, over its time, over the FLOP/s of an n x n matmul in the same
+dtype timed in the same run. Machines of one kind differ by up to 2x, so quote ratios measured in one run,
+not bare times. Asserts nothing; tests/test_bench.py checks the FLOP counts and the fields, not speeds.
 """
 
+import copy
+import json as jsonlib
+import resource
+import statistics
+import sys
 import time
+from contextlib import contextmanager, nullcontext
 
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+from torch.utils.flop_counter import FlopCounterMode
 
 import common
 from ae import DGAE, make_config
-from decoder_diffusion import flow_matching_loss
-from dit import attention, build_dit
+from data import Loader, build_dataset
+from decoder_diffusion import AttnBlock, ResBlock, euler_sample, flow_matching_loss
+from dit import DiTBlock, attention, build_dit
 
 # -----------------------------------------------------------------------------
+# what to measure
 ae_model = "tiny"  # ae.PRESETS name
 compression = 0  # 0 = the preset's
-dit_model = "DiT-Tiny/1"
+lpips = False  # include the LPIPS term in the stage-1 step (needs the weight files, see README)
+dit_model = "DiT-Tiny/1"  # dit.DIT_PRESETS name, on latents of the stage-1 model's shape
+attn_impl = "math"  # the models' attention: math | sdpa
 batch_size = 16
-decode_steps = 10
-steps = 10  # timed iterations (after `warmup` untimed ones)
+decode_steps = "1,3,10,50"  # decoder Euler steps at which decoding is timed
+sample_steps = 50  # DiT Euler steps per sample
+cfg_scale = 4.0  # guidance runs the DiT on a doubled batch; 1 = no guidance
+attn_seq = "64,256,1024"  # attention sequence lengths; batch, heads and head size are the DiT's
+data = ""  # image folder for the data-pipeline row; "" = the built-in procedural dataset
+num_workers = 2  # data-loading processes
+data_batches = 50  # batches timed for the data pipeline
+matmul_size = 0  # n of the peak n x n matmul; 0 = 2048 on CPU, 8192 on GPU (smaller ones do not reach the peak)
+# fast paths: run twice, with and without, and --compare the two JSON files
+precision = "auto"  # fp32 | bf16; auto = bf16 autocast on CUDA (as the trainers), fp32 elsewhere
+compile = False  # torch.compile the training steps, the decoder and the DiT sampler
+checkpoint = False  # activation checkpointing of every DiT block and every encoder / U-Net res or attn block
+channels_last = True  # NHWC layout for the convolutional stage-1 model
+fused_adamw = True  # one fused AdamW kernel instead of a loop over the tensors
+inference_mode = True  # decode and sample under torch.inference_mode (else torch.no_grad)
+# how
 warmup = 3
-compile = False
+reps = 7
+quick = False  # the sizes below unless given: checks that every path runs, not how fast
 device = ""
 seed = 0
-common.configure(globals())
+json = ""  # write every field to this file
+compare = ""  # "a.json,b.json": print two saved runs side by side and exit
+QUICK = dict(batch_size=2, sample_steps=2, attn_seq="16,64", num_workers=1, data_batches=4, matmul_size=256,
+             warmup=1, reps=2)
 # -----------------------------------------------------------------------------
+
+results = {}  # row name -> fields; the JSON's "results" and the printed table
+peak_flops_per_s = None  # the matmul's, measured first
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def reset_peak(dev):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        return
+    # On Linux, writing 5 to clear_refs resets the process's RSS high-water mark (what getrusage reports), so
+    # each row gets its own peak. Where that fails the figure is the process's peak so far.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_mib(dev):
+    """CUDA: the caching allocator's peak of live tensors. CPU: peak resident memory of the whole process."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated(dev) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def timed(fn, dev):
-    """Mean seconds per call of fn over `steps` calls, after `warmup` calls (compile, allocator, caches)."""
+    """(median seconds per call over `reps` calls after `warmup` calls, peak MiB of the timed calls)."""
     for _ in range(warmup):
         fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    sync(dev)
+    reset_peak(dev)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
         fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps
+        sync(dev)  # CUDA calls only queue work; the time is when it has finished
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), peak_mib(dev)
 
 
-def memory(dev):
-    return f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if dev.type == "cuda" else ""
+def count_flops(fn):
+    """FLOPs of one call of fn by torch's counter: matmuls and convolutions at 2 per multiply-add, forward and
+    backward. Elementwise work (norms, activations, AdamW) is left out, as MFU conventionally does."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
-def train_step_fn(model, batch_fn, dev):
-    """One forward + backward + AdamW step of `model`, whose forward returns (loss, terms)."""
-    opt = common.make_optimizer(model, 1e-4, 0.0, (0.9, 0.99), dev)
-    autocast = common.autocast_context(dev)
-    step_model = torch.compile(model) if compile else model
+def attention_flops(B, H, T, D, backward=False):
+    """Model FLOPs of softmax(q k^T / sqrt(D)) v on (B, H, T, D): q k^T and att v are 2 B H T T D each. The
+    backward of a matmul is two matmuls of its size (one per operand), so forward + backward is 3x forward."""
+    return 4 * B * H * T * T * D * (3 if backward else 1)
+
+
+@contextmanager
+def math_attention(model):
+    """Count the model's attention as the math path. The counter has no formula for the CPU fused kernel (it
+    counts 0) and on CUDA counts flash's recomputation of q k^T in the backward: hardware work, not model
+    FLOPs. One count for every implementation keeps their MFUs comparable."""
+    mods = [m for m in model.modules() if hasattr(m, "attn_impl")]
+    saved = [m.attn_impl for m in mods]
+    for m in mods:
+        m.attn_impl = "math"
+    try:
+        yield
+    finally:
+        for m, impl in zip(mods, saved):
+            m.attn_impl = impl
+
+
+def record(name, seconds, mem, images=None, flops=None, **extra):
+    results[name] = dict(ms=seconds * 1e3, ms_per_img=seconds * 1e3 / images if images else None,
+                         img_per_s=images / seconds if images else None, flops=flops,
+                         flops_per_s=flops / seconds if flops else None,
+                         mfu=flops / seconds / peak_flops_per_s if flops else None, peak_mib=mem, **extra)
+
+
+class Loss(torch.nn.Module):
+    """One module whose forward is the training loss of `net`, so torch.compile captures the whole step's forward."""
+
+    def __init__(self, net, loss_fn):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def forward(self, *batch):
+        return self.loss_fn(self.net, *batch)
+
+
+def train_row(name, loss, batch, dev, autocast, **extra):
+    """Time forward + backward + grad clip + AdamW + EMA update, what common.train_step does with one micro-batch.
+    Returns the EMA copy of the model, which decoding and sampling use as the scripts do."""
+
+    def fwd_bwd(model):
+        with autocast:
+            value = model(*batch)
+        value.backward()  # outside autocast, as in the trainers
+
+    with math_attention(loss):  # counted before checkpointing: recomputation is not model FLOPs
+        flops = count_flops(lambda: fwd_bwd(loss))
+    loss.zero_grad(set_to_none=True)
+    ema = copy.deepcopy(loss.net).requires_grad_(False).eval()
+    if checkpoint:  # recompute each block's activations in the backward instead of keeping them
+        apply_activation_checkpointing(loss, check_fn=lambda m: isinstance(m, (DiTBlock, ResBlock, AttnBlock)))
+    opt = torch.optim.AdamW(loss.parameters(), lr=1e-4, fused=fused_adamw)
+    model = torch.compile(loss) if compile else loss
 
     def step():
-        with autocast:
-            loss, _ = step_model(*batch_fn())
-        loss.backward()
+        fwd_bwd(model)
+        torch.nn.utils.clip_grad_norm_(loss.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        common.update_ema(ema, loss.net, 0.999)
 
-    return step
+    breaks = graph_breaks()
+    s, mem = timed(step, dev)
+    record(name, s, mem, images=batch[0].shape[0], flops=flops,
+           graph_breaks=graph_breaks() - breaks if compile else None, **extra)
+    return ema
+
+
+def graph_breaks():
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
 def main():
+    global peak_flops_per_s
     torch.manual_seed(seed)
     dev = torch.device(device or common.default_device())
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dev.type == "cuda":  # fp32 matmuls in TF32, as common.autocast_context sets for training (the peak too)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    no_grad = torch.inference_mode if inference_mode else torch.no_grad
+    torch._dynamo.config.recompile_limit = 64  # compiled attention: one static graph per length and grad mode
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; compile {compile}; batch {batch_size}")
+    device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
+    print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
+        "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "inference_mode", "attn_impl")))
 
-    # stage 1: a DGAE training step and a reconstruction
-    cfg = make_config(ae_model, compression=compression or None)
-    ae = DGAE(cfg).to(dev)
-    x = torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
-    s = timed(train_step_fn(ae, lambda: (x,), dev), dev)
-    print(f"DGAE {ae_model} f{cfg.compression} {cfg.resolution}px train step: {s * 1e3:.1f} ms, "
-          f"{batch_size / s:.1f} img/s{memory(dev)}")
-    ae.eval()
-    with torch.no_grad(), common.autocast_context(dev):
-        s = timed(lambda: ae.reconstruct(x, steps=decode_steps), dev)
-    print(f"DGAE reconstruction ({decode_steps} Euler steps): {s * 1e3:.1f} ms, {batch_size / s:.1f} img/s{memory(dev)}")
+    # the peak: an n x n matmul in the compute dtype, 2 n^3 FLOPs
+    n = matmul_size or (8192 if dev.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    s, mem = timed(lambda: a @ b, dev)
+    peak_flops_per_s = 2 * n**3 / s
+    record(f"matmul_{n}", s, mem, flops=2 * n**3)
+    del a, b
 
-    # stage 2: a DiT training step on latents of that autoencoder
-    h = cfg.resolution // cfg.compression
-    dit = build_dit(dit_model, h, cfg.latent_channels, 1000).to(dev)
+    # stage 1: a DGAE training step, then decoding with the EMA weights at several step counts
+    cfg = make_config(ae_model, compression=compression or None, attn_impl=attn_impl)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ae = DGAE(cfg).to(dev, memory_format=fmt)
+    perceptual = None
+    if lpips:
+        from lpips import load_lpips
+        perceptual = load_lpips(device=dev)
+    x = (torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1).contiguous(memory_format=fmt)
+    ema_ae = train_row("ae_train_step", Loss(ae, lambda m, x: m(x, perceptual)[0]), (x,), dev, autocast)
+    with no_grad(), autocast, math_attention(ema_ae):
+        z = ema_ae.encode(x)
+        decode_flops = count_flops(lambda: ema_ae.decode(z, steps=1))  # decoding n steps is n such U-Net passes
+    if compile:
+        ema_ae.decoder = torch.compile(ema_ae.decoder)
+    for steps in [int(s) for s in decode_steps.split(",")]:
+        def decode():
+            with no_grad(), autocast:
+                ema_ae.decode(z, steps=steps)
+        s, mem = timed(decode, dev)
+        record(f"ae_decode_{steps}", s, mem, images=batch_size, flops=steps * decode_flops)
 
-    class Loss(torch.nn.Module):  # forward = the rectified-flow loss, like train_dit.py's micro-step
-        def __init__(self):
-            super().__init__()
-            self.dit = dit
-
-        def forward(self, z, y):
-            return flow_matching_loss(lambda x_t, t: self.dit(x_t, t, y), z)[0], {}
-
-    z = torch.randn(batch_size, cfg.latent_channels, h, h, device=dev)
+    # stage 2: a DiT training step on latents of that shape (what train_dit.py reads from its cache), then sampling
+    h, c = cfg.resolution // cfg.compression, cfg.latent_channels
+    dit = build_dit(dit_model, h, c, 1000, attn_impl=attn_impl).to(dev)
+    tokens = dit.grid[0] * dit.grid[1]
+    zs = torch.randn(batch_size, c, h, h, device=dev)
     y = torch.randint(0, 1000, (batch_size,), device=dev)
-    s = timed(train_step_fn(Loss(), lambda: (z, y), dev), dev)
-    print(f"{dit_model} on {cfg.latent_channels}x{h}x{h} latents train step: {s * 1e3:.1f} ms, "
-          f"{batch_size / s:.1f} latents/s{memory(dev)}")
+    flow = Loss(dit, lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0])
+    ema_dit = train_row("dit_train_step", flow, (zs, y), dev, autocast, tokens=tokens)
 
-    # the two attention paths, forward + backward, at the DiT's width
-    heads, hs, T = dit.blocks[0].attn.num_heads, dit.config["hidden_size"] // dit.blocks[0].attn.num_heads, 256
-    q, k, v = (torch.randn(batch_size, heads, T, hs, device=dev, requires_grad=True) for _ in range(3))
-    for impl in ("math", "sdpa"):
-        fn = torch.compile(lambda: attention(q, k, v, impl)) if compile else (lambda: attention(q, k, v, impl))
-        with common.autocast_context(dev):
-            s = timed(lambda: fn().sum().backward(), dev)
-        print(f"attention {impl:4s} ({batch_size}x{heads}x{T}x{hs}) fwd+bwd: {s * 1e3:.2f} ms{memory(dev)}")
+    def velocity(x_t, t):  # with guidance, one pass of a doubled batch (DiT.forward_with_cfg)
+        return ema_dit.forward_with_cfg(x_t, t, y, cfg_scale) if cfg_scale != 1 else ema_dit(x_t, t, y)
+
+    with no_grad(), autocast, math_attention(ema_dit):
+        step_flops = count_flops(lambda: velocity(zs, torch.ones(batch_size, device=dev)))
+    sampler = torch.compile(velocity) if compile else velocity
+
+    def sample():
+        with no_grad(), autocast:
+            euler_sample(sampler, zs, sample_steps)
+    s, mem = timed(sample, dev)
+    record("dit_sample", s, mem, images=batch_size, flops=sample_steps * step_flops, tokens=tokens)
+
+    # attention alone at the DiT's width: eager math, compiled math, the fused kernel
+    H = dit.config["num_heads"]
+    D = dit.config["hidden_size"] // H
+    impls = {"math": lambda q, k, v: attention(q, k, v, "math"),
+             "math_compiled": torch.compile(lambda q, k, v: attention(q, k, v, "math"), dynamic=False),
+             "sdpa": lambda q, k, v: attention(q, k, v, "sdpa")}
+    for T in [int(t) for t in attn_seq.split(",")]:
+        q, k, v, g = (torch.randn(batch_size, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(4))
+        for impl, fn in impls.items():
+            def fwd():
+                with torch.no_grad():
+                    fn(q, k, v)
+
+            def fwd_bwd():  # autograd.grad: no .grad accumulation in the timing
+                torch.autograd.grad(fn(q, k, v), (q, k, v), g)
+            shape = dict(shape=[batch_size, H, T, D])
+            record(f"attn_{impl}_T{T}_fwd", *timed(fwd, dev), flops=attention_flops(batch_size, H, T, D), **shape)
+            record(f"attn_{impl}_T{T}_fwd_bwd", *timed(fwd_bwd, dev), flops=attention_flops(batch_size, H, T, D, True),
+                   **shape)
+        del q, k, v, g
+
+    # the data pipeline: is training input-bound?
+    loader = Loader(build_dataset(data, cfg.resolution), batch_size, num_workers=num_workers, seed=seed)
+    for _ in range(max(warmup, 1)):  # starts the workers
+        next(loader)
+    t0 = time.perf_counter()
+    for _ in range(data_batches):
+        next(loader)
+    record("data_pipeline", (time.perf_counter() - t0) / data_batches, None, images=batch_size, num_workers=num_workers)
+    del loader
+
+    print_table(results)
+    data_rate, train_rate = results["data_pipeline"]["img_per_s"], results["ae_train_step"]["img_per_s"]
+    print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step {train_rate:.0f} img/s: "
+          + ("input-bound, add workers" if data_rate < train_rate else "not input-bound"))
+    if json:
+        with open(json, "w") as f:
+            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
+        print(f"wrote {json}")
+
+
+def cell(v, spec):
+    """v formatted as spec ("10.2f"), or a dash of the same width where there is no value."""
+    return format("-" if v is None else v, spec if v is not None else ">" + spec.split(".")[0])
+
+
+def print_table(rows):
+    """One line per row: median ms per call, ms per image, achieved GFLOP/s, MFU (vs the matmul), peak memory."""
+    print(f"{'':32s}{'ms':>10s}{'ms/img':>9s}{'GFLOP/s':>10s}{'MFU':>6s}{'peak MiB':>10s}")
+    for name, r in rows.items():
+        print(f"{name:32s}{cell(r['ms'], '10.2f')}{cell(r['ms_per_img'], '9.3f')}"
+              f"{cell(r['flops_per_s'] and r['flops_per_s'] / 1e9, '10.1f')}{cell(r['mfu'], '6.0%')}"
+              f"{cell(r['peak_mib'], '10.0f')}")
+    breaks = {n: r["graph_breaks"] for n, r in rows.items() if r.get("graph_breaks") is not None}
+    if breaks:
+        print("graph breaks while compiling: " + ", ".join(f"{n} {b}" for n, b in breaks.items()))
+
+
+def compare_runs(path_a, path_b):
+    """Two saved runs row by row: time, time ratio A/B, and MFU and peak memory of each."""
+    with open(path_a) as fa, open(path_b) as fb:
+        a, b = jsonlib.load(fa), jsonlib.load(fb)
+    print(f"A: {path_a}: {a['device']}\nB: {path_b}: {b['device']}")
+    diff = {k: (a["settings"].get(k), v) for k, v in b["settings"].items() if a["settings"].get(k) != v}
+    print("settings that differ (A, B): " + (", ".join(f"{k} {va} {vb}" for k, (va, vb) in diff.items()) or "none"))
+    print(f"{'':32s}{'A ms':>10s}{'B ms':>10s}{'A/B':>7s}{'A MFU':>7s}{'B MFU':>7s}{'A MiB':>9s}{'B MiB':>9s}")
+    for name, ra in a["results"].items():
+        rb = b["results"].get(name)
+        if rb is not None:
+            print(f"{name:32s}{ra['ms']:10.2f}{rb['ms']:10.2f}{ra['ms'] / rb['ms']:7.2f}{cell(ra['mfu'], '7.0%')}"
+                  f"{cell(rb['mfu'], '7.0%')}{cell(ra['peak_mib'], '9.0f')}{cell(rb['peak_mib'], '9.0f')}")
 
 
 if __name__ == "__main__":
-    main()
+    settings = common.configure(globals())  # here, not at import time: the tests import this file
+    if quick:
+        globals().update({k: v for k, v in QUICK.items() if k not in _given})
+        settings = {k: globals()[k] for k in settings}
+    if compare:
+        compare_runs(*compare.split(","))
+    else:
+        main()
