@@ -29,10 +29,11 @@ import common
 from ae import DGAE, make_config
 from data import Loader, build_dataset
 from decoder_diffusion import AttnBlock, ResBlock, euler_sample, flow_matching_loss
-from dit import DiTBlock, attention, build_dit
+from dit import DIT_PRESETS, DiTBlock, attention, build_dit
 
 # -----------------------------------------------------------------------------
 # what to measure
+parts = "ae,dit,attn,data"  # any of: ae (stage-1 step, decoding), dit (step, sampling), attn, data
 ae_model = "tiny"  # ae.PRESETS name
 compression = 0  # 0 = the preset's
 lpips = False  # include the LPIPS term in the stage-1 step (needs the weight files, see README)
@@ -70,11 +71,6 @@ results = {}  # row name -> fields; the JSON's "results" and the printed table
 peak_flops_per_s = None  # the matmul's, measured first
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def reset_peak(dev):
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -97,15 +93,16 @@ def peak_mib(dev):
 
 def timed(fn, dev):
     """(median seconds per call over `reps` calls after `warmup` calls, peak MiB of the timed calls)."""
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # CUDA calls only queue the work
     for _ in range(warmup):
         fn()
-    sync(dev)
+    sync()
     reset_peak(dev)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        sync(dev)  # CUDA calls only queue work; the time is when it has finished
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), peak_mib(dev)
 
@@ -147,41 +144,35 @@ def record(name, seconds, mem, images=None, flops=None, **extra):
                          mfu=flops / seconds / peak_flops_per_s if flops else None, peak_mib=mem, **extra)
 
 
-class Loss(torch.nn.Module):
-    """One module whose forward is the training loss of `net`, so torch.compile captures the whole step's forward."""
-
-    def __init__(self, net, loss_fn):
-        super().__init__()
-        self.net, self.loss_fn = net, loss_fn
-
-    def forward(self, *batch):
-        return self.loss_fn(self.net, *batch)
+def graph_breaks():
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-def train_row(name, loss, batch, dev, autocast, **extra):
-    """Time forward + backward + grad clip + AdamW + EMA update, what common.train_step does with one micro-batch.
-    Returns the EMA copy of the model, which decoding and sampling use as the scripts do."""
+def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
+    """Time forward + backward + grad clip + AdamW + EMA update of net, with loss_fn(net, *batch) the loss: what
+    common.train_step does with one micro-batch. Returns the EMA copy, which decodes and samples, as in the scripts."""
 
-    def fwd_bwd(model):
+    def fwd_bwd(forward):
         with autocast:
-            value = model(*batch)
-        value.backward()  # outside autocast, as in the trainers
+            loss = forward(*batch)
+        loss.backward()  # outside autocast, as in the trainers
 
-    with math_attention(loss):  # counted before checkpointing: recomputation is not model FLOPs
-        flops = count_flops(lambda: fwd_bwd(loss))
-    loss.zero_grad(set_to_none=True)
-    ema = copy.deepcopy(loss.net).requires_grad_(False).eval()
-    if checkpoint:  # recompute each block's activations in the backward instead of keeping them
-        apply_activation_checkpointing(loss, check_fn=lambda m: isinstance(m, (DiTBlock, ResBlock, AttnBlock)))
-    opt = torch.optim.AdamW(loss.parameters(), lr=1e-4, fused=fused_adamw)
-    model = torch.compile(loss) if compile else loss
+    with math_attention(net):  # counted before checkpointing: recomputation is not model FLOPs
+        flops = count_flops(lambda: fwd_bwd(lambda *b: loss_fn(net, *b)))
+    net.zero_grad(set_to_none=True)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    if checkpoint:  # keep only each block's input; recompute its activations in the backward
+        apply_activation_checkpointing(net, check_fn=lambda m: isinstance(m, (DiTBlock, ResBlock, AttnBlock)))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused_adamw)
+    forward = lambda *b: loss_fn(net, *b)  # noqa: E731  (compiled as one graph: model and loss together)
+    forward = torch.compile(forward) if compile else forward
 
     def step():
-        fwd_bwd(model)
-        torch.nn.utils.clip_grad_norm_(loss.parameters(), 1.0)
+        fwd_bwd(forward)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.update_ema(ema, loss.net, 0.999)
+        common.update_ema(ema, net, 0.999)
 
     breaks = graph_breaks()
     s, mem = timed(step, dev)
@@ -190,12 +181,10 @@ def train_row(name, loss, batch, dev, autocast, **extra):
     return ema
 
 
-def graph_breaks():
-    return sum(torch._dynamo.utils.counters["graph_break"].values())
-
-
 def main():
     global peak_flops_per_s
+    if not set(parts.split(",")) <= {"ae", "dit", "attn", "data"}:
+        raise SystemExit(f"error: --parts takes a comma-separated list of ae, dit, attn, data; got {parts!r}")
     torch.manual_seed(seed)
     dev = torch.device(device or common.default_device())
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -217,8 +206,30 @@ def main():
     record(f"matmul_{n}", s, mem, flops=2 * n**3)
     del a, b
 
-    # stage 1: a DGAE training step, then decoding with the EMA weights at several step counts
     cfg = make_config(ae_model, compression=compression or None, attn_impl=attn_impl)
+    wanted = parts.split(",")
+    if "ae" in wanted:
+        stage1(cfg, dev, autocast, no_grad)
+    if "dit" in wanted:
+        stage2(cfg, dev, autocast, no_grad)
+    if "attn" in wanted:
+        attention_rows(dev, dtype)
+    if "data" in wanted:
+        data_row(cfg)
+
+    print_table(results)
+    if "data_pipeline" in results and "ae_train_step" in results:
+        data_rate, train_rate = results["data_pipeline"]["img_per_s"], results["ae_train_step"]["img_per_s"]
+        print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step {train_rate:.0f} img/s: "
+              + ("input-bound, add workers" if data_rate < train_rate else "not input-bound"))
+    if json:
+        with open(json, "w") as f:
+            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
+        print(f"wrote {json}")
+
+
+def stage1(cfg, dev, autocast, no_grad):
+    """A DGAE training step, then decoding with the EMA weights at each of `decode_steps`."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     ae = DGAE(cfg).to(dev, memory_format=fmt)
     perceptual = None
@@ -226,7 +237,7 @@ def main():
         from lpips import load_lpips
         perceptual = load_lpips(device=dev)
     x = (torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1).contiguous(memory_format=fmt)
-    ema_ae = train_row("ae_train_step", Loss(ae, lambda m, x: m(x, perceptual)[0]), (x,), dev, autocast)
+    ema_ae = train_row("ae_train_step", ae, lambda m, x: m(x, perceptual)[0], (x,), dev, autocast)
     with no_grad(), autocast, math_attention(ema_ae):
         z = ema_ae.encode(x)
         decode_flops = count_flops(lambda: ema_ae.decode(z, steps=1))  # decoding n steps is n such U-Net passes
@@ -239,14 +250,16 @@ def main():
         s, mem = timed(decode, dev)
         record(f"ae_decode_{steps}", s, mem, images=batch_size, flops=steps * decode_flops)
 
-    # stage 2: a DiT training step on latents of that shape (what train_dit.py reads from its cache), then sampling
+
+def stage2(cfg, dev, autocast, no_grad):
+    """A DiT training step on latents of the stage-1 shape (what train_dit.py reads from its cache), then sampling."""
     h, c = cfg.resolution // cfg.compression, cfg.latent_channels
     dit = build_dit(dit_model, h, c, 1000, attn_impl=attn_impl).to(dev)
     tokens = dit.grid[0] * dit.grid[1]
     zs = torch.randn(batch_size, c, h, h, device=dev)
     y = torch.randint(0, 1000, (batch_size,), device=dev)
-    flow = Loss(dit, lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0])
-    ema_dit = train_row("dit_train_step", flow, (zs, y), dev, autocast, tokens=tokens)
+    flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731  as train_dit.py
+    ema_dit = train_row("dit_train_step", dit, flow, (zs, y), dev, autocast, tokens=tokens)
 
     def velocity(x_t, t):  # with guidance, one pass of a doubled batch (DiT.forward_with_cfg)
         return ema_dit.forward_with_cfg(x_t, t, y, cfg_scale) if cfg_scale != 1 else ema_dit(x_t, t, y)
@@ -261,14 +274,17 @@ def main():
     s, mem = timed(sample, dev)
     record("dit_sample", s, mem, images=batch_size, flops=sample_steps * step_flops, tokens=tokens)
 
-    # attention alone at the DiT's width: eager math, compiled math, the fused kernel
-    H = dit.config["num_heads"]
-    D = dit.config["hidden_size"] // H
+
+def attention_rows(dev, dtype):
+    """Attention alone with the DiT's heads and head size: eager math, compiled math, the fused kernel."""
+    H = DIT_PRESETS[dit_model]["num_heads"]
+    D = DIT_PRESETS[dit_model]["hidden_size"] // H
     impls = {"math": lambda q, k, v: attention(q, k, v, "math"),
              "math_compiled": torch.compile(lambda q, k, v: attention(q, k, v, "math"), dynamic=False),
              "sdpa": lambda q, k, v: attention(q, k, v, "sdpa")}
     for T in [int(t) for t in attn_seq.split(",")]:
-        q, k, v, g = (torch.randn(batch_size, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(4))
+        q, k, v = (torch.randn(batch_size, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        g = torch.randn_like(q)  # the output's gradient
         for impl, fn in impls.items():
             def fwd():
                 with torch.no_grad():
@@ -280,9 +296,10 @@ def main():
             record(f"attn_{impl}_T{T}_fwd", *timed(fwd, dev), flops=attention_flops(batch_size, H, T, D), **shape)
             record(f"attn_{impl}_T{T}_fwd_bwd", *timed(fwd_bwd, dev), flops=attention_flops(batch_size, H, T, D, True),
                    **shape)
-        del q, k, v, g
 
-    # the data pipeline: is training input-bound?
+
+def data_row(cfg):
+    """Images/s of the Loader the trainers use, with `num_workers` processes: is training input-bound?"""
     loader = Loader(build_dataset(data, cfg.resolution), batch_size, num_workers=num_workers, seed=seed)
     for _ in range(max(warmup, 1)):  # starts the workers
         next(loader)
@@ -290,16 +307,6 @@ def main():
     for _ in range(data_batches):
         next(loader)
     record("data_pipeline", (time.perf_counter() - t0) / data_batches, None, images=batch_size, num_workers=num_workers)
-    del loader
-
-    print_table(results)
-    data_rate, train_rate = results["data_pipeline"]["img_per_s"], results["ae_train_step"]["img_per_s"]
-    print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step {train_rate:.0f} img/s: "
-          + ("input-bound, add workers" if data_rate < train_rate else "not input-bound"))
-    if json:
-        with open(json, "w") as f:
-            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
-        print(f"wrote {json}")
 
 
 def cell(v, spec):
@@ -324,7 +331,8 @@ def compare_runs(path_a, path_b):
     with open(path_a) as fa, open(path_b) as fb:
         a, b = jsonlib.load(fa), jsonlib.load(fb)
     print(f"A: {path_a}: {a['device']}\nB: {path_b}: {b['device']}")
-    diff = {k: (a["settings"].get(k), v) for k, v in b["settings"].items() if a["settings"].get(k) != v}
+    diff = {k: (a["settings"].get(k), v) for k, v in b["settings"].items()
+            if a["settings"].get(k) != v and k not in ("json", "compare")}
     print("settings that differ (A, B): " + (", ".join(f"{k} {va} {vb}" for k, (va, vb) in diff.items()) or "none"))
     print(f"{'':32s}{'A ms':>10s}{'B ms':>10s}{'A/B':>7s}{'A MFU':>7s}{'B MFU':>7s}{'A MiB':>9s}{'B MiB':>9s}")
     for name, ra in a["results"].items():
