@@ -185,6 +185,8 @@ def main():
     global peak_flops_per_s
     if not set(parts.split(",")) <= {"ae", "dit", "attn", "data"}:
         raise SystemExit(f"error: --parts takes a comma-separated list of ae, dit, attn, data; got {parts!r}")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"error: --precision takes auto, fp32 or bf16; got {precision!r}")
     torch.manual_seed(seed)
     dev = torch.device(device or common.default_device())
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -218,6 +220,10 @@ def main():
         data_row(cfg)
 
     print_table(results)
+    for T in [int(t) for t in attn_seq.split(",")] if "attn" in wanted else []:  # the target: compiled math within 1.3x of sdpa
+        ms = {impl: results[f"attn_{impl}_T{T}_fwd_bwd"]["ms"] for impl in ("math", "math_compiled", "sdpa")}
+        print(f"attention T={T} fwd+bwd over sdpa: math {ms['math'] / ms['sdpa']:.2f}x, "
+              f"math compiled {ms['math_compiled'] / ms['sdpa']:.2f}x")
     if "data_pipeline" in results and "ae_train_step" in results:
         data_rate, train_rate = results["data_pipeline"]["img_per_s"], results["ae_train_step"]["img_per_s"]
         print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step {train_rate:.0f} img/s: "
