@@ -1,16 +1,16 @@
 """
 Benchmarks: what a training step, a decode and a sample cost, and how close each comes to the machine's limit.
 
-    python bench.py                                  # tiny DGAE + DiT-Tiny/1 on this machine (CPU included)
-    python bench.py --quick true --json q.json       # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
-    python bench.py --ae-model base --dit-model DiT-XL/1 --batch-size 32 --compile true   # one GPU, bf16
-    python bench.py --compare a.json,b.json          # two saved runs side by side (eager vs compiled, f8 vs f32)
+    python bench.py                              # tiny DGAE + DiT-Tiny/1 on this machine (CPU included), fp32
+    python bench.py --quick true                 # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
+    python bench.py --ae-model base --compression 8 --dit-model DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
+    python bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
 
-Every time is the median of `reps` calls after `warmup` untimed ones (these absorb compilation, allocator
-growth and caches), with the GPU synchronised after each call. Model FLOP utilisation (MFU) is the FLOPs of
-one call, counted by torch's FlopCounterMode, over its time, over the FLOP/s of an n x n matmul in the same
-dtype timed in the same run. Machines of one kind differ by up to 2x, so quote ratios measured in one run,
-not bare times. Asserts nothing; tests/test_bench.py checks the FLOP counts and the fields, not speeds.
+Every time is the median of `reps` calls after `warmup` untimed ones (they absorb compilation, allocator growth
+and caches), the GPU synchronised after each call. Model FLOP utilisation (MFU) = FLOPs of one call (torch's
+FlopCounterMode) / its time, over the FLOP/s of an n x n matmul in the same dtype timed in the same run: machines
+of one kind differ by up to 2x, so quote ratios measured in one run, not bare times. Asserts nothing;
+tests/test_bench.py checks the FLOP counts and the fields, never a speed.
 """
 
 import copy
@@ -47,8 +47,8 @@ attn_seq = "64,256,1024"  # attention sequence lengths; batch, heads and head si
 data = ""  # image folder for the data-pipeline row; "" = the built-in procedural dataset
 num_workers = 2  # data-loading processes
 data_batches = 50  # batches timed for the data pipeline
-matmul_size = 0  # n of the peak n x n matmul; 0 = 2048 on CPU, 8192 on GPU (smaller ones do not reach the peak)
-# fast paths: run twice, with and without, and --compare the two JSON files
+matmul_size = 0  # n of the peak n x n matmul; 0 = 2048 on CPU, 8192 on GPU (smaller ones stay below the peak)
+# fast paths: run with and without, then --compare the two JSON files
 precision = "auto"  # fp32 | bf16; auto = bf16 autocast on CUDA (as the trainers), fp32 elsewhere
 compile = False  # torch.compile the training steps, the decoder and the DiT sampler
 checkpoint = False  # activation checkpointing of every DiT block and every encoder / U-Net res or attn block
@@ -58,7 +58,7 @@ inference_mode = True  # decode and sample under torch.inference_mode (else torc
 # how
 warmup = 3
 reps = 7
-quick = False  # the sizes below unless given: checks that every path runs, not how fast
+quick = False  # QUICK's sizes, except those given: checks that every path runs, not how fast
 device = ""
 seed = 0
 json = ""  # write every field to this file
@@ -67,16 +67,15 @@ QUICK = dict(batch_size=2, sample_steps=2, attn_seq="16,64", num_workers=1, data
              warmup=1, reps=2)
 # -----------------------------------------------------------------------------
 
-results = {}  # row name -> fields; the JSON's "results" and the printed table
+results = {}  # row name -> fields: the JSON's "results" and the printed table
 peak_flops_per_s = None  # the matmul's, measured first
 
 
 def reset_peak(dev):
     if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        return
-    # On Linux, writing 5 to clear_refs resets the process's RSS high-water mark (what getrusage reports), so
-    # each row gets its own peak. Where that fails the figure is the process's peak so far.
+        return torch.cuda.reset_peak_memory_stats(dev)
+    # Linux: writing 5 to clear_refs resets the process's RSS high-water mark, which getrusage reports, so each
+    # row gets its own peak. Where that fails the figure is the process's peak so far.
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -85,14 +84,14 @@ def reset_peak(dev):
 
 
 def peak_mib(dev):
-    """CUDA: the caching allocator's peak of live tensors. CPU: peak resident memory of the whole process."""
+    """CUDA: the caching allocator's peak of live tensors. CPU: the peak resident memory of the whole process."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def timed(fn, dev):
-    """(median seconds per call over `reps` calls after `warmup` calls, peak MiB of the timed calls)."""
+    """(median seconds per call over `reps` calls after `warmup` calls, peak MiB during the timed calls)."""
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)  # CUDA calls only queue the work
     for _ in range(warmup):
         fn()
@@ -149,7 +148,7 @@ def graph_breaks():
 
 
 def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
-    """Time forward + backward + grad clip + AdamW + EMA update of net, with loss_fn(net, *batch) the loss: what
+    """Time forward + backward + grad clip + AdamW + EMA update of net, loss_fn(net, *batch) being the loss: what
     common.train_step does with one micro-batch. Returns the EMA copy, which decodes and samples, as in the scripts."""
 
     def fwd_bwd(forward):
@@ -181,59 +180,6 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
     return ema
 
 
-def main():
-    global peak_flops_per_s
-    if not set(parts.split(",")) <= {"ae", "dit", "attn", "data"}:
-        raise SystemExit(f"error: --parts takes a comma-separated list of ae, dit, attn, data; got {parts!r}")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise SystemExit(f"error: --precision takes auto, fp32 or bf16; got {precision!r}")
-    torch.manual_seed(seed)
-    dev = torch.device(device or common.default_device())
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    if dev.type == "cuda":  # fp32 matmuls in TF32, as common.autocast_context sets for training (the peak too)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    no_grad = torch.inference_mode if inference_mode else torch.no_grad
-    torch._dynamo.config.recompile_limit = 64  # compiled attention: one static graph per length and grad mode
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
-    device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
-    print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
-        "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "inference_mode", "attn_impl")))
-
-    # the peak: an n x n matmul in the compute dtype, 2 n^3 FLOPs
-    n = matmul_size or (8192 if dev.type == "cuda" else 2048)
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    s, mem = timed(lambda: a @ b, dev)
-    peak_flops_per_s = 2 * n**3 / s
-    record(f"matmul_{n}", s, mem, flops=2 * n**3)
-    del a, b
-
-    cfg = make_config(ae_model, compression=compression or None, attn_impl=attn_impl)
-    wanted = parts.split(",")
-    if "ae" in wanted:
-        stage1(cfg, dev, autocast, no_grad)
-    if "dit" in wanted:
-        stage2(cfg, dev, autocast, no_grad)
-    if "attn" in wanted:
-        attention_rows(dev, dtype)
-    if "data" in wanted:
-        data_row(cfg)
-
-    print_table(results)
-    for T in [int(t) for t in attn_seq.split(",")] if "attn" in wanted else []:  # the issue's target: compiled math within 1.3x of sdpa
-        ms = {impl: results[f"attn_{impl}_T{T}_fwd_bwd"]["ms"] for impl in ("math", "math_compiled", "sdpa")}
-        print(f"attention T={T} fwd+bwd over sdpa: math {ms['math'] / ms['sdpa']:.2f}x, "
-              f"math compiled {ms['math_compiled'] / ms['sdpa']:.2f}x")
-    if "data_pipeline" in results and "ae_train_step" in results:
-        data_rate, train_rate = results["data_pipeline"]["img_per_s"], results["ae_train_step"]["img_per_s"]
-        print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step {train_rate:.0f} img/s: "
-              + ("input-bound, add workers" if data_rate < train_rate else "not input-bound"))
-    if json:
-        with open(json, "w") as f:
-            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
-        print(f"wrote {json}")
-
-
 def stage1(cfg, dev, autocast, no_grad):
     """A DGAE training step, then decoding with the EMA weights at each of `decode_steps`."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -243,18 +189,17 @@ def stage1(cfg, dev, autocast, no_grad):
         from lpips import load_lpips
         perceptual = load_lpips(device=dev)
     x = (torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1).contiguous(memory_format=fmt)
-    ema_ae = train_row("ae_train_step", ae, lambda m, x: m(x, perceptual)[0], (x,), dev, autocast)
-    with no_grad(), autocast, math_attention(ema_ae):
-        z = ema_ae.encode(x)
-        decode_flops = count_flops(lambda: ema_ae.decode(z, steps=1))  # decoding n steps is n such U-Net passes
+    ema = train_row("ae_train_step", ae, lambda m, x: m(x, perceptual)[0], (x,), dev, autocast)
+    with no_grad(), autocast, math_attention(ema):
+        z = ema.encode(x)
+        step_flops = count_flops(lambda: ema.decode(z, steps=1))  # decoding n steps is n such U-Net passes
     if compile:
-        ema_ae.decoder = torch.compile(ema_ae.decoder)
+        ema.decoder = torch.compile(ema.decoder)
     for steps in [int(s) for s in decode_steps.split(",")]:
         def decode():
             with no_grad(), autocast:
-                ema_ae.decode(z, steps=steps)
-        s, mem = timed(decode, dev)
-        record(f"ae_decode_{steps}", s, mem, images=batch_size, flops=steps * decode_flops)
+                ema.decode(z, steps=steps)
+        record(f"ae_decode_{steps}", *timed(decode, dev), images=batch_size, flops=steps * step_flops)
 
 
 def stage2(cfg, dev, autocast, no_grad):
@@ -262,23 +207,22 @@ def stage2(cfg, dev, autocast, no_grad):
     h, c = cfg.resolution // cfg.compression, cfg.latent_channels
     dit = build_dit(dit_model, h, c, 1000, attn_impl=attn_impl).to(dev)
     tokens = dit.grid[0] * dit.grid[1]
-    zs = torch.randn(batch_size, c, h, h, device=dev)
+    z = torch.randn(batch_size, c, h, h, device=dev)
     y = torch.randint(0, 1000, (batch_size,), device=dev)
     flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731  as train_dit.py
-    ema_dit = train_row("dit_train_step", dit, flow, (zs, y), dev, autocast, tokens=tokens)
+    ema = train_row("dit_train_step", dit, flow, (z, y), dev, autocast, tokens=tokens)
 
     def velocity(x_t, t):  # with guidance, one pass of a doubled batch (DiT.forward_with_cfg)
-        return ema_dit.forward_with_cfg(x_t, t, y, cfg_scale) if cfg_scale != 1 else ema_dit(x_t, t, y)
+        return ema.forward_with_cfg(x_t, t, y, cfg_scale) if cfg_scale != 1 else ema(x_t, t, y)
 
-    with no_grad(), autocast, math_attention(ema_dit):
-        step_flops = count_flops(lambda: velocity(zs, torch.ones(batch_size, device=dev)))
+    with no_grad(), autocast, math_attention(ema):
+        step_flops = count_flops(lambda: velocity(z, torch.ones(batch_size, device=dev)))
     sampler = torch.compile(velocity) if compile else velocity
 
     def sample():
         with no_grad(), autocast:
-            euler_sample(sampler, zs, sample_steps)
-    s, mem = timed(sample, dev)
-    record("dit_sample", s, mem, images=batch_size, flops=sample_steps * step_flops, tokens=tokens)
+            euler_sample(sampler, z, sample_steps)
+    record("dit_sample", *timed(sample, dev), images=batch_size, flops=sample_steps * step_flops, tokens=tokens)
 
 
 def attention_rows(dev, dtype):
@@ -288,9 +232,11 @@ def attention_rows(dev, dtype):
     impls = {"math": lambda q, k, v: attention(q, k, v, "math"),
              "math_compiled": torch.compile(lambda q, k, v: attention(q, k, v, "math"), dynamic=False),
              "sdpa": lambda q, k, v: attention(q, k, v, "sdpa")}
-    for T in [int(t) for t in attn_seq.split(",")]:
+    torch._dynamo.config.recompile_limit = 64  # one static graph per length and grad mode
+    for T in seq_lengths():
         q, k, v = (torch.randn(batch_size, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
         g = torch.randn_like(q)  # the output's gradient
+        shape = [batch_size, H, T, D]
         for impl, fn in impls.items():
             def fwd():
                 with torch.no_grad():
@@ -298,10 +244,12 @@ def attention_rows(dev, dtype):
 
             def fwd_bwd():  # autograd.grad: no .grad accumulation in the timing
                 torch.autograd.grad(fn(q, k, v), (q, k, v), g)
-            shape = dict(shape=[batch_size, H, T, D])
-            record(f"attn_{impl}_T{T}_fwd", *timed(fwd, dev), flops=attention_flops(batch_size, H, T, D), **shape)
-            record(f"attn_{impl}_T{T}_fwd_bwd", *timed(fwd_bwd, dev), flops=attention_flops(batch_size, H, T, D, True),
-                   **shape)
+            record(f"attn_{impl}_T{T}_fwd", *timed(fwd, dev), flops=attention_flops(*shape), shape=shape)
+            record(f"attn_{impl}_T{T}_fwd_bwd", *timed(fwd_bwd, dev), flops=attention_flops(*shape, True), shape=shape)
+
+
+def seq_lengths():
+    return [int(t) for t in attn_seq.split(",")]
 
 
 def data_row(cfg):
@@ -315,13 +263,55 @@ def data_row(cfg):
     record("data_pipeline", (time.perf_counter() - t0) / data_batches, None, images=batch_size, num_workers=num_workers)
 
 
+def main():
+    global peak_flops_per_s
+    wanted = parts.split(",")
+    if not set(wanted) <= {"ae", "dit", "attn", "data"} or precision not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"error: --parts takes some of ae,dit,attn,data (got {parts!r}); "
+                         f"--precision auto, fp32 or bf16 (got {precision!r})")
+    torch.manual_seed(seed)
+    dev = torch.device(device or common.default_device())
+    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else torch.float32
+    if dev.type == "cuda":  # fp32 matmuls in TF32, as common.autocast_context sets for training (the peak too)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    no_grad = torch.inference_mode if inference_mode else torch.no_grad
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
+    device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
+    print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
+        "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "inference_mode", "attn_impl")))
+
+    n = matmul_size or (8192 if dev.type == "cuda" else 2048)  # the peak: 2 n^3 FLOPs in the compute dtype
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    s, mem = timed(lambda: a @ b, dev)
+    peak_flops_per_s = 2 * n**3 / s
+    record(f"matmul_{n}", s, mem, flops=2 * n**3)
+    del a, b
+    cfg = make_config(ae_model, compression=compression or None, attn_impl=attn_impl)
+    if "ae" in wanted:
+        stage1(cfg, dev, autocast, no_grad)
+    if "dit" in wanted:
+        stage2(cfg, dev, autocast, no_grad)
+    if "attn" in wanted:
+        attention_rows(dev, dtype)
+    if "data" in wanted:
+        data_row(cfg)
+
+    print_table(results)
+    if json:
+        with open(json, "w") as f:
+            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
+        print(f"wrote {json}")
+
+
 def cell(v, spec):
     """v formatted as spec ("10.2f"), or a dash of the same width where there is no value."""
     return format("-" if v is None else v, spec if v is not None else ">" + spec.split(".")[0])
 
 
 def print_table(rows):
-    """One line per row: median ms per call, ms per image, achieved GFLOP/s, MFU (vs the matmul), peak memory."""
+    """One line per row: median ms per call, ms per image, achieved GFLOP/s, MFU (vs the matmul), peak memory;
+    then the ratios the issue sets targets for."""
     print(f"{'':32s}{'ms':>10s}{'ms/img':>9s}{'GFLOP/s':>10s}{'MFU':>6s}{'peak MiB':>10s}")
     for name, r in rows.items():
         print(f"{name:32s}{cell(r['ms'], '10.2f')}{cell(r['ms_per_img'], '9.3f')}"
@@ -330,6 +320,14 @@ def print_table(rows):
     breaks = {n: r["graph_breaks"] for n, r in rows.items() if r.get("graph_breaks") is not None}
     if breaks:
         print("graph breaks while compiling: " + ", ".join(f"{n} {b}" for n, b in breaks.items()))
+    for T in [T for T in seq_lengths() if f"attn_sdpa_T{T}_fwd_bwd" in rows]:
+        ms = {impl: rows[f"attn_{impl}_T{T}_fwd_bwd"]["ms"] for impl in ("math", "math_compiled", "sdpa")}
+        print(f"attention T={T} fwd+bwd time over sdpa's: math {ms['math'] / ms['sdpa']:.2f}x, "
+              f"math compiled {ms['math_compiled'] / ms['sdpa']:.2f}x")
+    if "data_pipeline" in rows and "ae_train_step" in rows:
+        data_rate, train_rate = rows["data_pipeline"]["img_per_s"], rows["ae_train_step"]["img_per_s"]
+        print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step {train_rate:.0f} img/s: "
+              + ("input-bound, add workers" if data_rate < train_rate else "not input-bound"))
 
 
 def compare_runs(path_a, path_b):
@@ -337,9 +335,9 @@ def compare_runs(path_a, path_b):
     with open(path_a) as fa, open(path_b) as fb:
         a, b = jsonlib.load(fa), jsonlib.load(fb)
     print(f"A: {path_a}: {a['device']}\nB: {path_b}: {b['device']}")
-    diff = {k: (a["settings"].get(k), v) for k, v in b["settings"].items()
-            if a["settings"].get(k) != v and k not in ("json", "compare")}
-    print("settings that differ (A, B): " + (", ".join(f"{k} {va} {vb}" for k, (va, vb) in diff.items()) or "none"))
+    diff = [f"{k} {a['settings'].get(k)} {v}" for k, v in b["settings"].items()
+            if a["settings"].get(k) != v and k not in ("json", "compare")]
+    print("settings that differ (A, B): " + (", ".join(diff) or "none"))
     print(f"{'':32s}{'A ms':>10s}{'B ms':>10s}{'A/B':>7s}{'A MFU':>7s}{'B MFU':>7s}{'A MiB':>9s}{'B MiB':>9s}")
     for name, ra in a["results"].items():
         rb = b["results"].get(name)
