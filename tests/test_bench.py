@@ -53,6 +53,26 @@ def test_math_attention_counts_the_model_flops_of_any_impl():
     assert counted == linears + bench.attention_flops(3, 2, 5, 8)
 
 
+def test_checkpointed_step_counts_model_flops_only(monkeypatch):
+    # with activation checkpointing the backward recomputes each block's forward: hardware work, not model FLOPs,
+    # so bench counts before wrapping, and the two rows carry the same count
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from decoder_diffusion import flow_matching_loss
+    from dit import build_dit
+    for name, value in dict(warmup=0, reps=1, compile=False, peak_flops_per_s=1.0, results={}).items():
+        monkeypatch.setattr(bench, name, value)
+    z, y = torch.randn(2, 4, 4, 4), torch.randint(0, 10, (2,))
+    flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731
+    for on in (False, True):
+        monkeypatch.setattr(bench, "checkpoint", on)
+        dit = build_dit("DiT-Tiny/2", 4, 4, 10)
+        ema = bench.train_row(f"step_{on}", dit, flow, (z, y), torch.device("cpu"), bench.nullcontext())
+        assert any(isinstance(m, CheckpointWrapper) for m in dit.modules()) == on
+        assert not any(isinstance(m, CheckpointWrapper) for m in ema.modules())  # the EMA copy decodes unwrapped
+    assert bench.results["step_True"]["flops"] == bench.results["step_False"]["flops"] > 0
+
+
 def test_quick_run_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "true", "--json", str(out)],
