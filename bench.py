@@ -187,9 +187,11 @@ def stage1(cfg, dev, autocast, no_grad):
     perceptual = None
     if lpips:
         from lpips import load_lpips
-        perceptual = load_lpips(device=dev)
+        with common.user_errors():  # a missing weight file is a one-line error
+            perceptual = load_lpips(device=dev)
     x = (torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1).contiguous(memory_format=fmt)
     ema = train_row("ae_train_step", ae, lambda m, x: m(x, perceptual)[0], (x,), dev, autocast)
+    del ae  # decoding's peak memory: the EMA weights, not the trained copy too
     with no_grad(), autocast, math_attention(ema):
         z = ema.encode(x)
         step_flops = count_flops(lambda: ema.decode(z, steps=1))  # decoding n steps is n such U-Net passes
@@ -211,6 +213,7 @@ def stage2(cfg, dev, autocast, no_grad):
     y = torch.randint(0, 1000, (batch_size,), device=dev)
     flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731  as train_dit.py
     ema = train_row("dit_train_step", dit, flow, (z, y), dev, autocast, tokens=tokens)
+    del dit  # sampling's peak memory: the EMA weights, not the trained copy too
 
     def velocity(x_t, t):  # with guidance, one pass of a doubled batch (DiT.forward_with_cfg)
         return ema.forward_with_cfg(x_t, t, y, cfg_scale) if cfg_scale != 1 else ema(x_t, t, y)
