@@ -22,7 +22,6 @@ import time
 from contextlib import contextmanager, nullcontext
 
 import torch
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
@@ -161,6 +160,7 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
     net.zero_grad(set_to_none=True)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     if checkpoint:  # keep only each block's input; recompute its activations in the backward
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
         apply_activation_checkpointing(net, check_fn=lambda m: isinstance(m, (DiTBlock, ResBlock, AttnBlock)))
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused_adamw)
     forward = lambda *b: loss_fn(net, *b)  # noqa: E731  (compiled as one graph: model and loss together)
