@@ -13,8 +13,8 @@ import torch
 
 import common
 from ae import DGAE, make_config
-from decoder_diffusion import flow_matching_loss
-from dit import attention, build_dit
+from decoder_diffusion import attention, flow_matching_loss
+from dit import build_dit
 
 # -----------------------------------------------------------------------------
 ae_model = "tiny"  # ae.PRESETS name
