@@ -2,7 +2,7 @@
 Benchmarks: how fast a training step and a reconstruction are, and what they cost in memory.
 
     python bench.py                                   # tiny sizes, any machine (CPU included)
-    python bench.py --ae-model base --dit-model DiT-XL/1 --batch-size 32 --compile true   # one GPU, paper scale
+    python bench.py --ae-preset base --dit-preset DiT-XL/1 --batch-size 32 --compile true   # one GPU, paper scale
 Prints numbers; asserts nothing. Speed targets live here, not in the tests. Quote these numbers
 (with the device line) in a commit message that claims a speed-up.
 """
@@ -15,11 +15,12 @@ import common
 from ae import DGAE, make_config
 from decoder_diffusion import attention, flow_matching_loss
 from dit import build_dit
+from train_ae import make_optimizer
 
 # -----------------------------------------------------------------------------
-ae_model = "tiny"  # ae.PRESETS name
-compression = 0  # 0 = the preset's
-dit_model = "DiT-Tiny/1"
+ae_preset = "tiny"  # ae.PRESETS name
+compression = 0  # the preset's unless given
+dit_preset = "DiT-Tiny/1"
 batch_size = 16
 decode_steps = 10
 steps = 10  # timed iterations (after `warmup` untimed ones)
@@ -27,7 +28,6 @@ warmup = 3
 compile = False
 device = ""
 seed = 0
-common.configure(globals())
 # -----------------------------------------------------------------------------
 
 
@@ -52,7 +52,7 @@ def memory(dev):
 
 def train_step_fn(model, batch_fn, dev):
     """One forward + backward + AdamW step of `model`, whose forward returns (loss, terms)."""
-    opt = common.make_optimizer(model, 1e-4, 0.0, (0.9, 0.99), dev)
+    opt = make_optimizer(model, 1e-4, 0.0, (0.9, 0.99), dev)
     autocast = common.autocast_context(dev)
     step_model = torch.compile(model) if compile else model
 
@@ -67,17 +67,18 @@ def train_step_fn(model, batch_fn, dev):
 
 
 def main():
+    settings, given = common.configure(globals())
     torch.manual_seed(seed)
     dev = torch.device(device or common.default_device())
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; compile {compile}; batch {batch_size}")
 
     # stage 1: a DGAE training step and a reconstruction
-    cfg = make_config(ae_model, compression=compression or None)
+    cfg = make_config(ae_preset, **({"compression": compression} if "compression" in given else {}))
     ae = DGAE(cfg).to(dev)
     x = torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
     s = timed(train_step_fn(ae, lambda: (x,), dev), dev)
-    print(f"DGAE {ae_model} f{cfg.compression} {cfg.resolution}px train step: {s * 1e3:.1f} ms, "
+    print(f"DGAE {ae_preset} f{cfg.compression} {cfg.resolution}px train step: {s * 1e3:.1f} ms, "
           f"{batch_size / s:.1f} img/s{memory(dev)}")
     ae.eval()
     with torch.no_grad(), common.autocast_context(dev):
@@ -86,7 +87,7 @@ def main():
 
     # stage 2: a DiT training step on latents of that autoencoder
     h = cfg.resolution // cfg.compression
-    dit = build_dit(dit_model, h, cfg.latent_channels, 1000).to(dev)
+    dit = build_dit(dit_preset, h, cfg.latent_channels, 1000).to(dev)
 
     class Loss(torch.nn.Module):  # forward = the rectified-flow loss, like train_dit.py's micro-step
         def __init__(self):
@@ -99,7 +100,7 @@ def main():
     z = torch.randn(batch_size, cfg.latent_channels, h, h, device=dev)
     y = torch.randint(0, 1000, (batch_size,), device=dev)
     s = timed(train_step_fn(Loss(), lambda: (z, y), dev), dev)
-    print(f"{dit_model} on {cfg.latent_channels}x{h}x{h} latents train step: {s * 1e3:.1f} ms, "
+    print(f"{dit_preset} on {cfg.latent_channels}x{h}x{h} latents train step: {s * 1e3:.1f} ms, "
           f"{batch_size / s:.1f} latents/s{memory(dev)}")
 
     # the two attention paths, forward + backward, at the DiT's width

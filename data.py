@@ -389,7 +389,7 @@ def random_hflip(x, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# images out: grids and uint8 arrays
+# images out: grids, their classes and uint8 arrays
 
 
 def first_good(dataset, n):
@@ -401,6 +401,15 @@ def first_good(dataset, n):
         if dataset[i] is not None:
             out.append(i)
     return out
+
+
+# DiT's sample.py favourites: golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def default_classes(num_classes):
+    """The classes a class-conditional sample grid shows unless told otherwise (one row each)."""
+    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10)))
 
 
 def to_uint8(x):
