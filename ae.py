@@ -317,6 +317,8 @@ def make_config(preset, **overrides):
     f, r = cfg.compression, cfg.resolution
     if f not in DEFAULT_LATENT_CHANNELS:
         raise ValueError(f"--compression must be one of {sorted(DEFAULT_LATENT_CHANNELS)}, got {f}")
+    if cfg.latent_channels < 1:
+        raise ValueError(f"--latent-channels must be at least 1, got {cfg.latent_channels}")
     if r % f:
         raise ValueError(f"--resolution {r} is not divisible by --compression {f}: the latent would have "
                          f"a fractional size; pick a resolution that is a multiple of {f}")

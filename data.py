@@ -14,6 +14,8 @@ all read images through this file, so they all see the same pixels:
   checkpoint so that `--resume` replays exactly the batches the interrupted run would have seen.
 - random_hflip: the training augmentation, applied to the batch in the trainer so that it draws
   from the (checkpointed) global torch RNG instead of from worker processes.
+- first_good, to_uint8, save_image_grid, default_classes: images going out (grids, uint8 arrays)
+  and the classes a sample grid shows.
 
 Images are float32 tensors (3, H, W) in [-1, 1]; labels are Python ints.
 """

@@ -33,7 +33,7 @@ data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in pro
 dataset_size = 10000  # images in the built-in dataset
 num_workers = 0  # data-loading processes per rank (use 8+ for ImageNet)
 # model, loss and learning rate: the preset's values (ae.PRESETS), except those given on the command
-# line; the 0, "" and -1 below only stand for "the preset's"
+# line. The placeholders 0, "" and -1 below are never used: a setting not given is the preset's.
 preset = ""  # tiny | small | base | large; "" = tiny on the built-in data, base with --data
 resolution = 0
 compression = 0  # spatial compression f in {4, 8, 16, 32, 64}

@@ -219,7 +219,7 @@ class LatentCache(Dataset):
 
 
 # -----------------------------------------------------------------------------
-# step 2: training
+# the script: step 1 (the cache), then step 2 (the training loop)
 
 
 def main():
