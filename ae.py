@@ -4,12 +4,14 @@ Stage 1: the DGAE autoencoder.
     x (B, 3, H, W) --Encoder--> posterior N(mean, var) over z (B, c, H/f, W/f)
     z --diffusion decoder (decoder_diffusion.UNet + Euler sampler)--> x_hat
 
-This file holds the SD-VAE style convolutional encoder, the diagonal Gaussian posterior with its
-KL term, the `DGAE` module (encode / decode / reconstruct / loss), the deterministic SD-VAE style
-decoder used as the paper's baseline (`--decoder gaussian`), the size presets and the loader of
-trained checkpoints. Read decoder_diffusion.py next to it: that is where the decoder lives.
+This file holds, top to bottom: the config and its size presets; the SD-VAE style convolutional
+encoder and the diagonal Gaussian posterior with its KL term; the deterministic SD-VAE style
+decoder used as the paper's baseline (`--decoder gaussian`); the `DGAE` module (encode / decode /
+reconstruct / loss); make_config; the encoder fingerprint and the loader of trained checkpoints.
+decoder_diffusion.py, read before this file, holds the diffusion decoder.
 """
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, replace
 
@@ -55,6 +57,7 @@ class AEConfig:
     consistency_weight: float = 0.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
     l1_weight: float = 1.0  # baseline decoder only
     gauss_ch: int = 0  # baseline decoder base width; 0 = match the diffusion decoder's parameter count
+    lr: float = 1e-4  # AdamW learning rate of train_ae.py (per preset: see PRESETS)
 
 
 # Size presets. `tiny` trains on a laptop CPU in minutes at 32 px; `base` is the paper-scale
@@ -75,60 +78,19 @@ class AEConfig:
 #   whatever else we changed, and 17.5 dB / 30.0 dB with it (concat conditioning), against 16.6 dB
 #   / 25.9 dB for the Gaussian decoder. It costs one more U-Net pass per step, so tiny, whose
 #   8x8x4 latent trains well without it, leaves it off to stay within a laptop's minutes.
+# - lr (AdamW, at a global batch of 256 for base and large): the small models tolerate, and in
+#   a few CPU minutes need, a much larger step than the paper-scale ones.
 PRESETS = {
-    "tiny": dict(resolution=32, compression=4, enc_ch=32, enc_res_blocks=1, unet_ch=32,
+    "tiny": dict(lr=1e-3, resolution=32, compression=4, enc_ch=32, enc_res_blocks=1, unet_ch=32,
                  unet_mult=(1, 2, 2), unet_res_blocks=1, attn_res=(8,), cond_ch=32),
-    "small": dict(resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64, unet_mult=(1, 2, 2, 2),
-                  unet_res_blocks=2, attn_res=(8,), cond_ch=64, consistency_weight=1.0),
-    "base": dict(resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,
+    "small": dict(lr=5e-4, resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64,
+                  unet_mult=(1, 2, 2, 2), unet_res_blocks=2, attn_res=(8,), cond_ch=64, consistency_weight=1.0),
+    "base": dict(lr=1e-4, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,
                  unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=2, attn_res=(16,), cond_ch=128, consistency_weight=1.0),
-    "large": dict(resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=192,
+    "large": dict(lr=1e-4, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=192,
                   unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=3, attn_res=(16, 32), cond_ch=192,
                   consistency_weight=1.0),
 }
-
-
-def make_config(preset, **overrides):
-    """A config from a preset name plus overrides; checks that the sizes fit together."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
-    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    if "latent_channels" not in fields or not fields["latent_channels"]:
-        fields["latent_channels"] = DEFAULT_LATENT_CHANNELS.get(fields["compression"], 4)
-    cfg = AEConfig(**fields)
-    f, r = cfg.compression, cfg.resolution
-    if f not in DEFAULT_LATENT_CHANNELS:
-        raise ValueError(f"--compression must be one of {sorted(DEFAULT_LATENT_CHANNELS)}, got {f}")
-    if r % f:
-        raise ValueError(f"--resolution {r} is not divisible by --compression {f}: the latent would have "
-                         f"a fractional size; pick a resolution that is a multiple of {f}")
-    if cfg.decoder not in ("diffusion", "gaussian"):
-        raise ValueError(f"--decoder must be 'diffusion' or 'gaussian', got {cfg.decoder!r}")
-    if r % 2 ** (len(cfg.unet_mult) - 1):
-        raise ValueError(f"--resolution {r} must be divisible by 2^{len(cfg.unet_mult) - 1} (U-Net levels)")
-    if cfg.decoder == "gaussian" and not cfg.gauss_ch:
-        cfg.gauss_ch = matched_gauss_ch(cfg)
-    return cfg
-
-
-def matched_gauss_ch(cfg):
-    """The baseline decoder's base width whose parameter count is closest to the diffusion decoder's.
-
-    A fair DGAE-vs-baseline comparison needs decoders of the same size: otherwise "DGAE wins" may
-    only mean "the bigger decoder wins". Widths are multiples of 8; the models are built on the
-    meta device, which allocates no memory.
-    """
-    with torch.device("meta"):
-        target = common.count_params(DGAE(replace(cfg, decoder="diffusion")).decoder)
-
-        def size(ch):
-            return common.count_params(GaussianDecoder(replace(cfg, gauss_ch=ch)))
-
-        lo, hi = 1, 128  # in units of 8 channels; the count grows with the width, so bisect
-        while lo < hi:
-            mid = (lo + hi) // 2
-            lo, hi = (mid + 1, hi) if size(8 * mid) < target else (lo, mid)
-        return min((8 * max(lo - 1, 1), 8 * lo), key=lambda ch: abs(size(ch) - target))
 
 
 # -----------------------------------------------------------------------------
@@ -317,6 +279,58 @@ class DGAE(nn.Module):
         return total, terms
 
 
+# -----------------------------------------------------------------------------
+# configs: a preset plus overrides
+
+
+def matched_gauss_ch(cfg):
+    """The baseline decoder's base width whose parameter count is closest to the diffusion decoder's.
+
+    A fair DGAE-vs-baseline comparison needs decoders of the same size: otherwise "DGAE wins" may
+    only mean "the bigger decoder wins". Widths are multiples of 8; the models are built on the
+    meta device, which allocates no memory.
+    """
+    with torch.device("meta"):
+        target = common.count_params(DGAE(replace(cfg, decoder="diffusion")).decoder)
+
+        def size(ch):
+            return common.count_params(GaussianDecoder(replace(cfg, gauss_ch=ch)))
+
+        lo, hi = 1, 128  # in units of 8 channels; the count grows with the width, so bisect
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (mid + 1, hi) if size(8 * mid) < target else (lo, mid)
+        return min((8 * max(lo - 1, 1), 8 * lo), key=lambda ch: abs(size(ch) - target))
+
+
+def make_config(preset, **overrides):
+    """A config from a preset name plus overrides (any AEConfig field); checks that the sizes fit.
+
+    The latent channels default to DEFAULT_LATENT_CHANNELS for the compression f.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
+    fields = {**PRESETS[preset], **overrides}
+    if "latent_channels" not in fields:
+        fields["latent_channels"] = DEFAULT_LATENT_CHANNELS.get(fields["compression"], 4)
+    cfg = AEConfig(**fields)
+    f, r = cfg.compression, cfg.resolution
+    if f not in DEFAULT_LATENT_CHANNELS:
+        raise ValueError(f"--compression must be one of {sorted(DEFAULT_LATENT_CHANNELS)}, got {f}")
+    if cfg.latent_channels < 1:
+        raise ValueError(f"--latent-channels must be at least 1, got {cfg.latent_channels}")
+    if r % f:
+        raise ValueError(f"--resolution {r} is not divisible by --compression {f}: the latent would have "
+                         f"a fractional size; pick a resolution that is a multiple of {f}")
+    if cfg.decoder not in ("diffusion", "gaussian"):
+        raise ValueError(f"--decoder must be 'diffusion' or 'gaussian', got {cfg.decoder!r}")
+    if r % 2 ** (len(cfg.unet_mult) - 1):
+        raise ValueError(f"--resolution {r} must be divisible by 2^{len(cfg.unet_mult) - 1} (U-Net levels)")
+    if cfg.decoder == "gaussian" and not cfg.gauss_ch:
+        cfg.gauss_ch = matched_gauss_ch(cfg)
+    return cfg
+
+
 def config_to_dict(cfg):
     d = asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
@@ -324,6 +338,20 @@ def config_to_dict(cfg):
 
 def config_from_dict(d):
     return AEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def encoder_fingerprint(state_dict):
+    """A short hash of the stage-1 encoder's weights (the `encoder.*` entries of a DGAE state dict).
+
+    Latents, their statistics and every DiT trained on them are only valid with this encoder;
+    train_dit.py records the hash in the latent cache and the DiT checkpoint, and sample.py
+    compares it with the stage-1 checkpoint it decodes with.
+    """
+    h = hashlib.sha256()
+    for k in sorted(k for k in state_dict if k.startswith("encoder.")):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def load_dgae(path, device="cpu", ema=True):

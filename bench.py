@@ -29,14 +29,15 @@ from ae import DGAE, make_config
 from data import Loader, build_dataset
 from decoder_diffusion import AttnBlock, ResBlock, euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiTBlock, attention, build_dit
+from train_ae import update_ema
 
 # -----------------------------------------------------------------------------
 # what to measure
 parts = "ae,dit,attn,data"  # any of: ae (stage-1 step, decoding), dit (step, sampling), attn, data
-ae_model = "tiny"  # ae.PRESETS name
+ae_preset = "tiny"  # ae.PRESETS name
 compression = 0  # 0 = the preset's
 lpips = False  # include the LPIPS term in the stage-1 step (needs the weight files, see README)
-dit_model = "DiT-Tiny/1"  # dit.DIT_PRESETS name, on latents of the stage-1 model's shape
+dit_preset = "DiT-Tiny/1"  # dit.DIT_PRESETS name, on latents of the stage-1 model's shape
 attn_impl = "math"  # the models' attention: math | sdpa
 batch_size = 16
 decode_steps = "1,3,10,50"  # decoder Euler steps at which decoding is timed
@@ -148,7 +149,7 @@ def graph_breaks():
 
 def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
     """Time forward + backward + grad clip + AdamW + EMA update of net, loss_fn(net, *batch) being the loss: what
-    common.train_step does with one micro-batch. Returns the EMA copy, which decodes and samples, as in the scripts."""
+    the trainers' loops do with one micro-batch. Returns the EMA copy, which decodes and samples, as in the scripts."""
 
     def fwd_bwd(forward):
         with autocast:
@@ -171,7 +172,7 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        common.update_ema(ema, net, 0.999)
+        update_ema(ema, net, 0.999)
 
     breaks = graph_breaks()
     s, mem = timed(step, dev)
@@ -207,7 +208,7 @@ def stage1(cfg, dev, autocast, no_grad):
 def stage2(cfg, dev, autocast, no_grad):
     """A DiT training step on latents of the stage-1 shape (what train_dit.py reads from its cache), then sampling."""
     h, c = cfg.resolution // cfg.compression, cfg.latent_channels
-    dit = build_dit(dit_model, h, c, 1000, attn_impl=attn_impl).to(dev)
+    dit = build_dit(dit_preset, h, c, 1000, attn_impl=attn_impl).to(dev)
     tokens = dit.grid[0] * dit.grid[1]
     z = torch.randn(batch_size, c, h, h, device=dev)
     y = torch.randint(0, 1000, (batch_size,), device=dev)
@@ -230,8 +231,8 @@ def stage2(cfg, dev, autocast, no_grad):
 
 def attention_rows(dev, dtype):
     """Attention alone with the DiT's heads and head size: eager math, compiled math, the fused kernel."""
-    H = DIT_PRESETS[dit_model]["num_heads"]
-    D = DIT_PRESETS[dit_model]["hidden_size"] // H
+    H = DIT_PRESETS[dit_preset]["num_heads"]
+    D = DIT_PRESETS[dit_preset]["hidden_size"] // H
     impls = {"math": lambda q, k, v: attention(q, k, v, "math"),
              "math_compiled": torch.compile(lambda q, k, v: attention(q, k, v, "math"), dynamic=False),
              "sdpa": lambda q, k, v: attention(q, k, v, "sdpa")}
@@ -290,7 +291,7 @@ def main():
     peak_flops_per_s = 2 * n**3 / s
     record(f"matmul_{n}", s, mem, flops=2 * n**3)
     del a, b
-    cfg = make_config(ae_model, compression=compression or None, attn_impl=attn_impl)
+    cfg = make_config(ae_preset, attn_impl=attn_impl, **({"compression": compression} if compression else {}))
     if "ae" in wanted:
         stage1(cfg, dev, autocast, no_grad)
     if "dit" in wanted:
@@ -350,9 +351,9 @@ def compare_runs(path_a, path_b):
 
 
 if __name__ == "__main__":
-    settings = common.configure(globals())  # here, not at import time: the tests import this file
+    settings, given = common.configure(globals())  # here, not at import time: the tests import this file
     if quick:
-        globals().update({k: v for k, v in QUICK.items() if k not in _given})
+        globals().update({k: v for k, v in QUICK.items() if k not in given})
         settings = {k: globals()[k] for k in settings}
     if compare:
         compare_runs(*compare.split(","))

@@ -14,6 +14,8 @@ all read images through this file, so they all see the same pixels:
   checkpoint so that `--resume` replays exactly the batches the interrupted run would have seen.
 - random_hflip: the training augmentation, applied to the batch in the trainer so that it draws
   from the (checkpointed) global torch RNG instead of from worker processes.
+- first_good, to_uint8, save_image_grid, default_classes: images going out (grids, uint8 arrays)
+  and the classes a sample grid shows.
 
 Images are float32 tensors (3, H, W) in [-1, 1]; labels are Python ints.
 """
@@ -389,7 +391,7 @@ def random_hflip(x, generator=None):
 
 
 # -----------------------------------------------------------------------------
-# images out: grids and uint8 arrays
+# images out: grids, their classes and uint8 arrays
 
 
 def first_good(dataset, n):
@@ -401,6 +403,15 @@ def first_good(dataset, n):
         if dataset[i] is not None:
             out.append(i)
     return out
+
+
+# DiT's sample.py favourites: golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox
+IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
+
+
+def default_classes(num_classes):
+    """The classes a class-conditional sample grid shows unless told otherwise (one row each)."""
+    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10)))
 
 
 def to_uint8(x):

@@ -7,8 +7,10 @@ denoises it into the image, guided by z. This file holds:
 1. the rectified-flow math (noising, velocity target, t sampling, the one-step estimate of the
    clean image, and the Euler ODE sampler). These are plain functions of tensors, independent of
    any network, and the stage-2 DiT reuses them unchanged;
-2. the network blocks (residual block with time-modulated normalisation, self-attention block,
-   down/up-sampling) that the U-Net here and the encoder in ae.py are built from;
+2. the network blocks: the `attention` and `timestep_embedding` functions (the stage-2 DiT in
+   dit.py uses these two as well), the residual block with time-modulated normalisation, the
+   self-attention block and down/up-sampling, from which the U-Net here and the encoder in ae.py
+   are built;
 3. the latent conditioning network ("latent decoder") that turns z into a feature map at every
    U-Net resolution, and the conditional U-Net denoiser itself.
 
@@ -21,10 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dit import attention, timestep_embedding
-
 # -----------------------------------------------------------------------------
-# 1. rectified flow (our choice, DESIGN.md §2; the paper states "a conditional diffusion model")
+# 1. rectified flow. The paper states only "a conditional diffusion model"; rectified flow is our
+# choice (README, "What the paper states and what we chose"): its straight path needs no noise
+# schedule, and a few Euler steps already decode well, which keeps decoding cheap.
 #
 # The forward process is a straight line between the data x and noise eps:
 #     x_t = (1 - t) x + t eps
@@ -113,7 +115,46 @@ def euler_sample(velocity_fn, x1, steps, shift=1.0):
 
 
 # -----------------------------------------------------------------------------
-# 2. network blocks (shared with the encoder and the baseline decoder in ae.py)
+# 2. network blocks (shared with the encoder and the baseline decoder in ae.py, and the first two
+#    functions with the DiT in dit.py)
+
+
+def attention(q, k, v, impl="math"):
+    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
+
+    q, k, v: (B, nh, T, hs). Returns (B, nh, T, hs).
+    impl="math" is the readable reference: plain matmuls with the softmax in fp32 (under bf16
+    autocast the logits would otherwise lose precision). It has no data-dependent Python control
+    flow, so torch.compile captures it whole and fuses it into a few GPU kernels.
+    impl="sdpa" calls F.scaled_dot_product_attention, PyTorch's fused (flash / memory-efficient)
+    kernel. Both compute the same function; tests check they agree, forward and backward.
+    """
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl != "math":
+        raise ValueError(f"unknown attention impl {impl!r}; use 'math' or 'sdpa'")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
+    # softmax in (at least) fp32, then back to the compute dtype
+    att = att.to(torch.promote_types(att.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
+    return att @ v  # (B, nh, T, hs)
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of the diffusion time t, as in the Transformer position encoding.
+
+    t: (B,) floats in [0, 1] (rectified-flow time). We multiply by 1000 first so that the
+    frequencies see the same range as the integer-timestep models this embedding was designed for;
+    without it, t in [0, 1] would barely move the low frequencies.
+    Returns (B, dim).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
 
 
 def Norm(ch):
@@ -204,7 +245,8 @@ class Upsample(nn.Module):
 class LatentDecoder(nn.Module):
     """Turns z (B, c, H/f, W/f) into a feature map at every resolution from H/f up to H.
 
-    This is how z guides the diffusion decoder by default (our design, DESIGN.md §2): a small
+    This is how z guides the diffusion decoder by default. The paper says only that the decoder
+    is guided by z; how is our design (README, "What the paper states and what we chose"): a small
     convolutional decoder upsamples z step by step, and the U-Net adds a projection of the map of
     matching size to its activations. The U-Net thus receives z's content at every scale, already
     spread out spatially, instead of having to infer it from a tiny tensor at the input.
@@ -228,19 +270,11 @@ class LatentDecoder(nn.Module):
         return feats
 
 
-class Level(nn.Module):
-    """One resolution of the U-Net: its residual(+attention) blocks, the projection of the
-    latent-decoder features added at its start, and the down/up-sampling that leaves it."""
-
-    def __init__(self, blocks, cond_proj, resample):
-        super().__init__()
-        self.blocks, self.cond_proj, self.resample = nn.ModuleList(blocks), cond_proj, resample
-
-
-def _run(block, h, emb):
-    for layer in block:
-        h = layer(h, emb)
-    return h
+def _features_at(feats, r):
+    """The latent-decoder map at resolution r; below the latent's own resolution, average-pool it."""
+    if r in feats:
+        return feats[r]
+    return F.adaptive_avg_pool2d(feats[min(feats)], r)
 
 
 class UNet(nn.Module):
@@ -254,55 +288,76 @@ class UNet(nn.Module):
     """
 
     def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math", zero_init=True):
+                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math"):
         super().__init__()
         if cond not in ("latent_decoder", "concat"):
             raise ValueError(f"unknown cond {cond!r}; use 'latent_decoder' or 'concat'")
-        self.cond, self.compression, self.ch = cond, compression, ch
-        emb_dim = 4 * ch
+        self.cond = cond
+        self.compression = compression
+        self.ch = ch
+        emb_dim = 4 * ch  # the time embedding that modulates every ResBlock
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.conv_in = nn.Conv2d(3 + (latent_channels if cond == "concat" else 0), ch, 3, padding=1)
+        in_ch = 3 + latent_channels if cond == "concat" else 3  # concat: the upsampled z sits beside x_t
+        self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         if cond == "latent_decoder":
             self.latent_decoder = LatentDecoder(latent_channels, compression, cond_ch)
 
-        def cond_proj(c):  # 1x1 conv from latent-decoder features to this level's width
-            return nn.Conv2d(cond_ch, c, 1) if cond == "latent_decoder" else None
+        # Each level of either path is a ModuleDict: "blocks" (each a ResBlock, plus self-attention
+        # at the resolutions in attn_res), "cond_proj" (a 1x1 conv from the latent-decoder features
+        # to the level's width; latent_decoder conditioning only) and "resample" (not on the level
+        # nearest the middle). The modules are created in the order cond_proj, blocks, resample,
+        # and stored in the order blocks, cond_proj, resample: that is the initialisation and the
+        # parameter order (optimizer state is stored by position) of every checkpoint so far.
 
-        def block(c_in, c_out, res):
-            layers = [ResBlock(c_in, c_out, emb_dim, dropout)]
-            if res in attn_res:
-                layers.append(AttnBlock(c_out, attn_impl=attn_impl))
-            return nn.ModuleList(layers)
-
-        # down path; `skips` records the width of every tensor the up path will concatenate
-        self.down, skips, cur, res = nn.ModuleList(), [ch], ch, resolution
+        # down path; skip_widths lists the width of every tensor it keeps for the up path, in order
+        self.down = nn.ModuleList()
+        skip_widths = [ch]  # conv_in's output is the first skip
+        width = ch
+        res = resolution
         for level, mult in enumerate(ch_mult):
-            proj, blocks = cond_proj(cur), []
+            cond_proj = nn.Conv2d(cond_ch, width, 1) if cond == "latent_decoder" else None
+            blocks = nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(block(cur, ch * mult, res))
-                cur = ch * mult
-                skips.append(cur)
-            last = level == len(ch_mult) - 1
-            self.down.append(Level(blocks, proj, None if last else Downsample(cur)))
-            if not last:
-                skips.append(cur)
+                block = nn.ModuleList([ResBlock(width, ch * mult, emb_dim, dropout)])
+                if res in attn_res:
+                    block.append(AttnBlock(ch * mult, attn_impl=attn_impl))
+                blocks.append(block)
+                width = ch * mult
+                skip_widths.append(width)
+            stage = nn.ModuleDict({"blocks": blocks})
+            if cond_proj is not None:
+                stage["cond_proj"] = cond_proj
+            if level < len(ch_mult) - 1:
+                stage["resample"] = Downsample(width)
+                skip_widths.append(width)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(cur, cur, emb_dim, dropout), AttnBlock(cur, attn_impl=attn_impl),
-                                  ResBlock(cur, cur, emb_dim, dropout)])
+            self.down.append(stage)
 
-        # up path, the mirror image; every block eats one skip, so there is one block more per level
+        self.mid = nn.ModuleList([ResBlock(width, width, emb_dim, dropout), AttnBlock(width, attn_impl=attn_impl),
+                                  ResBlock(width, width, emb_dim, dropout)])
+
+        # up path, the mirror image; every block eats one skip, so a level has one block more
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
-            proj, blocks = cond_proj(cur), []
+            cond_proj = nn.Conv2d(cond_ch, width, 1) if cond == "latent_decoder" else None
+            blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                blocks.append(block(cur + skips.pop(), ch * mult, res))
-                cur = ch * mult
-            self.up.append(Level(blocks, proj, Upsample(cur) if level > 0 else None))
-            res *= 2
-        self.norm_out = Norm(cur)
-        self.conv_out = nn.Conv2d(cur, 3, 3, padding=1)
-        if zero_init:
-            self._zero_init_residual_branches()
+                block = nn.ModuleList([ResBlock(width + skip_widths.pop(), ch * mult, emb_dim, dropout)])
+                if res in attn_res:
+                    block.append(AttnBlock(ch * mult, attn_impl=attn_impl))
+                blocks.append(block)
+                width = ch * mult
+            stage = nn.ModuleDict({"blocks": blocks})
+            if cond_proj is not None:
+                stage["cond_proj"] = cond_proj
+            if level > 0:
+                stage["resample"] = Upsample(width)
+                res *= 2
+            self.up.append(stage)
+
+        self.norm_out = Norm(width)
+        self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
+        self._zero_init_residual_branches()
 
     def _zero_init_residual_branches(self):
         """ADM's initialisation: the last layer of every residual branch (ResBlock.conv2, the
@@ -311,10 +366,13 @@ class UNet(nn.Module):
         nothing instead of first undoing random noise, which converges faster and more stably."""
         for m in self.modules():
             if isinstance(m, ResBlock):
-                nn.init.zeros_(m.conv2.weight), nn.init.zeros_(m.conv2.bias)
+                nn.init.zeros_(m.conv2.weight)
+                nn.init.zeros_(m.conv2.bias)
             elif isinstance(m, AttnBlock):
-                nn.init.zeros_(m.proj.weight), nn.init.zeros_(m.proj.bias)
-        nn.init.zeros_(self.conv_out.weight), nn.init.zeros_(self.conv_out.bias)
+                nn.init.zeros_(m.proj.weight)
+                nn.init.zeros_(m.proj.bias)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, x_t, t, z):
         """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f). Returns v_hat (B, 3, H, W)."""
@@ -327,29 +385,26 @@ class UNet(nn.Module):
             feats = self.latent_decoder(z)  # {r: (B, cond_ch, r, r)} for r = H/f ... H
 
         h = self.conv_in(x_t)  # (B, ch, H, W)
-        hs = [h]
-        for level in self.down:
+        skips = [h]
+        for stage in self.down:
             if feats is not None:
-                h = h + level.cond_proj(_features_at(feats, h.shape[-1]))  # z guides every scale
-            for block in level.blocks:
-                h = _run(block, h, emb)
-                hs.append(h)
-            if level.resample is not None:
-                h = level.resample(h)
-                hs.append(h)
-        h = _run(self.mid, h, emb)  # (B, C_mid, H_min, W_min)
-        for level in self.up:
+                h = h + stage["cond_proj"](_features_at(feats, h.shape[-1]))  # z guides every scale
+            for block in stage["blocks"]:
+                for layer in block:  # a ResBlock, then maybe self-attention
+                    h = layer(h, emb)
+                skips.append(h)
+            if "resample" in stage:
+                h = stage["resample"](h)  # (B, C, H/2, W/2)
+                skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb)  # (B, C_mid, H_min, W_min)
+        for stage in self.up:
             if feats is not None:
-                h = h + level.cond_proj(_features_at(feats, h.shape[-1]))
-            for block in level.blocks:
-                h = _run(block, torch.cat([h, hs.pop()], dim=1), emb)
-            if level.resample is not None:
-                h = level.resample(h)
+                h = h + stage["cond_proj"](_features_at(feats, h.shape[-1]))
+            for block in stage["blocks"]:
+                h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+                for layer in block:
+                    h = layer(h, emb)
+            if "resample" in stage:
+                h = stage["resample"](h)  # (B, C, 2H, 2W)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
-
-
-def _features_at(feats, r):
-    """The latent-decoder map at resolution r; below the latent's own resolution, average-pool it."""
-    if r in feats:
-        return feats[r]
-    return F.adaptive_avg_pool2d(feats[min(feats)], r)

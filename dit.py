@@ -6,59 +6,15 @@ rectified-flow path x_t = (1-t) z + t eps, the time t and a class label, and pre
 v = eps - z. train_dit.py trains it on cached latents; sample.py integrates it from t=1 to t=0 with
 classifier-free guidance (`forward_with_cfg`) and hands the latent to the DGAE decoder.
 
-Layout, top to bottom: the two pieces every network in the repository shares (`attention`, used by
-the DiT blocks and the stage-1 U-Net, and `timestep_embedding`); small DiT helpers (adaLN
-`modulate`, the 2-D sin-cos position table); the embedders and the adaLN-Zero block; the `DiT`
-model; the table of presets ("DiT-XL/2", ...) and `build_dit`.
+Layout, top to bottom: small DiT helpers (adaLN `modulate`, the 2-D sin-cos position table); the
+embedders and the adaLN-Zero block; the `DiT` model; the table of presets ("DiT-XL/2", ...) and
+`build_dit`. The attention and the time embedding are stage 1's, from decoder_diffusion.py.
 """
-
-import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-# -----------------------------------------------------------------------------
-# shared building blocks
-
-
-def attention(q, k, v, impl="math"):
-    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
-
-    q, k, v: (B, nh, T, hs). Returns (B, nh, T, hs).
-    impl="math" is the readable reference: plain matmuls with the softmax in fp32 (under bf16
-    autocast the logits would otherwise lose precision). It has no data-dependent Python control
-    flow, so torch.compile captures it whole and fuses it into a few GPU kernels.
-    impl="sdpa" calls F.scaled_dot_product_attention, PyTorch's fused (flash / memory-efficient)
-    kernel. Both compute the same function; tests check they agree, forward and backward.
-    """
-    if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v)
-    if impl != "math":
-        raise ValueError(f"unknown attention impl {impl!r}; use 'math' or 'sdpa'")
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
-    # softmax in (at least) fp32, then back to the compute dtype
-    att = att.to(torch.promote_types(att.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
-    return att @ v  # (B, nh, T, hs)
-
-
-def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of the diffusion time t, as in the Transformer position encoding.
-
-    t: (B,) floats in [0, 1] (rectified-flow time). We multiply by 1000 first so that the
-    frequencies see the same range as the integer-timestep models this embedding was designed for;
-    without it, t in [0, 1] would barely move the low frequencies.
-    Returns (B, dim).
-    """
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = (t.float() * 1000.0)[:, None] * freqs[None, :]  # (B, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
+from decoder_diffusion import attention, timestep_embedding
 
 # -----------------------------------------------------------------------------
 # DiT helpers
@@ -145,7 +101,7 @@ class LabelEmbedder(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the patch tokens, through the shared `attention` above."""
+    """Multi-head self-attention over the patch tokens, through the shared `attention` (decoder_diffusion.py)."""
 
     def __init__(self, dim, num_heads, attn_impl):
         super().__init__()
@@ -298,11 +254,13 @@ class DiT(nn.Module):
         """Classifier-free guidance: v = v_uncond + cfg_scale * (v_cond - v_uncond), on ALL channels.
 
         The conditional and the null-class passes run as one batch of 2B (one pass of the weights,
-        better GPU use). cfg_scale = 1 gives the plain conditional model (call forward instead, it is
-        half the work), 0 the unconditional one. Label dropout is forced off for the conditional
-        half, so this is deterministic even if the model is in training mode.
+        better GPU use). cfg_scale = 1 is the plain conditional model, computed as one forward pass
+        of B (half the work); 0 the unconditional one. Label dropout is forced off for the
+        conditional half, so this is deterministic even if the model is in training mode.
         """
         B = x.shape[0]
+        if cfg_scale == 1.0:
+            return self.forward(x, t, y, force_drop=torch.zeros(B, dtype=torch.bool, device=x.device))
         drop = torch.arange(2 * B, device=x.device) >= B  # (2B,) False: conditional half, True: null half
         v = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop=drop)
         v_cond, v_uncond = v[:B], v[B:]  # each (B, C, H, W)

@@ -1,5 +1,5 @@
 """
-Evaluation: the numbers papers report, computed the way the field computes them (DESIGN.md §4).
+Evaluation: the numbers papers report, computed the way the field computes them.
 
     python eval.py recon --ckpt out/ae/ckpt.pt --data /imagenet/val           # stage 1: PSNR SSIM LPIPS rFID
     python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # stage 2: FID sFID IS P/R
@@ -75,6 +75,11 @@ device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
 
 FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
+
+# Held-out images of the built-in dataset: item i of the dataset with this seed. train_ae.py draws
+# its built-in training images from --seed (default 0), so a run never trains on these.
+HELDOUT_SEED = 999_999
+HELDOUT_SIZE = 500  # images scored when --data is empty and --num-images is 0
 
 # -----------------------------------------------------------------------------
 # pixel metrics: inputs are (B, 3, H, W) float tensors of integers in [0, 255]
@@ -231,16 +236,17 @@ def precision_recall(ref_feats, sample_feats, k=3, device="cpu"):
 
 
 class ImageSource:
-    """Images from an .npz (arr_0: (N, H, W, 3) uint8), a folder (ADM center crop to `res`), or, for
-    recon with no path, `builtin_size` held-out images of the built-in procedural dataset.
+    """Images from an .npz (arr_0: (N, H, W, 3) uint8), a folder (ADM center crop to `res`, read by
+    `num_workers` loader processes), or, for recon with no path, `builtin_size` held-out images of
+    the built-in procedural dataset.
 
     .npz files are streamed: 50K 256^2 samples are 9.8 GB, so each rank seeks to its shard inside
     the arr_0.npy member (cheap when stored uncompressed, as np.savez writes it) and reads one
     batch at a time instead of loading it all.
     """
 
-    def __init__(self, path, res, builtin_size=0):
-        self.path, self.n_bad = path, 0
+    def __init__(self, path, res, builtin_size=0, num_workers=0):
+        self.path, self.n_bad, self.num_workers = path, 0, num_workers
         if not path and builtin_size:  # recon without --data: held-out images of the built-in dataset
             self.dataset = ProceduralDataset(res, size=builtin_size, seed=HELDOUT_SEED)
             self.n = len(self.dataset)
@@ -285,7 +291,7 @@ class ImageSource:
                     yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
         else:
             shard = Subset(self.dataset, range(lo, hi))
-            for x, _, n_bad in DataLoader(shard, bs, num_workers=num_workers, collate_fn=collate_skip_bad):
+            for x, _, n_bad in DataLoader(shard, bs, num_workers=self.num_workers, collate_fn=collate_skip_bad):
                 self.n_bad += n_bad
                 if len(x):
                     yield to_pixels(x)
@@ -306,7 +312,7 @@ def total(count, dist):
 
 
 @torch.no_grad()
-def inception_features(source, model, dist, limit=0, desc=""):
+def inception_features(source, model, dist, batch_size, limit=0, desc=""):
     """Pool, spatial and logit features of the first `limit` (0 = all) images of a source, gathered."""
     lo, hi = source.shard(limit, batch_size, dist)
     feats = {k: [] for k in FEATURE_DIMS}
@@ -340,13 +346,7 @@ def write_results(results, path):
 # the three modes
 
 
-# Held-out images of the built-in dataset: item i of the dataset with this seed. train_ae.py draws
-# its built-in training images from --seed (default 0), so a run never trains on these.
-HELDOUT_SEED = 999_999
-HELDOUT_SIZE = 500  # images scored when --data is empty and --num-images is 0
-
-
-def optional_measures(dist):
+def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
     """The LPIPS and Inception networks when their weight files are present, and why each is missing.
 
     Returns (lpips_net or None, inception or None, {metric: reason it was skipped}). A path the
@@ -423,8 +423,8 @@ def run_recon(dist):
                          "or empty for held-out images of the built-in dataset")
     model = load_dgae(ckpt, dist.device)
     steps = decode_steps or model.cfg.decode_steps
-    lpips_net, inception, skipped = optional_measures(dist)
-    source = ImageSource(data, model.cfg.resolution, builtin_size=num_images or HELDOUT_SIZE)
+    lpips_net, inception, skipped = optional_measures(dist, vgg_path, lpips_path, inception_path)
+    source = ImageSource(data, model.cfg.resolution, num_images or HELDOUT_SIZE, num_workers)
     scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed, lpips_net, inception)
     if dist.master:
         results = {"mode": "recon", "ckpt": ckpt, "data": data or f"built-in, held-out (seed {HELDOUT_SEED})",
@@ -453,10 +453,12 @@ def run_gen(dist):
     if "mu" not in ref_stats and not has_images:
         raise SystemExit(f"--ref {ref} has neither statistics (mu, sigma) nor images (arr_0)")
     inception = load_inception(inception_path or None, dist.device)
-    fake = inception_features(ImageSource(samples, resolution), inception, dist, num_images, "samples")
+    fake = inception_features(ImageSource(samples, resolution, num_workers=num_workers), inception, dist, batch_size,
+                              num_images, "samples")
     ref_feats = None
     if has_images and (prec_recall or "mu" not in ref_stats):
-        ref_feats = inception_features(ImageSource(ref, resolution), inception, dist, 0, "reference")
+        ref_feats = inception_features(ImageSource(ref, resolution, num_workers=num_workers), inception, dist,
+                                       batch_size, 0, "reference")
     if not dist.master:
         return
     if "mu" not in ref_stats:
@@ -480,7 +482,8 @@ def run_stats(dist):
     if not images or not out:
         raise SystemExit("stats needs --images (.npz with arr_0, or a folder) and --out (the .npz to write)")
     inception = load_inception(inception_path or None, dist.device)
-    feats = inception_features(ImageSource(images, resolution), inception, dist, num_images, "images")
+    feats = inception_features(ImageSource(images, resolution, num_workers=num_workers), inception, dist, batch_size,
+                               num_images, "images")
     if dist.master:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         np.savez(out, **stats_of(feats, dist.device), num_images=len(feats["pool"]))
@@ -523,7 +526,7 @@ def run_compare(dist):
     rows = []
     for decoder, channels, path in runs:
         model = load_dgae(path, dist.device)
-        source = ImageSource(data, model.cfg.resolution, builtin_size=num_images or HELDOUT_SIZE)
+        source = ImageSource(data, model.cfg.resolution, num_images or HELDOUT_SIZE, num_workers)
         for steps in ((1, 3, 10, 50) if decoder == "diffusion" else (0,)):
             scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed)
             rows.append({"decoder": "DGAE (diffusion)" if decoder == "diffusion" else "Gaussian",
@@ -551,14 +554,20 @@ def run_compare(dist):
 
 MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "compare": run_compare}
 
-if __name__ == "__main__":
+
+def main():
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         common.configure(globals(), ["--help"])  # lists the settings and exits
-    if sys.argv[1] not in MODES:
-        raise SystemExit(f"error: unknown mode {sys.argv[1]!r}; usage: python eval.py {{recon,gen,stats}} --name value ...")
-    common.configure(globals(), sys.argv[2:])
+    mode = sys.argv[1]
+    if mode not in MODES:
+        raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
+    common.configure(globals(), sys.argv[2:])  # the settings follow the mode
     dist = common.setup_distributed(device)
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
-        MODES[sys.argv[1]](dist)
+        MODES[mode](dist)
     common.shutdown(dist)
+
+
+if __name__ == "__main__":
+    main()

@@ -87,6 +87,17 @@ def unit_normalize(f, eps=NORM_EPS):
     return f / (norm + eps)
 
 
+def check_keys(state, expected, what):
+    """Raise ValueError unless `state` has exactly the keys and shapes in `expected`."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in sorted(set(state) & set(expected))
+                 if tuple(state[k].shape) != expected[k]]
+    if missing or unexpected or misshaped:
+        raise ValueError(f"{what} state dict does not match the published layout: "
+                         f"missing {missing}, unexpected {unexpected}, wrong shape {misshaped}")
+
+
 class LPIPS(nn.Module):
     """LPIPS v0.1 with the VGG16 trunk. forward(x, y) -> (B,) distances, images in [-1, 1].
 
@@ -176,17 +187,6 @@ class LPIPS(nn.Module):
         check_keys(lpips_state, lin_expected, f"LPIPS v0.1 heads ({LPIPS_FILE})")
         self.load_state_dict({**vgg_state, **lpips_state}, strict=True)
         return self
-
-
-def check_keys(state, expected, what):
-    """Raise ValueError unless `state` has exactly the keys and shapes in `expected`."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in sorted(set(state) & set(expected))
-                 if tuple(state[k].shape) != expected[k]]
-    if missing or unexpected or misshaped:
-        raise ValueError(f"{what} state dict does not match the published layout: "
-                         f"missing {missing}, unexpected {unexpected}, wrong shape {misshaped}")
 
 
 def load_lpips(vgg_path=None, lpips_path=None, required=True, device="cpu"):

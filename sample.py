@@ -9,7 +9,7 @@ Sampling: class-conditional images from a trained DiT (stage 2), and stage-1 rec
 A sample: noise (C, h, w) -> Euler ODE of the DiT's velocity, classifier-free guidance on all
 channels -> un-normalised latent -> the stage-1 DGAE decoder (a diffusion model: it draws noise too).
 The DiT checkpoint records its stage-1 checkpoint and the latent mean/std, so --ckpt is all it
-takes. train_dit.py's grids call `generate` too.
+takes. train_dit.py's grids are made the same way, from the EMA DiT during training.
 
 Determinism: samples are made in chunks of --batch-size consecutive indices; chunk c takes its
 labels, DiT noise and decoder seed from a generator seeded by (seed, c) alone, and rank r makes
@@ -19,7 +19,6 @@ The .npz: uint8 N x H x W x 3 under `arr_0` (what the ADM ImageNet evaluator rea
 (The flag is --num-samples, not --num: torchrun would take --num for its own --numa-binding.)
 """
 
-import hashlib
 import os
 import sys
 
@@ -28,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 import common
-from ae import load_dgae
-from data import ImageFolderDataset, first_good, save_image_grid, to_uint8
+from ae import encoder_fingerprint, load_dgae
+from data import ImageFolderDataset, default_classes, first_good, save_image_grid, to_uint8
 from decoder_diffusion import euler_sample
 from dit import DiT
 
@@ -52,21 +51,6 @@ attn_impl = ""  # "" = as trained; sdpa is faster on GPUs
 device = ""
 # -----------------------------------------------------------------------------
 
-IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's sample.py favourites: retriever, otter, panda, ...
-
-
-def encoder_fingerprint(state_dict):
-    """A short hash of the stage-1 encoder's weights (the `encoder.*` entries of a DGAE state dict).
-
-    Latents, their statistics and every DiT trained on them are only valid with this encoder;
-    train_dit.py records the hash in the latent cache and the DiT checkpoint, and both compare it.
-    """
-    h = hashlib.sha256()
-    for k in sorted(k for k in state_dict if k.startswith("encoder.")):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
 
 def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
     """Everything random about chunk `chunk`, from (seed, chunk) alone: n labels (uniform unless
@@ -84,11 +68,18 @@ def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decod
     The same rectified-flow Euler sampler as the decoder (decoder_diffusion.euler_sample), here on
     the DiT's velocity; with guidance, v = v_uncond + s (v_cond - v_uncond) on every channel.
     """
-    guided = cfg_scale != 1.0  # without guidance, one plain forward pass instead of two
-    velocity = (lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale)) if guided else (lambda x, t: dit(x, t, y))
-    z = euler_sample(velocity, noise, steps)  # (B, C, h, w): a normalised latent at t=0
+    z = euler_sample(lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale), noise, steps)  # (B, C, h, w) at t=0
     z = z.float() * latent_std.view(1, -1, 1, 1) + latent_mean.view(1, -1, 1, 1)  # back to the encoder's scale
     return ae.decode(z, decode_steps or None, seed=decode_seed)
+
+
+def _or_exit(load, *args):
+    """Call a checkpoint loader; a missing or wrong-kind file becomes a one-line error, not a traceback."""
+    try:
+        return load(*args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}. sample.py takes a train_dit.py checkpoint, or a train_ae.py one "
+                         "with --images FOLDER (reconstructions).") from None
 
 
 def load_models(path, device, ae_path="", attn=""):
@@ -107,22 +98,9 @@ def load_models(path, device, ae_path="", attn=""):
     return dit.to(device).eval(), ae, ck
 
 
-def _or_exit(load, *args):
-    """Call a checkpoint loader; a missing or wrong-kind file becomes a one-line error, not a traceback."""
-    try:
-        return load(*args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}. sample.py takes a train_dit.py checkpoint, or a train_ae.py one "
-                         "with --images FOLDER (reconstructions).") from None
-
-
-def default_classes(num_classes):
-    """The classes a grid shows unless told otherwise (train_dit.py's grids too)."""
-    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10)))
-
-
-def grid_labels(num_classes):
-    """--classes (or the default classes), each repeated per_class times: one grid row per class."""
+def grid_labels(classes, per_class, num_classes):
+    """--classes (a comma-separated string; "" = the default classes), each repeated per_class times:
+    one grid row per class."""
     try:
         cls = [int(c) for c in classes.split(",")] if classes else default_classes(num_classes)
     except ValueError:
@@ -133,46 +111,12 @@ def grid_labels(num_classes):
     return torch.tensor(cls).repeat_interleave(per_class)
 
 
-def main():
-    global num_samples
-    common.configure(globals())  # here, not at import time: train_dit.py and the tests import this file
-    num_samples = num_samples or num
-    dist = common.setup_distributed(device)
-    if images:  # stage 1: reconstructions
-        return reconstruct(dist)
-    dit, ae, ck = load_models(ckpt, dist.device, ae_ckpt, attn_impl)
-    mean, std = ck["latent_mean"].to(dist.device), ck["latent_std"].to(dist.device)
-    labels = None if num_samples > 0 else grid_labels(ck["num_classes"])
-    total = num_samples if num_samples > 0 else len(labels)
-    n_chunks = -(-total // batch_size)
-    path = out or os.path.join(os.path.dirname(ckpt), "samples.npz" if num_samples > 0 else "samples.png")
-    if dist.master:
-        print(f"{total} samples from {ckpt} (step {ck['step']}), cfg {cfg_scale}, {steps} DiT steps, "
-              f"decoder {decode_steps or ae.cfg.decode_steps} steps, seed {seed}", flush=True)
-    parts = []
-    with common.autocast_context(dist.device):
-        for c in tqdm(range(dist.rank, n_chunks, dist.world_size), disable=not dist.master, desc="sampling"):
-            lo, hi = c * batch_size, min(total, (c + 1) * batch_size)
-            y, noise, dseed = chunk_inputs(seed, c, hi - lo, ck["num_classes"], ck["latent_shape"],
-                                           None if labels is None else labels[lo:hi])
-            x = generate(dit, ae, y.to(dist.device), noise.to(dist.device), steps, cfg_scale, mean, std, decode_steps, dseed)
-            parts.append((to_uint8(x), y.numpy()))
-    imgs, ys = _in_index_order(parts, total, n_chunks, dist, path)
-    if dist.master:
-        if num_samples > 0:
-            np.savez(path, arr_0=imgs, labels=ys)
-        else:
-            save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
-            print("rows: " + ", ".join(ck["class_names"][c] for c in labels[::per_class].tolist()))
-        print(f"wrote {path}", flush=True)
-    common.shutdown(dist)
-
-
-def _in_index_order(parts, total, n_chunks, dist, path):
+def in_index_order(parts, total, n_chunks, batch_size, dist, path):
     """Every rank's chunks -> (images (N, H, W, 3) uint8, labels (N,)) in sample-index order, on rank 0.
 
-    Ranks hand their parts over as files beside the output (50K samples at 256 px are ~10 GB, too
-    much for a collective), so with several nodes the output must be on a shared file system."""
+    Ranks hand their parts over as files beside the output `path` (50K samples at 256 px are
+    ~10 GB, too much for a collective), so with several nodes the output must be on a shared file
+    system."""
     imgs, ys = (np.concatenate(a) for a in zip(*parts)) if parts else (np.zeros(0, np.uint8), np.zeros(0, np.int64))
     if not dist.ddp:
         return imgs, ys
@@ -194,17 +138,52 @@ def _in_index_order(parts, total, n_chunks, dist, path):
 
 
 @torch.no_grad()
-def reconstruct(dist):
-    """Stage 1: the first --num-samples (default 8) readable images of --images beside their reconstructions."""
+def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
+    """Stage 1: the first n readable images of `folder` beside their reconstructions, into `path`."""
+    ae = _or_exit(load_dgae, ckpt_path, device)
+    with common.user_errors():  # no such folder, no images in it
+        dataset = ImageFolderDataset(folder, ae.cfg.resolution)
+    x = torch.stack([dataset[i][0] for i in first_good(dataset, n)]).to(device)
+    recon = ae.reconstruct(x, decode_steps or None, seed=seed)  # (N, 3, H, W)
+    save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
+    print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)
+
+
+def main():
+    global num_samples
+    common.configure(globals())
+    num_samples = num_samples or num
+    dist = common.setup_distributed(device)
+    if images:  # stage 1: reconstructions, on rank 0
+        if dist.master:
+            reconstruct(ckpt, images, num_samples or 8, decode_steps, seed,
+                        out or os.path.join(os.path.dirname(ckpt), "recon.png"), dist.device)
+        return common.shutdown(dist)
+    dit, ae, ck = load_models(ckpt, dist.device, ae_ckpt, attn_impl)
+    mean, std = ck["latent_mean"].to(dist.device), ck["latent_std"].to(dist.device)
+    labels = None if num_samples > 0 else grid_labels(classes, per_class, ck["num_classes"])
+    total = num_samples if num_samples > 0 else len(labels)
+    n_chunks = -(-total // batch_size)
+    path = out or os.path.join(os.path.dirname(ckpt), "samples.npz" if num_samples > 0 else "samples.png")
     if dist.master:
-        ae = _or_exit(load_dgae, ckpt, dist.device)
-        with common.user_errors():  # no such folder, no images in it
-            dataset = ImageFolderDataset(images, ae.cfg.resolution)
-        x = torch.stack([dataset[i][0] for i in first_good(dataset, num_samples or 8)]).to(dist.device)
-        recon = ae.reconstruct(x, decode_steps or None, seed=seed)  # (N, 3, H, W)
-        path = out or os.path.join(os.path.dirname(ckpt), "recon.png")
-        save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
-        print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)
+        print(f"{total} samples from {ckpt} (step {ck['step']}), cfg {cfg_scale}, {steps} DiT steps, "
+              f"decoder {decode_steps or ae.cfg.decode_steps} steps, seed {seed}", flush=True)
+    parts = []
+    with common.autocast_context(dist.device):
+        for c in tqdm(range(dist.rank, n_chunks, dist.world_size), disable=not dist.master, desc="sampling"):
+            lo, hi = c * batch_size, min(total, (c + 1) * batch_size)
+            y, noise, dseed = chunk_inputs(seed, c, hi - lo, ck["num_classes"], ck["latent_shape"],
+                                           None if labels is None else labels[lo:hi])
+            x = generate(dit, ae, y.to(dist.device), noise.to(dist.device), steps, cfg_scale, mean, std, decode_steps, dseed)
+            parts.append((to_uint8(x), y.numpy()))
+    imgs, ys = in_index_order(parts, total, n_chunks, batch_size, dist, path)
+    if dist.master:
+        if num_samples > 0:
+            np.savez(path, arr_0=imgs, labels=ys)
+        else:
+            save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
+            print("rows: " + ", ".join(ck["class_names"][c] for c in labels[::per_class].tolist()))
+        print(f"wrote {path}", flush=True)
     common.shutdown(dist)
 
 

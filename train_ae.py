@@ -7,12 +7,19 @@ One script for every scale:
     torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet --compression 32   # one node
 Every setting below can be overridden with --name value (dashes or underscores).
 Writes to out_dir: ckpt.pt (everything needed to resume or sample), log.jsonl, recon_*.png.
+The whole training step is the `while` loop at the end of main(); the loss is DGAE.loss in ae.py.
 """
 
 import copy
+import json
 import os
+import time
+from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import common
 from ae import DGAE, config_from_dict, config_to_dict, make_config
@@ -25,28 +32,28 @@ from lpips import load_lpips
 data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in procedural dataset
 dataset_size = 10000  # images in the built-in dataset
 num_workers = 0  # data-loading processes per rank (use 8+ for ImageNet)
-# model (0 / "" = the preset's value; see ae.PRESETS)
-model = ""  # tiny | small | base | large; "" = tiny on the built-in data, base with --data
+# model, loss and learning rate: the preset's values (ae.PRESETS), except those given on the command
+# line. The placeholders 0, "" and -1 below are never used: a setting not given is the preset's.
+preset = ""  # tiny | small | base | large; "" = tiny on the built-in data, base with --data
 resolution = 0
-compression = 0  # spatial compression f in {8, 16, 32, 64}
-latent_channels = 0  # 0 = the preset's, else the default for f: 4, 8, 16, 64 at f = 8, 16, 32, 64
+compression = 0  # spatial compression f in {4, 8, 16, 32, 64}
+latent_channels = 0  # c; by default 4, 4, 8, 16, 64 at f = 4, 8, 16, 32, 64
 decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline)
 cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
-t_dist = ""  # training t distribution: uniform | logit_normal; "" = the preset's (see ae.PRESETS)
+t_dist = ""  # training t distribution: uniform | logit_normal
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
-# loss
 lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
 kl_weight = 1e-6  # on the KL per pixel value (SD-VAE's 1e-6 on a per-image sum)
-recon_weight = -1.0  # L1 on the flow loss's one-step estimate x0_hat; -1 = the preset's
-consistency_weight = -1.0  # L1 on the one-step decode from pure noise (one more U-Net pass); -1 = the preset's
+recon_weight = -1.0  # L1 on the flow loss's one-step estimate x0_hat
+consistency_weight = -1.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
+lr = 0.0  # AdamW; the presets': 1e-3 tiny, 5e-4 small, 1e-4 base/large (at a global batch of 256)
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16, or $DGAE_WEIGHTS/)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
 # optimisation
 batch_size = 32  # per process and micro-step; the global batch is batch_size * grad_accum * world size
 grad_accum = 1
 max_steps = 1200
-lr = 0.0  # 0 = the preset's: 1e-3 for tiny, 5e-4 small, 1e-4 base/large (at a global batch of 256)
 warmup_steps = 100
 weight_decay = 0.0
 grad_clip = 1.0
@@ -61,15 +68,62 @@ seed = 0
 device = ""  # "" = cuda, then mps, then cpu
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
 channels_last = True  # NHWC memory layout for the convolutions (measured: a tiny CPU step 300 -> 253 ms)
-settings = common.configure(globals())  # also sets _given: the names set on the command line
 # -----------------------------------------------------------------------------
 
-# learning rate per preset (--lr overrides): the small models tolerate, and in a few CPU minutes
-# need, a much larger step than the paper-scale ones
-PRESET_LR = {"tiny": 1e-3, "small": 5e-4, "base": 1e-4, "large": 1e-4}
+
+# the optimizer, the learning-rate schedule and the EMA (train_dit.py imports them from here)
+
+
+def make_optimizer(model, lr, weight_decay, betas, device):
+    """AdamW with weight decay on matrices/kernels only, not on norm gains and biases; fused on CUDA."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+
+
+def lr_at(step, base_lr, warmup_steps):
+    """Linear warm-up from 0 to base_lr over warmup_steps, then constant (as DiT trains)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    return base_lr
+
+
+def ema_decay_at(step, decay):
+    """EMA warm-up: min(decay, (1 + step) / (10 + step)). With a fixed 0.999 the average still holds
+    0.999^1200 = 30% of the random initial weights after 1200 steps, so a short run's EMA model
+    would be mostly noise; warmed up, early steps move it quickly."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay):
+    """ema = decay * ema + (1 - decay) * model, for every parameter and buffer (buffers copied)."""
+    for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(p.to(e.dtype), 1.0 - decay)
+        else:
+            e.copy_(p)
+
+
+# the settings that override a field of the preset's ae.AEConfig when given on the command line
+CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "cond", "t_dist", "decode_steps",
+                   "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr")
+
+
+def config_for_resume(ckpt, cfg, given):
+    """On --resume the checkpoint defines the model; a model flag that disagrees is an error.
+    The learning rate is this run's (--lr or the preset's), so that it can change on resume."""
+    saved = config_from_dict(ckpt["model_args"])
+    for name in ("compression", "latent_channels", "resolution", "decoder", "cond"):
+        if name in given and getattr(cfg, name) != getattr(saved, name):
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(cfg, name)} does not match the checkpoint "
+                             f"being resumed ({getattr(saved, name)}); drop the flag or choose another --out-dir")
+    return replace(saved, lr=cfg.lr)
 
 
 def main():
+    settings, given = common.configure(globals())
     dist = common.setup_distributed(device)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -80,14 +134,10 @@ def main():
         ckpt = common.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
 
         # the model config, then the data: both can be wrong on the command line
-        preset = model or ("base" if data else "tiny")
-        cfg = make_config(preset, resolution=resolution or None, compression=compression or None,
-                          latent_channels=latent_channels or None, decoder=decoder, cond=cond, t_dist=t_dist or None,
-                          decode_steps=decode_steps, attn_impl=attn_impl, lpips_weight=lpips_weight, kl_weight=kl_weight,
-                          recon_weight=None if recon_weight < 0 else recon_weight,
-                          consistency_weight=None if consistency_weight < 0 else consistency_weight)
+        name = preset or ("base" if data else "tiny")
+        cfg = make_config(name, **{k: settings[k] for k in CONFIG_SETTINGS if k in given})
         if ckpt is not None:
-            cfg = _check_resume_config(ckpt, cfg)
+            cfg = config_for_resume(ckpt, cfg, given)
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
         loader = Loader(dataset, batch_size, dist.rank, dist.world_size, seed, num_workers)
         log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
@@ -100,12 +150,12 @@ def main():
             "off (" + ("--lpips-weight 0" if cfg.lpips_weight == 0 else
                        "weight files not found; see README 'Pretrained weight files'") + ")"))
 
-    base_lr = lr or PRESET_LR[preset]
     torch.manual_seed(seed)  # the same initial weights on every rank
-    net = DGAE(cfg).to(dev, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    optimizer = common.make_optimizer(net, base_lr, weight_decay, (0.9, 0.99), dev)
-    log(f"model: {preset}, {cfg.decoder} decoder, f={cfg.compression}, latent "
+    optimizer = make_optimizer(net, cfg.lr, weight_decay, (0.9, 0.99), dev)
+    log(f"model: {name}, {cfg.decoder} decoder, f={cfg.compression}, latent "
         f"{cfg.latent_channels}x{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
         f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, decoder {common.count_params(net.decoder) / 1e6:.2f}M params")
 
@@ -116,58 +166,77 @@ def main():
     else:
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise and t on every rank
 
-    train_model = common.wrap_for_training(net, dist, compile)
+    # The module the loop calls: compiled if asked, DDP-wrapped under torchrun. `net` stays the plain
+    # module, whose parameters and names the optimizer, the EMA and the checkpoints use.
+    train_model = torch.compile(net) if compile else net
+    if dist.ddp:
+        train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
     fixed = torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev)  # images for the grids
+    log_path = os.path.join(out_dir, "log.jsonl")  # one JSON object per step logged: easy to tail, grep, load
+    if dist.master:
+        os.makedirs(out_dir, exist_ok=True)
+    pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
+    first_step, t0 = step, time.time()
+    n_bad = 0  # unreadable images skipped by this rank since the last log row
 
-    def micro_step(model):
-        x, _, n_bad = next(loader)
-        x = random_hflip(x).to(dev, non_blocking=True)  # (B, 3, H, W) in [-1, 1]
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        loss, terms = model(x, lpips)
-        return loss, {**terms, "bad_images": torch.tensor(float(n_bad))}
-
-    # log rows: averaged over ranks (the bad-image count summed), so they describe the whole batch
-    progress = common.TrainingProgress(os.path.join(out_dir, "log.jsonl"), step, max_steps,
-                                       batch_size * grad_accum * dist.world_size, dist, ("bad_images",), grad_accum)
     while step < max_steps:
-        # grad_accum micro-batches (gradients all-reduced on the last only), clip, AdamW, EMA
-        means, grad_norm = common.train_step(train_model, net, ema, optimizer, micro_step, dist, autocast,
-                                             common.lr_at(step, base_lr, warmup_steps), grad_accum, grad_clip,
-                                             common.ema_decay_at(step, ema_decay))
+        # learning rate of this step: linear warm-up, then constant
+        step_lr = lr_at(step, cfg.lr, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+
+        # grad_accum micro-batches, each (B, 3, H, W). DDP all-reduces the gradients once per step:
+        # no_sync() on every micro-batch but the last (DDP decides at the forward pass).
+        means = {}  # this rank's mean over the micro-batches of the loss and of each term
+        for micro in range(grad_accum):
+            x, _, bad = next(loader)
+            n_bad += bad
+            x = random_hflip(x).to(dev, non_blocking=True)  # in [-1, 1]; flips from the checkpointed RNG
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            sync = micro == grad_accum - 1 or not dist.ddp
+            with (nullcontext() if sync else train_model.no_sync()), autocast:
+                loss, terms = train_model(x, lpips)  # DGAE.loss; DDP only syncs what runs through forward
+            (loss / grad_accum).backward()
+            for k, v in [("loss", loss), *terms.items()]:
+                means[k] = means.get(k, 0.0) + v.detach().float() / grad_accum
+
+        # clip, AdamW step, then the EMA of the weights (what grids, sampling and evaluation use)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, net, ema_decay_at(step, ema_decay))
         step += 1
-        progress.update(step, means, grad_norm, optimizer.param_groups[0]["lr"], step % log_every == 0 or step == max_steps)
-        if step % sample_every == 0 or step == max_steps:
-            _save_grid(ema, fixed, cfg, os.path.join(out_dir, f"recon_{step:06d}.png"), dist)
+
+        if step % log_every == 0 or step == max_steps:
+            # one all-reduce: the terms averaged over ranks, so the row describes the whole global
+            # batch rather than rank 0's share, and the skipped images summed
+            vals = common.all_reduce_sum(torch.stack([*means.values(), torch.tensor(float(n_bad), device=dev)]), dist)
+            row = {k: v.item() for k, v in zip(means, vals[:-1] / dist.world_size)}
+            row["bad_images"] = vals[-1].item()
+            n_bad = 0
+            images_per_step = batch_size * grad_accum * dist.world_size
+            row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
+                       img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
+            if dist.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s")})
+        pbar.update(1)
+
+        if (step % sample_every == 0 or step == max_steps) and dist.master:
+            # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below
+            recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0)
+            save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
         if step % ckpt_every == 0 or step == max_steps:
             common.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
                                  config=settings, lpips_used=lpips is not None)
-    progress.close()
+    pbar.close()
     if common.check_replicas_identical(net, dist) and dist.ddp:
         log(f"weights identical on all {dist.world_size} ranks")
     log(f"done: {ckpt_path}")
     common.shutdown(dist)
-
-
-def _check_resume_config(ckpt, cfg):
-    """On --resume the checkpoint defines the model; a model flag that disagrees is an error."""
-    saved = config_from_dict(ckpt["model_args"])
-    for name in ("compression", "latent_channels", "resolution", "decoder", "cond"):
-        flag = globals()[name]
-        if name in _given and flag != getattr(saved, name):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {flag} does not match the checkpoint being resumed "
-                             f"({getattr(saved, name)}); drop the flag or choose another --out-dir")
-    return saved
-
-
-@torch.no_grad()
-def _save_grid(ema, x, cfg, path, dist):
-    """Inputs in the top row, EMA reconstructions (fixed decoder seed) below them."""
-    if not dist.master:
-        return
-    recon = ema.reconstruct(x, steps=cfg.decode_steps, seed=0)
-    save_image_grid(torch.cat([x, recon]), path, nrow=x.shape[0])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ Stage 2 training: a class-conditional DiT on the latents of a trained DGAE (stag
 
     python train_dit.py                                     # built-in data + out/ae/ckpt.pt, laptop CPU, minutes
     torchrun --nproc_per_node=8 train_dit.py --ae-ckpt out/ae/ckpt.pt --data /path/imagenet \\
-        --model DiT-XL/1 --batch-size 32 --lr 1e-4 --ema-decay 0.9999 --max-steps 400000
+        --preset DiT-XL/1 --batch-size 32 --lr 1e-4 --ema-decay 0.9999 --max-steps 400000
 Every setting below can be overridden with --name value (dashes or underscores).
 
 Step 1 (once per stage-1 checkpoint and dataset): encode every image and its mirror image with the
@@ -30,17 +30,21 @@ import glob
 import json
 import math
 import os
+import time
+from contextlib import nullcontext
 
+import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import common
-from ae import load_dgae
-from data import Loader, build_dataset, collate_skip_bad, save_image_grid
-from decoder_diffusion import flow_matching_loss
+from ae import encoder_fingerprint, load_dgae
+from data import Loader, build_dataset, collate_skip_bad, default_classes, save_image_grid
+from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
-from sample import chunk_inputs, default_classes, encoder_fingerprint, generate
+from train_ae import ema_decay_at, lr_at, make_optimizer, update_ema
 
 # -----------------------------------------------------------------------------
 # settings
@@ -53,7 +57,7 @@ shard_size = 10000  # images per cache shard
 encode_batch_size = 64
 num_workers = 0  # image-loading processes per rank while encoding (use 8+ for ImageNet)
 # model
-model = ""  # DiT preset (dit.DIT_PRESETS); "" = DiT-Tiny/1 on the built-in data, DiT-XL/p with --data
+preset = ""  # DiT preset (dit.DIT_PRESETS); "" = DiT-Tiny/1 on the built-in data, DiT-XL/p with --data
 class_dropout = 0.1  # fraction of labels replaced by the null class, so that guidance has an unconditional model
 t_dist = "logit_normal"  # training t distribution: logit_normal | uniform
 attn_impl = "math"  # math | sdpa
@@ -80,100 +84,6 @@ seed = 0
 device = ""  # "" = cuda, then mps, then cpu
 compile = False
 # -----------------------------------------------------------------------------
-
-
-def main():
-    # parsed here rather than at import time, so that the tests can import this file's functions
-    settings = common.configure(globals())  # also sets _given: the names set on the command line
-    dist = common.setup_distributed(device)
-    dev = dist.device
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
-    # set-up: a bad path, flag or file stops here with a one-line message
-    with common.user_errors():
-        ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
-        ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in _given else ae_ckpt
-        stage1 = stage1_info(ae_path)
-        if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
-            raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the run being resumed was trained on")
-        dataset = build_dataset(data, stage1["resolution"], size=dataset_size, seed=seed)
-        C, h, w = stage1["latent_shape"]
-        name = model or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
-        if ckpt is not None and "model" in _given and model != ckpt["model_name"]:
-            raise SystemExit(f"error: --model {model} does not match the checkpoint being resumed ({ckpt['model_name']})")
-        if name not in DIT_PRESETS:
-            raise SystemExit(f"error: unknown --model {name}; valid: {', '.join(DIT_PRESETS)}")
-
-    # step 1: the latent cache (a no-op once it is complete and matches)
-    cache = cache_dir or os.path.join(out_dir, "latents")
-    meta = cache_meta(stage1, dataset, data, seed, shard_size)
-    log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images, {meta['num_classes']} classes) "
-        f"at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache {cache}")
-    build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
-    latents = LatentCache(cache)
-    mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
-    with common.user_errors():  # e.g. fewer latents than one global batch
-        loader = Loader(latents, batch_size, dist.rank, dist.world_size, seed)
-    log(f"latents: {len(latents)} images x 2 (with mirror images), per-channel mean "
-        f"{[round(v, 3) for v in latents.mean.tolist()]}, std {[round(v, 3) for v in latents.std.tolist()]}")
-
-    # step 2: the DiT. The stage-1 decoder (for the grids) is built first: its random init must not
-    # draw from the RNG stream that the checkpoint saves and --resume restores.
-    ae = load_dgae(ae_path, dev) if dist.master else None
-    torch.manual_seed(seed)  # the same initial weights on every rank
-    if ckpt is not None:
-        name, net = ckpt["model_name"], DiT(**ckpt["model_args"]).to(dev)
-    else:
-        net = build_dit(name, (h, w), C, meta["num_classes"], class_dropout_prob=class_dropout,
-                        attn_impl=attn_impl).to(dev)
-    ema = copy.deepcopy(net).requires_grad_(False).eval()
-    optimizer = common.make_optimizer(net, lr, weight_decay, (0.9, 0.999), dev)
-    log(f"model: {name}, {net.grid[0] * net.grid[1]} tokens, {common.count_params(net) / 1e6:.2f}M params")
-
-    step = 0
-    if ckpt is not None:
-        step = common.restore_training(ckpt, dist, net, ema, optimizer, loader)
-        log(f"resumed from {ckpt_path} at step {step}")
-    else:
-        torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise, t and flips on every rank
-    train_model = common.wrap_for_training(net, dist, compile)
-    autocast = common.autocast_context(dev)
-    grid_y = torch.tensor(default_classes(meta["num_classes"])).repeat_interleave(8)  # a row of 8 samples a class
-    grid_y, grid_noise, grid_seed = chunk_inputs(seed, 0, len(grid_y), meta["num_classes"], (C, h, w), grid_y)
-
-    def micro_step(model):
-        z2, y, _ = next(loader)  # z2 (B, 2, C, h, w) float16: each image's latent and its mirror image's
-        pick = torch.randint(0, 2, (len(y),))  # the horizontal-flip augmentation: one of the two at random
-        z = z2[torch.arange(len(y)), pick].to(dev, non_blocking=True).float()  # (B, C, h, w)
-        z = (z - mean) / std  # per-channel zero mean, unit variance: the scale the noise has
-        y = y.to(dev, non_blocking=True)
-        loss, *_ = flow_matching_loss(lambda x_t, t: model(x_t, t, y), z, t_dist)
-        return loss, {}
-
-    progress = common.TrainingProgress(os.path.join(out_dir, "log.jsonl"), step, max_steps,
-                                       batch_size * grad_accum * dist.world_size, dist)
-    while step < max_steps:
-        means, grad_norm = common.train_step(train_model, net, ema, optimizer, micro_step, dist, autocast,
-                                             common.lr_at(step, lr, warmup_steps), grad_accum, grad_clip,
-                                             common.ema_decay_at(step, ema_decay))
-        step += 1
-        progress.update(step, means, grad_norm, optimizer.param_groups[0]["lr"], step % log_every == 0 or step == max_steps)
-        if (step % sample_every == 0 or step == max_steps) and dist.master:
-            with autocast:
-                x = generate(ema, ae, grid_y.to(dev), grid_noise.to(dev), sample_steps, cfg_scale,
-                             latents.mean.to(dev), latents.std.to(dev), decode_steps, grid_seed)
-            save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
-        if step % ckpt_every == 0 or step == max_steps:
-            common.save_training(
-                ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,
-                config=settings, ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
-                ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
-                latent_std=latents.std, num_classes=meta["num_classes"], class_names=meta["class_names"])
-    progress.close()
-    if common.check_replicas_identical(net, dist) and dist.ddp:
-        log(f"weights identical on all {dist.world_size} ranks")
-    log(f"done: {ckpt_path}")
-    common.shutdown(dist)
 
 
 # -----------------------------------------------------------------------------
@@ -205,6 +115,39 @@ STALE_KEYS = ("ae_fingerprint", "resolution", "latent_shape", "data", "dataset_s
 
 
 @torch.no_grad()
+def _shard(cache, k):
+    return os.path.join(cache, f"shard_{k:05d}.pt")
+
+
+def _shard_paths(cache):
+    return sorted(glob.glob(os.path.join(cache, "shard_*.pt")))
+
+
+def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar):
+    """Posterior means of the images in `subset` and of their mirror images, with per-channel sums.
+
+    Encoded in fp32 (no autocast): it happens once and the latents should be the encoder's own.
+    """
+    dev = next(ae.parameters()).device
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
+                        pin_memory=dev.type == "cuda")
+    zs, ys, n_bad = [torch.zeros(0, 2, *latent_shape, dtype=torch.float16)], [torch.zeros(0, dtype=torch.long)], 0
+    for x, y, bad in loader:
+        n_bad += bad
+        if len(y):
+            x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
+            z = ae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then their mirror images
+            if z.abs().max() > 60000:
+                raise ValueError("latent values beyond the float16 range; the stage-1 encoder has diverged")
+            zs.append(torch.stack(z.chunk(2), dim=1).half().cpu())  # (B, 2, C, h, w)
+            ys.append(y)
+        pbar.update(len(y) + bad)
+    z = torch.cat(zs)
+    z64 = z.double()  # statistics of exactly what training will read (the float16 values), in float64
+    return dict(z=z, y=torch.cat(ys), sum=z64.sum((0, 1, 3, 4)), sumsq=z64.pow(2).sum((0, 1, 3, 4)),
+                count=z64[:, :, 0].numel(), n_bad=n_bad)
+
+
 def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_workers=0):
     """Step 1: encode `dataset` into `cache` (see the module docstring), resuming after finished shards.
 
@@ -252,39 +195,6 @@ def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_w
     common.barrier(dist)
 
 
-def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar):
-    """Posterior means of the images in `subset` and of their mirror images, with per-channel sums.
-
-    Encoded in fp32 (no autocast): it happens once and the latents should be the encoder's own.
-    """
-    dev = next(ae.parameters()).device
-    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda")
-    zs, ys, n_bad = [torch.zeros(0, 2, *latent_shape, dtype=torch.float16)], [torch.zeros(0, dtype=torch.long)], 0
-    for x, y, bad in loader:
-        n_bad += bad
-        if len(y):
-            x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
-            z = ae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then their mirror images
-            if z.abs().max() > 60000:
-                raise ValueError("latent values beyond the float16 range; the stage-1 encoder has diverged")
-            zs.append(torch.stack(z.chunk(2), dim=1).half().cpu())  # (B, 2, C, h, w)
-            ys.append(y)
-        pbar.update(len(y) + bad)
-    z = torch.cat(zs)
-    z64 = z.double()  # statistics of exactly what training will read (the float16 values), in float64
-    return dict(z=z, y=torch.cat(ys), sum=z64.sum((0, 1, 3, 4)), sumsq=z64.pow(2).sum((0, 1, 3, 4)),
-                count=z64[:, :, 0].numel(), n_bad=n_bad)
-
-
-def _shard(cache, k):
-    return os.path.join(cache, f"shard_{k:05d}.pt")
-
-
-def _shard_paths(cache):
-    return sorted(glob.glob(os.path.join(cache, "shard_*.pt")))
-
-
 class LatentCache(Dataset):
     """The cached latents as a dataset: item i -> (z (2, C, h, w) float16 [image, mirror image], label).
 
@@ -305,6 +215,141 @@ class LatentCache(Dataset):
         k = bisect.bisect_right(self.ends, i)  # the shard that holds item i
         j = i - (self.ends[k - 1] if k else 0)
         return self.shards[k]["z"][j], int(self.shards[k]["y"][j])
+
+
+
+# -----------------------------------------------------------------------------
+# the script: step 1 (the cache), then step 2 (the training loop)
+
+
+def main():
+    settings, given = common.configure(globals())
+    dist = common.setup_distributed(device)
+    dev = dist.device
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
+    # set-up: a bad path, flag or file stops here with a one-line message
+    with common.user_errors():
+        ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
+        ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
+        stage1 = stage1_info(ae_path)
+        if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
+            raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the run being resumed was trained on")
+        dataset = build_dataset(data, stage1["resolution"], size=dataset_size, seed=seed)
+        C, h, w = stage1["latent_shape"]
+        name = preset or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
+        if ckpt is not None and "preset" in given and preset != ckpt["model_name"]:
+            raise SystemExit(f"error: --preset {preset} does not match the checkpoint being resumed ({ckpt['model_name']})")
+        if name not in DIT_PRESETS:
+            raise SystemExit(f"error: unknown --preset {name}; valid: {', '.join(DIT_PRESETS)}")
+
+    # step 1: the latent cache (a no-op once it is complete and matches)
+    cache = cache_dir or os.path.join(out_dir, "latents")
+    meta = cache_meta(stage1, dataset, data, seed, shard_size)
+    num_classes = meta["num_classes"]
+    log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images, {num_classes} classes) "
+        f"at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache {cache}")
+    build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
+    latents = LatentCache(cache)
+    mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
+    with common.user_errors():  # e.g. fewer latents than one global batch
+        loader = Loader(latents, batch_size, dist.rank, dist.world_size, seed)
+    log(f"latents: {len(latents)} images x 2 (with mirror images), per-channel mean "
+        f"{[round(v, 3) for v in latents.mean.tolist()]}, std {[round(v, 3) for v in latents.std.tolist()]}")
+
+    # step 2: the DiT. The stage-1 decoder (for the grids) is built first: its random init must not
+    # draw from the RNG stream that the checkpoint saves and --resume restores.
+    ae = load_dgae(ae_path, dev) if dist.master else None
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    if ckpt is not None:
+        name, net = ckpt["model_name"], DiT(**ckpt["model_args"]).to(dev)
+    else:
+        net = build_dit(name, (h, w), C, num_classes, class_dropout_prob=class_dropout, attn_impl=attn_impl).to(dev)
+    ema = copy.deepcopy(net).requires_grad_(False).eval()
+    optimizer = make_optimizer(net, lr, weight_decay, (0.9, 0.999), dev)
+    log(f"model: {name}, {net.grid[0] * net.grid[1]} tokens, {common.count_params(net) / 1e6:.2f}M params")
+
+    step = 0
+    if ckpt is not None:
+        step = common.restore_training(ckpt, dist, net, ema, optimizer, loader)
+        log(f"resumed from {ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise, t and flips on every rank
+
+    # the module the loop calls (see train_ae.py); `net` is the plain one
+    train_model = torch.compile(net) if compile else net
+    if dist.ddp:
+        train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast = common.autocast_context(dev)
+    # the grids: a row of 8 samples per class, from noise and a decoder seed fixed for the whole run
+    # (drawn like chunk 0 of sample.py, from a generator of their own, not from the training RNG)
+    grid_y = torch.tensor(default_classes(num_classes)).repeat_interleave(8).to(dev)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]))
+    grid_noise = torch.randn(len(grid_y), C, h, w, generator=g).to(dev)  # the DiT's start at t = 1
+    grid_seed = int(torch.randint(2**31, (1,), generator=g))
+    log_path = os.path.join(out_dir, "log.jsonl")  # one JSON object per step logged
+    if dist.master:
+        os.makedirs(out_dir, exist_ok=True)
+    pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
+    first_step, t0 = step, time.time()
+
+    while step < max_steps:
+        # learning rate of this step: linear warm-up, then constant
+        step_lr = lr_at(step, lr, warmup_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = step_lr
+
+        # grad_accum micro-batches; DDP all-reduces the gradients on the last one only (see train_ae.py)
+        mean_loss = 0.0  # this rank's mean over the micro-batches
+        for micro in range(grad_accum):
+            z2, y, _ = next(loader)  # z2 (B, 2, C, h, w) float16: each image's latent and its mirror image's
+            pick = torch.randint(0, 2, (len(y),))  # the horizontal-flip augmentation: one of the two at random
+            z = z2[torch.arange(len(y)), pick].to(dev, non_blocking=True).float()  # (B, C, h, w)
+            z = (z - mean) / std  # per-channel zero mean, unit variance: the scale the noise has
+            y = y.to(dev, non_blocking=True)
+            sync = micro == grad_accum - 1 or not dist.ddp
+            with (nullcontext() if sync else train_model.no_sync()), autocast:
+                # the decoder's rectified-flow loss, here on latents with the class as the condition
+                loss, *_ = flow_matching_loss(lambda x_t, t: train_model(x_t, t, y), z, t_dist)
+            (loss / grad_accum).backward()
+            mean_loss = mean_loss + loss.detach().float() / grad_accum
+
+        # clip, AdamW step, then the EMA of the weights (what the grids and sample.py use)
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, net, ema_decay_at(step, ema_decay))
+        step += 1
+
+        if step % log_every == 0 or step == max_steps:
+            # the loss averaged over ranks: the whole global batch's, not rank 0's share
+            row = {"loss": (common.all_reduce_sum(mean_loss, dist) / dist.world_size).item()}
+            images_per_step = batch_size * grad_accum * dist.world_size
+            row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
+                       img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
+            if dist.master:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            pbar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "img_per_s")})
+        pbar.update(1)
+
+        if (step % sample_every == 0 or step == max_steps) and dist.master:
+            # guided Euler with the EMA DiT from the fixed noise, back to the encoder's scale, decode
+            with autocast:
+                z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise, sample_steps)
+                x = ae.decode(z.float() * std + mean, decode_steps or None, seed=grid_seed)  # (N, 3, H, W)
+            save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
+        if step % ckpt_every == 0 or step == max_steps:
+            common.save_training(
+                ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,
+                config=settings, ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
+                ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
+                latent_std=latents.std, num_classes=num_classes, class_names=meta["class_names"])
+    pbar.close()
+    if common.check_replicas_identical(net, dist) and dist.ddp:
+        log(f"weights identical on all {dist.world_size} ranks")
+    log(f"done: {ckpt_path}")
+    common.shutdown(dist)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""train_ae.py run for real, as a subprocess: resume, torchrun, image folders, and the errors."""
+"""train_ae.py: its optimizer, schedules and EMA, then the script run for real as a subprocess:
+resume, torchrun, image folders, and the errors."""
 
 import json
 import os
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+import train_ae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "4", "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--decode-steps", "2"]
@@ -44,6 +47,21 @@ def assert_same_tensors(a, b, where=""):
     elif isinstance(a, (list, tuple)):
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same_tensors(x, y, f"{where}[{i}]")
+
+
+def test_optimizer_groups_learning_rate_and_ema_warmup():
+    # the fused AdamW kernel is CUDA-only; matrices are decayed, gains and biases are not
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = train_ae.make_optimizer(net, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
+    assert not opt.defaults["fused"]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3] and opt.param_groups[1]["weight_decay"] == 0
+    assert train_ae.lr_at(0, 1e-3, 10) == pytest.approx(1e-4) and train_ae.lr_at(9, 1e-3, 10) == 1e-3
+    assert train_ae.lr_at(500, 1e-3, 10) == 1e-3
+    assert train_ae.ema_decay_at(0, 0.999) == pytest.approx(0.1) and train_ae.ema_decay_at(10**6, 0.999) == 0.999
+    ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.detach().clone()
+    train_ae.update_ema(ema, model, 0.75)
+    assert torch.allclose(ema.weight, 0.75 * before + 0.25 * model.weight)
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -99,7 +117,7 @@ def _image_folder(root, n_per_class=4, size=(48, 40)):
 
 def test_image_folder_training_skips_and_counts_corrupt_images(tmp_path):
     _image_folder(tmp_path / "imgs")
-    proc = run_train(tmp_path, "--data", "imgs", "--model", "tiny", "--resolution", "32", "--lpips-weight", "0",
+    proc = run_train(tmp_path, "--data", "imgs", "--preset", "tiny", "--resolution", "32", "--lpips-weight", "0",
                      "--max-steps", "3", *FAST)
     assert "truncated.JPEG" in proc.stderr and "notes.jpg" in proc.stderr  # each bad file is named
     rows = [json.loads(line) for line in open(tmp_path / "out/ae/log.jsonl")]
@@ -116,7 +134,7 @@ def test_missing_dataset_is_a_clear_error_before_building_a_model(tmp_path):
 
 def test_missing_lpips_weights_with_data_names_the_file_and_flag(tmp_path):
     _image_folder(tmp_path / "imgs")
-    proc = run_train(tmp_path, "--data", "imgs", "--model", "tiny", "--resolution", "32", *FAST, check=False)
+    proc = run_train(tmp_path, "--data", "imgs", "--preset", "tiny", "--resolution", "32", *FAST, check=False)
     assert proc.returncode != 0
     assert "vgg16-397923af.pth" in proc.stderr and "--vgg-path" in proc.stderr
     assert "download.pytorch.org" in proc.stderr

@@ -166,7 +166,7 @@ def test_setup_errors_are_one_line_messages(tmp_path, ae):
     torch.save({"kind": "dit"}, tmp_path / "dit.pt")
     for args, message in [(["--ae-ckpt", "nope.pt"], "stage-1 checkpoint nope.pt not found. Train one with train_ae.py"),
                           (["--ae-ckpt", "dit.pt"], "is a 'dit' checkpoint (written by train_dit.py), but a 'ae'"),
-                          (["--ae-ckpt", "ae.pt", "--model", "DiT-M/3"], "unknown --model DiT-M/3"),
+                          (["--ae-ckpt", "ae.pt", "--preset", "DiT-M/3"], "unknown --preset DiT-M/3"),
                           (["--ae-ckpt", "ae.pt", "--data", "no/such/folder"], "no/such/folder")]:
         proc = run(tmp_path, "train_dit.py", *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
