@@ -54,10 +54,11 @@ class AEConfig:
     lpips_weight: float = 0.5
     kl_weight: float = 1e-6  # on the KL per pixel value, i.e. SD-VAE's 1e-6 on a per-image sum
     recon_weight: float = 1.0  # L1 on the one-step estimate x0_hat of the flow loss (costs nothing)
-    consistency_weight: float = 0.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
+    consistency_weight: float = 1.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
     l1_weight: float = 1.0  # baseline decoder only
     gauss_ch: int = 0  # baseline decoder base width; 0 = match the diffusion decoder's parameter count
     lr: float = 1e-4  # AdamW learning rate of train_ae.py (per preset: see PRESETS)
+    batch_size: int = 32  # train_ae.py's images per process and micro-step (per preset: see PRESETS)
 
 
 # Size presets. `tiny` trains on a laptop CPU in minutes at 32 px; `base` is the paper-scale
@@ -72,24 +73,23 @@ class AEConfig:
 # - tiny is f=4 (8x8x4 latent), not f=8. At f=8 (4x4x4) neither decoder learns in a laptop budget:
 #   after 1200 steps the Gaussian decoder reached 14.7 dB and DGAE 12.6 dB, both at the mean
 #   colour's level. At f=4 DGAE reached 23.4 dB (26.1 dB after 2400 steps).
-# - consistency_weight (the paper's "reconstruction consistency", our reading) is on for the
-#   compact latents of the larger presets. Without it the diffusion decoder can learn to ignore a
-#   small latent: at f=8 after 1800 steps DGAE reached 12.6 dB and 17.9 dB low-frequency PSNR
-#   whatever else we changed, and 17.5 dB / 30.0 dB with it (concat conditioning), against 16.6 dB
-#   / 25.9 dB for the Gaussian decoder. It costs one more U-Net pass per step, so tiny, whose
-#   8x8x4 latent trains well without it, leaves it off to stay within a laptop's minutes.
+# - consistency_weight (the paper's "reconstruction consistency", our reading) is on for every
+#   preset. Without it the diffusion decoder can learn to denoise from x_t alone and ignore a small
+#   latent: at f=8 after 1800 steps DGAE reached 12.6 dB and 17.9 dB low-frequency PSNR whatever
+#   else we changed, and 17.5 dB / 30.0 dB with it (concat conditioning), against 16.6 dB / 25.9 dB
+#   for the Gaussian decoder; at f=4 a 2000-step run without it stayed at 11.7 dB. It costs one
+#   more U-Net pass per step, so tiny trains at batch 16 to stay within a laptop's minutes.
 # - lr (AdamW, at a global batch of 256 for base and large): the small models tolerate, and in
 #   a few CPU minutes need, a much larger step than the paper-scale ones.
 PRESETS = {
-    "tiny": dict(lr=1e-3, resolution=32, compression=4, enc_ch=32, enc_res_blocks=1, unet_ch=32,
+    "tiny": dict(lr=1e-3, batch_size=16, resolution=32, compression=4, enc_ch=32, enc_res_blocks=1, unet_ch=32,
                  unet_mult=(1, 2, 2), unet_res_blocks=1, attn_res=(8,), cond_ch=32),
     "small": dict(lr=5e-4, resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64,
-                  unet_mult=(1, 2, 2, 2), unet_res_blocks=2, attn_res=(8,), cond_ch=64, consistency_weight=1.0),
+                  unet_mult=(1, 2, 2, 2), unet_res_blocks=2, attn_res=(8,), cond_ch=64),
     "base": dict(lr=1e-4, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,
-                 unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=2, attn_res=(16,), cond_ch=128, consistency_weight=1.0),
+                 unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=2, attn_res=(16,), cond_ch=128),
     "large": dict(lr=1e-4, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=192,
-                  unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=3, attn_res=(16, 32), cond_ch=192,
-                  consistency_weight=1.0),
+                  unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=3, attn_res=(16, 32), cond_ch=192),
 }
 
 

@@ -51,7 +51,7 @@ lr = 0.0  # AdamW; the presets': 1e-3 tiny, 5e-4 small, 1e-4 base/large (at a gl
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16, or $DGAE_WEIGHTS/)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
 # optimisation
-batch_size = 32  # per process and micro-step; the global batch is batch_size * grad_accum * world size
+batch_size = 0  # per process and micro-step (the presets': 16 tiny, 32 others); global = batch * accum * world
 grad_accum = 1
 max_steps = 1200
 warmup_steps = 100
@@ -108,7 +108,7 @@ def update_ema(ema_model, model, decay):
 
 # the settings that override a field of the preset's ae.AEConfig when given on the command line
 CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "cond", "t_dist", "decode_steps",
-                   "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr")
+                   "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr", "batch_size")
 
 
 def config_for_resume(ckpt, cfg, given):
@@ -139,7 +139,7 @@ def main():
         if ckpt is not None:
             cfg = config_for_resume(ckpt, cfg, given)
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
-        loader = Loader(dataset, batch_size, dist.rank, dist.world_size, seed, num_workers)
+        loader = Loader(dataset, cfg.batch_size, dist.rank, dist.world_size, seed, num_workers)
         log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
 
         # the perceptual loss needs the VGG16 + LPIPS files; the built-in run works without them
@@ -216,7 +216,7 @@ def main():
             row = {k: v.item() for k, v in zip(means, vals[:-1] / dist.world_size)}
             row["bad_images"] = vals[-1].item()
             n_bad = 0
-            images_per_step = batch_size * grad_accum * dist.world_size
+            images_per_step = cfg.batch_size * grad_accum * dist.world_size
             row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
                        img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
             if dist.master:

@@ -30,7 +30,7 @@ def test_shapes_for_every_compression(f, decoder):
     assert model.decode(z, steps=2).shape == (2, 3, 64, 64)
     loss, terms = model.loss(x)
     assert loss.ndim == 0 and torch.isfinite(loss)
-    assert set(terms) == ({"flow", "kl"} if decoder == "diffusion" else {"l1", "kl"})
+    assert set(terms) == ({"flow", "recon", "consistency", "kl"} if decoder == "diffusion" else {"l1", "kl"})
 
 
 def test_latent_channels_flag_overrides_the_default():
@@ -42,7 +42,7 @@ def test_impossible_sizes_are_clear_errors():
     with pytest.raises(ValueError, match="not divisible by --compression"):
         ae.make_config("tiny", resolution=40, compression=16)
     with pytest.raises(ValueError, match="--compression must be one of"):
-        ae.make_config("tiny", compression=4)
+        ae.make_config("tiny", compression=2)
     with pytest.raises(ValueError, match="unknown model preset"):
         ae.make_config("huge")
     with pytest.raises(ValueError, match="--decoder"):
@@ -90,10 +90,39 @@ def test_lpips_term_enters_the_loss_and_its_gradient_reaches_the_encoder():
     torch.manual_seed(1)
     loss, terms = model.loss(x, lp)
     assert "lpips" in terms and terms["lpips"] > 0
-    assert torch.allclose(loss, terms["flow"] + 0.5 * terms["lpips"] + model.cfg.kl_weight * terms["kl"])
+    assert torch.allclose(loss, terms["flow"] + terms["recon"] + terms["consistency"] + 0.5 * terms["lpips"]
+                          + model.cfg.kl_weight * terms["kl"])
     loss.backward()
     assert all(p.grad is not None for p in model.encoder.parameters())
     assert all(p.grad is None for p in lp.parameters())  # the perceptual network stays frozen
+
+
+def test_loss_terms_equal_their_formulas_computed_by_hand():
+    # the same random draws as DGAE.loss, in its order: posterior noise, t, eps, then the t = 1 noise
+    torch.manual_seed(0)
+    model = ae.DGAE(_tiny(recon_weight=0.7, consistency_weight=0.3, kl_weight=1e-3))
+    for p in model.parameters():  # leave the zero-initialised branches: every path must matter
+        p.data.add_(torch.randn_like(p) * 0.02)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(1)
+    loss, terms = model.loss(x)
+    torch.manual_seed(1)
+    q = model.posterior(x)
+    z = q.sample()
+    t = torch.rand(2)  # t ~ uniform, the default
+    eps = torch.randn_like(x)
+    tb = t.view(2, 1, 1, 1)
+    x_t = (1 - tb) * x + tb * eps
+    v_hat = model.decoder(x_t, t, z)
+    x0_hat = x_t - tb * v_hat
+    eps1 = torch.randn_like(x)
+    x1_hat = eps1 - model.decoder(eps1, torch.ones(2), z)
+    kl = 0.5 * (q.mean**2 + q.logvar.exp() - 1 - q.logvar).sum(dim=(1, 2, 3)).mean() / (3 * 32 * 32)
+    expected = {"flow": ((v_hat - (eps - x)) ** 2).mean(), "recon": (x0_hat - x).abs().mean(),
+                "consistency": (x1_hat - x).abs().mean(), "kl": kl}
+    for k, v in expected.items():
+        assert torch.allclose(terms[k], v, rtol=1e-5, atol=1e-7), k
+    assert torch.allclose(loss, expected["flow"] + 0.7 * expected["recon"] + 0.3 * expected["consistency"] + 1e-3 * kl)
 
 
 def _psnr(a, b):

@@ -125,8 +125,9 @@ def test_highfreq_energy_counts_only_frequencies_above_the_latent_grids_nyquist(
     # at f=8 on 32 px the latent grid is 4x4, its Nyquist 2 cycles per image
     low, high = _wave(2), _wave(3, axis=-2)
     assert ev.highfreq_energy(low, 8).item() == pytest.approx(0.0, abs=1e-6)
-    # Parseval: a cosine of amplitude A has energy H W A^2 / 2 per channel, all of it at +-3 cycles
-    assert ev.highfreq_energy(high, 8).item() == pytest.approx(3 * 32 * 32 * 50.0**2 / 2, rel=1e-9)
+    # Parseval: a cosine of amplitude A has pixel energy H W A^2 / 2 per channel, so DFT energy
+    # (H W)^2 A^2 / 2, all of it at +-3 cycles; the constant 128 sits at frequency 0
+    assert ev.highfreq_energy(high, 8).item() == pytest.approx(3 * (32 * 32) ** 2 * 50.0**2 / 2, rel=1e-9)
     assert ev.highfreq_energy(low + high - 128, 8).item() == pytest.approx(ev.highfreq_energy(high, 8).item(), rel=1e-9)
 
 

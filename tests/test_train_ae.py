@@ -79,10 +79,19 @@ def test_resume_is_bit_identical(tmp_path):
     assert not all(torch.equal(first[k], v) for k, v in load(tmp_path / "other/ckpt.pt")["model"].items())
 
 
+def ae_defaults():
+    from ae import config_to_dict, make_config
+
+    return config_to_dict(make_config("tiny"))
+
+
 def test_default_run_writes_checkpoint_log_and_reconstruction_grid(tmp_path):
     run_train(tmp_path, "--max-steps", "3", "--batch-size", "4", "--sample-every", "3", "--decode-steps", "2")
     ckpt = load(tmp_path / "out/ae/ckpt.pt")
-    assert ckpt["kind"] == "ae" and ckpt["step"] == 3 and ckpt["model_args"]["compression"] == 8
+    # the demo's setting: 32 px at f=4, an 8x8x4 latent, batch 16 unless given (here 4)
+    args = ckpt["model_args"]
+    assert ckpt["kind"] == "ae" and ckpt["step"] == 3 and (args["compression"], args["latent_channels"]) == (4, 4)
+    assert args["batch_size"] == 4 and ae_defaults()["batch_size"] == 16
     assert ckpt["config"]["max_steps"] == 3
     grid = Image.open(tmp_path / "out/ae/recon_000003.png")
     assert grid.size == (8 * 34 + 2, 2 * 34 + 2)  # 8 inputs over 8 reconstructions, 32 px + 2 px padding

@@ -23,7 +23,7 @@ SOLO = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)  # a single proces
 def save_tiny_ae(path, seed=0, step=7):
     """A random stage-1 checkpoint at 16 px (latents 4 x 2 x 2), laid out as train_ae.py writes it."""
     torch.manual_seed(seed)
-    cfg = make_config("tiny", resolution=16, enc_ch=8, unet_ch=8, cond_ch=8, decode_steps=2)
+    cfg = make_config("tiny", resolution=16, compression=8, enc_ch=8, unet_ch=8, cond_ch=8, decode_steps=2)
     model = DGAE(cfg).eval()
     with torch.no_grad():  # undo the decoder's zero init, so that what it decodes depends on z
         for p in model.decoder.parameters():
