@@ -501,7 +501,7 @@ def run_compare(dist):
     if dist.ddp:
         raise SystemExit("compare runs its training jobs one after another; start it with plain python")
     root = out or "out/compare"
-    runs = []  # (decoder, channels, out_dir)
+    runs = []  # (decoder, latent channels, checkpoint path)
 
     def train(decoder, channels):
         run_dir = os.path.join(root, f"{decoder}_c{channels}" if channels else f"{decoder}_default")
@@ -535,6 +535,7 @@ def run_compare(dist):
                          "steps": steps or "-", **scores})
     header = ["decoder", "latent", "decoder_params_M", "steps", "psnr", "ssim", "lowfreq_psnr", "highfreq_ratio",
               "decode_ms_per_image"]
+
     def cell(v):
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
