@@ -4,10 +4,12 @@ start-up and shutdown, checkpoints with every RNG state, and the lookup of pretr
 The training steps are written out in train_ae.py and train_dit.py.
 """
 
+import math
 import os
 import random
 import re
 import sys
+import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -69,6 +71,44 @@ def configure(settings, argv=None):
         settings[key] = _parse_like(value, settings[key], name)
         given.add(key)
     return {k: settings[k] for k in keys}, given
+
+
+# The kinds of numeric setting check_settings knows: a test on the value, and the valid range as the
+# error message states it. NaN fails every comparison, so it is refused by each kind.
+SETTING_KINDS = {
+    "count": (lambda v: v >= 1, "must be at least 1"),
+    "count_or_0": (lambda v: v >= 0, "must be at least 0"),
+    "positive": (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0"),
+    "non_negative": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number at least 0"),
+    "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "finite": (lambda v: math.isfinite(v), "must be a finite number"),
+}
+
+
+def check_settings(settings, **kinds):
+    """Refuse a numeric setting out of its range, before any work, with one line naming the flag.
+
+    `kinds` maps a kind of SETTING_KINDS to the names of the settings of that kind, e.g.
+    check_settings(settings, count=("max_steps", "grad_accum"), fraction=("ema_decay",)). A step
+    count of 0 or a NaN guidance scale would otherwise run, and write noise or nothing with exit 0.
+    """
+    for kind, names in kinds.items():
+        ok, valid = SETTING_KINDS[kind]
+        for name in names:
+            if not ok(settings[name]):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {valid}, got {settings[name]}")
+
+
+def writable_dir(path, flag):
+    """Create the folder `path` if needed and prove that a file can be written in it, so that a run
+    or a sampler is refused at start-up rather than after hours of work with nowhere to save it."""
+    try:
+        os.makedirs(path or ".", exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path or ".", prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot write there ({e.strerror or e}); "
+                         "choose a folder you can write to") from None
 
 
 @contextmanager

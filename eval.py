@@ -562,7 +562,9 @@ def main():
     mode = sys.argv[1]
     if mode not in MODES:
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
-    common.configure(globals(), sys.argv[2:])  # the settings follow the mode
+    settings, _ = common.configure(globals(), sys.argv[2:])  # the settings follow the mode
+    common.check_settings(settings, count=("resolution", "batch_size"),  # out of range: refused before any work
+                          count_or_0=("num_images", "num_workers", "decode_steps", "seed"))
     dist = common.setup_distributed(device)
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
         MODES[mode](dist)

@@ -151,7 +151,11 @@ def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
 
 def main():
     global num_samples
-    common.configure(globals())
+    settings, _ = common.configure(globals())
+    # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan used to write
+    # garbage images with exit 0
+    common.check_settings(settings, count=("per_class", "steps", "batch_size"),
+                          count_or_0=("num_samples", "num", "decode_steps", "seed"), finite=("cfg_scale",))
     num_samples = num_samples or num
     dist = common.setup_distributed(device)
     if images:  # stage 1: reconstructions, on rank 0

@@ -224,12 +224,21 @@ class LatentCache(Dataset):
 
 def main():
     settings, given = common.configure(globals())
+    # numbers out of range stop here, before any work (--shard-size 0 used to leave a meta.json
+    # behind that marked later caches stale; --max-steps 0 printed "done" and wrote nothing)
+    common.check_settings(settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size", "grad_accum",
+                                           "max_steps", "log_every", "sample_every", "ckpt_every", "sample_steps"),
+                          count_or_0=("num_workers", "warmup_steps", "decode_steps", "seed"),
+                          positive=("lr", "grad_clip"), non_negative=("weight_decay",),
+                          fraction=("class_dropout", "ema_decay"), finite=("cfg_scale",))
     dist = common.setup_distributed(device)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
+        if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
+            common.writable_dir(out_dir, "--out-dir")
         ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
         ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
         stage1 = stage1_info(ae_path)

@@ -22,6 +22,30 @@ def test_configure_parses_types_dashes_and_rejects_unknown_names():
         common.configure(dict(compile=False), ["--compile", "maybe"])
 
 
+def test_check_settings_names_the_flag_and_its_range():
+    ok = dict(max_steps=1, num_images=0, lr=1e-4, kl_weight=0.0, ema_decay=0.0, cfg_scale=-2.0)
+    kinds = dict(count=("max_steps",), count_or_0=("num_images",), positive=("lr",), non_negative=("kl_weight",),
+                 fraction=("ema_decay",), finite=("cfg_scale",))
+    common.check_settings(ok, **kinds)  # every value at the edge of its range passes
+    for name, bad, message in [("max_steps", 0, "--max-steps must be at least 1, got 0"),
+                               ("num_images", -1, "--num-images must be at least 0, got -1"),
+                               ("lr", float("inf"), "--lr must be a finite number above 0, got inf"),
+                               ("kl_weight", float("nan"), "--kl-weight must be a finite number at least 0, got nan"),
+                               ("ema_decay", 1.0, "--ema-decay must be in [0, 1), got 1.0"),
+                               ("cfg_scale", float("nan"), "--cfg-scale must be a finite number, got nan")]:
+        with pytest.raises(SystemExit) as e:
+            common.check_settings({**ok, name: bad}, **kinds)
+        assert str(e.value) == "error: " + message
+
+
+def test_writable_dir_creates_the_folder_or_refuses_in_one_line(tmp_path):
+    common.writable_dir(str(tmp_path / "a" / "b"), "--out-dir")
+    assert os.listdir(tmp_path / "a" / "b") == []  # created, and the probe file is gone
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --out-dir .*file/run: cannot write there \(Not a directory\)"):
+        common.writable_dir(str(tmp_path / "file" / "run"), "--out-dir")
+
+
 def test_cpu_paths_of_the_cuda_only_features():
     # bf16 autocast and TF32 are CUDA-only: on the CPU the context changes nothing
     with common.autocast_context(torch.device("cpu")):

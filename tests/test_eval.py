@@ -2,6 +2,7 @@
 implementations, the FID InceptionV3 against a listing of the published weight file, and the
 recon / gen / stats modes end to end on tiny inputs. Seeded random weights; nothing downloads."""
 
+import importlib
 import json
 import math
 import os
@@ -344,6 +345,24 @@ def test_npz_images_are_streamed_slice_by_slice(tmp_path):
         src = ev.ImageSource(str(tmp_path / "s.npz"), 0)
         got = torch.cat(list(src.batches(2, 7, 2)))
         assert src.n == 7 and torch.equal(got, torch.from_numpy(arr[2:7]).permute(0, 3, 1, 2).float())
+
+
+def run_eval_in_process(monkeypatch, *argv):
+    importlib.reload(ev)  # fresh settings: configure() writes them into the module
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    ev.main()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--num-images", "-1"], "--num-images must be at least 0, got -1"),
+    (["--resolution", "0"], "--resolution must be at least 1, got 0"),
+    (["--decode-steps", "-2"], "--decode-steps must be at least 0, got -2"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, flags, message):
+    with pytest.raises(SystemExit) as e:
+        run_eval_in_process(monkeypatch, "stats", "--images", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o.npz"), *flags)
+    assert str(e.value) == "error: " + message  # one line, before the (missing) input is even opened
 
 
 @pytest.fixture(scope="module")

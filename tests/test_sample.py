@@ -123,3 +123,25 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch, capsys):
     (tmp_path / "ae.pt").unlink()
     with pytest.raises(SystemExit, match="stage-1 checkpoint .*ae.pt not found.*--ae-ckpt"):
         run_sample(monkeypatch, "--ckpt", ckpts[0])
+
+
+BAD_SETTINGS = [  # (flags, the one line expected); each used to write garbage with exit 0
+    (["--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--decode-steps", "-1"], "--decode-steps must be at least 0, got -1"),  # 0: the stage-1 default
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+    (["--per-class", "0"], "--per-class must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--num-samples", "-5"], "--num-samples must be at least 0, got -5"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_any_work(ckpts, tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr(common, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
+    with pytest.raises(SystemExit) as e:
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--out", str(tmp_path / "x.png"), *flags)
+    assert str(e.value) == "error: " + message  # one line, naming the flag and its range
+    assert not (tmp_path / "x.png").exists()
