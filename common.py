@@ -221,12 +221,34 @@ def autocast_context(device):
 # checkpoints
 
 
-def save_checkpoint(path, ckpt):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never half a file."""
+def atomic_write(path, write):
+    """Write a file atomically: write(fh) fills `path`.tmp, which then replaces `path` in one step.
+
+    A crash mid-write leaves the previous file intact, never half a file. A write that fails (disk
+    full, read-only folder) also keeps the previous file, removes its .tmp (a 20 MB leftover per
+    try otherwise) and stops with one line naming the file.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException as e:  # an interrupt too: no .tmp is left behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+            raise SystemExit(f"error: could not write {path} ({e.strerror or e}); {kept}. "
+                             "Free some space or choose a folder you can write to.") from None
+        raise
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically (see atomic_write): never half a checkpoint, and a failed write keeps the old one."""
+    atomic_write(path, lambda fh: torch.save(ckpt, fh))
 
 
 def load_checkpoint(path, kind):

@@ -2,7 +2,9 @@
 a seed fixes the images, the .npz has the evaluator's format and the right contents, the
 reconstruction grid, and the errors. Runs sample.main() in-process on tiny random models."""
 
+import errno
 import importlib
+import os
 import sys
 
 import numpy as np
@@ -145,3 +147,35 @@ def test_bad_settings_are_refused_before_any_work(ckpts, tmp_path, monkeypatch, 
         run_sample(monkeypatch, "--ckpt", ckpts[0], "--out", str(tmp_path / "x.png"), *flags)
     assert str(e.value) == "error: " + message  # one line, naming the flag and its range
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_output_is_checked_before_sampling(ckpts, tmp_path, monkeypatch, capsys):
+    # a folder that does not exist yet is created (it used to crash at the save, after all the sampling)
+    run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "1", "--num-samples", "2", "--out", str(tmp_path / "new/s.npz"))
+    assert np.load(tmp_path / "new/s.npz")["arr_0"].shape == (2, 16, 16, 3)
+    assert f"wrote {tmp_path / 'new/s.npz'}" in capsys.readouterr().out  # the printed path is the written one
+    monkeypatch.setattr(common, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
+    (tmp_path / "file").write_text("a file, not a folder")
+    for out, message in [(tmp_path / "file/s.npz", "--out .*file: cannot write there"),
+                         # np.savez would have written x.png.npz while sample.py printed x.png
+                         (tmp_path / "x.png", "--out .*x.png: with --num-samples the output is an .npz; name it e.g. .*x.npz")]:
+        with pytest.raises(SystemExit, match="^error: " + message):
+            run_sample(monkeypatch, "--ckpt", ckpts[0], "--num-samples", "2", "--out", str(out))
+    with pytest.raises(SystemExit, match="the grid is an image; give it an image extension"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--out", str(tmp_path / "grid"))
+    assert sorted(os.listdir(tmp_path)) == ["ae.pt", "dit.pt", "file", "new"]
+
+
+def test_a_failed_npz_write_keeps_the_previous_file_and_leaves_no_tmp(ckpts, tmp_path, monkeypatch):
+    (tmp_path / "s.npz").write_bytes(b"the previous samples")
+
+    def disk_full(fh, **arrays):
+        fh.write(b"half an npz")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(SystemExit) as e:
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "1", "--num-samples", "2", "--out", str(tmp_path / "s.npz"))
+    assert str(e.value) == (f"error: could not write {tmp_path / 's.npz'} (No space left on device); the previous file "
+                            "is kept. Free some space or choose a folder you can write to.")
+    assert (tmp_path / "s.npz").read_bytes() == b"the previous samples" and not (tmp_path / "s.npz.tmp").exists()
