@@ -20,7 +20,6 @@ The .npz: uint8 N x H x W x 3 under `arr_0` (what the ADM ImageNet evaluator rea
 """
 
 import os
-import sys
 
 import numpy as np
 import torch
@@ -93,9 +92,11 @@ def load_models(path, device, ae_path="", attn=""):
         raise SystemExit(f"error: stage-1 checkpoint {ae_path} not found. The DiT in {path} generates latents of "
                          "that autoencoder and needs its decoder; pass --ae-ckpt PATH if the file moved.")
     ae = load_dgae(ae_path, device)
+    # the DiT learned the latents of one encoder; another autoencoder's decoder would turn its
+    # samples into plausible-looking garbage, so this is refused, not warned about
     if encoder_fingerprint(ae.state_dict()) != ck["ae_fingerprint"]:
-        print(f"warning: {ae_path} holds another stage-1 encoder than the one whose latents this DiT learned "
-              f"(step {ck['ae_step']} of {ck['ae_ckpt']}); decoded samples may be wrong", file=sys.stderr)
+        raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the one whose latents the DiT in {path} "
+                         f"learned (step {ck['ae_step']} of {ck['ae_ckpt']}); pass that checkpoint with --ae-ckpt")
     return dit.to(device).eval(), ae, ck
 
 

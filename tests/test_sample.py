@@ -109,7 +109,7 @@ def test_reconstructions_stand_beside_their_inputs(ckpts, tmp_path, monkeypatch)
     assert np.array_equal(grid[2:18, 20:36], recon)
 
 
-def test_clear_errors(ckpts, tmp_path, monkeypatch, capsys):
+def test_clear_errors(ckpts, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="class 12 is out of range: this model has 10 classes"):
         run_sample(monkeypatch, "--ckpt", ckpts[0], "--classes", "3,12")
     with pytest.raises(SystemExit, match="comma-separated"):
@@ -118,10 +118,11 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch, capsys):
         run_sample(monkeypatch, "--ckpt", ckpts[1])
     with pytest.raises(SystemExit, match="'dit' checkpoint"):
         run_sample(monkeypatch, "--ckpt", ckpts[0], "--images", str(tmp_path))
-    save_tiny_ae(tmp_path / "other.pt", seed=1)  # another encoder: a warning, the samples are suspect
-    run_sample(monkeypatch, "--ckpt", ckpts[0], "--ae-ckpt", str(tmp_path / "other.pt"), "--steps", "1",
-               "--per-class", "1", "--out", str(tmp_path / "w.png"))
-    assert "another stage-1 encoder" in capsys.readouterr().err
+    save_tiny_ae(tmp_path / "other.pt", seed=1)  # another encoder: refused, as the README says
+    with pytest.raises(SystemExit, match=r"other.pt holds another stage-1 encoder .*\(step 7 of .*ae.pt.*--ae-ckpt"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--ae-ckpt", str(tmp_path / "other.pt"), "--steps", "1",
+                   "--per-class", "1", "--out", str(tmp_path / "w.png"))
+    assert not (tmp_path / "w.png").exists()
     (tmp_path / "ae.pt").unlink()
     with pytest.raises(SystemExit, match="stage-1 checkpoint .*ae.pt not found.*--ae-ckpt"):
         run_sample(monkeypatch, "--ckpt", ckpts[0])
