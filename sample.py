@@ -86,7 +86,7 @@ def load_models(path, device, ae_path="", attn=""):
     """A train_dit.py checkpoint -> (EMA DiT, its stage-1 DGAE, the checkpoint dict), in eval mode."""
     ck = _or_exit(common.load_checkpoint, path, "dit")
     dit = DiT(**{**ck["model_args"], **({"attn_impl": attn} if attn else {})})
-    dit.load_state_dict(ck["ema"])
+    common.load_weights(dit, ck["ema"], path)  # edited shapes: one line naming the file
     ae_path = ae_path or ck["ae_ckpt"]
     if not os.path.isfile(ae_path):
         raise SystemExit(f"error: stage-1 checkpoint {ae_path} not found. The DiT in {path} generates latents of "

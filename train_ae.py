@@ -173,7 +173,8 @@ def main():
 
     step = 0
     if ckpt is not None:
-        step = common.restore_training(ckpt, dist, net, ema, optimizer, loader)
+        with common.user_errors():  # weights that do not fit (an edited file): one line naming it
+            step = common.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise and t on every rank

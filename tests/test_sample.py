@@ -180,3 +180,27 @@ def test_a_failed_npz_write_keeps_the_previous_file_and_leaves_no_tmp(ckpts, tmp
     assert str(e.value) == (f"error: could not write {tmp_path / 's.npz'} (No space left on device); the previous file "
                             "is kept. Free some space or choose a folder you can write to.")
     assert (tmp_path / "s.npz").read_bytes() == b"the previous samples" and not (tmp_path / "s.npz.tmp").exists()
+
+
+def test_damaged_or_edited_checkpoints_are_one_line_naming_the_file(ckpts, tmp_path, monkeypatch):
+    dit_path, ae_path = ckpts
+    good = torch.load(dit_path, weights_only=True)
+    edited = dict(good, ema={**good["ema"], "final_layer.linear.weight": torch.zeros(3, 3)})
+    common.save_checkpoint(str(tmp_path / "edited.pt"), edited)
+    common.save_checkpoint(str(tmp_path / "no_args.pt"), {k: v for k, v in good.items() if k != "model_args"})
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    ae = torch.load(ae_path, weights_only=True)  # a stage-1 file with an edited shape, found through --ae-ckpt
+    common.save_checkpoint(str(tmp_path / "ae_edited.pt"), dict(ae, ema={**ae["ema"], "encoder.conv_in.weight": torch.zeros(1)}))
+    for args, message in [
+        (["--ckpt", str(tmp_path / "edited.pt")], "edited.pt: its weights do not fit the model its model_args describe "
+                                                 r"\(size mismatch for final_layer.linear.weight"),
+        (["--ckpt", str(tmp_path / "no_args.pt")], "no_args.pt has no 'model_args'"),
+        (["--ckpt", str(tmp_path / "empty.pt")], r"empty.pt is empty \(0 bytes\)"),
+        (["--ckpt", str(tmp_path / "random.pt")], "could not read checkpoint .*random.pt"),
+        (["--ckpt", dit_path, "--ae-ckpt", str(tmp_path / "ae_edited.pt")], "ae_edited.pt: its weights do not fit"),
+    ]:
+        with pytest.raises(SystemExit, match="^error: .*" + message) as e:
+            run_sample(monkeypatch, *args, "--steps", "1", "--per-class", "1", "--out", str(tmp_path / "x.png"))
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    assert not (tmp_path / "x.png").exists()

@@ -213,6 +213,28 @@ def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_is_built(
     assert proc.stderr.startswith("error: --out-dir file/run: cannot write there") and "model:" not in proc.stdout
 
 
+def test_a_damaged_or_edited_checkpoint_is_refused_on_resume_in_one_line(tmp_path, monkeypatch):
+    run_train(tmp_path, "--max-steps", "1", "--batch-size", "2", "--lpips-weight", "0", "--decode-steps", "1")
+    path = tmp_path / "out/ae/ckpt.pt"
+    good = load(path)
+    edited = dict(good, model={**good["model"], "encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)})
+    random_bytes = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    monkeypatch.chdir(tmp_path)
+    for write, message in [
+        (lambda: path.write_bytes(b""), r"ckpt.pt is empty \(0 bytes\)"),
+        (lambda: path.write_bytes(random_bytes), "could not read checkpoint .*ckpt.pt"),
+        (lambda: torch.save({k: v for k, v in good.items() if k != "model_args"}, path), "ckpt.pt has no 'model_args'"),
+        (lambda: torch.save({k: v for k, v in good.items() if k != "optimizer"}, path), "so its run cannot be resumed"),
+        (lambda: torch.save(edited, path), "ckpt.pt: its weights do not fit the model .*size mismatch for "
+                                           "encoder.conv_in.weight"),
+    ]:
+        write()
+        with pytest.raises(SystemExit, match="^error: .*" + message) as e:
+            run_in_process(monkeypatch, "--resume", "true", "--max-steps", "2", "--batch-size", "2", "--lpips-weight", "0")
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    assert sorted(os.listdir(path.parent)) == ["ckpt.pt", "log.jsonl", "recon_000001.png"]  # nothing else written
+
+
 @pytest.mark.slow
 def test_compiled_run_writes_a_checkpoint_that_an_uncompiled_run_resumes(tmp_path):
     # torch.compile wraps the model (keys gain `_orig_mod.`); the checkpoint must not care

@@ -165,8 +165,13 @@ def test_resume_is_bit_identical(tmp_path, ae):
 
 def test_setup_errors_are_one_line_messages(tmp_path, ae):
     torch.save({"kind": "dit"}, tmp_path / "dit.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    good = torch.load(tmp_path / "ae.pt", weights_only=True)  # a stage-1 file with an edited shape
+    torch.save(dict(good, ema={**good["ema"], "encoder.conv_in.weight": torch.zeros(1)}), tmp_path / "edited.pt")
     for args, message in [(["--ae-ckpt", "nope.pt"], "stage-1 checkpoint nope.pt not found. Train one with train_ae.py"),
                           (["--ae-ckpt", "dit.pt"], "is a 'dit' checkpoint (written by train_dit.py), but a 'ae'"),
+                          (["--ae-ckpt", "empty.pt"], "checkpoint empty.pt is empty (0 bytes)"),
+                          (["--ae-ckpt", "edited.pt"], "edited.pt: its weights do not fit the model its model_args"),
                           (["--ae-ckpt", "ae.pt", "--preset", "DiT-M/3"], "unknown --preset DiT-M/3"),
                           (["--ae-ckpt", "ae.pt", "--data", "no/such/folder"], "no/such/folder")]:
         proc = run(tmp_path, "train_dit.py", *args, check=False)
