@@ -103,8 +103,8 @@ def writable_dir(path, flag):
     """Create the folder `path` if needed and prove that a file can be written in it, so that a run
     or a sampler is refused at start-up rather than after hours of work with nowhere to save it."""
     try:
-        os.makedirs(path or ".", exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path or ".", prefix=".write_test_"):
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
             pass
     except OSError as e:
         raise SystemExit(f"error: {flag} {path}: cannot write there ({e.strerror or e}); "

@@ -163,7 +163,7 @@ def check_output(path, npz, master):
     if not npz and ext not in Image.registered_extensions():
         raise SystemExit(f"error: --out {path}: the grid is an image; give it an image extension such as .png")
     if master:
-        common.writable_dir(os.path.dirname(path), "--out")
+        common.writable_dir(os.path.dirname(path) or ".", "--out")
 
 
 def main():

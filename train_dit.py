@@ -91,7 +91,8 @@ compile = False
 
 
 def stage1_info(path):
-    """What the DiT needs to know about a stage-1 checkpoint, without building the model."""
+    """What the DiT needs to know about a stage-1 checkpoint, without building the model (only a
+    copy without storage, to check that the weights fit it)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
                          "(it writes out/ae/ckpt.pt) or pass its path with --ae-ckpt PATH.")
