@@ -359,5 +359,5 @@ def load_dgae(path, device="cpu", ema=True):
     """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
     ckpt = common.load_checkpoint(path, "ae")
     model = DGAE(config_from_dict(ckpt["model_args"]))
-    model.load_state_dict(ckpt["ema" if ema else "model"])
+    common.load_weights(model, ckpt["ema" if ema else "model"], path)  # edited shapes: one line naming the file
     return model.to(device).eval()

@@ -4,10 +4,12 @@ start-up and shutdown, checkpoints with every RNG state, and the lookup of pretr
 The training steps are written out in train_ae.py and train_dit.py.
 """
 
+import math
 import os
 import random
 import re
 import sys
+import tempfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -69,6 +71,44 @@ def configure(settings, argv=None):
         settings[key] = _parse_like(value, settings[key], name)
         given.add(key)
     return {k: settings[k] for k in keys}, given
+
+
+# The kinds of numeric setting check_settings knows: a test on the value, and the valid range as the
+# error message states it. NaN fails every comparison, so it is refused by each kind.
+SETTING_KINDS = {
+    "count": (lambda v: v >= 1, "must be at least 1"),
+    "count_or_0": (lambda v: v >= 0, "must be at least 0"),
+    "positive": (lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0"),
+    "non_negative": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number at least 0"),
+    "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "finite": (lambda v: math.isfinite(v), "must be a finite number"),
+}
+
+
+def check_settings(settings, **kinds):
+    """Refuse a numeric setting out of its range, before any work, with one line naming the flag.
+
+    `kinds` maps a kind of SETTING_KINDS to the names of the settings of that kind, e.g.
+    check_settings(settings, count=("max_steps", "grad_accum"), fraction=("ema_decay",)). A step
+    count of 0 or a NaN guidance scale would otherwise run, and write noise or nothing with exit 0.
+    """
+    for kind, names in kinds.items():
+        ok, valid = SETTING_KINDS[kind]
+        for name in names:
+            if not ok(settings[name]):
+                raise SystemExit(f"error: --{name.replace('_', '-')} {valid}, got {settings[name]}")
+
+
+def writable_dir(path, flag):
+    """Create the folder `path` if needed and prove that a file can be written in it, so that a run
+    or a sampler is refused at start-up rather than after hours of work with nowhere to save it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path}: cannot write there ({e.strerror or e}); "
+                         "choose a folder you can write to") from None
 
 
 @contextmanager
@@ -181,31 +221,70 @@ def autocast_context(device):
 # checkpoints
 
 
-def save_checkpoint(path, ckpt):
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact, never half a file."""
+def atomic_write(path, write):
+    """Write a file atomically: write(fh) fills `path`.tmp, which then replaces `path` in one step.
+
+    A crash mid-write leaves the previous file intact, never half a file. A write that fails (disk
+    full, read-only folder) also keeps the previous file, removes its .tmp (a 20 MB leftover per
+    try otherwise) and stops with one line naming the file.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException as e:  # an interrupt too: no .tmp is left behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+            raise SystemExit(f"error: could not write {path} ({e.strerror or e}); {kept}. "
+                             "Free some space or choose a folder you can write to.") from None
+        raise
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically (see atomic_write): never half a checkpoint, and a failed write keeps the old one."""
+    atomic_write(path, lambda fh: torch.save(ckpt, fh))
+
+
+MADE_BY = {"ae": "train_ae.py", "dit": "train_dit.py"}
+# what the code that reads each kind of checkpoint looks up in it (a training run needs more: TRAINING_KEYS)
+REQUIRED_KEYS = {"ae": ("model_args", "ema"),
+                 "dit": ("step", "model_args", "ema", "ae_ckpt", "ae_step", "ae_fingerprint", "latent_shape",
+                         "latent_mean", "latent_std", "num_classes", "class_names")}
+TRAINING_KEYS = ("step", "model", "ema", "optimizer", "loader", "rng")
 
 
 def load_checkpoint(path, kind):
     """Load a checkpoint dict onto the CPU, refusing a file of the wrong kind: "ae" (train_ae.py) or
-    "dit" (train_dit.py). weights_only=True: loading a checkpoint never runs code from it."""
+    "dit" (train_dit.py), or one that lacks what the kind needs. weights_only=True: loading a
+    checkpoint never runs code from it. Every refusal is one line naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:  # e.g. a copy or a write interrupted by a full disk
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); copy it again or use another checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+        # torch's message for a file it cannot unpickle safely suggests weights_only=False, which
+        # would run whatever code the file holds; only the kind of error is passed on
+        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}): it is damaged, truncated or "
+                         "not a PyTorch checkpoint; copy it again or use another checkpoint") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise ValueError(f"{path} is not a DGAE checkpoint (no 'kind' field)")
     if ckpt["kind"] != kind:
-        made_by = {"ae": "train_ae.py", "dit": "train_dit.py"}
         raise ValueError(
-            f"{path} is a '{ckpt['kind']}' checkpoint (written by {made_by.get(ckpt['kind'], '?')}), "
-            f"but a '{kind}' checkpoint (written by {made_by.get(kind, '?')}) is needed here"
+            f"{path} is a '{ckpt['kind']}' checkpoint (written by {MADE_BY.get(ckpt['kind'], '?')}), "
+            f"but a '{kind}' checkpoint (written by {MADE_BY.get(kind, '?')}) is needed here"
         )
+    missing = [k for k in REQUIRED_KEYS.get(kind, ()) if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(repr(k) for k in missing)}: it is not a complete '{kind}' "
+                         f"checkpoint (edited, or not written by {MADE_BY[kind]}); use one that {MADE_BY[kind]} wrote")
     for key in ("model", "ema"):  # drop the prefixes torch.compile (_orig_mod.) and DDP (module.) add
         if key in ckpt:
             ckpt[key] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt[key].items()}
@@ -216,7 +295,12 @@ def resume_or_refuse(ckpt_path, resume, kind):
     """--resume: the run's checkpoint. Otherwise None, and an existing checkpoint is an error, so a
     finished or running job is never overwritten by accident."""
     if resume:
-        return load_checkpoint(ckpt_path, kind)
+        ckpt = load_checkpoint(ckpt_path, kind)
+        missing = [k for k in TRAINING_KEYS if k not in ckpt]
+        if missing:
+            raise ValueError(f"{ckpt_path} has no {', '.join(repr(k) for k in missing)}, so its run cannot be "
+                             "resumed; start a new run in another --out-dir")
+        return ckpt
     if os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
                          "or choose another --out-dir.")
@@ -255,11 +339,28 @@ def save_training(path, dist, kind, step, net, ema, optimizer, loader, **extra):
                                    optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=rngs, **extra))
 
 
-def restore_training(ckpt, dist, net, ema, optimizer, loader):
-    """The inverse of save_training, for --resume; returns the step to continue from."""
-    net.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+def load_weights(module, state_dict, path, assign=False):
+    """module.load_state_dict(state_dict), where weights that do not fit the model (shapes edited,
+    tensors missing or extra) are one line naming the file, not torch's list of every mismatch.
+    assign=True: take the tensors themselves (to check a model built on the meta device)."""
+    try:
+        module.load_state_dict(state_dict, assign=assign)
+    except RuntimeError as e:
+        details = [line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()]
+        first = (details[0] if details else str(e))[:200]
+        raise ValueError(f"{path}: its weights do not fit the model its model_args describe ({first}); "
+                         "the file was edited or damaged, use a checkpoint as the training script wrote it") from None
+
+
+def restore_training(ckpt, dist, net, ema, optimizer, loader, path):
+    """The inverse of save_training, for --resume (`path`: the checkpoint's, for the messages);
+    returns the step to continue from."""
+    load_weights(net, ckpt["model"], path)
+    load_weights(ema, ckpt["ema"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # a parameter group of another size: weights of another model
+        raise ValueError(f"{path}: its optimizer state does not fit the model ({e})") from None
     loader.load_state_dict(ckpt["loader"])
     set_rng_state(ckpt["rng"][dist.rank])
     return ckpt["step"]

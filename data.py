@@ -192,6 +192,19 @@ class ProceduralDataset(Dataset):
 # ImageNet-style image folders
 
 
+# Single-channel 16-bit modes (a 16-bit greyscale PNG opens as I;16, as I in older Pillows).
+# convert("RGB") clips their 0..65535 values at 255, so such an image became near-white.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(pil_image):
+    """A PIL image as 8-bit RGB; 16-bit greyscale is scaled 0..65535 -> 0..255 first (v / 257)."""
+    if pil_image.mode in SIXTEEN_BIT_MODES:
+        arr = np.asarray(pil_image).astype(np.float64)  # uint16 (I;16) or int32 (I)
+        pil_image = Image.fromarray(np.clip(np.rint(arr / 257), 0, 255).astype(np.uint8))  # mode L
+    return pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
+
+
 def center_crop_arr(pil_image, image_size):
     """ADM center crop (guided-diffusion, image_datasets.py) -> np.uint8 (image_size, image_size, 3).
 
@@ -200,8 +213,7 @@ def center_crop_arr(pil_image, image_size):
     >= 2x the target (cheap and alias-free for huge JPEGs), then one BICUBIC resize that makes
     the short side exactly image_size, then cut the central square.
     """
-    if pil_image.mode != "RGB":
-        pil_image = pil_image.convert("RGB")
+    pil_image = to_rgb(pil_image)
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -259,7 +271,7 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
-                arr = center_crop_arr(im.convert("RGB"), self.resolution)  # convert() decodes fully
+                arr = center_crop_arr(to_rgb(im), self.resolution)  # converting decodes fully
         except Exception as e:  # truncated JPEG, not an image, permissions, ...: skip, never crash
             if path not in self._warned:
                 self._warned.add(path)

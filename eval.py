@@ -251,6 +251,7 @@ class ImageSource:
             self.dataset = ProceduralDataset(res, size=builtin_size, seed=HELDOUT_SEED)
             self.n = len(self.dataset)
         elif path.endswith(".npz"):
+            require_zip(path)
             with zipfile.ZipFile(path) as zf:
                 if "arr_0.npy" not in zf.namelist():
                     raise ValueError(f"{path} has no arr_0 (images); it holds {zf.namelist()}")
@@ -295,6 +296,25 @@ class ImageSource:
                 self.n_bad += n_bad
                 if len(x):
                     yield to_pixels(x)
+
+
+def require_zip(path):
+    """np.savez writes a zip archive; refuse anything else named .npz in one line, not a traceback."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file (not a zip archive); write it with np.savez "
+                         "(sample.py --num-samples does) or pass a folder of images")
+
+
+def at_least_two(source, flag, limit=0):
+    """FID statistics are a mean and a covariance: 0 or 1 images give NaN or a traceback, so refuse
+    them with a line naming the input."""
+    n = source.n if limit <= 0 else min(limit, source.n)
+    if n < 2:
+        raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; FID statistics need at least 2 "
+                         "(the ImageNet protocol uses 50K)")
+    return source
 
 
 def gather_rows(parts, width, dist):
@@ -447,18 +467,21 @@ def run_gen(dist):
     # The reference: precomputed statistics if the file has them, plus its images (if any) for P/R.
     ref_stats, has_images = {}, not ref.endswith(".npz")
     if ref.endswith(".npz"):
+        require_zip(ref)
         with np.load(ref) as z:
             ref_stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
             has_images = "arr_0" in z.files
     if "mu" not in ref_stats and not has_images:
         raise SystemExit(f"--ref {ref} has neither statistics (mu, sigma) nor images (arr_0)")
-    inception = load_inception(inception_path or None, dist.device)
-    fake = inception_features(ImageSource(samples, resolution, num_workers=num_workers), inception, dist, batch_size,
-                              num_images, "samples")
-    ref_feats = None
+    fake_src = at_least_two(ImageSource(samples, resolution, num_workers=num_workers), "--samples", num_images)
+    ref_src = None
     if has_images and (prec_recall or "mu" not in ref_stats):
-        ref_feats = inception_features(ImageSource(ref, resolution, num_workers=num_workers), inception, dist,
-                                       batch_size, 0, "reference")
+        ref_src = at_least_two(ImageSource(ref, resolution, num_workers=num_workers), "--ref")
+    inception = load_inception(inception_path or None, dist.device)
+    fake = inception_features(fake_src, inception, dist, batch_size, num_images, "samples")
+    ref_feats = None
+    if ref_src is not None:
+        ref_feats = inception_features(ref_src, inception, dist, batch_size, 0, "reference")
     if not dist.master:
         return
     if "mu" not in ref_stats:
@@ -481,9 +504,9 @@ def run_gen(dist):
 def run_stats(dist):
     if not images or not out:
         raise SystemExit("stats needs --images (.npz with arr_0, or a folder) and --out (the .npz to write)")
+    source = at_least_two(ImageSource(images, resolution, num_workers=num_workers), "--images", num_images)
     inception = load_inception(inception_path or None, dist.device)
-    feats = inception_features(ImageSource(images, resolution, num_workers=num_workers), inception, dist, batch_size,
-                               num_images, "images")
+    feats = inception_features(source, inception, dist, batch_size, num_images, "images")
     if dist.master:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         np.savez(out, **stats_of(feats, dist.device), num_images=len(feats["pool"]))
@@ -563,7 +586,9 @@ def main():
     mode = sys.argv[1]
     if mode not in MODES:
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
-    common.configure(globals(), sys.argv[2:])  # the settings follow the mode
+    settings, _ = common.configure(globals(), sys.argv[2:])  # the settings follow the mode
+    common.check_settings(settings, count=("resolution", "batch_size"),  # out of range: refused before any work
+                          count_or_0=("num_images", "num_workers", "decode_steps", "seed"))
     dist = common.setup_distributed(device)
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
         MODES[mode](dist)

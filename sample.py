@@ -20,10 +20,10 @@ The .npz: uint8 N x H x W x 3 under `arr_0` (what the ADM ImageNet evaluator rea
 """
 
 import os
-import sys
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import common
@@ -35,7 +35,7 @@ from dit import DiT
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
 ckpt = "out/dit/ckpt.pt"  # a train_dit.py checkpoint; or a train_ae.py one together with --images
-out = ""  # output file; "" = samples.png / samples.npz / recon.png beside --ckpt
+out = ""  # output file; "" = samples.png / samples.npz / recon.png beside --ckpt; an .npz with --num-samples
 classes = ""  # comma-separated class indices for the grid; "" = the first 10 (ImageNet: 8 well-known ones)
 per_class = 8  # samples per class in the grid (one row per class)
 num_samples = 0  # > 0: that many samples, uniform labels, into an .npz (FID); recon: images to show
@@ -86,15 +86,17 @@ def load_models(path, device, ae_path="", attn=""):
     """A train_dit.py checkpoint -> (EMA DiT, its stage-1 DGAE, the checkpoint dict), in eval mode."""
     ck = _or_exit(common.load_checkpoint, path, "dit")
     dit = DiT(**{**ck["model_args"], **({"attn_impl": attn} if attn else {})})
-    dit.load_state_dict(ck["ema"])
+    common.load_weights(dit, ck["ema"], path)  # edited shapes: one line naming the file
     ae_path = ae_path or ck["ae_ckpt"]
     if not os.path.isfile(ae_path):
         raise SystemExit(f"error: stage-1 checkpoint {ae_path} not found. The DiT in {path} generates latents of "
                          "that autoencoder and needs its decoder; pass --ae-ckpt PATH if the file moved.")
     ae = load_dgae(ae_path, device)
+    # the DiT learned the latents of one encoder; another autoencoder's decoder would turn its
+    # samples into plausible-looking garbage, so this is refused, not warned about
     if encoder_fingerprint(ae.state_dict()) != ck["ae_fingerprint"]:
-        print(f"warning: {ae_path} holds another stage-1 encoder than the one whose latents this DiT learned "
-              f"(step {ck['ae_step']} of {ck['ae_ckpt']}); decoded samples may be wrong", file=sys.stderr)
+        raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the one whose latents the DiT in {path} "
+                         f"learned (step {ck['ae_step']} of {ck['ae_ckpt']}); pass that checkpoint with --ae-ckpt")
     return dit.to(device).eval(), ae, ck
 
 
@@ -149,22 +151,43 @@ def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
     print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)
 
 
+def check_output(path, npz, master):
+    """Refuse, before any sampling, an output that could not be written at the end: an .npz
+    (--num-samples) must be named .npz, since np.savez would append .npz to any other name and the
+    file written would not be the one printed; a grid needs an image extension PIL knows; and the
+    folder must be writable (it is created if missing)."""
+    ext = os.path.splitext(path)[1].lower()
+    if npz and ext != ".npz":
+        raise SystemExit(f"error: --out {path}: with --num-samples the output is an .npz; name it e.g. "
+                         f"{os.path.splitext(path)[0]}.npz")
+    if not npz and ext not in Image.registered_extensions():
+        raise SystemExit(f"error: --out {path}: the grid is an image; give it an image extension such as .png")
+    if master:
+        common.writable_dir(os.path.dirname(path) or ".", "--out")
+
+
 def main():
     global num_samples
-    common.configure(globals())
+    settings, _ = common.configure(globals())
+    # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan used to write
+    # garbage images with exit 0
+    common.check_settings(settings, count=("per_class", "steps", "batch_size"),
+                          count_or_0=("num_samples", "num", "decode_steps", "seed"), finite=("cfg_scale",))
     num_samples = num_samples or num
     dist = common.setup_distributed(device)
+    default = "recon.png" if images else "samples.npz" if num_samples > 0 else "samples.png"
+    path = out or os.path.join(os.path.dirname(ckpt), default)
+    check_output(path, npz=num_samples > 0 and not images, master=dist.master)  # before hours of sampling
     if images:  # stage 1: reconstructions, on rank 0
         if dist.master:
-            reconstruct(ckpt, images, num_samples or 8, decode_steps, seed,
-                        out or os.path.join(os.path.dirname(ckpt), "recon.png"), dist.device)
+            reconstruct(ckpt, images, num_samples or 8, decode_steps, seed, path, dist.device)
         return common.shutdown(dist)
-    dit, ae, ck = load_models(ckpt, dist.device, ae_ckpt, attn_impl)
+    with common.user_errors():  # a damaged or edited checkpoint: one line naming it
+        dit, ae, ck = load_models(ckpt, dist.device, ae_ckpt, attn_impl)
     mean, std = ck["latent_mean"].to(dist.device), ck["latent_std"].to(dist.device)
     labels = None if num_samples > 0 else grid_labels(classes, per_class, ck["num_classes"])
     total = num_samples if num_samples > 0 else len(labels)
     n_chunks = -(-total // batch_size)
-    path = out or os.path.join(os.path.dirname(ckpt), "samples.npz" if num_samples > 0 else "samples.png")
     if dist.master:
         print(f"{total} samples from {ckpt} (step {ck['step']}), cfg {cfg_scale}, {steps} DiT steps, "
               f"decoder {decode_steps or ae.cfg.decode_steps} steps, seed {seed}", flush=True)
@@ -178,8 +201,8 @@ def main():
             parts.append((to_uint8(x), y.numpy()))
     imgs, ys = in_index_order(parts, total, n_chunks, batch_size, dist, path)
     if dist.master:
-        if num_samples > 0:
-            np.savez(path, arr_0=imgs, labels=ys)
+        if num_samples > 0:  # atomic, like the checkpoints: never half an .npz under the final name
+            common.atomic_write(path, lambda fh: np.savez(fh, arr_0=imgs, labels=ys))
         else:
             save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
             print("rows: " + ", ".join(ck["class_names"][c] for c in labels[::per_class].tolist()))

@@ -124,6 +124,12 @@ def config_for_resume(ckpt, cfg, given):
 
 def main():
     settings, given = common.configure(globals())
+    # numbers out of range stop here, before any work: a 0-step run would print "done" and write
+    # nothing. The model settings (0 = the preset's) are checked below, once resolved.
+    common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
+                                           "ckpt_every"),
+                          count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
+                          positive=("grad_clip",), fraction=("ema_decay",))
     dist = common.setup_distributed(device)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -131,6 +137,8 @@ def main():
 
     # set-up: a bad path, flag or file stops here with a one-line message, before any model is built
     with common.user_errors():
+        if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
+            common.writable_dir(out_dir, "--out-dir")
         ckpt = common.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
 
         # the model config, then the data: both can be wrong on the command line
@@ -138,6 +146,10 @@ def main():
         cfg = make_config(name, **{k: settings[k] for k in CONFIG_SETTINGS if k in given})
         if ckpt is not None:
             cfg = config_for_resume(ckpt, cfg, given)
+        # the resolved values, the preset's or the checkpoint's included: --batch-size 0 means the
+        # preset's 16 or 32, but a preset or a checkpoint must not bring a 0 either
+        common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size", "decode_steps"), positive=("lr",),
+                              non_negative=("lpips_weight", "kl_weight", "recon_weight", "consistency_weight"))
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
         loader = Loader(dataset, cfg.batch_size, dist.rank, dist.world_size, seed, num_workers)
         log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
@@ -161,7 +173,8 @@ def main():
 
     step = 0
     if ckpt is not None:
-        step = common.restore_training(ckpt, dist, net, ema, optimizer, loader)
+        with common.user_errors():  # weights that do not fit (an edited file): one line naming it
+            step = common.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise and t on every rank

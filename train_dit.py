@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 import common
-from ae import encoder_fingerprint, load_dgae
+from ae import DGAE, config_from_dict, encoder_fingerprint, load_dgae
 from data import Loader, build_dataset, collate_skip_bad, default_classes, save_image_grid
 from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
@@ -91,12 +91,19 @@ compile = False
 
 
 def stage1_info(path):
-    """What the DiT needs to know about a stage-1 checkpoint, without building the model."""
+    """What the DiT needs to know about a stage-1 checkpoint, without building the model (only a
+    copy without storage, to check that the weights fit it)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
                          "(it writes out/ae/ckpt.pt) or pass its path with --ae-ckpt PATH.")
     ck = common.load_checkpoint(path, "ae")  # a file of the wrong kind: ValueError, reported by user_errors
     args = ck["model_args"]
+    # the weights must fit the model that model_args describes. Checked now, before the cache's
+    # meta.json is written (a cache recorded from a damaged file would be stale for the good one),
+    # on a model without storage (meta device), so no second full model is built.
+    with torch.device("meta"):
+        shell = DGAE(config_from_dict(args))
+    common.load_weights(shell, ck["ema"], path, assign=True)
     r, f = args["resolution"], args["compression"]
     return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
                 resolution=r, latent_shape=[args["latent_channels"], r // f, r // f])
@@ -224,12 +231,21 @@ class LatentCache(Dataset):
 
 def main():
     settings, given = common.configure(globals())
+    # numbers out of range stop here, before any work (--shard-size 0 used to leave a meta.json
+    # behind that marked later caches stale; --max-steps 0 printed "done" and wrote nothing)
+    common.check_settings(settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size", "grad_accum",
+                                           "max_steps", "log_every", "sample_every", "ckpt_every", "sample_steps"),
+                          count_or_0=("num_workers", "warmup_steps", "decode_steps", "seed"),
+                          positive=("lr", "grad_clip"), non_negative=("weight_decay",),
+                          fraction=("class_dropout", "ema_decay"), finite=("cfg_scale",))
     dist = common.setup_distributed(device)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
+        if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
+            common.writable_dir(out_dir, "--out-dir")
         ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
         ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
         stage1 = stage1_info(ae_path)
@@ -249,7 +265,8 @@ def main():
     num_classes = meta["num_classes"]
     log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images, {num_classes} classes) "
         f"at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache {cache}")
-    build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
+    with common.user_errors():  # a stage-1 file whose weights do not fit its model_args: one line
+        build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
     latents = LatentCache(cache)
     mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
     with common.user_errors():  # e.g. fewer latents than one global batch
@@ -259,7 +276,8 @@ def main():
 
     # step 2: the DiT. The stage-1 decoder (for the grids) is built first: its random init must not
     # draw from the RNG stream that the checkpoint saves and --resume restores.
-    ae = load_dgae(ae_path, dev) if dist.master else None
+    with common.user_errors():
+        ae = load_dgae(ae_path, dev) if dist.master else None
     torch.manual_seed(seed)  # the same initial weights on every rank
     if ckpt is not None:
         name, net = ckpt["model_name"], DiT(**ckpt["model_args"]).to(dev)
@@ -271,7 +289,8 @@ def main():
 
     step = 0
     if ckpt is not None:
-        step = common.restore_training(ckpt, dist, net, ema, optimizer, loader)
+        with common.user_errors():  # weights that do not fit (an edited file): one line naming it
+            step = common.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise, t and flips on every rank

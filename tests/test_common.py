@@ -1,7 +1,9 @@
 """The shared plumbing (common.py): settings, the CPU side of the CUDA-only features, checkpoints."""
 
+import errno
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +22,30 @@ def test_configure_parses_types_dashes_and_rejects_unknown_names():
         common.configure(dict(compression=0), ["--compression", "big"])
     with pytest.raises(SystemExit, match="true or false"):
         common.configure(dict(compile=False), ["--compile", "maybe"])
+
+
+def test_check_settings_names_the_flag_and_its_range():
+    ok = dict(max_steps=1, num_images=0, lr=1e-4, kl_weight=0.0, ema_decay=0.0, cfg_scale=-2.0)
+    kinds = dict(count=("max_steps",), count_or_0=("num_images",), positive=("lr",), non_negative=("kl_weight",),
+                 fraction=("ema_decay",), finite=("cfg_scale",))
+    common.check_settings(ok, **kinds)  # every value at the edge of its range passes
+    for name, bad, message in [("max_steps", 0, "--max-steps must be at least 1, got 0"),
+                               ("num_images", -1, "--num-images must be at least 0, got -1"),
+                               ("lr", float("inf"), "--lr must be a finite number above 0, got inf"),
+                               ("kl_weight", float("nan"), "--kl-weight must be a finite number at least 0, got nan"),
+                               ("ema_decay", 1.0, "--ema-decay must be in [0, 1), got 1.0"),
+                               ("cfg_scale", float("nan"), "--cfg-scale must be a finite number, got nan")]:
+        with pytest.raises(SystemExit) as e:
+            common.check_settings({**ok, name: bad}, **kinds)
+        assert str(e.value) == "error: " + message
+
+
+def test_writable_dir_creates_the_folder_or_refuses_in_one_line(tmp_path):
+    common.writable_dir(str(tmp_path / "a" / "b"), "--out-dir")
+    assert os.listdir(tmp_path / "a" / "b") == []  # created, and the probe file is gone
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --out-dir .*file/run: cannot write there \(Not a directory\)"):
+        common.writable_dir(str(tmp_path / "file" / "run"), "--out-dir")
 
 
 def test_cpu_paths_of_the_cuda_only_features():
@@ -42,7 +68,7 @@ def test_cpu_paths_of_the_cuda_only_features():
 def test_checkpoints_are_atomic_stripped_and_checked_for_their_kind(tmp_path):
     path = str(tmp_path / "run" / "ckpt.pt")
     sd = {"_orig_mod.module.w": torch.ones(2), "module.b": torch.zeros(1)}
-    common.save_checkpoint(path, dict(kind="ae", model=sd, ema=sd, step=3, rng=[common.rng_state()]))
+    common.save_checkpoint(path, dict(kind="ae", model=sd, ema=sd, step=3, rng=[common.rng_state()], model_args={}))
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # no temp file left behind
     ck = common.load_checkpoint(path, "ae")
     assert set(ck["model"]) == {"w", "b"} and set(ck["ema"]) == {"w", "b"}
@@ -54,6 +80,63 @@ def test_checkpoints_are_atomic_stripped_and_checked_for_their_kind(tmp_path):
         common.load_checkpoint(str(tmp_path / "junk.pt"), "ae")
     with pytest.raises(FileNotFoundError):
         common.load_checkpoint(str(tmp_path / "nope.pt"), "ae")
+
+
+def test_bad_checkpoint_files_are_one_line_naming_the_file(tmp_path):
+    good = dict(kind="ae", model_args={}, ema={}, model={}, step=1)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    common.save_checkpoint(str(tmp_path / "no_args.pt"), {k: v for k, v in good.items() if k != "model_args"})
+    common.save_checkpoint(str(tmp_path / "truncated.pt"), dict(good, ema={"w": torch.zeros(1000)}))
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "truncated.pt").read_bytes()[:1500])
+    for name, message in [("empty.pt", "is empty \\(0 bytes\\)"), ("random.pt", "could not read checkpoint"),
+                          ("truncated.pt", "could not read checkpoint"),
+                          ("no_args.pt", "has no 'model_args': it is not a complete 'ae' checkpoint")]:
+        with pytest.raises(ValueError, match=message) as e:
+            common.load_checkpoint(str(tmp_path / name), "ae")
+        text = str(e.value)
+        assert str(tmp_path / name) in text and "\n" not in text  # one line, naming the file
+        assert "weights_only" not in text  # never relay torch's advice to load unsafely
+    # a checkpoint without the training state cannot be resumed, but says so
+    common.save_checkpoint(str(tmp_path / "weights_only.pt"), good)
+    with pytest.raises(ValueError, match="has no 'optimizer', 'loader', 'rng', so its run cannot be resumed"):
+        common.resume_or_refuse(str(tmp_path / "weights_only.pt"), True, "ae")
+
+
+def test_weights_of_edited_shapes_are_one_line_naming_the_file():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    sd = net.state_dict()
+    sd["0.weight"] = torch.zeros(5, 4)  # an edited shape
+    with pytest.raises(ValueError) as e:
+        common.load_weights(net, sd, "run/ckpt.pt")
+    assert str(e.value).startswith("run/ckpt.pt: its weights do not fit the model its model_args describe "
+                                   "(size mismatch for 0.weight: copying a param with shape torch.Size([5, 4])")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="run/ckpt.pt: .*Missing key"):
+        common.load_weights(net, {}, "run/ckpt.pt")
+
+
+def test_a_failed_checkpoint_write_keeps_the_old_file_and_removes_the_tmp(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    common.save_checkpoint(path, {"kind": "ae", "step": 1})
+    before = open(path, "rb").read()
+    real_save = torch.save
+
+    def disk_full(obj, fh):
+        real_save(obj, fh)  # most of the file is written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(SystemExit) as e:
+        common.save_checkpoint(path, {"kind": "ae", "step": 2, "w": torch.zeros(10000)})
+    assert str(e.value) == (f"error: could not write {path} (No space left on device); the previous file is kept. "
+                            "Free some space or choose a folder you can write to.")
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]  # no ckpt.pt.tmp left
+    # an interrupt mid-write (Ctrl-C) is passed on, and leaves no .tmp either
+    monkeypatch.setattr(torch, "save", lambda obj, fh: (fh.write(b"half"), (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(path, {"kind": "ae", "step": 3})
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_rng_state_round_trip_reproduces_the_same_draws():

@@ -154,6 +154,23 @@ def test_flat_folder_is_one_class(tmp_path):
     assert isinstance(build_dataset("", 16, num_classes=10, size=5), ProceduralDataset)
 
 
+def test_16_bit_greyscale_pngs_are_scaled_to_8_bit_not_clipped_to_white(tmp_path):
+    # a 16-bit ramp: PIL's own convert("RGB") clips every value above 255 to white
+    ramp = np.tile(np.array([0, 257, 32896, 65535], np.uint16).repeat(2), (8, 1))  # (8, 8): 0, 1, 128, 255 in 8 bit
+    os.makedirs(tmp_path / "imgs")
+    Image.fromarray(ramp).save(tmp_path / "imgs" / "deep.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).convert("RGB").save(tmp_path / "imgs" / "eight.png")
+    with Image.open(tmp_path / "imgs" / "deep.png") as im:
+        assert im.mode == "I;16"  # the fault is real: this file is 16 bit
+    ds = ImageFolderDataset(str(tmp_path / "imgs"), 8)
+    deep, eight = ds[0][0], ds[1][0]  # sorted names: deep.png, then eight.png
+    assert torch.equal(deep, eight)  # the same picture as its 8-bit version, on all 3 channels
+    assert ((deep[:, 0, ::2] + 1) * 127.5).round().tolist() == [[0, 1, 128, 255]] * 3  # not 0, 255, 255, 255
+    # mode I (older Pillows open 16-bit PNGs so) is scaled the same way
+    as_int = Image.fromarray(ramp.astype(np.int32), "I")
+    assert np.array_equal(center_crop_arr(as_int, 8), center_crop_arr(Image.open(tmp_path / "imgs" / "eight.png"), 8))
+
+
 def test_missing_and_empty_folders_say_what_to_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="--data") as e:
         build_dataset(str(tmp_path / "nope"), 32)

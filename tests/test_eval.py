@@ -2,6 +2,7 @@
 implementations, the FID InceptionV3 against a listing of the published weight file, and the
 recon / gen / stats modes end to end on tiny inputs. Seeded random weights; nothing downloads."""
 
+import importlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from PIL import Image
 
 import common
 import eval as ev
+import inception as inception_module
 from inception import INCEPTION_FILE, INCEPTION_URL, InceptionV3, load_inception, pool3x3
 from lpips import LPIPS, load_lpips
 
@@ -344,6 +346,47 @@ def test_npz_images_are_streamed_slice_by_slice(tmp_path):
         src = ev.ImageSource(str(tmp_path / "s.npz"), 0)
         got = torch.cat(list(src.batches(2, 7, 2)))
         assert src.n == 7 and torch.equal(got, torch.from_numpy(arr[2:7]).permute(0, 3, 1, 2).float())
+
+
+def run_eval_in_process(monkeypatch, *argv):
+    importlib.reload(ev)  # fresh settings: configure() writes them into the module
+    monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
+    ev.main()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--num-images", "-1"], "--num-images must be at least 0, got -1"),
+    (["--resolution", "0"], "--resolution must be at least 1, got 0"),
+    (["--decode-steps", "-2"], "--decode-steps must be at least 0, got -2"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, flags, message):
+    with pytest.raises(SystemExit) as e:
+        run_eval_in_process(monkeypatch, "stats", "--images", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o.npz"), *flags)
+    assert str(e.value) == "error: " + message  # one line, before the (missing) input is even opened
+
+
+def test_unusable_npz_inputs_are_one_line_before_any_model_is_loaded(tmp_path, monkeypatch):
+    # eval.py is reloaded for each run and imports load_inception from here: the guard must sit here
+    monkeypatch.setattr(inception_module, "load_inception", lambda *a: pytest.fail("loaded InceptionV3"))
+    (tmp_path / "text.npz").write_text("not a zip")
+    np.savez(tmp_path / "none.npz", arr_0=random_images(0, 0))
+    np.savez(tmp_path / "one.npz", arr_0=random_images(1, 0))
+    np.savez(tmp_path / "two.npz", arr_0=random_images(2, 0))
+    out = ["--out", str(tmp_path / "o.npz")]
+    for argv, message in [
+        (["stats", "--images", str(tmp_path / "text.npz"), *out], r"text.npz is not an .npz file \(not a zip archive\)"),
+        (["stats", "--images", str(tmp_path / "none.npz"), *out], "--images .*none.npz: 0 images; FID statistics need at least 2"),
+        (["stats", "--images", str(tmp_path / "one.npz"), *out], "--images .*one.npz: 1 image; FID statistics need at least 2"),
+        (["stats", "--images", str(tmp_path / "two.npz"), "--num-images", "1", *out], "two.npz: 1 image;"),
+        (["gen", "--samples", str(tmp_path / "one.npz"), "--ref", str(tmp_path / "two.npz")], "--samples .*one.npz: 1 image"),
+        (["gen", "--samples", str(tmp_path / "two.npz"), "--ref", str(tmp_path / "text.npz")], "text.npz is not an .npz"),
+        (["gen", "--samples", str(tmp_path / "two.npz"), "--ref", str(tmp_path / "one.npz")], "--ref .*one.npz: 1 image"),
+    ]:
+        with pytest.raises(SystemExit, match="^error: .*" + message) as e:
+            run_eval_in_process(monkeypatch, *argv)
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "o.npz").exists()
 
 
 @pytest.fixture(scope="module")

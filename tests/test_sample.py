@@ -2,7 +2,9 @@
 a seed fixes the images, the .npz has the evaluator's format and the right contents, the
 reconstruction grid, and the errors. Runs sample.main() in-process on tiny random models."""
 
+import errno
 import importlib
+import os
 import sys
 
 import numpy as np
@@ -107,7 +109,7 @@ def test_reconstructions_stand_beside_their_inputs(ckpts, tmp_path, monkeypatch)
     assert np.array_equal(grid[2:18, 20:36], recon)
 
 
-def test_clear_errors(ckpts, tmp_path, monkeypatch, capsys):
+def test_clear_errors(ckpts, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="class 12 is out of range: this model has 10 classes"):
         run_sample(monkeypatch, "--ckpt", ckpts[0], "--classes", "3,12")
     with pytest.raises(SystemExit, match="comma-separated"):
@@ -116,10 +118,89 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch, capsys):
         run_sample(monkeypatch, "--ckpt", ckpts[1])
     with pytest.raises(SystemExit, match="'dit' checkpoint"):
         run_sample(monkeypatch, "--ckpt", ckpts[0], "--images", str(tmp_path))
-    save_tiny_ae(tmp_path / "other.pt", seed=1)  # another encoder: a warning, the samples are suspect
-    run_sample(monkeypatch, "--ckpt", ckpts[0], "--ae-ckpt", str(tmp_path / "other.pt"), "--steps", "1",
-               "--per-class", "1", "--out", str(tmp_path / "w.png"))
-    assert "another stage-1 encoder" in capsys.readouterr().err
+    save_tiny_ae(tmp_path / "other.pt", seed=1)  # another encoder: refused, as the README says
+    with pytest.raises(SystemExit, match=r"other.pt holds another stage-1 encoder .*\(step 7 of .*ae.pt.*--ae-ckpt"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--ae-ckpt", str(tmp_path / "other.pt"), "--steps", "1",
+                   "--per-class", "1", "--out", str(tmp_path / "w.png"))
+    assert not (tmp_path / "w.png").exists()
     (tmp_path / "ae.pt").unlink()
     with pytest.raises(SystemExit, match="stage-1 checkpoint .*ae.pt not found.*--ae-ckpt"):
         run_sample(monkeypatch, "--ckpt", ckpts[0])
+
+
+BAD_SETTINGS = [  # (flags, the one line expected); each used to write garbage with exit 0
+    (["--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--decode-steps", "-1"], "--decode-steps must be at least 0, got -1"),  # 0: the stage-1 default
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+    (["--per-class", "0"], "--per-class must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--num-samples", "-5"], "--num-samples must be at least 0, got -5"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_any_work(ckpts, tmp_path, monkeypatch, flags, message):
+    monkeypatch.setattr(common, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
+    with pytest.raises(SystemExit) as e:
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--out", str(tmp_path / "x.png"), *flags)
+    assert str(e.value) == "error: " + message  # one line, naming the flag and its range
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_the_output_is_checked_before_sampling(ckpts, tmp_path, monkeypatch, capsys):
+    # a folder that does not exist yet is created (it used to crash at the save, after all the sampling)
+    run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "1", "--num-samples", "2", "--out", str(tmp_path / "new/s.npz"))
+    assert np.load(tmp_path / "new/s.npz")["arr_0"].shape == (2, 16, 16, 3)
+    assert f"wrote {tmp_path / 'new/s.npz'}" in capsys.readouterr().out  # the printed path is the written one
+    monkeypatch.setattr(common, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
+    (tmp_path / "file").write_text("a file, not a folder")
+    for out, message in [(tmp_path / "file/s.npz", "--out .*file: cannot write there"),
+                         # np.savez would have written x.png.npz while sample.py printed x.png
+                         (tmp_path / "x.png", "--out .*x.png: with --num-samples the output is an .npz; name it e.g. .*x.npz")]:
+        with pytest.raises(SystemExit, match="^error: " + message):
+            run_sample(monkeypatch, "--ckpt", ckpts[0], "--num-samples", "2", "--out", str(out))
+    with pytest.raises(SystemExit, match="the grid is an image; give it an image extension"):
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--out", str(tmp_path / "grid"))
+    assert sorted(os.listdir(tmp_path)) == ["ae.pt", "dit.pt", "file", "new"]
+
+
+def test_a_failed_npz_write_keeps_the_previous_file_and_leaves_no_tmp(ckpts, tmp_path, monkeypatch):
+    (tmp_path / "s.npz").write_bytes(b"the previous samples")
+
+    def disk_full(fh, **arrays):
+        fh.write(b"half an npz")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(SystemExit) as e:
+        run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "1", "--num-samples", "2", "--out", str(tmp_path / "s.npz"))
+    assert str(e.value) == (f"error: could not write {tmp_path / 's.npz'} (No space left on device); the previous file "
+                            "is kept. Free some space or choose a folder you can write to.")
+    assert (tmp_path / "s.npz").read_bytes() == b"the previous samples" and not (tmp_path / "s.npz.tmp").exists()
+
+
+def test_damaged_or_edited_checkpoints_are_one_line_naming_the_file(ckpts, tmp_path, monkeypatch):
+    dit_path, ae_path = ckpts
+    good = torch.load(dit_path, weights_only=True)
+    edited = dict(good, ema={**good["ema"], "final_layer.linear.weight": torch.zeros(3, 3)})
+    common.save_checkpoint(str(tmp_path / "edited.pt"), edited)
+    common.save_checkpoint(str(tmp_path / "no_args.pt"), {k: v for k, v in good.items() if k != "model_args"})
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    ae = torch.load(ae_path, weights_only=True)  # a stage-1 file with an edited shape, found through --ae-ckpt
+    common.save_checkpoint(str(tmp_path / "ae_edited.pt"), dict(ae, ema={**ae["ema"], "encoder.conv_in.weight": torch.zeros(1)}))
+    for args, message in [
+        (["--ckpt", str(tmp_path / "edited.pt")], "edited.pt: its weights do not fit the model its model_args describe "
+                                                 r"\(size mismatch for final_layer.linear.weight"),
+        (["--ckpt", str(tmp_path / "no_args.pt")], "no_args.pt has no 'model_args'"),
+        (["--ckpt", str(tmp_path / "empty.pt")], r"empty.pt is empty \(0 bytes\)"),
+        (["--ckpt", str(tmp_path / "random.pt")], "could not read checkpoint .*random.pt"),
+        (["--ckpt", dit_path, "--ae-ckpt", str(tmp_path / "ae_edited.pt")], "ae_edited.pt: its weights do not fit"),
+    ]:
+        with pytest.raises(SystemExit, match="^error: .*" + message) as e:
+            run_sample(monkeypatch, *args, "--steps", "1", "--per-class", "1", "--out", str(tmp_path / "x.png"))
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    assert not (tmp_path / "x.png").exists()

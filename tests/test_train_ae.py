@@ -1,6 +1,7 @@
 """train_ae.py: its optimizer, schedules and EMA, then the script run for real as a subprocess:
 resume, torchrun, image folders, and the errors."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -160,6 +161,78 @@ def test_existing_run_wrong_kind_and_mismatched_flags_are_refused(tmp_path):
     assert proc.returncode != 0 and "'dit' checkpoint" in proc.stderr
     proc = run_train(tmp_path, "--compresion", "16", check=False)  # a typo is not silently ignored
     assert proc.returncode != 0 and "unknown setting --compresion" in proc.stderr
+
+
+def run_in_process(monkeypatch, *args):
+    importlib.reload(train_ae)  # fresh settings: configure() writes them into the module
+    monkeypatch.setattr(sys, "argv", ["train_ae.py", *args])
+    train_ae.main()
+
+
+BAD_SETTINGS = [  # (flags, the one line expected)
+    (["--decode-steps", "0"], "--decode-steps must be at least 1, got 0"),  # was stored: noise ever after
+    (["--decode-steps", "-3"], "--decode-steps must be at least 1, got -3"),  # was: crash before the save
+    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),  # was: "done" and no checkpoint
+    (["--max-steps", "-1"], "--max-steps must be at least 1, got -1"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--ckpt-every", "0"], "--ckpt-every must be at least 1, got 0"),
+    (["--sample-every", "0"], "--sample-every must be at least 1, got 0"),
+    (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),  # 0 is the preset's batch
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
+    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    (["--lr", "-1e-3"], "--lr must be a finite number above 0, got -0.001"),
+    (["--kl-weight", "inf"], "--kl-weight must be a finite number at least 0, got inf"),
+    (["--recon-weight", "-1"], "--recon-weight must be a finite number at least 0, got -1.0"),
+    (["--grad-clip", "0"], "--grad-clip must be a finite number above 0, got 0.0"),
+    (["--warmup-steps", "-5"], "--warmup-steps must be at least 0, got -5"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    built = []
+    monkeypatch.setattr(train_ae.DGAE, "__init__", lambda *a, **k: built.append(1) or 1 / 0)
+    with pytest.raises(SystemExit) as e:
+        run_in_process(monkeypatch, "--lpips-weight", "0", *flags)
+    assert str(e.value) == "error: " + message  # one line, naming the flag and its range
+    assert not built and not (tmp_path / "out/ae/ckpt.pt").exists()
+
+
+def test_max_steps_0_exits_non_zero_without_printing_done(tmp_path):
+    proc = run_train(tmp_path, "--max-steps", "0", check=False)
+    assert proc.returncode != 0 and "done" not in proc.stdout and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: --max-steps must be at least 1, got 0"
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_is_built(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    proc = run_train(tmp_path, "--out-dir", "file/run", "--max-steps", "1", *FAST, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --out-dir file/run: cannot write there") and "model:" not in proc.stdout
+
+
+def test_a_damaged_or_edited_checkpoint_is_refused_on_resume_in_one_line(tmp_path, monkeypatch):
+    run_train(tmp_path, "--max-steps", "1", "--batch-size", "2", "--lpips-weight", "0", "--decode-steps", "1")
+    path = tmp_path / "out/ae/ckpt.pt"
+    good = load(path)
+    edited = dict(good, model={**good["model"], "encoder.conv_in.weight": torch.zeros(2, 3, 3, 3)})
+    random_bytes = np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    monkeypatch.chdir(tmp_path)
+    for write, message in [
+        (lambda: path.write_bytes(b""), r"ckpt.pt is empty \(0 bytes\)"),
+        (lambda: path.write_bytes(random_bytes), "could not read checkpoint .*ckpt.pt"),
+        (lambda: torch.save({k: v for k, v in good.items() if k != "model_args"}, path), "ckpt.pt has no 'model_args'"),
+        (lambda: torch.save({k: v for k, v in good.items() if k != "optimizer"}, path), "so its run cannot be resumed"),
+        (lambda: torch.save(edited, path), "ckpt.pt: its weights do not fit the model .*size mismatch for "
+                                           "encoder.conv_in.weight"),
+    ]:
+        write()
+        with pytest.raises(SystemExit, match="^error: .*" + message) as e:
+            run_in_process(monkeypatch, "--resume", "true", "--max-steps", "2", "--batch-size", "2", "--lpips-weight", "0")
+        assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
+    assert sorted(os.listdir(path.parent)) == ["ckpt.pt", "log.jsonl", "recon_000001.png"]  # nothing else written
 
 
 @pytest.mark.slow

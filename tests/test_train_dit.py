@@ -1,6 +1,7 @@
 """Tests for train_dit.py: the latent cache (equal to a direct encode, resumable, refused when stale),
 exact --resume of DiT training, and (slow) the whole pipeline train_ae -> train_dit -> sample."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -164,13 +165,55 @@ def test_resume_is_bit_identical(tmp_path, ae):
 
 def test_setup_errors_are_one_line_messages(tmp_path, ae):
     torch.save({"kind": "dit"}, tmp_path / "dit.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    good = torch.load(tmp_path / "ae.pt", weights_only=True)  # a stage-1 file with an edited shape
+    torch.save(dict(good, ema={**good["ema"], "encoder.conv_in.weight": torch.zeros(1)}), tmp_path / "edited.pt")
     for args, message in [(["--ae-ckpt", "nope.pt"], "stage-1 checkpoint nope.pt not found. Train one with train_ae.py"),
                           (["--ae-ckpt", "dit.pt"], "is a 'dit' checkpoint (written by train_dit.py), but a 'ae'"),
+                          (["--ae-ckpt", "empty.pt"], "checkpoint empty.pt is empty (0 bytes)"),
+                          (["--ae-ckpt", "edited.pt"], "edited.pt: its weights do not fit the model its model_args"),
                           (["--ae-ckpt", "ae.pt", "--preset", "DiT-M/3"], "unknown --preset DiT-M/3"),
                           (["--ae-ckpt", "ae.pt", "--data", "no/such/folder"], "no/such/folder")]:
         proc = run(tmp_path, "train_dit.py", *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not os.path.exists(tmp_path / "out/dit/latents")  # refused before encoding anything
+
+
+BAD_SETTINGS = [  # (flags, the one line expected)
+    (["--shard-size", "0"], "--shard-size must be at least 1, got 0"),
+    (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+    (["--max-steps", "-1"], "--max-steps must be at least 1, got -1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--ckpt-every", "0"], "--ckpt-every must be at least 1, got 0"),
+    (["--sample-steps", "0"], "--sample-steps must be at least 1, got 0"),
+    (["--decode-steps", "-1"], "--decode-steps must be at least 0, got -1"),  # 0: the stage-1 default
+    (["--class-dropout", "1"], "--class-dropout must be in [0, 1), got 1.0"),
+    (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1), got -0.5"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
+def test_bad_settings_are_refused_before_any_work(tmp_path, ae, monkeypatch, flags, message):
+    monkeypatch.chdir(tmp_path)
+    importlib.reload(train_dit)  # fresh settings: configure() writes them into the module
+    monkeypatch.setattr(sys, "argv", ["train_dit.py", *DIT_FAST, *flags])
+    with pytest.raises(SystemExit) as e:
+        train_dit.main()
+    assert str(e.value) == "error: " + message  # one line, naming the flag and its range
+    # nothing written: no meta.json that would mark a later cache stale, no checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["ae.pt"]
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_encoding(tmp_path, ae):
+    (tmp_path / "file").write_text("a file, not a folder")
+    proc = run(tmp_path, "train_dit.py", *DIT_FAST, "--out-dir", "file/run", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: --out-dir file/run: cannot write there")
+    assert not os.path.exists(tmp_path / "cache")  # refused before the latent cache
 
 
 @pytest.mark.slow
