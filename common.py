@@ -21,8 +21,6 @@ import torch.distributed as torch_dist
 # settings: plain variables at the top of each script, overridden from the command line
 
 
-
-
 def _parse_like(value, default, name):
     """The command-line string `value` as the type of the setting's default."""
     if isinstance(default, bool):

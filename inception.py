@@ -1,10 +1,10 @@
 """
 InceptionV3 as the FID protocol uses it: the network behind FID, sFID, IS and precision/recall.
 
-Where it fits: eval.py pushes images through this network and compares feature statistics
-(FID/rFID, sFID), class predictions (IS) and feature neighbourhoods (precision/recall). Those
-numbers are only comparable with published ones if the network is the exact one everyone uses:
-the TensorFlow Inception graph of 2015-12-05 that the original FID code and OpenAI's ADM
+Where it fits: eval.py pushes images through this network and metrics.py compares feature
+statistics (FID/rFID, sFID), class predictions (IS) and feature neighbourhoods (precision/recall).
+Those numbers are only comparable with published ones if the network is the exact one everyone
+uses: the TensorFlow Inception graph of 2015-12-05 that the original FID code and OpenAI's ADM
 evaluator load. pytorch-fid ported it to PyTorch and published the weights as
 
     pt_inception-2015-12-05-6726825d.pth

@@ -1,6 +1,6 @@
-"""Tests for eval.py and inception.py: the metrics against hand-computed values and slow reference
-implementations, the FID InceptionV3 against a listing of the published weight file, and the
-recon / gen / stats modes end to end on tiny inputs. Seeded random weights; nothing downloads."""
+"""Tests for eval.py and inception.py: the FID InceptionV3 against a listing of the published weight
+file, and the recon / gen / stats / compare modes end to end on tiny inputs, their numbers against
+metrics.py (tested on its own in test_metrics.py). Seeded random weights; nothing downloads."""
 
 import importlib
 import json
@@ -12,229 +12,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import common
 import eval as ev
 import inception as inception_module
+import metrics
 from inception import INCEPTION_FILE, INCEPTION_URL, InceptionV3, load_inception, pool3x3
 from lpips import LPIPS, load_lpips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pt_inception_keys.txt")
-
-# -----------------------------------------------------------------------------
-# PSNR and SSIM
-
-
-def test_psnr_identical_images_is_infinite_and_a_constant_offset_gives_20log10_255_over_d():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(20, 200, (2, 3, 16, 16), generator=g).double()
-    assert torch.isinf(ev.psnr(x, x)).all()
-    # every pixel off by exactly d: MSE = d^2, PSNR = 10 log10(255^2 / d^2)
-    assert torch.allclose(ev.psnr(x, x + 10), torch.full((2,), 20 * math.log10(255 / 10), dtype=torch.float64))
-
-
-def test_ssim_identical_is_one_and_a_constant_offset_of_a_flat_image_is_the_luminance_term():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (2, 3, 16, 16), generator=g).double()
-    assert torch.allclose(ev.ssim(x, x), torch.ones(2, dtype=torch.float64))
-    # flat images 100 vs 110: variances and covariance are 0, so SSIM = (2 mu_x mu_y + C1) / (mu_x^2 + mu_y^2 + C1)
-    c1 = (0.01 * 255) ** 2
-    expected = (2 * 100 * 110 + c1) / (100**2 + 110**2 + c1)
-    assert ev.ssim(torch.full((1, 3, 16, 16), 100.0), torch.full((1, 3, 16, 16), 110.0)).item() == pytest.approx(expected, rel=1e-12)
-
-
-def test_psnr_and_ssim_of_a_known_blur_match_the_hand_computed_values():
-    a, b, H, W = 40.0, 200.0, 16, 32
-    cols = torch.tensor([a if j % 2 == 0 else b for j in range(W)])
-    x = cols.expand(1, 3, H, W).clone()  # vertical stripes a, b, a, b, ...
-    # a horizontal [1/4, 1/2, 1/4] blur (wrapping around) turns period-2 stripes into flat (a + b) / 2
-    kernel = torch.tensor([0.25, 0.5, 0.25]).view(1, 1, 1, 3).repeat(3, 1, 1, 1)
-    y = F.conv2d(F.pad(x, (1, 1, 0, 0), mode="circular"), kernel, groups=3)
-    m = (a + b) / 2
-    assert torch.equal(y, torch.full_like(x, m))
-    assert ev.psnr(x, y).item() == pytest.approx(10 * math.log10(255**2 / ((a - b) / 2) ** 2), rel=1e-12)
-    # SSIM by hand: within a window centred on an `a` column, the Gaussian weight on `a` columns is
-    # w_e (even offsets), on `b` columns w_o = 1 - w_e. Then mu_x = w_e a + w_o b, var_x =
-    # w_e w_o (a - b)^2, and y is flat (var_y = cov = 0). Centres on `b` columns swap a and b; the
-    # 22 valid centres of a 32-wide image are half of each kind.
-    g = [math.exp(-(o**2) / (2 * 1.5**2)) for o in range(-5, 6)]
-    w_e = sum(g[o + 5] for o in range(-4, 5, 2)) / sum(g)
-    w_o = 1 - w_e
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-
-    def ssim_at(mu_x):
-        return (2 * mu_x * m + c1) / (mu_x**2 + m**2 + c1) * c2 / (w_e * w_o * (a - b) ** 2 + c2)
-
-    expected = (ssim_at(w_e * a + w_o * b) + ssim_at(w_e * b + w_o * a)) / 2
-    assert ev.ssim(x, y).item() == pytest.approx(expected, rel=1e-10)
-
-
-def test_ssim_matches_a_slow_window_by_window_reference():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (2, 3, 14, 15)).astype(np.float64)
-    y = np.clip(x + rng.normal(0, 30, x.shape), 0, 255).round()
-    c = np.arange(11) - 5.0
-    g = np.exp(-(c**2) / (2 * 1.5**2))
-    w = np.outer(g, g) / np.outer(g, g).sum()
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    ref = np.zeros(2)
-    for n in range(2):
-        vals = []
-        for ch in range(3):
-            for i in range(14 - 10):
-                for j in range(15 - 10):
-                    px, py = x[n, ch, i : i + 11, j : j + 11], y[n, ch, i : i + 11, j : j + 11]
-                    mx, my = (w * px).sum(), (w * py).sum()
-                    vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
-                    cxy = (w * (px - mx) * (py - my)).sum()
-                    vals.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
-        ref[n] = np.mean(vals)
-    assert np.allclose(ev.ssim(torch.from_numpy(x), torch.from_numpy(y)).numpy(), ref, rtol=1e-10)
-
-
-# -----------------------------------------------------------------------------
-# low-frequency PSNR and high-frequency ratio (no pretrained network)
-
-
-def _wave(freq, H=32, axis=-1, amp=50.0):
-    """(1, 3, H, H) pixels: 128 + amp * cos(2 pi freq u / H) along one axis, freq in cycles per image."""
-    u = torch.arange(H, dtype=torch.float64)
-    w = 128 + amp * torch.cos(2 * math.pi * freq * u / H)
-    return (w.view(1, 1, 1, H) if axis == -1 else w.view(1, 1, H, 1)).expand(1, 3, H, H).clone()
-
-
-def test_lowfreq_psnr_of_identical_images_is_infinite_and_sees_a_constant_colour_shift_exactly():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(20, 200, (2, 3, 32, 32), generator=g).double()
-    assert torch.isinf(ev.lowfreq_psnr(x, x, 8)).all()
-    # pooling keeps a constant offset d unchanged: PSNR = 10 log10(255^2 / d^2), as at full resolution
-    shifted = x + torch.tensor([6.0, -6.0, 6.0]).view(1, 3, 1, 1)
-    assert torch.allclose(ev.lowfreq_psnr(x, shifted, 8), torch.full((2,), 20 * math.log10(255 / 6), dtype=torch.float64))
-
-
-def test_lowfreq_psnr_is_blind_to_detail_inside_a_latent_cell():
-    # a period-2 stripe pattern averages to its mean in every 8x8 cell: invisible at the latent's scale
-    stripes = _wave(16, amp=60.0)  # 16 cycles over 32 px
-    flat = torch.full_like(stripes, 128.0)
-    assert torch.isinf(ev.lowfreq_psnr(stripes, flat, 8)).all()
-    assert ev.psnr(stripes, flat).item() < 20
-
-
-def test_highfreq_energy_counts_only_frequencies_above_the_latent_grids_nyquist():
-    # at f=8 on 32 px the latent grid is 4x4, its Nyquist 2 cycles per image
-    low, high = _wave(2), _wave(3, axis=-2)
-    assert ev.highfreq_energy(low, 8).item() == pytest.approx(0.0, abs=1e-6)
-    # Parseval: a cosine of amplitude A has pixel energy H W A^2 / 2 per channel, so DFT energy
-    # (H W)^2 A^2 / 2, all of it at +-3 cycles; the constant 128 sits at frequency 0
-    assert ev.highfreq_energy(high, 8).item() == pytest.approx(3 * (32 * 32) ** 2 * 50.0**2 / 2, rel=1e-9)
-    assert ev.highfreq_energy(low + high - 128, 8).item() == pytest.approx(ev.highfreq_energy(high, 8).item(), rel=1e-9)
-
-
-def test_highfreq_ratio_is_one_for_identical_images_and_drops_under_a_known_blur():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (4, 3, 32, 32), generator=g).double()
-    e = ev.highfreq_energy(x, 8).numpy()
-    assert ev.highfreq_ratio(e, e) == pytest.approx(1.0)
-    # a 3x3 box blur (circular) multiplies frequency (ky, kx) by |H(ky) H(kx)|^2 <= 1, strictly < 1 above 0
-    kernel = torch.full((3, 1, 3, 3), 1 / 9, dtype=torch.float64)
-    blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), kernel, groups=3)
-    ratio = ev.highfreq_ratio(ev.highfreq_energy(blurred, 8).numpy(), e)
-    # the same ratio from the blur's transfer function: H(k) = (1 + 2 cos(2 pi k / 32)) / 3
-    k = torch.fft.fftfreq(32, d=1 / 32, dtype=torch.float64)
-    h = (1 + 2 * torch.cos(2 * math.pi * k / 32)) / 3
-    spec = torch.fft.fft2(x).abs() ** 2 * (h[:, None] * h[None, :]) ** 2
-    high = torch.maximum(k.abs()[:, None], k.abs()[None, :]) > 2
-    assert ratio == pytest.approx((spec * high).sum().item() / e.sum(), rel=1e-9)
-    assert ratio < 0.5
-
-
-# -----------------------------------------------------------------------------
-# FID, IS, precision/recall
-
-
-def test_fid_is_zero_for_identical_statistics_even_when_the_covariance_is_singular():
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(200, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
-    mu, sigma = ev.feature_stats(f)
-    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * sigma.trace().item()
-    mu, sigma = ev.feature_stats(f[:6])  # 6 samples in 16 dimensions: rank 5
-    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-5 * sigma.trace().item()
-
-
-def test_feature_stats_are_numpys_mean_and_unbiased_covariance():
-    f = np.random.default_rng(0).normal(size=(50, 7))
-    mu, sigma = ev.feature_stats(f)
-    assert np.allclose(mu.numpy(), f.mean(0)) and np.allclose(sigma.numpy(), np.cov(f, rowvar=False))
-
-
-def test_fid_equals_the_closed_form_for_gaussians_with_known_parameters():
-    # 1-D: (m1 - m2)^2 + (s1 - s2)^2
-    assert ev.frechet_distance([1.0], [[4.0]], [3.0], [[9.0]]) == pytest.approx(4 + 1, rel=1e-12)
-    # commuting covariances Q diag(a) Q^T, Q diag(b) Q^T: |mu1 - mu2|^2 + sum (sqrt a - sqrt b)^2
-    g = torch.Generator().manual_seed(1)
-    D = 12
-    q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
-    a, b = torch.rand(D, generator=g, dtype=torch.float64) + 0.1, torch.rand(D, generator=g, dtype=torch.float64) * 5
-    mu1, mu2 = torch.randn(D, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
-    s1, s2 = q @ torch.diag(a) @ q.t(), q @ torch.diag(b) @ q.t()
-    expected = ((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum()
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected.item(), rel=1e-10)
-
-
-def test_fid_trace_term_matches_the_eigenvalues_of_the_nonsymmetric_product():
-    # general (non-commuting) covariances: tr sqrtm(S1 S2) = sum sqrt(eig(S1 S2)), computed here by a
-    # different route (general eigensolver on the product itself)
-    g = torch.Generator().manual_seed(2)
-    A, B = torch.randn(10, 10, generator=g, dtype=torch.float64), torch.randn(10, 10, generator=g, dtype=torch.float64)
-    s1, s2 = A @ A.t() + 0.1 * torch.eye(10), B @ B.t()
-    mu = torch.zeros(10, dtype=torch.float64)
-    tr_sqrt = torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()
-    expected = s1.trace() + s2.trace() - 2 * tr_sqrt
-    assert ev.frechet_distance(mu, s1, mu, s2) == pytest.approx(expected.item(), rel=1e-9)
-
-
-def test_inception_score_of_uniform_predictions_is_one():
-    mean, std = ev.inception_score(torch.zeros(100, 1008))
-    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
-
-
-def test_inception_score_of_confident_evenly_spread_predictions_is_the_class_count():
-    K, N = 10, 100  # each of the 10 splits (10 samples) holds every class once
-    logits = 50.0 * F.one_hot(torch.arange(N) % K, 1008).double()
-    assert ev.inception_score(logits)[0] == pytest.approx(K, rel=1e-9)
-    # all samples confidently the same class: no diversity, IS = 1
-    assert ev.inception_score(50.0 * F.one_hot(torch.zeros(N, dtype=torch.long), 1008).double())[0] == pytest.approx(1.0, rel=1e-9)
-
-
-def test_precision_recall_hand_computed_on_a_line():
-    # reals 0..4: squared distance to the 3rd nearest neighbour = 9, 4, 4, 4, 9
-    ref = np.arange(5.0)[:, None]
-    # fakes: four near 0.5-0.8 (inside the ball of real 0 or 1) and one far away at 20
-    fake = np.array([0.5, 0.6, 0.7, 0.8, 20.0])[:, None]
-    # precision: 4 of 5 fakes lie in a real ball (20 is 256 from real 4 > 9)
-    # recall: fake radii are 0.09, 0.04, 0.04, 0.09, 376.36; real 0 is outside all of them
-    # (0.25, 0.36, 0.49, 0.64, 400), reals 1..4 are inside (0.04 <= 0.09; 324, 289, 256 <= 376.36)
-    assert ev.precision_recall(ref, fake, k=3) == pytest.approx((0.8, 0.8))
-    assert torch.allclose(ev.knn_radii(torch.tensor(ref, dtype=torch.float32)), torch.tensor([9.0, 4, 4, 4, 9]))
-
-
-def test_precision_recall_matches_a_brute_force_reference():
-    rng = np.random.default_rng(0)
-    ref, fake = rng.normal(size=(30, 3)), rng.normal(0.5, 1.2, size=(40, 3))
-
-    def brute(a, b, k):  # fraction of b inside some k-NN ball of a
-        d_aa = ((a[:, None] - a[None]) ** 2).sum(-1)
-        radii = np.sort(d_aa, axis=1)[:, k]
-        d_ba = ((b[:, None] - a[None]) ** 2).sum(-1)
-        return float((d_ba <= radii[None]).any(1).mean())
-
-    p, r = ev.precision_recall(ref, fake, k=3)
-    assert p == pytest.approx(brute(ref, fake, 3)) and r == pytest.approx(brute(fake, ref, 3))
-    assert 0 < p < 1 and 0 < r < 1  # the check is not vacuous
-
 
 # -----------------------------------------------------------------------------
 # the FID InceptionV3
@@ -470,8 +258,8 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
     x = torch.stack([ds[i][0] for i in range(5)])
     rec = torch.cat([model.reconstruct(x[lo : lo + 2], steps=2, seed=lo) for lo in (0, 2, 4)])
     real, fake = ev.to_pixels(x), ev.to_pixels(rec)
-    assert res["psnr"] == pytest.approx(ev.psnr(real, fake).mean().item(), rel=1e-6)
-    assert res["ssim"] == pytest.approx(ev.ssim(real, fake).mean().item(), rel=1e-6)
+    assert res["psnr"] == pytest.approx(metrics.psnr(real, fake).mean().item(), rel=1e-6)
+    assert res["ssim"] == pytest.approx(metrics.ssim(real, fake).mean().item(), rel=1e-6)
     assert res["lpips"] == pytest.approx(lp(real / 127.5 - 1, fake / 127.5 - 1).mean().item(), rel=1e-4)
 
 
@@ -499,10 +287,10 @@ def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_pa
     x = torch.stack([ds[i][0] for i in range(6)])
     real = ev.to_pixels(x)
     fake = ev.to_pixels(torch.cat([model.reconstruct(x[:4], steps=2, seed=0), model.reconstruct(x[4:], steps=2, seed=4)]))
-    for key, value in (("psnr", ev.psnr(real, fake)), ("ssim", ev.ssim(real, fake)), ("lowfreq_psnr", ev.lowfreq_psnr(real, fake, 4)),
-                       ("meancolour_psnr", ev.psnr(real, real.mean(dim=(2, 3), keepdim=True).expand_as(real)))):
+    for key, value in (("psnr", metrics.psnr(real, fake)), ("ssim", metrics.ssim(real, fake)), ("lowfreq_psnr", metrics.lowfreq_psnr(real, fake, 4)),
+                       ("meancolour_psnr", metrics.psnr(real, real.mean(dim=(2, 3), keepdim=True).expand_as(real)))):
         assert res[key] == pytest.approx(value.mean().item(), rel=1e-6), key
-    hf = ev.highfreq_ratio(ev.highfreq_energy(fake, 4).numpy(), ev.highfreq_energy(real, 4).numpy())
+    hf = metrics.highfreq_ratio(metrics.highfreq_energy(fake, 4).numpy(), metrics.highfreq_energy(real, 4).numpy())
     assert res["highfreq_ratio"] == pytest.approx(hf, rel=1e-6)
 
 

@@ -1,0 +1,162 @@
+"""
+The measures eval.py reports, as plain functions of tensors: the formulas only, with no files,
+models or processes. eval.py's docstring gives the protocol around them (crops, uint8 rounding,
+sharding over GPUs) and why each convention matches published numbers.
+
+Pixel metrics take (B, 3, H, W) float tensors holding the integers 0..255 (what a saved PNG holds;
+eval.to_pixels rounds a reconstruction to them) and return one value per image: PSNR, SSIM, the
+low-frequency PSNR at the latent's resolution and the energy above the latent grid's Nyquist
+frequency, which highfreq_ratio totals over a dataset.
+
+Distribution metrics take InceptionV3 features (inception.py) of many images: the Frechet
+distance between their Gaussians (FID, sFID, rFID), the Inception Score, and precision / recall
+from k-nearest-neighbour balls.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# pixel metrics: inputs are (B, 3, H, W) float tensors of integers in [0, 255]
+
+
+def psnr(x, y):
+    """(B,) PSNR in dB of images in [0, 255]; inf for identical images."""
+    mse = ((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3))
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def gaussian_window(size=11, sigma=1.5):
+    """The normalised 1-D Gaussian (size,); SSIM's 2-D window is its outer product (separable)."""
+    c = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(c**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(x, y, size=11, sigma=1.5, k1=0.01, k2=0.03, data_range=255.0):
+    """(B,) mean SSIM of images in [0, 255], per channel then averaged (float64 throughout)."""
+    x, y = x.double(), y.double()
+    C = x.shape[1]
+    g = gaussian_window(size, sigma).to(x.device)
+    gh, gw = g.view(1, 1, size, 1).repeat(C, 1, 1, 1), g.view(1, 1, 1, size).repeat(C, 1, 1, 1)
+
+    def filt(t):  # Gaussian-weighted local mean over each 'valid' window, channel by channel
+        return F.conv2d(F.conv2d(t, gh, groups=C), gw, groups=C)  # (B, C, H-size+1, W-size+1)
+
+    mu_x, mu_y = filt(x), filt(y)
+    var_x, var_y, cov = filt(x * x) - mu_x**2, filt(y * y) - mu_y**2, filt(x * y) - mu_x * mu_y
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3))
+
+
+def lowfreq_psnr(x, y, factor):
+    """(B,) PSNR after average-pooling both images by `factor` (the autoencoder's compression f).
+
+    The pooled image has the latent's resolution, so this scores what z can actually carry: the
+    colours and layout at the scale of one latent cell, blind to detail finer than a cell.
+    """
+    return psnr(F.avg_pool2d(x.double(), factor), F.avg_pool2d(y.double(), factor))
+
+
+def highfreq_energy(x, factor):
+    """(B,) spectral energy of x above the latent grid's Nyquist frequency.
+
+    The 2-D DFT of each channel; a frequency (ky, kx), in cycles per image, counts as high when
+    max(|ky|, |kx|) > H / (2 factor), i.e. when a grid of H / factor cells cannot represent it.
+    By Parseval, the sum of |X|^2 over all frequencies is H * W times the pixel energy.
+    """
+    H, W = x.shape[-2:]
+    spec = torch.fft.fft2(x.double()).abs() ** 2  # (B, 3, H, W)
+    ky = torch.fft.fftfreq(H, d=1.0 / H, device=x.device).abs()  # (H,) cycles per image
+    kx = torch.fft.fftfreq(W, d=1.0 / W, device=x.device).abs()
+    high = torch.maximum(ky[:, None], kx[None, :]) > H / (2 * factor)  # (H, W)
+    return (spec * high).sum(dim=(1, 2, 3))
+
+
+def highfreq_ratio(recon_energy, real_energy):
+    """Total high-frequency energy of the reconstructions over that of the originals.
+
+    1.0: as much fine detail as the originals; below 1: blurred (a Gaussian decoder's
+    regression to the mean); above 1: more texture or noise than the originals. A ratio of totals
+    over the dataset, not a mean of per-image ratios, since flat images have no such energy.
+    """
+    return float(np.sum(recon_energy) / max(np.sum(real_energy), 1e-12))
+
+
+# -----------------------------------------------------------------------------
+# distribution metrics on Inception features
+
+
+def feature_stats(f, device="cpu"):
+    """(N, D) features -> mean (D,) and covariance (D, D), float64 (N - 1 normalisation, as np.cov)."""
+    f = torch.as_tensor(f).to(device, torch.float64)
+    mu = f.mean(0)
+    d = f - mu
+    return mu.cpu(), (d.t() @ d / (len(f) - 1)).cpu()
+
+
+def _sqrt_psd(a):
+    """Symmetric PSD square root through eigh; tiny negative eigenvalues (round-off) become 0."""
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp_min(0).sqrt()) @ v.t()
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64, without scipy.
+
+    sqrtm(S1 S2) is not symmetric, which is why scipy's route can return complex garbage for
+    nearly singular covariances. But S1 S2 is similar to the symmetric PSD matrix
+    S1^(1/2) S2 S1^(1/2), so tr sqrtm(S1 S2) = sum of the square roots of that matrix's eigenvalues,
+    which a symmetric eigensolver gets stably (negative round-off eigenvalues clamped to 0).
+    """
+    mu1, sigma1, mu2, sigma2 = (torch.as_tensor(t).double() for t in (mu1, sigma1, mu2, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics of different sizes: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
+    s1_half = _sqrt_psd(sigma1)
+    m = s1_half @ sigma2 @ s1_half
+    tr_covmean = torch.linalg.eigvalsh((m + m.t()) / 2).clamp_min(0).sqrt().sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + sigma1.trace() + sigma2.trace() - 2 * tr_covmean)
+
+
+def inception_score(logits, splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))) on each of `splits` chunks -> (mean, std) over chunks.
+
+    The protocol (improved-GAN, ADM) uses 10 chunks of 5000 for 50K samples; p(y) is the chunk's
+    mean prediction. xlogy makes 0 * log 0 = 0 for saturated softmax outputs.
+    """
+    p = torch.softmax(torch.as_tensor(logits).double(), dim=1)  # (N, 1008)
+    scores = []
+    for part in p.tensor_split(min(splits, len(p))):  # exactly `splits` near-equal chunks
+        py = part.mean(0, keepdim=True)  # (1, 1008) marginal
+        kl = (torch.xlogy(part, part) - torch.xlogy(part, py)).sum(1).mean()
+        scores.append(kl.exp())
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
+
+
+def _sq_dists(a, b):
+    """(n, D), (m, D) -> (n, m) squared Euclidean distances (the ADM evaluator's form, clamped >= 0)."""
+    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.t() + (b * b).sum(1)[None]).clamp_min(0)
+
+
+def knn_radii(f, k=3, block=1024):
+    """(N,) squared distance from each row of f to its k-th nearest other row (itself is the 0th)."""
+    return torch.cat([_sq_dists(f[i : i + block], f).topk(k + 1, dim=1, largest=False).values[:, k]
+                      for i in range(0, len(f), block)])
+
+
+def inside(f, ref, radii, block=1024):
+    """(N,) bool: row i of f lies within the k-NN ball of at least one row of ref."""
+    return torch.cat([(_sq_dists(f[i : i + block], ref) <= radii[None]).any(1) for i in range(0, len(f), block)])
+
+
+def precision_recall(ref_feats, sample_feats, k=3, device="cpu"):
+    """Improved precision (samples inside the real manifold) and recall (reals inside the sample one)."""
+    r = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
+    s = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
+    precision = inside(s, r, knn_radii(r, k)).double().mean()
+    recall = inside(r, s, knn_radii(s, k)).double().mean()
+    return float(precision), float(recall)
