@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, euler_sample, flow_matching_loss,
-                               x0_estimate)
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, euler_sample, sample_t,
+                               velocity_target, x0_estimate)
 
 # default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (our reading
 # of the paper's "2x smaller latent"); f=4 only serves the laptop demo (the tiny preset)
@@ -254,17 +254,29 @@ class DGAE(nn.Module):
         kl = q.kl().mean() / x[0].numel()
         terms = {}
         if cfg.decoder == "diffusion":
-            terms["flow"], x_t, t, v_hat = flow_matching_loss(lambda x_t, t: self.decoder(x_t, t, z), x, cfg.t_dist,
-                                                              cfg.t_shift)
+            B = x.shape[0]
+            t = sample_t(B, cfg.t_dist, x.device, cfg.t_shift)  # (B,)
+            eps = torch.randn_like(x)  # (B, 3, H, W)
+            x_t = add_noise(x, eps, t)  # (B, 3, H, W)
+            inputs, times, latents = x_t, t, z
+            if cfg.consistency_weight > 0:
+                # the consistency term's decode starts from fresh noise at t = 1; its U-Net pass rides
+                # in the same call as the flow term's (a 2B batch: the U-Net treats every image on its
+                # own, and one call of 2B is ~8% faster on a CPU than two of B)
+                eps1 = torch.randn_like(x)  # (B, 3, H, W): where decoding starts
+                inputs = torch.cat([x_t, eps1])  # (2B, 3, H, W)
+                times = torch.cat([t, torch.ones_like(t)])  # (2B,)
+                latents = torch.cat([z, z])  # (2B, c, h, w)
+            v_all = self.decoder(inputs, times, latents).float()  # (B or 2B, 3, H, W)
+            v_hat = v_all[:B]
+            terms["flow"] = F.mse_loss(v_hat, velocity_target(x, eps))
             x_pred = x0_estimate(x_t, t, v_hat)  # (B, 3, H, W), the one-step estimate LPIPS looks at
             total = terms["flow"]
             if cfg.recon_weight > 0:
                 terms["recon"] = (x_pred - x).abs().mean()
                 total = total + cfg.recon_weight * terms["recon"]
             if cfg.consistency_weight > 0:
-                eps = torch.randn_like(x)  # (B, 3, H, W): where decoding starts
-                t1 = torch.ones(x.shape[0], device=x.device)
-                x1_hat = x0_estimate(eps, t1, self.decoder(eps, t1, z).float())
+                x1_hat = x0_estimate(eps1, torch.ones_like(t), v_all[B:])  # (B, 3, H, W) = eps1 - v at t = 1
                 terms["consistency"] = (x1_hat - x).abs().mean()
                 total = total + cfg.consistency_weight * terms["consistency"]
         else:

@@ -53,8 +53,9 @@ lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
 # optimisation
 batch_size = 0  # per process and micro-step (the presets': 16 tiny, 32 others); global = batch * accum * world
 grad_accum = 1
-max_steps = 1200
+max_steps = 1350
 warmup_steps = 100
+lr_cooldown = 0.25  # share of max_steps at the end over which the learning rate falls linearly to 0
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.999
@@ -82,28 +83,48 @@ def make_optimizer(model, lr, weight_decay, betas, device):
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
-def lr_at(step, base_lr, warmup_steps):
-    """Linear warm-up from 0 to base_lr over warmup_steps, then constant (as DiT trains)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    return base_lr
+def lr_at(step, base_lr, warmup_steps, max_steps=0, cooldown_steps=0):
+    """The learning rate of `step`: a linear warm-up from 0 over warmup_steps, constant (as DiT
+    trains), then a linear cool-down to 0 over the last cooldown_steps of max_steps.
+
+    The cool-down is what makes a run's last weights good ones. At a constant rate the weights
+    keep jumping around the optimum; the demo's final weights scored 18.6 dB, and only an average
+    of them (the EMA) reached 20.8 dB. With a cool-down over the last quarter the same run ended at
+    21.6 dB, EMA or not (measured, 1350 steps, seed 0). The cool-down is tied to max_steps: to
+    extend a finished run, resume from a checkpoint taken before the cool-down began.
+    """
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    cooldown = min(1.0, (max_steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
+    return base_lr * min(warmup, cooldown)
 
 
-def ema_decay_at(step, decay):
-    """EMA warm-up: min(decay, (1 + step) / (10 + step)). With a fixed 0.999 the average still holds
-    0.999^1200 = 30% of the random initial weights after 1200 steps, so a short run's EMA model
-    would be mostly noise; warmed up, early steps move it quickly."""
-    return min(decay, (1 + step) / (10 + step))
+def ema_decay_at(step, decay, warmup=34):
+    """EMA warm-up: min(decay, (1 + step) / (warmup + step)), so the average spans roughly the
+    last step / (warmup - 1) steps until it reaches decay's own span of 1 / (1 - decay) steps.
+
+    A fixed 0.999 would still hold 0.999^1200 = 30% of the random initial weights after 1200
+    steps. How short to make it early on was measured on the 1350-step demo with the cool-down:
+    spans of step/9, step/17, step/33 and step/65 scored 20.8, 21.3, 21.5 and 21.6 dB (the weights
+    improve fast, so a long average lags); train_dit.py keeps the span step/9 its demo was tuned with.
+    """
+    return min(decay, (1 + step) / (warmup + step))
 
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * model, for every parameter and buffer (buffers copied)."""
+    """ema = decay * ema + (1 - decay) * model, for every parameter and float buffer (others copied).
+
+    One multi-tensor lerp over all of them: a Python loop of lerp_ over state_dict() cost 4 ms of a
+    250 ms tiny CPU step (measured); the per-element arithmetic is the same.
+    """
+    ema_t, model_t = [], []
     for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
         if e.dtype.is_floating_point:
-            e.lerp_(p.to(e.dtype), 1.0 - decay)
+            ema_t.append(e)
+            model_t.append(p.to(e.dtype))
         else:
             e.copy_(p)
+    torch._foreach_lerp_(ema_t, model_t, 1.0 - decay)
 
 
 # the settings that override a field of the preset's ae.AEConfig when given on the command line
@@ -129,7 +150,7 @@ def main():
     common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
                                            "ckpt_every"),
                           count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
-                          positive=("grad_clip",), fraction=("ema_decay",))
+                          positive=("grad_clip",), fraction=("ema_decay", "lr_cooldown"))
     dist = common.setup_distributed(device)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -195,7 +216,7 @@ def main():
 
     while step < max_steps:
         # learning rate of this step: linear warm-up, then constant
-        step_lr = lr_at(step, cfg.lr, warmup_steps)
+        step_lr = lr_at(step, cfg.lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
         for group in optimizer.param_groups:
             group["lr"] = step_lr
 

@@ -337,7 +337,7 @@ def main():
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, net, ema_decay_at(step, ema_decay))
+        update_ema(ema, net, ema_decay_at(step, ema_decay, warmup=10))
         step += 1
 
         if step % log_every == 0 or step == max_steps:
