@@ -8,7 +8,9 @@ all read images through this file, so they all see the same pixels:
   (discs, stripes, checkerboards, ...). It makes `python train_ae.py` work out of the box and
   gives the tests something with sharp, high-frequency detail to reconstruct.
 - ImageFolderDataset: an ImageNet-style folder (`train/<class>/*.JPEG`) with the ADM center
-  crop. Unreadable files are reported and skipped (the item is None), never a crash.
+  crop. Unreadable files, and images too large to decode safely (MAX_IMAGE_PIXELS), are
+  reported and skipped (the item is None), never a crash; a folder where none can be read is a
+  one-line error (unreadable_error), not an empty run.
 - collate_skip_bad: batches the good items and counts the bad ones.
 - Loader: an infinite, resumable, per-rank batch iterator. Its state_dict() goes into the
   checkpoint so that `--resume` replays exactly the batches the interrupted run would have seen.
@@ -228,6 +230,29 @@ def _is_image(name):
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
+# The largest image (width x height) decoded. Image.open reads only the header, so the size of a
+# larger file is known before any pixel is decoded: such a file is skipped like an unreadable one.
+# A 12000 x 12000 PNG took 1.8 GB to decode for one item; ImageNet's largest photos are ~ 20 MP.
+# (PIL's own guard, Image.MAX_IMAGE_PIXELS = 89 MP, only warns below 179 MP and then decodes.)
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+def unreadable_error(dataset, tried, in_a_row=False):
+    """The one-line refusal of a dataset whose images cannot be read: the first `tried` failed, or
+    (in_a_row: a loader, whose epochs repeat images) `tried` draws in a row failed; each failure was
+    reported with a warning. A SystemExit, so it reads the same in any script."""
+    where = getattr(dataset, "root", "the dataset")
+    what = (f"{tried} of its {len(dataset)} images in a row could not be read" if in_a_row else
+            f"none of its {tried} images could be read" if tried >= len(dataset) else
+            f"none of its first {tried} images (of {len(dataset)}) could be read")
+    return SystemExit(f"error: {where}: {what} (the warnings above say why); fix or replace the files, "
+                      "or pass another folder")
+
+
 _EXPECTED = ("expected an ImageNet-style folder: <root>/train/<class>/*.JPEG "
              "(or <root>/<class>/*.JPEG, or a flat folder of images); set it with --data")
 
@@ -270,12 +295,16 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i):
         path, label = self.samples[i]
         try:
-            with Image.open(path) as im:
-                arr = center_crop_arr(to_rgb(im), self.resolution)  # converting decodes fully
-        except Exception as e:  # truncated JPEG, not an image, permissions, ...: skip, never crash
+            with Image.open(path) as im:  # reads the header only; converting below decodes fully
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageTooLarge(f"{w}x{h} pixels, more than data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}; "
+                                        "not decoded")
+                arr = center_crop_arr(to_rgb(im), self.resolution)
+        except Exception as e:  # truncated JPEG, not an image, too large, permissions, ...: skip, never crash
             if path not in self._warned:
                 self._warned.add(path)
-                warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=2)
+                warnings.warn(f"skipping image {path}: {type(e).__name__}: {e}", stacklevel=2)
             return None
         x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W) in [-1, 1]
         return x, label
@@ -336,7 +365,7 @@ class Loader:
             raise ValueError(f"dataset has {len(dataset)} images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); "
                              f"use a smaller batch size or a bigger dataset (--data)")
-        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        self.dataset, self.batch_size, self.rank, self.world_size, self.seed = dataset, batch_size, rank, world_size, seed
         self.sampler = ResumableDistributedSampler(dataset, rank, world_size, seed)
         self.batches_per_epoch = self.sampler.num_samples // batch_size
         # The DataLoader draws its workers' base seed from `generator`; without one it would draw
@@ -355,7 +384,7 @@ class Loader:
         return self
 
     def __next__(self):
-        n_bad = 0
+        n_bad, n_empty = 0, 0
         while True:
             if self._it is None:
                 # (re)start the epoch at the current position; the sampler is read in this
@@ -374,6 +403,11 @@ class Loader:
             # (Only then can ranks drift apart by a batch; with real data it does not happen.)
             if len(y) > 0:
                 return x, y, n_bad
+            # a whole epoch's share without one readable image (a folder of bad files, a storage
+            # mount gone mid-run) would loop here forever, in silence: stop with one line instead
+            n_empty += 1
+            if n_empty >= self.batches_per_epoch:
+                raise unreadable_error(self.dataset, n_bad, in_a_row=True)
 
     def state_dict(self):
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
@@ -407,13 +441,16 @@ def random_hflip(x, generator=None):
 
 
 def first_good(dataset, n):
-    """Indices of the first n readable items (an unreadable image is None and must not break a grid)."""
+    """Indices of the first n readable items (an unreadable image is None and must not break a grid).
+    A dataset with none at all is refused in one line (unreadable_error)."""
     out = []
     for i in range(len(dataset)):
         if len(out) == n:
             break
         if dataset[i] is not None:
             out.append(i)
+    if not out and len(dataset):
+        raise unreadable_error(dataset, len(dataset))
     return out
 
 

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import common
-from data import ImageFolderDataset, ProceduralDataset, collate_skip_bad
+from data import ImageFolderDataset, ProceduralDataset, collate_skip_bad, unreadable_error
 from inception import load_inception
 from lpips import load_lpips
 from metrics import (feature_stats, frechet_distance, highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
@@ -174,6 +174,19 @@ def at_least_two(source, flag, limit=0):
     return source
 
 
+def readable_or_refuse(source, n_read, n_tried, dist, at_least=1):
+    """Refuse, on every rank, a folder of which fewer than `at_least` images could be read: with none,
+    recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN.
+    n_read is the gathered (global) count, n_tried this rank's share."""
+    if n_read >= at_least:
+        return
+    tried = total(n_tried, dist)
+    if n_read == 0 and source.dataset is not None:
+        raise unreadable_error(source.dataset, tried)
+    raise ValueError(f"{source.path}: only {n_read} of its {tried} images could be read (the warnings above "
+                     f"say why); FID statistics need at least {at_least}")
+
+
 def gather_rows(parts, width, dist):
     """Concatenate this rank's list of row arrays, then all ranks' in rank order (= global order)."""
     a = np.concatenate(parts) if parts else np.zeros((0,) + width, np.float32)
@@ -197,7 +210,9 @@ def inception_features(source, model, dist, batch_size, limit=0, desc=""):
     for x in tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc=desc, disable=not dist.master):
         for k, v in model(x.to(dist.device) / 255).items():
             feats[k].append(v.float().cpu().numpy())
-    return {k: gather_rows(v, (FEATURE_DIMS[k],), dist) for k, v in feats.items()}
+    feats = {k: gather_rows(v, (FEATURE_DIMS[k],), dist) for k, v in feats.items()}
+    readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)  # FID statistics need 2
+    return feats
 
 
 def write_results(results, path):
@@ -280,6 +295,7 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     hf = {k: gather_rows(v, (), dist) for k, v in hf.items()}
     pools = {k: gather_rows(v, (FEATURE_DIMS["pool"],), dist) for k, v in pools.items()}
     n = len(per_image["psnr"])
+    readable_or_refuse(source, n, hi - lo, dist)
     results = {"num_images": n, "num_unreadable": total(source.n_bad, dist)}
     results.update({k: float(v.mean()) for k, v in per_image.items() if len(v)})
     results["highfreq_ratio"] = highfreq_ratio(hf["recon"], hf["real"])
