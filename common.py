@@ -4,6 +4,7 @@ start-up and shutdown, checkpoints with every RNG state, and the lookup of pretr
 The training steps are written out in train_ae.py and train_dit.py.
 """
 
+import datetime
 import math
 import os
 import random
@@ -138,10 +139,15 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
 
 
-def setup_distributed(device=""):
+def setup_distributed(device="", timeout=600):
     """Start torch.distributed when torchrun set RANK / LOCAL_RANK / WORLD_SIZE, else run as a
-    single process: the same script runs on a laptop, one GPU or many nodes (NCCL on GPUs, gloo on CPU)."""
+    single process: the same script runs on a laptop, one GPU or many nodes (NCCL on GPUs, gloo on CPU).
+
+    `timeout`: seconds a rank waits in a collective (all-reduce, barrier) for the others. Without it
+    one stopped or hung rank leaves every other waiting for ever; with it the job ends (gloo raises,
+    see collective_timeouts; NCCL's watchdog ends the process with a "[Rank k] ... timeout" message)."""
     device = device or default_device()
+    timeout = datetime.timedelta(seconds=timeout)
     if "RANK" not in os.environ:
         return Dist(False, 0, 0, 1, torch.device(device), True)
     rank = int(os.environ["RANK"])
@@ -150,11 +156,27 @@ def setup_distributed(device=""):
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-        torch_dist.init_process_group("nccl", device_id=dev)
+        torch_dist.init_process_group("nccl", device_id=dev, timeout=timeout)
     else:
         dev = torch.device(device)
-        torch_dist.init_process_group("gloo")
+        torch_dist.init_process_group("gloo", timeout=timeout)
     return Dist(True, rank, local_rank, world, dev, rank == 0)
+
+
+@contextmanager
+def collective_timeouts():
+    """Report a collective that timed out (a rank stopped responding: see setup_distributed's
+    timeout) as one line naming this rank, instead of gloo's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        from_backend = isinstance(e, torch_dist.DistBackendError) or "gloo" in str(e)
+        if "RANK" not in os.environ or not from_backend or "timed out" not in str(e).lower():
+            raise
+        detail = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0])  # gloo's message without its source path
+        raise SystemExit(f"error: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: a collective operation "
+                         f"timed out ({detail}): another rank stopped responding (stopped, hung or on a lost host). "
+                         "The job ends; resume it with --resume true. --dist-timeout sets the limit.") from None
 
 
 def barrier(dist):

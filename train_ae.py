@@ -59,6 +59,7 @@ lr_cooldown = 0.25  # share of max_steps at the end over which the learning rate
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.999
+max_nonfinite_steps = 5  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
 # bookkeeping
 out_dir = "out/ae"
 log_every = 25
@@ -67,6 +68,7 @@ ckpt_every = 400
 resume = False
 seed = 0
 device = ""  # "" = cuda, then mps, then cpu
+dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
 channels_last = True  # NHWC memory layout for the convolutions (measured: a tiny CPU step 300 -> 253 ms)
 # -----------------------------------------------------------------------------
@@ -132,15 +134,41 @@ CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "c
                    "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr", "batch_size")
 
 
+def mismatch(name, value, saved):
+    return SystemExit(f"error: --{name.replace('_', '-')} {value} does not match the checkpoint being resumed "
+                      f"({saved}); drop the flag or choose another --out-dir")
+
+
 def config_for_resume(ckpt, cfg, given):
-    """On --resume the checkpoint defines the model; a model flag that disagrees is an error.
-    The learning rate is this run's (--lr or the preset's), so that it can change on resume."""
-    saved = config_from_dict(ckpt["model_args"])
-    for name in ("compression", "latent_channels", "resolution", "decoder", "cond"):
-        if name in given and getattr(cfg, name) != getattr(saved, name):
-            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(cfg, name)} does not match the checkpoint "
-                             f"being resumed ({getattr(saved, name)}); drop the flag or choose another --out-dir")
-    return replace(saved, lr=cfg.lr)
+    """On --resume the checkpoint defines the model and its loss, learning rate and batch size: a
+    flag that disagrees is an error. Only how it runs may change: --attn-impl, and --decode-steps
+    (the grids'). A checkpoint from before lr and batch_size were recorded takes this run's."""
+    saved = config_from_dict({"lr": cfg.lr, "batch_size": cfg.batch_size, **ckpt["model_args"]})
+    for name in CONFIG_SETTINGS:
+        if name in given and name not in ("attn_impl", "decode_steps") and getattr(cfg, name) != getattr(saved, name):
+            raise mismatch(name, getattr(cfg, name), getattr(saved, name))
+    return replace(saved, **{k: getattr(cfg, k) for k in ("attn_impl", "decode_steps") if k in given})
+
+
+# the settings of the run that --resume keeps (besides the model's, in model_args); train_dit.py has its own list
+RESUMED_SETTINGS = ("data", "dataset_size", "seed", "grad_accum", "max_steps", "warmup_steps", "weight_decay",
+                    "grad_clip", "ema_decay", "lr_cooldown")
+
+
+def settings_for_resume(ckpt, settings, given, names, may_change=("data", "max_steps")):
+    """On --resume the run's own recipe wins over this command line's defaults: each setting in
+    `names` not given is the checkpoint's, and one given with another value is an error, except
+    those in `may_change` (a moved dataset; a higher --max-steps extends a run). A setting that an
+    older checkpoint does not record keeps this command line's value."""
+    saved = ckpt.get("config", {})
+    for name in names:
+        if name not in saved:
+            continue
+        if name not in given:
+            settings[name] = saved[name]
+        elif settings[name] != saved[name] and name not in may_change:
+            raise mismatch(name, settings[name], saved[name])
+    return settings
 
 
 def main():
@@ -148,10 +176,10 @@ def main():
     # numbers out of range stop here, before any work: a 0-step run would print "done" and write
     # nothing. The model settings (0 = the preset's) are checked below, once resolved.
     common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
-                                           "ckpt_every"),
+                                           "ckpt_every", "max_nonfinite_steps"),
                           count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
-                          positive=("grad_clip",), fraction=("ema_decay", "lr_cooldown"))
-    dist = common.setup_distributed(device)
+                          positive=("grad_clip", "dist_timeout"), fraction=("ema_decay", "lr_cooldown"))
+    dist = common.setup_distributed(device, dist_timeout)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
@@ -161,9 +189,18 @@ def main():
         if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
             common.writable_dir(out_dir, "--out-dir")
         ckpt = common.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
+        if ckpt is not None:  # the run's own settings, not this command line's defaults
+            settings = settings_for_resume(ckpt, settings, given, RESUMED_SETTINGS)
+            globals().update(settings)
 
         # the model config, then the data: both can be wrong on the command line
         name = preset or ("base" if data else "tiny")
+        if ckpt is not None:  # the checkpoint's preset (older ones: resolved from their settings as above)
+            config = ckpt.get("config", {})
+            saved_name = ckpt.get("model_name") or config.get("preset") or ("base" if config.get("data") else "tiny")
+            if "preset" in given and preset != saved_name:
+                raise mismatch("preset", preset, saved_name)
+            name = saved_name
         cfg = make_config(name, **{k: settings[k] for k in CONFIG_SETTINGS if k in given})
         if ckpt is not None:
             cfg = config_for_resume(ckpt, cfg, given)
@@ -213,6 +250,7 @@ def main():
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
     n_bad = 0  # unreadable images skipped by this rank since the last log row
+    n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
 
     while step < max_steps:
         # learning rate of this step: linear warm-up, then constant
@@ -236,11 +274,25 @@ def main():
             for k, v in [("loss", loss), *terms.items()]:
                 means[k] = means.get(k, 0.0) + v.detach().float() / grad_accum
 
-        # clip, AdamW step, then the EMA of the weights (what grids, sampling and evaluation use)
+        # clip, AdamW step, then the EMA of the weights (what grids, sampling and evaluation use).
+        # A non-finite loss or gradient (too high a learning rate, a bad batch) must never reach the
+        # weights, the optimizer state, the EMA or a checkpoint: that step is skipped and counted, and
+        # max_nonfinite_steps in a row stop the run without saving. Every rank decides alike: the norm
+        # is of the all-reduced gradients, and the loss check is summed over ranks.
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        optimizer.step()
+        loss_nonfinite = common.all_reduce_sum((~torch.isfinite(means["loss"])).float(), dist)
+        if torch.isfinite(grad_norm) and loss_nonfinite == 0:
+            optimizer.step()
+            update_ema(ema, net, ema_decay_at(step, ema_decay))
+            skipped_in_a_row = 0
+        else:
+            n_skipped, skipped_in_a_row = n_skipped + 1, skipped_in_a_row + 1
+            if skipped_in_a_row >= max_nonfinite_steps:
+                pbar.close()  # the message on a line of its own
+                raise SystemExit(f"error: {skipped_in_a_row} steps in a row (to step {step + 1}) had a non-finite loss "
+                                 f"or gradient (--max-nonfinite-steps {max_nonfinite_steps}); stopped without saving, "
+                                 f"so {ckpt_path} is left as it was. Lower --lr or check the data.")
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, net, ema_decay_at(step, ema_decay))
         step += 1
 
         if step % log_every == 0 or step == max_steps:
@@ -249,14 +301,15 @@ def main():
             vals = common.all_reduce_sum(torch.stack([*means.values(), torch.tensor(float(n_bad), device=dev)]), dist)
             row = {k: v.item() for k, v in zip(means, vals[:-1] / dist.world_size)}
             row["bad_images"] = vals[-1].item()
-            n_bad = 0
+            row["skipped_steps"] = n_skipped  # the same on every rank
+            n_bad = n_skipped = 0
             images_per_step = cfg.batch_size * grad_accum * dist.world_size
             row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
                        img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
             if dist.master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s")})
+            pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s", "skipped_steps")})
         pbar.update(1)
 
         if (step % sample_every == 0 or step == max_steps) and dist.master:
@@ -265,7 +318,7 @@ def main():
             save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
         if step % ckpt_every == 0 or step == max_steps:
             common.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
-                                 config=settings, lpips_used=lpips is not None)
+                                 model_name=name, config=settings, lpips_used=lpips is not None)
     pbar.close()
     if common.check_replicas_identical(net, dist) and dist.ddp:
         log(f"weights identical on all {dist.world_size} ranks")
@@ -274,4 +327,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with common.collective_timeouts():  # a rank that stopped responding: one line, not a traceback
+        main()

@@ -46,7 +46,7 @@ from ae import DGAE, config_from_dict, encoder_fingerprint, load_dgae
 from data import Loader, build_dataset, collate_skip_bad, default_classes, save_image_grid, unreadable_error
 from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
-from train_ae import ema_decay_at, lr_at, make_optimizer, update_ema
+from train_ae import ema_decay_at, lr_at, make_optimizer, settings_for_resume, update_ema
 
 # -----------------------------------------------------------------------------
 # settings
@@ -72,6 +72,7 @@ warmup_steps = 100
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.999  # ImageNet: 0.9999
+max_nonfinite_steps = 5  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
 # sample grids
 sample_steps = 50  # Euler steps of the DiT
 cfg_scale = 4.0
@@ -84,6 +85,7 @@ ckpt_every = 1000
 resume = False
 seed = 0
 device = ""  # "" = cuda, then mps, then cpu
+dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
 compile = False
 # -----------------------------------------------------------------------------
 
@@ -255,8 +257,9 @@ def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar):
         if len(y):
             x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
             z = ae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then their mirror images
-            if z.abs().max() > 60000:
-                raise ValueError("latent values beyond the float16 range; the stage-1 encoder has diverged")
+            if not z.isfinite().all() or z.abs().max() > 60000:
+                raise ValueError("latent values non-finite or beyond the float16 range; "
+                                 "the stage-1 encoder has diverged")
             zs.append(torch.stack(z.chunk(2), dim=1).half().cpu())  # (B, 2, C, h, w)
             ys.append(y)
         pbar.update(len(y) + bad)
@@ -337,6 +340,12 @@ class LatentCache(Dataset):
         self.shards = open_shards(cache, meta)
         stats = read_stats(cache, meta, self.shards)
         self.mean, self.std = stats["mean"], stats["std"]  # (C,) each
+        # training divides by std: a channel with std 0 (constant) would make every DiT step NaN
+        bad = (~(self.mean.isfinite() & self.std.isfinite() & (self.std > 0))).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"{os.path.join(cache, 'stats.pt')}: latent channel(s) {bad} have std 0 or a "
+                             f"non-finite mean or std, which would make every DiT step NaN; delete {cache} to encode "
+                             "again, and if that recurs, the stage-1 encoder leaves the channel unused: train it longer")
         self.ends = [int(x) for x in torch.tensor([len(s["y"]) for s in self.shards]).cumsum(0)]
 
     def __len__(self):
@@ -352,16 +361,24 @@ class LatentCache(Dataset):
 # the script: step 1 (the cache), then step 2 (the training loop)
 
 
+# the settings of the run that --resume keeps (see train_ae.settings_for_resume); the model's are in model_args.
+# Those in MAY_CHANGE are the checkpoint's unless given: a moved dataset or cache, a longer run.
+RESUMED_SETTINGS = ("data", "dataset_size", "seed", "cache_dir", "shard_size", "batch_size", "grad_accum", "max_steps",
+                    "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay", "class_dropout", "t_dist")
+MAY_CHANGE = ("data", "cache_dir", "shard_size", "max_steps")
+
+
 def main():
     settings, given = common.configure(globals())
     # numbers out of range stop here, before any work (--shard-size 0 used to leave a meta.json
     # behind that marked later caches stale; --max-steps 0 printed "done" and wrote nothing)
     common.check_settings(settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size", "grad_accum",
-                                           "max_steps", "log_every", "sample_every", "ckpt_every", "sample_steps"),
+                                           "max_steps", "log_every", "sample_every", "ckpt_every", "sample_steps",
+                                           "max_nonfinite_steps"),
                           count_or_0=("num_workers", "warmup_steps", "decode_steps", "seed"),
-                          positive=("lr", "grad_clip"), non_negative=("weight_decay",),
+                          positive=("lr", "grad_clip", "dist_timeout"), non_negative=("weight_decay",),
                           fraction=("class_dropout", "ema_decay"), finite=("cfg_scale",))
-    dist = common.setup_distributed(device)
+    dist = common.setup_distributed(device, dist_timeout)
     dev = dist.device
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
@@ -370,6 +387,9 @@ def main():
         if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
             common.writable_dir(out_dir, "--out-dir")
         ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
+        if ckpt is not None:  # the run's own settings, not this command line's defaults
+            settings = settings_for_resume(ckpt, settings, given, RESUMED_SETTINGS, MAY_CHANGE)
+            globals().update(settings)
         ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
         stage1 = stage1_info(ae_path)
         if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
@@ -390,7 +410,8 @@ def main():
         f"at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache {cache}")
     with common.user_errors():  # a stage-1 file whose weights do not fit its model_args: one line
         build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
-    latents = LatentCache(cache)
+    with common.user_errors():  # e.g. a stats.pt with std 0
+        latents = LatentCache(cache)
     mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
     with common.user_errors():  # e.g. fewer latents than one global batch
         loader = Loader(latents, batch_size, dist.rank, dist.world_size, seed)
@@ -403,7 +424,9 @@ def main():
         ae = load_dgae(ae_path, dev) if dist.master else None
     torch.manual_seed(seed)  # the same initial weights on every rank
     if ckpt is not None:
-        name, net = ckpt["model_name"], DiT(**ckpt["model_args"]).to(dev)
+        # the checkpoint's model; only --attn-impl (how attention is computed) may change
+        args = dict(ckpt["model_args"], **({"attn_impl": attn_impl} if "attn_impl" in given else {}))
+        name, net = ckpt["model_name"], DiT(**args).to(dev)
     else:
         net = build_dit(name, (h, w), C, num_classes, class_dropout_prob=class_dropout, attn_impl=attn_impl).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
@@ -434,6 +457,7 @@ def main():
         os.makedirs(out_dir, exist_ok=True)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
+    n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
 
     while step < max_steps:
         # learning rate of this step: linear warm-up, then constant
@@ -456,23 +480,37 @@ def main():
             (loss / grad_accum).backward()
             mean_loss = mean_loss + loss.detach().float() / grad_accum
 
-        # clip, AdamW step, then the EMA of the weights (what the grids and sample.py use)
+        # clip, AdamW step, then the EMA of the weights (what the grids and sample.py use), unless the
+        # loss or a gradient is not finite: then the step is skipped and counted, and
+        # max_nonfinite_steps in a row stop the run without saving (why and how: see train_ae.py)
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        optimizer.step()
+        loss_nonfinite = common.all_reduce_sum((~torch.isfinite(mean_loss)).float(), dist)
+        if torch.isfinite(grad_norm) and loss_nonfinite == 0:
+            optimizer.step()
+            update_ema(ema, net, ema_decay_at(step, ema_decay, warmup=10))
+            skipped_in_a_row = 0
+        else:
+            n_skipped, skipped_in_a_row = n_skipped + 1, skipped_in_a_row + 1
+            if skipped_in_a_row >= max_nonfinite_steps:
+                pbar.close()  # the message on a line of its own
+                raise SystemExit(f"error: {skipped_in_a_row} steps in a row (to step {step + 1}) had a non-finite loss "
+                                 f"or gradient (--max-nonfinite-steps {max_nonfinite_steps}); stopped without saving, "
+                                 f"so {ckpt_path} is left as it was. Lower --lr or check the latent cache.")
         optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, net, ema_decay_at(step, ema_decay, warmup=10))
         step += 1
 
         if step % log_every == 0 or step == max_steps:
             # the loss averaged over ranks: the whole global batch's, not rank 0's share
             row = {"loss": (common.all_reduce_sum(mean_loss, dist) / dist.world_size).item()}
+            row["skipped_steps"] = n_skipped  # the same on every rank
+            n_skipped = 0
             images_per_step = batch_size * grad_accum * dist.world_size
             row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
                        img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
             if dist.master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            pbar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "img_per_s")})
+            pbar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "img_per_s", "skipped_steps")})
         pbar.update(1)
 
         if (step % sample_every == 0 or step == max_steps) and dist.master:
@@ -495,4 +533,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    with common.collective_timeouts():  # a rank that stopped responding: one line, not a traceback
+        main()

@@ -158,3 +158,22 @@ def test_find_weights_order_and_error(tmp_path, monkeypatch):
     assert common.find_weights(None, *args) == str(tmp_path / "x.pth")
     with pytest.raises(FileNotFoundError):  # a path the user typed must exist, even for an optional file
         common.find_weights(str(tmp_path / "typo.pth"), *args, required=False)
+
+
+def test_a_collective_timeout_is_one_line_naming_the_rank(monkeypatch):
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
+                        "5000ms for recv operation to complete")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(SystemExit) as e:
+        with common.collective_timeouts():
+            raise gloo
+    assert str(e.value).startswith("error: rank 3 of 8: a collective operation timed out (Timed out waiting 5000ms "
+                                   "for recv operation to complete): another rank stopped responding")
+    with pytest.raises(RuntimeError, match="DataLoader timed out"):  # not a collective: passed on as it is
+        with common.collective_timeouts():
+            raise RuntimeError("DataLoader timed out after 5 seconds")
+    monkeypatch.delenv("RANK")
+    with pytest.raises(RuntimeError, match="Timed out waiting"):  # not under torchrun
+        with common.collective_timeouts():
+            raise gloo

@@ -193,6 +193,8 @@ BAD_SETTINGS = [  # (flags, the one line expected)
     (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1), got -0.5"),
     (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
     (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
+    (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be at least 1, got 0"),
+    (["--dist-timeout", "-1"], "--dist-timeout must be a finite number above 0, got -1"),
 ]
 
 
@@ -243,3 +245,98 @@ def test_pipeline_train_ae_train_dit_sample(tmp_path):
     ddp = train_dit.LatentCache(str(tmp_path / "ddp/latents"))
     assert all(torch.equal(a["z"], b["z"]) for a, b in zip(ddp.shards, lat.shards))
     assert torch.equal(ddp.mean, lat.mean) and torch.equal(ddp.std, lat.std)
+
+
+# -----------------------------------------------------------------------------
+# Reliability: non-finite latents and statistics, the recipe on --resume
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
+
+
+def poison_latents(cache, items, shard=0):
+    """NaN latents for the given items of a shard (a bad shard, a diverged encoder); stats.pt unchanged."""
+    path = os.path.join(cache, f"shard_{shard:05d}.pt")
+    content = torch.load(path, weights_only=True)
+    content["z"] = content["z"].detach().clone()
+    content["z"][items] = float("nan")
+    torch.save(content, path)
+
+
+def test_nonfinite_latents_are_skipped_and_a_run_of_them_stops_the_run_unsaved(tmp_path, ae):
+    run(tmp_path, "train_dit.py", *DIT_FAST, "--max-steps", "2")
+    path = tmp_path / "out/dit/ckpt.pt"
+    # one NaN latent among 40: the step whose batch holds it is skipped, the run goes on
+    poison_latents(tmp_path / "cache", [0])
+    run(tmp_path, "train_dit.py", *DIT_FAST, "--resume", "true", "--max-steps", "12")
+    rows = [json.loads(line) for line in open(tmp_path / "out/dit/log.jsonl")]
+    # item 0 is in one batch of each epoch of 5: steps 3-12 meet it in epoch 1 and maybe in epochs 0 and 2
+    assert 1 <= sum(r["skipped_steps"] for r in rows) <= 3
+    assert all(np.isfinite(r["loss"]) == (r["skipped_steps"] == 0) for r in rows)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 12
+    assert all(t.isfinite().all() for sd in (ckpt["model"], ckpt["ema"]) for t in sd.values())
+    good = path.read_bytes()
+    # every latent NaN: 5 steps in a row, then a one-line stop that leaves the checkpoint as it was
+    for k in (0, 1, 2):
+        poison_latents(tmp_path / "cache", slice(None), shard=k)
+    proc = run(tmp_path, "train_dit.py", *DIT_FAST, "--resume", "true", "--max-steps", "30", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert error_lines(proc) == ["error: 5 steps in a row (to step 17) had a non-finite loss or gradient "
+                                 "(--max-nonfinite-steps 5); stopped without saving, so out/dit/ckpt.pt is left as "
+                                 "it was. Lower --lr or check the latent cache."]
+    assert path.read_bytes() == good
+
+
+def test_latent_statistics_with_std_0_are_refused_in_one_line(tmp_path, ae):
+    cache = build(tmp_path, tmp_path / "ae.pt", ProceduralDataset(16, size=10))
+    stats = torch.load(os.path.join(cache, "stats.pt"), weights_only=True)
+    stats["std"][1] = 0.0  # a constant latent channel: z / std would make every DiT step NaN
+    torch.save(stats, os.path.join(cache, "stats.pt"))
+    with pytest.raises(ValueError, match=r"stats.pt: latent channel\(s\) \[1\] have std 0"):
+        train_dit.LatentCache(cache)
+    proc = run(tmp_path, "train_dit.py", "--ae-ckpt", "ae.pt", "--dataset-size", "10", "--shard-size", "4",
+               "--cache-dir", str(cache), "--max-steps", "2", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(error_lines(proc)) == 1
+    assert "latent channel(s) [1] have std 0" in proc.stderr and f"delete {cache}" in proc.stderr
+    assert not os.path.exists(tmp_path / "out/dit/ckpt.pt")
+
+
+def test_nonfinite_latents_are_refused_while_encoding(tmp_path, ae, monkeypatch):
+    monkeypatch.setattr(DGAE, "encode", lambda self, x: torch.full((len(x), 4, 2, 2), float("nan")))
+    with pytest.raises(ValueError, match="latent values non-finite or beyond the float16 range"):
+        build(tmp_path, tmp_path / "ae.pt", ProceduralDataset(16, size=10))
+    assert not os.path.exists(tmp_path / "cache/stats.pt") and not os.path.exists(tmp_path / "cache/shard_00000.pt")
+
+
+def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path, ae):
+    recipe = [*DIT_FAST, "--batch-size", "4", "--grad-accum", "2", "--lr", "2e-3", "--warmup-steps", "3",
+              "--ema-decay", "0.99", "--class-dropout", "0.2", "--t-dist", "uniform", "--seed", "3",
+              "--weight-decay", "0.01", "--grad-clip", "0.5"]
+    run(tmp_path, "train_dit.py", *recipe, "--out-dir", "full", "--max-steps", "3")
+    run(tmp_path, "train_dit.py", *recipe, "--out-dir", "split", "--max-steps", "2")
+    # resumed with no recipe flag at all: not even the stage-1 file, the data or the cache
+    run(tmp_path, "train_dit.py", "--out-dir", "split", "--resume", "true", "--max-steps", "3", "--log-every", "1")
+    full, split = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "split"))
+    assert full["step"] == split["step"] == 3 and full["loader"] == split["loader"]
+    for key in ("model", "ema"):
+        assert all(torch.equal(full[key][k], split[key][k]) for k in full[key]), key
+    assert [json.loads(r)["lr"] for r in open(tmp_path / "split/log.jsonl")][-1] == 2e-3
+    assert not os.path.exists(tmp_path / "split/latents")  # the run's own cache, not a new one
+
+
+def test_a_flag_that_contradicts_the_resumed_checkpoint_is_refused(tmp_path, ae, monkeypatch):
+    run(tmp_path, "train_dit.py", *DIT_FAST, "--max-steps", "1")
+    good = (tmp_path / "out/dit/ckpt.pt").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for flags in (["--lr", "1e6"], ["--batch-size", "4"], ["--grad-accum", "2"], ["--warmup-steps", "7"],
+                  ["--ema-decay", "0.9"], ["--class-dropout", "0.3"], ["--t-dist", "uniform"], ["--seed", "1"],
+                  ["--weight-decay", "0.1"], ["--grad-clip", "2"], ["--preset", "DiT-S/1"]):
+        importlib.reload(train_dit)  # fresh settings: configure() writes them into the module
+        monkeypatch.setattr(sys, "argv", ["train_dit.py", "--resume", "true", "--max-steps", "2", *flags])
+        with pytest.raises(SystemExit) as e:
+            train_dit.main()
+        assert str(e.value).startswith(f"error: {flags[0]} ")
+        assert "does not match the checkpoint being resumed" in str(e.value)
+    assert (tmp_path / "out/dit/ckpt.pt").read_bytes() == good
