@@ -9,6 +9,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -206,21 +207,73 @@ def check_replicas_identical(model, dist):
     return True
 
 
-def shutdown(dist):
-    """End a DDP worker so that it cannot crash on the way out.
+def shutdown(dist, status=0):
+    """End the process with exit status `status` (0: done; EXIT_STOPPED: stopped by a signal, saved),
+    so that a DDP worker cannot crash on the way out.
 
     With gloo on CPU, a worker that simply returns intermittently aborts in the interpreter's
     teardown ("terminate called without an active exception"). So every rank waits for the others,
-    destroys the process group, flushes its output and leaves with os._exit(0), skipping that
+    destroys the process group, flushes its output and leaves with os._exit, skipping that
     teardown. Everything worth keeping was written before.
     """
     if not dist.ddp:
+        if status:
+            raise SystemExit(status)
         return
     torch_dist.barrier()
     torch_dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
+
+
+# -----------------------------------------------------------------------------
+# preemption: a stop signal ends the run at the next step boundary, with a checkpoint
+
+# sysexits.h's EX_TEMPFAIL, "try again later": the run was stopped by a signal after writing its
+# checkpoint (or, while encoding latents, its finished shards); run the same command with
+# --resume true (the cache build needs no flag) to continue where it stopped
+EXIT_STOPPED = 75
+# SIGTERM: what schedulers (SLURM, Kubernetes) send before they kill a job, and what torchrun passes
+# on to its workers when it is sent SIGTERM or SIGINT; SIGUSR1: SLURM's --signal=USR1@seconds
+# warning; SIGINT: Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopSignals:
+    """From construction on, a stop signal no longer ends the process where it stands (losing up
+    to ckpt_every steps): the handler only records it, and the loops ask `flag()` at each step
+    boundary, agree over all ranks (one all-reduce, so a signal to one rank stops them all at the
+    same step), save and exit with EXIT_STOPPED. A repeated signal changes nothing: Ctrl-C on a
+    torchrun job reaches each worker twice, from the terminal and from torchrun. To quit without
+    saving, use Ctrl-\\ (SIGQUIT) or SIGKILL."""
+
+    def __init__(self):
+        self.received = None  # the name of the first stop signal this process received
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        # only record it: printing here could re-enter a write to stderr that the signal interrupted
+        self.received = self.received or signal.Signals(signum).name
+
+    def flag(self, device):
+        """1.0 if this process received a stop signal, as a tensor to all-reduce with the step's other flags."""
+        return torch.tensor(float(self.received is not None), device=device)
+
+
+def stopped_message(stop, step, ckpt_path):
+    by = stop.received or "a stop signal to another rank"
+    return (f"stopped by {by} after step {step}: saved {ckpt_path}. Run the same command with --resume true "
+            f"to continue (exit status {EXIT_STOPPED})")
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: a loading process ignores the stop signals (Ctrl-C and SLURM send
+    them to every process), so that the trainer can finish its step with them. A worker still
+    ends with its trainer: at the loader's shutdown, or by its watchdog when the trainer is gone."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def count_params(model):

@@ -249,11 +249,12 @@ def main():
         os.makedirs(out_dir, exist_ok=True)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
+    stop = common.StopSignals()  # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit
     n_bad = 0  # unreadable images skipped by this rank since the last log row
     n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
 
     while step < max_steps:
-        # learning rate of this step: linear warm-up, then constant
+        # learning rate of this step: linear warm-up, constant, linear cool-down at the end (lr_at)
         step_lr = lr_at(step, cfg.lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
         for group in optimizer.param_groups:
             group["lr"] = step_lr
@@ -278,9 +279,11 @@ def main():
         # A non-finite loss or gradient (too high a learning rate, a bad batch) must never reach the
         # weights, the optimizer state, the EMA or a checkpoint: that step is skipped and counted, and
         # max_nonfinite_steps in a row stop the run without saving. Every rank decides alike: the norm
-        # is of the all-reduced gradients, and the loss check is summed over ranks.
+        # is of the all-reduced gradients, and one all-reduce sums the loss check over ranks together
+        # with the stop flag (a stop signal on any rank: every rank saves and stops after this step).
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        loss_nonfinite = common.all_reduce_sum((~torch.isfinite(means["loss"])).float(), dist)
+        flags = torch.stack([(~torch.isfinite(means["loss"])).float(), stop.flag(dev)])
+        loss_nonfinite, stopping = common.all_reduce_sum(flags, dist).tolist()
         if torch.isfinite(grad_norm) and loss_nonfinite == 0:
             optimizer.step()
             update_ema(ema, net, ema_decay_at(step, ema_decay))
@@ -316,9 +319,13 @@ def main():
             # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below
             recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0)
             save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
-        if step % ckpt_every == 0 or step == max_steps:
+        if step % ckpt_every == 0 or step == max_steps or stopping:
             common.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
                                  model_name=name, config=settings, lpips_used=lpips is not None)
+        if stopping and step < max_steps:  # preempted: the step is saved, --resume continues bit-identically
+            pbar.close()
+            log(common.stopped_message(stop, step, ckpt_path))
+            common.shutdown(dist, common.EXIT_STOPPED)
     pbar.close()
     if common.check_replicas_identical(net, dist) and dist.ddp:
         log(f"weights identical on all {dist.world_size} ranks")

@@ -457,6 +457,7 @@ def main():
         os.makedirs(out_dir, exist_ok=True)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
+    stop = common.StopSignals()  # SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit (see train_ae.py)
     n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
 
     while step < max_steps:
@@ -482,9 +483,11 @@ def main():
 
         # clip, AdamW step, then the EMA of the weights (what the grids and sample.py use), unless the
         # loss or a gradient is not finite: then the step is skipped and counted, and
-        # max_nonfinite_steps in a row stop the run without saving (why and how: see train_ae.py)
+        # max_nonfinite_steps in a row stop the run without saving; the same all-reduce carries every
+        # rank's stop flag (why and how: see train_ae.py)
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        loss_nonfinite = common.all_reduce_sum((~torch.isfinite(mean_loss)).float(), dist)
+        flags = torch.stack([(~torch.isfinite(mean_loss)).float(), stop.flag(dev)])
+        loss_nonfinite, stopping = common.all_reduce_sum(flags, dist).tolist()
         if torch.isfinite(grad_norm) and loss_nonfinite == 0:
             optimizer.step()
             update_ema(ema, net, ema_decay_at(step, ema_decay, warmup=10))
@@ -519,12 +522,16 @@ def main():
                 z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise, sample_steps)
                 x = ae.decode(z.float() * std + mean, decode_steps or None, seed=grid_seed)  # (N, 3, H, W)
             save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
-        if step % ckpt_every == 0 or step == max_steps:
+        if step % ckpt_every == 0 or step == max_steps or stopping:
             common.save_training(
                 ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,
                 config=settings, ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
                 ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
                 latent_std=latents.std, num_classes=num_classes, class_names=meta["class_names"])
+        if stopping and step < max_steps:  # preempted: the step is saved (see train_ae.py)
+            pbar.close()
+            log(common.stopped_message(stop, step, ckpt_path))
+            common.shutdown(dist, common.EXIT_STOPPED)
     pbar.close()
     if common.check_replicas_identical(net, dist) and dist.ddp:
         log(f"weights identical on all {dist.world_size} ranks")
