@@ -320,8 +320,6 @@ def main():
             common.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
                                  model_name=name, config=settings, lpips_used=lpips is not None)
     pbar.close()
-    if common.check_replicas_identical(net, dist) and dist.ddp:
-        log(f"weights identical on all {dist.world_size} ranks")
     log(f"done: {ckpt_path}")
     common.shutdown(dist)
 

@@ -246,8 +246,6 @@ def main():
                 ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
                 latent_std=latents.std, num_classes=num_classes, class_names=meta["class_names"])
     pbar.close()
-    if common.check_replicas_identical(net, dist) and dist.ddp:
-        log(f"weights identical on all {dist.world_size} ranks")
     log(f"done: {ckpt_path}")
     common.shutdown(dist)
 

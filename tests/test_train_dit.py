@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ddp_replicas
 import train_dit
 from ae import encoder_fingerprint
 from data import ProceduralDataset
@@ -28,10 +29,11 @@ def ae(tmp_path):
 
 
 def run(tmp_path, script, *args, torchrun=False, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    # under torchrun on 2 ranks through tests/ddp_replicas.py: a run stops if the ranks' weights differ at a checkpoint
+    path = os.path.join(ROOT, script)
+    cmd = ddp_replicas.command(path) if torchrun else [sys.executable, path]
     env = dict(os.environ, OMP_NUM_THREADS="1", DGAE_WEIGHTS=str(tmp_path / "no_weights_here"))
-    proc = subprocess.run(cmd + [os.path.join(ROOT, script), *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(cmd + list(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -138,8 +140,9 @@ def test_pipeline_train_ae_train_dit_sample(tmp_path):
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
     assert sorted(os.listdir(tmp_path)) == sorted(["out", "one.npz", "two.npz"])  # the per-rank parts are gone
     # the cache encoded by two ranks equals the single-process one
-    run(tmp_path, "train_dit.py", "--max-steps", "1", "--batch-size", "8", "--dataset-size", "48", "--shard-size",
-        "20", "--out-dir", "ddp", "--sample-every", "1000", torchrun=True)
+    proc = run(tmp_path, "train_dit.py", "--max-steps", "1", "--batch-size", "8", "--dataset-size", "48",
+               "--shard-size", "20", "--out-dir", "ddp", "--sample-every", "1000", torchrun=True)
+    assert "weights identical on all 2 ranks at step 1" in proc.stdout  # the DiT's DDP keeps the ranks equal
     ddp = LatentCache(str(tmp_path / "ddp/latents"))
     assert all(torch.equal(a["z"], b["z"]) for a, b in zip(ddp.shards, lat.shards))
     assert torch.equal(ddp.mean, lat.mean) and torch.equal(ddp.std, lat.std)
