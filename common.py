@@ -193,20 +193,6 @@ def all_reduce_sum(t, dist):
     return t
 
 
-@torch.no_grad()
-def check_replicas_identical(model, dist):
-    """True if every rank holds the same weights (as DDP must keep them); raises otherwise. The
-    training scripts check it once at the end of a run, by comparing a fingerprint of each rank's."""
-    if not dist.ddp:
-        return True
-    fp = torch.stack([p.detach().double().pow(2).sum() + p.detach().double().sum() for p in model.parameters()])
-    prints = [None] * dist.world_size
-    torch_dist.all_gather_object(prints, fp.cpu())
-    if not all(torch.equal(prints[0], p) for p in prints):
-        raise RuntimeError("model weights differ between DDP ranks; training is not synchronised")
-    return True
-
-
 def shutdown(dist, status=0):
     """End the process with exit status `status` (0: done; EXIT_STOPPED: stopped by a signal, saved),
     so that a DDP worker cannot crash on the way out.

@@ -327,8 +327,6 @@ def main():
             log(common.stopped_message(stop, step, ckpt_path))
             common.shutdown(dist, common.EXIT_STOPPED)
     pbar.close()
-    if common.check_replicas_identical(net, dist) and dist.ddp:
-        log(f"weights identical on all {dist.world_size} ranks")
     log(f"done: {ckpt_path}")
     common.shutdown(dist)
 

@@ -53,14 +53,12 @@ def test_cpu_paths_of_the_cuda_only_features():
     with common.autocast_context(torch.device("cpu")):
         y = torch.nn.Linear(4, 4)(torch.randn(2, 4))
     assert y.dtype == torch.float32
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     # without torchrun's environment there is no process group and shutdown is a no-op
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ}
     try:
         dist = common.setup_distributed("cpu")
         assert not dist.ddp and dist.world_size == 1 and dist.master
         common.shutdown(dist)
-        assert common.check_replicas_identical(net, dist)
     finally:
         os.environ.update(env)
 

@@ -26,9 +26,10 @@ from PIL import Image, ImageFile
 import data
 import eval as ev
 import train_ae
-import train_dit
 from data import ImageFolderDataset, Loader, ProceduralDataset, collate_skip_bad, first_good
-from test_train_dit import DIT_FAST, ROOT, SOLO, build, save_tiny_ae
+from latents import LatentCache
+from test_latents import SOLO, build, save_tiny_ae
+from test_train_dit import DIT_FAST, ROOT
 
 # -----------------------------------------------------------------------------
 # the latent cache checks itself against meta.json
@@ -49,7 +50,7 @@ def refused(call):
 
 
 def assert_same_cache(a, b):
-    a, b = train_dit.LatentCache(a), train_dit.LatentCache(b)
+    a, b = LatentCache(a), LatentCache(b)
     assert len(a.shards) == len(b.shards) and len(a) == len(b)
     for sa, sb in zip(a.shards, b.shards):
         assert torch.equal(sa["z"], sb["z"]) and torch.equal(sa["y"], sb["y"])
@@ -75,7 +76,7 @@ def test_a_missing_shard_is_refused_not_trained_on_half_the_data(tmp_path, ae):
     os.remove(tmp_path / "cache/stats.pt")
     build(tmp_path, tmp_path / "ae.pt", ProceduralDataset(16, size=64), cache="cache", shard_size=32)
     assert_same_cache(tmp_path / "cache", tmp_path / "pristine")
-    assert len(train_dit.LatentCache(str(tmp_path / "cache"))) == 64
+    assert len(LatentCache(str(tmp_path / "cache"))) == 64
 
 
 def _random_bytes(path):
@@ -147,7 +148,7 @@ def test_a_damaged_latent_cache_is_one_line_naming_the_file_and_the_fix_works(tm
 
     def start_training():  # what train_dit.main does: step 1, then open the cache
         build(tmp_path, tmp_path / "ae.pt", ds, cache="cache")
-        train_dit.LatentCache(c)
+        LatentCache(c)
 
     message = refused(start_training)
     assert message.startswith("error: " + start.format(c=c)), message
@@ -164,7 +165,7 @@ def test_a_stray_shard_beyond_meta_json_is_not_read(tmp_path, ae):
     ds = ProceduralDataset(16, size=10)
     cache = build(tmp_path, tmp_path / "ae.pt", ds)
     shutil.copy(os.path.join(cache, "shard_00000.pt"), os.path.join(cache, "shard_00003.pt"))
-    assert len(train_dit.LatentCache(cache)) == 10  # meta.json lists shards 0..2; a glob would have read 14
+    assert len(LatentCache(cache)) == 10  # meta.json lists shards 0..2; a glob would have read 14
 
 
 # -----------------------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_no_readable_image_stops_the_latent_cache_and_fixed_images_are_encoded_n
     assert os.listdir(tmp_path / "cache") == ["meta.json"]  # no NaN stats.pt, no empty shards kept
     for path, _ in ds.samples:  # the files are repaired in place: the next run encodes them
         Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(path, format="PNG")
-    lat = train_dit.LatentCache(build(tmp_path, tmp_path / "ae.pt", ds, data=str(root)))
+    lat = LatentCache(build(tmp_path, tmp_path / "ae.pt", ds, data=str(root)))
     assert len(lat) == 10 and lat.mean.isfinite().all()
 
 

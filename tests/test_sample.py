@@ -17,7 +17,7 @@ import sample
 from ae import load_dgae
 from data import ImageFolderDataset, to_uint8
 from dit import build_dit
-from test_train_dit import save_tiny_ae
+from test_latents import save_tiny_ae
 
 MEAN, STD = torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([0.5, 1.0, 2.0, 1.5])
 

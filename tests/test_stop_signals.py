@@ -13,7 +13,8 @@ import pytest
 
 import common
 from test_train_ae import FAST, _env, _workers, assert_same_tensors, load, run_train
-from test_train_dit import DIT_FAST, save_tiny_ae
+from test_latents import save_tiny_ae
+from test_train_dit import DIT_FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOPPED = common.EXIT_STOPPED

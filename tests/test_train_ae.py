@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ddp_replicas
 import train_ae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,10 +28,15 @@ def _env(tmp_path):
     return env
 
 
+def launch(script, torchrun):
+    """The command that runs `script`: alone, or on 2 ranks under torchrun through tests/ddp_replicas.py,
+    which stops the run if the ranks' weights differ at a checkpoint."""
+    return ddp_replicas.command(script) if torchrun else [sys.executable, script]
+
+
 def run_train(tmp_path, *args, torchrun=False, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
-    proc = subprocess.run(cmd + [os.path.join(ROOT, "train_ae.py"), *args], cwd=tmp_path, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(launch(os.path.join(ROOT, "train_ae.py"), torchrun) + list(args), cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -116,7 +122,7 @@ def test_torchrun_two_processes_finishes_cleanly_with_identical_weights(tmp_path
         proc = run_train(tmp_path, "--out-dir", f"ddp{i}", "--max-steps", "2", *FAST, torchrun=True)
         out = proc.stdout + proc.stderr
         assert "terminate called" not in out and "Traceback" not in out
-        assert "weights identical on all 2 ranks" in out
+        assert "weights identical on all 2 ranks at step 2" in out  # checked by tests/ddp_replicas.py
         assert load(tmp_path / f"ddp{i}/ckpt.pt")["step"] == 2
         assert len(load(tmp_path / f"ddp{i}/ckpt.pt")["rng"]) == 2  # every rank's RNG, for exact resume
 
@@ -305,8 +311,7 @@ train_ae.main()
 def run_injected(tmp_path, nan_at, *args, rank=None, torchrun=False, check=True):
     """train_ae.py with NaN images at the given micro-batches (on one rank, or on every rank)."""
     (tmp_path / "inject.py").write_text(INJECT.format(root=ROOT, nan_at=set(nan_at), rank=rank))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
-    proc = subprocess.run(cmd + [str(tmp_path / "inject.py"), *args], cwd=tmp_path, env=_env(tmp_path),
+    proc = subprocess.run(launch(str(tmp_path / "inject.py"), torchrun) + list(args), cwd=tmp_path, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -363,7 +368,7 @@ def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_p
 def test_under_torchrun_a_nonfinite_step_on_one_rank_is_skipped_by_every_rank(tmp_path):
     # NaN images on rank 1 only, at its 2nd micro-batch: both ranks skip step 2 and stay identical
     proc = run_injected(tmp_path, {2}, "--max-steps", "3", *FAST, "--lpips-weight", "0", rank=1, torchrun=True)
-    assert "weights identical on all 2 ranks" in proc.stdout
+    assert "weights identical on all 2 ranks at step 3" in proc.stdout
     assert [json.loads(r)["skipped_steps"] for r in open(tmp_path / "out/ae/log.jsonl")] == [0, 1, 0]
     ckpt = load(tmp_path / "out/ae/ckpt.pt")
     assert all_finite(ckpt) and {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2}

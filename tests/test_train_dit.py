@@ -1,5 +1,6 @@
-"""Tests for train_dit.py: the latent cache (equal to a direct encode, resumable, refused when stale),
-exact --resume of DiT training, and (slow) the whole pipeline train_ae -> train_dit -> sample."""
+"""Tests for train_dit.py: exact --resume of DiT training, its one-line errors, non-finite latents and
+statistics, and (slow) the whole pipeline train_ae -> train_dit -> sample. The latent cache it
+builds in step 1 is tested in test_latents.py."""
 
 import importlib
 import json
@@ -12,35 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import ddp_replicas
 import train_dit
-from ae import DGAE, config_to_dict, make_config
-from data import ImageFolderDataset, ProceduralDataset
+from ae import encoder_fingerprint
+from data import ProceduralDataset
+from latents import LatentCache
+from test_latents import build, save_tiny_ae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOLO = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)  # a single process
-
-
-def save_tiny_ae(path, seed=0, step=7):
-    """A random stage-1 checkpoint at 16 px (latents 4 x 2 x 2), laid out as train_ae.py writes it."""
-    torch.manual_seed(seed)
-    cfg = make_config("tiny", resolution=16, compression=8, enc_ch=8, unet_ch=8, cond_ch=8, decode_steps=2)
-    model = DGAE(cfg).eval()
-    with torch.no_grad():  # undo the decoder's zero init, so that what it decodes depends on z
-        for p in model.decoder.parameters():
-            if not p.any():
-                p.normal_(std=0.1)
-    common.save_checkpoint(str(path), dict(kind="ae", step=step, model=model.state_dict(), ema=model.state_dict(),
-                                           model_args=config_to_dict(cfg), config={}))
-    return model
-
-
-def build(tmp_path, ae_path, dataset, cache="cache", data="", shard_size=4):
-    """Step 1 as train_dit.main runs it; returns the cache folder."""
-    meta = train_dit.cache_meta(train_dit.stage1_info(str(ae_path)), dataset, data, 0, shard_size)
-    cache = str(tmp_path / cache)
-    train_dit.build_latent_cache(cache, meta, dataset, lambda: train_dit.load_dgae(str(ae_path)), SOLO, batch_size=3)
-    return cache
 
 
 @pytest.fixture
@@ -48,92 +28,12 @@ def ae(tmp_path):
     return save_tiny_ae(tmp_path / "ae.pt")
 
 
-def test_cache_equals_direct_encode_of_images_and_mirror_images(tmp_path, ae):
-    ds = ProceduralDataset(16, size=10)
-    cache = build(tmp_path, tmp_path / "ae.pt", ds)
-    assert sorted(os.listdir(cache)) == ["meta.json", "shard_00000.pt", "shard_00001.pt", "shard_00002.pt", "stats.pt"]
-    x = torch.stack([ds[i][0] for i in range(10)])
-    with torch.no_grad():
-        direct = torch.stack([ae.encode(x), ae.encode(x.flip(-1))], dim=1)  # (10, 2, 4, 2, 2)
-    lat = train_dit.LatentCache(cache)
-    assert len(lat) == 10
-    cached = torch.stack([lat[i][0] for i in range(10)])
-    assert cached.dtype == torch.float16 and cached.shape == (10, 2, 4, 2, 2)
-    # float16 storage: equal up to its rounding (relative 2^-11)
-    torch.testing.assert_close(cached.float(), direct, rtol=2 ** -10, atol=1e-5)
-    assert (direct[:, 0] - direct[:, 1]).abs().max() > 1e-3  # the mirror image really is another latent
-    assert [lat[i][1] for i in range(10)] == [i % 10 for i in range(10)]
-    # statistics over all cached latents (both copies), per channel
-    per_channel = direct.transpose(0, 2).reshape(4, -1).double()  # (C, N * 2 * h * w)
-    torch.testing.assert_close(lat.mean.double(), per_channel.mean(1), rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(lat.std.double(), per_channel.std(1, unbiased=False), rtol=1e-3, atol=1e-4)
-    meta = json.load(open(os.path.join(cache, "meta.json")))
-    assert meta["ae_step"] == 7 and meta["num_images"] == 10 and meta["data"] == "built-in"
-    assert meta["ae_fingerprint"] == train_dit.encoder_fingerprint(ae.state_dict())
-
-
-def test_interrupted_cache_build_resumes_after_finished_shards(tmp_path, ae, monkeypatch):
-    ds = ProceduralDataset(16, size=10)
-    encode, calls = train_dit.encode_shard, []
-
-    def crash_on_second_shard(ae, subset, *args):
-        if len(calls) == 1:
-            raise KeyboardInterrupt  # killed while encoding shard 1
-        calls.append(subset.indices)
-        return encode(ae, subset, *args)
-
-    monkeypatch.setattr(train_dit, "encode_shard", crash_on_second_shard)
-    with pytest.raises(KeyboardInterrupt):
-        build(tmp_path, tmp_path / "ae.pt", ds)
-    assert sorted(os.listdir(tmp_path / "cache")) == ["meta.json", "shard_00000.pt"]  # no half-written file, no stats
-
-    def count(ae, subset, *args):
-        calls.append(subset.indices)
-        return encode(ae, subset, *args)
-
-    monkeypatch.setattr(train_dit, "encode_shard", count)
-    before = torch.load(tmp_path / "cache/shard_00000.pt", weights_only=True)
-    cache = build(tmp_path, tmp_path / "ae.pt", ds)
-    assert calls == [range(0, 4), range(4, 8), range(8, 10)]  # shard 0 was not encoded again
-    fresh = train_dit.LatentCache(build(tmp_path, tmp_path / "ae.pt", ds, cache="fresh"))
-    resumed = train_dit.LatentCache(cache)
-    assert torch.equal(resumed.shards[0]["z"], before["z"])
-    assert all(torch.equal(a["z"], b["z"]) for a, b in zip(resumed.shards, fresh.shards))
-    assert torch.equal(resumed.mean, fresh.mean) and torch.equal(resumed.std, fresh.std)
-
-
-def test_stale_cache_is_refused_and_a_moved_checkpoint_is_not_stale(tmp_path, ae):
-    ds = ProceduralDataset(16, size=10)
-    build(tmp_path, tmp_path / "ae.pt", ds)
-    os.replace(tmp_path / "ae.pt", tmp_path / "moved.pt")  # same weights, new place: the cache stays valid
-    build(tmp_path, tmp_path / "moved.pt", ds)
-    save_tiny_ae(tmp_path / "retrained.pt", seed=1)  # another encoder
-    with pytest.raises(SystemExit, match="stale.*ae_fingerprint"):
-        build(tmp_path, tmp_path / "retrained.pt", ds)
-    with pytest.raises(SystemExit, match="num_images .was 10, now 12"):
-        build(tmp_path, tmp_path / "moved.pt", ProceduralDataset(16, size=12))
-
-
-def test_unreadable_images_are_skipped_and_counted(tmp_path, ae):
-    for c in ("a", "b"):
-        os.makedirs(tmp_path / "imgs" / c)
-        for i in range(3):
-            Image.fromarray(np.full((20, 24, 3), 40 * i, np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
-    (tmp_path / "imgs/b/broken.png").write_bytes(b"not a png")
-    ds = ImageFolderDataset(str(tmp_path / "imgs"), 16)
-    with pytest.warns(UserWarning, match="broken.png"):
-        cache = build(tmp_path, tmp_path / "ae.pt", ds, data=str(tmp_path / "imgs"))
-    lat = train_dit.LatentCache(cache)
-    assert len(lat) == 6 and [lat[i][1] for i in range(6)] == [0, 0, 0, 1, 1, 1]
-    assert torch.load(os.path.join(cache, "stats.pt"), weights_only=True)["n_bad"] == 1
-    assert json.load(open(os.path.join(cache, "meta.json")))["class_names"] == ["a", "b"]
-
-
 def run(tmp_path, script, *args, torchrun=False, check=True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
+    # under torchrun on 2 ranks through tests/ddp_replicas.py: a run stops if the ranks' weights differ at a checkpoint
+    path = os.path.join(ROOT, script)
+    cmd = ddp_replicas.command(path) if torchrun else [sys.executable, path]
     env = dict(os.environ, OMP_NUM_THREADS="1", DGAE_WEIGHTS=str(tmp_path / "no_weights_here"))
-    proc = subprocess.run(cmd + [os.path.join(ROOT, script), *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(cmd + list(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -156,9 +56,9 @@ def test_resume_is_bit_identical(tmp_path, ae):
     init = train_dit.build_dit("DiT-Tiny/1", (2, 2), 4, 10).state_dict()
     assert not all(torch.equal(init[k], v) for k, v in full["model"].items())  # training moved them
     # the checkpoint is all sample.py needs: the stage-1 file, its encoder and the latent statistics
-    lat = train_dit.LatentCache(str(tmp_path / "cache"))
+    lat = LatentCache(str(tmp_path / "cache"))
     assert full["ae_ckpt"] == str(tmp_path / "ae.pt") and full["ae_step"] == 7
-    assert full["ae_fingerprint"] == train_dit.encoder_fingerprint(ae.state_dict())
+    assert full["ae_fingerprint"] == encoder_fingerprint(ae.state_dict())
     assert torch.equal(full["latent_mean"], lat.mean) and torch.equal(full["latent_std"], lat.std)
     assert full["latent_shape"] == [4, 2, 2] and full["num_classes"] == 10 and full["model_name"] == "DiT-Tiny/1"
 
@@ -225,7 +125,7 @@ def test_pipeline_train_ae_train_dit_sample(tmp_path):
         "--decode-steps", "2", "--lpips-weight", "0")
     run(tmp_path, "train_dit.py", "--max-steps", "3", "--batch-size", "8", "--dataset-size", "48",
         "--shard-size", "20", "--sample-steps", "2", "--decode-steps", "2", "--log-every", "1")
-    lat = train_dit.LatentCache(str(tmp_path / "out/dit/latents"))
+    lat = LatentCache(str(tmp_path / "out/dit/latents"))
     assert len(lat) == 48 and len(lat.shards) == 3
     Image.open(tmp_path / "out/dit/samples_000003.png").verify()
     assert [json.loads(r)["step"] for r in open(tmp_path / "out/dit/log.jsonl")] == [1, 2, 3]
@@ -240,9 +140,10 @@ def test_pipeline_train_ae_train_dit_sample(tmp_path):
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
     assert sorted(os.listdir(tmp_path)) == sorted(["out", "one.npz", "two.npz"])  # the per-rank parts are gone
     # the cache encoded by two ranks equals the single-process one
-    run(tmp_path, "train_dit.py", "--max-steps", "1", "--batch-size", "8", "--dataset-size", "48", "--shard-size",
-        "20", "--out-dir", "ddp", "--sample-every", "1000", torchrun=True)
-    ddp = train_dit.LatentCache(str(tmp_path / "ddp/latents"))
+    proc = run(tmp_path, "train_dit.py", "--max-steps", "1", "--batch-size", "8", "--dataset-size", "48",
+               "--shard-size", "20", "--out-dir", "ddp", "--sample-every", "1000", torchrun=True)
+    assert "weights identical on all 2 ranks at step 1" in proc.stdout  # the DiT's DDP keeps the ranks equal
+    ddp = LatentCache(str(tmp_path / "ddp/latents"))
     assert all(torch.equal(a["z"], b["z"]) for a, b in zip(ddp.shards, lat.shards))
     assert torch.equal(ddp.mean, lat.mean) and torch.equal(ddp.std, lat.std)
 
@@ -295,19 +196,12 @@ def test_latent_statistics_with_std_0_are_refused_in_one_line(tmp_path, ae):
     stats["std"][1] = 0.0  # a constant latent channel: z / std would make every DiT step NaN
     torch.save(stats, os.path.join(cache, "stats.pt"))
     with pytest.raises(ValueError, match=r"stats.pt: latent channel\(s\) \[1\] have std 0"):
-        train_dit.LatentCache(cache)
+        LatentCache(cache)
     proc = run(tmp_path, "train_dit.py", "--ae-ckpt", "ae.pt", "--dataset-size", "10", "--shard-size", "4",
                "--cache-dir", str(cache), "--max-steps", "2", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(error_lines(proc)) == 1
     assert "latent channel(s) [1] have std 0" in proc.stderr and f"delete {cache}" in proc.stderr
     assert not os.path.exists(tmp_path / "out/dit/ckpt.pt")
-
-
-def test_nonfinite_latents_are_refused_while_encoding(tmp_path, ae, monkeypatch):
-    monkeypatch.setattr(DGAE, "encode", lambda self, x: torch.full((len(x), 4, 2, 2), float("nan")))
-    with pytest.raises(ValueError, match="latent values non-finite or beyond the float16 range"):
-        build(tmp_path, tmp_path / "ae.pt", ProceduralDataset(16, size=10))
-    assert not os.path.exists(tmp_path / "cache/stats.pt") and not os.path.exists(tmp_path / "cache/shard_00000.pt")
 
 
 def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path, ae):
