@@ -166,18 +166,23 @@ def setup_distributed(device="", timeout=600):
 
 @contextmanager
 def collective_timeouts():
-    """Report a collective that timed out (a rank stopped responding: see setup_distributed's
-    timeout) as one line naming this rank, instead of gloo's traceback."""
+    """Report a collective that failed because of another rank as one line naming this rank, instead
+    of gloo's traceback: one that timed out (a rank stopped responding: see setup_distributed's
+    timeout), or one whose peer ended (it stopped on an error or a signal, with a message of its own)."""
     try:
         yield
     except RuntimeError as e:
-        from_backend = isinstance(e, torch_dist.DistBackendError) or "gloo" in str(e)
-        if "RANK" not in os.environ or not from_backend or "timed out" not in str(e).lower():
+        message = str(e)
+        from_backend = isinstance(e, torch_dist.DistBackendError) or "gloo" in message
+        timed_out = "timed out" in message.lower()
+        if "RANK" not in os.environ or not from_backend or not (timed_out or "closed by peer" in message):
             raise
-        detail = re.sub(r"^\[[^\]]*\] ", "", str(e).splitlines()[0])  # gloo's message without its source path
+        detail = re.sub(r"^\[[^\]]*\] ", "", message.splitlines()[0])[:200]  # without gloo's source path
+        why = ("timed out ({}): another rank stopped responding (stopped, hung or on a lost host). The job ends; resume "
+               "it with --resume true. --dist-timeout sets the limit." if timed_out else
+               "failed ({}): another rank ended; its own message says why. The job ends.")
         raise SystemExit(f"error: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: a collective operation "
-                         f"timed out ({detail}): another rank stopped responding (stopped, hung or on a lost host). "
-                         "The job ends; resume it with --resume true. --dist-timeout sets the limit.") from None
+                         + why.format(detail)) from None
 
 
 def barrier(dist):
@@ -208,6 +213,13 @@ def shutdown(dist, status=0):
         return
     torch_dist.barrier()
     torch_dist.destroy_process_group()
+    exit_now(dist, status)
+
+
+def exit_now(dist, status):
+    """Leave at once with `status`: as a DDP worker with os._exit (see shutdown), else with SystemExit."""
+    if not dist.ddp:
+        raise SystemExit(status)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -191,16 +191,19 @@ def read_stats(cache, meta, shards):
 
 
 @torch.no_grad()
-def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar):
-    """Posterior means of the images in `subset` and of their mirror images, with per-channel sums.
+def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar, stop=None):
+    """Posterior means of the images in `subset` and of their mirror images, with per-channel sums;
+    None if `stop` (common.StopSignals) received a signal first: the shard is dropped unfinished.
 
     Encoded in fp32 (no autocast): it happens once and the latents should be the encoder's own.
     """
     dev = next(ae.parameters()).device
     loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda")
+                        pin_memory=dev.type == "cuda", worker_init_fn=common.ignore_stop_signals)
     zs, ys, n_bad = [torch.zeros(0, 2, *latent_shape, dtype=torch.float16)], [torch.zeros(0, dtype=torch.long)], 0
     for x, y, bad in loader:
+        if stop is not None and stop.received:
+            return None
         n_bad += bad
         if len(y):
             x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
@@ -217,7 +220,7 @@ def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar):
                 count=z64[:, :, 0].numel(), n_bad=n_bad)
 
 
-def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_workers=0):
+def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_workers=0, stop=None):
     """Step 1: encode `dataset` into `cache` (see the module docstring), resuming after finished shards.
 
     Every rank encodes shards rank, rank + W, ...; rank 0 then combines the per-shard sums into
@@ -255,7 +258,14 @@ def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_w
                     desc="encoding latents" + (f" (rank 0 of {dist.world_size})" if dist.ddp else ""), dynamic_ncols=True)
         for k in todo:
             shard = encode_shard(ae, Subset(dataset, range(*ranges[k])), old["latent_shape"], batch_size,
-                                 num_workers, pbar)
+                                 num_workers, pbar, stop)
+            if shard is None:  # a stop signal: keep the finished shards (at most one shard's work is lost)
+                pbar.close()
+                done = sum(os.path.exists(_shard(cache, j)) for j in range(len(ranges)))
+                print(f"stopped by {stop.received} while encoding latents{f' (rank {dist.rank})' if dist.ddp else ''}: "
+                      f"{done} of {len(ranges)} shards are complete in {cache}. Run the same command again to encode "
+                      f"the rest (exit status {common.EXIT_STOPPED})", flush=True)
+                common.exit_now(dist, common.EXIT_STOPPED)  # no collective: the other ranks stop on their own
             common.save_checkpoint(_shard(cache, k), shard)  # atomic: a shard file exists only when complete
         pbar.close()
     common.barrier(dist)

@@ -128,8 +128,12 @@ def main():
     num_classes = meta["num_classes"]
     log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images, {num_classes} classes) "
         f"at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache {cache}")
+    # from here on SIGTERM, SIGUSR1 or Ctrl-C stop the run at the next safe point, losing nothing finished:
+    # while encoding, after the batch (finished shards are kept); while training, after the step (saved)
+    stop = common.StopSignals()
     with common.user_errors():  # a stage-1 file whose weights do not fit its model_args: one line
-        build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers)
+        build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers,
+                           stop)
     with common.user_errors():  # e.g. a stats.pt with std 0
         latents = LatentCache(cache)
     mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
@@ -177,7 +181,6 @@ def main():
         os.makedirs(out_dir, exist_ok=True)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
-    stop = common.StopSignals()  # SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit (see train_ae.py)
     n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
 
     while step < max_steps:

@@ -158,7 +158,7 @@ def test_find_weights_order_and_error(tmp_path, monkeypatch):
         common.find_weights(str(tmp_path / "typo.pth"), *args, required=False)
 
 
-def test_a_collective_timeout_is_one_line_naming_the_rank(monkeypatch):
+def test_a_collective_timeout_or_a_lost_peer_is_one_line_naming_the_rank(monkeypatch):
     gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting "
                         "5000ms for recv operation to complete")
     monkeypatch.setenv("RANK", "3")
@@ -168,6 +168,14 @@ def test_a_collective_timeout_is_one_line_naming_the_rank(monkeypatch):
             raise gloo
     assert str(e.value).startswith("error: rank 3 of 8: a collective operation timed out (Timed out waiting 5000ms "
                                    "for recv operation to complete): another rank stopped responding")
+    # a peer that ended (e.g. stopped by a signal while this rank waited at a barrier), as gloo words it
+    peer_gone = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                             "[127.0.0.1]:17078. This is typically caused by a remote worker crashing.")
+    with pytest.raises(SystemExit) as e:
+        with common.collective_timeouts():
+            raise peer_gone
+    assert str(e.value).startswith("error: rank 3 of 8: a collective operation failed (Connection closed by peer "
+                                   "[127.0.0.1]:17078.") and "another rank ended" in str(e.value)
     with pytest.raises(RuntimeError, match="DataLoader timed out"):  # not a collective: passed on as it is
         with common.collective_timeouts():
             raise RuntimeError("DataLoader timed out after 5 seconds")

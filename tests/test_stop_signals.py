@@ -18,7 +18,8 @@ from test_train_dit import DIT_FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOPPED = common.EXIT_STOPPED
-AE_ARGS = [*FAST, "--lpips-weight", "0", "--max-steps", "12"]
+MAX_STEPS = 8
+AE_ARGS = [*FAST, "--lpips-weight", "0", "--max-steps", str(MAX_STEPS)]
 
 
 def start(tmp_path, script, *args, torchrun=False):
@@ -77,18 +78,18 @@ def assert_resumes_to(tmp_path, full, *args, torchrun=False):
         assert_same_tensors(full[key], resumed[key], key)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_a_signal_saves_the_step_and_resume_is_bit_identical(tmp_path, uninterrupted, sig):
+def test_sigterm_saves_the_step_and_resume_is_bit_identical(tmp_path, uninterrupted):
+    # (SIGUSR1 takes the same path: see the torchrun test)
     proc = start(tmp_path, "train_ae.py", *AE_ARGS)
     wait_for(proc, tmp_path / "out/ae/log.jsonl", tmp_path)  # step 1 is done: the loop is running
-    os.kill(proc.pid, sig)
+    os.kill(proc.pid, signal.SIGTERM)
     code, out = finish(proc, tmp_path)
-    assert_stopped_and_saved(code, out, tmp_path / "out/ae/ckpt.pt", 12)
-    assert f"stopped by {sig.name}" in out
+    assert_stopped_and_saved(code, out, tmp_path / "out/ae/ckpt.pt", MAX_STEPS)
+    assert "stopped by SIGTERM" in out
     assert_resumes_to(tmp_path, uninterrupted, *AE_ARGS)
 
 
-def test_ctrl_c_to_the_process_group_spares_the_loader_workers_and_a_second_one_quits(tmp_path, uninterrupted):
+def test_ctrl_c_to_the_process_group_spares_the_loader_workers(tmp_path, uninterrupted):
     # Ctrl-C in a terminal sends SIGINT to every process of the job: the trainer and its data-loading
     # workers. The workers ignore it, so the trainer can finish its step with them and save.
     args = [*AE_ARGS, "--num-workers", "1"]
@@ -96,7 +97,7 @@ def test_ctrl_c_to_the_process_group_spares_the_loader_workers_and_a_second_one_
     wait_for(proc, tmp_path / "out/ae/log.jsonl", tmp_path)
     os.killpg(proc.pid, signal.SIGINT)
     code, out = finish(proc, tmp_path)
-    assert_stopped_and_saved(code, out, tmp_path / "out/ae/ckpt.pt", 12)
+    assert_stopped_and_saved(code, out, tmp_path / "out/ae/ckpt.pt", MAX_STEPS)
     assert "stopped by SIGINT" in out
     assert_resumes_to(tmp_path, uninterrupted, *args)
 
@@ -127,7 +128,7 @@ def test_under_torchrun_a_signal_to_one_worker_or_to_the_launcher_stops_every_ra
         else:
             os.killpg(launcher.pid, signal.SIGINT)
         code, out = finish(launcher, case_dir)
-        assert_stopped_and_saved(code, out, case_dir / "out/ae/ckpt.pt", 12, ranks=2)
+        assert_stopped_and_saved(code, out, case_dir / "out/ae/ckpt.pt", MAX_STEPS, ranks=2)
         by = {"usr1_to_rank_1": "a stop signal to another rank", "term_to_launcher": "SIGTERM", "ctrl_c": "SIGINT"}
         assert f"stopped by {by[case]}" in out
         if case == "usr1_to_rank_1":  # torchrun's report names both workers' status
@@ -137,7 +138,7 @@ def test_under_torchrun_a_signal_to_one_worker_or_to_the_launcher_stops_every_ra
 
 def test_train_dit_a_signal_saves_the_step_and_resume_is_bit_identical(tmp_path):
     save_tiny_ae(tmp_path / "ae.pt")
-    args = [*DIT_FAST, "--max-steps", "12"]
+    args = [*DIT_FAST, "--max-steps", str(MAX_STEPS)]
     run_train_dit = lambda d, *a: subprocess.run([sys.executable, os.path.join(ROOT, "train_dit.py"), *args, *a],
                                                  cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
                                                  timeout=300, check=True)
@@ -146,9 +147,33 @@ def test_train_dit_a_signal_saves_the_step_and_resume_is_bit_identical(tmp_path)
     wait_for(proc, tmp_path / "split/log.jsonl", tmp_path)
     os.kill(proc.pid, signal.SIGTERM)
     code, out = finish(proc, tmp_path)
-    assert_stopped_and_saved(code, out, tmp_path / "split/ckpt.pt", 12)
+    assert_stopped_and_saved(code, out, tmp_path / "split/ckpt.pt", MAX_STEPS)
     run_train_dit("split", "--out-dir", "split", "--resume", "true")
     full, split = load(tmp_path / "full/ckpt.pt"), load(tmp_path / "split/ckpt.pt")
-    assert full["step"] == split["step"] == 12
+    assert full["step"] == split["step"] == MAX_STEPS
     for key in ("model", "ema", "optimizer", "loader"):
         assert_same_tensors(full[key], split[key], key)
+
+
+def test_train_dit_a_signal_while_encoding_keeps_the_finished_shards_and_the_next_run_completes_them(tmp_path):
+    # 40 shards of 200 images: the signal comes when the first is written, long before the last
+    save_tiny_ae(tmp_path / "ae.pt")
+    args = [*DIT_FAST, "--dataset-size", "8000", "--shard-size", "200", "--max-steps", "1"]
+    proc = start(tmp_path, "train_dit.py", *args, "--cache-dir", "cache")
+    cache = tmp_path / "cache"
+    wait_for(proc, cache / "shard_00000.pt", tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    code, out = finish(proc, tmp_path)
+    done = sorted(p.name for p in cache.glob("shard_*.pt"))
+    assert code == STOPPED and "Traceback" not in out, out[-3000:]
+    assert f"stopped by SIGTERM while encoding latents: {len(done)} of 40 shards are complete" in out
+    assert 0 < len(done) < 40 and done == [f"shard_{k:05d}.pt" for k in range(len(done))]  # in order, no gaps
+    assert not (cache / "stats.pt").exists() and not list(cache.glob("*.tmp")) and not (tmp_path / "out/dit/ckpt.pt").exists()
+    # the same command encodes the rest; the cache equals one built without a stop, bit for bit
+    for folder in ("cache", "uninterrupted"):
+        subprocess.run([sys.executable, os.path.join(ROOT, "train_dit.py"), *args, "--cache-dir", folder,
+                        "--out-dir", f"out_{folder}"], cwd=tmp_path, env=_env(tmp_path), capture_output=True,
+                       timeout=300, check=True)
+    for k in range(40):
+        assert_same_tensors(load(tmp_path / "uninterrupted" / f"shard_{k:05d}.pt"), load(cache / f"shard_{k:05d}.pt"))
+    assert_same_tensors(load(tmp_path / "uninterrupted/stats.pt"), load(cache / "stats.pt"))
