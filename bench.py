@@ -25,10 +25,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+import decoder_diffusion
 from ae import DGAE, make_config
 from data import Loader, build_dataset
-from decoder_diffusion import AttnBlock, ResBlock, euler_sample, flow_matching_loss
-from dit import DIT_PRESETS, DiTBlock, attention, build_dit
+from decoder_diffusion import euler_sample, flow_matching_loss
+from dit import DIT_PRESETS, attention, build_dit
 from train_ae import update_ema
 
 # -----------------------------------------------------------------------------
@@ -51,10 +52,10 @@ matmul_size = 0  # n of the peak n x n matmul; 0 = 2048 on CPU, 8192 on GPU (sma
 # fast paths: run with and without, then --compare the two JSON files
 precision = "auto"  # fp32 | bf16; auto = bf16 autocast on CUDA (as the trainers), fp32 elsewhere
 compile = False  # torch.compile the training steps, the decoder and the DiT sampler
-checkpoint = False  # activation checkpointing of every DiT block and every encoder / U-Net res or attn block
+checkpoint = False  # the models' activation checkpointing, the trainers' --grad-checkpoint (DiT blocks, U-Net layers)
 channels_last = True  # NHWC layout for the convolutional stage-1 model
 fused_adamw = True  # one fused AdamW kernel instead of a loop over the tensors
-inference_mode = True  # decode and sample under torch.inference_mode (else torch.no_grad)
+inference_mode = True  # decode and sample under torch.inference_mode, as the scripts do (else torch.no_grad)
 # how
 warmup = 3
 reps = 7
@@ -160,9 +161,7 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
         flops = count_flops(lambda: fwd_bwd(lambda *b: loss_fn(net, *b)))
     net.zero_grad(set_to_none=True)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    if checkpoint:  # keep only each block's input; recompute its activations in the backward
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-        apply_activation_checkpointing(net, check_fn=lambda m: isinstance(m, (DiTBlock, ResBlock, AttnBlock)))
+    net.grad_checkpoint = checkpoint  # as the trainers set it: only each block's input kept, the rest recomputed
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused_adamw)
     forward = lambda *b: loss_fn(net, *b)  # noqa: E731  (compiled as one graph: model and loss together)
     forward = torch.compile(forward) if compile else forward
@@ -280,6 +279,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     no_grad = torch.inference_mode if inference_mode else torch.no_grad
+    decoder_diffusion.use_inference_mode = inference_mode  # what DGAE.decode and euler_sample run under
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
     print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
