@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
+from ae import make_config
 from dit import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +76,34 @@ def test_checkpointed_step_uses_the_models_checkpointing_and_counts_model_flops_
         flow(dit, z, y).backward()
         assert len(starts) == len(dit.blocks) * (2 if on else 1)
     assert bench.results["step_True"]["flops"] == bench.results["step_False"]["flops"] > 0
+
+
+def test_official_dit_step_is_timed_beside_ours(tmp_path, monkeypatch, capsys):
+    # --official-dit loads models.py from a checkout by its path. A stand-in for facebookresearch/DiT's (which
+    # needs timm): the same table and constructor, DiT_models[name](input_size, in_channels, num_classes, learn_sigma)
+    (tmp_path / "models.py").write_text(
+        "from dit import build_dit\n\n\n"
+        "def tiny(input_size, in_channels, num_classes, learn_sigma):\n"
+        "    assert not learn_sigma  # bench asks for our output: the velocity only\n"
+        "    return build_dit('DiT-Tiny/1', input_size, in_channels, num_classes)\n\n\n"
+        "DiT_models = {'DiT-Tiny/1': tiny}\n")
+    settings = dict(warmup=0, reps=1, batch_size=2, sample_steps=1, official_dit=str(tmp_path), peak_flops_per_s=1.0,
+                    results={})
+    for name, value in settings.items():
+        monkeypatch.setattr(bench, name, value)
+    bench.stage2(make_config("tiny"), torch.device("cpu"), bench.nullcontext(), torch.no_grad)
+    rows = bench.results
+    assert rows["dit_official_train_step"]["flops"] == rows["dit_train_step"]["flops"] > 0  # the same model FLOPs
+    bench.print_table(rows)
+    assert "the official code's" in capsys.readouterr().out
+    # no models.py there, or no such preset: one line each
+    monkeypatch.setattr(bench, "official_dit", str(tmp_path / "elsewhere"))
+    with pytest.raises(SystemExit, match="error: --official-dit: cannot import DiT_models from .*elsewhere"):
+        bench.official_model(8, 4)
+    monkeypatch.setattr(bench, "official_dit", str(tmp_path))
+    monkeypatch.setattr(bench, "dit_preset", "DiT-S/2")
+    with pytest.raises(SystemExit, match="has no DiT-S/2; its presets: DiT-Tiny/1"):
+        bench.official_model(8, 4)
 
 
 def test_quick_run_writes_every_field(tmp_path):
