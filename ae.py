@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, euler_sample, sample_t,
-                               velocity_target, x0_estimate)
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, checkpointed,
+                               euler_sample, no_autograd, sample_t, velocity_target, x0_estimate)
 
 # default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (our reading
 # of the paper's "2x smaller latent"); f=4 only serves the laptop demo (the tiny preset)
@@ -123,11 +123,12 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm_out = Norm(cur)
         self.conv_out = nn.Conv2d(cur, 2 * cfg.latent_channels, 3, padding=1)
+        self.grad_checkpoint = False  # checkpoint every layer in training (a runtime switch, as UNet's)
 
     def forward(self, x):
         h = self.conv_in(x)  # (B, ch, H, W)
         for layer in self.layers:
-            h = layer(h)
+            h = checkpointed(layer, self.grad_checkpoint and self.training, h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 2c, H/f, W/f)
 
 
@@ -174,11 +175,12 @@ class GaussianDecoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm_out = Norm(cur)
         self.conv_out = nn.Conv2d(cur, 3, 3, padding=1)
+        self.grad_checkpoint = False  # as the encoder's
 
     def forward(self, z):
         h = self.conv_in(z)  # (B, C, H/f, W/f)
         for layer in self.layers:
-            h = layer(h)
+            h = checkpointed(layer, self.grad_checkpoint and self.training, h)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)
 
 
@@ -199,6 +201,17 @@ class DGAE(nn.Module):
         else:
             self.decoder = GaussianDecoder(cfg)
 
+    # Activation checkpointing of the encoder and the decoder alike (see decoder_diffusion.checkpointed):
+    # `model.grad_checkpoint = True`, as train_ae.py does for --grad-checkpoint. Not part of cfg: it
+    # changes how a training step computes, not what, so checkpoints never record it.
+    @property
+    def grad_checkpoint(self):
+        return self.encoder.grad_checkpoint
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, on):
+        self.encoder.grad_checkpoint = self.decoder.grad_checkpoint = on
+
     def posterior(self, x):
         return DiagonalGaussian(self.encoder(x))
 
@@ -207,10 +220,11 @@ class DGAE(nn.Module):
         q = self.posterior(x)
         return q.sample() if sample else q.mode()
 
-    @torch.no_grad()
+    @no_autograd
     def decode(self, z, steps=None, seed=0):
         """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE from noise that is a
-        function of `seed` alone, so a fixed seed gives the same reconstruction every time."""
+        function of `seed` alone, so a fixed seed gives the same reconstruction every time.
+        Runs under inference mode (decoder_diffusion.no_autograd): x_hat can never need a gradient."""
         if self.cfg.decoder == "gaussian":
             return self.decoder(z).clamp(-1, 1)
         B, _, h, w = z.shape
@@ -220,7 +234,7 @@ class DGAE(nn.Module):
         x = euler_sample(lambda x_t, t: self.decoder(x_t, t, z), noise, steps or self.cfg.decode_steps, self.cfg.t_shift)
         return x.clamp(-1, 1)
 
-    @torch.no_grad()
+    @no_autograd
     def reconstruct(self, x, steps=None, seed=0):
         return self.decode(self.encode(x), steps, seed)
 

@@ -5,6 +5,7 @@ Benchmarks: what a training step, a decode and a sample cost, and how close each
     python bench.py --quick true                 # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
     python bench.py --ae-model base --compression 8 --dit-model DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
     python bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
+    python bench.py --parts dit --official-dit ~/DiT  # also the official DiT code's step (needs timm), same batch
 
 Every time is the median of `reps` calls after `warmup` untimed ones (they absorb compilation, allocator growth
 and caches), the GPU synchronised after each call. Model FLOP utilisation (MFU) = FLOPs of one call (torch's
@@ -14,7 +15,9 @@ tests/test_bench.py checks the FLOP counts and the fields, never a speed.
 """
 
 import copy
+import importlib.util
 import json as jsonlib
+import os
 import resource
 import statistics
 import sys
@@ -25,10 +28,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+import decoder_diffusion
 from ae import DGAE, make_config
 from data import Loader, build_dataset
-from decoder_diffusion import AttnBlock, ResBlock, euler_sample, flow_matching_loss
-from dit import DIT_PRESETS, DiTBlock, attention, build_dit
+from decoder_diffusion import euler_sample, flow_matching_loss
+from dit import DIT_PRESETS, attention, build_dit
 from train_ae import update_ema
 
 # -----------------------------------------------------------------------------
@@ -51,10 +55,13 @@ matmul_size = 0  # n of the peak n x n matmul; 0 = 2048 on CPU, 8192 on GPU (sma
 # fast paths: run with and without, then --compare the two JSON files
 precision = "auto"  # fp32 | bf16; auto = bf16 autocast on CUDA (as the trainers), fp32 elsewhere
 compile = False  # torch.compile the training steps, the decoder and the DiT sampler
-checkpoint = False  # activation checkpointing of every DiT block and every encoder / U-Net res or attn block
+checkpoint = False  # the models' activation checkpointing, the trainers' --grad-checkpoint (DiT blocks, U-Net layers)
 channels_last = True  # NHWC layout for the convolutional stage-1 model
 fused_adamw = True  # one fused AdamW kernel instead of a loop over the tensors
-inference_mode = True  # decode and sample under torch.inference_mode (else torch.no_grad)
+inference_mode = True  # decode and sample under torch.inference_mode, as the scripts do (else torch.no_grad)
+# the side-by-side with the DiT authors' code: a checkout of github.com/facebookresearch/DiT (its models.py needs timm,
+# which is never a dependency of this repository: imported only when this is given); "" = skip
+official_dit = ""
 # how
 warmup = 3
 reps = 7
@@ -125,15 +132,15 @@ def math_attention(model):
     """Count the model's attention as the math path. The counter has no formula for the CPU fused kernel (it
     counts 0) and on CUDA counts flash's recomputation of q k^T in the backward: hardware work, not model
     FLOPs. One count for every implementation keeps their MFUs comparable."""
-    mods = [m for m in model.modules() if hasattr(m, "attn_impl")]
-    saved = [m.attn_impl for m in mods]
-    for m in mods:
-        m.attn_impl = "math"
+    math_path = {"attn_impl": "math", "fused_attn": False}  # our models' switch; timm's (the official DiT's)
+    saved = [(m, k, getattr(m, k)) for m in model.modules() for k in math_path if hasattr(m, k)]
+    for m, k, _ in saved:
+        setattr(m, k, math_path[k])
     try:
         yield
     finally:
-        for m, impl in zip(mods, saved):
-            m.attn_impl = impl
+        for m, k, v in saved:
+            setattr(m, k, v)
 
 
 def record(name, seconds, mem, images=None, flops=None, **extra):
@@ -160,9 +167,7 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
         flops = count_flops(lambda: fwd_bwd(lambda *b: loss_fn(net, *b)))
     net.zero_grad(set_to_none=True)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    if checkpoint:  # keep only each block's input; recompute its activations in the backward
-        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-        apply_activation_checkpointing(net, check_fn=lambda m: isinstance(m, (DiTBlock, ResBlock, AttnBlock)))
+    net.grad_checkpoint = checkpoint  # as the trainers set it: only each block's input kept, the rest recomputed
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused_adamw)
     forward = lambda *b: loss_fn(net, *b)  # noqa: E731  (compiled as one graph: model and loss together)
     forward = torch.compile(forward) if compile else forward
@@ -215,6 +220,8 @@ def stage2(cfg, dev, autocast, no_grad):
     flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731  as train_dit.py
     ema = train_row("dit_train_step", dit, flow, (z, y), dev, autocast, tokens=tokens)
     del dit  # sampling's peak memory: the EMA weights, not the trained copy too
+    if official_dit:  # the same step (batch, loss, AdamW, clip, EMA) of the official code's model
+        train_row("dit_official_train_step", official_model(h, c).to(dev), flow, (z, y), dev, autocast, tokens=tokens)
 
     def velocity(x_t, t):  # with guidance, one pass of a doubled batch (DiT.forward_with_cfg)
         return ema.forward_with_cfg(x_t, t, y, cfg_scale) if cfg_scale != 1 else ema(x_t, t, y)
@@ -227,6 +234,24 @@ def stage2(cfg, dev, autocast, no_grad):
         with no_grad(), autocast:
             euler_sample(sampler, z, sample_steps)
     record("dit_sample", *timed(sample, dev), images=batch_size, flops=sample_steps * step_flops, tokens=tokens)
+
+
+def official_model(h, c):
+    """The official DiT of the preset `dit_preset`, from the models.py of the checkout `official_dit`, loaded by
+    its path. learn_sigma off: it then predicts what ours does, with the same layers and FLOPs. Its attention is
+    timm's, by default the fused kernel: compare it with our --attn-impl sdpa."""
+    path = os.path.join(official_dit, "models.py")
+    try:
+        spec = importlib.util.spec_from_file_location("official_dit_models", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        table = module.DiT_models
+    except Exception as e:  # no such file, timm missing, another repository
+        raise SystemExit(f"error: --official-dit: cannot import DiT_models from {path} ({type(e).__name__}: {e}); "
+                         "give a checkout of facebookresearch/DiT, with timm installed") from None
+    if dit_preset not in table:
+        raise SystemExit(f"error: the official DiT code has no {dit_preset}; its presets: {', '.join(table)}")
+    return table[dit_preset](input_size=h, in_channels=c, num_classes=1000, learn_sigma=False)
 
 
 def attention_rows(dev, dtype):
@@ -273,6 +298,9 @@ def main():
     if not set(wanted) <= {"ae", "dit", "attn", "data"} or precision not in ("auto", "fp32", "bf16"):
         raise SystemExit(f"error: --parts takes some of ae,dit,attn,data (got {parts!r}); "
                          f"--precision auto, fp32 or bf16 (got {precision!r})")
+    if official_dit and ("dit" not in wanted or checkpoint):
+        raise SystemExit("error: --official-dit times the official DiT's step beside ours: it needs dit in --parts, "
+                         "and no --checkpoint (the official code has no activation checkpointing)")
     torch.manual_seed(seed)
     dev = torch.device(device or common.default_device())
     dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else torch.float32
@@ -280,6 +308,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     no_grad = torch.inference_mode if inference_mode else torch.no_grad
+    decoder_diffusion.use_inference_mode = inference_mode  # what DGAE.decode and euler_sample run under
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
     print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
@@ -328,6 +357,10 @@ def print_table(rows):
         ms = {impl: rows[f"attn_{impl}_T{T}_fwd_bwd"]["ms"] for impl in ("math", "math_compiled", "sdpa")}
         print(f"attention T={T} fwd+bwd time over sdpa's: math {ms['math'] / ms['sdpa']:.2f}x, "
               f"math compiled {ms['math_compiled'] / ms['sdpa']:.2f}x")
+    if "dit_official_train_step" in rows:
+        ours, theirs = rows["dit_train_step"]["ms"], rows["dit_official_train_step"]["ms"]
+        print(f"DiT train step: ours {ours:.2f} ms, the official code's {theirs:.2f} ms: ours takes {ours / theirs:.2f}x "
+              "its time")
     if "data_pipeline" in rows and "ae_train_step" in rows:
         data_rate, train_rate = rows["data_pipeline"]["img_per_s"], rows["ae_train_step"]["img_per_s"]
         print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step {train_rate:.0f} img/s: "

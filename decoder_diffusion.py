@@ -10,18 +10,21 @@ denoises it into the image, guided by z. This file holds:
 2. the network blocks: the `attention` and `timestep_embedding` functions (the stage-2 DiT in
    dit.py uses these two as well), the residual block with time-modulated normalisation, the
    self-attention block and down/up-sampling, from which the U-Net here and the encoder in ae.py
-   are built;
+   are built; and the two ways the models save work: `checkpointed` (activation checkpointing,
+   for training) and `no_autograd` (inference mode, for decoding and sampling);
 3. the latent conditioning network ("latent decoder") that turns z into a feature map at every
    U-Net resolution, and the conditional U-Net denoiser itself.
 
 Conventions: images x are in [-1, 1]; t in [0, 1] with t=0 the data and t=1 pure noise.
 """
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
 # 1. rectified flow. The paper states only "a conditional diffusion model"; rectified flow is our
@@ -97,7 +100,27 @@ def flow_matching_loss(velocity_fn, x, t_dist="logit_normal", t_shift=1.0):
     return F.mse_loss(v_hat, velocity_target(x, eps)), x_t, t, v_hat
 
 
-@torch.no_grad()
+# Decoding and sampling never need gradients, so they run under torch.inference_mode: like no_grad,
+# and the tensors made inside also skip autograd's bookkeeping (version counters, view tracking).
+# The price: such a tensor may never enter autograd later, nor be changed in place outside inference
+# mode. What they return only goes to grids, metrics and files, never back into training.
+# bench.py --inference-mode false sets use_inference_mode to False, to time the same code under no_grad.
+use_inference_mode = True
+
+
+def no_autograd(fn):
+    """Decorator: fn runs under torch.inference_mode (torch.no_grad if use_inference_mode is False).
+    The flag is read at every call, not when fn is defined."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode() if use_inference_mode else torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@no_autograd
 def euler_sample(velocity_fn, x1, steps, shift=1.0):
     """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps.
 
@@ -155,6 +178,28 @@ def timestep_embedding(t, dim, max_period=10000.0):
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def checkpointed(module, on, *args):
+    """module(*args); if `on` and autograd is recording, through activation checkpointing.
+
+    Training keeps every activation of the forward pass for the backward. Checkpointing a block
+    keeps only its inputs instead, and runs the block's forward again during the backward to get
+    the rest back: the step costs one more forward pass of the checkpointed blocks (about a third
+    more compute, a backward being about two forwards) and needs far less activation memory, which
+    is what lets a large model at 256 px train at a useful batch on a small GPU.
+    The gradients are exactly those of the plain forward. The replay runs the same operations on
+    the same inputs, and the random-number state is handled by checkpoint's default
+    preserve_rng_state: the CPU (and the inputs' GPU) RNG state is saved when the block first runs,
+    restored for the replay, so a dropout mask is drawn again identically, and put back afterwards,
+    so the RNG stream (which checkpoints save for an exact --resume) continues as if nothing had been
+    replayed. use_reentrant=False is the implementation torch recommends; it works under DDP and
+    torch.compile. Under no_grad or inference_mode (the EMA, decoding, sampling) nothing is stored
+    for a backward anyway, so the block simply runs.
+    """
+    if on and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 def Norm(ch):
@@ -285,6 +330,8 @@ class UNet(nn.Module):
     (concatenated), then nearest-upsample + conv. Self-attention at the resolutions in `attn_res`.
     cond="latent_decoder" (default) adds the LatentDecoder's features at the start of every level;
     cond="concat" instead upsamples z (nearest) to the image size and concatenates it with x_t.
+    Setting `grad_checkpoint = True` checkpoints, in training, the latent decoder, every res and
+    attention layer and every upsampling (see `checkpointed`).
     """
 
     def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
@@ -295,6 +342,10 @@ class UNet(nn.Module):
         self.cond = cond
         self.compression = compression
         self.ch = ch
+        # Activation checkpointing: a switch of how training runs, not of the model. It changes
+        # neither the function nor the weights, so it is not a constructor argument and no
+        # checkpoint records it: the training scripts set it from --grad-checkpoint on every run.
+        self.grad_checkpoint = False
         emb_dim = 4 * ch  # the time embedding that modulates every ResBlock
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         in_ch = 3 + latent_channels if cond == "concat" else 3  # concat: the upsampled z sits beside x_t
@@ -376,13 +427,14 @@ class UNet(nn.Module):
 
     def forward(self, x_t, t, z):
         """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f). Returns v_hat (B, 3, H, W)."""
+        ckpt = self.grad_checkpoint and self.training  # activation checkpointing of each layer below
         emb = self.time_mlp(timestep_embedding(t, self.ch).to(x_t.dtype))  # (B, 4ch)
         feats = None
         if self.cond == "concat":
             z_up = F.interpolate(z, scale_factor=float(self.compression), mode="nearest")  # (B, c, H, W)
             x_t = torch.cat([x_t, z_up.to(x_t.dtype)], dim=1)  # (B, 3 + c, H, W)
         else:
-            feats = self.latent_decoder(z)  # {r: (B, cond_ch, r, r)} for r = H/f ... H
+            feats = checkpointed(self.latent_decoder, ckpt, z)  # {r: (B, cond_ch, r, r)} for r = H/f ... H
 
         h = self.conv_in(x_t)  # (B, ch, H, W)
         skips = [h]
@@ -391,20 +443,21 @@ class UNet(nn.Module):
                 h = h + stage["cond_proj"](_features_at(feats, h.shape[-1]))  # z guides every scale
             for block in stage["blocks"]:
                 for layer in block:  # a ResBlock, then maybe self-attention
-                    h = layer(h, emb)
+                    h = checkpointed(layer, ckpt, h, emb)
                 skips.append(h)
             if "resample" in stage:
-                h = stage["resample"](h)  # (B, C, H/2, W/2)
+                h = stage["resample"](h)  # (B, C, H/2, W/2); its input and output are skips, kept anyway
                 skips.append(h)
         for layer in self.mid:
-            h = layer(h, emb)  # (B, C_mid, H_min, W_min)
+            h = checkpointed(layer, ckpt, h, emb)  # (B, C_mid, H_min, W_min)
         for stage in self.up:
             if feats is not None:
                 h = h + stage["cond_proj"](_features_at(feats, h.shape[-1]))
             for block in stage["blocks"]:
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
                 for layer in block:
-                    h = layer(h, emb)
+                    h = checkpointed(layer, ckpt, h, emb)
             if "resample" in stage:
-                h = stage["resample"](h)  # (B, C, 2H, 2W)
+                # an Upsample's conv would otherwise keep its input, 4x the size of h
+                h = checkpointed(stage["resample"], ckpt, h)  # (B, C, 2H, 2W)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, 3, H, W)

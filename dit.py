@@ -14,7 +14,7 @@ embedders and the adaLN-Zero block; the `DiT` model; the table of presets ("DiT-
 import torch
 import torch.nn as nn
 
-from decoder_diffusion import attention, timestep_embedding
+from decoder_diffusion import attention, checkpointed, timestep_embedding
 
 # -----------------------------------------------------------------------------
 # DiT helpers
@@ -170,6 +170,7 @@ class DiT(nn.Module):
     forward(x, t, y): x (B, C, H, W) noisy latents x_t = (1-t) x_0 + t eps, t (B,) floats in [0, 1]
     (t = 1 is pure noise), y (B,) long class ids -> v (B, C, H, W). The output has the same C as the
     input: under rectified flow there is no variance to learn, unlike DiT's learned-sigma output.
+    Setting `grad_checkpoint = True` checkpoints every block in training (see `checkpointed`).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
@@ -190,6 +191,10 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.grid = (H // patch_size, W // patch_size)  # (h, w) tokens; T = h * w
         self.num_classes = num_classes
+        # Activation checkpointing: a switch of how training runs, not part of the model (it changes
+        # neither the function nor the weights), so it stays out of self.config and every checkpoint:
+        # train_dit.py sets it from --grad-checkpoint on every run, resumed or not.
+        self.grad_checkpoint = False
 
         # patchify: a conv with kernel = stride = p is exactly "cut into p x p patches and apply the
         # same linear map to each flattened patch"
@@ -245,8 +250,9 @@ class DiT(nn.Module):
         to replace by the null class (otherwise labels drop at random in training mode only)."""
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D), token = row*w + col
         c = self.t_embedder(t) + self.y_embedder(y, force_drop)  # (B, D) conditioning
+        ckpt = self.grad_checkpoint and self.training  # keep only each block's input for the backward
         for block in self.blocks:
-            x = block(x, c)  # (B, T, D)
+            x = checkpointed(block, ckpt, x, c)  # (B, T, D)
         x = self.final_layer(x, c)  # (B, T, p*p*C)
         return self.unpatchify(x)  # (B, C, H, W)
 

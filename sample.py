@@ -61,7 +61,7 @@ def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
     return y, noise, int(torch.randint(2**31, (1,), generator=g))
 
 
-@torch.no_grad()
+@torch.inference_mode()  # images for files only: no autograd bookkeeping (see decoder_diffusion.no_autograd)
 def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decode_steps=0, decode_seed=0):
     """Labels y (B,) and noise (B, C, h, w) on the model's device -> images (B, 3, H, W) in [-1, 1].
 
@@ -139,7 +139,7 @@ def in_index_order(parts, total, n_chunks, batch_size, dist, path):
     return imgs, ys
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
     """Stage 1: the first n readable images of `folder` beside their reconstructions, into `path`."""
     ae = _or_exit(load_dgae, ckpt_path, device)

@@ -43,6 +43,7 @@ cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
 t_dist = ""  # training t distribution: uniform | logit_normal
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
+grad_checkpoint = False  # activation checkpointing: less memory, one more forward pass a step (big models, small GPUs)
 lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
 kl_weight = 1e-6  # on the KL per pixel value (SD-VAE's 1e-6 on a per-image sum)
 recon_weight = -1.0  # L1 on the flow loss's one-step estimate x0_hat
@@ -224,6 +225,7 @@ def main():
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
+    net.grad_checkpoint = grad_checkpoint  # how this run computes: never saved, so free to change on --resume
     optimizer = make_optimizer(net, cfg.lr, weight_decay, (0.9, 0.99), dev)
     log(f"model: {name}, {cfg.decoder} decoder, f={cfg.compression}, latent "
         f"{cfg.latent_channels}x{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "

@@ -50,6 +50,7 @@ preset = ""  # DiT preset (dit.DIT_PRESETS); "" = DiT-Tiny/1 on the built-in dat
 class_dropout = 0.1  # fraction of labels replaced by the null class, so that guidance has an unconditional model
 t_dist = "logit_normal"  # training t distribution: logit_normal | uniform
 attn_impl = "math"  # math | sdpa
+grad_checkpoint = False  # activation checkpointing of every DiT block: less memory for one more forward pass a step
 # optimisation
 batch_size = 64  # per process and micro-step; global batch = batch_size * grad_accum * world size
 grad_accum = 1
@@ -154,6 +155,7 @@ def main():
     else:
         net = build_dit(name, (h, w), C, num_classes, class_dropout_prob=class_dropout, attn_impl=attn_impl).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
+    net.grad_checkpoint = grad_checkpoint  # how this run computes: never saved, so free to change on --resume
     optimizer = make_optimizer(net, lr, weight_decay, (0.9, 0.999), dev)
     log(f"model: {name}, {net.grid[0] * net.grid[1]} tokens, {common.count_params(net) / 1e6:.2f}M params")
 

@@ -80,6 +80,20 @@ def test_decode_is_deterministic_under_a_seed():
     assert torch.equal(state, torch.get_rng_state())
 
 
+def test_decoding_runs_in_inference_mode_and_leaves_the_model_trainable():
+    # train_ae.py draws its grids with ema.reconstruct between training steps: what decoding returns is
+    # an inference tensor (no autograd bookkeeping), and nothing of the model becomes one
+    torch.manual_seed(0)
+    model = ae.DGAE(_tiny())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon = model.reconstruct(x, steps=2)
+    assert recon.is_inference() and not x.is_inference()
+    assert not any(t.is_inference() for t in model.state_dict().values())
+    ema = copy.deepcopy(model)
+    model.loss(x)[0].backward()  # the next training step, then the EMA update, work as before
+    update_ema(ema, model, 0.5)
+
+
 def test_lpips_term_enters_the_loss_and_its_gradient_reaches_the_encoder():
     from lpips import LPIPS
 

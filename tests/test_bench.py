@@ -8,9 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import bench
+from ae import make_config
 from dit import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +55,10 @@ def test_math_attention_counts_the_model_flops_of_any_impl():
     assert counted == linears + bench.attention_flops(3, 2, 5, 8)
 
 
-def test_checkpointed_step_counts_model_flops_only(monkeypatch):
-    # with activation checkpointing the backward recomputes each block's forward: hardware work, not model FLOPs,
-    # so bench counts before wrapping, and the two rows carry the same count
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
+def test_checkpointed_step_uses_the_models_checkpointing_and_counts_model_flops_only(monkeypatch):
+    # --checkpoint true switches on the model's own activation checkpointing, what the trainers'
+    # --grad-checkpoint sets. The backward then recomputes each block's forward: hardware work, not model
+    # FLOPs, so bench counts before switching it on, and the two rows carry the same count
     from decoder_diffusion import flow_matching_loss
     from dit import build_dit
     for name, value in dict(warmup=0, reps=1, compile=False, peak_flops_per_s=1.0, results={}).items():
@@ -68,9 +69,41 @@ def test_checkpointed_step_counts_model_flops_only(monkeypatch):
         monkeypatch.setattr(bench, "checkpoint", on)
         dit = build_dit("DiT-Tiny/2", 4, 4, 10)
         ema = bench.train_row(f"step_{on}", dit, flow, (z, y), torch.device("cpu"), bench.nullcontext())
-        assert any(isinstance(m, CheckpointWrapper) for m in dit.modules()) == on
-        assert not any(isinstance(m, CheckpointWrapper) for m in ema.modules())  # the EMA copy decodes unwrapped
+        assert dit.grad_checkpoint == on and not ema.grad_checkpoint  # the EMA copy samples without it
+        starts = []  # block forwards begun in one step: each twice when checkpointed (the replay)
+        for block in dit.blocks:
+            block.register_forward_pre_hook(lambda *_: starts.append(1))
+        flow(dit, z, y).backward()
+        assert len(starts) == len(dit.blocks) * (2 if on else 1)
     assert bench.results["step_True"]["flops"] == bench.results["step_False"]["flops"] > 0
+
+
+def test_official_dit_step_is_timed_beside_ours(tmp_path, monkeypatch, capsys):
+    # --official-dit loads models.py from a checkout by its path. A stand-in for facebookresearch/DiT's (which
+    # needs timm): the same table and constructor, DiT_models[name](input_size, in_channels, num_classes, learn_sigma)
+    (tmp_path / "models.py").write_text(
+        "from dit import build_dit\n\n\n"
+        "def tiny(input_size, in_channels, num_classes, learn_sigma):\n"
+        "    assert not learn_sigma  # bench asks for our output: the velocity only\n"
+        "    return build_dit('DiT-Tiny/1', input_size, in_channels, num_classes)\n\n\n"
+        "DiT_models = {'DiT-Tiny/1': tiny}\n")
+    settings = dict(warmup=0, reps=1, batch_size=2, sample_steps=1, official_dit=str(tmp_path), peak_flops_per_s=1.0,
+                    results={})
+    for name, value in settings.items():
+        monkeypatch.setattr(bench, name, value)
+    bench.stage2(make_config("tiny"), torch.device("cpu"), bench.nullcontext(), torch.no_grad)
+    rows = bench.results
+    assert rows["dit_official_train_step"]["flops"] == rows["dit_train_step"]["flops"] > 0  # the same model FLOPs
+    bench.print_table(rows)
+    assert "the official code's" in capsys.readouterr().out
+    # no models.py there, or no such preset: one line each
+    monkeypatch.setattr(bench, "official_dit", str(tmp_path / "elsewhere"))
+    with pytest.raises(SystemExit, match="error: --official-dit: cannot import DiT_models from .*elsewhere"):
+        bench.official_model(8, 4)
+    monkeypatch.setattr(bench, "official_dit", str(tmp_path))
+    monkeypatch.setattr(bench, "dit_preset", "DiT-S/2")
+    with pytest.raises(SystemExit, match="has no DiT-S/2; its presets: DiT-Tiny/1"):
+        bench.official_model(8, 4)
 
 
 def test_quick_run_writes_every_field(tmp_path):

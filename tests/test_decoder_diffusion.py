@@ -136,3 +136,92 @@ def test_latent_decoder_emits_a_map_at_every_resolution_from_latent_to_image():
 def test_unknown_conditioning_is_an_error():
     with pytest.raises(ValueError, match="unknown cond"):
         dd.UNet(4, 8, 32, cond="crossattn")
+
+
+# -----------------------------------------------------------------------------
+# the two ways the models save work: activation checkpointing (training) and inference mode (sampling)
+
+
+def _checkpointing_case(kind):
+    """(model in training mode, its training loss as a function, the block classes it checkpoints),
+    with every zero-initialised weight made random, so that every gradient is live."""
+    from ae import DGAE, make_config
+    from dit import DiTBlock, build_dit
+
+    torch.manual_seed(0)
+    if kind == "dit":  # label dropout 0.5: the forward draws random numbers outside the blocks
+        model, blocks = build_dit("DiT-Tiny/2", 8, 4, 10, class_dropout_prob=0.5), (DiTBlock,)
+        z, y = torch.randn(4, 4, 8, 8), torch.randint(0, 10, (4,))
+        loss = lambda: dd.flow_matching_loss(lambda x_t, t: model(x_t, t, y), z)[0]  # noqa: E731  (train_dit.py's)
+    else:  # dropout 0.2 in the U-Net: random numbers drawn inside the checkpointed blocks
+        cfg = make_config("tiny", decoder=kind, enc_ch=16, unet_ch=16, cond_ch=16, unet_mult=(1, 2), attn_res=(16,),
+                          dropout=0.2)
+        model, blocks = DGAE(cfg), (dd.ResBlock, dd.AttnBlock)
+        x = torch.rand(4, 3, 32, 32) * 2 - 1
+        loss = lambda: model.loss(x)[0]  # noqa: E731  (train_ae.py's, without LPIPS)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.1)
+    return model.train(), loss, blocks
+
+
+@pytest.mark.parametrize("kind", ["dit", "diffusion", "gaussian"])
+def test_grad_checkpointing_changes_memory_only_not_gradients_or_rng(kind):
+    model, loss_fn, blocks = _checkpointing_case(kind)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, blocks):
+            m.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def step(on):
+        """One forward + backward from RNG seed 1: (loss, gradients, RNG state after, block calls,
+        bytes autograd saved for the backward outside the checkpointed blocks)."""
+        model.grad_checkpoint = on
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        saved = []
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = loss_fn()
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return loss, grads, torch.get_rng_state(), len(calls), sum(saved)
+
+    loss0, grads0, rng0, calls0, saved0 = step(False)
+    loss1, grads1, rng1, calls1, saved1 = step(True)
+    # bit-identical: the replay in the backward is the same computation with the same random numbers
+    # (checkpoint's preserve_rng_state), and autograd accumulates the gradients in the same order
+    assert torch.equal(loss0, loss1)
+    assert grads0.keys() == grads1.keys() and all(g is not None for g in grads0.values())
+    for n in grads0:
+        assert torch.equal(grads0[n], grads1[n]), n
+    # the RNG continues exactly as without the replay, so a resumed run draws what the whole run drew
+    assert torch.equal(rng0, rng1)
+    # and checkpointing did happen: every block's forward started again in the backward (the replay stops
+    # early, once it has rebuilt what the backward needs, so a forward hook would miss it), and far less was
+    # kept for the backward outside them
+    assert calls0 > 0 and calls1 == 2 * calls0
+    assert saved1 < saved0 / 2
+    # a runtime switch, not part of the model: neither its config nor its weights hold it, and a model
+    # rebuilt from a checkpoint's config has it off
+    from ae import config_to_dict
+    config = model.config if kind == "dit" else config_to_dict(model.cfg)
+    rebuilt = type(model)(**config) if kind == "dit" else type(model)(model.cfg)
+    assert "grad_checkpoint" not in config and set(rebuilt.state_dict()) == set(model.state_dict())
+    assert model.grad_checkpoint and not rebuilt.grad_checkpoint
+    # without autograd (the EMA's grids, decoding) nothing is replayed: each block runs once
+    calls.clear()
+    with torch.no_grad():
+        loss_fn()
+    assert len(calls) == calls0
+
+
+def test_sampling_runs_in_inference_mode_unless_switched_off(monkeypatch):
+    x1 = torch.randn(2, 3)
+    x = dd.euler_sample(lambda x, t: -x, x1, 2)
+    assert x.is_inference() and not x1.is_inference()  # the input is not turned into one
+    monkeypatch.setattr(dd, "use_inference_mode", False)  # what bench.py --inference-mode false does
+    x = dd.euler_sample(lambda x, t: -x, x1, 2)
+    assert not x.is_inference() and not x.requires_grad
