@@ -237,6 +237,7 @@ def _is_image(name):
 # A 12000 x 12000 PNG took 1.8 GB to decode for one item; ImageNet's largest photos are ~ 20 MP.
 # (PIL's own guard, Image.MAX_IMAGE_PIXELS = 89 MP, only warns below 179 MP and then decodes.)
 MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_WARNINGS = 20  # unreadable images named in a warning, per process; the rest are only counted
 
 
 class ImageTooLarge(ValueError):
@@ -289,7 +290,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"--data {root!r}: found no images ({', '.join(IMG_EXTENSIONS)}) "
                              f"in {base!r}; {_EXPECTED}")
         self.samples = samples  # [(path, label)], sorted by label then path
-        self._warned = set()  # bad files already reported (per process: each worker keeps its own)
+        self._warned = set()  # bad files already reported (per process: each worker keeps its own), at most
+        # MAX_IMAGE_WARNINGS of them, and then one warning that the rest go unreported
 
     def __len__(self):
         return len(self.samples)
@@ -304,9 +306,11 @@ class ImageFolderDataset(Dataset):
                                         "not decoded")
                 arr = center_crop_arr(to_rgb(im), self.resolution)
         except Exception as e:  # truncated JPEG, not an image, too large, permissions, ...: skip, never crash
-            if path not in self._warned:
-                self._warned.add(path)
-                warnings.warn(f"skipping image {path}: {type(e).__name__}: {e}", stacklevel=2)
+            if path not in self._warned and len(self._warned) <= MAX_IMAGE_WARNINGS:
+                self._warned.add(path)  # a folder of 100,000 bad files must not print 100,000 lines
+                warnings.warn(f"skipping image {path}: {type(e).__name__}: {e}" if len(self._warned) <= MAX_IMAGE_WARNINGS
+                              else f"more than {MAX_IMAGE_WARNINGS} unreadable images: the others are skipped without a "
+                                   "warning (the log's bad_images counts them all)", stacklevel=2)
             return None
         x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W) in [-1, 1]
         return x, label

@@ -204,6 +204,17 @@ def test_no_readable_image_is_one_line_in_first_good_and_the_loader(tmp_path):
     assert len(y) == 1 and n_bad == 10
 
 
+def test_unreadable_images_are_named_in_at_most_max_image_warnings_then_only_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "MAX_IMAGE_WARNINGS", 3)
+    ds = ImageFolderDataset(str(bad_folder(tmp_path / "bad")), 16)  # 10 unreadable files
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert all(ds[i] is None for i in range(10)) and ds[0] is None  # every one skipped, the first twice
+    lines = [str(w.message) for w in caught]
+    assert len(lines) == 4 and all(line.startswith("skipping image") for line in lines[:3])
+    assert lines[3].startswith("more than 3 unreadable images: the others are skipped without a warning")
+
+
 def test_no_readable_image_stops_train_ae_before_training(tmp_path, monkeypatch):
     bad_folder(tmp_path / "bad")
     monkeypatch.chdir(tmp_path)

@@ -108,8 +108,8 @@ def test_under_torchrun_a_signal_to_one_worker_or_to_the_launcher_stops_every_ra
     # SIGUSR1 to rank 1 alone: the step's all-reduce tells rank 0, and both save one checkpoint (with
     # both ranks' RNG states) and exit EXIT_STOPPED. SIGTERM to torchrun: it passes SIGTERM on to its
     # workers and waits for them. Ctrl-C: SIGINT reaches every process of the job, and each worker
-    # twice (from the terminal, then from torchrun). Every interrupted run then resumes to the
-    # uninterrupted one, bit for bit.
+    # twice (from the terminal, then from torchrun). The first then resumes to the uninterrupted run,
+    # bit for bit; the others save through the same code.
     full_dir = tmp_path / "full"
     full_dir.mkdir()
     run_train(full_dir, *AE_ARGS, torchrun=True)
@@ -131,9 +131,9 @@ def test_under_torchrun_a_signal_to_one_worker_or_to_the_launcher_stops_every_ra
         assert_stopped_and_saved(code, out, case_dir / "out/ae/ckpt.pt", MAX_STEPS, ranks=2)
         by = {"usr1_to_rank_1": "a stop signal to another rank", "term_to_launcher": "SIGTERM", "ctrl_c": "SIGINT"}
         assert f"stopped by {by[case]}" in out
-        if case == "usr1_to_rank_1":  # torchrun's report names both workers' status
+        if case == "usr1_to_rank_1":  # torchrun's report names both workers' status ...
             assert out.count(f"exitcode  : {STOPPED}") == 2, out[-3000:]
-        assert_resumes_to(case_dir, full, *AE_ARGS, torchrun=True)
+            assert_resumes_to(case_dir, full, *AE_ARGS, torchrun=True)  # ... and the run resumes exactly
 
 
 def test_train_dit_a_signal_saves_the_step_and_resume_is_bit_identical(tmp_path):
