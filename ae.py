@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import common
 from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, checkpointed,
                                euler_sample, no_autograd, sample_t, velocity_target, x0_estimate)
@@ -383,7 +384,7 @@ def encoder_fingerprint(state_dict):
 
 def load_dgae(path, device="cpu", ema=True):
     """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
-    ckpt = common.load_checkpoint(path, "ae")
+    ckpt = checkpoints.load_checkpoint(path, "ae")
     model = DGAE(config_from_dict(ckpt["model_args"]))
-    common.load_weights(model, ckpt["ema" if ema else "model"], path)  # edited shapes: one line naming the file
+    checkpoints.load_weights(model, ckpt["ema" if ema else "model"], path)  # edited shapes: one line naming the file
     return model.to(device).eval()

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from common import ignore_stop_signals
+from checkpoints import ignore_stop_signals
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -382,7 +382,7 @@ class Loader:
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
             collate_fn=collate_skip_bad, num_workers=num_workers, generator=generator,
             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_stop_signals,  # a stop signal is the trainer's to handle (see common.StopSignals)
+            worker_init_fn=ignore_stop_signals,  # stop signals are the trainer's (checkpoints.StopSignals)
         )
         self.epoch, self.batch = 0, 0
         self._it = None

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+import checkpoints
 
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -248,11 +248,11 @@ class InceptionV3(nn.Module):
 def load_inception(path=None, device="cpu", required=True):
     """The FID InceptionV3 with the published pt_inception weights, loaded strictly.
 
-    The file is resolved by common.find_weights: `path`, else $DGAE_INCEPTION, else
+    The file is resolved by checkpoints.find_weights: `path`, else $DGAE_INCEPTION, else
     <$DGAE_WEIGHTS or ./weights>/pt_inception-2015-12-05-6726825d.pth. A missing file raises
     FileNotFoundError naming it, its URL and --inception-path (or returns None if not required).
     """
-    file = common.find_weights(path, INCEPTION_FILE, INCEPTION_URL, "--inception-path", "DGAE_INCEPTION", required)
+    file = checkpoints.find_weights(path, INCEPTION_FILE, INCEPTION_URL, "--inception-path", "DGAE_INCEPTION", required)
     if file is None:
         return None
     model = InceptionV3()

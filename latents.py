@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+import checkpoints
 import common
 from ae import DGAE, config_from_dict, encoder_fingerprint
 from data import collate_skip_bad, unreadable_error
@@ -44,14 +45,14 @@ def stage1_info(path):
     if not os.path.isfile(path):
         raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
                          "(it writes out/ae/ckpt.pt) or pass its path with --ae-ckpt PATH.")
-    ck = common.load_checkpoint(path, "ae")  # a file of the wrong kind: ValueError, reported by user_errors
+    ck = checkpoints.load_checkpoint(path, "ae")  # a file of the wrong kind: ValueError, reported by user_errors
     args = ck["model_args"]
     # the weights must fit the model that model_args describes. Checked now, before the cache's
     # meta.json is written (a cache recorded from a damaged file would be stale for the good one),
     # on a model without storage (meta device), so no second full model is built.
     with torch.device("meta"):
         shell = DGAE(config_from_dict(args))
-    common.load_weights(shell, ck["ema"], path, assign=True)
+    checkpoints.load_weights(shell, ck["ema"], path, assign=True)
     r, f = args["resolution"], args["compression"]
     return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
                 resolution=r, latent_shape=[args["latent_channels"], r // f, r // f])
@@ -193,13 +194,13 @@ def read_stats(cache, meta, shards):
 @torch.no_grad()
 def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar, stop=None):
     """Posterior means of the images in `subset` and of their mirror images, with per-channel sums;
-    None if `stop` (common.StopSignals) received a signal first: the shard is dropped unfinished.
+    None if `stop` (checkpoints.StopSignals) received a signal first: the shard is dropped unfinished.
 
     Encoded in fp32 (no autocast): it happens once and the latents should be the encoder's own.
     """
     dev = next(ae.parameters()).device
     loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda", worker_init_fn=common.ignore_stop_signals)
+                        pin_memory=dev.type == "cuda", worker_init_fn=checkpoints.ignore_stop_signals)
     zs, ys, n_bad = [torch.zeros(0, 2, *latent_shape, dtype=torch.float16)], [torch.zeros(0, dtype=torch.long)], 0
     for x, y, bad in loader:
         if stop is not None and stop.received:
@@ -264,9 +265,9 @@ def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_w
                 done = sum(os.path.exists(_shard(cache, j)) for j in range(len(ranges)))
                 print(f"stopped by {stop.received} while encoding latents{f' (rank {dist.rank})' if dist.ddp else ''}: "
                       f"{done} of {len(ranges)} shards are complete in {cache}. Run the same command again to encode "
-                      f"the rest (exit status {common.EXIT_STOPPED})", flush=True)
-                common.exit_now(dist, common.EXIT_STOPPED)  # no collective: the other ranks stop on their own
-            common.save_checkpoint(_shard(cache, k), shard)  # atomic: a shard file exists only when complete
+                      f"the rest (exit status {checkpoints.EXIT_STOPPED})", flush=True)
+                common.exit_now(dist, checkpoints.EXIT_STOPPED)  # no collective: the other ranks stop on their own
+            checkpoints.save_checkpoint(_shard(cache, k), shard)  # atomic: a shard file exists only when complete
         pbar.close()
     common.barrier(dist)
     shards = open_shards(cache, old)  # on every rank (see above); the shards are memory-mapped, so it is cheap
@@ -280,7 +281,7 @@ def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_w
     if dist.master:
         mean = sum(s["sum"] for s in shards) / count  # (C,) float64
         std = (sum(s["sumsq"] for s in shards) / count - mean ** 2).clamp_min(0).sqrt()
-        common.save_checkpoint(stats_path, dict(mean=mean.float(), std=std.float(), count=count, n_bad=n_bad))
+        checkpoints.save_checkpoint(stats_path, dict(mean=mean.float(), std=std.float(), count=count, n_bad=n_bad))
         print(f"latent cache complete: {cache}" + (f" ({n_bad} unreadable images skipped)" if n_bad else ""), flush=True)
     common.barrier(dist)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
+import checkpoints
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
@@ -192,13 +192,13 @@ class LPIPS(nn.Module):
 def load_lpips(vgg_path=None, lpips_path=None, required=True, device="cpu"):
     """Build LPIPS with the published VGG16 and LPIPS v0.1 weights, both read from local files.
 
-    Each file is resolved by common.find_weights: the given path, else $DGAE_VGG16 / $DGAE_LPIPS,
+    Each file is resolved by checkpoints.find_weights: the given path, else $DGAE_VGG16 / $DGAE_LPIPS,
     else <$DGAE_WEIGHTS or ./weights>/<file name>. If a file is missing: with required=True the
     FileNotFoundError names the file, its download URL and the flag (--vgg-path / --lpips-path);
     with required=False we return None, so callers can skip the LPIPS term or metric.
     """
-    vgg_file = common.find_weights(vgg_path, VGG16_FILE, VGG16_URL, "--vgg-path", "DGAE_VGG16", required)
-    lpips_file = common.find_weights(lpips_path, LPIPS_FILE, LPIPS_URL, "--lpips-path", "DGAE_LPIPS", required)
+    vgg_file = checkpoints.find_weights(vgg_path, VGG16_FILE, VGG16_URL, "--vgg-path", "DGAE_VGG16", required)
+    lpips_file = checkpoints.find_weights(lpips_path, LPIPS_FILE, LPIPS_URL, "--lpips-path", "DGAE_LPIPS", required)
     if vgg_file is None or lpips_file is None:
         return None
     # weights_only: these files are plain tensor dicts, and we never unpickle arbitrary objects

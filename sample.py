@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoints
 import common
 from ae import encoder_fingerprint, load_dgae
 from data import ImageFolderDataset, default_classes, first_good, save_image_grid, to_uint8
@@ -84,9 +85,9 @@ def _or_exit(load, *args):
 
 def load_models(path, device, ae_path="", attn=""):
     """A train_dit.py checkpoint -> (EMA DiT, its stage-1 DGAE, the checkpoint dict), in eval mode."""
-    ck = _or_exit(common.load_checkpoint, path, "dit")
+    ck = _or_exit(checkpoints.load_checkpoint, path, "dit")
     dit = DiT(**{**ck["model_args"], **({"attn_impl": attn} if attn else {})})
-    common.load_weights(dit, ck["ema"], path)  # edited shapes: one line naming the file
+    checkpoints.load_weights(dit, ck["ema"], path)  # edited shapes: one line naming the file
     ae_path = ae_path or ck["ae_ckpt"]
     if not os.path.isfile(ae_path):
         raise SystemExit(f"error: stage-1 checkpoint {ae_path} not found. The DiT in {path} generates latents of "
@@ -202,7 +203,7 @@ def main():
     imgs, ys = in_index_order(parts, total, n_chunks, batch_size, dist, path)
     if dist.master:
         if num_samples > 0:  # atomic, like the checkpoints: never half an .npz under the final name
-            common.atomic_write(path, lambda fh: np.savez(fh, arr_0=imgs, labels=ys))
+            checkpoints.atomic_write(path, lambda fh: np.savez(fh, arr_0=imgs, labels=ys))
         else:
             save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)
             print("rows: " + ", ".join(ck["class_names"][c] for c in labels[::per_class].tolist()))

@@ -21,6 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import common
 from ae import DGAE, config_from_dict, config_to_dict, make_config
 from data import Loader, build_dataset, first_good, random_hflip, save_image_grid
@@ -189,7 +190,7 @@ def main():
     with common.user_errors():
         if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
             common.writable_dir(out_dir, "--out-dir")
-        ckpt = common.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
+        ckpt = checkpoints.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
         if ckpt is not None:  # the run's own settings, not this command line's defaults
             settings = settings_for_resume(ckpt, settings, given, RESUMED_SETTINGS)
             globals().update(settings)
@@ -234,7 +235,7 @@ def main():
     step = 0
     if ckpt is not None:
         with common.user_errors():  # weights that do not fit (an edited file): one line naming it
-            step = common.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
+            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise and t on every rank
@@ -251,7 +252,7 @@ def main():
         os.makedirs(out_dir, exist_ok=True)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
-    stop = common.StopSignals()  # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit
+    stop = checkpoints.StopSignals()  # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit
     n_bad = 0  # unreadable images skipped by this rank since the last log row
     n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
 
@@ -322,12 +323,12 @@ def main():
             recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0)
             save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
         if step % ckpt_every == 0 or step == max_steps or stopping:
-            common.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
+            checkpoints.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
                                  model_name=name, config=settings, lpips_used=lpips is not None)
         if stopping and step < max_steps:  # preempted: the step is saved, --resume continues bit-identically
             pbar.close()
-            log(common.stopped_message(stop, step, ckpt_path))
-            common.shutdown(dist, common.EXIT_STOPPED)
+            log(checkpoints.stopped_message(stop, step, ckpt_path))
+            common.shutdown(dist, checkpoints.EXIT_STOPPED)
     pbar.close()
     log(f"done: {ckpt_path}")
     common.shutdown(dist)

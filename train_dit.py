@@ -27,6 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoints
 import common
 from ae import load_dgae
 from data import Loader, build_dataset, default_classes, save_image_grid
@@ -107,7 +108,7 @@ def main():
     with common.user_errors():
         if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
             common.writable_dir(out_dir, "--out-dir")
-        ckpt = common.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
+        ckpt = checkpoints.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
         if ckpt is not None:  # the run's own settings, not this command line's defaults
             settings = settings_for_resume(ckpt, settings, given, RESUMED_SETTINGS, MAY_CHANGE)
             globals().update(settings)
@@ -131,7 +132,7 @@ def main():
         f"at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache {cache}")
     # from here on SIGTERM, SIGUSR1 or Ctrl-C stop the run at the next safe point, losing nothing finished:
     # while encoding, after the batch (finished shards are kept); while training, after the step (saved)
-    stop = common.StopSignals()
+    stop = checkpoints.StopSignals()
     with common.user_errors():  # a stage-1 file whose weights do not fit its model_args: one line
         build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers,
                            stop)
@@ -162,7 +163,7 @@ def main():
     step = 0
     if ckpt is not None:
         with common.user_errors():  # weights that do not fit (an edited file): one line naming it
-            step = common.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
+            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise, t and flips on every rank
@@ -248,15 +249,15 @@ def main():
                 x = ae.decode(z.float() * std + mean, decode_steps or None, seed=grid_seed)  # (N, 3, H, W)
             save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
         if step % ckpt_every == 0 or step == max_steps or stopping:
-            common.save_training(
+            checkpoints.save_training(
                 ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,
                 config=settings, ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
                 ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
                 latent_std=latents.std, num_classes=num_classes, class_names=meta["class_names"])
         if stopping and step < max_steps:  # preempted: the step is saved (see train_ae.py)
             pbar.close()
-            log(common.stopped_message(stop, step, ckpt_path))
-            common.shutdown(dist, common.EXIT_STOPPED)
+            log(checkpoints.stopped_message(stop, step, ckpt_path))
+            common.shutdown(dist, checkpoints.EXIT_STOPPED)
     pbar.close()
     log(f"done: {ckpt_path}")
     common.shutdown(dist)

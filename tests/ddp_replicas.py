@@ -3,11 +3,11 @@ Runs a training script under torchrun and checks that DDP keeps the weights of e
 
     torchrun --nproc_per_node=2 tests/ddp_replicas.py train_ae.py --max-steps 2 ...
 
-At every checkpoint (common.save_training, which every rank calls) the ranks first compare a hash
-of their model and EMA weights. Rank 0 prints "weights identical on all N ranks at step S"; weights
-that differ stop the run with an AssertionError on every rank. Apart from that the script runs as
-it does from the command line (its __main__ block). The check lives here, with the tests, so that
-the training scripts do not carry it.
+At every checkpoint (checkpoints.save_training, which every rank calls) the ranks first compare a
+hash of their model and EMA weights. Rank 0 prints "weights identical on all N ranks at step S";
+weights that differ stop the run with an AssertionError on every rank. Apart from that the script
+runs as it does from the command line (its __main__ block). The check lives here, with the tests,
+so that the training scripts do not carry it.
 """
 
 import hashlib
@@ -49,17 +49,17 @@ def main():
     # the script's folder first on the path, as `python script.py` puts it, then the repository
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     sys.path.insert(1, ROOT)
-    import common
+    import checkpoints
 
-    save_training = common.save_training
+    save_training = checkpoints.save_training
 
     def checked_save_training(path, dist, kind, step, net, ema, *rest, **extra):
         if dist.ddp:
             check_replicas(dist, step, net, ema)
         return save_training(path, dist, kind, step, net, ema, *rest, **extra)
 
-    # the scripts call common.save_training through the module, so every call is the checked one
-    common.save_training = checked_save_training
+    # the scripts call checkpoints.save_training through the module, so every call is the checked one
+    checkpoints.save_training = checked_save_training
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
 

@@ -1,4 +1,4 @@
-"""The shared plumbing (common.py): settings, the CPU side of the CUDA-only features, checkpoints."""
+"""The shared plumbing: settings and the CPU side of the CUDA-only features (common.py), checkpoints (checkpoints.py)."""
 
 import errno
 import os
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import common
 
 
@@ -66,39 +67,39 @@ def test_cpu_paths_of_the_cuda_only_features():
 def test_checkpoints_are_atomic_stripped_and_checked_for_their_kind(tmp_path):
     path = str(tmp_path / "run" / "ckpt.pt")
     sd = {"_orig_mod.module.w": torch.ones(2), "module.b": torch.zeros(1)}
-    common.save_checkpoint(path, dict(kind="ae", model=sd, ema=sd, step=3, rng=[common.rng_state()], model_args={}))
+    checkpoints.save_checkpoint(path, dict(kind="ae", model=sd, ema=sd, step=3, rng=[checkpoints.rng_state()], model_args={}))
     assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # no temp file left behind
-    ck = common.load_checkpoint(path, "ae")
+    ck = checkpoints.load_checkpoint(path, "ae")
     assert set(ck["model"]) == {"w", "b"} and set(ck["ema"]) == {"w", "b"}
-    common.set_rng_state(ck["rng"][0])  # the saved generator states load back under weights_only
+    checkpoints.set_rng_state(ck["rng"][0])  # the saved generator states load back under weights_only
     with pytest.raises(ValueError, match="'ae' checkpoint .* but a 'dit' checkpoint"):
-        common.load_checkpoint(path, "dit")
+        checkpoints.load_checkpoint(path, "dit")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not read checkpoint"):
-        common.load_checkpoint(str(tmp_path / "junk.pt"), "ae")
+        checkpoints.load_checkpoint(str(tmp_path / "junk.pt"), "ae")
     with pytest.raises(FileNotFoundError):
-        common.load_checkpoint(str(tmp_path / "nope.pt"), "ae")
+        checkpoints.load_checkpoint(str(tmp_path / "nope.pt"), "ae")
 
 
 def test_bad_checkpoint_files_are_one_line_naming_the_file(tmp_path):
     good = dict(kind="ae", model_args={}, ema={}, model={}, step=1)
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
-    common.save_checkpoint(str(tmp_path / "no_args.pt"), {k: v for k, v in good.items() if k != "model_args"})
-    common.save_checkpoint(str(tmp_path / "truncated.pt"), dict(good, ema={"w": torch.zeros(1000)}))
+    checkpoints.save_checkpoint(str(tmp_path / "no_args.pt"), {k: v for k, v in good.items() if k != "model_args"})
+    checkpoints.save_checkpoint(str(tmp_path / "truncated.pt"), dict(good, ema={"w": torch.zeros(1000)}))
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "truncated.pt").read_bytes()[:1500])
     for name, message in [("empty.pt", "is empty \\(0 bytes\\)"), ("random.pt", "could not read checkpoint"),
                           ("truncated.pt", "could not read checkpoint"),
                           ("no_args.pt", "has no 'model_args': it is not a complete 'ae' checkpoint")]:
         with pytest.raises(ValueError, match=message) as e:
-            common.load_checkpoint(str(tmp_path / name), "ae")
+            checkpoints.load_checkpoint(str(tmp_path / name), "ae")
         text = str(e.value)
         assert str(tmp_path / name) in text and "\n" not in text  # one line, naming the file
         assert "weights_only" not in text  # never relay torch's advice to load unsafely
     # a checkpoint without the training state cannot be resumed, but says so
-    common.save_checkpoint(str(tmp_path / "weights_only.pt"), good)
+    checkpoints.save_checkpoint(str(tmp_path / "weights_only.pt"), good)
     with pytest.raises(ValueError, match="has no 'optimizer', 'loader', 'rng', so its run cannot be resumed"):
-        common.resume_or_refuse(str(tmp_path / "weights_only.pt"), True, "ae")
+        checkpoints.resume_or_refuse(str(tmp_path / "weights_only.pt"), True, "ae")
 
 
 def test_weights_of_edited_shapes_are_one_line_naming_the_file():
@@ -106,17 +107,17 @@ def test_weights_of_edited_shapes_are_one_line_naming_the_file():
     sd = net.state_dict()
     sd["0.weight"] = torch.zeros(5, 4)  # an edited shape
     with pytest.raises(ValueError) as e:
-        common.load_weights(net, sd, "run/ckpt.pt")
+        checkpoints.load_weights(net, sd, "run/ckpt.pt")
     assert str(e.value).startswith("run/ckpt.pt: its weights do not fit the model its model_args describe "
                                    "(size mismatch for 0.weight: copying a param with shape torch.Size([5, 4])")
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="run/ckpt.pt: .*Missing key"):
-        common.load_weights(net, {}, "run/ckpt.pt")
+        checkpoints.load_weights(net, {}, "run/ckpt.pt")
 
 
 def test_a_failed_checkpoint_write_keeps_the_old_file_and_removes_the_tmp(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint(path, {"kind": "ae", "step": 1})
+    checkpoints.save_checkpoint(path, {"kind": "ae", "step": 1})
     before = open(path, "rb").read()
     real_save = torch.save
 
@@ -126,21 +127,21 @@ def test_a_failed_checkpoint_write_keeps_the_old_file_and_removes_the_tmp(tmp_pa
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit) as e:
-        common.save_checkpoint(path, {"kind": "ae", "step": 2, "w": torch.zeros(10000)})
+        checkpoints.save_checkpoint(path, {"kind": "ae", "step": 2, "w": torch.zeros(10000)})
     assert str(e.value) == (f"error: could not write {path} (No space left on device); the previous file is kept. "
                             "Free some space or choose a folder you can write to.")
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]  # no ckpt.pt.tmp left
     # an interrupt mid-write (Ctrl-C) is passed on, and leaves no .tmp either
     monkeypatch.setattr(torch, "save", lambda obj, fh: (fh.write(b"half"), (_ for _ in ()).throw(KeyboardInterrupt)))
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(path, {"kind": "ae", "step": 3})
+        checkpoints.save_checkpoint(path, {"kind": "ae", "step": 3})
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_rng_state_round_trip_reproduces_the_same_draws():
-    state = common.rng_state()
+    state = checkpoints.rng_state()
     a = (torch.rand(3), torch.randn(2))
-    common.set_rng_state(state)
+    checkpoints.set_rng_state(state)
     b = (torch.rand(3), torch.randn(2))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -150,12 +151,12 @@ def test_find_weights_order_and_error(tmp_path, monkeypatch):
     monkeypatch.delenv("DGAE_X", raising=False)
     args = ("x.pth", "https://example.org/x.pth", "--x-path", "DGAE_X")
     with pytest.raises(FileNotFoundError, match=r"x\.pth.*https://example\.org/x\.pth.*--x-path.*DGAE_X"):
-        common.find_weights(None, *args)
-    assert common.find_weights(None, *args, required=False) is None
+        checkpoints.find_weights(None, *args)
+    assert checkpoints.find_weights(None, *args, required=False) is None
     (tmp_path / "x.pth").write_bytes(b"")
-    assert common.find_weights(None, *args) == str(tmp_path / "x.pth")
+    assert checkpoints.find_weights(None, *args) == str(tmp_path / "x.pth")
     with pytest.raises(FileNotFoundError):  # a path the user typed must exist, even for an optional file
-        common.find_weights(str(tmp_path / "typo.pth"), *args, required=False)
+        checkpoints.find_weights(str(tmp_path / "typo.pth"), *args, required=False)
 
 
 def test_a_collective_timeout_or_a_lost_peer_is_one_line_naming_the_rank(monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import checkpoints
 import eval as ev
 import inception as inception_module
 import metrics
@@ -237,7 +237,7 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
     cfg = make_config("tiny")
     torch.manual_seed(0)
     sd = DGAE(cfg).state_dict()
-    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "ae", "model": sd, "ema": sd, "model_args": config_to_dict(cfg)})
+    checkpoints.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "ae", "model": sd, "ema": sd, "model_args": config_to_dict(cfg)})
     folder = tmp_path / "val"
     folder.mkdir()
     for i, img in enumerate(np.random.default_rng(0).integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)):
@@ -271,7 +271,7 @@ def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_pa
     cfg = make_config("tiny", decode_steps=2)
     torch.manual_seed(0)
     sd = DGAE(cfg).state_dict()
-    common.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "ae", "model": sd, "ema": sd, "model_args": config_to_dict(cfg)})
+    checkpoints.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "ae", "model": sd, "ema": sd, "model_args": config_to_dict(cfg)})
     env_weights = {**os.environ, "DGAE_WEIGHTS": str(tmp_path / "no_weights_here")}
     cmd = [sys.executable, "eval.py", "recon", "--ckpt", str(tmp_path / "ckpt.pt"), "--num-images", "6",
            "--batch-size", "4", "--out", str(tmp_path / "recon.json"), "--device", "cpu", "--num-workers", "0"]

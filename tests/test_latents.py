@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoints
 import common
 import latents
 from ae import DGAE, config_to_dict, encoder_fingerprint, load_dgae, make_config
@@ -27,7 +28,7 @@ def save_tiny_ae(path, seed=0, step=7):
         for p in model.decoder.parameters():
             if not p.any():
                 p.normal_(std=0.1)
-    common.save_checkpoint(str(path), dict(kind="ae", step=step, model=model.state_dict(), ema=model.state_dict(),
+    checkpoints.save_checkpoint(str(path), dict(kind="ae", step=step, model=model.state_dict(), ema=model.state_dict(),
                                            model_args=config_to_dict(cfg), config={}))
     return model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import checkpoints
 import sample
 from ae import load_dgae
 from data import ImageFolderDataset, to_uint8
@@ -30,7 +30,7 @@ def ckpts(tmp_path):
     dit = build_dit("DiT-Tiny/1", (2, 2), 4, 10)
     for p in dit.parameters():  # leave the zero init, so the velocity depends on x, t and y
         torch.nn.init.normal_(p, std=0.05)
-    common.save_checkpoint(str(tmp_path / "dit.pt"), dict(
+    checkpoints.save_checkpoint(str(tmp_path / "dit.pt"), dict(
         kind="dit", step=3, model=dit.state_dict(), ema=dit.state_dict(), model_args=dit.config,
         ae_ckpt=str(tmp_path / "ae.pt"), ae_step=7, ae_fingerprint=sample.encoder_fingerprint(ae.state_dict()),
         latent_shape=[4, 2, 2], latent_mean=MEAN, latent_std=STD, num_classes=10, class_names=list("abcdefghij")))
@@ -143,7 +143,7 @@ BAD_SETTINGS = [  # (flags, the one line expected); each used to write garbage w
 
 @pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
 def test_bad_settings_are_refused_before_any_work(ckpts, tmp_path, monkeypatch, flags, message):
-    monkeypatch.setattr(common, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
     with pytest.raises(SystemExit) as e:
         run_sample(monkeypatch, "--ckpt", ckpts[0], "--out", str(tmp_path / "x.png"), *flags)
     assert str(e.value) == "error: " + message  # one line, naming the flag and its range
@@ -155,7 +155,7 @@ def test_the_output_is_checked_before_sampling(ckpts, tmp_path, monkeypatch, cap
     run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "1", "--num-samples", "2", "--out", str(tmp_path / "new/s.npz"))
     assert np.load(tmp_path / "new/s.npz")["arr_0"].shape == (2, 16, 16, 3)
     assert f"wrote {tmp_path / 'new/s.npz'}" in capsys.readouterr().out  # the printed path is the written one
-    monkeypatch.setattr(common, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
+    monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
     (tmp_path / "file").write_text("a file, not a folder")
     for out, message in [(tmp_path / "file/s.npz", "--out .*file: cannot write there"),
                          # np.savez would have written x.png.npz while sample.py printed x.png
@@ -186,12 +186,12 @@ def test_damaged_or_edited_checkpoints_are_one_line_naming_the_file(ckpts, tmp_p
     dit_path, ae_path = ckpts
     good = torch.load(dit_path, weights_only=True)
     edited = dict(good, ema={**good["ema"], "final_layer.linear.weight": torch.zeros(3, 3)})
-    common.save_checkpoint(str(tmp_path / "edited.pt"), edited)
-    common.save_checkpoint(str(tmp_path / "no_args.pt"), {k: v for k, v in good.items() if k != "model_args"})
+    checkpoints.save_checkpoint(str(tmp_path / "edited.pt"), edited)
+    checkpoints.save_checkpoint(str(tmp_path / "no_args.pt"), {k: v for k, v in good.items() if k != "model_args"})
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     ae = torch.load(ae_path, weights_only=True)  # a stage-1 file with an edited shape, found through --ae-ckpt
-    common.save_checkpoint(str(tmp_path / "ae_edited.pt"), dict(ae, ema={**ae["ema"], "encoder.conv_in.weight": torch.zeros(1)}))
+    checkpoints.save_checkpoint(str(tmp_path / "ae_edited.pt"), dict(ae, ema={**ae["ema"], "encoder.conv_in.weight": torch.zeros(1)}))
     for args, message in [
         (["--ckpt", str(tmp_path / "edited.pt")], "edited.pt: its weights do not fit the model its model_args describe "
                                                  r"\(size mismatch for final_layer.linear.weight"),

@@ -1,6 +1,6 @@
 """Preemption: SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) to a training process, to one torchrun worker or to
 the torchrun launcher. Every rank finishes its step, rank 0 saves, the process exits with
-common.EXIT_STOPPED, and --resume continues bit-identically. Each test sends the real signal to a
+checkpoints.EXIT_STOPPED, and --resume continues bit-identically. Each test sends the real signal to a
 real subprocess run of the script."""
 
 import os
@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-import common
+import checkpoints
 from test_train_ae import FAST, _env, _workers, assert_same_tensors, load, run_train
 from test_latents import save_tiny_ae
 from test_train_dit import DIT_FAST
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STOPPED = common.EXIT_STOPPED
+STOPPED = checkpoints.EXIT_STOPPED
 MAX_STEPS = 8
 AE_ARGS = [*FAST, "--lpips-weight", "0", "--max-steps", str(MAX_STEPS)]
 

@@ -1,0 +1,233 @@
+"""
+How a run is saved, stopped and resumed, and where pretrained files are found: atomic writes,
+checkpoints of a known kind with every rank's RNG state (so --resume continues bit-identically),
+stop signals that end a run at a step boundary with a checkpoint, and the lookup of the VGG16,
+LPIPS and InceptionV3 weight files. The settings and torch.distributed live in common.py.
+"""
+
+import os
+import random
+import re
+import signal
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def atomic_write(path, write):
+    """Write a file atomically: write(fh) fills `path`.tmp, which then replaces `path` in one step.
+
+    A crash mid-write leaves the previous file intact, never half a file. A write that fails (disk
+    full, read-only folder) also keeps the previous file, removes its .tmp (a 20 MB leftover per
+    try otherwise) and stops with one line naming the file.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException as e:  # an interrupt too: no .tmp is left behind
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
+            raise SystemExit(f"error: could not write {path} ({e.strerror or e}); {kept}. "
+                             "Free some space or choose a folder you can write to.") from None
+        raise
+
+
+def save_checkpoint(path, ckpt):
+    """Write atomically (see atomic_write): never half a checkpoint, and a failed write keeps the old one."""
+    atomic_write(path, lambda fh: torch.save(ckpt, fh))
+
+
+MADE_BY = {"ae": "train_ae.py", "dit": "train_dit.py"}
+# what the code that reads each kind of checkpoint looks up in it (a training run needs more: TRAINING_KEYS)
+REQUIRED_KEYS = {"ae": ("model_args", "ema"),
+                 "dit": ("step", "model_args", "ema", "ae_ckpt", "ae_step", "ae_fingerprint", "latent_shape",
+                         "latent_mean", "latent_std", "num_classes", "class_names")}
+TRAINING_KEYS = ("step", "model", "ema", "optimizer", "loader", "rng")
+
+
+def load_checkpoint(path, kind):
+    """Load a checkpoint dict onto the CPU, refusing a file of the wrong kind: "ae" (train_ae.py) or
+    "dit" (train_dit.py), or one that lacks what the kind needs. weights_only=True: loading a
+    checkpoint never runs code from it. Every refusal is one line naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:  # e.g. a copy or a write interrupted by a full disk
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); copy it again or use another checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        # torch's message for a file it cannot unpickle safely suggests weights_only=False, which
+        # would run whatever code the file holds; only the kind of error is passed on
+        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}): it is damaged, truncated or "
+                         "not a PyTorch checkpoint; copy it again or use another checkpoint") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise ValueError(f"{path} is not a DGAE checkpoint (no 'kind' field)")
+    if ckpt["kind"] != kind:
+        raise ValueError(
+            f"{path} is a '{ckpt['kind']}' checkpoint (written by {MADE_BY.get(ckpt['kind'], '?')}), "
+            f"but a '{kind}' checkpoint (written by {MADE_BY.get(kind, '?')}) is needed here"
+        )
+    missing = [k for k in REQUIRED_KEYS.get(kind, ()) if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(repr(k) for k in missing)}: it is not a complete '{kind}' "
+                         f"checkpoint (edited, or not written by {MADE_BY[kind]}); use one that {MADE_BY[kind]} wrote")
+    for key in ("model", "ema"):  # drop the prefixes torch.compile (_orig_mod.) and DDP (module.) add
+        if key in ckpt:
+            ckpt[key] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt[key].items()}
+    return ckpt
+
+
+def resume_or_refuse(ckpt_path, resume, kind):
+    """--resume: the run's checkpoint. Otherwise None, and an existing checkpoint is an error, so a
+    finished or running job is never overwritten by accident."""
+    if resume:
+        ckpt = load_checkpoint(ckpt_path, kind)
+        missing = [k for k in TRAINING_KEYS if k not in ckpt]
+        if missing:
+            raise ValueError(f"{ckpt_path} has no {', '.join(repr(k) for k in missing)}, so its run cannot be "
+                             "resumed; start a new run in another --out-dir")
+        return ckpt
+    if os.path.exists(ckpt_path):
+        raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
+                         "or choose another --out-dir.")
+    return None
+
+
+def rng_state():
+    """Every random generator a training step touches, so --resume continues bit-identically."""
+    # numpy's state holds an ndarray, which weights_only loading refuses; store it as a tensor
+    _, key, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "rest": rest}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(("MT19937", state["numpy"]["key"].numpy(), *state["numpy"]["rest"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_training(path, dist, kind, step, net, ema, optimizer, loader, **extra):
+    """Checkpoint a training run: weights, EMA, optimizer, data position and every rank's RNG state
+    (each rank draws its own noise), plus `extra` (model args, settings, ...). Call it on every
+    rank, since the RNG states are gathered; rank 0 alone writes."""
+    rngs = [rng_state()]
+    if dist.ddp:
+        rngs = [None] * dist.world_size  # indexed by rank
+        torch_dist.all_gather_object(rngs, rng_state())
+    if dist.master:
+        save_checkpoint(path, dict(kind=kind, step=step, model=net.state_dict(), ema=ema.state_dict(),
+                                   optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=rngs, **extra))
+
+
+def load_weights(module, state_dict, path, assign=False):
+    """module.load_state_dict(state_dict), where weights that do not fit the model (shapes edited,
+    tensors missing or extra) are one line naming the file, not torch's list of every mismatch.
+    assign=True: take the tensors themselves (to check a model built on the meta device)."""
+    try:
+        module.load_state_dict(state_dict, assign=assign)
+    except RuntimeError as e:
+        details = [line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()]
+        first = (details[0] if details else str(e))[:200]
+        raise ValueError(f"{path}: its weights do not fit the model its model_args describe ({first}); "
+                         "the file was edited or damaged, use a checkpoint as the training script wrote it") from None
+
+
+def restore_training(ckpt, dist, net, ema, optimizer, loader, path):
+    """The inverse of save_training, for --resume (`path`: the checkpoint's, for the messages);
+    returns the step to continue from."""
+    load_weights(net, ckpt["model"], path)
+    load_weights(ema, ckpt["ema"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # a parameter group of another size: weights of another model
+        raise ValueError(f"{path}: its optimizer state does not fit the model ({e})") from None
+    loader.load_state_dict(ckpt["loader"])
+    set_rng_state(ckpt["rng"][dist.rank])
+    return ckpt["step"]
+
+
+# -----------------------------------------------------------------------------
+# preemption: a stop signal ends the run at the next step boundary, with a checkpoint
+
+# sysexits.h's EX_TEMPFAIL, "try again later": the run was stopped by a signal after writing its
+# checkpoint (or, while encoding latents, its finished shards); run the same command with
+# --resume true (the cache build needs no flag) to continue where it stopped
+EXIT_STOPPED = 75
+# SIGTERM: what schedulers (SLURM, Kubernetes) send before they kill a job, and what torchrun passes
+# on to its workers when it is sent SIGTERM or SIGINT; SIGUSR1: SLURM's --signal=USR1@seconds
+# warning; SIGINT: Ctrl-C
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopSignals:
+    """From construction on, a stop signal no longer ends the process where it stands (losing up
+    to ckpt_every steps): the handler only records it, and the loops ask `flag()` at each step
+    boundary, agree over all ranks (one all-reduce, so a signal to one rank stops them all at the
+    same step), save and exit with EXIT_STOPPED. A repeated signal changes nothing: Ctrl-C on a
+    torchrun job reaches each worker twice, from the terminal and from torchrun. To quit without
+    saving, use Ctrl-\\ (SIGQUIT) or SIGKILL."""
+
+    def __init__(self):
+        self.received = None  # the name of the first stop signal this process received
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        # only record it: printing here could re-enter a write to stderr that the signal interrupted
+        self.received = self.received or signal.Signals(signum).name
+
+    def flag(self, device):
+        """1.0 if this process received a stop signal, as a tensor to all-reduce with the step's other flags."""
+        return torch.tensor(float(self.received is not None), device=device)
+
+
+def stopped_message(stop, step, ckpt_path):
+    by = stop.received or "a stop signal to another rank"
+    return (f"stopped by {by} after step {step}: saved {ckpt_path}. Run the same command with --resume true "
+            f"to continue (exit status {EXIT_STOPPED})")
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: a loading process ignores the stop signals (Ctrl-C and SLURM send
+    them to every process), so that the trainer can finish its step with them. A worker still
+    ends with its trainer: at the loader's shutdown, or by its watchdog when the trainer is gone."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+# -----------------------------------------------------------------------------
+# pretrained weight files (VGG16 + LPIPS heads, InceptionV3)
+
+
+def find_weights(path, filename, url, flag, env_var, required=True):
+    """Resolve a pretrained weight file: `path` if given, else $env_var, else $DGAE_WEIGHTS/filename.
+
+    $DGAE_WEIGHTS defaults to ./weights. Nothing is ever downloaded: if the file is missing and
+    required, the error says which file, where it is published and how to point us at it.
+    """
+    candidate = path or os.environ.get(env_var) or os.path.join(os.environ.get("DGAE_WEIGHTS", "weights"), filename)
+    if os.path.isfile(candidate):
+        return candidate
+    if not required and not path:  # a path the user typed must exist, even for an optional file
+        return None
+    raise FileNotFoundError(
+        f"pretrained weight file {filename} not found (looked at {candidate}). Download it once from {url} "
+        f"and pass its path with {flag} PATH, or set {env_var}=PATH, or put it in $DGAE_WEIGHTS (default ./weights/)."
+    )
