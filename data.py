@@ -4,9 +4,8 @@ Datasets and the data loader shared by every script of the pipeline.
 train_ae.py, train_dit.py (latent caching), sample.py (reconstructions) and eval.py (rFID)
 all read images through this file, so they all see the same pixels:
 
-- ProceduralDataset: a built-in, download-free dataset of coloured shapes and textures
-  (discs, stripes, checkerboards, ...). It makes `python train_ae.py` work out of the box and
-  gives the tests something with sharp, high-frequency detail to reconstruct.
+- build_dataset: --data "" is the built-in ProceduralDataset of coloured shapes and textures
+  (procedural.py), any other --data an ImageFolderDataset.
 - ImageFolderDataset: an ImageNet-style folder (`train/<class>/*.JPEG`) with the ADM center
   crop. Unreadable files, and images too large to decode safely (MAX_IMAGE_PIXELS), are
   reported and skipped (the item is None), never a crash; a folder where none can be read is a
@@ -26,7 +25,6 @@ import math
 import os
 import sys
 import warnings
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -34,163 +32,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from checkpoints import ignore_stop_signals
+from procedural import ProceduralDataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
-# -----------------------------------------------------------------------------
-# the built-in procedural dataset
-
-
-@lru_cache(maxsize=8)
-def _grid(resolution):
-    # pixel-centre coordinates in [-1, 1]. Every shape below is defined in these continuous
-    # coordinates, so the same (seed, index) draws the same picture at 32 px and at 256 px.
-    u = (np.arange(resolution, dtype=np.float32) + 0.5) / resolution * 2.0 - 1.0
-    yy, xx = np.meshgrid(u, u, indexing="ij")  # (H, W) each; y grows downwards
-    return yy, xx
-
-
-def _rotate(yy, xx, cy, cx, angle):
-    # coordinates relative to (cy, cx) in a frame rotated by `angle`
-    dy, dx = yy - cy, xx - cx
-    c, s = math.cos(angle), math.sin(angle)
-    return c * dy - s * dx, s * dy + c * dx
-
-
-# Each pattern maps (rng, yy, xx) -> a mask (H, W) in [0, 1]: 1 = foreground colour,
-# 0 = background colour. Sizes, positions, phases and frequencies are random within the class;
-# frequencies are in cycles per unit of the [-1, 1] coordinates (x2 = cycles per image), chosen
-# so that at 32 px a period is still >= ~4 px and the class stays recognisable.
-
-def _disc(rng, yy, xx):
-    cy, cx = rng.uniform(-0.4, 0.4, 2)
-    r = rng.uniform(0.3, 0.6)
-    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-
-
-def _square(rng, yy, xx):
-    cy, cx = rng.uniform(-0.4, 0.4, 2)
-    ry, rx = _rotate(yy, xx, cy, cx, rng.uniform(0, math.pi / 2))
-    return np.maximum(np.abs(ry), np.abs(rx)) <= rng.uniform(0.25, 0.5)
-
-
-def _triangle(rng, yy, xx):
-    # equilateral triangle = intersection of three half-planes whose outward normals are 120
-    # degrees apart; the inradius is half the circumradius r.
-    cy, cx = rng.uniform(-0.35, 0.35, 2)
-    r, theta = rng.uniform(0.45, 0.75), rng.uniform(0, 2 * math.pi)
-    inside = np.ones_like(yy, dtype=bool)
-    for k in range(3):
-        a = theta + 2 * math.pi * k / 3
-        inside &= (yy - cy) * math.sin(a) + (xx - cx) * math.cos(a) <= r / 2
-    return inside
-
-
-def _ring(rng, yy, xx):
-    cy, cx = rng.uniform(-0.3, 0.3, 2)
-    r, w = rng.uniform(0.35, 0.6), rng.uniform(0.08, 0.16)
-    return np.abs(np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) - r) <= w
-
-
-def _stripes(coord, rng):
-    f, phase = rng.uniform(1.5, 4.0), rng.uniform(0, 2 * math.pi)
-    return np.sin(2 * math.pi * f * coord + phase) > 0
-
-
-def _hstripes(rng, yy, xx):
-    return _stripes(yy, rng)
-
-
-def _vstripes(rng, yy, xx):
-    return _stripes(xx, rng)
-
-
-def _dstripes(rng, yy, xx):
-    sign = 1.0 if rng.uniform() < 0.5 else -1.0  # "/" or "\"
-    return _stripes((xx + sign * yy) / math.sqrt(2), rng)
-
-
-def _checkerboard(rng, yy, xx):
-    f = rng.uniform(1.0, 2.5)
-    py, px = rng.uniform(0, 2 * math.pi, 2)
-    return np.sin(2 * math.pi * f * yy + py) * np.sin(2 * math.pi * f * xx + px) > 0
-
-
-def _concentric(rng, yy, xx):
-    cy, cx = rng.uniform(-0.5, 0.5, 2)
-    f, phase = rng.uniform(1.5, 3.5), rng.uniform(0, 2 * math.pi)
-    return np.sin(2 * math.pi * f * np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) + phase) > 0
-
-
-def _dots(rng, yy, xx):
-    # a square lattice of dots: local coordinates inside each lattice cell, centred on 0
-    f = rng.uniform(1.5, 3.0)
-    oy, ox = rng.uniform(0, 1, 2)
-    ly = (yy * f + oy) % 1.0 - 0.5
-    lx = (xx * f + ox) % 1.0 - 0.5
-    return ly ** 2 + lx ** 2 <= rng.uniform(0.2, 0.35) ** 2
-
-
-def _mosaic(rng, yy, xx):
-    # random-valued g x g blocks (a "noise texture" with hard edges); the mask is continuous here
-    g = int(rng.integers(4, 9))
-    cells = rng.uniform(0, 1, (g, g)).astype(np.float32)
-    iy = np.minimum(((yy + 1) / 2 * g).astype(np.int64), g - 1)
-    ix = np.minimum(((xx + 1) / 2 * g).astype(np.int64), g - 1)
-    return cells[iy, ix]
-
-
-def _cross(rng, yy, xx):
-    cy, cx = rng.uniform(-0.3, 0.3, 2)
-    arm, w = rng.uniform(0.4, 0.7), rng.uniform(0.08, 0.16)
-    dy, dx = np.abs(yy - cy), np.abs(xx - cx)
-    return ((dy <= w) & (dx <= arm)) | ((dx <= w) & (dy <= arm))
-
-
-# the first 10 are the default classes; num_classes may go up to len(_PATTERNS)
-_PATTERNS = [
-    ("disc", _disc), ("square", _square), ("triangle", _triangle), ("ring", _ring),
-    ("horizontal_stripes", _hstripes), ("vertical_stripes", _vstripes),
-    ("diagonal_stripes", _dstripes), ("checkerboard", _checkerboard),
-    ("concentric_circles", _concentric), ("dot_grid", _dots),
-    ("mosaic", _mosaic), ("cross", _cross),
-]
-
-
-class ProceduralDataset(Dataset):
-    """Coloured shapes and textures, one pattern per class; item i is a pure function of (seed, i)."""
-
-    def __init__(self, resolution=32, num_classes=10, size=10000, seed=0):
-        if not 1 <= num_classes <= len(_PATTERNS):
-            raise ValueError(f"ProceduralDataset has {len(_PATTERNS)} patterns, not num_classes={num_classes}")
-        self.resolution, self.num_classes, self.size, self.seed = resolution, num_classes, size, seed
-        self.class_names = [name for name, _ in _PATTERNS[:num_classes]]
-
-    def __len__(self):
-        return self.size
-
-    def image(self, i):
-        """The i-th image as a float32 numpy array (H, W, 3) in [-1, 1]."""
-        # a fresh generator per item (not one per dataset) is what makes item i independent of
-        # which items were drawn before it, in which worker process, in which order.
-        i = int(i)
-        if not 0 <= i < self.size:
-            raise IndexError(f"index {i} out of range for ProceduralDataset of size {self.size}")
-        rng = np.random.default_rng((self.seed, i))
-        yy, xx = _grid(self.resolution)
-        mask = _PATTERNS[i % self.num_classes][1](rng, yy, xx).astype(np.float32)  # (H, W)
-        # two random colours with enough contrast that the pattern is always visible
-        bg = rng.uniform(-1, 1, 3)
-        fg = rng.uniform(-1, 1, 3)
-        if np.abs(fg - bg).max() < 0.8:
-            fg = np.where(bg > 0, bg - 1.0, bg + 1.0)  # push one unit away from bg on every channel
-        bg, fg = bg.astype(np.float32), fg.astype(np.float32)
-        return bg + mask[:, :, None] * (fg - bg)  # (H, W, 3)
-
-    def __getitem__(self, i):
-        x = torch.from_numpy(self.image(i)).permute(2, 0, 1).contiguous()  # (3, H, W)
-        return x, int(i) % self.num_classes
-
 
 # -----------------------------------------------------------------------------
 # ImageNet-style image folders

@@ -47,11 +47,12 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import common
-from data import ImageFolderDataset, ProceduralDataset, collate_skip_bad, unreadable_error
+from data import ImageFolderDataset, collate_skip_bad, unreadable_error
 from inception import load_inception
 from lpips import load_lpips
 from metrics import (feature_stats, frechet_distance, highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
                      precision_recall, psnr, ssim)
+from procedural import ProceduralDataset
 
 # -----------------------------------------------------------------------------
 # settings (override with --name value)

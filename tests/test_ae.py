@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ae
-from data import ProceduralDataset
+from procedural import ProceduralDataset
 from train_ae import update_ema
 
 

@@ -1,5 +1,5 @@
-"""Tests for data.py: the procedural dataset, image folders, bad-file skipping, the resumable
-distributed Loader and the flip augmentation."""
+"""Tests for procedural.py, the built-in dataset, and data.py: image folders, bad-file skipping,
+the resumable distributed Loader and the flip augmentation."""
 
 import io
 import os
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (ImageFolderDataset, Loader, ProceduralDataset, build_dataset, center_crop_arr,
-                  collate_skip_bad, random_hflip)
+from data import ImageFolderDataset, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip
+from procedural import ProceduralDataset
 
 # -----------------------------------------------------------------------------
 # ProceduralDataset

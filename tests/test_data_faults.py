@@ -26,8 +26,9 @@ from PIL import Image, ImageFile
 import data
 import eval as ev
 import train_ae
-from data import ImageFolderDataset, Loader, ProceduralDataset, collate_skip_bad, first_good
+from data import ImageFolderDataset, Loader, collate_skip_bad, first_good
 from latents import LatentCache
+from procedural import ProceduralDataset
 from test_latents import SOLO, build, save_tiny_ae
 from test_train_dit import DIT_FAST, ROOT
 

@@ -266,7 +266,7 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
 @pytest.mark.slow
 def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_path):
     from ae import DGAE, config_to_dict, load_dgae, make_config
-    from data import ProceduralDataset
+    from procedural import ProceduralDataset
 
     cfg = make_config("tiny", decode_steps=2)
     torch.manual_seed(0)

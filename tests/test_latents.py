@@ -14,7 +14,8 @@ import checkpoints
 import common
 import latents
 from ae import DGAE, config_to_dict, encoder_fingerprint, load_dgae, make_config
-from data import ImageFolderDataset, ProceduralDataset
+from data import ImageFolderDataset
+from procedural import ProceduralDataset
 
 SOLO = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)  # a single process
 

@@ -16,8 +16,8 @@ from PIL import Image
 import ddp_replicas
 import train_dit
 from ae import encoder_fingerprint
-from data import ProceduralDataset
 from latents import LatentCache
+from procedural import ProceduralDataset
 from test_latents import build, save_tiny_ae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
