@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import checkpoints
 import common
-from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, checkpointed,
-                               euler_sample, no_autograd, sample_t, velocity_target, x0_estimate)
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, euler_sample, sample_t,
+                               velocity_target, x0_estimate)
+from layers import checkpointed, no_autograd
 
 # default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (our reading
 # of the paper's "2x smaller latent"); f=4 only serves the laptop demo (the tiny preset)
@@ -202,7 +203,7 @@ class DGAE(nn.Module):
         else:
             self.decoder = GaussianDecoder(cfg)
 
-    # Activation checkpointing of the encoder and the decoder alike (see decoder_diffusion.checkpointed):
+    # Activation checkpointing of the encoder and the decoder alike (see layers.checkpointed):
     # `model.grad_checkpoint = True`, as train_ae.py does for --grad-checkpoint. Not part of cfg: it
     # changes how a training step computes, not what, so checkpoints never record it.
     @property
@@ -225,7 +226,7 @@ class DGAE(nn.Module):
     def decode(self, z, steps=None, seed=0):
         """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE from noise that is a
         function of `seed` alone, so a fixed seed gives the same reconstruction every time.
-        Runs under inference mode (decoder_diffusion.no_autograd): x_hat can never need a gradient."""
+        Runs under inference mode (layers.no_autograd): x_hat can never need a gradient."""
         if self.cfg.decoder == "gaussian":
             return self.decoder(z).clamp(-1, 1)
         B, _, h, w = z.shape

@@ -3,7 +3,7 @@ Benchmarks: what a training step, a decode and a sample cost, and how close each
 
     python bench.py                              # tiny DGAE + DiT-Tiny/1 on this machine (CPU included), fp32
     python bench.py --quick true                 # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
-    python bench.py --ae-model base --compression 8 --dit-model DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
+    python bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
     python bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
     python bench.py --parts dit --official-dit ~/DiT  # also the official DiT code's step (needs timm), same batch
 
@@ -28,11 +28,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-import decoder_diffusion
+import layers
 from ae import DGAE, make_config
 from data import Loader, build_dataset
 from decoder_diffusion import euler_sample, flow_matching_loss
-from dit import DIT_PRESETS, attention, build_dit
+from dit import DIT_PRESETS, build_dit
+from layers import attention
 from train_ae import update_ema
 
 # -----------------------------------------------------------------------------
@@ -308,7 +309,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     no_grad = torch.inference_mode if inference_mode else torch.no_grad
-    decoder_diffusion.use_inference_mode = inference_mode  # what DGAE.decode and euler_sample run under
+    layers.use_inference_mode = inference_mode  # what DGAE.decode and euler_sample run under (layers.no_autograd)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
     print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (

@@ -255,7 +255,7 @@ def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
     return lpips_net, inception, skipped
 
 
-@torch.inference_mode()  # the reconstructions only feed the metrics (see decoder_diffusion.no_autograd)
+@torch.inference_mode()  # the reconstructions only feed the metrics (see layers.no_autograd)
 def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None):
     """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the originals.
 

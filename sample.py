@@ -62,7 +62,7 @@ def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
     return y, noise, int(torch.randint(2**31, (1,), generator=g))
 
 
-@torch.inference_mode()  # images for files only: no autograd bookkeeping (see decoder_diffusion.no_autograd)
+@torch.inference_mode()  # images for files only: no autograd bookkeeping (see layers.no_autograd)
 def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decode_steps=0, decode_seed=0):
     """Labels y (B,) and noise (B, C, h, w) on the model's device -> images (B, 3, H, W) in [-1, 1].
 
