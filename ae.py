@@ -114,7 +114,8 @@ class Encoder(nn.Module):
         n_down = int(math.log2(cfg.compression))
         widths = _widths(cfg.enc_ch, cfg.enc_max_mult, n_down + 1)
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
-        layers, cur = [], widths[0]
+        layers = []
+        cur = widths[0]  # the width of the tensor so far
         for i, w in enumerate(widths):
             for _ in range(cfg.enc_res_blocks):
                 layers.append(ResBlock(cur, w))
