@@ -226,8 +226,8 @@ class DGAE(nn.Module):
     @no_autograd
     def decode(self, z, steps=None, seed=0):
         """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE in `steps` Euler steps
-        (None or 0: cfg.decode_steps, the only place that default is applied) from noise that is a
-        function of `seed` alone, so a fixed seed gives the same reconstruction every time.
+        (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a fixed seed
+        gives the same reconstruction every time.
         Runs under inference mode (layers.no_autograd): x_hat can never need a gradient."""
         if self.cfg.decoder == "gaussian":
             return self.decoder(z).clamp(-1, 1)
