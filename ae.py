@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 import checkpoints
 import common
-from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, checkpointed,
-                               euler_sample, no_autograd, sample_t, velocity_target, x0_estimate)
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, euler_sample, sample_t,
+                               velocity_target, x0_estimate)
+from layers import checkpointed, no_autograd
 
 # default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (our reading
 # of the paper's "2x smaller latent"); f=4 only serves the laptop demo (the tiny preset)
@@ -113,7 +114,8 @@ class Encoder(nn.Module):
         n_down = int(math.log2(cfg.compression))
         widths = _widths(cfg.enc_ch, cfg.enc_max_mult, n_down + 1)
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
-        layers, cur = [], widths[0]
+        layers = []
+        cur = widths[0]  # the width of the tensor so far
         for i, w in enumerate(widths):
             for _ in range(cfg.enc_res_blocks):
                 layers.append(ResBlock(cur, w))
@@ -202,7 +204,7 @@ class DGAE(nn.Module):
         else:
             self.decoder = GaussianDecoder(cfg)
 
-    # Activation checkpointing of the encoder and the decoder alike (see decoder_diffusion.checkpointed):
+    # Activation checkpointing of the encoder and the decoder alike (see layers.checkpointed):
     # `model.grad_checkpoint = True`, as train_ae.py does for --grad-checkpoint. Not part of cfg: it
     # changes how a training step computes, not what, so checkpoints never record it.
     @property
@@ -223,9 +225,10 @@ class DGAE(nn.Module):
 
     @no_autograd
     def decode(self, z, steps=None, seed=0):
-        """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE from noise that is a
-        function of `seed` alone, so a fixed seed gives the same reconstruction every time.
-        Runs under inference mode (decoder_diffusion.no_autograd): x_hat can never need a gradient."""
+        """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE in `steps` Euler steps
+        (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a fixed seed
+        gives the same reconstruction every time.
+        Runs under inference mode (layers.no_autograd): x_hat can never need a gradient."""
         if self.cfg.decoder == "gaussian":
             return self.decoder(z).clamp(-1, 1)
         B, _, h, w = z.shape

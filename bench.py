@@ -3,7 +3,7 @@ Benchmarks: what a training step, a decode and a sample cost, and how close each
 
     python bench.py                              # tiny DGAE + DiT-Tiny/1 on this machine (CPU included), fp32
     python bench.py --quick true                 # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
-    python bench.py --ae-model base --compression 8 --dit-model DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
+    python bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
     python bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
     python bench.py --parts dit --official-dit ~/DiT  # also the official DiT code's step (needs timm), same batch
 
@@ -28,11 +28,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-import decoder_diffusion
+import layers
 from ae import DGAE, make_config
 from data import Loader, build_dataset
 from decoder_diffusion import euler_sample, flow_matching_loss
-from dit import DIT_PRESETS, attention, build_dit
+from dit import DIT_PRESETS, build_dit
+from layers import attention
 from train_ae import update_ema
 
 # -----------------------------------------------------------------------------
@@ -185,7 +186,6 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
            graph_breaks=graph_breaks() - breaks if compile else None, **extra)
     return ema
 
-
 def stage1(cfg, dev, autocast, no_grad):
     """A DGAE training step, then decoding with the EMA weights at each of `decode_steps`."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -208,6 +208,24 @@ def stage1(cfg, dev, autocast, no_grad):
             with no_grad(), autocast:
                 ema.decode(z, steps=steps)
         record(f"ae_decode_{steps}", *timed(decode, dev), images=batch_size, flops=steps * step_flops)
+
+
+def official_model(h, c):
+    """The official DiT of the preset `dit_preset`, from the models.py of the checkout `official_dit`, loaded by
+    its path. learn_sigma off: it then predicts what ours does, with the same layers and FLOPs. Its attention is
+    timm's, by default the fused kernel: compare it with our --attn-impl sdpa."""
+    path = os.path.join(official_dit, "models.py")
+    try:
+        spec = importlib.util.spec_from_file_location("official_dit_models", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        table = module.DiT_models
+    except Exception as e:  # no such file, timm missing, another repository
+        raise SystemExit(f"error: --official-dit: cannot import DiT_models from {path} ({type(e).__name__}: {e}); "
+                         "give a checkout of facebookresearch/DiT, with timm installed") from None
+    if dit_preset not in table:
+        raise SystemExit(f"error: the official DiT code has no {dit_preset}; its presets: {', '.join(table)}")
+    return table[dit_preset](input_size=h, in_channels=c, num_classes=1000, learn_sigma=False)
 
 
 def stage2(cfg, dev, autocast, no_grad):
@@ -236,22 +254,8 @@ def stage2(cfg, dev, autocast, no_grad):
     record("dit_sample", *timed(sample, dev), images=batch_size, flops=sample_steps * step_flops, tokens=tokens)
 
 
-def official_model(h, c):
-    """The official DiT of the preset `dit_preset`, from the models.py of the checkout `official_dit`, loaded by
-    its path. learn_sigma off: it then predicts what ours does, with the same layers and FLOPs. Its attention is
-    timm's, by default the fused kernel: compare it with our --attn-impl sdpa."""
-    path = os.path.join(official_dit, "models.py")
-    try:
-        spec = importlib.util.spec_from_file_location("official_dit_models", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        table = module.DiT_models
-    except Exception as e:  # no such file, timm missing, another repository
-        raise SystemExit(f"error: --official-dit: cannot import DiT_models from {path} ({type(e).__name__}: {e}); "
-                         "give a checkout of facebookresearch/DiT, with timm installed") from None
-    if dit_preset not in table:
-        raise SystemExit(f"error: the official DiT code has no {dit_preset}; its presets: {', '.join(table)}")
-    return table[dit_preset](input_size=h, in_channels=c, num_classes=1000, learn_sigma=False)
+def seq_lengths():
+    return [int(t) for t in attn_seq.split(",")]
 
 
 def attention_rows(dev, dtype):
@@ -277,10 +281,6 @@ def attention_rows(dev, dtype):
             record(f"attn_{impl}_T{T}_fwd_bwd", *timed(fwd_bwd, dev), flops=attention_flops(*shape, True), shape=shape)
 
 
-def seq_lengths():
-    return [int(t) for t in attn_seq.split(",")]
-
-
 def data_row(cfg):
     """Images/s of the Loader the trainers use, with `num_workers` processes: is training input-bound?"""
     loader = Loader(build_dataset(data, cfg.resolution), batch_size, num_workers=num_workers, seed=seed)
@@ -290,51 +290,6 @@ def data_row(cfg):
     for _ in range(data_batches):
         next(loader)
     record("data_pipeline", (time.perf_counter() - t0) / data_batches, None, images=batch_size, num_workers=num_workers)
-
-
-def main():
-    global peak_flops_per_s
-    wanted = parts.split(",")
-    if not set(wanted) <= {"ae", "dit", "attn", "data"} or precision not in ("auto", "fp32", "bf16"):
-        raise SystemExit(f"error: --parts takes some of ae,dit,attn,data (got {parts!r}); "
-                         f"--precision auto, fp32 or bf16 (got {precision!r})")
-    if official_dit and ("dit" not in wanted or checkpoint):
-        raise SystemExit("error: --official-dit times the official DiT's step beside ours: it needs dit in --parts, "
-                         "and no --checkpoint (the official code has no activation checkpointing)")
-    torch.manual_seed(seed)
-    dev = torch.device(device or common.default_device())
-    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else torch.float32
-    if dev.type == "cuda":  # fp32 matmuls in TF32, as common.autocast_context sets for training (the peak too)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    no_grad = torch.inference_mode if inference_mode else torch.no_grad
-    decoder_diffusion.use_inference_mode = inference_mode  # what DGAE.decode and euler_sample run under
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
-    device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
-    print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
-        "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "inference_mode", "attn_impl")))
-
-    n = matmul_size or (8192 if dev.type == "cuda" else 2048)  # the peak: 2 n^3 FLOPs in the compute dtype
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    s, mem = timed(lambda: a @ b, dev)
-    peak_flops_per_s = 2 * n**3 / s
-    record(f"matmul_{n}", s, mem, flops=2 * n**3)
-    del a, b
-    cfg = make_config(ae_preset, attn_impl=attn_impl, **({"compression": compression} if compression else {}))
-    if "ae" in wanted:
-        stage1(cfg, dev, autocast, no_grad)
-    if "dit" in wanted:
-        stage2(cfg, dev, autocast, no_grad)
-    if "attn" in wanted:
-        attention_rows(dev, dtype)
-    if "data" in wanted:
-        data_row(cfg)
-
-    print_table(results)
-    if json:
-        with open(json, "w") as f:
-            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
-        print(f"wrote {json}")
 
 
 def cell(v, spec):
@@ -383,12 +338,56 @@ def compare_runs(path_a, path_b):
                   f"{cell(rb['mfu'], '7.0%')}{cell(ra['peak_mib'], '9.0f')}{cell(rb['peak_mib'], '9.0f')}")
 
 
-if __name__ == "__main__":
-    settings, given = common.configure(globals())  # here, not at import time: the tests import this file
-    if quick:
+def main():
+    global peak_flops_per_s
+    settings, given = common.configure(globals())  # in main, not at import time: the tests import this file
+    if quick:  # QUICK's sizes, except those given on the command line
         globals().update({k: v for k, v in QUICK.items() if k not in given})
         settings = {k: globals()[k] for k in settings}
     if compare:
-        compare_runs(*compare.split(","))
-    else:
-        main()
+        return compare_runs(*compare.split(","))
+    wanted = parts.split(",")
+    if not set(wanted) <= {"ae", "dit", "attn", "data"} or precision not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"error: --parts takes some of ae,dit,attn,data (got {parts!r}); "
+                         f"--precision auto, fp32 or bf16 (got {precision!r})")
+    if official_dit and ("dit" not in wanted or checkpoint):
+        raise SystemExit("error: --official-dit times the official DiT's step beside ours: it needs dit in --parts, "
+                         "and no --checkpoint (the official code has no activation checkpointing)")
+    torch.manual_seed(seed)
+    dev = torch.device(device or common.default_device())
+    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else torch.float32
+    if dev.type == "cuda":  # fp32 matmuls in TF32, as common.autocast_context sets for training (the peak too)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    no_grad = torch.inference_mode if inference_mode else torch.no_grad
+    layers.use_inference_mode = inference_mode  # what DGAE.decode and euler_sample run under (layers.no_autograd)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
+    device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
+    print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
+        "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "inference_mode", "attn_impl")))
+
+    n = matmul_size or (8192 if dev.type == "cuda" else 2048)  # the peak: 2 n^3 FLOPs in the compute dtype
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    s, mem = timed(lambda: a @ b, dev)
+    peak_flops_per_s = 2 * n**3 / s
+    record(f"matmul_{n}", s, mem, flops=2 * n**3)
+    del a, b
+    cfg = make_config(ae_preset, attn_impl=attn_impl, **({"compression": compression} if compression else {}))
+    if "ae" in wanted:
+        stage1(cfg, dev, autocast, no_grad)
+    if "dit" in wanted:
+        stage2(cfg, dev, autocast, no_grad)
+    if "attn" in wanted:
+        attention_rows(dev, dtype)
+    if "data" in wanted:
+        data_row(cfg)
+
+    print_table(results)
+    if json:
+        with open(json, "w") as f:
+            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
+        print(f"wrote {json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -217,7 +217,7 @@ def ignore_stop_signals(worker_id=None):
 
 
 def find_weights(path, filename, url, flag, env_var, required=True):
-    """Resolve a pretrained weight file: `path` if given, else $env_var, else $DGAE_WEIGHTS/filename.
+    """Resolve a pretrained weight file: `path` if given (not ""), else $env_var, else $DGAE_WEIGHTS/filename.
 
     $DGAE_WEIGHTS defaults to ./weights. Nothing is ever downloaded: if the file is missing and
     required, the error says which file, where it is published and how to point us at it.

@@ -33,6 +33,7 @@ def _parse_like(value, default, name):
     except ValueError:
         raise SystemExit(f"error: --{name} takes a {type(default).__name__}, got {value!r}") from None
 
+
 def configure(settings, argv=None):
     """Override a script's settings in place from `--name value` or `--name=value` arguments.
 
@@ -195,6 +196,16 @@ def all_reduce_sum(t, dist):
     return t
 
 
+def exit_now(dist, status):
+    """Leave at once with `status`: a single process with SystemExit; a DDP worker with os._exit, which
+    skips the interpreter's teardown, where gloo can abort (shutdown, below, says more)."""
+    if not dist.ddp:
+        raise SystemExit(status)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def shutdown(dist, status=0):
     """End the process with exit status `status` (0: done; EXIT_STOPPED: stopped by a signal, saved),
     so that a DDP worker cannot crash on the way out.
@@ -211,15 +222,6 @@ def shutdown(dist, status=0):
     torch_dist.barrier()
     torch_dist.destroy_process_group()
     exit_now(dist, status)
-
-
-def exit_now(dist, status):
-    """Leave at once with `status`: as a DDP worker with os._exit (see shutdown), else with SystemExit."""
-    if not dist.ddp:
-        raise SystemExit(status)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(status)
 
 
 def count_params(model):

@@ -4,6 +4,7 @@ Evaluation: the numbers papers report, computed the way the field computes them.
     python eval.py recon --ckpt out/ae/ckpt.pt --data /imagenet/val           # stage 1: PSNR SSIM LPIPS rFID
     python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # stage 2: FID sFID IS P/R
     python eval.py stats --images /path/to/images --out stats.npz             # reusable FID statistics
+    python eval.py compare --train-args "--max-steps 600"                     # DGAE vs the Gaussian decoder
     torchrun --nproc_per_node=8 eval.py <mode> ...                            # same, sharded over GPUs
 
 recon: every image of --data is ADM center-cropped to the model's resolution, encoded and decoded
@@ -11,6 +12,9 @@ recon: every image of --data is ADM center-cropped to the model's resolution, en
 gen: the samples (.npz with arr_0, what sample.py writes, or a folder) against a reference: an
 .npz of precomputed statistics (mu, sigma, and mu_s, sigma_s for sFID; the ADM ImageNet 256
 reference batch also holds 10K images in arr_0, used for precision/recall), or images.
+stats: the FID statistics of a set of images, to pass as --ref later.
+compare: trains the same encoder with each decoder at c and c/2 latent channels, scores all four.
+Where the images come from and how the processes share them is eval_data.py.
 
 Conventions, chosen to match published numbers (the formulas are in metrics.py):
   - Everything is measured on uint8 images, i.e. what a saved PNG holds: reconstructions are
@@ -27,7 +31,7 @@ Conventions, chosen to match published numbers (the formulas are in metrics.py):
     network resizes differently (inception.py), so gFID against them is close to, not identical
     with, the ADM evaluator's. For a paper table, also run that evaluator on the same samples.npz.
   - Under torchrun each rank takes a contiguous run of the single-process batches; features are
-    gathered in rank order, so rank 0 sees the single-process arrays (and recon the same decoder
+    gathered in rank order (eval_data.py), so rank 0 sees the single-process arrays (and recon the same decoder
     noise) on any number of GPUs, and alone computes and writes the results.
 """
 
@@ -38,21 +42,18 @@ import shlex
 import subprocess
 import sys
 import time
-import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
-from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import common
-from data import ImageFolderDataset, collate_skip_bad, unreadable_error
+from eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two, gather_rows,
+                       inception_features, readable_or_refuse, require_zip, to_pixels, total)
 from inception import load_inception
 from lpips import load_lpips
 from metrics import (feature_stats, frechet_distance, highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
                      precision_recall, psnr, ssim)
-from procedural import ProceduralDataset
 
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
@@ -75,145 +76,6 @@ lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 train_args = ""  # compare: extra train_ae.py flags for all four runs, e.g. "--max-steps 600"
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
-
-FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
-
-# Held-out images of the built-in dataset: item i of the dataset with this seed. train_ae.py draws
-# its built-in training images from --seed (default 0), so a run never trains on these.
-HELDOUT_SEED = 999_999
-HELDOUT_SIZE = 500  # images scored when --data is empty and --num-images is 0
-
-# -----------------------------------------------------------------------------
-# image sources, sharding and gathering. Images reach metrics.py as (B, 3, H, W) float tensors of
-# integers in [0, 255].
-
-
-def to_pixels(x):
-    """(B, 3, H, W) in [-1, 1] -> the uint8 values a PNG would store, as floats in [0, 255]."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
-
-
-class ImageSource:
-    """Images from an .npz (arr_0: (N, H, W, 3) uint8), a folder (ADM center crop to `res`, read by
-    `num_workers` loader processes), or, for recon with no path, `builtin_size` held-out images of
-    the built-in procedural dataset.
-
-    .npz files are streamed: 50K 256^2 samples are 9.8 GB, so each rank seeks to its shard inside
-    the arr_0.npy member (cheap when stored uncompressed, as np.savez writes it) and reads one
-    batch at a time instead of loading it all.
-    """
-
-    def __init__(self, path, res, builtin_size=0, num_workers=0):
-        self.path, self.n_bad, self.num_workers = path, 0, num_workers
-        if not path and builtin_size:  # recon without --data: held-out images of the built-in dataset
-            self.dataset = ProceduralDataset(res, size=builtin_size, seed=HELDOUT_SEED)
-            self.n = len(self.dataset)
-        elif path.endswith(".npz"):
-            require_zip(path)
-            with zipfile.ZipFile(path) as zf:
-                if "arr_0.npy" not in zf.namelist():
-                    raise ValueError(f"{path} has no arr_0 (images); it holds {zf.namelist()}")
-                with zf.open("arr_0.npy") as f:
-                    version = np.lib.format.read_magic(f)
-                    fmt = np.lib.format
-                    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                    self.shape, fortran, dtype = read_header(f)
-                    self.offset = f.tell()
-            if fortran or dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
-                raise ValueError(f"{path}: arr_0 must be a C-order (N, H, W, 3) uint8 array, got {self.shape} {dtype}")
-            self.dataset, self.n = None, self.shape[0]
-        else:
-            self.dataset = ImageFolderDataset(path, res)
-            self.n = len(self.dataset)
-
-    def shard(self, limit, bs, dist):
-        """This rank's contiguous index range [lo, hi) of the first `limit` (0 = all) images.
-
-        Ranks get whole batches of the single-process batching (image i is in batch i // bs on any
-        number of GPUs), so recon's per-batch decoder seeds, and the numbers, don't depend on the
-        world size.
-        """
-        n = self.n if limit <= 0 else min(limit, self.n)
-        n_batches = math.ceil(n / bs)
-        lo, hi = (n_batches * r // dist.world_size for r in (dist.rank, dist.rank + 1))
-        return min(lo * bs, n), min(hi * bs, n)
-
-    def batches(self, lo, hi, bs):
-        """Yield images lo..hi-1 as (B, 3, H, W) float pixel tensors in [0, 255] (unreadable ones skipped)."""
-        if self.dataset is None:
-            item = int(np.prod(self.shape[1:]))  # bytes per image
-            with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
-                f.seek(self.offset + lo * item)
-                for i in range(lo, hi, bs):
-                    b = min(bs, hi - i)
-                    arr = np.frombuffer(f.read(b * item), dtype=np.uint8).reshape(b, *self.shape[1:])
-                    yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
-        else:
-            shard = Subset(self.dataset, range(lo, hi))
-            for x, _, n_bad in DataLoader(shard, bs, num_workers=self.num_workers, collate_fn=collate_skip_bad):
-                self.n_bad += n_bad
-                if len(x):
-                    yield to_pixels(x)
-
-
-def require_zip(path):
-    """np.savez writes a zip archive; refuse anything else named .npz in one line, not a traceback."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path} is not an .npz file (not a zip archive); write it with np.savez "
-                         "(sample.py --num-samples does) or pass a folder of images")
-
-
-def at_least_two(source, flag, limit=0):
-    """FID statistics are a mean and a covariance: 0 or 1 images give NaN or a traceback, so refuse
-    them with a line naming the input."""
-    n = source.n if limit <= 0 else min(limit, source.n)
-    if n < 2:
-        raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; FID statistics need at least 2 "
-                         "(the ImageNet protocol uses 50K)")
-    return source
-
-
-def readable_or_refuse(source, n_read, n_tried, dist, at_least=1):
-    """Refuse, on every rank, a folder of which fewer than `at_least` images could be read: with none,
-    recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN.
-    n_read is the gathered (global) count, n_tried this rank's share."""
-    if n_read >= at_least:
-        return
-    tried = total(n_tried, dist)
-    if n_read == 0 and source.dataset is not None:
-        raise unreadable_error(source.dataset, tried)
-    raise ValueError(f"{source.path}: only {n_read} of its {tried} images could be read (the warnings above "
-                     f"say why); FID statistics need at least {at_least}")
-
-
-def gather_rows(parts, width, dist):
-    """Concatenate this rank's list of row arrays, then all ranks' in rank order (= global order)."""
-    a = np.concatenate(parts) if parts else np.zeros((0,) + width, np.float32)
-    if not dist.ddp:
-        return a
-    everything = [None] * dist.world_size
-    torch_dist.all_gather_object(everything, a)
-    return np.concatenate(everything)
-
-
-def total(count, dist):
-    return int(common.all_reduce_sum(torch.tensor([count], device=dist.device), dist).item())
-
-
-@torch.no_grad()
-def inception_features(source, model, dist, batch_size, limit=0, desc=""):
-    """Pool, spatial and logit features of the first `limit` (0 = all) images of a source, gathered."""
-    lo, hi = source.shard(limit, batch_size, dist)
-    feats = {k: [] for k in FEATURE_DIMS}
-    batches = source.batches(lo, hi, batch_size)
-    for x in tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc=desc, disable=not dist.master):
-        for k, v in model(x.to(dist.device) / 255).items():
-            feats[k].append(v.float().cpu().numpy())
-    feats = {k: gather_rows(v, (FEATURE_DIMS[k],), dist) for k, v in feats.items()}
-    readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)  # FID statistics need 2
-    return feats
 
 
 def write_results(results, path):
@@ -245,8 +107,8 @@ def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
     Returns (lpips_net or None, inception or None, {metric: reason it was skipped}). A path the
     user typed must exist (find_weights raises); a default location that is empty just skips.
     """
-    lpips_net = load_lpips(vgg_path or None, lpips_path or None, required=False, device=dist.device)
-    inception = load_inception(inception_path or None, dist.device, required=False)
+    lpips_net = load_lpips(vgg_path, lpips_path, required=False, device=dist.device)
+    inception = load_inception(inception_path, dist.device, required=False)
     skipped = {}
     if lpips_net is None:
         skipped["lpips"] = "VGG16 / LPIPS weight files not found (--vgg-path, --lpips-path)"
@@ -255,7 +117,7 @@ def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
     return lpips_net, inception, skipped
 
 
-@torch.inference_mode()  # the reconstructions only feed the metrics (see decoder_diffusion.no_autograd)
+@torch.inference_mode()  # the reconstructions only feed the metrics (see layers.no_autograd)
 def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None):
     """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the originals.
 
@@ -351,7 +213,7 @@ def run_gen(dist):
     ref_src = None
     if has_images and (prec_recall or "mu" not in ref_stats):
         ref_src = at_least_two(ImageSource(ref, resolution, num_workers=num_workers), "--ref")
-    inception = load_inception(inception_path or None, dist.device)
+    inception = load_inception(inception_path, dist.device)
     fake = inception_features(fake_src, inception, dist, batch_size, num_images, "samples")
     ref_feats = None
     if ref_src is not None:
@@ -379,12 +241,27 @@ def run_stats(dist):
     if not images or not out:
         raise SystemExit("stats needs --images (.npz with arr_0, or a folder) and --out (the .npz to write)")
     source = at_least_two(ImageSource(images, resolution, num_workers=num_workers), "--images", num_images)
-    inception = load_inception(inception_path or None, dist.device)
+    inception = load_inception(inception_path, dist.device)
     feats = inception_features(source, inception, dist, batch_size, num_images, "images")
     if dist.master:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         np.savez(out, **stats_of(feats, dist.device), num_images=len(feats["pool"]))
         print(f"wrote FID statistics of {len(feats['pool'])} images to {out}")
+
+
+def train_for_comparison(root, decoder, channels, train_args):
+    """One `python train_ae.py` run of the comparison, in root/<decoder>_c<channels> (channels 0: the
+    preset's), with the flags `train_args`; returns the path of its checkpoint."""
+    run_dir = os.path.join(root, f"{decoder}_c{channels}" if channels else f"{decoder}_default")
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ae.py"),
+           "--decoder", decoder, "--out-dir", run_dir, *shlex.split(train_args)]
+    if channels:
+        cmd += ["--latent-channels", str(channels)]
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        cmd += ["--resume", "true"]  # finishes an interrupted run; a finished one just reloads
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    return os.path.join(run_dir, "ckpt.pt")
 
 
 def run_compare(dist):
@@ -398,27 +275,13 @@ def run_compare(dist):
     if dist.ddp:
         raise SystemExit("compare runs its training jobs one after another; start it with plain python")
     root = out or "out/compare"
-    runs = []  # (decoder, latent channels, checkpoint path)
-
-    def train(decoder, channels):
-        run_dir = os.path.join(root, f"{decoder}_c{channels}" if channels else f"{decoder}_default")
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ae.py"),
-               "--decoder", decoder, "--out-dir", run_dir, *shlex.split(train_args)]
-        if channels:
-            cmd += ["--latent-channels", str(channels)]
-        if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-            cmd += ["--resume", "true"]  # finishes an interrupted run; a finished one just reloads
-        print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-        subprocess.run(cmd, check=True)
-        return os.path.join(run_dir, "ckpt.pt")
-
-    first = train("diffusion", 0)  # the preset's c, read back from the checkpoint
+    first = train_for_comparison(root, "diffusion", 0, train_args)  # the preset's c, read back from the checkpoint
     c = load_dgae(first).cfg.latent_channels
     if c < 2:
         raise SystemExit(f"compare needs at least 2 latent channels to halve, the model has {c}")
-    runs.append(("diffusion", c, first))
-    runs += [("gaussian", c, train("gaussian", c)), ("diffusion", c // 2, train("diffusion", c // 2)),
-             ("gaussian", c // 2, train("gaussian", c // 2))]
+    runs = [("diffusion", c, first)]  # (decoder, latent channels, checkpoint path)
+    for decoder, channels in (("gaussian", c), ("diffusion", c // 2), ("gaussian", c // 2)):
+        runs.append((decoder, channels, train_for_comparison(root, decoder, channels, train_args)))
 
     rows = []
     for decoder, channels, path in runs:

@@ -245,7 +245,7 @@ class InceptionV3(nn.Module):
         return {"pool": pool, "spatial": spatial, "logits": logits}
 
 
-def load_inception(path=None, device="cpu", required=True):
+def load_inception(path="", device="cpu", required=True):
     """The FID InceptionV3 with the published pt_inception weights, loaded strictly.
 
     The file is resolved by checkpoints.find_weights: `path`, else $DGAE_INCEPTION, else

@@ -189,7 +189,7 @@ class LPIPS(nn.Module):
         return self
 
 
-def load_lpips(vgg_path=None, lpips_path=None, required=True, device="cpu"):
+def load_lpips(vgg_path="", lpips_path="", required=True, device="cpu"):
     """Build LPIPS with the published VGG16 and LPIPS v0.1 weights, both read from local files.
 
     Each file is resolved by checkpoints.find_weights: the given path, else $DGAE_VGG16 / $DGAE_LPIPS,

@@ -4,7 +4,7 @@ models or processes. eval.py's docstring gives the protocol around them (crops, 
 sharding over GPUs) and why each convention matches published numbers.
 
 Pixel metrics take (B, 3, H, W) float tensors holding the integers 0..255 (what a saved PNG holds;
-eval.to_pixels rounds a reconstruction to them) and return one value per image: PSNR, SSIM, the
+eval_data.to_pixels rounds a reconstruction to them) and return one value per image: PSNR, SSIM, the
 low-frequency PSNR at the latent's resolution and the energy above the latent grid's Nyquist
 frequency, which highfreq_ratio totals over a dataset.
 

@@ -62,7 +62,7 @@ def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
     return y, noise, int(torch.randint(2**31, (1,), generator=g))
 
 
-@torch.inference_mode()  # images for files only: no autograd bookkeeping (see decoder_diffusion.no_autograd)
+@torch.inference_mode()  # images for files only: no autograd bookkeeping (see layers.no_autograd)
 def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decode_steps=0, decode_seed=0):
     """Labels y (B,) and noise (B, C, h, w) on the model's device -> images (B, 3, H, W) in [-1, 1].
 
@@ -71,7 +71,7 @@ def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decod
     """
     z = euler_sample(lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale), noise, steps)  # (B, C, h, w) at t=0
     z = z.float() * latent_std.view(1, -1, 1, 1) + latent_mean.view(1, -1, 1, 1)  # back to the encoder's scale
-    return ae.decode(z, decode_steps or None, seed=decode_seed)
+    return ae.decode(z, decode_steps, seed=decode_seed)  # 0 steps: the stage-1 default
 
 
 def _or_exit(load, *args):
@@ -147,7 +147,7 @@ def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
     with common.user_errors():  # no such folder, no images in it
         dataset = ImageFolderDataset(folder, ae.cfg.resolution)
     x = torch.stack([dataset[i][0] for i in first_good(dataset, n)]).to(device)
-    recon = ae.reconstruct(x, decode_steps or None, seed=seed)  # (N, 3, H, W)
+    recon = ae.reconstruct(x, decode_steps, seed=seed)  # (N, 3, H, W); 0 steps: the stage-1 default
     save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
     print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)
 
@@ -168,26 +168,25 @@ def check_output(path, npz, master):
 
 
 def main():
-    global num_samples
     settings, _ = common.configure(globals())
     # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan used to write
     # garbage images with exit 0
     common.check_settings(settings, count=("per_class", "steps", "batch_size"),
                           count_or_0=("num_samples", "num", "decode_steps", "seed"), finite=("cfg_scale",))
-    num_samples = num_samples or num
+    n_samples = num_samples or num  # --num is another name for --num-samples
     dist = common.setup_distributed(device)
-    default = "recon.png" if images else "samples.npz" if num_samples > 0 else "samples.png"
+    default = "recon.png" if images else "samples.npz" if n_samples > 0 else "samples.png"
     path = out or os.path.join(os.path.dirname(ckpt), default)
-    check_output(path, npz=num_samples > 0 and not images, master=dist.master)  # before hours of sampling
+    check_output(path, npz=n_samples > 0 and not images, master=dist.master)  # before hours of sampling
     if images:  # stage 1: reconstructions, on rank 0
         if dist.master:
-            reconstruct(ckpt, images, num_samples or 8, decode_steps, seed, path, dist.device)
+            reconstruct(ckpt, images, n_samples or 8, decode_steps, seed, path, dist.device)
         return common.shutdown(dist)
     with common.user_errors():  # a damaged or edited checkpoint: one line naming it
         dit, ae, ck = load_models(ckpt, dist.device, ae_ckpt, attn_impl)
     mean, std = ck["latent_mean"].to(dist.device), ck["latent_std"].to(dist.device)
-    labels = None if num_samples > 0 else grid_labels(classes, per_class, ck["num_classes"])
-    total = num_samples if num_samples > 0 else len(labels)
+    labels = None if n_samples > 0 else grid_labels(classes, per_class, ck["num_classes"])
+    total = n_samples if n_samples > 0 else len(labels)
     n_chunks = -(-total // batch_size)
     if dist.master:
         print(f"{total} samples from {ckpt} (step {ck['step']}), cfg {cfg_scale}, {steps} DiT steps, "
@@ -202,7 +201,7 @@ def main():
             parts.append((to_uint8(x), y.numpy()))
     imgs, ys = in_index_order(parts, total, n_chunks, batch_size, dist, path)
     if dist.master:
-        if num_samples > 0:  # atomic, like the checkpoints: never half an .npz under the final name
+        if n_samples > 0:  # atomic, like the checkpoints: never half an .npz under the final name
             checkpoints.atomic_write(path, lambda fh: np.savez(fh, arr_0=imgs, labels=ys))
         else:
             save_image_grid(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1, path, nrow=per_class)

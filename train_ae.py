@@ -217,7 +217,7 @@ def main():
         # the perceptual loss needs the VGG16 + LPIPS files; the built-in run works without them
         lpips = None
         if cfg.lpips_weight > 0:
-            lpips = load_lpips(vgg_path or None, lpips_path or None, required=bool(data), device=dev)
+            lpips = load_lpips(vgg_path, lpips_path, required=bool(data), device=dev)
         log("perceptual loss: " + ("LPIPS (VGG16) on x0_hat" if lpips is not None else
             "off (" + ("--lpips-weight 0" if cfg.lpips_weight == 0 else
                        "weight files not found; see README 'Pretrained weight files'") + ")"))

@@ -13,7 +13,7 @@ import torch
 
 import bench
 from ae import make_config
-from dit import attention
+from layers import attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

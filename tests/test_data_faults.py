@@ -25,6 +25,7 @@ from PIL import Image, ImageFile
 
 import data
 import eval as ev
+import eval_data
 import train_ae
 from data import ImageFolderDataset, Loader, collate_skip_bad, first_good
 from latents import LatentCache
@@ -259,13 +260,13 @@ def test_fid_features_of_a_folder_with_one_readable_image_are_refused(tmp_path):
     (tmp_path / "imgs").mkdir()
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "imgs/a.png")
     (tmp_path / "imgs/b.png").write_text("not a png")
-    src = ev.at_least_two(ev.ImageSource(str(tmp_path / "imgs"), 16), "--images")
+    src = eval_data.at_least_two(eval_data.ImageSource(str(tmp_path / "imgs"), 16), "--images")
 
     def features(x):
-        return {k: torch.zeros(len(x), d) for k, d in ev.FEATURE_DIMS.items()}
+        return {k: torch.zeros(len(x), d) for k, d in eval_data.FEATURE_DIMS.items()}
 
     with pytest.warns(UserWarning, match="b.png"), pytest.raises(ValueError) as e:
-        ev.inception_features(src, features, SOLO, 2)
+        eval_data.inception_features(src, features, SOLO, 2)
     assert str(e.value) == (f"{tmp_path / 'imgs'}: only 1 of its 2 images could be read (the warnings above say why); "
                             "FID statistics need at least 2")
 

@@ -1,4 +1,5 @@
-"""The rectified-flow math and the conditional U-Net denoiser (decoder_diffusion.py)."""
+"""The rectified-flow math and the conditional U-Net denoiser (decoder_diffusion.py), and the two ways the
+models save work (layers.py: activation checkpointing and inference mode)."""
 
 import math
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 import decoder_diffusion as dd
+import layers
 
 
 def test_noising_velocity_and_one_step_estimate_match_hand_computed_values():
@@ -222,6 +224,6 @@ def test_sampling_runs_in_inference_mode_unless_switched_off(monkeypatch):
     x1 = torch.randn(2, 3)
     x = dd.euler_sample(lambda x, t: -x, x1, 2)
     assert x.is_inference() and not x1.is_inference()  # the input is not turned into one
-    monkeypatch.setattr(dd, "use_inference_mode", False)  # what bench.py --inference-mode false does
+    monkeypatch.setattr(layers, "use_inference_mode", False)  # what bench.py --inference-mode false does
     x = dd.euler_sample(lambda x, t: -x, x1, 2)
     assert not x.is_inference() and not x.requires_grad

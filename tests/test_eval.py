@@ -16,6 +16,7 @@ from PIL import Image
 
 import checkpoints
 import eval as ev
+import eval_data
 import inception as inception_module
 import metrics
 from inception import INCEPTION_FILE, INCEPTION_URL, InceptionV3, load_inception, pool3x3
@@ -131,7 +132,7 @@ def test_npz_images_are_streamed_slice_by_slice(tmp_path):
     arr = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 3), dtype=np.uint8)
     for save in (np.savez, np.savez_compressed):
         save(tmp_path / "s.npz", arr_0=arr)
-        src = ev.ImageSource(str(tmp_path / "s.npz"), 0)
+        src = eval_data.ImageSource(str(tmp_path / "s.npz"), 0)
         got = torch.cat(list(src.batches(2, 7, 2)))
         assert src.n == 7 and torch.equal(got, torch.from_numpy(arr[2:7]).permute(0, 3, 1, 2).float())
 
@@ -257,7 +258,7 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
     ds = ImageFolderDataset(str(folder), 32)
     x = torch.stack([ds[i][0] for i in range(5)])
     rec = torch.cat([model.reconstruct(x[lo : lo + 2], steps=2, seed=lo) for lo in (0, 2, 4)])
-    real, fake = ev.to_pixels(x), ev.to_pixels(rec)
+    real, fake = eval_data.to_pixels(x), eval_data.to_pixels(rec)
     assert res["psnr"] == pytest.approx(metrics.psnr(real, fake).mean().item(), rel=1e-6)
     assert res["ssim"] == pytest.approx(metrics.ssim(real, fake).mean().item(), rel=1e-6)
     assert res["lpips"] == pytest.approx(lp(real / 127.5 - 1, fake / 127.5 - 1).mean().item(), rel=1e-4)
@@ -283,10 +284,11 @@ def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_pa
     assert res["num_images"] == 6 and res["compression"] == 4
     # the numbers by hand: held-out items 0..5 of the built-in data, batches decoded with seeds 0 and 4
     model = load_dgae(str(tmp_path / "ckpt.pt"))
-    ds = ProceduralDataset(32, size=6, seed=ev.HELDOUT_SEED)
+    ds = ProceduralDataset(32, size=6, seed=eval_data.HELDOUT_SEED)
     x = torch.stack([ds[i][0] for i in range(6)])
-    real = ev.to_pixels(x)
-    fake = ev.to_pixels(torch.cat([model.reconstruct(x[:4], steps=2, seed=0), model.reconstruct(x[4:], steps=2, seed=4)]))
+    real = eval_data.to_pixels(x)
+    fake = eval_data.to_pixels(torch.cat([model.reconstruct(x[:4], steps=2, seed=0),
+                                          model.reconstruct(x[4:], steps=2, seed=4)]))
     for key, value in (("psnr", metrics.psnr(real, fake)), ("ssim", metrics.ssim(real, fake)), ("lowfreq_psnr", metrics.lowfreq_psnr(real, fake, 4)),
                        ("meancolour_psnr", metrics.psnr(real, real.mean(dim=(2, 3), keepdim=True).expand_as(real)))):
         assert res[key] == pytest.approx(value.mean().item(), rel=1e-6), key

@@ -1,0 +1,175 @@
+"""
+The images eval.py scores, and how several processes share them.
+
+An ImageSource is one of three things: an .npz of images (arr_0, what sample.py writes), streamed a
+batch at a time; a folder of images, ADM center-cropped, with unreadable files skipped and counted;
+or, for recon without --data, held-out images of the built-in dataset. Under torchrun each rank
+takes a contiguous run of the single-process batches (ImageSource.shard), and what the ranks
+compute is gathered back in rank order (gather_rows, total), so rank 0 sees the arrays of a single
+process on any number of GPUs. Sources too small for FID statistics, or whose images could not be
+read, are refused in one line. Images reach metrics.py as (B, 3, H, W) float tensors of integers in
+[0, 255], what a saved PNG holds (to_pixels).
+"""
+
+import math
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import common
+from data import ImageFolderDataset, collate_skip_bad, unreadable_error
+from procedural import ProceduralDataset
+
+# the widths of the three InceptionV3 feature sets (inception.py): FID, sFID, IS
+FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
+
+# Held-out images of the built-in dataset: item i of the dataset with this seed. train_ae.py draws
+# its built-in training images from --seed (default 0), so a run never trains on these.
+HELDOUT_SEED = 999_999
+HELDOUT_SIZE = 500  # images scored when --data is empty and --num-images is 0
+
+# -----------------------------------------------------------------------------
+# image sources
+
+
+def to_pixels(x):
+    """(B, 3, H, W) in [-1, 1] -> the uint8 values a PNG would store, as floats in [0, 255]."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+def require_zip(path):
+    """np.savez writes a zip archive; refuse anything else named .npz in one line, not a traceback."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not an .npz file (not a zip archive); write it with np.savez "
+                         "(sample.py --num-samples does) or pass a folder of images")
+
+
+class ImageSource:
+    """Images from an .npz (arr_0: (N, H, W, 3) uint8), a folder (ADM center crop to `res`, read by
+    `num_workers` loader processes), or, for recon with no path, `builtin_size` held-out images of
+    the built-in procedural dataset.
+
+    .npz files are streamed: 50K 256^2 samples are 9.8 GB, so each rank seeks to its shard inside
+    the arr_0.npy member (cheap when stored uncompressed, as np.savez writes it) and reads one
+    batch at a time instead of loading it all.
+    """
+
+    def __init__(self, path, res, builtin_size=0, num_workers=0):
+        self.path, self.n_bad, self.num_workers = path, 0, num_workers
+        if not path and builtin_size:  # recon without --data: held-out images of the built-in dataset
+            self.dataset = ProceduralDataset(res, size=builtin_size, seed=HELDOUT_SEED)
+            self.n = len(self.dataset)
+        elif path.endswith(".npz"):
+            require_zip(path)
+            with zipfile.ZipFile(path) as zf:
+                if "arr_0.npy" not in zf.namelist():
+                    raise ValueError(f"{path} has no arr_0 (images); it holds {zf.namelist()}")
+                with zf.open("arr_0.npy") as f:
+                    version = np.lib.format.read_magic(f)
+                    fmt = np.lib.format
+                    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    self.shape, fortran, dtype = read_header(f)
+                    self.offset = f.tell()
+            if fortran or dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
+                raise ValueError(f"{path}: arr_0 must be a C-order (N, H, W, 3) uint8 array, got {self.shape} {dtype}")
+            self.dataset, self.n = None, self.shape[0]
+        else:
+            self.dataset = ImageFolderDataset(path, res)
+            self.n = len(self.dataset)
+
+    def count(self, limit):
+        """How many images a run with --num-images `limit` uses: the first `limit`, or all if it is 0."""
+        return self.n if limit <= 0 else min(limit, self.n)
+
+    def shard(self, limit, bs, dist):
+        """This rank's contiguous index range [lo, hi) of the first `limit` (0 = all) images.
+
+        Ranks get whole batches of the single-process batching (image i is in batch i // bs on any
+        number of GPUs), so recon's per-batch decoder seeds, and the numbers, don't depend on the
+        world size.
+        """
+        n = self.count(limit)
+        n_batches = math.ceil(n / bs)
+        lo, hi = (n_batches * r // dist.world_size for r in (dist.rank, dist.rank + 1))
+        return min(lo * bs, n), min(hi * bs, n)
+
+    def batches(self, lo, hi, bs):
+        """Yield images lo..hi-1 as (B, 3, H, W) float pixel tensors in [0, 255] (unreadable ones skipped)."""
+        if self.dataset is None:
+            item = int(np.prod(self.shape[1:]))  # bytes per image
+            with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
+                f.seek(self.offset + lo * item)
+                for i in range(lo, hi, bs):
+                    b = min(bs, hi - i)
+                    arr = np.frombuffer(f.read(b * item), dtype=np.uint8).reshape(b, *self.shape[1:])
+                    yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
+        else:
+            shard = Subset(self.dataset, range(lo, hi))
+            for x, _, n_bad in DataLoader(shard, bs, num_workers=self.num_workers, collate_fn=collate_skip_bad):
+                self.n_bad += n_bad
+                if len(x):
+                    yield to_pixels(x)
+
+
+def at_least_two(source, flag, limit=0):
+    """FID statistics are a mean and a covariance: 0 or 1 images give NaN or a traceback, so refuse
+    them with a line naming the input."""
+    n = source.count(limit)
+    if n < 2:
+        raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; FID statistics need at least 2 "
+                         "(the ImageNet protocol uses 50K)")
+    return source
+
+
+# -----------------------------------------------------------------------------
+# what the ranks computed, back in one place
+
+
+def gather_rows(parts, width, dist):
+    """Concatenate this rank's list of row arrays, then all ranks' in rank order (= global order)."""
+    a = np.concatenate(parts) if parts else np.zeros((0,) + width, np.float32)
+    if not dist.ddp:
+        return a
+    everything = [None] * dist.world_size
+    torch_dist.all_gather_object(everything, a)
+    return np.concatenate(everything)
+
+
+def total(count, dist):
+    """A count summed over the ranks (every rank gets the sum)."""
+    return int(common.all_reduce_sum(torch.tensor([count], device=dist.device), dist).item())
+
+
+def readable_or_refuse(source, n_read, n_tried, dist, at_least=1):
+    """Refuse, on every rank, a folder of which fewer than `at_least` images could be read: with none,
+    recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN.
+    n_read is the gathered (global) count, n_tried this rank's share."""
+    if n_read >= at_least:
+        return
+    tried = total(n_tried, dist)
+    if n_read == 0 and source.dataset is not None:
+        raise unreadable_error(source.dataset, tried)
+    raise ValueError(f"{source.path}: only {n_read} of its {tried} images could be read (the warnings above "
+                     f"say why); FID statistics need at least {at_least}")
+
+
+@torch.no_grad()
+def inception_features(source, model, dist, batch_size, limit=0, desc=""):
+    """Pool, spatial and logit features of the first `limit` (0 = all) images of a source, gathered."""
+    lo, hi = source.shard(limit, batch_size, dist)
+    feats = {k: [] for k in FEATURE_DIMS}
+    batches = source.batches(lo, hi, batch_size)
+    for x in tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc=desc, disable=not dist.master):
+        for k, v in model(x.to(dist.device) / 255).items():
+            feats[k].append(v.float().cpu().numpy())
+    feats = {k: gather_rows(v, (FEATURE_DIMS[k],), dist) for k, v in feats.items()}
+    readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)  # FID statistics need 2
+    return feats
+
