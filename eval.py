@@ -66,7 +66,7 @@ out = ""  # results .json (the table goes beside it as .txt); stats: the .npz to
 resolution = 256  # gen/stats: folder images are ADM center-cropped to this size
 num_images = 0  # recon/gen/stats: use only the first N images (0 = all)
 batch_size = 50
-num_workers = 4  # data-loader workers for folders
+num_workers = min(4, os.cpu_count() or 1)  # data-loader workers for folders (fewer on a machine with fewer cores)
 decode_steps = 0  # recon: Euler steps of the diffusion decoder (0 = the checkpoint's default)
 seed = 0  # recon: decoder noise seed (each batch uses seed + the index of its first image)
 prec_recall = True  # gen: precision/recall when the reference holds images (10K for ADM's batch)
