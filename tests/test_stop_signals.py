@@ -177,3 +177,32 @@ def test_train_dit_a_signal_while_encoding_keeps_the_finished_shards_and_the_nex
     for k in range(40):
         assert_same_tensors(load(tmp_path / "uninterrupted" / f"shard_{k:05d}.pt"), load(cache / f"shard_{k:05d}.pt"))
     assert_same_tensors(load(tmp_path / "uninterrupted/stats.pt"), load(cache / "stats.pt"))
+
+
+def test_sigkill_at_any_point_leaves_a_loadable_checkpoint_and_resume_stays_bit_identical(tmp_path, uninterrupted):
+    # SIGKILL cannot be handled: what protects the run is the atomic checkpoint write. With a
+    # checkpoint every step, kills alternate between a moment inside a step and the moment a
+    # checkpoint's .tmp file appears (a write under way). After each one ckpt.pt is a whole file,
+    # and the run resumed after all of them ends bit-identical to the run never stopped (how often
+    # it saved changes nothing).
+    args = [*AE_ARGS, "--ckpt-every", "1"]
+    ckpt, tmp = tmp_path / "out/ae/ckpt.pt", tmp_path / "out/ae/ckpt.pt.tmp"
+    steps, in_a_write = [], []
+    for cycle in range(4):
+        proc = start(tmp_path, "train_ae.py", *args, *(["--resume", "true"] if ckpt.exists() else []))
+        wait_for(proc, tmp_path / "out/ae/log.jsonl", tmp_path)  # a step done (the log comes before the save)
+        (tmp_path / "out/ae/log.jsonl").unlink()  # so that the next run's first step is waited for too
+        if cycle % 2 == 0:  # inside a step, once a checkpoint exists
+            wait_for(proc, ckpt, tmp_path)
+            time.sleep(0.05)
+        else:  # inside a write: no sleep between seeing the .tmp and the kill
+            deadline = time.time() + 60
+            while not tmp.exists():
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "stderr").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+        finish(proc, tmp_path)
+        steps.append(load(ckpt)["step"])  # loads: never half a file
+        in_a_write.append(tmp.exists())  # the write was cut short: its .tmp is left (and never read)
+    assert steps == sorted(steps) and steps[-1] < MAX_STEPS, steps
+    assert any(in_a_write[1::2]), in_a_write  # at least one kill did land inside a write
+    assert_resumes_to(tmp_path, uninterrupted, *args)
