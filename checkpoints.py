@@ -195,7 +195,8 @@ class StopSignals:
 
     def flag(self, device):
         """1.0 if this process received a stop signal, as a tensor to all-reduce with the step's other flags."""
-        return torch.tensor(float(self.received is not None), device=device)
+        # torch.full fills on the device; torch.tensor would copy a host value over every step
+        return torch.full((), float(self.received is not None), device=device)
 
 
 def stopped_message(stop, step, ckpt_path):

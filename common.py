@@ -215,13 +215,11 @@ def shutdown(dist, status=0):
     destroys the process group, flushes its output and leaves with os._exit, skipping that
     teardown. Everything worth keeping was written before.
     """
-    if not dist.ddp:
-        if status:
-            raise SystemExit(status)
-        return
-    torch_dist.barrier()
-    torch_dist.destroy_process_group()
-    exit_now(dist, status)
+    if dist.ddp:
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+    if dist.ddp or status:  # a single process that is done simply returns
+        exit_now(dist, status)
 
 
 def count_params(model):
