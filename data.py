@@ -173,7 +173,7 @@ def build_dataset(data, resolution, num_classes=10, size=10000, seed=0):
 
 def collate_skip_bad(batch):
     """[(x, y) or None] -> (x (B, 3, H, W), y (B,) long, n_bad). Runs inside the worker, so
-    n_bad travels back with the batch and the trainer can report skips even with workers."""
+    n_bad travels back with the batch; the iterators below add it to their own .n_bad."""
     good = [item for item in batch if item is not None]
     n_bad = len(batch) - len(good)
     if not good:  # every image of the batch was bad; Loader skips such batches
@@ -181,6 +181,25 @@ def collate_skip_bad(batch):
     x = torch.stack([item[0] for item in good])  # (B, 3, H, W)
     y = torch.tensor([int(item[1]) for item in good], dtype=torch.long)  # (B,)
     return x, y, n_bad
+
+
+class InOrder:
+    """The readable items of `dataset`, in order, in batches: for x (B, 3, H, W), y (B,) in InOrder(...).
+
+    For one pass over a fixed set of images (the latent cache, evaluation). Unreadable images are
+    skipped and counted in .n_bad, so a caller that reports them reads one number.
+    """
+
+    def __init__(self, dataset, batch_size, num_workers=0, pin_memory=False):
+        self.loader = DataLoader(dataset, batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
+                                 pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+        self.n_bad = 0
+
+    def __iter__(self):
+        for x, y, n_bad in self.loader:
+            self.n_bad += n_bad
+            if len(y):
+                yield x, y
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -203,11 +222,13 @@ class ResumableDistributedSampler(DistributedSampler):
 
 
 class Loader:
-    """Infinite batch iterator for one rank: next(loader) -> (x (B, 3, H, W), y (B,), n_bad).
+    """Infinite batch iterator for one rank: next(loader) -> (x (B, 3, H, W), y (B,)).
 
     Every rank gets the same number of batches per epoch (num_samples // batch_size), which DDP
     needs. state_dict() = (epoch, batches consumed this epoch); a new Loader given it continues
-    with exactly the batches the old one would have produced next.
+    with exactly the batches the old one would have produced next. Unreadable images are skipped
+    and counted in .n_bad: this rank's, since this Loader was made, which the log reports. (Not in
+    the state: the checkpoint holds rank 0's state, and the ranks' counts differ.)
     """
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0):
@@ -228,14 +249,14 @@ class Loader:
             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
             worker_init_fn=ignore_stop_signals,  # stop signals are the trainer's (checkpoints.StopSignals)
         )
-        self.epoch, self.batch = 0, 0
+        self.epoch, self.batch, self.n_bad = 0, 0, 0
         self._it = None
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        n_bad, n_empty = 0, 0
+        n_empty = 0
         while True:
             if self._it is None:
                 # (re)start the epoch at the current position; the sampler is read in this
@@ -249,16 +270,16 @@ class Loader:
                 self.epoch, self.batch, self._it = self.epoch + 1, 0, None
                 continue
             self.batch += 1
-            n_bad += bad
-            # A batch whose images were all unreadable is skipped, its count carried forward.
-            # (Only then can ranks drift apart by a batch; with real data it does not happen.)
+            self.n_bad += bad
+            # A batch whose images were all unreadable is skipped. (Only then can ranks drift apart
+            # by a batch; with real data it does not happen.)
             if len(y) > 0:
-                return x, y, n_bad
+                return x, y
             # a whole epoch's share without one readable image (a folder of bad files, a storage
             # mount gone mid-run) would loop here forever, in silence: stop with one line instead
             n_empty += 1
             if n_empty >= self.batches_per_epoch:
-                raise unreadable_error(self.dataset, n_bad, in_a_row=True)
+                raise unreadable_error(self.dataset, n_empty * self.batch_size, in_a_row=True)
 
     def state_dict(self):
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,

@@ -48,7 +48,7 @@ import torch
 from tqdm import tqdm
 
 import common
-from eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two, gather_rows,
+from eval_data import (FEATURE_DIMS, HELDOUT_SEED, ImageSource, at_least_two, gather_rows,
                        inception_features, readable_or_refuse, require_zip, to_pixels, total)
 from inception import load_inception
 from lpips import load_lpips
@@ -180,7 +180,7 @@ def run_recon(dist):
     model = load_dgae(ckpt, dist.device)
     steps = decode_steps or model.cfg.decode_steps
     lpips_net, inception, skipped = optional_measures(dist, vgg_path, lpips_path, inception_path)
-    source = ImageSource(data, model.cfg.resolution, num_images or HELDOUT_SIZE, num_workers)
+    source = ImageSource(data, model.cfg.resolution, num_workers, builtin_limit=num_images)
     scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed, lpips_net, inception)
     if dist.master:
         results = {"mode": "recon", "ckpt": ckpt, "data": data or f"built-in, held-out (seed {HELDOUT_SEED})",
@@ -286,7 +286,7 @@ def run_compare(dist):
     rows = []
     for decoder, channels, path in runs:
         model = load_dgae(path, dist.device)
-        source = ImageSource(data, model.cfg.resolution, num_images or HELDOUT_SIZE, num_workers)
+        source = ImageSource(data, model.cfg.resolution, num_workers, builtin_limit=num_images)
         for steps in ((1, 3, 10, 50) if decoder == "diffusion" else (0,)):
             scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed)
             rows.append({"decoder": "DGAE (diffusion)" if decoder == "diffusion" else "Gaussian",

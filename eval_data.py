@@ -18,11 +18,11 @@ import zipfile
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 import common
-from data import ImageFolderDataset, collate_skip_bad, unreadable_error
+from data import ImageFolderDataset, InOrder, unreadable_error
 from procedural import ProceduralDataset
 
 # the widths of the three InceptionV3 feature sets (inception.py): FID, sFID, IS
@@ -53,18 +53,18 @@ def require_zip(path):
 
 class ImageSource:
     """Images from an .npz (arr_0: (N, H, W, 3) uint8), a folder (ADM center crop to `res`, read by
-    `num_workers` loader processes), or, for recon with no path, `builtin_size` held-out images of
-    the built-in procedural dataset.
+    `num_workers` loader processes), or, for recon with no path, held-out images of the built-in
+    procedural dataset: the first `builtin_limit` of them, or HELDOUT_SIZE if it is 0.
 
     .npz files are streamed: 50K 256^2 samples are 9.8 GB, so each rank seeks to its shard inside
     the arr_0.npy member (cheap when stored uncompressed, as np.savez writes it) and reads one
     batch at a time instead of loading it all.
     """
 
-    def __init__(self, path, res, builtin_size=0, num_workers=0):
+    def __init__(self, path, res, num_workers=0, builtin_limit=None):
         self.path, self.n_bad, self.num_workers = path, 0, num_workers
-        if not path and builtin_size:  # recon without --data: held-out images of the built-in dataset
-            self.dataset = ProceduralDataset(res, size=builtin_size, seed=HELDOUT_SEED)
+        if not path and builtin_limit is not None:  # recon without --data: held-out built-in images
+            self.dataset = ProceduralDataset(res, size=builtin_limit or HELDOUT_SIZE, seed=HELDOUT_SEED)
             self.n = len(self.dataset)
         elif path.endswith(".npz"):
             require_zip(path)
@@ -111,11 +111,10 @@ class ImageSource:
                     arr = np.frombuffer(f.read(b * item), dtype=np.uint8).reshape(b, *self.shape[1:])
                     yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
         else:
-            shard = Subset(self.dataset, range(lo, hi))
-            for x, _, n_bad in DataLoader(shard, bs, num_workers=self.num_workers, collate_fn=collate_skip_bad):
-                self.n_bad += n_bad
-                if len(x):
-                    yield to_pixels(x)
+            shard = InOrder(Subset(self.dataset, range(lo, hi)), bs, self.num_workers)
+            for x, _ in shard:
+                yield to_pixels(x)
+            self.n_bad += shard.n_bad
 
 
 def at_least_two(source, flag, limit=0):

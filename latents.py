@@ -27,13 +27,13 @@ import json
 import os
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 import checkpoints
 import common
 from ae import DGAE, config_from_dict, encoder_fingerprint
-from data import collate_skip_bad, unreadable_error
+from data import InOrder, unreadable_error
 
 # -----------------------------------------------------------------------------
 # what a cache is built from
@@ -199,26 +199,24 @@ def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar, stop=N
     Encoded in fp32 (no autocast): it happens once and the latents should be the encoder's own.
     """
     dev = next(ae.parameters()).device
-    loader = DataLoader(subset, batch_size=batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
-                        pin_memory=dev.type == "cuda", worker_init_fn=checkpoints.ignore_stop_signals)
-    zs, ys, n_bad = [torch.zeros(0, 2, *latent_shape, dtype=torch.float16)], [torch.zeros(0, dtype=torch.long)], 0
-    for x, y, bad in loader:
+    batches = InOrder(subset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+    zs, ys = [torch.zeros(0, 2, *latent_shape, dtype=torch.float16)], [torch.zeros(0, dtype=torch.long)]
+    for x, y in batches:
         if stop is not None and stop.received:
             return None
-        n_bad += bad
-        if len(y):
-            x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
-            z = ae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then their mirror images
-            if not z.isfinite().all() or z.abs().max() > 60000:
-                raise ValueError("latent values non-finite or beyond the float16 range; "
-                                 "the stage-1 encoder has diverged")
-            zs.append(torch.stack(z.chunk(2), dim=1).half().cpu())  # (B, 2, C, h, w)
-            ys.append(y)
-        pbar.update(len(y) + bad)
+        x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
+        z = ae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then their mirror images
+        if not z.isfinite().all() or z.abs().max() > 60000:
+            raise ValueError("latent values non-finite or beyond the float16 range; "
+                             "the stage-1 encoder has diverged")
+        zs.append(torch.stack(z.chunk(2), dim=1).half().cpu())  # (B, 2, C, h, w)
+        ys.append(y)
+        pbar.update(len(y))
+    pbar.update(batches.n_bad)  # the progress bar counts images, read or skipped
     z = torch.cat(zs)
     z64 = z.double()  # statistics of exactly what training will read (the float16 values), in float64
     return dict(z=z, y=torch.cat(ys), sum=z64.sum((0, 1, 3, 4)), sumsq=z64.pow(2).sum((0, 1, 3, 4)),
-                count=z64[:, :, 0].numel(), n_bad=n_bad)
+                count=z64[:, :, 0].numel(), n_bad=batches.n_bad)
 
 
 def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_workers=0, stop=None):

@@ -253,7 +253,6 @@ def main():
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
     stop = checkpoints.StopSignals()  # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit
-    n_bad = 0  # unreadable images skipped by this rank since the last log row
     n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
 
     while step < max_steps:
@@ -266,8 +265,7 @@ def main():
         # no_sync() on every micro-batch but the last (DDP decides at the forward pass).
         means = {}  # this rank's mean over the micro-batches of the loss and of each term
         for micro in range(grad_accum):
-            x, _, bad = next(loader)
-            n_bad += bad
+            x, _ = next(loader)
             x = random_hflip(x).to(dev, non_blocking=True)  # in [-1, 1]; flips from the checkpointed RNG
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -303,12 +301,12 @@ def main():
 
         if step % log_every == 0 or step == max_steps:
             # one all-reduce: the terms averaged over ranks, so the row describes the whole global
-            # batch rather than rank 0's share, and the skipped images summed
-            vals = common.all_reduce_sum(torch.stack([*means.values(), torch.tensor(float(n_bad), device=dev)]), dist)
+            # batch rather than rank 0's share, and the unreadable images skipped so far (loader.n_bad) summed
+            vals = common.all_reduce_sum(torch.stack([*means.values(), torch.tensor(float(loader.n_bad), device=dev)]), dist)
             row = {k: v.item() for k, v in zip(means, vals[:-1] / dist.world_size)}
             row["bad_images"] = vals[-1].item()
             row["skipped_steps"] = n_skipped  # the same on every rank
-            n_bad = n_skipped = 0
+            n_skipped = 0
             images_per_step = cfg.batch_size * grad_accum * dist.world_size
             row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
                        img_per_s=(step - first_step) * images_per_step / (time.time() - t0))

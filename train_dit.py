@@ -195,7 +195,7 @@ def main():
         # grad_accum micro-batches; DDP all-reduces the gradients on the last one only (see train_ae.py)
         mean_loss = 0.0  # this rank's mean over the micro-batches
         for micro in range(grad_accum):
-            z2, y, _ = next(loader)  # z2 (B, 2, C, h, w) float16: each image's latent and its mirror image's
+            z2, y = next(loader)  # z2 (B, 2, C, h, w) float16: each image's latent and its mirror image's
             pick = torch.randint(0, 2, (len(y),))  # the horizontal-flip augmentation: one of the two at random
             z = z2[torch.arange(len(y)), pick].to(dev, non_blocking=True).float()  # (B, C, h, w)
             z = (z - mean) / std  # per-channel zero mean, unit variance: the scale the noise has
@@ -246,7 +246,7 @@ def main():
             # guided Euler with the EMA DiT from the fixed noise, back to the encoder's scale, decode
             with autocast:
                 z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise, sample_steps)
-                x = ae.decode(z.float() * std + mean, decode_steps or None, seed=grid_seed)  # (N, 3, H, W)
+                x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed)  # (N, 3, H, W)
             save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
         if step % ckpt_every == 0 or step == max_steps or stopping:
             checkpoints.save_training(

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data import ImageFolderDataset, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip
+from data import ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip
 from procedural import ProceduralDataset
 
 # -----------------------------------------------------------------------------
@@ -203,11 +203,18 @@ def test_bad_images_are_skipped_with_a_warning_and_counted(tmp_path):
     x, y, n_bad = collate_skip_bad([ds[i] for i in range(len(ds))])
     assert n_bad == 2 and x.shape == (2, 3, 16, 16) and y.dtype == torch.long
     assert y.tolist() == [0, 1]
-    # through the Loader: one epoch of one batch of 4 holds both bad files
+    # through the Loader: one epoch of one batch of 4 holds both bad files; the loader counts them
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        xb, yb, nb = next(Loader(ds, batch_size=4))
-    assert nb == 2 and xb.shape[0] == 2
+        loader = Loader(ds, batch_size=4)
+        xb, yb = next(loader)
+        assert loader.n_bad == 2 and xb.shape[0] == 2
+        next(loader)
+        assert loader.n_bad == 4  # the next epoch reads them again
+        # one pass in order (the latent cache, evaluation): the readable ones, the rest counted
+        batches = InOrder(ds, batch_size=3)
+        ys = [y.tolist() for _, y in batches]
+    assert ys == [[0, 1]] and batches.n_bad == 2  # the second batch (text.jpg alone) is empty: not yielded
     x, y, n_bad = collate_skip_bad([None, None])  # an all-bad batch is empty, not an error
     assert n_bad == 2 and x.shape[0] == 0 and y.shape == (0,)
 
@@ -247,8 +254,8 @@ def test_ranks_get_disjoint_shards_of_the_seeded_permutation():
         assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 48
         assert all(ld.state_dict()["epoch"] == epoch and ld.state_dict()["batch"] == 6 for ld in loaders)
     # labels come along with the images
-    x, y, n_bad = next(loaders[0])
-    assert y.tolist() == [i % 3 for i in _indices(x)] and n_bad == 0 and x.shape == (4, 3, 2, 2)
+    x, y = next(loaders[0])
+    assert y.tolist() == [i % 3 for i in _indices(x)] and loaders[0].n_bad == 0 and x.shape == (4, 3, 2, 2)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -263,8 +270,9 @@ def test_resume_from_state_dict_replays_the_next_batches(num_workers):
     expected = [next(a) for _ in range(8)]  # runs across the next epoch boundary
     b = Loader(ds, 4, seed=1, num_workers=num_workers)
     b.load_state_dict(state)
-    for (xe, ye, _), (xb, yb, nb) in zip(expected, [next(b) for _ in range(8)]):
-        assert torch.equal(xe, xb) and torch.equal(ye, yb) and nb == 0
+    for (xe, ye), (xb, yb) in zip(expected, [next(b) for _ in range(8)]):
+        assert torch.equal(xe, xb) and torch.equal(ye, yb)
+    assert b.n_bad == 0
     # rewinding a loader that is mid-epoch (workers hold prefetched batches) works too
     a.load_state_dict(state)
     assert all(torch.equal(e[0], next(a)[0]) for e in expected[:3])

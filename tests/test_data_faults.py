@@ -9,7 +9,6 @@ fresh build would give.
 
 import importlib
 import io
-import json
 import os
 import shutil
 import struct
@@ -202,8 +201,9 @@ def test_no_readable_image_is_one_line_in_first_good_and_the_loader(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert first_good(ds, 8) == [10]
-        x, y, n_bad = next(Loader(ds, batch_size=11))
-    assert len(y) == 1 and n_bad == 10
+        loader = Loader(ds, batch_size=11)
+        x, y = next(loader)
+    assert len(y) == 1 and loader.n_bad == 10
 
 
 def test_unreadable_images_are_named_in_at_most_max_image_warnings_then_only_counted(tmp_path, monkeypatch):
