@@ -164,8 +164,10 @@ class GaussianDecoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        if cfg.gauss_ch < 1:  # 0 means "match the diffusion decoder", which make_config works out
+            raise ValueError("GaussianDecoder needs cfg.gauss_ch; build the config with ae.make_config")
         n_up = int(math.log2(cfg.compression))
-        widths = _widths(cfg.gauss_ch, cfg.enc_max_mult, n_up + 1)[::-1]  # gauss_ch: set by make_config
+        widths = _widths(cfg.gauss_ch, cfg.enc_max_mult, n_up + 1)[::-1]
         cur = widths[0]
         self.conv_in = nn.Conv2d(cfg.latent_channels, cur, 3, padding=1)
         layers = [ResBlock(cur, cur), AttnBlock(cur, attn_impl=cfg.attn_impl), ResBlock(cur, cur)]

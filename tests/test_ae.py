@@ -1,11 +1,13 @@
 """The DGAE autoencoder (ae.py): shapes, posterior, determinism, loss terms, and a tiny overfit."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 import ae
+import common
 from procedural import ProceduralDataset
 from train_ae import update_ema
 
@@ -164,3 +166,15 @@ def test_tiny_model_overfits_a_handful_of_images(decoder, steps):
     after = _psnr(ema.reconstruct(x, steps=10), x)
     assert last < 0.5 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert after > before + 10, f"PSNR did not rise: {before:.1f} -> {after:.1f} dB"
+
+
+def test_the_gaussian_baseline_gets_the_width_closest_to_the_diffusion_decoders_size():
+    cfg = ae.make_config("tiny", decoder="gaussian")
+    target = common.count_params(ae.DGAE(replace(cfg, decoder="diffusion")).decoder)
+    size = lambda ch: common.count_params(ae.GaussianDecoder(replace(cfg, gauss_ch=ch)))  # noqa: E731
+    assert cfg.gauss_ch % 4 == 0
+    # no other multiple of 4 comes closer to the diffusion decoder's parameter count
+    assert all(abs(size(cfg.gauss_ch) - target) <= abs(size(ch) - target) for ch in range(4, 129, 4))
+    # 0 ("match it") is make_config's to resolve; a hand-built config is told so instead of a shape error
+    with pytest.raises(ValueError, match="make_config"):
+        ae.GaussianDecoder(replace(cfg, gauss_ch=0))
