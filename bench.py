@@ -218,6 +218,7 @@ def official_model(h, c):
     try:
         spec = importlib.util.spec_from_file_location("official_dit_models", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # torch.compile re-imports the module of the code it traces
         spec.loader.exec_module(module)
         table = module.DiT_models
     except Exception as e:  # no such file, timm missing, another repository
