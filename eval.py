@@ -5,6 +5,7 @@ Evaluation: the numbers papers report, computed the way the field computes them.
     python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # stage 2: FID sFID IS P/R
     python eval.py stats --images /path/to/images --out stats.npz             # reusable FID statistics
     python eval.py compare --train-args "--max-steps 600"                     # DGAE vs the Gaussian decoder
+    python eval.py classes --samples out/dit/samples.npz                      # built-in data: samples of the right class?
     torchrun --nproc_per_node=8 eval.py <mode> ...                            # same, sharded over GPUs
 
 recon: every image of --data is ADM center-cropped to the model's resolution, encoded and decoded
@@ -14,6 +15,9 @@ gen: the samples (.npz with arr_0, what sample.py writes, or a folder) against a
 reference batch also holds 10K images in arr_0, used for precision/recall), or images.
 stats: the FID statistics of a set of images, to pass as --ref later.
 compare: trains the same encoder with each decoder at c and c/2 latent channels, scores all four.
+classes: stage 2 on the built-in data, where FID's ImageNet Inception means little: a small CNN
+(procedural.PatternClassifier) is trained on built-in images, then names the pattern of each sample;
+the share named as the class it was sampled for, against chance and the CNN's accuracy on real images.
 Where the images come from and how the processes share them is eval_data.py.
 
 Conventions, chosen to match published numbers (the formulas are in metrics.py):
@@ -48,12 +52,14 @@ import torch
 from tqdm import tqdm
 
 import common
-from eval_data import (FEATURE_DIMS, HELDOUT_SEED, ImageSource, at_least_two, gather_rows,
+from data import InOrder
+from eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two, gather_rows,
                        inception_features, readable_or_refuse, require_zip, to_pixels, total)
 from inception import load_inception
 from lpips import load_lpips
 from metrics import (feature_stats, frechet_distance, highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
                      precision_recall, psnr, ssim)
+from procedural import ProceduralDataset, train_pattern_classifier
 
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
@@ -74,6 +80,7 @@ inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION,
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 train_args = ""  # compare: extra train_ae.py flags for all four runs, e.g. "--max-steps 600"
+num_classes = 10  # classes: the classes of the built-in dataset the DiT was trained on (train_dit.py --num-classes)
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
 
@@ -98,7 +105,7 @@ def write_results(results, path):
 
 
 # -----------------------------------------------------------------------------
-# the four modes
+# the five modes
 
 
 def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
@@ -313,7 +320,44 @@ def run_compare(dist):
     print(f"wrote {os.path.join(root, 'compare.md')}")
 
 
-MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "compare": run_compare}
+def run_classes(dist):
+    if not samples.endswith(".npz"):
+        raise SystemExit("classes needs --samples, an .npz of samples and their labels (sample.py --num-samples "
+                         "writes one)")
+    require_zip(samples)
+    with np.load(samples) as f:
+        if "labels" not in f.files:
+            raise SystemExit(f"--samples {samples} has no labels; classes needs the .npz of sample.py --num-samples")
+        labels = torch.from_numpy(f["labels"]).long()
+    source = ImageSource(samples, 0)
+    n, res = source.count(num_images), source.shape[1]
+    if len(labels) != source.n or n == 0 or not 0 <= labels.min() <= labels.max() < num_classes:
+        raise SystemExit(f"--samples {samples}: {source.n} images with {len(labels)} labels in "
+                         f"[{labels.min()}, {labels.max()}]; classes needs one label per image, in [0, --num-classes "
+                         f"{num_classes})")
+    if not dist.master:  # small work (the built-in data is small): rank 0 does it all
+        return
+    judge = train_pattern_classifier(res, num_classes, device=dist.device)
+
+    @torch.no_grad()
+    def named(batches):  # uint8 pixel values (as floats in [0, 255]) -> the judge's class, (N,)
+        return torch.cat([judge(x.to(dist.device) / 127.5 - 1).argmax(1).cpu() for x in batches])
+
+    pred = named(source.batches(0, n, batch_size))  # (n,)
+    real = InOrder(ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED), batch_size)
+    real_pred = named(to_pixels(x) for x, _ in real)  # held-out real images, rounded to uint8 like the samples
+    real_labels = torch.arange(HELDOUT_SIZE) % num_classes
+    y = labels[:n]
+    names = ProceduralDataset(res, num_classes).class_names
+    results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res, "num_classes": num_classes,
+               "accuracy": (pred == y).float().mean().item(), "chance": 1 / num_classes,
+               "real_accuracy": (real_pred == real_labels).float().mean().item(),
+               "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
+                                      for c in range(num_classes) if (y == c).any()}}
+    write_results(results, out or os.path.splitext(samples)[0] + "_classes.json")
+
+
+MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "compare": run_compare, "classes": run_classes}
 
 
 def main():

@@ -12,6 +12,8 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 
@@ -164,3 +166,57 @@ class ProceduralDataset(Dataset):
     def __getitem__(self, i):
         x = torch.from_numpy(self.image(i)).permute(2, 0, 1).contiguous()  # (3, H, W)
         return x, int(i) % self.num_classes
+
+
+# -----------------------------------------------------------------------------
+# a judge for generated images: which pattern does an image show?
+
+
+class PatternClassifier(nn.Module):
+    """A small CNN that names the pattern of a built-in image: x (B, 3, H, W) in [-1, 1] -> logits (B, K).
+
+    It gives stage 2 on the built-in data a number (eval.py classes): the share of samples for class
+    c that it classifies as c, against chance (1/K) and against its own accuracy on real images.
+    Three levels of two 3x3 convolutions, then a global average, so any resolution divisible by 8 works.
+    """
+
+    def __init__(self, num_classes=10, width=16):
+        super().__init__()
+        layers, ch = [], 3
+        for w in (width, 2 * width, 4 * width):
+            for c_in in (ch, w):
+                layers += [nn.Conv2d(c_in, w, 3, padding=1), nn.GroupNorm(8, w), nn.ReLU()]
+            layers.append(nn.MaxPool2d(2))
+            ch = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(ch, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))  # (B, K)
+
+
+def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=64, seed=0, device="cpu"):
+    """Train a PatternClassifier on fresh built-in images (seed `seed`, each seen once), in eval mode at the end.
+
+    Each image is mirrored with probability 1/2, as stage 2 trains on mirrored latents too: a mirrored
+    diagonal stripe is still a diagonal stripe. The learning rate falls linearly to 0, which settles
+    the weights. Deterministic for a seed (its own RNG, not the global one).
+    """
+    data = ProceduralDataset(resolution, num_classes, size=steps * batch_size, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PatternClassifier(num_classes).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = 2e-3 * (1 - step / steps)
+            items = [data[i] for i in range(step * batch_size, (step + 1) * batch_size)]
+            x = torch.stack([item[0] for item in items])  # (B, 3, H, W)
+            y = torch.tensor([item[1] for item in items])  # (B,)
+            flip = torch.rand(batch_size) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).to(device)
+            loss = F.cross_entropy(model(x), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model.eval()

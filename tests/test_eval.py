@@ -313,3 +313,31 @@ def test_compare_mode_trains_four_matched_models_and_tabulates_them(tmp_path):
     assert "| decoder | latent |" in open(tmp_path / "cmp" / "compare.md").read() and "mean colour" in out
     for run in ("diffusion_default", "gaussian_c4", "diffusion_c2", "gaussian_c2"):
         assert torch.load(tmp_path / "cmp" / run / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_samples(tmp_path, monkeypatch):
+    # "samples" that are real built-in images (not the judge's training images): the first half carry
+    # their own class, the second half the next class. The judge names held-out real images right, so
+    # the score is about half of its real accuracy plus its rare confusions into the next class.
+    from data import to_uint8
+    from procedural import ProceduralDataset
+
+    ds = ProceduralDataset(32, size=200, seed=777)
+    x = torch.stack([ds[i][0] for i in range(200)])  # (200, 3, 32, 32)
+    y = np.arange(200) % 10
+    y[100:] = (y[100:] + 1) % 10
+    np.savez(tmp_path / "s.npz", arr_0=to_uint8(x), labels=y)
+    run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "s.npz"), "--device", "cpu")
+    res = json.load(open(tmp_path / "s_classes.json"))
+    assert res["num_samples"] == 200 and res["resolution"] == 32 and res["chance"] == 0.1
+    assert res["real_accuracy"] >= 0.9  # the judge recognises the built-in patterns
+    assert 0.5 * res["real_accuracy"] - 0.1 <= res["accuracy"] <= 0.6, res
+    assert set(res["per_class_accuracy"]) == set(ds.class_names)
+    # refused in one line before any training: no labels, labels beyond --num-classes, not an .npz
+    np.savez(tmp_path / "unlabelled.npz", arr_0=to_uint8(x))
+    np.savez(tmp_path / "k12.npz", arr_0=to_uint8(x), labels=np.arange(200) % 12)
+    for path, message in [("unlabelled.npz", "has no labels"), ("k12.npz", r"in \[0, --num-classes 10\)"),
+                          ("samples_dir", "an .npz of samples and their labels")]:
+        with pytest.raises(SystemExit, match=message):
+            run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / path), "--device", "cpu")
