@@ -80,7 +80,7 @@ inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION,
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 train_args = ""  # compare: extra train_ae.py flags for all four runs, e.g. "--max-steps 600"
-num_classes = 10  # classes: the classes of the built-in dataset the DiT was trained on (train_dit.py --num-classes)
+num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
 
