@@ -146,7 +146,7 @@ def _psnr(a, b):
 
 
 @pytest.mark.parametrize("decoder,steps", [("diffusion", 300), ("gaussian", 150)])
-def test_tiny_model_overfits_a_handful_of_images(decoder, steps):
+def test_tiny_model_overfits_a_handful_of_images(decoder, steps, both_cores):
     torch.manual_seed(0)
     ds = ProceduralDataset(resolution=32, size=4)
     x = torch.stack([ds[i][0] for i in range(4)])  # (4, 3, 32, 32)

@@ -316,7 +316,7 @@ def test_compare_mode_trains_four_matched_models_and_tabulates_them(tmp_path):
 
 
 @pytest.mark.slow
-def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_samples(tmp_path, monkeypatch):
+def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_samples(tmp_path, monkeypatch, both_cores):
     # "samples" that are real built-in images (not the judge's training images): the first half carry
     # their own class, the second half the next class. The judge names held-out real images right, so
     # the score is about half of its real accuracy plus its rare confusions into the next class.
