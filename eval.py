@@ -331,9 +331,11 @@ def run_classes(dist):
         labels = torch.from_numpy(f["labels"]).long()
     source = ImageSource(samples, 0)
     n, res = source.count(num_images), source.shape[1]
-    if len(labels) != source.n or n == 0 or not 0 <= labels.min() <= labels.max() < num_classes:
-        raise SystemExit(f"--samples {samples}: {source.n} images with {len(labels)} labels in "
-                         f"[{labels.min()}, {labels.max()}]; classes needs one label per image, in [0, --num-classes "
+    if len(labels) != source.n or source.n == 0:
+        raise SystemExit(f"--samples {samples}: {source.n} images and {len(labels)} labels; classes needs one label "
+                         "per image")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise SystemExit(f"--samples {samples}: labels in [{labels.min()}, {labels.max()}], not in [0, --num-classes "
                          f"{num_classes})")
     if not dist.master:  # small work (the built-in data is small): rank 0 does it all
         return

@@ -337,7 +337,9 @@ def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_sa
     # refused in one line before any training: no labels, labels beyond --num-classes, not an .npz
     np.savez(tmp_path / "unlabelled.npz", arr_0=to_uint8(x))
     np.savez(tmp_path / "k12.npz", arr_0=to_uint8(x), labels=np.arange(200) % 12)
-    for path, message in [("unlabelled.npz", "has no labels"), ("k12.npz", r"in \[0, --num-classes 10\)"),
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8), labels=np.zeros(0, np.int64))
+    for path, message in [("unlabelled.npz", "has no labels"), ("k12.npz", r"not in \[0, --num-classes 10\)"),
+                          ("empty.npz", "0 images and 0 labels"),
                           ("samples_dir", "an .npz of samples and their labels")]:
         with pytest.raises(SystemExit, match=message):
             run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / path), "--device", "cpu")
