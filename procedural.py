@@ -4,7 +4,8 @@ fly and never downloaded. It makes `python train_ae.py` work out of the box and 
 something with sharp, high-frequency detail to reconstruct. data.build_dataset picks it for --data "".
 
 Item i is a pure function of (seed, i), at any resolution; images are float32 tensors (3, H, W) in
-[-1, 1], labels are Python ints (the pattern's index).
+[-1, 1], labels are Python ints (the pattern's index). At the end, PatternClassifier: a small CNN
+that tells the patterns apart, with which eval.py classes scores stage 2's samples.
 """
 
 import math
