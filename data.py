@@ -10,7 +10,9 @@ all read images through this file, so they all see the same pixels:
   crop. Unreadable files, and images too large to decode safely (MAX_IMAGE_PIXELS), are
   reported and skipped (the item is None), never a crash; a folder where none can be read is a
   one-line error (unreadable_error), not an empty run.
-- collate_skip_bad: batches the good items and counts the bad ones.
+- collate_skip_bad: batches the good items and counts the bad ones; the two iterators below add
+  the counts up in their `.n_bad`, the one number a script reports.
+- InOrder: one pass over a fixed set of images, in order (the latent cache, evaluation).
 - Loader: an infinite, resumable, per-rank batch iterator. Its state_dict() goes into the
   checkpoint so that `--resume` replays exactly the batches the interrupted run would have seen.
 - random_hflip: the training augmentation, applied to the batch in the trainer so that it draws
