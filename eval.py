@@ -346,11 +346,11 @@ def run_classes(dist):
         return torch.cat([judge(x.to(dist.device) / 127.5 - 1).argmax(1).cpu() for x in batches])
 
     pred = named(source.batches(0, n, batch_size))  # (n,)
-    real = InOrder(ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED), batch_size)
-    real_pred = named(to_pixels(x) for x, _ in real)  # held-out real images, rounded to uint8 like the samples
-    real_labels = torch.arange(HELDOUT_SIZE) % num_classes
+    heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)
+    real_pred = named(to_pixels(x) for x, _ in InOrder(heldout, batch_size))  # rounded to uint8 like the samples
+    real_labels = torch.arange(HELDOUT_SIZE) % num_classes  # item i of the built-in data is of class i mod K
     y = labels[:n]
-    names = ProceduralDataset(res, num_classes).class_names
+    names = heldout.class_names
     results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res, "num_classes": num_classes,
                "accuracy": (pred == y).float().mean().item(), "chance": 1 / num_classes,
                "real_accuracy": (real_pred == real_labels).float().mean().item(),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 
 @lru_cache(maxsize=8)
@@ -203,19 +203,19 @@ def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=6
     diagonal stripe is still a diagonal stripe. The learning rate falls linearly to 0, which settles
     the weights. Deterministic for a seed (its own RNG, not the global one).
     """
-    data = ProceduralDataset(resolution, num_classes, size=steps * batch_size, seed=seed)
+    from data import random_hflip  # data.py imports this file, so not at the top
+
+    images = ProceduralDataset(resolution, num_classes, size=steps * batch_size, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = PatternClassifier(num_classes).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-        for step in range(steps):
+        # the loader draws its workers' base seed from `generator`, not from the seeded RNG the flips use
+        batches = DataLoader(images, batch_size, generator=torch.Generator().manual_seed(seed))
+        for step, (x, y) in enumerate(batches):  # x (B, 3, H, W), y (B,)
             for group in opt.param_groups:
                 group["lr"] = 2e-3 * (1 - step / steps)
-            items = [data[i] for i in range(step * batch_size, (step + 1) * batch_size)]
-            x = torch.stack([item[0] for item in items])  # (B, 3, H, W)
-            y = torch.tensor([item[1] for item in items])  # (B,)
-            flip = torch.rand(batch_size) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).to(device)
+            x = random_hflip(x).to(device)  # the coins come from the forked, seeded RNG
             loss = F.cross_entropy(model(x), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
