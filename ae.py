@@ -35,7 +35,9 @@ class AEConfig:
     resolution: int = 32
     compression: int = 8  # spatial compression f: z is (c, H/f, W/f)
     latent_channels: int = 4  # c
-    decoder: str = "diffusion"  # "diffusion" (DGAE) or "gaussian" (SD-VAE style baseline)
+    # "diffusion" (DGAE), "gaussian" (SD-VAE style baseline) or "unet" (deterministic control: the
+    # diffusion decoder's U-Net fed zeros at t = 1, trained with the pixel losses only)
+    decoder: str = "diffusion"
     cond: str = "latent_decoder"  # how z enters the U-Net: "latent_decoder" or "concat"
     # encoder (and baseline decoder) widths: ch * min(2^level, enc_max_mult) per level
     enc_ch: int = 32
@@ -59,6 +61,10 @@ class AEConfig:
     consistency_weight: float = 1.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
     l1_weight: float = 1.0  # baseline decoder only
     gauss_ch: int = 0  # baseline decoder base width; 0 = match the diffusion decoder's parameter count
+    # anchored diffusion decoder (our reading of the abstract, see DGAE.loss): the base width of a
+    # deterministic decode x~ = D(z) that the U-Net sees beside x_t; 0 = no anchor
+    anchor_ch: int = 0
+    anchor_weight: float = 1.0  # L1 (and LPIPS) on x~
     lr: float = 1e-4  # AdamW learning rate of train_ae.py (per preset: see PRESETS)
     batch_size: int = 32  # train_ae.py's images per process and micro-step (per preset: see PRESETS)
 
@@ -194,17 +200,34 @@ class GaussianDecoder(nn.Module):
 
 
 class DGAE(nn.Module):
+    """The autoencoder with one of three decoders (cfg.decoder):
+
+    - "diffusion" (DGAE): v_hat = UNet(x_t, t, z), decoded by the Euler sampler from noise. With
+      cfg.anchor_ch > 0 it is *anchored*: a small deterministic decoder gives x~ = D(z), trained
+      with the pixel losses, and the U-Net sees x~ beside x_t, v_hat = UNet([x_t, x~], t, z). x~
+      depends on z alone, so the decoder cannot reconstruct without z; the diffusion model samples
+      the detail x~ lacks (our reading of the abstract's "a diffusion model guides the decoder in
+      recovering informative signals that are not fully decoded from the latent").
+    - "gaussian": the SD-VAE style deterministic baseline (GaussianDecoder).
+    - "unet": a deterministic control with DGAE's own U-Net, x_hat = -UNet(0, 1, z) (the one-step
+      decode from an all-zero "noise"), trained with the pixel losses only. Against "diffusion" it
+      separates the effect of diffusion from that of the architecture.
+    """
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
-        if cfg.decoder == "diffusion":
+        if cfg.decoder in ("diffusion", "unet"):
+            anchored = cfg.decoder == "diffusion" and cfg.anchor_ch > 0
             self.decoder = UNet(cfg.latent_channels, cfg.compression, cfg.resolution, ch=cfg.unet_ch,
                                 ch_mult=tuple(cfg.unet_mult), num_res_blocks=cfg.unet_res_blocks,
                                 attn_res=tuple(cfg.attn_res), cond=cfg.cond, cond_ch=cfg.cond_ch,
-                                dropout=cfg.dropout, attn_impl=cfg.attn_impl)
+                                dropout=cfg.dropout, attn_impl=cfg.attn_impl, extra_in=3 if anchored else 0)
+            self.anchor = GaussianDecoder(replace(cfg, gauss_ch=cfg.anchor_ch)) if anchored else None
         else:
             self.decoder = GaussianDecoder(cfg)
+            self.anchor = None
 
     # Activation checkpointing of the encoder and the decoder alike (see layers.checkpointed):
     # `model.grad_checkpoint = True`, as train_ae.py does for --grad-checkpoint. Not part of cfg: it
@@ -216,6 +239,22 @@ class DGAE(nn.Module):
     @grad_checkpoint.setter
     def grad_checkpoint(self, on):
         self.encoder.grad_checkpoint = self.decoder.grad_checkpoint = on
+        if self.anchor is not None:
+            self.anchor.grad_checkpoint = on
+
+    def velocity(self, x_t, t, z, x_tilde=None):
+        """The diffusion decoder's v_hat (B, 3, H, W); x_tilde (B, 3, H, W) is the anchor's D(z), if any."""
+        return self.decoder(x_t, t, z, extra=x_tilde)
+
+    def deterministic_decode(self, z):
+        """The "gaussian" and "unet" decoders' x_hat (B, 3, H, W), unclamped."""
+        if self.cfg.decoder == "gaussian":
+            return self.decoder(z)
+        B, _, h, w = z.shape
+        f = self.cfg.compression
+        zeros = z.new_zeros(B, 3, h * f, w * f)  # x at t = 1 without the noise
+        ones = z.new_ones(B)
+        return x0_estimate(zeros, ones, self.decoder(zeros, ones, z))  # = -v_hat
 
     def posterior(self, x):
         return DiagonalGaussian(self.encoder(x))
@@ -231,13 +270,15 @@ class DGAE(nn.Module):
         (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a fixed seed
         gives the same reconstruction every time.
         Runs under inference mode (layers.no_autograd): x_hat can never need a gradient."""
-        if self.cfg.decoder == "gaussian":
-            return self.decoder(z).clamp(-1, 1)
+        if self.cfg.decoder != "diffusion":
+            return self.deterministic_decode(z).clamp(-1, 1)
         B, _, h, w = z.shape
         f = self.cfg.compression
         g = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn(B, 3, h * f, w * f, generator=g).to(z.device)  # x at t=1, drawn on the CPU so every device agrees
-        x = euler_sample(lambda x_t, t: self.decoder(x_t, t, z), noise, steps or self.cfg.decode_steps, self.cfg.t_shift)
+        x_tilde = self.anchor(z) if self.anchor is not None else None  # (B, 3, H, W): once, it depends on z alone
+        x = euler_sample(lambda x_t, t: self.velocity(x_t, t, z, x_tilde), noise, steps or self.cfg.decode_steps,
+                         self.cfg.t_shift)
         return x.clamp(-1, 1)
 
     @no_autograd
@@ -260,10 +301,14 @@ class DGAE(nn.Module):
         with x_t = (1 - t) x + t eps, v = eps - x, v_hat = UNet(x_t, t, z), x0_hat = x_t - t v_hat,
         and x1_hat = eps' - UNet(eps', 1, z): the first Euler step of decoding, which starts at t = 1
         and estimates E[x | z]. The pixel terms on x1_hat and x0_hat give the encoder the direct
-        reconstruction signal a deterministic decoder gets; without it a diffusion decoder can
-        learn to ignore a small latent (measured, see PRESETS).
-        Baseline (--decoder gaussian): L = |x_hat - x|_1 + lpips_weight * LPIPS(x_hat, x) + KL term.
+        reconstruction signal a deterministic decoder gets (our choice; the paper's "reconstruction
+        consistency" as we read it).
+        Anchored (cfg.anchor_ch > 0, our reading): the U-Net also sees x~ = D(z), and
+              + anchor_weight * (|x~ - x|_1 + lpips_weight * LPIPS(x~, x)).
+        Deterministic decoders ("gaussian", "unet"): L = |x_hat - x|_1 + lpips_weight * LPIPS(x_hat, x) + KL term.
         LPIPS is skipped when `lpips` is None (no weight files) or lpips_weight is 0.
+        The term "psnr_t1" (PSNR of x1_hat, in dB) is logged, not optimised: it falls to the mean
+        colour's level when the decoder stops using z.
         """
         cfg = self.cfg
         q = self.posterior(x)
@@ -273,21 +318,24 @@ class DGAE(nn.Module):
         # means on a reconstruction loss summed over pixels.
         kl = q.kl().mean() / x[0].numel()
         terms = {}
+        use_lpips = lpips is not None and cfg.lpips_weight > 0
         if cfg.decoder == "diffusion":
             B = x.shape[0]
             t = sample_t(B, cfg.t_dist, x.device, cfg.t_shift)  # (B,)
             eps = torch.randn_like(x)  # (B, 3, H, W)
             x_t = add_noise(x, eps, t)  # (B, 3, H, W)
-            inputs, times, latents = x_t, t, z
+            x_tilde = self.anchor(z).float() if self.anchor is not None else None  # (B, 3, H, W)
+            inputs, times, latents, anchors = x_t, t, z, x_tilde
             if cfg.consistency_weight > 0:
                 # the consistency term's decode starts from fresh noise at t = 1; its U-Net pass rides
                 # in the same call as the flow term's (a 2B batch: the U-Net treats every image on its
-                # own, and one call of 2B is ~8% faster on a CPU than two of B)
+                # own, and one call of 2B is faster on a CPU than two of B)
                 eps1 = torch.randn_like(x)  # (B, 3, H, W): where decoding starts
                 inputs = torch.cat([x_t, eps1])  # (2B, 3, H, W)
                 times = torch.cat([t, torch.ones_like(t)])  # (2B,)
                 latents = torch.cat([z, z])  # (2B, c, h, w)
-            v_all = self.decoder(inputs, times, latents).float()  # (B or 2B, 3, H, W)
+                anchors = torch.cat([x_tilde, x_tilde]) if x_tilde is not None else None
+            v_all = self.velocity(inputs, times, latents, anchors).float()  # (B or 2B, 3, H, W)
             v_hat = v_all[:B]
             terms["flow"] = F.mse_loss(v_hat, velocity_target(x, eps))
             x_pred = x0_estimate(x_t, t, v_hat)  # (B, 3, H, W), the one-step estimate LPIPS looks at
@@ -299,16 +347,29 @@ class DGAE(nn.Module):
                 x1_hat = x0_estimate(eps1, torch.ones_like(t), v_all[B:])  # (B, 3, H, W) = eps1 - v at t = 1
                 terms["consistency"] = (x1_hat - x).abs().mean()
                 total = total + cfg.consistency_weight * terms["consistency"]
+                terms["psnr_t1"] = psnr_pm1(x1_hat.detach(), x).mean()
+            if x_tilde is not None:
+                terms["anchor"] = (x_tilde - x).abs().mean()
+                anchor_loss = terms["anchor"]
+                if use_lpips:
+                    anchor_loss = anchor_loss + cfg.lpips_weight * lpips(x_tilde, x).mean()
+                total = total + cfg.anchor_weight * anchor_loss
         else:
-            x_pred = self.decoder(z).float()
+            x_pred = self.deterministic_decode(z).float()
             terms["l1"] = (x_pred - x).abs().mean()
             total = cfg.l1_weight * terms["l1"]
-        if lpips is not None and cfg.lpips_weight > 0:
+        if use_lpips:
             terms["lpips"] = lpips(x_pred, x).mean()
             total = total + cfg.lpips_weight * terms["lpips"]
         terms["kl"] = kl
         total = total + cfg.kl_weight * kl
         return total, terms
+
+
+def psnr_pm1(x_hat, x):
+    """(B,) PSNR in dB of images in [-1, 1] (peak-to-peak 2), from the mean squared error over C, H, W."""
+    mse = (x_hat.clamp(-1, 1) - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
+    return 10 * torch.log10(4.0 / mse)
 
 
 # -----------------------------------------------------------------------------
@@ -355,8 +416,11 @@ def make_config(preset, **overrides):
     if r % f:
         raise ValueError(f"--resolution {r} is not divisible by --compression {f}: the latent would have "
                          f"a fractional size; pick a resolution that is a multiple of {f}")
-    if cfg.decoder not in ("diffusion", "gaussian"):
-        raise ValueError(f"--decoder must be 'diffusion' or 'gaussian', got {cfg.decoder!r}")
+    if cfg.decoder not in ("diffusion", "gaussian", "unet"):
+        raise ValueError(f"--decoder must be 'diffusion', 'gaussian' or 'unet', got {cfg.decoder!r}")
+    if cfg.anchor_ch < 0 or (cfg.anchor_ch and cfg.decoder != "diffusion"):
+        raise ValueError(f"--anchor-ch {cfg.anchor_ch}: the anchor is a width of at least 1 (0 = off), and only the "
+                         f"diffusion decoder has one; drop it with --decoder {cfg.decoder}")
     if r % 2 ** (len(cfg.unet_mult) - 1):
         raise ValueError(f"--resolution {r} must be divisible by 2^{len(cfg.unet_mult) - 1} (U-Net levels)")
     if cfg.decoder == "gaussian" and not cfg.gauss_ch:

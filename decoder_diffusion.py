@@ -255,7 +255,7 @@ class UNet(nn.Module):
     """
 
     def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math"):
+                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math", extra_in=0):
         super().__init__()
         if cond not in ("latent_decoder", "concat"):
             raise ValueError(f"unknown cond {cond!r}; use 'latent_decoder' or 'concat'")
@@ -268,7 +268,9 @@ class UNet(nn.Module):
         self.grad_checkpoint = False
         emb_dim = 4 * ch  # the time embedding that modulates every ResBlock
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        in_ch = 3 + latent_channels if cond == "concat" else 3  # concat: the upsampled z sits beside x_t
+        # concat: the upsampled z sits beside x_t; extra_in: more image-sized inputs beside x_t (the
+        # anchored decoder's deterministic decode, see ae.DGAE)
+        in_ch = 3 + extra_in + (latent_channels if cond == "concat" else 0)
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
         if cond == "latent_decoder":
             self.latent_decoder = LatentDecoder(latent_channels, compression, cond_ch)
@@ -345,11 +347,14 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x_t, t, z):
-        """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f). Returns v_hat (B, 3, H, W)."""
+    def forward(self, x_t, t, z, extra=None):
+        """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f), extra: None or
+        (B, extra_in, H, W) inputs concatenated with x_t. Returns v_hat (B, 3, H, W)."""
         ckpt = self.grad_checkpoint and self.training  # activation checkpointing of each layer below
         emb = self.time_mlp(timestep_embedding(t, self.ch).to(x_t.dtype))  # (B, 4ch)
         feats = None
+        if extra is not None:
+            x_t = torch.cat([x_t, extra.to(x_t.dtype)], dim=1)  # (B, 3 + extra_in, H, W)
         if self.cond == "concat":
             z_up = F.interpolate(z, scale_factor=float(self.compression), mode="nearest")  # (B, c, H, W)
             x_t = torch.cat([x_t, z_up.to(x_t.dtype)], dim=1)  # (B, 3 + c, H, W)

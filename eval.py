@@ -57,7 +57,7 @@ from eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at
                        inception_features, readable_or_refuse, require_zip, to_pixels, total)
 from inception import load_inception
 from lpips import load_lpips
-from metrics import (feature_stats, frechet_distance, highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
+from metrics import (band_power, feature_stats, frechet_distance, highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
                      precision_recall, psnr, ssim)
 from procedural import ProceduralDataset, train_pattern_classifier
 
@@ -125,19 +125,29 @@ def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
 
 
 @torch.inference_mode()  # the reconstructions only feed the metrics (see layers.no_autograd)
-def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None):
+def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None, mean_of=0,
+                          judge=None):
     """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the originals.
 
     Returns {metric: value} (complete on rank 0): per-image means of PSNR, SSIM, low-frequency PSNR,
-    the mean-colour baseline's PSNR and LPIPS (if given), the dataset's high-frequency ratio, rFID
-    (if given), and the decoding time per image. Batch k is decoded with noise seed
-    seed + (index of its first image), so the numbers do not depend on the number of processes.
+    the mean-colour baseline's PSNR and LPIPS (if given), the dataset's high-frequency ratio, the
+    spectral Frechet distance (metrics.band_power), rFID (if given), and the decoding time per image.
+    Batch k is decoded with noise seed seed + (index of its first image), so the numbers do not
+    depend on the number of processes.
+    mean_of = K > 1 (a diffusion decoder): also the PSNR and low-frequency PSNR of the mean of K
+    decodes from different noise, an estimate of E[x | z] (a single sample pays for its detail in PSNR).
+    judge (built-in data only: a procedural.PatternClassifier): its accuracy on the reconstructions
+    (the label of held-out image i is i mod its class count) and the Frechet distance in its feature space.
     """
     f = model.cfg.compression
     lo, hi = source.shard(limit, bs, dist)
-    per_image = {"psnr": [], "ssim": [], "lowfreq_psnr": [], "meancolour_psnr": [], "lpips": []}
+    per_image = {"psnr": [], "ssim": [], "lowfreq_psnr": [], "meancolour_psnr": [], "lpips": [], "psnr_mean": [],
+                 "lowfreq_psnr_mean": [], "judge_correct": []}
     hf = {"real": [], "recon": []}  # per-image high-frequency energies
     pools = {"real": [], "recon": []}
+    spectra = {"real": [], "recon": []}
+    judged = {"real": [], "recon": []}
+    n_bands = 3 * (model.cfg.resolution // 2)
     decode_s = 0.0
     batches = source.batches(lo, hi, bs)
     for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon", disable=not dist.master)):
@@ -156,6 +166,21 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
         per_image["meancolour_psnr"].append(psnr(real, flat).cpu().numpy())
         hf["real"].append(highfreq_energy(real, f).cpu().numpy())
         hf["recon"].append(highfreq_energy(rec, f).cpu().numpy())
+        spectra["real"].append(band_power(real).cpu().numpy())
+        spectra["recon"].append(band_power(rec).cpu().numpy())
+        if mean_of > 1:
+            with common.autocast_context(dist.device):
+                z = model.encode(real / 127.5 - 1)
+                decodes = [model.decode(z, steps, seed=seed + lo + i * bs + 7919 * k).float() for k in range(mean_of)]
+            mean_rec = to_pixels(torch.stack(decodes).mean(0))  # (B, 3, H, W): the estimate of E[x | z]
+            per_image["psnr_mean"].append(psnr(real, mean_rec).cpu().numpy())
+            per_image["lowfreq_psnr_mean"].append(lowfreq_psnr(real, mean_rec, f).cpu().numpy())
+        if judge is not None:
+            labels = torch.arange(lo + i * bs, lo + i * bs + len(real), device=real.device) % judge.head.out_features
+            judged["real"].append(judge.embed(real / 127.5 - 1).double().cpu().numpy())
+            feats = judge.embed(rec / 127.5 - 1)
+            judged["recon"].append(feats.double().cpu().numpy())
+            per_image["judge_correct"].append((judge.head(feats).argmax(1) == labels).double().cpu().numpy())
         if lpips_net is not None:
             per_image["lpips"].append(lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double().cpu().numpy())
         if inception is not None:
@@ -164,11 +189,18 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     per_image = {k: gather_rows(v, (), dist) for k, v in per_image.items()}
     hf = {k: gather_rows(v, (), dist) for k, v in hf.items()}
     pools = {k: gather_rows(v, (FEATURE_DIMS["pool"],), dist) for k, v in pools.items()}
+    spectra = {k: gather_rows(v, (n_bands,), dist) for k, v in spectra.items()}
+    judged = {k: gather_rows(v, (judge.head.in_features if judge is not None else 0,), dist) for k, v in judged.items()}
     n = len(per_image["psnr"])
     readable_or_refuse(source, n, hi - lo, dist)
     results = {"num_images": n, "num_unreadable": total(source.n_bad, dist)}
     results.update({k: float(v.mean()) for k, v in per_image.items() if len(v)})
     results["highfreq_ratio"] = highfreq_ratio(hf["recon"], hf["real"])
+    if dist.master:
+        results["spectral_fd"] = frechet_distance(*feature_stats(spectra["real"]), *feature_stats(spectra["recon"]))
+    if judge is not None and dist.master:
+        results["judge_accuracy"] = results.pop("judge_correct")
+        results["judge_fd"] = frechet_distance(*feature_stats(judged["real"]), *feature_stats(judged["recon"]))
     if inception is not None and dist.master:
         real_stats, recon_stats = feature_stats(pools["real"], dist.device), feature_stats(pools["recon"], dist.device)
         results["rfid"] = frechet_distance(*real_stats, *recon_stats)

@@ -85,6 +85,29 @@ def highfreq_ratio(recon_energy, real_energy):
     return float(np.sum(recon_energy) / max(np.sum(real_energy), 1e-12))
 
 
+def band_power(x):
+    """(B, 3 * H // 2) per-image spectrum: log(1 + mean |X(k)|^2) in each radial frequency band, per channel.
+
+    Band b holds the frequencies k = (ky, kx), in cycles per image, with b < |k| <= b + 1, for
+    b = 0 .. H/2 - 1 (the mean colour, k = 0, is left out: PSNR judges it). The Frechet distance of
+    these vectors between reconstructions and originals (spectral_fd in eval.py) is a
+    distribution-level measure that needs no pretrained network: a decoder that blurs lowers the
+    high bands, one that adds noise raises them, one that samples plausible detail matches them.
+    It ignores where the detail is: a circularly shifted image has exactly the same vector.
+    """
+    B, C, H, W = x.shape
+    spec = torch.fft.fft2(x.double()).abs() ** 2 / (H * W)  # (B, 3, H, W), per-pixel energy scale
+    ky = torch.fft.fftfreq(H, d=1.0 / H, device=x.device)
+    kx = torch.fft.fftfreq(W, d=1.0 / W, device=x.device)
+    radius = (ky[:, None] ** 2 + kx[None, :] ** 2).sqrt()  # (H, W)
+    band = (radius.ceil() - 1).long()  # band of each frequency; -1 for k = 0
+    n_bands = H // 2
+    keep = (band >= 0) & (band < n_bands)  # the corners beyond H/2 are left out with k = 0
+    onehot = F.one_hot(band[keep], n_bands).double()  # (n_kept, n_bands)
+    power = spec[..., keep] @ onehot / onehot.sum(0)  # (B, 3, n_bands): mean power per band
+    return torch.log1p(power).flatten(1)  # (B, 3 * n_bands)
+
+
 # -----------------------------------------------------------------------------
 # distribution metrics on Inception features
 

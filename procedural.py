@@ -192,8 +192,12 @@ class PatternClassifier(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(ch, num_classes)
 
+    def embed(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> (B, 4 * width) pooled features: the space of the judge's Frechet distance."""
+        return self.features(x).mean((2, 3))
+
     def forward(self, x):
-        return self.head(self.features(x).mean((2, 3)))  # (B, K)
+        return self.head(self.embed(x))  # (B, K)
 
 
 def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=64, seed=0, device="cpu"):

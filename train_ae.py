@@ -39,7 +39,9 @@ preset = ""  # tiny | small | base | large; "" = tiny on the built-in data, base
 resolution = 0
 compression = 0  # spatial compression f in {4, 8, 16, 32, 64}
 latent_channels = 0  # c; by default 4, 4, 8, 16, 64 at f = 4, 8, 16, 32, 64
-decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline)
+decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline) | unet (deterministic, DGAE's U-Net)
+anchor_ch = 0  # anchored diffusion decoder: width of the deterministic decode x~ = D(z) the U-Net sees (0 = off)
+anchor_weight = 1.0  # weight of the anchor's pixel (and perceptual) loss
 cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
 t_dist = ""  # training t distribution: uniform | logit_normal
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
@@ -132,8 +134,8 @@ def update_ema(ema_model, model, decay):
 
 
 # the settings that override a field of the preset's ae.AEConfig when given on the command line
-CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "cond", "t_dist", "decode_steps",
-                   "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr", "batch_size")
+CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "anchor_ch", "anchor_weight", "cond",
+                   "t_dist", "decode_steps", "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr", "batch_size")
 
 
 def mismatch(name, value, saved):
@@ -209,7 +211,8 @@ def main():
         # the resolved values, the preset's or the checkpoint's included: --batch-size 0 means the
         # preset's 16 or 32, but a preset or a checkpoint must not bring a 0 either
         common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size", "decode_steps"), positive=("lr",),
-                              non_negative=("lpips_weight", "kl_weight", "recon_weight", "consistency_weight"))
+                              non_negative=("lpips_weight", "kl_weight", "recon_weight", "consistency_weight",
+                                                          "anchor_weight"))
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
         loader = Loader(dataset, cfg.batch_size, dist.rank, dist.world_size, seed, num_workers)
         log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")

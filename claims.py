@@ -1,0 +1,401 @@
+"""
+The paper's claims, measured: one command per claim, a table with mean and spread over seeds, and
+a verdict by rules fixed before the runs.
+
+    python claims.py compare                                   # claims 1 and 2 on the built-in data
+    python claims.py compare --data photos/train --val-data photos/val --out out/claims/photos
+    python claims.py compare --only anchored_c2                # just the runs whose name contains this
+    python claims.py compare --report-only true                # the table of the runs finished so far
+    python claims.py diagnose --ckpt out/ae/ckpt.pt            # does a stage-1 decoder use z?
+
+compare trains, with real `python train_ae.py` runs into out/<run>/, four decoders on the same
+encoder, each at the preset's latent channels c and at c/2:
+    dgae      the diffusion decoder (DGAE as this repository reads it)
+    anchored  the diffusion decoder anchored on a deterministic decode x~ = D(z) (ae.DGAE)
+    gauss     the SD-VAE style deterministic baseline (L1 + KL; + LPIPS when its weights exist)
+    unet      DGAE's own U-Net as a deterministic decoder (pixel losses only): diffusion vs architecture
+in this order, one run at a time, each finished run skipped when the command runs again (an
+interrupted one resumes): (1) seed 0 at every learning rate of --lrs (the sweep); (2) the other
+seeds at each decoder's best rate (the highest E[x|z] low-frequency PSNR of the sweep, at each c);
+(3) the deterministic decoders at c for --compute-factor times the steps (equal decoder compute:
+a DGAE step runs the U-Net on 2B images, flow and consistency terms, against B for "unet" and a
+smaller network for "gauss"). Each finished run is scored once on held-out images (scores.json in
+its folder): see eval.score_reconstructions and `diagnose` below. The report is out/report.md.
+
+diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
+  - zgap_t: the flow loss with z shuffled within the batch minus the loss with the right z, at
+    several t (for a deterministic decoder: the same for its MSE). 0 means the decoder ignores z.
+  - probe_r2: a linear map (ridge least squares) from z to the image average-pooled to the latent
+    grid, fitted on training images, scored by R^2 on held-out ones: how much of the coarse image
+    z carries, whatever the decoder does with it.
+  - psnr_t1 is in the training log (log.jsonl): the PSNR of the one-step decode from noise.
+"""
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+from ae import load_dgae, make_config
+from torch.utils.data import Subset
+
+from data import InOrder, build_dataset
+from decoder_diffusion import add_noise, velocity_target
+from eval import score_reconstructions
+from eval_data import HELDOUT_SEED, HELDOUT_SIZE, ImageSource
+from procedural import train_pattern_classifier
+
+# -----------------------------------------------------------------------------
+# settings (override with --name value)
+data = ""  # training images (an ImageNet-style folder); "" = the built-in procedural dataset
+val_data = ""  # held-out images to score on (a folder); "" with the built-in data = its held-out images
+out = "out/claims"  # one folder per run, scores.json in each, report.md and report.json here
+preset = "tiny"  # train_ae.py's model preset for every run
+max_steps = 1350  # training steps of each run (train_ae.py's default demo)
+seeds = "0,1,2"  # training seeds; the sweep runs at the first
+lrs = "1e-3,3e-4"  # the learning-rate sweep of every decoder (seed 0, both c); the first is run first
+kinds = "dgae,anchored,gauss,unet"  # the decoders to train (see the docstring)
+anchor_ch = 16  # the anchored decoder's --anchor-ch
+compute_factor = 3  # the deterministic decoders' equal-compute runs take this many times the steps (0 = none)
+train_args = ""  # more train_ae.py flags for every run, e.g. "--lpips-weight 0"
+only = ""  # run only the parts whose name contains this (the report still collects all finished ones)
+report_only = False  # write the report from the finished runs, train nothing
+num_images = 500  # held-out images scored (the first N)
+mean_of = 4  # decodes averaged for the E[x|z] estimate
+batch_size = 50
+ckpt = ""  # diagnose: the train_ae.py checkpoint
+quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
+device = ""  # "" = auto (cuda, mps, cpu)
+# -----------------------------------------------------------------------------
+
+KIND_FLAGS = {"dgae": ["--decoder", "diffusion"], "anchored": ["--decoder", "diffusion", "--anchor-ch", "ANCHOR"],
+              "gauss": ["--decoder", "gaussian"], "unet": ["--decoder", "unet"]}
+DIAG_TIMES = (0.1, 0.5, 0.9, 1.0)  # the t at which zgap is measured
+# the rules, fixed before any run (README, "The paper's claims, measured")
+CLAIM1_LOWFREQ_DB, CLAIM2_LOWFREQ_DB, HIGHFREQ_RANGE = 1.0, 2.0, (0.85, 1.15)
+
+
+# -----------------------------------------------------------------------------
+# diagnostics: does the decoder use z?
+
+
+@torch.inference_mode()
+def z_gap(model, x, times=DIAG_TIMES, seed=0):
+    """{t: loss(shuffled z) - loss(right z)}; x (B, 3, H, W) in [-1, 1], B >= 2.
+
+    The noise and times are the same for both losses, and the shuffle is a roll by one image, so
+    every image gets another image's latent. A diffusion decoder's loss is the flow loss at that t;
+    a deterministic decoder's is the MSE of its decode (reported under t = 1).
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = model.encode(x)  # (B, c, h, w): the posterior mean
+    z_wrong = z.roll(1, dims=0)
+    if model.cfg.decoder != "diffusion":
+        return {1.0: (F.mse_loss(model.deterministic_decode(z_wrong), x) - F.mse_loss(model.deterministic_decode(z), x)).item()}
+    eps = torch.randn(x.shape, generator=g).to(x.device)  # (B, 3, H, W)
+    gaps = {}
+    for t in times:
+        tt = torch.full((len(x),), t, device=x.device)
+        x_t = add_noise(x, eps, tt)
+        target = velocity_target(x, eps)
+
+        def loss(zz):
+            anchor = model.anchor(zz) if model.anchor is not None else None  # the anchor depends on z too
+            return F.mse_loss(model.velocity(x_t, tt, zz, anchor), target)
+
+        gaps[t] = (loss(z_wrong) - loss(z)).item()
+    return gaps
+
+
+def ridge_fit(a, b, lam=1e-3):
+    """Least squares b ~ [a, 1] W with a ridge lam * trace-scaled on W (not the bias); a (N, D), b (N, K) -> W (D + 1, K)."""
+    a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
+    gram = a1.t() @ a1
+    reg = lam * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=a.dtype)
+    reg[-1, -1] = 0
+    return torch.linalg.solve(gram + reg, a1.t() @ b)
+
+
+def r_squared(pred, b, ref_mean):
+    """1 - SSE / SST over all entries, SST around ref_mean (the training targets' mean)."""
+    return float(1 - ((pred - b) ** 2).sum() / ((b - ref_mean) ** 2).sum())
+
+
+@torch.inference_mode()
+def linear_probe(model, train_x, test_x):
+    """R^2 on test_x of a ridge map from z (flattened) to the image average-pooled to the latent grid."""
+    f = model.cfg.compression
+
+    def pairs(x):
+        z = torch.cat([model.encode(b) for b in x.split(100)]).flatten(1).double().cpu()  # (N, c h w)
+        return z, F.avg_pool2d(x, f).flatten(1).double().cpu()  # (N, 3 h w)
+
+    (za, pa), (zb, pb) = pairs(train_x), pairs(test_x)
+    w = ridge_fit(za, pa)
+    return r_squared(torch.cat([zb, torch.ones(len(zb), 1, dtype=zb.dtype)], 1) @ w, pb, pa.mean(0))
+
+
+def first_images(source, n, res, dev):
+    """The first n images of an ImageSource as (n, 3, res, res) floats in [-1, 1] on dev."""
+    return torch.cat(list(source.batches(0, source.count(n), 100))).to(dev) / 127.5 - 1
+
+
+def diagnostics(model, train_data, heldout, dev, n_probe=1000):
+    """zgap at DIAG_TIMES on 64 held-out images and the linear probe (fitted on the first n_probe
+    training images, of the built-in training set when train_data is "")."""
+    train_set = build_dataset(train_data, model.cfg.resolution, size=n_probe)
+    train_x = torch.cat([x for x, _ in InOrder(Subset(train_set, range(min(n_probe, len(train_set)))), 100)]).to(dev)
+    test_x = heldout[:500]
+    out = {f"zgap_t{t:g}": v for t, v in z_gap(model, heldout[:64]).items()}
+    out["probe_r2"] = linear_probe(model, train_x, test_x)
+    return out
+
+
+def run_diagnose(dist):
+    if not ckpt:
+        raise SystemExit("diagnose needs --ckpt (a train_ae.py checkpoint); --data is its training folder "
+                         "(\"\" = the built-in data), --val-data a held-out folder")
+    model = load_dgae(ckpt, dist.device)
+    held = first_images(ImageSource(val_data, model.cfg.resolution, builtin_limit=num_images), num_images,
+                        model.cfg.resolution, dist.device)
+    result = {"ckpt": ckpt, **diagnostics(model, data, held, dist.device)}
+    print(json.dumps(result, indent=1))
+
+
+# -----------------------------------------------------------------------------
+# compare: the runs, their scores, the table and the verdicts
+
+
+def run_name(kind, channels, lr, seed, factor=1):
+    return f"{kind}_c{channels}_lr{lr:g}_s{seed}" + (f"_x{factor}" if factor > 1 else "")
+
+
+def train(run_dir, kind, channels, lr, seed, steps):
+    """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just reloads)."""
+    flags = [a.replace("ANCHOR", str(anchor_ch)) for a in KIND_FLAGS[kind]]
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ae.py"), *flags,
+           "--preset", preset, "--latent-channels", str(channels), "--lr", f"{lr:g}", "--seed", str(seed),
+           "--max-steps", str(steps), "--data", data, "--out-dir", run_dir, *shlex.split(train_args)]
+    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
+        cmd += ["--resume", "true"]
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def score(run_dir, heldout_source, judge, dist):
+    """scores.json of a finished run: the reconstruction measures at the checkpoint's decode steps
+    (and the 1-step decode of a diffusion decoder), the E[x|z] estimate and the diagnostics."""
+    path = os.path.join(run_dir, "scores.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    model = load_dgae(os.path.join(run_dir, "ckpt.pt"), dist.device)
+    diffusion = model.cfg.decoder == "diffusion"
+    s = score_reconstructions(model, heldout_source, 0, dist, num_images, batch_size, 0,
+                              mean_of=mean_of if diffusion else 0, judge=judge)
+    s["ez_lowfreq_psnr"] = s["lowfreq_psnr_mean"] if diffusion else s["lowfreq_psnr"]  # E[x|z] estimate
+    if diffusion:
+        s["psnr_1step"] = score_reconstructions(model, heldout_source, 1, dist, num_images, batch_size, 0)["psnr"]
+    held = first_images(heldout_source, num_images, model.cfg.resolution, dist.device)
+    s.update(diagnostics(model, data, held, dist.device))
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    s["psnr_t1_log"] = [(r["step"], round(r["psnr_t1"], 2)) for r in log if "psnr_t1" in r]
+    ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    s["lpips_used"] = bool(ck.get("lpips_used", False))
+    s["decoder_params_M"] = round(common.count_params(model.decoder) / 1e6 +
+                                  (common.count_params(model.anchor) / 1e6 if model.anchor is not None else 0), 3)
+    with open(path, "w") as f:
+        json.dump(s, f, indent=1)
+    return s
+
+
+def plan(c):
+    """The runs in the order they are trained: [(name, kind, channels, lr, seed, factor)]; the parts
+    after the sweep need its scores (best_lr), so plan() is called again as runs finish."""
+    seed_list = [int(s) for s in seeds.split(",")]
+    lr_list = [float(v) for v in lrs.split(",")]
+    kind_list = kinds.split(",")
+    parts = [(k, ch, lr, seed_list[0], 1) for lr in lr_list for k in kind_list for ch in (c // 2, c)]
+    for k in kind_list:
+        for ch in (c // 2, c):
+            lr = best_lr(k, ch, lr_list, seed_list[0])
+            if lr is not None:
+                parts += [(k, ch, lr, s, 1) for s in seed_list[1:]]
+    if compute_factor > 1:
+        for k in ("gauss", "unet"):
+            lr = best_lr(k, c, lr_list, seed_list[0]) if k in kind_list else None
+            if lr is not None:
+                parts.append((k, c, lr, seed_list[0], compute_factor))
+    return [(run_name(*p), *p) for p in parts]
+
+
+def finished_scores(name):
+    path = os.path.join(out, name, "scores.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def best_lr(kind, channels, lr_list, seed):
+    """The sweep's best rate for (kind, channels) by E[x|z] low-frequency PSNR; None until all are scored."""
+    scored = [(finished_scores(run_name(kind, channels, lr, seed)), lr) for lr in lr_list]
+    if any(s is None for s, _ in scored):
+        return None
+    return max(scored, key=lambda p: p[0]["ez_lowfreq_psnr"])[1]
+
+
+COLUMNS = ("psnr", "psnr_1step", "lowfreq_psnr", "ez_lowfreq_psnr", "highfreq_ratio", "spectral_fd", "judge_accuracy",
+           "judge_fd", "zgap_t1", "zgap_t0.5", "probe_r2")
+
+
+def mean_sd(values):
+    v = np.asarray(values, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarise(c):
+    """{(kind, channels, factor): {"lr", "seeds", column: [per-seed values]}} at each decoder's best
+    rate (the first of --lrs while the sweep is unfinished)."""
+    groups = {}
+    lr_list = [float(v) for v in lrs.split(",")]
+    seed_list = [int(s) for s in seeds.split(",")]
+    for kind in kinds.split(","):
+        for ch, factor in ((c // 2, 1), (c, 1), (c, compute_factor)):
+            if factor > 1 and (kind not in ("gauss", "unet") or compute_factor <= 1):
+                continue
+            lr = best_lr(kind, ch, lr_list, seed_list[0]) or lr_list[0]
+            rows = [(s, finished_scores(run_name(kind, ch, lr, s, factor))) for s in seed_list]
+            rows = [(s, r) for s, r in rows if r is not None]
+            if rows:
+                g = {"lr": lr, "seeds": [s for s, _ in rows], "lpips_used": any(r["lpips_used"] for _, r in rows),
+                     "decoder_params_M": rows[0][1]["decoder_params_M"], "meancolour_psnr": rows[0][1]["meancolour_psnr"]}
+                g.update({col: [r[col] for _, r in rows if col in r] for col in COLUMNS})
+                groups[(kind, ch, factor)] = g
+    return groups
+
+
+def verdicts(groups, c):
+    """Each claim's rules applied to the table: {claim: (holds: bool or None, why)} for dgae and anchored.
+
+    Claim 1 (at c): E[x|z] low-frequency PSNR within 1 dB of the best deterministic decoder (at equal
+    steps and at equal compute), a lower spectral Frechet distance than it in every seed, and a
+    high-frequency ratio within 0.85-1.15. Claim 2: at c/2, no worse than the Gaussian decoder at c
+    on the spectral distance in every seed and within 2 dB of it on E[x|z] low-frequency PSNR.
+    """
+    out = {}
+    det = [g for (k, ch, _), g in groups.items() if k in ("gauss", "unet") and ch == c]
+    gauss_c = groups.get(("gauss", c, 1))
+    for kind in ("dgae", "anchored"):
+        for claim, ch, refs, db in (("claim 1", c, det, CLAIM1_LOWFREQ_DB), ("claim 2", c // 2, [gauss_c] if gauss_c else [], CLAIM2_LOWFREQ_DB)):
+            g = groups.get((kind, ch, 1))
+            if g is None or not refs:
+                out[f"{claim}, {kind}"] = (None, "not all runs are finished")
+                continue
+            best = max(refs, key=lambda r: np.mean(r["ez_lowfreq_psnr"]))
+            lf_gap = np.mean(g["ez_lowfreq_psnr"]) - np.mean(best["ez_lowfreq_psnr"])
+            worst_fd, ref_fd = max(g["spectral_fd"]), min(min(r["spectral_fd"]) for r in refs)
+            ok = [lf_gap >= -db, worst_fd <= ref_fd]
+            why = (f"E[x|z] low-freq PSNR {lf_gap:+.2f} dB against the best reference (rule: >= -{db:g}); "
+                   f"spectral FD worst seed {worst_fd:.2f} vs the references' best {ref_fd:.2f} (rule: <=)")
+            if claim == "claim 1":
+                hf = np.mean(g["highfreq_ratio"])
+                ok.append(HIGHFREQ_RANGE[0] <= hf <= HIGHFREQ_RANGE[1])
+                why += f"; high-frequency ratio {hf:.2f} (rule: {HIGHFREQ_RANGE[0]}-{HIGHFREQ_RANGE[1]})"
+            out[f"{claim}, {kind}"] = (all(ok), why)
+    return out
+
+
+def write_report(c, dist):
+    groups = summarise(c)
+    lines = [f"# stage 1 on {data or 'the built-in data'}: every decoder at c = {c} and c/2 = {c // 2}",
+             "", f"{preset} preset, {max_steps} steps (x{compute_factor} for the equal-compute rows), seeds {seeds}, "
+             f"learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by E[x|z] low-frequency PSNR), "
+             f"{num_images} held-out images, {mean_of} decodes for E[x|z]; LPIPS "
+             + ("on" if any(g["lpips_used"] for g in groups.values()) else "off (no weight files, or --lpips-weight 0)"),
+             "", "| decoder | latent | steps | lr | seeds | params M | " + " | ".join(COLUMNS) + " |",
+             "|" + "---|" * (6 + len(COLUMNS))]
+    for (kind, ch, factor), g in groups.items():
+        cells = []
+        for col in COLUMNS:
+            if not g[col]:
+                cells.append("")
+                continue
+            m, sd = mean_sd(g[col])
+            cells.append(f"{m:.3f} +- {sd:.3f}" if len(g[col]) > 1 else f"{m:.3f}")
+        lines.append(f"| {kind} | c={ch} | x{factor} | {g['lr']:g} | {len(g['seeds'])} | {g['decoder_params_M']} | "
+                     + " | ".join(cells) + " |")
+    if groups:
+        lines.append(f"\neach image's mean colour: PSNR {next(iter(groups.values()))['meancolour_psnr']:.2f} dB")
+    lines += ["", "## verdicts (rules in claims.verdicts)"]
+    results = verdicts(groups, c)
+    for claim, (holds, why) in results.items():
+        lines.append(f"- {claim}: {'holds' if holds else 'fails' if holds is False else 'open'}: {why}")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump({"groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
+                   "verdicts": {k: {"holds": h, "why": w} for k, (h, w) in results.items()}}, f, indent=1)
+
+
+def run_compare(dist):
+    if dist.ddp:
+        raise SystemExit("compare runs its training jobs one after another; start it with plain python")
+    if bool(data) != bool(val_data):
+        raise SystemExit("compare needs both --data (training folder) and --val-data (held-out folder), or neither "
+                         "(the built-in data and its held-out images)")
+    unknown = set(kinds.split(",")) - set(KIND_FLAGS)
+    if unknown:
+        raise SystemExit(f"error: --kinds: unknown decoder {sorted(unknown)}; choose from {','.join(KIND_FLAGS)}")
+    c = make_config(preset).latent_channels
+    if c < 2:
+        raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
+    os.makedirs(out, exist_ok=True)
+    res = make_config(preset).resolution
+    heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
+    judge = None
+    if not data:  # the built-in data's classes: the pattern classifier judges the reconstructions
+        judge = train_pattern_classifier(res, device=dist.device)
+    done = set()
+    while not report_only:
+        todo = [p for p in plan(c) if p[0] not in done and only in p[0]]
+        if not todo:
+            break
+        name, kind, ch, lr, seed, factor = todo[0]
+        run_dir = os.path.join(out, name)
+        if finished_scores(name) is None:
+            train(run_dir, kind, ch, lr, seed, max_steps * factor)
+            score(run_dir, heldout, judge, dist)
+        done.add(name)
+    write_report(c, dist)
+
+
+MODES = {"compare": run_compare, "diagnose": run_diagnose}
+
+
+def main():
+    global max_steps, seeds, lrs, num_images, mean_of, compute_factor
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        common.configure(globals(), ["--help"])
+    mode = sys.argv[1]
+    if mode not in MODES:
+        raise SystemExit(f"error: unknown mode {mode!r}; usage: python claims.py {{{','.join(MODES)}}} --name value ...")
+    settings, _ = common.configure(globals(), sys.argv[2:])
+    if quick:
+        max_steps, seeds, lrs, num_images, mean_of, compute_factor = 4, "0", lrs.split(",")[0], 16, 2, 2
+    common.check_settings(globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch"),
+                          count_or_0=("compute_factor",))
+    dist = common.setup_distributed(device)
+    with common.user_errors():
+        MODES[mode](dist)
+    common.shutdown(dist)
+
+
+if __name__ == "__main__":
+    main()
