@@ -300,7 +300,7 @@ def cell(v, spec):
 
 def print_table(rows):
     """One line per row: median ms per call, ms per image, achieved GFLOP/s, MFU (vs the matmul), peak memory;
-    then the ratios the issue sets targets for."""
+    then the ratios: attention against sdpa, our DiT step against the official code's, data against training."""
     print(f"{'':32s}{'ms':>10s}{'ms/img':>9s}{'GFLOP/s':>10s}{'MFU':>6s}{'peak MiB':>10s}")
     for name, r in rows.items():
         print(f"{name:32s}{cell(r['ms'], '10.2f')}{cell(r['ms_per_img'], '9.3f')}"

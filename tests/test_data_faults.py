@@ -1,4 +1,4 @@
-"""Fault injection for the data path (issue 8): a latent cache that no longer matches its meta.json,
+"""Fault injection for the data path: a latent cache that no longer matches its meta.json,
 damaged cache files, a data folder where no image can be read, an image too large to decode.
 
 Every fault is a real file on disk. Every refusal must be one line that names the file and what to
@@ -59,8 +59,8 @@ def assert_same_cache(a, b):
 
 
 def test_a_missing_shard_is_refused_not_trained_on_half_the_data(tmp_path, ae):
-    # the issue's case: 64 images in 2 shards, one deleted while stats.pt remains; train_dit.py
-    # trained on 32 of them with exit 0
+    # 64 images in 2 shards, one deleted while stats.pt remains: train_dit.py used to train on
+    # 32 of them and exit 0
     good = build(tmp_path, tmp_path / "ae.pt", ProceduralDataset(16, size=64), cache="cache", shard_size=32)
     shutil.copytree(good, tmp_path / "pristine")
     os.remove(tmp_path / "cache/shard_00001.pt")

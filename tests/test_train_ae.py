@@ -346,7 +346,7 @@ def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_p
     run_train(tmp_path, "--max-steps", "2", *FAST, "--lpips-weight", "0")
     path = tmp_path / "out/ae/ckpt.pt"
     good = path.read_bytes()
-    # (the issue's --resume --lr 1e6 is refused now: see RESUME_CONFLICTS.) NaN images from the first
+    # (--resume --lr 1e6 is refused: see RESUME_CONFLICTS.) NaN images from the first
     # resumed step on: 5 skipped steps in a row stop the run, unsaved
     proc = run_injected(tmp_path, range(1, 100), "--resume", "true", "--max-steps", "20", "--log-every", "1",
                         check=False)
@@ -378,7 +378,7 @@ def test_under_torchrun_a_nonfinite_step_on_one_rank_is_skipped_by_every_rank(tm
 
 
 def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path):
-    # the issue: --data X --preset tiny, resumed without --preset, said "model: base" and changed the lr
+    # the old bug: --data X --preset tiny, resumed without --preset, said "model: base" and changed the lr
     _image_folder(tmp_path / "imgs")
     recipe = ["--data", "imgs", "--preset", "tiny", "--resolution", "32", "--lpips-weight", "0", "--lr", "2e-3",
               "--batch-size", "4", "--grad-accum", "2", "--warmup-steps", "3", "--ema-decay", "0.99", "--seed", "3",
