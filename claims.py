@@ -115,12 +115,13 @@ def z_gap(model, x, times=DIAG_TIMES, seed=0):
 
 
 def ridge_fit(a, b, lam=1e-3):
-    """Least squares b ~ [a, 1] W with a ridge lam * trace-scaled on W (not the bias); a (N, D), b (N, K) -> W (D + 1, K)."""
-    a1 = torch.cat([a, torch.ones(len(a), 1, dtype=a.dtype)], 1)
-    gram = a1.t() @ a1
-    reg = lam * gram.diagonal()[:-1].mean() * torch.eye(len(gram), dtype=a.dtype)
-    reg[-1, -1] = 0
-    return torch.linalg.solve(gram + reg, a1.t() @ b)
+    """Ridge least squares of b (N, K) on a (N, D), both centred by their means; the penalty is lam
+    times the mean variance of a's columns. Returns (W (D, K), a's mean, b's mean)."""
+    a_mean, b_mean = a.mean(0), b.mean(0)
+    ac = a - a_mean
+    gram = ac.t() @ ac  # (D, D)
+    reg = lam * gram.diagonal().mean() * torch.eye(len(gram), dtype=a.dtype)
+    return torch.linalg.solve(gram + reg, ac.t() @ (b - b_mean)), a_mean, b_mean
 
 
 def r_squared(pred, b, ref_mean):
@@ -138,8 +139,8 @@ def linear_probe(model, train_x, test_x):
         return z, F.avg_pool2d(x, f).flatten(1).double().cpu()  # (N, 3 h w)
 
     (za, pa), (zb, pb) = pairs(train_x), pairs(test_x)
-    w = ridge_fit(za, pa)
-    return r_squared(torch.cat([zb, torch.ones(len(zb), 1, dtype=zb.dtype)], 1) @ w, pb, pa.mean(0))
+    w, z_mean, p_mean = ridge_fit(za, pa)
+    return r_squared((zb - z_mean) @ w + p_mean, pb, p_mean)
 
 
 def first_images(source, n, res, dev):
@@ -221,7 +222,7 @@ def plan(c):
     seed_list = [int(s) for s in seeds.split(",")]
     lr_list = [float(v) for v in lrs.split(",")]
     kind_list = kinds.split(",")
-    parts = [(k, ch, lr, seed_list[0], 1) for lr in lr_list for k in kind_list for ch in (c // 2, c)]
+    parts = [(k, ch, lr, seed_list[0], 1) for lr in lr_list for ch in (c // 2, c) for k in kind_list]
     for k in kind_list:
         for ch in (c // 2, c):
             lr = best_lr(k, ch, lr_list, seed_list[0])

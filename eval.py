@@ -4,7 +4,6 @@ Evaluation: the numbers papers report, computed the way the field computes them.
     python eval.py recon --ckpt out/ae/ckpt.pt --data /imagenet/val           # stage 1: PSNR SSIM LPIPS rFID
     python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # stage 2: FID sFID IS P/R
     python eval.py stats --images /path/to/images --out stats.npz             # reusable FID statistics
-    python eval.py compare --train-args "--max-steps 600"                     # DGAE vs the Gaussian decoder
     python eval.py classes --samples out/dit/samples.npz                      # built-in data: samples of the right class?
     torchrun --nproc_per_node=8 eval.py <mode> ...                            # same, sharded over GPUs
 
@@ -14,7 +13,7 @@ gen: the samples (.npz with arr_0, what sample.py writes, or a folder) against a
 .npz of precomputed statistics (mu, sigma, and mu_s, sigma_s for sFID; the ADM ImageNet 256
 reference batch also holds 10K images in arr_0, used for precision/recall), or images.
 stats: the FID statistics of a set of images, to pass as --ref later.
-compare: trains the same encoder with each decoder at c and c/2 latent channels, scores all four.
+(claims.py compare trains every decoder at c and c/2 and scores them with score_reconstructions.)
 classes: stage 2 on the built-in data, where FID's ImageNet Inception means little: a small CNN
 (procedural.PatternClassifier) is trained on built-in images, then names the pattern of each sample;
 the share named as the class it was sampled for, against chance and the CNN's accuracy on real images.
@@ -42,8 +41,6 @@ Conventions, chosen to match published numbers (the formulas are in metrics.py):
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
 import time
 
@@ -79,7 +76,6 @@ prec_recall = True  # gen: precision/recall when the reference holds images (10K
 inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION, $DGAE_WEIGHTS)
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
-train_args = ""  # compare: extra train_ae.py flags for all four runs, e.g. "--max-steps 600"
 num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
@@ -288,70 +284,6 @@ def run_stats(dist):
         print(f"wrote FID statistics of {len(feats['pool'])} images to {out}")
 
 
-def train_for_comparison(root, decoder, channels, train_args):
-    """One `python train_ae.py` run of the comparison, in root/<decoder>_c<channels> (channels 0: the
-    preset's), with the flags `train_args`; returns the path of its checkpoint."""
-    run_dir = os.path.join(root, f"{decoder}_c{channels}" if channels else f"{decoder}_default")
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ae.py"),
-           "--decoder", decoder, "--out-dir", run_dir, *shlex.split(train_args)]
-    if channels:
-        cmd += ["--latent-channels", str(channels)]
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        cmd += ["--resume", "true"]  # finishes an interrupted run; a finished one just reloads
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, check=True)
-    return os.path.join(run_dir, "ckpt.pt")
-
-
-def run_compare(dist):
-    """The paper's comparison: the same encoder with the diffusion decoder (DGAE) and with the
-    Gaussian (deterministic, SD-VAE style) decoder, at c and c/2 latent channels, equal step budgets
-    and decoders of matched parameter count (ae.matched_gauss_ch). Each model is trained by a real
-    `python train_ae.py` run (`--train-args` are passed on to all four), then scored on held-out
-    images: the diffusion decoder at 1, 3, 10 and 50 Euler steps, the deterministic one once."""
-    from ae import load_dgae
-
-    if dist.ddp:
-        raise SystemExit("compare runs its training jobs one after another; start it with plain python")
-    root = out or "out/compare"
-    first = train_for_comparison(root, "diffusion", 0, train_args)  # the preset's c, read back from the checkpoint
-    c = load_dgae(first).cfg.latent_channels
-    if c < 2:
-        raise SystemExit(f"compare needs at least 2 latent channels to halve, the model has {c}")
-    runs = [("diffusion", c, first)]  # (decoder, latent channels, checkpoint path)
-    for decoder, channels in (("gaussian", c), ("diffusion", c // 2), ("gaussian", c // 2)):
-        runs.append((decoder, channels, train_for_comparison(root, decoder, channels, train_args)))
-
-    rows = []
-    for decoder, channels, path in runs:
-        model = load_dgae(path, dist.device)
-        source = ImageSource(data, model.cfg.resolution, num_workers, builtin_limit=num_images)
-        for steps in ((1, 3, 10, 50) if decoder == "diffusion" else (0,)):
-            scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed)
-            rows.append({"decoder": "DGAE (diffusion)" if decoder == "diffusion" else "Gaussian",
-                         "latent": f"{channels}x{model.cfg.resolution // model.cfg.compression}^2",
-                         "decoder_params_M": round(common.count_params(model.decoder) / 1e6, 2),
-                         "steps": steps or "-", **scores})
-    header = ["decoder", "latent", "decoder_params_M", "steps", "psnr", "ssim", "lowfreq_psnr", "highfreq_ratio",
-              "decode_ms_per_image"]
-
-    def cell(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(r[k]) for k in header) + " |" for r in rows]
-    lines.append(f"\neach image's mean colour: PSNR {rows[0]['meancolour_psnr']:.2f} dB "
-                 f"({rows[0]['num_images']} held-out images, device {dist.device.type})")
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "compare.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(root, "compare.json"), "w") as f:
-        json.dump(rows, f, indent=2)
-    print(f"wrote {os.path.join(root, 'compare.md')}")
-
-
 def run_classes(dist):
     if not samples.endswith(".npz"):
         raise SystemExit("classes needs --samples, an .npz of samples and their labels (sample.py --num-samples "
@@ -391,7 +323,7 @@ def run_classes(dist):
     write_results(results, out or os.path.splitext(samples)[0] + "_classes.json")
 
 
-MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "compare": run_compare, "classes": run_classes}
+MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "classes": run_classes}
 
 
 def main():

@@ -32,7 +32,7 @@ def test_shapes_for_every_compression(f, decoder):
     assert model.decode(z, steps=2).shape == (2, 3, 64, 64)
     loss, terms = model.loss(x)
     assert loss.ndim == 0 and torch.isfinite(loss)
-    assert set(terms) == ({"flow", "recon", "consistency", "kl"} if decoder == "diffusion" else {"l1", "kl"})
+    assert set(terms) == ({"flow", "recon", "consistency", "psnr_t1", "kl"} if decoder == "diffusion" else {"l1", "kl"})
 
 
 def test_latent_channels_flag_overrides_the_default():

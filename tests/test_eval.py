@@ -1,5 +1,5 @@
 """Tests for eval.py and inception.py: the FID InceptionV3 against a listing of the published weight
-file, and the recon / gen / stats / compare modes end to end on tiny inputs, their numbers against
+file, and the recon / gen / stats / classes modes end to end on tiny inputs, their numbers against
 metrics.py (tested on its own in test_metrics.py). Seeded random weights; nothing downloads."""
 
 import importlib
@@ -294,25 +294,6 @@ def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_pa
         assert res[key] == pytest.approx(value.mean().item(), rel=1e-6), key
     hf = metrics.highfreq_ratio(metrics.highfreq_energy(fake, 4).numpy(), metrics.highfreq_energy(real, 4).numpy())
     assert res["highfreq_ratio"] == pytest.approx(hf, rel=1e-6)
-
-
-@pytest.mark.slow
-def test_compare_mode_trains_four_matched_models_and_tabulates_them(tmp_path):
-    out = run_eval(["compare", "--out", str(tmp_path / "cmp"), "--num-images", "4", "--batch-size", "4",
-                    "--train-args", "--max-steps 2 --batch-size 2 --log-every 1 --sample-every 2 --ckpt-every 2 --decode-steps 1"])
-    rows = json.load(open(tmp_path / "cmp" / "compare.json"))
-    # DGAE at 1, 3, 10, 50 steps and the Gaussian decoder once, at c = 4 and c/2 = 2 (the tiny preset's 8x8 latent)
-    assert [(r["decoder"], r["latent"], r["steps"]) for r in rows] == [
-        *[("DGAE (diffusion)", "4x8^2", s) for s in (1, 3, 10, 50)], ("Gaussian", "4x8^2", "-"),
-        *[("DGAE (diffusion)", "2x8^2", s) for s in (1, 3, 10, 50)], ("Gaussian", "2x8^2", "-")]
-    for r in rows:
-        assert r["num_images"] == 4 and math.isfinite(r["psnr"]) and r["decode_ms_per_image"] > 0
-    # decoders of matched size: the baseline's width is chosen to match the diffusion decoder's parameter count
-    dgae, gauss = rows[0]["decoder_params_M"], rows[4]["decoder_params_M"]
-    assert abs(gauss - dgae) / dgae < 0.1
-    assert "| decoder | latent |" in open(tmp_path / "cmp" / "compare.md").read() and "mean colour" in out
-    for run in ("diffusion_default", "gaussian_c4", "diffusion_c2", "gaussian_c2"):
-        assert torch.load(tmp_path / "cmp" / run / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 @pytest.mark.slow
