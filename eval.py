@@ -306,18 +306,21 @@ def run_classes(dist):
     judge = train_pattern_classifier(res, num_classes, device=dist.device)
 
     @torch.no_grad()
-    def named(batches):  # uint8 pixel values (as floats in [0, 255]) -> the judge's class, (N,)
-        return torch.cat([judge(x.to(dist.device) / 127.5 - 1).argmax(1).cpu() for x in batches])
+    def judged(batches):  # uint8 pixel values (as floats in [0, 255]) -> the judge's (features (N, D), class (N,))
+        feats = torch.cat([judge.embed(x.to(dist.device) / 127.5 - 1).cpu() for x in batches])
+        return feats, judge.head(feats).argmax(1)
 
-    pred = named(source.batches(0, n, batch_size))  # (n,)
+    feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
     heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)
-    real_pred = named(to_pixels(x) for x, _ in InOrder(heldout, batch_size))  # rounded to uint8 like the samples
+    real_feats, real_pred = judged(to_pixels(x) for x, _ in InOrder(heldout, batch_size))  # rounded to uint8 like the samples
     real_labels = torch.arange(HELDOUT_SIZE) % num_classes  # item i of the built-in data is of class i mod K
     y = labels[:n]
     names = heldout.class_names
     results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res, "num_classes": num_classes,
                "accuracy": (pred == y).float().mean().item(), "chance": 1 / num_classes,
                "real_accuracy": (real_pred == real_labels).float().mean().item(),
+               # the Frechet distance between the samples and held-out real images in the judge's feature space
+               "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
                "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
                                       for c in range(num_classes) if (y == c).any()}}
     write_results(results, out or os.path.splitext(samples)[0] + "_classes.json")

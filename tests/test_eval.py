@@ -309,8 +309,16 @@ def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_sa
     y = np.arange(200) % 10
     y[100:] = (y[100:] + 1) % 10
     np.savez(tmp_path / "s.npz", arr_0=to_uint8(x), labels=y)
+    np.savez(tmp_path / "noise.npz", arr_0=to_uint8(torch.rand_like(x) * 2 - 1), labels=y)
+    import procedural  # one judge for both calls (eval.py is reloaded, and imports it from procedural)
+    judges, train_judge = [], procedural.train_pattern_classifier
+    monkeypatch.setattr(procedural, "train_pattern_classifier",
+                        lambda *a, **k: judges[0] if judges else judges.append(train_judge(*a, **k)) or judges[0])
     run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "s.npz"), "--device", "cpu")
-    res = json.load(open(tmp_path / "s_classes.json"))
+    run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "noise.npz"), "--device", "cpu")
+    res, noise = json.load(open(tmp_path / "s_classes.json")), json.load(open(tmp_path / "noise_classes.json"))
+    # real images of another seed lie close to the held-out ones in the judge's feature space; noise far away
+    assert 0 < res["judge_fd"] and 20 * res["judge_fd"] < noise["judge_fd"], (res["judge_fd"], noise["judge_fd"])
     assert res["num_samples"] == 200 and res["resolution"] == 32 and res["chance"] == 0.1
     assert res["real_accuracy"] >= 0.9  # the judge recognises the built-in patterns
     assert 0.5 * res["real_accuracy"] - 0.1 <= res["accuracy"] <= 0.6, res
