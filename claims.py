@@ -7,6 +7,7 @@ a verdict by rules fixed before the runs.
     python claims.py compare --only anchored_c2                # just the runs whose name contains this
     python claims.py compare --report-only true                # the table of the runs finished so far
     python claims.py diagnose --ckpt out/ae/ckpt.pt            # does a stage-1 decoder use z?
+    python claims.py converge                                  # claim 3: the same DiT on four latents
 
 compare trains, with real `python train_ae.py` runs into out/<run>/, four decoders on the same
 encoder, each at the preset's latent channels c and at c/2:
@@ -29,6 +30,18 @@ diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
     grid, fitted on training images, scored by R^2 on held-out ones: how much of the coarse image
     z carries, whatever the decoder does with it.
   - psnr_t1 is in the training log (log.jsonl): the PSNR of the one-step decode from noise.
+
+converge (claim 3, the built-in data) trains the same DiT (train_dit.py's defaults: preset, tokens,
+lr, batch, t distribution, seed, guidance) on the per-channel-normalised latents of four stage-1
+models of the compare folder (seed 0, each decoder's best rate): DGAE at c/2 and the Gaussian
+decoder at c (the claim), DGAE at c and the Gaussian decoder at c/2 (controls). At each DiT step of
+--dit-steps it samples --num-samples images (uniform labels) and scores them with eval.py classes:
+the share the pattern classifier names as their class, and the Frechet distance to held-out images
+in its feature space, each beside the autoencoder's own ceiling (its reconstructions' scores). The
+DiT's lr is constant after warm-up, so training on to the next step count with --resume is the
+same run. The target, fixed before the run, is the accuracy the Gaussian-c latents reach at the
+last step; "converges faster" is the ratio of DiT steps each latent needs to reach it. DiT losses
+are never compared across latent spaces. Writes converge.md, converge.json and converge.png.
 """
 
 import json
@@ -71,6 +84,10 @@ num_images = 500  # held-out images scored (the first N)
 mean_of = 4  # decodes averaged for the E[x|z] estimate
 batch_size = 50
 ckpt = ""  # diagnose: the train_ae.py checkpoint
+dit_steps = "250,500,1000,2000,3000"  # converge: the DiT steps at which samples are scored
+num_samples = 500  # converge: samples scored at each of those steps
+dit_args = ""  # converge: more train_dit.py flags for every run
+judge_steps = 600  # training steps of the pattern classifier that judges the built-in data
 quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
@@ -361,7 +378,7 @@ def run_compare(dist):
     heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
     judge = None
     if not data:  # the built-in data's classes: the pattern classifier judges the reconstructions
-        judge = train_pattern_classifier(res, device=dist.device)
+        judge = train_pattern_classifier(res, steps=judge_steps, device=dist.device)
     done = set()
     while not report_only:
         todo = [p for p in plan(c) if p[0] not in done and only in p[0]]
@@ -376,11 +393,122 @@ def run_compare(dist):
     write_report(c, dist)
 
 
-MODES = {"compare": run_compare, "diagnose": run_diagnose}
+# -----------------------------------------------------------------------------
+# converge: claim 3
+
+
+def script(name, *args):
+    """Run one of this repository's scripts as a real subprocess; stop on its failure."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name), *map(str, args)]
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def converge_latents(c):
+    """[(label, stage-1 checkpoint, its scores.json)]: the claim's two latents first, then the controls."""
+    lr_list, seed0 = [float(v) for v in lrs.split(",")], int(seeds.split(",")[0])
+    found = []
+    for kind, ch in (("gauss", c), ("dgae", c // 2), ("dgae", c), ("gauss", c // 2)):
+        lr = best_lr(kind, ch, lr_list, seed0) or lr_list[0]
+        run = run_name(kind, ch, lr, seed0)
+        if finished_scores(run) is None:
+            raise SystemExit(f"error: converge needs the stage-1 run {os.path.join(out, run)}; "
+                             f"run `python claims.py compare --out {out} --only {run}` first")
+        found.append((f"{kind} c={ch}", os.path.join(out, run, "ckpt.pt"), finished_scores(run)))
+    return found
+
+
+def steps_to_reach(curve, target):
+    """The first DiT step whose score reaches target, from [(step, score)]; None if none does."""
+    return next((step for step, v in curve if v >= target), None)
+
+
+def plot(curves, ceilings, path, size=(640, 400)):
+    """A line plot of accuracy against DiT steps (log axis), one colour per latent, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    left, top, right, bottom = 60, 20, size[0] - 170, size[1] - 40
+    steps = sorted({s for c in curves.values() for s, _ in c})
+    lo, hi = math.log(steps[0]), math.log(steps[-1]) if steps[-1] > steps[0] else math.log(steps[0]) + 1
+    px = lambda s: left + (math.log(s) - lo) / (hi - lo) * (right - left)  # noqa: E731
+    py = lambda v: bottom - v * (bottom - top)  # noqa: E731 accuracy in [0, 1]
+    d.rectangle([left, top, right, bottom], outline="black")
+    for v in (0, 0.25, 0.5, 0.75, 1):
+        d.line([left - 4, py(v), left, py(v)], fill="black")
+        d.text((left - 40, py(v) - 6), f"{v:.2f}", fill="black")
+    for s in steps:
+        d.line([px(s), bottom, px(s), bottom + 4], fill="black")
+        d.text((px(s) - 12, bottom + 8), str(s), fill="black")
+    d.text((left, size[1] - 16), "DiT steps (log scale); y: share of samples the pattern classifier names right", fill="black")
+    colours = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c"]
+    for i, (label, curve) in enumerate(curves.items()):
+        col = colours[i % len(colours)]
+        d.line([(px(s), py(v)) for s, v in curve], fill=col, width=3)
+        d.line([left, py(ceilings[label]), right, py(ceilings[label])], fill=col, width=1)  # the autoencoder's ceiling
+        d.text((right + 10, top + 18 * i), label, fill=col)
+    d.text((right + 10, top + 18 * len(curves) + 6), "thin: ceiling", fill="black")
+    img.save(path)
+
+
+def run_converge(dist):
+    if data:
+        raise SystemExit("converge judges samples with the built-in data's pattern classifier; run it without --data")
+    c = make_config(preset).latent_channels
+    step_list = sorted({int(v) for v in dit_steps.split(",")})
+    root = os.path.join(out, "converge")
+    rows = {}
+    for label, ae_path, ae_scores in converge_latents(c):
+        run_dir = os.path.join(root, label.replace(" ", "_").replace("=", ""))
+        curve = []
+        for step in step_list:
+            result = os.path.join(run_dir, f"classes_{step}.json")
+            if not os.path.exists(result):
+                resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
+                script("train_dit.py", "--ae-ckpt", ae_path, "--out-dir", run_dir, "--max-steps", step,
+                       "--ckpt-every", step, "--sample-every", step, *resume, *shlex.split(dit_args))
+                samples_path = os.path.join(run_dir, f"samples_{step}.npz")
+                script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples", num_samples,
+                       "--out", samples_path, "--device", dist.device.type)
+                script("eval.py", "classes", "--samples", samples_path, "--out", result, "--device", dist.device.type,
+                       "--judge-steps", judge_steps)
+            r = json.load(open(result))
+            curve.append({"step": step, "accuracy": r["accuracy"], "judge_fd": r["judge_fd"]})
+        rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"],
+                       "ceiling_judge_fd": ae_scores["judge_fd"], "ae_ckpt": ae_path}
+    labels = list(rows)
+    target = rows[labels[0]]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
+    ref_steps = steps_to_reach([(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]], target)
+    lines = [f"# claim 3: the same DiT on four latents (built-in data, {num_samples} samples per point)", "",
+             f"target (fixed before the run): accuracy {target:.3f}, what the {labels[0]} latents reach at step "
+             f"{step_list[-1]}; ratio = DiT steps {labels[0]} needs / steps the latent needs (> 1: faster)", "",
+             "| latent | " + " | ".join(f"acc@{s}" for s in step_list) + " | ceiling acc | "
+             + " | ".join(f"fd@{s}" for s in step_list) + " | ceiling fd | steps to target | ratio |",
+             "|" + "---|" * (2 * len(step_list) + 5)]
+    for label, r in rows.items():
+        reach = steps_to_reach([(p["step"], p["accuracy"]) for p in r["curve"]], target)
+        r["steps_to_target"], r["speedup"] = reach, (ref_steps / reach if reach else None)
+        lines.append(f"| {label} | " + " | ".join(f"{p['accuracy']:.3f}" for p in r["curve"])
+                     + f" | {r['ceiling_accuracy']:.3f} | " + " | ".join(f"{p['judge_fd']:.2f}" for p in r["curve"])
+                     + f" | {r['ceiling_judge_fd']:.2f} | {reach or 'not reached'} | "
+                     + (f"{r['speedup']:.2f}" if r["speedup"] else "-") + " |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    with open(os.path.join(root, "converge.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(root, "converge.json"), "w") as f:
+        json.dump({"target_accuracy": target, "latents": rows}, f, indent=1)
+    plot({k: [(p["step"], p["accuracy"]) for p in r["curve"]] for k, r in rows.items()},
+         {k: r["ceiling_accuracy"] for k, r in rows.items()}, os.path.join(root, "converge.png"))
+    print(f"wrote {os.path.join(root, 'converge.png')}")
+
+
+MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge}
 
 
 def main():
-    global max_steps, seeds, lrs, num_images, mean_of, compute_factor
+    global max_steps, seeds, lrs, num_images, mean_of, compute_factor, dit_steps, num_samples, judge_steps
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         common.configure(globals(), ["--help"])
@@ -390,7 +518,9 @@ def main():
     settings, _ = common.configure(globals(), sys.argv[2:])
     if quick:
         max_steps, seeds, lrs, num_images, mean_of, compute_factor = 4, "0", lrs.split(",")[0], 16, 2, 2
-    common.check_settings(globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch"),
+        dit_steps, num_samples, judge_steps = "2,4", 20, 60
+    common.check_settings(globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch", "num_samples",
+                                            "judge_steps"),
                           count_or_0=("compute_factor",))
     dist = common.setup_distributed(device)
     with common.user_errors():

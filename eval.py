@@ -77,6 +77,7 @@ inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION,
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
+judge_steps = 600  # classes: training steps of the pattern classifier that judges the samples
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
 
@@ -303,7 +304,7 @@ def run_classes(dist):
                          f"{num_classes})")
     if not dist.master:  # small work (the built-in data is small): rank 0 does it all
         return
-    judge = train_pattern_classifier(res, num_classes, device=dist.device)
+    judge = train_pattern_classifier(res, num_classes, steps=judge_steps, device=dist.device)
 
     @torch.no_grad()
     def judged(batches):  # uint8 pixel values (as floats in [0, 255]) -> the judge's (features (N, D), class (N,))
@@ -337,7 +338,7 @@ def main():
     if mode not in MODES:
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
     settings, _ = common.configure(globals(), sys.argv[2:])  # the settings follow the mode
-    common.check_settings(settings, count=("resolution", "batch_size"),  # out of range: refused before any work
+    common.check_settings(settings, count=("resolution", "batch_size", "judge_steps"),  # out of range: refused before any work
                           count_or_0=("num_images", "num_workers", "decode_steps", "seed"))
     dist = common.setup_distributed(device)
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which

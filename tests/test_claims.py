@@ -249,3 +249,20 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     # a second call trains nothing: every part is finished
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
+
+    # claim 3 on those four stage-1 models: the same DiT on each latent, scored at DiT steps 2 and 4
+    conv = subprocess.run([sys.executable, "claims.py", "converge", "--quick", "true", "--out", str(out), "--device", "cpu",
+                           "--dit-args", "--batch-size 8 --dataset-size 64 --log-every 1 --sample-steps 2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-3000:]
+    result = json.load(open(out / "converge" / "converge.json"))
+    assert list(result["latents"]) == ["gauss c=4", "dgae c=2", "dgae c=4", "gauss c=2"]  # the claim's pair first
+    for label, r in result["latents"].items():
+        assert [p["step"] for p in r["curve"]] == [2, 4]
+        assert all(0 <= p["accuracy"] <= 1 and math.isfinite(p["judge_fd"]) for p in r["curve"])
+        assert r["ceiling_accuracy"] == groups[(label.split()[0], int(label[-1]), 1)]["judge_accuracy"][0]
+    ref = result["latents"]["gauss c=4"]
+    assert result["target_accuracy"] == ref["curve"][-1]["accuracy"] and ref["speedup"] == 1.0
+    assert torch.load(out / "converge" / "dgae_c2" / "ckpt.pt", weights_only=True)["step"] == 4  # resumed from 2
+    png = out / "converge" / "converge.png"
+    assert png.stat().st_size > 1000 and "| latent |" in open(out / "converge" / "converge.md").read()
