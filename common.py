@@ -34,6 +34,22 @@ def _parse_like(value, default, name):
         raise SystemExit(f"error: --{name} takes a {type(default).__name__}, got {value!r}") from None
 
 
+def setting_comments(path):
+    """{name: comment} for each `name = value  # comment` line at the top level of the script at `path`:
+    --help prints the comment beside each setting, so a setting's one line of documentation lives
+    next to its default and nowhere else."""
+    notes = {}
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        return notes
+    for line in lines:
+        m = re.match(r"([a-z_][a-z0-9_]*) = .*?  # (.*)$", line)
+        if m:
+            notes[m.group(1)] = m.group(2)
+    return notes
+
+
 def configure(settings, argv=None):
     """Override a script's settings in place from `--name value` or `--name=value` arguments.
 
@@ -50,9 +66,11 @@ def configure(settings, argv=None):
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
-            print("settings (override with --name value):")
+            notes = setting_comments(settings.get("__file__", ""))
+            print("settings (override with --name value; the default, then what it is):")
+            width = max(len(f"--{k.replace('_', '-')} {settings[k]!r}") for k in keys)
             for k in keys:
-                print(f"  --{k.replace('_', '-')} {settings[k]!r}")
+                print(f"  {f'--{k.replace(chr(95), chr(45))} {settings[k]!r}':<{width}}  {notes.get(k, '')}".rstrip())
             sys.exit(0)
         if not arg.startswith("--"):
             raise SystemExit(f"error: unexpected argument {arg!r}; settings are given as --name value")
