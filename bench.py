@@ -28,7 +28,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
-import layers
 from ae import DGAE, make_config
 from data import Loader, build_dataset
 from decoder_diffusion import euler_sample, flow_matching_loss
@@ -59,7 +58,6 @@ compile = False  # torch.compile the training steps, the decoder and the DiT sam
 checkpoint = False  # the models' activation checkpointing, the trainers' --grad-checkpoint (DiT blocks, U-Net layers)
 channels_last = True  # NHWC layout for the convolutional stage-1 model
 fused_adamw = True  # one fused AdamW kernel instead of a loop over the tensors
-inference_mode = True  # decode and sample under torch.inference_mode, as the scripts do (else torch.no_grad)
 # the side-by-side with the DiT authors' code: a checkout of github.com/facebookresearch/DiT (its models.py needs timm,
 # which is never a dependency of this repository: imported only when this is given); "" = skip
 official_dit = ""
@@ -360,12 +358,11 @@ def main():
     if dev.type == "cuda":  # fp32 matmuls in TF32, as common.autocast_context sets for training (the peak too)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    no_grad = torch.inference_mode if inference_mode else torch.no_grad
-    layers.use_inference_mode = inference_mode  # what DGAE.decode and euler_sample run under (layers.no_autograd)
+    no_grad = torch.inference_mode  # what DGAE.decode and euler_sample run under (layers.no_autograd)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
     print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
-        "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "inference_mode", "attn_impl")))
+        "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "attn_impl")))
 
     n = matmul_size or (8192 if dev.type == "cuda" else 2048)  # the peak: 2 n^3 FLOPs in the compute dtype
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))

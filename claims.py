@@ -62,7 +62,7 @@ from torch.utils.data import Subset
 from data import InOrder, build_dataset
 from decoder_diffusion import add_noise, velocity_target
 from eval import score_reconstructions
-from eval_data import HELDOUT_SEED, HELDOUT_SIZE, ImageSource
+from eval_data import HELDOUT_SIZE, ImageSource
 from procedural import train_pattern_classifier
 
 # -----------------------------------------------------------------------------

@@ -90,17 +90,12 @@ def checkpointed(module, on, *args):
 # and the tensors made inside also skip autograd's bookkeeping (version counters, view tracking).
 # The price: such a tensor may never enter autograd later, nor be changed in place outside inference
 # mode. What they return only goes to grids, metrics and files, never back into training.
-# bench.py --inference-mode false sets layers.use_inference_mode to False, to time the same code under no_grad.
-use_inference_mode = True
-
-
 def no_autograd(fn):
-    """Decorator: fn runs under torch.inference_mode (torch.no_grad if use_inference_mode is False).
-    The flag is read at every call, not when fn is defined."""
+    """Decorator: fn runs under torch.inference_mode."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        with torch.inference_mode() if use_inference_mode else torch.no_grad():
+        with torch.inference_mode():
             return fn(*args, **kwargs)
 
     return run

@@ -108,29 +108,12 @@ def _dots(rng, yy, xx):
     return ly ** 2 + lx ** 2 <= rng.uniform(0.2, 0.35) ** 2
 
 
-def _mosaic(rng, yy, xx):
-    # random-valued g x g blocks (a "noise texture" with hard edges); the mask is continuous here
-    g = int(rng.integers(4, 9))
-    cells = rng.uniform(0, 1, (g, g)).astype(np.float32)
-    iy = np.minimum(((yy + 1) / 2 * g).astype(np.int64), g - 1)
-    ix = np.minimum(((xx + 1) / 2 * g).astype(np.int64), g - 1)
-    return cells[iy, ix]
-
-
-def _cross(rng, yy, xx):
-    cy, cx = rng.uniform(-0.3, 0.3, 2)
-    arm, w = rng.uniform(0.4, 0.7), rng.uniform(0.08, 0.16)
-    dy, dx = np.abs(yy - cy), np.abs(xx - cx)
-    return ((dy <= w) & (dx <= arm)) | ((dx <= w) & (dy <= arm))
-
-
-# the first 10 are the default classes; num_classes may go up to len(_PATTERNS)
+# the ten classes, in label order
 _PATTERNS = [
     ("disc", _disc), ("square", _square), ("triangle", _triangle), ("ring", _ring),
     ("horizontal_stripes", _hstripes), ("vertical_stripes", _vstripes),
     ("diagonal_stripes", _dstripes), ("checkerboard", _checkerboard),
     ("concentric_circles", _concentric), ("dot_grid", _dots),
-    ("mosaic", _mosaic), ("cross", _cross),
 ]
 
 
