@@ -268,12 +268,17 @@ def stopped_message(stop, step, ckpt_path):
             f"to continue (exit status {EXIT_STOPPED})")
 
 
-def ignore_stop_signals(worker_id=None):
-    """DataLoader worker_init_fn: a loading process ignores the stop signals (Ctrl-C and SLURM send
-    them to every process), so that the trainer can finish its step with them. A worker still
-    ends with its trainer: at the loader's shutdown, or by its watchdog when the trainer is gone."""
+def loader_worker_init(worker_id=None):
+    """DataLoader worker_init_fn. A loading process ignores the stop signals (Ctrl-C and SLURM send
+    them to every process), so that the trainer can finish its step with them. A worker still ends
+    with its trainer: at the loader's shutdown, or by its watchdog when the trainer is gone (seconds
+    later). And it closes its copy of the run folder's lock (forked with the trainer's open files):
+    a flock lives while any copy is open, so a killed trainer's folder would stay locked until then."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    for fh in _held.values():
+        fh.close()
+    _held.clear()
 
 
 # -----------------------------------------------------------------------------

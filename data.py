@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from checkpoints import ignore_stop_signals
+from checkpoints import loader_worker_init
 from procedural import ProceduralDataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -203,7 +203,7 @@ class InOrder:
 
     def __init__(self, dataset, batch_size, num_workers=0, pin_memory=False):
         self.loader = DataLoader(dataset, batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
-                                 pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+                                 pin_memory=pin_memory, worker_init_fn=loader_worker_init)
         self.n_bad = 0
 
     def __iter__(self):
@@ -258,7 +258,7 @@ class Loader:
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
             collate_fn=collate_skip_bad, num_workers=num_workers, generator=generator,
             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_stop_signals,  # stop signals are the trainer's (checkpoints.StopSignals)
+            worker_init_fn=loader_worker_init,  # stop signals and the folder's lock are the trainer's
         )
         self.epoch, self.batch, self.n_bad = 0, 0, 0
         self._it = None

@@ -2,6 +2,7 @@
 processes), an --out-dir inside the data, a full disk (a real file-size limit), a --device that
 this machine lacks. Each is refused in one line before it costs anything."""
 
+import fcntl
 import importlib
 import os
 import resource
@@ -32,16 +33,24 @@ def in_use(folder):
 def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_ends_with_the_first(tmp_path):
     # two runs into one folder both trained, wrote the same ckpt.pt.tmp and interleaved their
     # log.jsonl rows; a resume started while the run was alive did the same
-    first = start(tmp_path, "train_ae.py", *ARGS, "--max-steps", "100000", "--ckpt-every", "1")
+    first = start(tmp_path, "train_ae.py", *ARGS, "--max-steps", "100000", "--ckpt-every", "1", "--num-workers", "1")
     try:
         wait_for(first, tmp_path / "out/ae/ckpt.pt", tmp_path)
         for again in ([], ["--resume", "true"]):
             proc = run_train(tmp_path, *ARGS, "--max-steps", "3", *again, check=False)
             assert proc.returncode == 1 and proc.stderr.strip() == in_use("out/ae"), proc.stderr
             assert "model:" not in proc.stdout
-        # SIGKILL, which no process can handle: the kernel releases the lock with the process
-        os.killpg(first.pid, signal.SIGKILL)
+        # SIGKILL to the trainer alone, which no process can handle: the kernel releases the lock
+        # with it, at once, though its data-loading worker lives on for seconds
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        with open(tmp_path / "out/ae/.lock") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if anything holds it
     finally:
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # the worker too
+        except ProcessLookupError:
+            pass
         finish(first, tmp_path)
     step = load(tmp_path / "out/ae/ckpt.pt")["step"]
     run_train(tmp_path, "--resume", "true", "--max-steps", str(step + 1))
