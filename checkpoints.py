@@ -2,7 +2,8 @@
 How a run is saved, stopped and resumed, and where pretrained files are found: the run folder
 (one run at a time, through an OS lock), atomic writes, checkpoints of a known kind with every
 rank's RNG state (so --resume continues bit-identically), stop signals that end a run at a step
-boundary with a checkpoint, and the lookup of the VGG16, LPIPS and InceptionV3 weight files. The settings and torch.distributed live in common.py.
+boundary with a checkpoint, and the lookup of the VGG16, LPIPS and InceptionV3 weight files. The
+settings and torch.distributed live in common.py.
 """
 
 import fcntl
