@@ -1,6 +1,6 @@
 """The folder and the machine a training run is given: one run at a time in an --out-dir (two real
 processes), an --out-dir inside the data, a full disk (a real file-size limit), a --device that
-this machine lacks. Each is refused in one line before it costs anything."""
+this machine lacks. Each ends the run in one line, before any work where it can be known before."""
 
 import fcntl
 import importlib
@@ -115,7 +115,7 @@ def test_a_full_disk_during_a_checkpoint_or_a_latent_shard_write_is_one_line(tmp
 def test_an_unavailable_device_is_refused_before_the_out_dir_or_the_data_is_touched(tmp_path, monkeypatch, module):
     # --device cuda on a CPU machine: a traceback after the dataset scan, and an empty --out-dir left
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: pytest.fail("scanned the data"))  # read at reload
+    monkeypatch.setattr(data, "ProceduralDataset", lambda *a, **k: pytest.fail("built the dataset"))
     has = common.available_devices()
     for name in ["foo", "cuda:99"] + [d for d in ("cuda", "mps") if d not in has]:
         with pytest.raises(SystemExit) as e:
