@@ -265,10 +265,10 @@ class DGAE(nn.Module):
         return q.sample() if sample else q.mode()
 
     @no_autograd
-    def decode(self, z, steps=None, seed=0):
+    def decode(self, z, steps=None, seed=0, stop=None):
         """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE in `steps` Euler steps
         (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a fixed seed
-        gives the same reconstruction every time.
+        gives the same reconstruction every time; `stop` can cut it short (see euler_sample).
         Runs under inference mode (layers.no_autograd): x_hat can never need a gradient."""
         if self.cfg.decoder != "diffusion":
             return self.deterministic_decode(z).clamp(-1, 1)
@@ -278,12 +278,12 @@ class DGAE(nn.Module):
         noise = torch.randn(B, 3, h * f, w * f, generator=g).to(z.device)  # x at t=1, drawn on the CPU so every device agrees
         x_tilde = self.anchor(z) if self.anchor is not None else None  # (B, 3, H, W): once, it depends on z alone
         x = euler_sample(lambda x_t, t: self.velocity(x_t, t, z, x_tilde), noise, steps or self.cfg.decode_steps,
-                         self.cfg.t_shift)
+                         self.cfg.t_shift, stop)
         return x.clamp(-1, 1)
 
     @no_autograd
-    def reconstruct(self, x, steps=None, seed=0):
-        return self.decode(self.encode(x), steps, seed)
+    def reconstruct(self, x, steps=None, seed=0, stop=None):
+        return self.decode(self.encode(x), steps, seed, stop)
 
     def forward(self, x, lpips=None):
         # DDP only synchronises gradients of what runs through forward(), so training calls the

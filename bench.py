@@ -352,6 +352,7 @@ def main():
     if official_dit and ("dit" not in wanted or checkpoint):
         raise SystemExit("error: --official-dit times the official DiT's step beside ours: it needs dit in --parts, "
                          "and no --checkpoint (the official code has no activation checkpointing)")
+    common.check_device(device)  # one line listing this machine's devices, not a traceback mid-benchmark
     torch.manual_seed(seed)
     dev = torch.device(device or common.default_device())
     dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else torch.float32

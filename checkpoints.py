@@ -1,10 +1,12 @@
 """
-How a run is saved, stopped and resumed, and where pretrained files are found: atomic writes,
-checkpoints of a known kind with every rank's RNG state (so --resume continues bit-identically),
-stop signals that end a run at a step boundary with a checkpoint, and the lookup of the VGG16,
-LPIPS and InceptionV3 weight files. The settings and torch.distributed live in common.py.
+How a run is saved, stopped and resumed, and where pretrained files are found: the run folder
+(one run at a time, through an OS lock), atomic writes, checkpoints of a known kind with every
+rank's RNG state (so --resume continues bit-identically), stop signals that end a run at a step
+boundary with a checkpoint, and the lookup of the VGG16, LPIPS and InceptionV3 weight files. The
+settings and torch.distributed live in common.py.
 """
 
+import fcntl
 import os
 import random
 import re
@@ -14,31 +16,45 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+import common
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
 
+def _os_error(e):
+    """The OSError behind `e`, or None. torch's zip writer (torch.save) turns an OSError of the file
+    it writes (a full disk, a file-size limit) into a RuntimeError ("[enforce fail at
+    inline_container.cc] unexpected pos"), with the OSError as its context."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
+
+
 def atomic_write(path, write):
-    """Write a file atomically: write(fh) fills `path`.tmp, which then replaces `path` in one step.
+    """Write a file atomically: write(fh) fills a .tmp beside the file, which then replaces it in one step.
 
     A crash mid-write leaves the previous file intact, never half a file. A write that fails (disk
     full, read-only folder) also keeps the previous file, removes its .tmp (a 20 MB leftover per
-    try otherwise) and stops with one line naming the file.
+    try otherwise) and stops with one line naming the file. A symbolic link (a ckpt.pt that points
+    to a persistent volume) is written through: its target is replaced, and the link stays.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    target = os.path.realpath(path)  # a rename onto the link would replace the link itself
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = target + ".tmp"
     try:
         with open(tmp, "wb") as fh:
             write(fh)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException as e:  # an interrupt too: no .tmp is left behind
         try:
             os.remove(tmp)
         except OSError:
             pass
-        if isinstance(e, OSError):
-            kept = "the previous file is kept" if os.path.exists(path) else "nothing was written"
-            raise SystemExit(f"error: could not write {path} ({e.strerror or e}); {kept}. "
+        cause = _os_error(e) if isinstance(e, Exception) else None
+        if cause is not None:
+            kept = "the previous file is kept" if os.path.exists(target) else "nothing was written"
+            raise SystemExit(f"error: could not write {path} ({cause.strerror or cause}); {kept}. "
                              "Free some space or choose a folder you can write to.") from None
         raise
 
@@ -46,6 +62,49 @@ def atomic_write(path, write):
 def save_checkpoint(path, ckpt):
     """Write atomically (see atomic_write): never half a checkpoint, and a failed write keeps the old one."""
     atomic_write(path, lambda fh: torch.save(ckpt, fh))
+
+
+# The lock file of a run folder (see claim_out_dir).
+LOCK_FILE = ".lock"
+_held = {}  # run folder (real path) -> its open lock file, held until this process ends
+
+
+def claim_out_dir(out_dir, data=""):
+    """Make the run folder out_dir ready and make it this run's alone, before any other work.
+
+    Refused in one line: an out_dir inside data (see common.refuse_out_dir_in_data), one that cannot
+    be written, and one that another process holds. Two runs in one folder (a job submitted twice, a
+    restart script too eager) would write the same ckpt.pt, .tmp and log.jsonl in turn. Rank 0 (the
+    only rank that writes) holds an exclusive flock on out_dir/.lock until it ends: an OS lock, not a
+    marker file, so the kernel releases it on any exit, SIGKILL and a crash included, and no stale
+    lock ever blocks a resume. Holding it twice in one process is allowed (in-process tests)."""
+    common.refuse_out_dir_in_data(out_dir, data)
+    if common.launch_rank() != 0:
+        return
+    common.writable_dir(out_dir, "--out-dir")  # found now, not at the first save
+    key = os.path.realpath(out_dir)
+    if key in _held:
+        return
+    fh = open(os.path.join(out_dir, LOCK_FILE), "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by another process
+        fh.close()
+        raise SystemExit(f"error: --out-dir {out_dir} is in use by another run that is still alive (it holds "
+                         f"{os.path.join(out_dir, LOCK_FILE)}); wait for it to end or stop it, or choose another "
+                         "--out-dir") from None
+    _held[key] = fh
+
+
+def dataset_changed(ckpt, num_images):
+    """On --resume, a line saying that the data folder holds another number of images than when the
+    checkpoint was written (its settings record the count), else None: the saved data position then
+    points into another dataset, so the order of the images differs from the run's own."""
+    saved = ckpt.get("config", {}).get("num_images")
+    if saved is None or saved == num_images:
+        return None
+    return (f"warning: the data now holds {num_images} images, the run had {saved} when it was checkpointed: the "
+            "images it sees from here on follow another order than the interrupted run's")
 
 
 MADE_BY = {"ae": "train_ae.py", "dit": "train_dit.py"}
@@ -193,6 +252,11 @@ class StopSignals:
         # only record it: printing here could re-enter a write to stderr that the signal interrupted
         self.received = self.received or signal.Signals(signum).name
 
+    def pending(self):
+        """True once this process received a stop signal: long work between steps (a grid's decode)
+        asks it to give up early, so that the stop is not held up past a scheduler's grace period."""
+        return self.received is not None
+
     def flag(self, device):
         """1.0 if this process received a stop signal, as a tensor to all-reduce with the step's other flags."""
         # torch.full fills on the device; torch.tensor would copy a host value over every step
@@ -205,12 +269,17 @@ def stopped_message(stop, step, ckpt_path):
             f"to continue (exit status {EXIT_STOPPED})")
 
 
-def ignore_stop_signals(worker_id=None):
-    """DataLoader worker_init_fn: a loading process ignores the stop signals (Ctrl-C and SLURM send
-    them to every process), so that the trainer can finish its step with them. A worker still
-    ends with its trainer: at the loader's shutdown, or by its watchdog when the trainer is gone."""
+def loader_worker_init(worker_id=None):
+    """DataLoader worker_init_fn. A loading process ignores the stop signals (Ctrl-C and SLURM send
+    them to every process), so that the trainer can finish its step with them. A worker still ends
+    with its trainer: at the loader's shutdown, or by its watchdog when the trainer is gone (seconds
+    later). And it closes its copy of the run folder's lock (forked with the trainer's open files):
+    a flock lives while any copy is open, so a killed trainer's folder would stay locked until then."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    for fh in _held.values():
+        fh.close()
+    _held.clear()
 
 
 # -----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ steps are written out in train_ae.py and train_dit.py.
 """
 
 import datetime
+import json
 import math
 import os
 import re
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # settings: plain variables at the top of each script, overridden from the command line
@@ -89,6 +91,13 @@ def configure(settings, argv=None):
     return {k: settings[k] for k in keys}, given
 
 
+# Samplers take tens to a few hundred Euler steps; far more only costs time: a grid decoded with
+# 100000 steps took longer than ten minutes, past any scheduler's grace period after SIGTERM.
+MAX_EULER_STEPS = 1000
+# Classifier-free guidance multiplies the DiT's velocity difference by the scale. Useful scales are
+# 1 to 10; one far beyond them leaves float32's range (inf, then NaN: black images, with exit 0).
+MAX_GUIDANCE = 100.0
+
 # The kinds of numeric setting check_settings knows: a test on the value, and the valid range as the
 # error message states it. NaN fails every comparison, so it is refused by each kind.
 SETTING_KINDS = {
@@ -98,6 +107,9 @@ SETTING_KINDS = {
     "non_negative": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number at least 0"),
     "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "finite": (lambda v: math.isfinite(v), "must be a finite number"),
+    "steps": (lambda v: 1 <= v <= MAX_EULER_STEPS, f"must be from 1 to {MAX_EULER_STEPS}"),
+    "steps_or_0": (lambda v: 0 <= v <= MAX_EULER_STEPS, f"must be from 0 to {MAX_EULER_STEPS}"),
+    "guidance": (lambda v: abs(v) <= MAX_GUIDANCE, f"must be a number from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}"),
 }
 
 
@@ -127,6 +139,36 @@ def writable_dir(path, flag):
                          "choose a folder you can write to") from None
 
 
+def refuse_out_dir_in_data(out_dir, data):
+    """Refuse an --out-dir that is the --data folder or inside it: the run's own image grids would be
+    read as training images (and more of them after each resume)."""
+    if not data:
+        return
+    inside = os.path.realpath(data)
+    if os.path.commonpath([inside, os.path.realpath(out_dir)]) == inside:
+        raise SystemExit(f"error: --out-dir {out_dir} is inside --data {data}, so the run's image grids would become "
+                         "training images; choose an --out-dir outside the data folder")
+
+
+def json_line(row):
+    """A log row as one line of strict JSON: a non-finite number (a skipped NaN step) is written as
+    null, since the bare NaN that json.dumps writes is refused by strict JSON readers."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
+
+
+@contextmanager
+def bars_closed_first():
+    """Close the open progress bars before an error that ends the script is printed (a full disk at a
+    save, an unreadable data folder mid-run), so that its one-line message stands on a line of its
+    own instead of at the end of the bar's."""
+    try:
+        yield
+    except BaseException:
+        for bar in list(tqdm._instances):
+            bar.close()
+        raise
+
+
 @contextmanager
 def user_errors():
     """Report the errors of bad input (a missing folder or file, an impossible flag, a checkpoint
@@ -151,6 +193,30 @@ class Dist:
     master: bool  # rank 0: the only process that writes files and prints
 
 
+def launch_rank():
+    """This process's rank as torchrun set it (0 when run alone), known before torch.distributed starts."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def available_devices():
+    """The --device values this machine can run on."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+def check_device(device):
+    """Refuse a --device that this machine does not have, or a misspelt one, in one line that lists
+    those it has; "" (the first of cuda, mps, cpu that it has) always passes. Called before any
+    work: torch would fail only at the first tensor moved there, with a traceback."""
+    if device and device not in available_devices():
+        raise SystemExit(f"error: --device {device} is not available on this machine, which has: "
+                         f"{', '.join(available_devices())}; pass one of those, or leave --device out to pick one")
+
+
 def default_device():
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
@@ -163,6 +229,7 @@ def setup_distributed(device="", timeout=600):
     `timeout`: seconds a rank waits in a collective (all-reduce, barrier) for the others. Without it
     one stopped or hung rank leaves every other waiting for ever; with it the job ends (gloo raises,
     see collective_timeouts; NCCL's watchdog ends the process with a "[Rank k] ... timeout" message)."""
+    check_device(device)
     device = device or default_device()
     timeout = datetime.timedelta(seconds=timeout)
     if "RANK" not in os.environ:

@@ -7,9 +7,9 @@ all read images through this file, so they all see the same pixels:
 - build_dataset: --data "" is the built-in ProceduralDataset of coloured shapes and textures
   (procedural.py), any other --data an ImageFolderDataset.
 - ImageFolderDataset: an ImageNet-style folder (`train/<class>/*.JPEG`) with the ADM center
-  crop. Unreadable files, and images too large to decode safely (MAX_IMAGE_PIXELS), are
-  reported and skipped (the item is None), never a crash; a folder where none can be read is a
-  one-line error (unreadable_error), not an empty run.
+  crop. Unreadable files, and images too large to decode or crop safely (MAX_IMAGE_PIXELS,
+  MAX_ASPECT_RATIO), are reported and skipped (the item is None), never a crash; a folder where
+  none can be read is a one-line error (unreadable_error), not an empty run.
 - collate_skip_bad: batches the good items and counts the bad ones; the two iterators below add
   the counts up in their `.n_bad`, the one number a script reports.
 - InOrder: one pass over a fixed set of images, in order (the latent cache, evaluation).
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from checkpoints import ignore_stop_signals
+from checkpoints import loader_worker_init
 from procedural import ProceduralDataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -83,6 +83,11 @@ def _is_image(name):
 # A 12000 x 12000 PNG took 1.8 GB to decode for one item; ImageNet's largest photos are ~ 20 MP.
 # (PIL's own guard, Image.MAX_IMAGE_PIXELS = 89 MP, only warns below 179 MP and then decodes.)
 MAX_IMAGE_PIXELS = 8192 * 8192
+# The longest side an image may have, in units of its shortest (read from the header too). The crop
+# first resizes the short side to the resolution, so a 1 x 10000 PNG (35 KB, well under
+# MAX_IMAGE_PIXELS) became 256 x 2,560,000 pixels: 6.5 GB for one item. At 32:1 the resize holds at
+# most 32 x resolution^2 pixels (6 MB at 256 px), and photos, panoramas included, stay below it.
+MAX_ASPECT_RATIO = 32
 MAX_IMAGE_WARNINGS = 20  # unreadable images named in a warning, per process; the rest are only counted
 
 
@@ -150,6 +155,10 @@ class ImageFolderDataset(Dataset):
                 if w * h > MAX_IMAGE_PIXELS:
                     raise ImageTooLarge(f"{w}x{h} pixels, more than data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}; "
                                         "not decoded")
+                if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                    raise ImageTooLarge(f"{w}x{h} pixels, longer than data.MAX_ASPECT_RATIO = {MAX_ASPECT_RATIO} times "
+                                        f"its short side (the crop's resize to {self.resolution} px would be "
+                                        f"{round(max(w, h) * self.resolution / min(w, h))} px long); not decoded")
                 arr = center_crop_arr(to_rgb(im), self.resolution)
         except Exception as e:  # truncated JPEG, not an image, too large, permissions, ...: skip, never crash
             if path not in self._warned and len(self._warned) <= MAX_IMAGE_WARNINGS:
@@ -194,7 +203,7 @@ class InOrder:
 
     def __init__(self, dataset, batch_size, num_workers=0, pin_memory=False):
         self.loader = DataLoader(dataset, batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
-                                 pin_memory=pin_memory, worker_init_fn=ignore_stop_signals)
+                                 pin_memory=pin_memory, worker_init_fn=loader_worker_init)
         self.n_bad = 0
 
     def __iter__(self):
@@ -249,7 +258,7 @@ class Loader:
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
             collate_fn=collate_skip_bad, num_workers=num_workers, generator=generator,
             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_stop_signals,  # stop signals are the trainer's (checkpoints.StopSignals)
+            worker_init_fn=loader_worker_init,  # stop signals and the folder's lock are the trainer's
         )
         self.epoch, self.batch, self.n_bad = 0, 0, 0
         self._it = None

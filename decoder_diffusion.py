@@ -100,18 +100,26 @@ def flow_matching_loss(velocity_fn, x, t_dist="logit_normal", t_shift=1.0):
     return F.mse_loss(v_hat, velocity_target(x, eps)), x_t, t, v_hat
 
 
+class Stopped(Exception):
+    """Raised by euler_sample when its `stop` callable says to give up: the samples are abandoned."""
+
+
 @no_autograd
-def euler_sample(velocity_fn, x1, steps, shift=1.0):
+def euler_sample(velocity_fn, x1, steps, shift=1.0, stop=None):
     """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps.
 
     velocity_fn(x_t, t) takes t as a (B,) tensor. Deterministic: the same x1 gives the same x0.
     Each step moves x along the predicted velocity: x_{t - dt} = x_t - dt * v(x_t, t).
     The grid is uniform in t before `shift` (the training shift, see shift_t) is applied to it.
     Runs under inference mode (layers.no_autograd): what it returns never needs a gradient.
+    `stop`: asked before each step (a trainer's StopSignals.pending); True raises Stopped, so that a
+    stop signal is not held up by a long decode.
     """
     x = x1
     ts = shift_t(torch.linspace(1.0, 0.0, steps + 1, device=x1.device), shift)  # (steps + 1,)
     for i in range(steps):
+        if stop is not None and stop():
+            raise Stopped
         t = ts[i].expand(x.shape[0])  # (B,)
         v = velocity_fn(x, t)
         x = x + (ts[i + 1] - ts[i]) * v.to(x.dtype)  # dt is negative: we walk back towards the data

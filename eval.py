@@ -233,6 +233,34 @@ def stats_of(feats, device="cpu"):
     return {"mu": mu.numpy(), "sigma": sigma.numpy(), "mu_s": mu_s.numpy(), "sigma_s": sigma_s.numpy()}
 
 
+def frechet_entries(name, value, counts, dims):
+    """A Frechet distance for the report, with a note beside it where it means nothing: {name: value,
+    name_note: why}. Below `dims` images on a side (counts: {what: number}) the covariance of the
+    features is singular and the distance is dominated by that; a negative value (which a distance
+    cannot be: round-off on singular covariances) is reported as None, never as a result, nor
+    clamped to 0."""
+    why = [f"{n} {what}, fewer than the {dims} feature dimensions (the covariance is singular; the protocol uses "
+           "50,000)" for what, n in counts.items() if n < dims]
+    if value < 0:
+        why.append(f"computed {value:.4g}, below 0, which a distance cannot be (round-off)")
+    entries = {name: None if value < 0 else value}
+    if why:
+        entries[f"{name}_note"] = "not meaningful: " + "; ".join(why)
+    return entries
+
+
+def inception_score_entries(logits, splits=10):
+    """The Inception Score (mean, std over `splits` chunks) for the report, with a note where a chunk
+    holds a single image: the score of one image is exactly 1, so such a score means nothing."""
+    mean, std = inception_score(logits, splits)
+    entries = {"inception_score": mean, "inception_score_std": std}
+    if len(logits) < 2 * splits:
+        entries["inception_score_note"] = (f"not meaningful: {len(logits)} samples in {min(splits, len(logits))} "
+                                           "splits, some of a single image, which scores exactly 1 (the protocol: "
+                                           f"{splits} splits of 5,000)")
+    return entries
+
+
 def run_gen(dist):
     if not samples or not ref:
         raise SystemExit("gen needs --samples (.npz with arr_0, or a folder) and --ref (reference .npz or images)")
@@ -256,17 +284,21 @@ def run_gen(dist):
         ref_feats = inception_features(ref_src, inception, dist, batch_size, 0, "reference")
     if not dist.master:
         return
-    if "mu" not in ref_stats:
-        ref_stats = stats_of(ref_feats, dist.device)
     n = len(fake["pool"])
+    counts = {"samples": n}  # what each distance's statistics are computed from
+    if "mu" not in ref_stats:  # the reference's statistics come from its images
+        ref_stats = stats_of(ref_feats, dist.device)
+        counts["reference images"] = len(ref_feats["pool"])
     if n != 50000:
         print(f"note: {n} samples; the ImageNet protocol uses 50K, and FID is biased upwards for fewer")
     results = {"mode": "gen", "samples": samples, "ref": ref, "num_samples": n}
-    results["fid"] = frechet_distance(*feature_stats(fake["pool"], dist.device), ref_stats["mu"], ref_stats["sigma"])
+    fid = frechet_distance(*feature_stats(fake["pool"], dist.device), ref_stats["mu"], ref_stats["sigma"])
+    results.update(frechet_entries("fid", fid, counts, FEATURE_DIMS["pool"]))
     if "mu_s" in ref_stats:
         fake_stats = feature_stats(fake["spatial"], dist.device)
-        results["sfid"] = frechet_distance(*fake_stats, ref_stats["mu_s"], ref_stats["sigma_s"])
-    results["inception_score"], results["inception_score_std"] = inception_score(fake["logits"])
+        sfid = frechet_distance(*fake_stats, ref_stats["mu_s"], ref_stats["sigma_s"])
+        results.update(frechet_entries("sfid", sfid, counts, FEATURE_DIMS["spatial"]))
+    results.update(inception_score_entries(fake["logits"]))
     if prec_recall and ref_feats is not None:
         results["num_ref_images"] = len(ref_feats["pool"])
         results["precision"], results["recall"] = precision_recall(ref_feats["pool"], fake["pool"], device=dist.device)
@@ -339,8 +371,8 @@ def main():
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
     settings, _ = common.configure(globals(), sys.argv[2:])  # the settings follow the mode
     common.check_settings(settings, count=("resolution", "batch_size", "judge_steps"),  # out of range: refused before any work
-                          count_or_0=("num_images", "num_workers", "decode_steps", "seed"))
-    dist = common.setup_distributed(device)
+                          count_or_0=("num_images", "num_workers", "seed"), steps_or_0=("decode_steps",))
+    dist = common.setup_distributed(device)  # an unavailable --device is refused here, before any work
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
         MODES[mode](dist)
     common.shutdown(dist)

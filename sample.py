@@ -171,10 +171,10 @@ def main():
     settings, _ = common.configure(globals())
     # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan used to write
     # garbage images with exit 0
-    common.check_settings(settings, count=("per_class", "steps", "batch_size"),
-                          count_or_0=("num_samples", "num", "decode_steps", "seed"), finite=("cfg_scale",))
+    common.check_settings(settings, count=("per_class", "batch_size"), count_or_0=("num_samples", "num", "seed"),
+                          steps=("steps",), steps_or_0=("decode_steps",), guidance=("cfg_scale",))
     n_samples = num_samples or num  # --num is another name for --num-samples
-    dist = common.setup_distributed(device)
+    dist = common.setup_distributed(device)  # an unavailable --device is refused here, before any file is touched
     default = "recon.png" if images else "samples.npz" if n_samples > 0 else "samples.png"
     path = out or os.path.join(os.path.dirname(ckpt), default)
     check_output(path, npz=n_samples > 0 and not images, master=dist.master)  # before hours of sampling

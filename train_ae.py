@@ -11,7 +11,6 @@ The whole training step is the `while` loop at the end of main(); the loss is DG
 """
 
 import copy
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ import checkpoints
 import common
 from ae import DGAE, config_from_dict, config_to_dict, make_config
 from data import Loader, build_dataset, first_good, random_hflip, save_image_grid
+from decoder_diffusion import Stopped
 from lpips import load_lpips
 
 # -----------------------------------------------------------------------------
@@ -154,25 +154,48 @@ def config_for_resume(ckpt, cfg, given):
     return replace(saved, **{k: getattr(cfg, k) for k in ("attn_impl", "decode_steps") if k in given})
 
 
-# the settings of the run that --resume keeps (besides the model's, in model_args); train_dit.py has its own list
-RESUMED_SETTINGS = ("data", "dataset_size", "seed", "grad_accum", "max_steps", "warmup_steps", "weight_decay",
-                    "grad_clip", "ema_decay", "lr_cooldown")
+COMPILE_NOTE = "torch.compile: the first step waits for the compilation, which takes minutes (longest on a CPU)"
 
 
-def settings_for_resume(ckpt, settings, given, names, may_change=("data", "max_steps")):
-    """On --resume the run's own recipe wins over this command line's defaults: each setting in
-    `names` not given is the checkpoint's, and one given with another value is an error, except
-    those in `may_change` (a moved dataset; a higher --max-steps extends a run). A setting that an
-    older checkpoint does not record keeps this command line's value."""
-    saved = ckpt.get("config", {})
-    for name in names:
-        if name not in saved:
+def schedule_notes(warmup_steps, max_steps, step=0):
+    """Lines about a schedule that cannot do what its flags ask (the run goes on): a resumed
+    --max-steps at or below the checkpoint's step (nothing to train), a warm-up longer than the run
+    (the learning rate never reaches --lr)."""
+    if step >= max_steps:
+        return [f"note: --max-steps {max_steps} is at or below the checkpoint's step {step}, so there is nothing to "
+                "train; pass a higher --max-steps to continue the run"]
+    if warmup_steps > max_steps:
+        return [f"warning: --warmup-steps {warmup_steps} is longer than --max-steps {max_steps}, so the learning rate "
+                f"never exceeds {max_steps / warmup_steps:.0%} of --lr; lower --warmup-steps"]
+    return []
+
+
+# what no checkpoint decides: whether to resume, and the folder it is resumed from (it may have moved)
+NEVER_RESUMED = ("resume", "out_dir")
+# the recipe of the run that --resume must not change (besides the model's, in model_args: see
+# config_for_resume); train_dit.py has its own list
+FIXED_ON_RESUME = ("dataset_size", "seed", "grad_accum", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
+                   "lr_cooldown")
+
+
+def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
+    """On --resume the run continues as it was set up: every setting the checkpoint records and the
+    command line does not give is the checkpoint's (the recipe, and the bookkeeping too: a run that
+    checkpointed every 2 steps still does after a preemption). A given setting that differs is an
+    error if it is in `fixed`, else a change (a longer --max-steps, a moved --data, another
+    --ckpt-every), returned as lines to log. Settings in `checked_elsewhere` are compared by the
+    caller. A setting that an older checkpoint does not record keeps this command line's value."""
+    changed = []
+    for name, value in ckpt.get("config", {}).items():
+        if name not in settings or name in NEVER_RESUMED:
             continue
         if name not in given:
-            settings[name] = saved[name]
-        elif settings[name] != saved[name] and name not in may_change:
-            raise mismatch(name, settings[name], saved[name])
-    return settings
+            settings[name] = value
+        elif settings[name] != value and name not in checked_elsewhere:
+            if name in fixed:
+                raise mismatch(name, settings[name], value)
+            changed.append(f"--{name.replace('_', '-')} {value} -> {settings[name]}")
+    return settings, (["resumed with changed settings: " + ", ".join(changed)] if changed else [])
 
 
 def main():
@@ -183,20 +206,28 @@ def main():
                                            "ckpt_every", "max_nonfinite_steps"),
                           count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
                           positive=("grad_clip", "dist_timeout"), fraction=("ema_decay", "lr_cooldown"))
-    dist = common.setup_distributed(device, dist_timeout)
-    dev = dist.device
+    common.check_device(device)  # before any folder is made or image read
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
+    log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
 
     # set-up: a bad path, flag or file stops here with a one-line message, before any model is built
     with common.user_errors():
-        if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
-            common.writable_dir(out_dir, "--out-dir")
+        checkpoints.claim_out_dir(out_dir, data)  # this run's alone while it lives
         ckpt = checkpoints.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
+        notes = []
         if ckpt is not None:  # the run's own settings, not this command line's defaults
-            settings = settings_for_resume(ckpt, settings, given, RESUMED_SETTINGS)
+            # the model's settings are checked against model_args (config_for_resume), the preset below
+            settings, notes = settings_for_resume(ckpt, settings, given, FIXED_ON_RESUME,
+                                                  ("preset",) + tuple(n for n in CONFIG_SETTINGS
+                                                                      if n not in ("attn_impl", "decode_steps")))
             globals().update(settings)
+            common.refuse_out_dir_in_data(out_dir, data)  # the checkpoint's --data
+    dist = common.setup_distributed(device, dist_timeout)  # (the checkpoint's --device, if not given)
+    dev = dist.device
+    for line in notes + schedule_notes(warmup_steps, max_steps, ckpt["step"] if ckpt is not None else 0):
+        log(line)
 
+    with common.user_errors():
         # the model config, then the data: both can be wrong on the command line
         name = preset or ("base" if data else "tiny")
         if ckpt is not None:  # the checkpoint's preset (older ones: resolved from their settings as above)
@@ -210,12 +241,15 @@ def main():
             cfg = config_for_resume(ckpt, cfg, given)
         # the resolved values, the preset's or the checkpoint's included: --batch-size 0 means the
         # preset's 16 or 32, but a preset or a checkpoint must not bring a 0 either
-        common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size", "decode_steps"), positive=("lr",),
-                              non_negative=("lpips_weight", "kl_weight", "recon_weight", "consistency_weight",
-                                                          "anchor_weight"))
+        common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size"), steps=("decode_steps",),
+                              positive=("lr",), non_negative=("lpips_weight", "kl_weight", "recon_weight",
+                                                              "consistency_weight", "anchor_weight"))
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
         loader = Loader(dataset, cfg.batch_size, dist.rank, dist.world_size, seed, num_workers)
         log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
+        changed = checkpoints.dataset_changed(ckpt, len(dataset)) if ckpt is not None else None
+        if changed:
+            log(changed)
 
         # the perceptual loss needs the VGG16 + LPIPS files; the built-in run works without them
         lpips = None
@@ -246,13 +280,13 @@ def main():
     # The module the loop calls: compiled if asked, DDP-wrapped under torchrun. `net` stays the plain
     # module, whose parameters and names the optimizer, the EMA and the checkpoints use.
     train_model = torch.compile(net) if compile else net
+    if compile:
+        log(COMPILE_NOTE)
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
     fixed = torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev)  # images for the grids
     log_path = os.path.join(out_dir, "log.jsonl")  # one JSON object per step logged: easy to tail, grep, load
-    if dist.master:
-        os.makedirs(out_dir, exist_ok=True)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
     stop = checkpoints.StopSignals()  # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit
@@ -315,17 +349,22 @@ def main():
                        img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
             if dist.master:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(common.json_line(row) + "\n")
             pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s", "skipped_steps")})
         pbar.update(1)
 
-        if (step % sample_every == 0 or step == max_steps) and dist.master:
-            # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below
-            recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0)
-            save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
         if step % ckpt_every == 0 or step == max_steps or stopping:
             checkpoints.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
-                                 model_name=name, config=settings, lpips_used=lpips is not None)
+                                      model_name=name, config=dict(settings, num_images=len(dataset)),
+                                      lpips_used=lpips is not None)
+        if (step % sample_every == 0 or step == max_steps) and dist.master and not stopping:
+            # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below. After
+            # the save, and given up at a stop signal: the next step boundary then saves and stops.
+            try:
+                recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0, stop=stop.pending)
+                save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
+            except Stopped:
+                log(f"\nreconstruction grid of step {step} skipped: stop signal {stop.received}")
         if stopping and step < max_steps:  # preempted: the step is saved, --resume continues bit-identically
             pbar.close()
             log(checkpoints.stopped_message(stop, step, ckpt_path))
@@ -336,5 +375,6 @@ def main():
 
 
 if __name__ == "__main__":
-    with common.collective_timeouts():  # a rank that stopped responding: one line, not a traceback
+    # a rank that stopped responding: one line, not a traceback; an error's line never after a progress bar
+    with common.collective_timeouts(), common.bars_closed_first():
         main()

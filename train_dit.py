@@ -17,7 +17,6 @@ needs nothing else. Writes out_dir/ckpt.pt, log.jsonl and samples_*.png (one row
 """
 
 import copy
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -31,10 +30,10 @@ import checkpoints
 import common
 from ae import load_dgae
 from data import Loader, build_dataset, default_classes, save_image_grid
-from decoder_diffusion import euler_sample, flow_matching_loss
+from decoder_diffusion import Stopped, euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
 from latents import LatentCache, build_latent_cache, cache_meta, stage1_info
-from train_ae import ema_decay_at, lr_at, make_optimizer, settings_for_resume, update_ema
+from train_ae import COMPILE_NOTE, ema_decay_at, lr_at, make_optimizer, schedule_notes, settings_for_resume, update_ema
 
 # -----------------------------------------------------------------------------
 # settings
@@ -83,11 +82,11 @@ compile = False
 # the script: step 1 (the cache), then step 2 (the training loop)
 
 
-# the settings of the run that --resume keeps (see train_ae.settings_for_resume); the model's are in model_args.
-# Those in MAY_CHANGE are the checkpoint's unless given: a moved dataset or cache, a longer run.
-RESUMED_SETTINGS = ("data", "dataset_size", "seed", "cache_dir", "shard_size", "batch_size", "grad_accum", "max_steps",
-                    "lr", "warmup_steps", "weight_decay", "grad_clip", "ema_decay", "class_dropout", "t_dist")
-MAY_CHANGE = ("data", "cache_dir", "shard_size", "max_steps")
+# the recipe of the run that --resume must not change (see train_ae.settings_for_resume: every other
+# setting is the checkpoint's unless given, and a given one that differs is logged); the model's are
+# in model_args
+FIXED_ON_RESUME = ("dataset_size", "seed", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
+                   "ema_decay", "class_dropout", "t_dist")
 
 
 def main():
@@ -95,28 +94,37 @@ def main():
     # numbers out of range stop here, before any work (--shard-size 0 used to leave a meta.json
     # behind that marked later caches stale; --max-steps 0 printed "done" and wrote nothing)
     common.check_settings(settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size", "grad_accum",
-                                           "max_steps", "log_every", "sample_every", "ckpt_every", "sample_steps",
+                                           "max_steps", "log_every", "sample_every", "ckpt_every",
                                            "max_nonfinite_steps"),
-                          count_or_0=("num_workers", "warmup_steps", "decode_steps", "seed"),
-                          positive=("lr", "grad_clip", "dist_timeout"), non_negative=("weight_decay",),
-                          fraction=("class_dropout", "ema_decay"), finite=("cfg_scale",))
-    dist = common.setup_distributed(device, dist_timeout)
-    dev = dist.device
+                          count_or_0=("num_workers", "warmup_steps", "seed"), steps=("sample_steps",),
+                          steps_or_0=("decode_steps",), positive=("lr", "grad_clip", "dist_timeout"),
+                          non_negative=("weight_decay",), fraction=("class_dropout", "ema_decay"),
+                          guidance=("cfg_scale",))
+    common.check_device(device)  # before any folder is made or image read
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    log = (lambda *a: print(*a, flush=True)) if dist.master else (lambda *a: None)
+    log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
+    with common.user_errors():
+        checkpoints.claim_out_dir(out_dir, data)  # this run's alone while it lives
+        ckpt = checkpoints.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
+        notes = []
+        if ckpt is not None:  # the run's own settings, not this command line's defaults (the preset: below)
+            settings, notes = settings_for_resume(ckpt, settings, given, FIXED_ON_RESUME, ("preset",))
+            globals().update(settings)
+            common.refuse_out_dir_in_data(out_dir, data)  # the checkpoint's --data
+    dist = common.setup_distributed(device, dist_timeout)  # (the checkpoint's --device, if not given)
+    dev = dist.device
+    for line in notes + schedule_notes(warmup_steps, max_steps, ckpt["step"] if ckpt is not None else 0):
+        log(line)
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
-        if dist.master:  # a folder that cannot take the checkpoint is found now, not at the first save
-            common.writable_dir(out_dir, "--out-dir")
-        ckpt = checkpoints.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
-        if ckpt is not None:  # the run's own settings, not this command line's defaults
-            settings = settings_for_resume(ckpt, settings, given, RESUMED_SETTINGS, MAY_CHANGE)
-            globals().update(settings)
         ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
         stage1 = stage1_info(ae_path)
         if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
             raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the run being resumed was trained on")
         dataset = build_dataset(data, stage1["resolution"], size=dataset_size, seed=seed)
+        changed = checkpoints.dataset_changed(ckpt, len(dataset)) if ckpt is not None else None
+        if changed:
+            log(changed)
         C, h, w = stage1["latent_shape"]
         name = preset or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
         if ckpt is not None and "preset" in given and preset != ckpt["model_name"]:
@@ -170,6 +178,8 @@ def main():
 
     # the module the loop calls (see train_ae.py); `net` is the plain one
     train_model = torch.compile(net) if compile else net
+    if compile:
+        log(COMPILE_NOTE)
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
@@ -180,8 +190,6 @@ def main():
     grid_noise = torch.randn(len(grid_y), C, h, w, generator=g).to(dev)  # the DiT's start at t = 1
     grid_seed = int(torch.randint(2**31, (1,), generator=g))
     log_path = os.path.join(out_dir, "log.jsonl")  # one JSON object per step logged
-    if dist.master:
-        os.makedirs(out_dir, exist_ok=True)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     first_step, t0 = step, time.time()
     n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
@@ -238,22 +246,27 @@ def main():
                        img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
             if dist.master:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(common.json_line(row) + "\n")
             pbar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "img_per_s", "skipped_steps")})
         pbar.update(1)
 
-        if (step % sample_every == 0 or step == max_steps) and dist.master:
-            # guided Euler with the EMA DiT from the fixed noise, back to the encoder's scale, decode
-            with autocast:
-                z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise, sample_steps)
-                x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed)  # (N, 3, H, W)
-            save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
         if step % ckpt_every == 0 or step == max_steps or stopping:
             checkpoints.save_training(
                 ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,
-                config=settings, ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
+                config=dict(settings, num_images=len(dataset)), ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
                 ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
                 latent_std=latents.std, num_classes=num_classes, class_names=meta["class_names"])
+        if (step % sample_every == 0 or step == max_steps) and dist.master and not stopping:
+            # guided Euler with the EMA DiT from the fixed noise, back to the encoder's scale, decode;
+            # after the save, and given up at a stop signal (see train_ae.py)
+            try:
+                with autocast:
+                    z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise,
+                                     sample_steps, stop=stop.pending)
+                    x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed, stop=stop.pending)  # (N, 3, H, W)
+                save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
+            except Stopped:
+                log(f"\nsample grid of step {step} skipped: stop signal {stop.received}")
         if stopping and step < max_steps:  # preempted: the step is saved (see train_ae.py)
             pbar.close()
             log(checkpoints.stopped_message(stop, step, ckpt_path))
@@ -264,5 +277,6 @@ def main():
 
 
 if __name__ == "__main__":
-    with common.collective_timeouts():  # a rank that stopped responding: one line, not a traceback
+    # a rank that stopped responding: one line, not a traceback; an error's line never after a progress bar
+    with common.collective_timeouts(), common.bars_closed_first():
         main()

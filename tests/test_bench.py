@@ -3,6 +3,7 @@
 No timing is asserted: speeds depend on the machine and on what else runs on it; that is bench.py's job.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -139,3 +140,13 @@ def test_quick_run_writes_every_field(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--compare", f"{out},{out}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "dit_train_step" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_an_unavailable_device_is_one_line(monkeypatch):
+    importlib.reload(bench)  # fresh settings: configure() writes them into the module
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "foo", "--quick", "true"])
+    try:
+        with pytest.raises(SystemExit, match="^error: --device foo is not available on this machine, which has: cpu"):
+            bench.main()
+    finally:
+        importlib.reload(bench)  # the defaults again, for whatever runs next

@@ -138,6 +138,35 @@ def test_a_failed_checkpoint_write_keeps_the_old_file_and_removes_the_tmp(tmp_pa
     assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["ckpt.pt"]
 
 
+def test_a_symlinked_checkpoint_is_written_through_the_link(tmp_path):
+    # ckpt.pt as a link to a file on a persistent volume: a save replaced the link by a regular file,
+    # and the file on the volume stayed at the old step
+    (tmp_path / "volume").mkdir()
+    (tmp_path / "run").mkdir()
+    checkpoints.save_checkpoint(str(tmp_path / "volume/ckpt.pt"), {"kind": "ae", "step": 1})
+    os.symlink(tmp_path / "volume/ckpt.pt", tmp_path / "run/ckpt.pt")
+    checkpoints.save_checkpoint(str(tmp_path / "run/ckpt.pt"), {"kind": "ae", "step": 2})
+    assert os.path.islink(tmp_path / "run/ckpt.pt")
+    assert torch.load(tmp_path / "volume/ckpt.pt", weights_only=True)["step"] == 2
+    assert sorted(os.listdir(tmp_path / "volume")) == ["ckpt.pt"] and os.listdir(tmp_path / "run") == ["ckpt.pt"]
+
+
+def test_an_unavailable_device_is_one_line_listing_the_devices_this_machine_has():
+    has = common.available_devices()
+    assert has[0] == "cpu"
+    common.check_device("")  # automatic: always fine
+    for name in has:
+        common.check_device(name)
+    missing = ["foo", "cuda:99"] + [d for d in ("cuda", "mps") if d not in has]
+    for name in missing:
+        with pytest.raises(SystemExit) as e:
+            common.check_device(name)
+        assert str(e.value) == (f"error: --device {name} is not available on this machine, which has: {', '.join(has)}; "
+                                "pass one of those, or leave --device out to pick one")
+        with pytest.raises(SystemExit, match=f"--device {name} is not available"):  # what every script starts with
+            common.setup_distributed(name)
+
+
 def test_rng_state_round_trip_reproduces_the_same_draws():
     state = checkpoints.rng_state()
     a = (torch.rand(3), torch.randn(2))

@@ -313,3 +313,27 @@ def test_an_image_too_large_is_skipped_from_its_header_without_decoding(tmp_path
     Image.fromarray(np.zeros((25, 20, 3), np.uint8)).save(tmp_path / "c/small.png")
     with pytest.warns(UserWarning, match="20x25 pixels"):
         assert ImageFolderDataset(str(tmp_path), 16)[1] is None
+
+
+def test_an_image_of_extreme_aspect_ratio_is_skipped_from_its_header_without_decoding(tmp_path, monkeypatch):
+    # 1 x 10000 pixels passes MAX_IMAGE_PIXELS, but the crop's resize of its short side to the
+    # resolution made it 256 x 2,560,000 pixels (6.5 GB for one 35 KB file)
+    (tmp_path / "c").mkdir()
+    huge_png(tmp_path / "c/strip.png", 1, 10000)
+    Image.fromarray(np.full((24, 20, 3), 200, np.uint8)).save(tmp_path / "c/small.png")
+    decoded = []
+    load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda im: decoded.append(im.size) or load(im))
+    ds = ImageFolderDataset(str(tmp_path), 256)
+    with pytest.warns(UserWarning, match=r"strip.png: ImageTooLarge: 1x10000 pixels, longer than "
+                                         r"data.MAX_ASPECT_RATIO = 32 times its short side \(the crop's resize to 256 px "
+                                         r"would be 2560000 px long\); not decoded"):
+        items = [ds[i] for i in range(len(ds))]
+    assert decoded == [(20, 24)]  # the small image only
+    assert collate_skip_bad(items)[2] == 1  # counted like an unreadable image
+    # the bound is inclusive: 32:1 is cropped, a pixel longer is not
+    huge_png(tmp_path / "c/strip.png", 2, 64)
+    assert ImageFolderDataset(str(tmp_path), 16)[1][0].shape == (3, 16, 16)  # item 1: strip.png, after small.png
+    huge_png(tmp_path / "c/strip.png", 2, 65)
+    with pytest.warns(UserWarning, match="2x65 pixels"):
+        assert ImageFolderDataset(str(tmp_path), 16)[1] is None

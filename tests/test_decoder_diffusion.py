@@ -69,6 +69,14 @@ def test_euler_sampler_matches_closed_form_for_linear_field():
     assert torch.allclose(out, x1 * (1 - a / 5) ** 5, atol=1e-6)
 
 
+def test_euler_sampler_gives_up_between_steps_when_asked_to_stop():
+    # a trainer's grid decode: a stop signal must not wait for the remaining steps
+    calls = []
+    with pytest.raises(dd.Stopped):
+        dd.euler_sample(lambda x, t: calls.append(1) or -x, torch.randn(2, 3), 1000, stop=lambda: len(calls) == 3)
+    assert len(calls) == 3
+
+
 def test_flow_matching_loss_is_the_mse_on_the_velocity():
     torch.manual_seed(0)
     x = torch.randn(4, 3, 8, 8)

@@ -147,12 +147,15 @@ def run_eval_in_process(monkeypatch, *argv):
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--num-images", "-1"], "--num-images must be at least 0, got -1"),
     (["--resolution", "0"], "--resolution must be at least 1, got 0"),
-    (["--decode-steps", "-2"], "--decode-steps must be at least 0, got -2"),
+    (["--decode-steps", "-2"], "--decode-steps must be from 0 to 1000, got -2"),
+    (["--decode-steps", "1001"], "--decode-steps must be from 0 to 1000, got 1001"),
+    (["--device", "foo"], "--device foo is not available on this machine, which has: "),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, flags, message):
     with pytest.raises(SystemExit) as e:
         run_eval_in_process(monkeypatch, "stats", "--images", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o.npz"), *flags)
-    assert str(e.value) == "error: " + message  # one line, before the (missing) input is even opened
+    assert str(e.value).startswith("error: " + message)  # one line, before the (missing) input is even opened
+    assert "\n" not in str(e.value)
 
 
 def test_unusable_npz_inputs_are_one_line_before_any_model_is_loaded(tmp_path, monkeypatch):
@@ -204,6 +207,35 @@ def random_images(n, seed, size=32, smooth=False):
     if smooth:  # a visibly different distribution: 4x4 blocks instead of pixel noise
         x = x[:, ::4, ::4].repeat(4, 1).repeat(4, 2)
     return x.astype(np.uint8)
+
+
+def test_gen_with_few_samples_says_which_numbers_mean_nothing_and_never_reports_a_negative_fid(tmp_path, monkeypatch):
+    # 8 images against themselves: singular covariances (8 samples, 2048 and 2023 dimensions) gave a
+    # negative FID and sFID, and IS over 8 splits of one image each was exactly 1.0 +- 0. Features
+    # of the widths InceptionV3 gives (its own run is tested end to end below, marked slow)
+    g = torch.Generator().manual_seed(0)
+    feats = {k: torch.randn(8, d, generator=g).double().numpy() for k, d in eval_data.FEATURE_DIMS.items()}
+    monkeypatch.setattr(inception_module, "load_inception", lambda *a, **k: None)
+    monkeypatch.setattr(eval_data, "inception_features", lambda *a: feats)
+    np.savez(tmp_path / "s.npz", arr_0=random_images(8, 0))
+    run_eval_in_process(monkeypatch, "gen", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz"),
+                        "--out", str(tmp_path / "r.json"), "--num-workers", "0", "--device", "cpu")
+    res = json.load(open(tmp_path / "r.json"))
+    few = "8 {}, fewer than the {} feature dimensions (the covariance is singular; the protocol uses 50,000)"
+    for name, dims in (("fid", 2048), ("sfid", 2023)):
+        note = res[f"{name}_note"]
+        assert note.startswith(f"not meaningful: {few.format('samples', dims)}; {few.format('reference images', dims)}")
+        assert res[name] is None or res[name] >= 0  # a negative distance is never reported as one ...
+        assert (res[name] is None) == ("below 0, which a distance cannot be" in note)  # ... but said
+    assert res["inception_score"] == 1.0 and res["inception_score_note"].startswith(
+        "not meaningful: 8 samples in 8 splits, some of a single image, which scores exactly 1")
+    table = open(tmp_path / "r.txt").read()  # each note stands right under its number
+    assert table.index("\nfid ") < table.index("\nfid_note ") < table.index("\nsfid ") < table.index("\nsfid_note ")
+    # a negative value, whatever the round-off on this machine: None and the computed value in the note
+    entries = ev.frechet_entries("fid", -0.92, {"samples": 50000}, 2048)
+    assert entries == {"fid": None, "fid_note": "not meaningful: computed -0.92, below 0, which a distance cannot be "
+                                                "(round-off)"}
+    assert ev.frechet_entries("fid", 3.5, {"samples": 2048}, 2048) == {"fid": 3.5}  # enough samples: no note
 
 
 @pytest.mark.slow

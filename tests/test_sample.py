@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import checkpoints
+import common
 import sample
 from ae import load_dgae
 from data import ImageFolderDataset, to_uint8
@@ -129,11 +130,17 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
 
 
 BAD_SETTINGS = [  # (flags, the one line expected); each used to write garbage with exit 0
-    (["--steps", "-1"], "--steps must be at least 1, got -1"),
-    (["--steps", "0"], "--steps must be at least 1, got 0"),
-    (["--decode-steps", "-1"], "--decode-steps must be at least 0, got -1"),  # 0: the stage-1 default
-    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
-    (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, got inf"),
+    (["--steps", "-1"], "--steps must be from 1 to 1000, got -1"),
+    (["--steps", "0"], "--steps must be from 1 to 1000, got 0"),
+    (["--steps", "100000"], "--steps must be from 1 to 1000, got 100000"),  # hours, and no better images
+    (["--decode-steps", "-1"], "--decode-steps must be from 0 to 1000, got -1"),  # 0: the stage-1 default
+    (["--decode-steps", "1001"], "--decode-steps must be from 0 to 1000, got 1001"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a number from -100 to 100, got nan"),
+    (["--cfg-scale", "inf"], "--cfg-scale must be a number from -100 to 100, got inf"),
+    # finite in float64, inf in the float32 of the sampler: all-zero images
+    (["--cfg-scale", "1e300"], "--cfg-scale must be a number from -100 to 100, got 1e+300"),
+    (["--device", "foo"], "--device foo is not available on this machine, which has: "
+                          + ", ".join(common.available_devices()) + "; pass one of those, or leave --device out to pick one"),
     (["--per-class", "0"], "--per-class must be at least 1, got 0"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--num-samples", "-5"], "--num-samples must be at least 0, got -5"),

@@ -102,6 +102,21 @@ def test_ctrl_c_to_the_process_group_spares_the_loader_workers(tmp_path, uninter
     assert_resumes_to(tmp_path, uninterrupted, *args)
 
 
+def test_sigterm_while_the_end_of_run_grid_decodes_ends_the_run_at_once_with_its_checkpoint(tmp_path):
+    # the grid of the last step decoded 100000 Euler steps for more than ten minutes after SIGTERM,
+    # past any scheduler's grace period. Now the step is saved first, and the decode gives up at the
+    # signal. 1000 steps (the most allowed) take ~75 s for this grid of 8 images on one CPU thread.
+    proc = start(tmp_path, "train_ae.py", *FAST[:-2], "--lpips-weight", "0", "--max-steps", "1", "--decode-steps", "1000")
+    wait_for(proc, tmp_path / "out/ae/ckpt.pt", tmp_path)  # saved: the grid is being decoded
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    signalled = time.time()
+    code, out = finish(proc, tmp_path)
+    assert time.time() - signalled < 15 and code == 0, out[-3000:]
+    assert "reconstruction grid of step 1 skipped: stop signal SIGTERM" in out and "done: out/ae/ckpt.pt" in out
+    assert load(tmp_path / "out/ae/ckpt.pt")["step"] == 1 and not (tmp_path / "out/ae/recon_000001.png").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker processes in /proc")
 def test_under_torchrun_a_signal_to_one_worker_or_to_the_launcher_stops_every_rank_at_the_same_step(tmp_path):

@@ -188,8 +188,9 @@ def run_in_process(monkeypatch, *args):
 
 
 BAD_SETTINGS = [  # (flags, the one line expected)
-    (["--decode-steps", "0"], "--decode-steps must be at least 1, got 0"),  # was stored: noise ever after
-    (["--decode-steps", "-3"], "--decode-steps must be at least 1, got -3"),  # was: crash before the save
+    (["--decode-steps", "0"], "--decode-steps must be from 1 to 1000, got 0"),  # was stored: noise ever after
+    (["--decode-steps", "-3"], "--decode-steps must be from 1 to 1000, got -3"),  # was: crash before the save
+    (["--decode-steps", "100000"], "--decode-steps must be from 1 to 1000, got 100000"),  # a grid took > 10 min
     (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),  # was: "done" and no checkpoint
     (["--max-steps", "-1"], "--max-steps must be at least 1, got -1"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
@@ -252,7 +253,8 @@ def test_a_damaged_or_edited_checkpoint_is_refused_on_resume_in_one_line(tmp_pat
         with pytest.raises(SystemExit, match="^error: .*" + message) as e:
             run_in_process(monkeypatch, "--resume", "true", "--max-steps", "2", "--batch-size", "2", "--lpips-weight", "0")
         assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
-    assert sorted(os.listdir(path.parent)) == ["ckpt.pt", "log.jsonl", "recon_000001.png"]  # nothing else written
+    # nothing else written (.lock: the run folder's lock, see test_run_folder.py)
+    assert sorted(os.listdir(path.parent)) == [".lock", "ckpt.pt", "log.jsonl", "recon_000001.png"]
 
 
 @pytest.mark.slow
@@ -260,7 +262,7 @@ def test_compiled_run_writes_a_checkpoint_that_an_uncompiled_run_resumes(tmp_pat
     # torch.compile wraps the model (keys gain `_orig_mod.`); the checkpoint must not care
     run_train(tmp_path, "--max-steps", "2", "--compile", "true", *FAST)
     assert not any("_orig_mod" in k or "module." in k for k in load(tmp_path / "out/ae/ckpt.pt")["model"])
-    run_train(tmp_path, "--max-steps", "3", "--resume", "true", *FAST)
+    run_train(tmp_path, "--max-steps", "3", "--resume", "true", "--compile", "false", *FAST)  # else kept: compiled
     assert load(tmp_path / "out/ae/ckpt.pt")["step"] == 3
 
 
@@ -325,6 +327,11 @@ def error_lines(proc):
     return [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("error:")]
 
 
+def strict_json(line):
+    """json.loads as a strict reader does it: bare NaN and Infinity are not JSON."""
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in a log line: not strict JSON"))
+
+
 def all_finite(ckpt):
     tensors = [*ckpt["model"].values(), *ckpt["ema"].values()]
     tensors += [t for state in ckpt["optimizer"]["state"].values() for t in state.values()]
@@ -333,9 +340,9 @@ def all_finite(ckpt):
 
 def test_a_nonfinite_step_is_skipped_counted_and_never_reaches_weights_optimizer_or_ema(tmp_path):
     run_injected(tmp_path, {2, 3}, "--max-steps", "5", *FAST, "--lpips-weight", "0")
-    rows = [json.loads(line) for line in open(tmp_path / "out/ae/log.jsonl")]
+    rows = [strict_json(line) for line in open(tmp_path / "out/ae/log.jsonl")]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 0, 0]  # counted in the step's log row
-    assert not np.isfinite(rows[1]["loss"]) and np.isfinite(rows[3]["loss"])
+    assert rows[1]["loss"] is None and np.isfinite(rows[3]["loss"])  # NaN written as null
     ckpt = load(tmp_path / "out/ae/ckpt.pt")
     assert ckpt["step"] == 5 and all_finite(ckpt)
     # AdamW took 3 steps, not 5: the skipped ones never reached its state
@@ -393,6 +400,36 @@ def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path):
         assert_same_tensors(full[key], split[key], key)
     assert split["model_args"]["lr"] == 2e-3 and split["config"]["grad_accum"] == 2 and split["model_name"] == "tiny"
     assert [json.loads(r)["lr"] for r in open(tmp_path / "split/log.jsonl")][-1] == 2e-3
+
+
+def test_resume_keeps_the_bookkeeping_too_and_says_what_the_command_line_changed(tmp_path, monkeypatch, capsys):
+    # resumed with only --resume true --max-steps 8, a run set to checkpoint every 2 steps wrote
+    # ckpt_every 400, log_every 25, sample_every 400: 4x (or 100x) more work lost at the next preemption
+    monkeypatch.chdir(tmp_path)
+    run_in_process(monkeypatch, "--max-steps", "2", "--batch-size", "4", "--lpips-weight", "0", "--decode-steps", "1",
+                   "--ckpt-every", "2", "--log-every", "1", "--sample-every", "3")
+    # (the default warm-up of 100 steps is longer than this run: said, since the lr stays at 2% of --lr)
+    assert ("warning: --warmup-steps 100 is longer than --max-steps 2, so the learning rate never exceeds 2% of --lr; "
+            "lower --warmup-steps") in capsys.readouterr().out.splitlines()
+    run_in_process(monkeypatch, "--resume", "true", "--max-steps", "4")
+    assert capsys.readouterr().out.splitlines()[0] == "resumed with changed settings: --max-steps 2 -> 4"
+    config = load(tmp_path / "out/ae/ckpt.pt")["config"]
+    assert (config["ckpt_every"], config["log_every"], config["sample_every"]) == (2, 1, 3)
+    assert [json.loads(r)["step"] for r in open(tmp_path / "out/ae/log.jsonl")] == [1, 2, 3, 4]  # every step logged
+    assert os.path.exists(tmp_path / "out/ae/recon_000003.png")
+    # what the command line does change is said in one line (and a compiled run says it compiles first)
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    run_in_process(monkeypatch, "--resume", "true", "--max-steps", "5", "--log-every", "2", "--compile", "true")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "resumed with changed settings: --compile False -> True, --log-every 1 -> 2, --max-steps 4 -> 5"
+    assert train_ae.COMPILE_NOTE in out
+    assert load(tmp_path / "out/ae/ckpt.pt")["config"]["log_every"] == 2
+    # a --max-steps the run has already reached: said, and nothing is written
+    before = (tmp_path / "out/ae/ckpt.pt").read_bytes()
+    run_in_process(monkeypatch, "--resume", "true", "--max-steps", "3")
+    assert ("note: --max-steps 3 is at or below the checkpoint's step 5, so there is nothing to train; pass a higher "
+            "--max-steps to continue the run") in capsys.readouterr().out.splitlines()
+    assert (tmp_path / "out/ae/ckpt.pt").read_bytes() == before
 
 
 RESUME_CONFLICTS = [["--lr", "1e6"], ["--preset", "small"], ["--batch-size", "8"], ["--grad-accum", "1"],

@@ -19,6 +19,7 @@ from ae import encoder_fingerprint
 from latents import LatentCache
 from procedural import ProceduralDataset
 from test_latents import build, save_tiny_ae
+from test_train_ae import strict_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,11 +89,14 @@ BAD_SETTINGS = [  # (flags, the one line expected)
     (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
     (["--log-every", "0"], "--log-every must be at least 1, got 0"),
     (["--ckpt-every", "0"], "--ckpt-every must be at least 1, got 0"),
-    (["--sample-steps", "0"], "--sample-steps must be at least 1, got 0"),
-    (["--decode-steps", "-1"], "--decode-steps must be at least 0, got -1"),  # 0: the stage-1 default
+    (["--sample-steps", "0"], "--sample-steps must be from 1 to 1000, got 0"),
+    (["--sample-steps", "1001"], "--sample-steps must be from 1 to 1000, got 1001"),
+    (["--decode-steps", "-1"], "--decode-steps must be from 0 to 1000, got -1"),  # 0: the stage-1 default
+    (["--decode-steps", "1001"], "--decode-steps must be from 0 to 1000, got 1001"),
     (["--class-dropout", "1"], "--class-dropout must be in [0, 1), got 1.0"),
     (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1), got -0.5"),
-    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, got nan"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be a number from -100 to 100, got nan"),
+    (["--cfg-scale", "1e300"], "--cfg-scale must be a number from -100 to 100, got 1e+300"),  # inf in float32
     (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
     (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be at least 1, got 0"),
     (["--dist-timeout", "-1"], "--dist-timeout must be a finite number above 0, got -1"),
@@ -172,10 +176,10 @@ def test_nonfinite_latents_are_skipped_and_a_run_of_them_stops_the_run_unsaved(t
     # one NaN latent among 40: the step whose batch holds it is skipped, the run goes on
     poison_latents(tmp_path / "cache", [0])
     run(tmp_path, "train_dit.py", *DIT_FAST, "--resume", "true", "--max-steps", "12")
-    rows = [json.loads(line) for line in open(tmp_path / "out/dit/log.jsonl")]
+    rows = [strict_json(line) for line in open(tmp_path / "out/dit/log.jsonl")]
     # item 0 is in one batch of each epoch of 5: steps 3-12 meet it in epoch 1 and maybe in epochs 0 and 2
     assert 1 <= sum(r["skipped_steps"] for r in rows) <= 3
-    assert all(np.isfinite(r["loss"]) == (r["skipped_steps"] == 0) for r in rows)
+    assert all((r["loss"] is None) == (r["skipped_steps"] > 0) for r in rows)  # a NaN loss is written as null
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["step"] == 12
     assert all(t.isfinite().all() for sd in (ckpt["model"], ckpt["ema"]) for t in sd.values())
@@ -219,6 +223,19 @@ def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path, ae):
         assert all(torch.equal(full[key][k], split[key][k]) for k in full[key]), key
     assert [json.loads(r)["lr"] for r in open(tmp_path / "split/log.jsonl")][-1] == 2e-3
     assert not os.path.exists(tmp_path / "split/latents")  # the run's own cache, not a new one
+
+
+def test_resume_keeps_the_bookkeeping_too_and_says_what_the_command_line_changed(tmp_path, ae, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for args in ([*DIT_FAST, "--max-steps", "2", "--ckpt-every", "2", "--sample-steps", "2"],
+                 ["--resume", "true", "--max-steps", "3", "--sample-every", "3"]):
+        importlib.reload(train_dit)  # fresh settings: configure() writes them into the module
+        monkeypatch.setattr(sys, "argv", ["train_dit.py", *args])
+        train_dit.main()
+    assert "resumed with changed settings: --max-steps 2 -> 3, --sample-every 1000 -> 3" in capsys.readouterr().out
+    config = torch.load(tmp_path / "out/dit/ckpt.pt", weights_only=True)["config"]
+    assert (config["ckpt_every"], config["log_every"], config["sample_every"], config["sample_steps"]) == (2, 1, 3, 2)
+    assert [json.loads(r)["step"] for r in open(tmp_path / "out/dit/log.jsonl")] == [1, 2, 3]
 
 
 def test_a_flag_that_contradicts_the_resumed_checkpoint_is_refused(tmp_path, ae, monkeypatch):
