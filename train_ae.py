@@ -236,9 +236,19 @@ def main():
             if "preset" in given and preset != saved_name:
                 raise mismatch("preset", preset, saved_name)
             name = saved_name
-        cfg = make_config(name, **{k: settings[k] for k in CONFIG_SETTINGS if k in given})
+        overrides = {k: settings[k] for k in CONFIG_SETTINGS if k in given}
+        if not data and ckpt is None and "compression" in given and "resolution" not in given:
+            # the built-in data can be drawn at any size: draw it where f leaves the demo's 8x8 latent grid
+            overrides["resolution"] = 8 * compression
+            log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 latent grid "
+                "(--resolution sets another size)")
+        cfg = make_config(name, **overrides)
         if ckpt is not None:
             cfg = config_for_resume(ckpt, cfg, given)
+        if cfg.resolution // cfg.compression < 2:
+            raise SystemExit(f"error: --resolution {cfg.resolution} with --compression {cfg.compression} leaves a "
+                             f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression} latent; raise "
+                             "--resolution (the built-in data is drawn at any size; with --data, images are cropped to it)")
         # the resolved values, the preset's or the checkpoint's included: --batch-size 0 means the
         # preset's 16 or 32, but a preset or a checkpoint must not bring a 0 either
         common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size"), steps=("decode_steps",),

@@ -520,3 +520,15 @@ def test_a_rank_that_stops_responding_ends_the_job(tmp_path):
     assert returncode != 0 and elapsed < 100, (returncode, elapsed)
     assert "error: rank 0 of 2: a collective operation timed out (Timed out waiting 15000ms" in err
     assert "--dist-timeout sets the limit" in err
+
+
+def test_the_headline_command_on_the_builtin_data_picks_a_resolution_with_a_sensible_latent_grid(tmp_path):
+    # `train_ae.py --compression 16` without --data: the built-in images are drawn at 8 f = 128 px, an 8x8 latent
+    proc = run_train(tmp_path, "--compression", "16", "--max-steps", "1", *FAST)
+    assert "built-in data at 128 px, so that f=16 leaves an 8x8 latent grid" in proc.stdout
+    assert "latent 8x8x8" in proc.stdout
+    assert load(tmp_path / "out/ae/ckpt.pt")["model_args"]["resolution"] == 128
+    # a resolution the compression leaves no grid for is refused in one line naming the two flags
+    proc = run_train(tmp_path, "--compression", "32", "--resolution", "32", "--out-dir", "o2", *FAST, check=False)
+    assert proc.returncode != 0 and "leaves a 1x1 latent; raise --resolution" in proc.stderr and "--data" in proc.stderr
+    assert not (tmp_path / "o2" / "ckpt.pt").exists()
