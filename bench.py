@@ -11,7 +11,7 @@ Every time is the median of `reps` calls after `warmup` untimed ones (they absor
 and caches), the GPU synchronised after each call. Model FLOP utilisation (MFU) = FLOPs of one call (torch's
 FlopCounterMode) / its time, over the FLOP/s of an n x n matmul in the same dtype timed in the same run: machines
 of one kind differ by up to 2x, so quote ratios measured in one run, not bare times. Asserts nothing;
-tests/test_bench.py checks the FLOP counts and the fields, never a speed.
+tests/robustness/test_bench.py checks the FLOP counts and the fields, never a speed.
 """
 
 import copy

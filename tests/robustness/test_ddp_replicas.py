@@ -1,4 +1,4 @@
-"""tests/ddp_replicas.py, the check that DDP keeps the weights of every rank identical. Here without
+"""tests/robustness/ddp_replicas.py, the check that DDP keeps the weights of every rank identical. Here without
 torchrun: the other rank's digests are handed in by a stand-in for the all-gather. The torchrun
 tests of train_ae.py and train_dit.py run the check for real."""
 

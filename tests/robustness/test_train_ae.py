@@ -17,7 +17,7 @@ from PIL import Image
 import ddp_replicas
 import train_ae
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["--batch-size", "4", "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--decode-steps", "2"]
 
 
@@ -29,7 +29,7 @@ def _env(tmp_path):
 
 
 def launch(script, torchrun):
-    """The command that runs `script`: alone, or on 2 ranks under torchrun through tests/ddp_replicas.py,
+    """The command that runs `script`: alone, or on 2 ranks under torchrun through tests/robustness/ddp_replicas.py,
     which stops the run if the ranks' weights differ at a checkpoint."""
     return ddp_replicas.command(script) if torchrun else [sys.executable, script]
 
@@ -124,7 +124,7 @@ def test_torchrun_two_processes_finishes_cleanly_with_identical_weights(tmp_path
         proc = run_train(tmp_path, "--out-dir", f"ddp{i}", "--max-steps", "2", *FAST, torchrun=True)
         out = proc.stdout + proc.stderr
         assert "terminate called" not in out and "Traceback" not in out
-        assert "weights identical on all 2 ranks at step 2" in out  # checked by tests/ddp_replicas.py
+        assert "weights identical on all 2 ranks at step 2" in out  # checked by tests/robustness/ddp_replicas.py
         assert load(tmp_path / f"ddp{i}/ckpt.pt")["step"] == 2
         assert len(load(tmp_path / f"ddp{i}/ckpt.pt")["rng"]) == 2  # every rank's RNG, for exact resume
 

@@ -1,7 +1,7 @@
 """
 Runs a training script under torchrun and checks that DDP keeps the weights of every rank identical:
 
-    torchrun --nproc_per_node=2 tests/ddp_replicas.py train_ae.py --max-steps 2 ...
+    torchrun --nproc_per_node=2 tests/robustness/ddp_replicas.py train_ae.py --max-steps 2 ...
 
 At every checkpoint (checkpoints.save_training, which every rank calls) the ranks first compare a
 hash of their model and EMA weights. Rank 0 prints "weights identical on all N ranks at step S";
@@ -18,7 +18,7 @@ import sys
 import torch
 import torch.distributed as torch_dist
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def command(script, nproc=2):

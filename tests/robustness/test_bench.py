@@ -16,7 +16,7 @@ import bench
 from ae import make_config
 from layers import attention
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_linear_flops_equal_hand_count():

@@ -21,7 +21,7 @@ from test_stop_signals import finish, start, wait_for
 from test_train_ae import FAST, _env, _image_folder, load, run_train
 from test_train_dit import DIT_FAST
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = [*FAST, "--lpips-weight", "0"]
 
 

@@ -21,7 +21,7 @@ from procedural import ProceduralDataset
 from test_latents import build, save_tiny_ae
 from test_train_ae import strict_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def ae(tmp_path):
 
 
 def run(tmp_path, script, *args, torchrun=False, check=True):
-    # under torchrun on 2 ranks through tests/ddp_replicas.py: a run stops if the ranks' weights differ at a checkpoint
+    # under torchrun on 2 ranks through tests/robustness/ddp_replicas.py: a run stops if the ranks' weights differ at a checkpoint
     path = os.path.join(ROOT, script)
     cmd = ddp_replicas.command(path) if torchrun else [sys.executable, path]
     env = dict(os.environ, OMP_NUM_THREADS="1", DGAE_WEIGHTS=str(tmp_path / "no_weights_here"))
@@ -47,7 +47,7 @@ DIT_FAST = ["--ae-ckpt", "ae.pt", "--dataset-size", "40", "--shard-size", "16", 
 def test_resume_is_bit_identical(tmp_path, ae):
     args = DIT_FAST + ["--grad-accum", "2", "--warmup-steps", "2"]
     run(tmp_path, "train_dit.py", "--out-dir", "full", "--max-steps", "4", *args)
-    # the split run's first half checkpoints its activations (see tests/test_train_ae.py): nothing may change
+    # the split run's first half checkpoints its activations (see tests/robustness/test_train_ae.py): nothing may change
     run(tmp_path, "train_dit.py", "--out-dir", "split", "--max-steps", "2", "--grad-checkpoint", "true", *args)
     run(tmp_path, "train_dit.py", "--out-dir", "split", "--max-steps", "4", "--resume", "true", *args)
     full, split = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("full", "split"))

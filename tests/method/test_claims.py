@@ -21,7 +21,7 @@ import metrics
 from eval_data import ImageSource, to_pixels
 from procedural import PatternClassifier
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = common.Dist(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), master=True)
 
 

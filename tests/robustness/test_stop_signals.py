@@ -16,7 +16,7 @@ from test_train_ae import FAST, _env, _workers, assert_same_tensors, load, run_t
 from test_latents import save_tiny_ae
 from test_train_dit import DIT_FAST
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STOPPED = checkpoints.EXIT_STOPPED
 MAX_STEPS = 8
 AE_ARGS = [*FAST, "--lpips-weight", "0", "--max-steps", str(MAX_STEPS)]

@@ -22,7 +22,7 @@ import metrics
 from inception import INCEPTION_FILE, INCEPTION_URL, InceptionV3, load_inception, pool3x3
 from lpips import LPIPS, load_lpips
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pt_inception_keys.txt")
 
 # -----------------------------------------------------------------------------
