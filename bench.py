@@ -43,7 +43,7 @@ compression = 0  # 0 = the preset's
 lpips = False  # include the LPIPS term in the stage-1 step (needs the weight files, see README)
 dit_preset = "DiT-Tiny/1"  # dit.DIT_PRESETS name, on latents of the stage-1 model's shape
 attn_impl = "math"  # the models' attention: math | sdpa
-batch_size = 16
+batch_size = 16  # images (or latents) per timed step
 decode_steps = "1,3,10,50"  # decoder Euler steps at which decoding is timed
 sample_steps = 50  # DiT Euler steps per sample
 cfg_scale = 4.0  # guidance runs the DiT on a doubled batch; 1 = no guidance
@@ -60,13 +60,13 @@ channels_last = True  # NHWC layout for the convolutional stage-1 model
 fused_adamw = True  # one fused AdamW kernel instead of a loop over the tensors
 # the side-by-side with the DiT authors' code: a checkout of github.com/facebookresearch/DiT (its models.py needs timm,
 # which is never a dependency of this repository: imported only when this is given); "" = skip
-official_dit = ""
+official_dit = ""  # path of a checkout of facebookresearch/DiT to time its step beside ours
 # how
-warmup = 3
-reps = 7
+warmup = 3  # untimed repetitions before timing
+reps = 7  # timed repetitions (the median is reported)
 quick = False  # QUICK's sizes, except those given: checks that every path runs, not how fast
-device = ""
-seed = 0
+device = ""  # "" = cuda, then mps, then cpu
+seed = 0  # the random inputs and weights
 json = ""  # write every field to this file
 compare = ""  # "a.json,b.json": print two saved runs side by side and exit
 QUICK = dict(batch_size=2, sample_steps=2, attn_seq="16,64", num_workers=1, data_batches=4, matmul_size=256,

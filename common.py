@@ -46,7 +46,7 @@ def setting_comments(path):
     except OSError:
         return notes
     for line in lines:
-        m = re.match(r"([a-z_][a-z0-9_]*) = .*?  # (.*)$", line)
+        m = re.match(r"([a-z_][a-z0-9_]*) = .*  # (.*)$", line)  # the last "  # ": a string may hold one
         if m:
             notes[m.group(1)] = m.group(2)
     return notes

@@ -68,7 +68,7 @@ images = ""  # stats: images to summarise (.npz or folder)
 out = ""  # results .json (the table goes beside it as .txt); stats: the .npz to write
 resolution = 256  # gen/stats: folder images are ADM center-cropped to this size
 num_images = 0  # recon/gen/stats: use only the first N images (0 = all)
-batch_size = 50
+batch_size = 50  # images per forward pass (per process)
 num_workers = min(4, os.cpu_count() or 1)  # data-loader workers for folders (fewer on a machine with fewer cores)
 decode_steps = 0  # recon: Euler steps of the diffusion decoder (0 = the checkpoint's default)
 seed = 0  # recon: decoder noise seed (each batch uses seed + the index of its first image)

@@ -44,12 +44,12 @@ num = 0  # the same as --num-samples; fine with plain python, but torchrun takes
 cfg_scale = 4.0  # classifier-free guidance scale; 1 = no guidance (half the compute)
 steps = 50  # Euler steps of the DiT's ODE
 decode_steps = 0  # Euler steps of the DGAE decoder; 0 = the stage-1 checkpoint's default
-seed = 0
+seed = 0  # the noise and labels: the same seed and --batch-size give the same images
 batch_size = 64  # samples per chunk (per forward pass); part of what --seed reproduces
 ae_ckpt = ""  # "" = the stage-1 checkpoint recorded in the DiT checkpoint (pass it if that file moved)
 images = ""  # a folder of images: with a stage-1 --ckpt, write reconstructions next to the inputs
 attn_impl = ""  # "" = as trained; sdpa is faster on GPUs
-device = ""
+device = ""  # "" = cuda, then mps, then cpu
 # -----------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ num_workers = 0  # data-loading processes per rank (use 8+ for ImageNet)
 # model, loss and learning rate: the preset's values (ae.PRESETS), except those given on the command
 # line. The placeholders 0, "" and -1 below are never used: a setting not given is the preset's.
 preset = ""  # tiny | small | base | large; "" = tiny on the built-in data, base with --data
-resolution = 0
+resolution = 0  # image size in px; 0 = the preset's (32 tiny, 256 base; on the built-in data 8 f when --compression is given)
 compression = 0  # spatial compression f in {4, 8, 16, 32, 64}
 latent_channels = 0  # c; by default 4, 4, 8, 16, 64 at f = 4, 8, 16, 32, 64
 decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline) | unet (deterministic, DGAE's U-Net)
@@ -56,21 +56,21 @@ vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16, or $DGAE_WEIGHTS/)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
 # optimisation
 batch_size = 0  # per process and micro-step (the presets': 16 tiny, 32 others); global = batch * accum * world
-grad_accum = 1
-max_steps = 1350
-warmup_steps = 100
+grad_accum = 1  # micro-batches per optimizer step
+max_steps = 1350  # optimizer steps of the run (the cool-down is its last lr_cooldown share)
+warmup_steps = 100  # steps of linear learning-rate warm-up from 0
 lr_cooldown = 0.25  # share of max_steps at the end over which the learning rate falls linearly to 0
-weight_decay = 0.0
-grad_clip = 1.0
-ema_decay = 0.999
+weight_decay = 0.0  # AdamW decay on weight matrices and kernels (not on norms and biases)
+grad_clip = 1.0  # clip the global gradient norm to this
+ema_decay = 0.999  # the EMA's final decay (it warms up to it, see ema_decay_at); ImageNet: 0.9999
 max_nonfinite_steps = 5  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
 # bookkeeping
-out_dir = "out/ae"
-log_every = 25
-sample_every = 400
-ckpt_every = 400
-resume = False
-seed = 0
+out_dir = "out/ae"  # the run's folder: ckpt.pt, log.jsonl, recon_*.png (one run at a time holds it)
+log_every = 25  # steps between rows of log.jsonl
+sample_every = 400  # steps between reconstruction grids
+ckpt_every = 400  # steps between checkpoints (also at the end and at a stop signal)
+resume = False  # continue the run in --out-dir exactly where it stopped, with its own settings
+seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
 compile = False  # torch.compile the model (worth it on GPUs for long runs)

@@ -43,7 +43,7 @@ data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in pro
 dataset_size = 10000  # images in the built-in dataset
 cache_dir = ""  # "" = <out_dir>/latents; share one cache between runs of the same stage-1 checkpoint
 shard_size = 10000  # images per cache shard
-encode_batch_size = 64
+encode_batch_size = 64  # images per batch while encoding the latent cache
 num_workers = 0  # image-loading processes per rank while encoding (use 8+ for ImageNet)
 # model
 preset = ""  # DiT preset (dit.DIT_PRESETS); "" = DiT-Tiny/1 on the built-in data, DiT-XL/p with --data
@@ -53,28 +53,28 @@ attn_impl = "math"  # math | sdpa
 grad_checkpoint = False  # activation checkpointing of every DiT block: less memory for one more forward pass a step
 # optimisation
 batch_size = 64  # per process and micro-step; global batch = batch_size * grad_accum * world size
-grad_accum = 1
-max_steps = 3000
+grad_accum = 1  # micro-batches per optimizer step
+max_steps = 3000  # optimizer steps of the run (the lr is constant after warm-up, so a run can be extended)
 lr = 1e-3  # DiT at ImageNet scale: 1e-4 at a global batch of 256
-warmup_steps = 100
-weight_decay = 0.0
-grad_clip = 1.0
+warmup_steps = 100  # steps of linear learning-rate warm-up from 0
+weight_decay = 0.0  # AdamW decay on weight matrices (not on norms and biases)
+grad_clip = 1.0  # clip the global gradient norm to this
 ema_decay = 0.999  # ImageNet: 0.9999
 max_nonfinite_steps = 5  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
 # sample grids
 sample_steps = 50  # Euler steps of the DiT
-cfg_scale = 4.0
+cfg_scale = 4.0  # classifier-free guidance scale of the sample grids (1 = none)
 decode_steps = 0  # DGAE decoder steps; 0 = the stage-1 checkpoint's default
 # bookkeeping
-out_dir = "out/dit"
-log_every = 50
-sample_every = 1000
-ckpt_every = 1000
-resume = False
-seed = 0
+out_dir = "out/dit"  # the run's folder: ckpt.pt, log.jsonl, samples_*.png, latents/ (one run at a time holds it)
+log_every = 50  # steps between rows of log.jsonl
+sample_every = 1000  # steps between sample grids
+ckpt_every = 1000  # steps between checkpoints (also at the end and at a stop signal)
+resume = False  # continue the run in --out-dir exactly where it stopped, with its own settings
+seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
-compile = False
+compile = False  # torch.compile the DiT (worth it on GPUs for long runs)
 # -----------------------------------------------------------------------------
 
 

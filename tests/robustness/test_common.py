@@ -213,3 +213,26 @@ def test_a_collective_timeout_or_a_lost_peer_is_one_line_naming_the_rank(monkeyp
     with pytest.raises(RuntimeError, match="Timed out waiting"):  # not under torchrun
         with common.collective_timeouts():
             raise gloo
+
+
+@pytest.mark.parametrize("script", ["train_ae.py", "train_dit.py", "sample.py", "eval.py", "claims.py", "bench.py"])
+def test_every_setting_explains_itself_in_help(script):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, os.path.join(root, script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("  --")]
+    assert len(rows) >= 6
+    # each row: the flag, its default, then at least a few words saying what it is
+    bare = [row.split()[0] for row in rows if len(row.split()) < 4]
+    assert not bare, f"{script}: settings without a description: {bare}"
+
+
+def test_setting_comments_are_read_from_the_script(tmp_path):
+    path = tmp_path / "s.py"
+    path.write_text('steps = 5  # how many\nname = "a  # b"  # the name\nplain = 1\n  indented = 2  # no\n')
+    assert common.setting_comments(str(path)) == {"steps": "how many", "name": "the name"}
+    assert common.setting_comments(str(tmp_path / "missing.py")) == {}
