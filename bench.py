@@ -33,7 +33,7 @@ from data import Loader, build_dataset
 from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, build_dit
 from layers import attention
-from train_ae import update_ema
+from optim import update_ema
 
 # -----------------------------------------------------------------------------
 # what to measure

@@ -3,7 +3,8 @@ How a run is saved, stopped and resumed, and where pretrained files are found: t
 (one run at a time, through an OS lock), atomic writes, checkpoints of a known kind with every
 rank's RNG state (so --resume continues bit-identically), stop signals that end a run at a step
 boundary with a checkpoint, and the lookup of the VGG16, LPIPS and InceptionV3 weight files. The
-settings and torch.distributed live in common.py.
+settings and torch.distributed live in common.py. A reader of the method can skip this file: the
+trainers call start_run, save_training, restore_training and StopSignals, and that is all of it.
 """
 
 import fcntl
@@ -161,6 +162,64 @@ def resume_or_refuse(ckpt_path, resume, kind):
         raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
                          "or choose another --out-dir.")
     return None
+
+
+# resume policy: what a resumed run keeps of its checkpoint's settings
+
+
+def mismatch(name, value, saved):
+    return SystemExit(f"error: --{name.replace('_', '-')} {value} does not match the checkpoint being resumed "
+                      f"({saved}); drop the flag or choose another --out-dir")
+
+COMPILE_NOTE = "torch.compile: the first step waits for the compilation, which takes minutes (longest on a CPU)"
+
+
+def schedule_notes(warmup_steps, max_steps, step=0):
+    """Lines about a schedule that cannot do what its flags ask (the run goes on): a resumed
+    --max-steps at or below the checkpoint's step (nothing to train), a warm-up longer than the run
+    (the learning rate never reaches --lr)."""
+    if step >= max_steps:
+        return [f"note: --max-steps {max_steps} is at or below the checkpoint's step {step}, so there is nothing to "
+                "train; pass a higher --max-steps to continue the run"]
+    if warmup_steps > max_steps:
+        return [f"warning: --warmup-steps {warmup_steps} is longer than --max-steps {max_steps}, so the learning rate "
+                f"never exceeds {max_steps / warmup_steps:.0%} of --lr; lower --warmup-steps"]
+    return []
+
+
+# what no checkpoint decides: whether to resume, and the folder it is resumed from (it may have moved)
+NEVER_RESUMED = ("resume", "out_dir")
+def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
+    """On --resume the run continues as it was set up: every setting the checkpoint records and the
+    command line does not give is the checkpoint's (the recipe, and the bookkeeping too: a run that
+    checkpointed every 2 steps still does after a preemption). A given setting that differs is an
+    error if it is in `fixed`, else a change (a longer --max-steps, a moved --data, another
+    --ckpt-every), returned as lines to log. Settings in `checked_elsewhere` are compared by the
+    caller. A setting that an older checkpoint does not record keeps this command line's value."""
+    changed = []
+    for name, value in ckpt.get("config", {}).items():
+        if name not in settings or name in NEVER_RESUMED:
+            continue
+        if name not in given:
+            settings[name] = value
+        elif settings[name] != value and name not in checked_elsewhere:
+            if name in fixed:
+                raise mismatch(name, settings[name], value)
+            changed.append(f"--{name.replace('_', '-')} {value} -> {settings[name]}")
+    return settings, (["resumed with changed settings: " + ", ".join(changed)] if changed else [])
+
+
+def start_run(out_dir, data, resume, kind, settings, given, fixed, checked_elsewhere=()):
+    """Everything a trainer does before it builds a model: take the run folder (one run at a time),
+    load its checkpoint on --resume (or refuse to overwrite one), and take the run's own settings
+    back from it (settings_for_resume). Returns (the checkpoint or None, the settings, lines to log)."""
+    claim_out_dir(out_dir, data)  # this run's alone while it lives
+    ckpt = resume_or_refuse(os.path.join(out_dir, "ckpt.pt"), resume, kind)  # never overwrite a run by accident
+    notes = []
+    if ckpt is not None:
+        settings, notes = settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere)
+        common.refuse_out_dir_in_data(settings["out_dir"], settings["data"])  # the checkpoint's --data
+    return ckpt, settings, notes
 
 
 def rng_state():

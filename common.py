@@ -1,7 +1,7 @@
 """
 Plumbing shared by every script: command-line settings, devices and precision, torch.distributed
 start-up and shutdown. How a run is saved, stopped and resumed is in checkpoints.py; the training
-steps are written out in train_ae.py and train_dit.py.
+steps are written out in train_ae.py and train_dit.py. A reader of the method can skip this file.
 """
 
 import datetime

@@ -26,6 +26,7 @@ from ae import DGAE, config_from_dict, config_to_dict, make_config
 from data import Loader, build_dataset, first_good, random_hflip, save_image_grid
 from decoder_diffusion import Stopped
 from lpips import load_lpips
+from optim import ema_decay_at, lr_at, make_optimizer, update_ema
 
 # -----------------------------------------------------------------------------
 # settings
@@ -78,69 +79,9 @@ channels_last = True  # NHWC memory layout for the convolutions (measured: a tin
 # -----------------------------------------------------------------------------
 
 
-# the optimizer, the learning-rate schedule and the EMA (train_dit.py imports them from here)
-
-
-def make_optimizer(model, lr, weight_decay, betas, device):
-    """AdamW with weight decay on matrices/kernels only, not on norm gains and biases; fused on CUDA."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
-
-
-def lr_at(step, base_lr, warmup_steps, max_steps=0, cooldown_steps=0):
-    """The learning rate of `step`: a linear warm-up from 0 over warmup_steps, constant (as DiT
-    trains), then a linear cool-down to 0 over the last cooldown_steps of max_steps.
-
-    The cool-down is what makes a run's last weights good ones. At a constant rate the weights
-    keep jumping around the optimum; the demo's final weights scored 18.6 dB, and only an average
-    of them (the EMA) reached 20.8 dB. With a cool-down over the last quarter the same run ended at
-    21.6 dB, EMA or not (measured, 1350 steps, seed 0). The cool-down is tied to max_steps: to
-    extend a finished run, resume from a checkpoint taken before the cool-down began.
-    """
-    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    cooldown = min(1.0, (max_steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
-    return base_lr * min(warmup, cooldown)
-
-
-def ema_decay_at(step, decay, warmup=34):
-    """EMA warm-up: min(decay, (1 + step) / (warmup + step)), so the average spans roughly the
-    last step / (warmup - 1) steps until it reaches decay's own span of 1 / (1 - decay) steps.
-
-    A fixed 0.999 would still hold 0.999^1200 = 30% of the random initial weights after 1200
-    steps. How short to make it early on was measured on the 1350-step demo with the cool-down:
-    spans of step/9, step/17, step/33 and step/65 scored 20.8, 21.3, 21.5 and 21.6 dB (the weights
-    improve fast, so a long average lags); train_dit.py keeps the span step/9 its demo was tuned with.
-    """
-    return min(decay, (1 + step) / (warmup + step))
-
-
-@torch.no_grad()
-def update_ema(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * model, for every parameter and float buffer (others copied).
-
-    One multi-tensor lerp over all of them: a Python loop of lerp_ over state_dict() cost 4 ms of a
-    250 ms tiny CPU step (measured); the per-element arithmetic is the same.
-    """
-    ema_t, model_t = [], []
-    for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            ema_t.append(e)
-            model_t.append(p.to(e.dtype))
-        else:
-            e.copy_(p)
-    torch._foreach_lerp_(ema_t, model_t, 1.0 - decay)
-
-
 # the settings that override a field of the preset's ae.AEConfig when given on the command line
 CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "anchor_ch", "anchor_weight", "cond",
                    "t_dist", "decode_steps", "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr", "batch_size")
-
-
-def mismatch(name, value, saved):
-    return SystemExit(f"error: --{name.replace('_', '-')} {value} does not match the checkpoint being resumed "
-                      f"({saved}); drop the flag or choose another --out-dir")
 
 
 def config_for_resume(ckpt, cfg, given):
@@ -150,52 +91,14 @@ def config_for_resume(ckpt, cfg, given):
     saved = config_from_dict({"lr": cfg.lr, "batch_size": cfg.batch_size, **ckpt["model_args"]})
     for name in CONFIG_SETTINGS:
         if name in given and name not in ("attn_impl", "decode_steps") and getattr(cfg, name) != getattr(saved, name):
-            raise mismatch(name, getattr(cfg, name), getattr(saved, name))
+            raise checkpoints.mismatch(name, getattr(cfg, name), getattr(saved, name))
     return replace(saved, **{k: getattr(cfg, k) for k in ("attn_impl", "decode_steps") if k in given})
 
 
-COMPILE_NOTE = "torch.compile: the first step waits for the compilation, which takes minutes (longest on a CPU)"
-
-
-def schedule_notes(warmup_steps, max_steps, step=0):
-    """Lines about a schedule that cannot do what its flags ask (the run goes on): a resumed
-    --max-steps at or below the checkpoint's step (nothing to train), a warm-up longer than the run
-    (the learning rate never reaches --lr)."""
-    if step >= max_steps:
-        return [f"note: --max-steps {max_steps} is at or below the checkpoint's step {step}, so there is nothing to "
-                "train; pass a higher --max-steps to continue the run"]
-    if warmup_steps > max_steps:
-        return [f"warning: --warmup-steps {warmup_steps} is longer than --max-steps {max_steps}, so the learning rate "
-                f"never exceeds {max_steps / warmup_steps:.0%} of --lr; lower --warmup-steps"]
-    return []
-
-
-# what no checkpoint decides: whether to resume, and the folder it is resumed from (it may have moved)
-NEVER_RESUMED = ("resume", "out_dir")
 # the recipe of the run that --resume must not change (besides the model's, in model_args: see
 # config_for_resume); train_dit.py has its own list
 FIXED_ON_RESUME = ("dataset_size", "seed", "grad_accum", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
                    "lr_cooldown")
-
-
-def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
-    """On --resume the run continues as it was set up: every setting the checkpoint records and the
-    command line does not give is the checkpoint's (the recipe, and the bookkeeping too: a run that
-    checkpointed every 2 steps still does after a preemption). A given setting that differs is an
-    error if it is in `fixed`, else a change (a longer --max-steps, a moved --data, another
-    --ckpt-every), returned as lines to log. Settings in `checked_elsewhere` are compared by the
-    caller. A setting that an older checkpoint does not record keeps this command line's value."""
-    changed = []
-    for name, value in ckpt.get("config", {}).items():
-        if name not in settings or name in NEVER_RESUMED:
-            continue
-        if name not in given:
-            settings[name] = value
-        elif settings[name] != value and name not in checked_elsewhere:
-            if name in fixed:
-                raise mismatch(name, settings[name], value)
-            changed.append(f"--{name.replace('_', '-')} {value} -> {settings[name]}")
-    return settings, (["resumed with changed settings: " + ", ".join(changed)] if changed else [])
 
 
 def main():
@@ -212,19 +115,14 @@ def main():
 
     # set-up: a bad path, flag or file stops here with a one-line message, before any model is built
     with common.user_errors():
-        checkpoints.claim_out_dir(out_dir, data)  # this run's alone while it lives
-        ckpt = checkpoints.resume_or_refuse(ckpt_path, resume, "ae")  # never overwrite a run by accident
-        notes = []
-        if ckpt is not None:  # the run's own settings, not this command line's defaults
-            # the model's settings are checked against model_args (config_for_resume), the preset below
-            settings, notes = settings_for_resume(ckpt, settings, given, FIXED_ON_RESUME,
-                                                  ("preset",) + tuple(n for n in CONFIG_SETTINGS
-                                                                      if n not in ("attn_impl", "decode_steps")))
-            globals().update(settings)
-            common.refuse_out_dir_in_data(out_dir, data)  # the checkpoint's --data
+        # the model's settings are checked against model_args (config_for_resume), the preset below
+        ckpt, settings, notes = checkpoints.start_run(out_dir, data, resume, "ae", settings, given, FIXED_ON_RESUME,
+                                                      ("preset",) + tuple(n for n in CONFIG_SETTINGS
+                                                                          if n not in ("attn_impl", "decode_steps")))
+        globals().update(settings)
     dist = common.setup_distributed(device, dist_timeout)  # (the checkpoint's --device, if not given)
     dev = dist.device
-    for line in notes + schedule_notes(warmup_steps, max_steps, ckpt["step"] if ckpt is not None else 0):
+    for line in notes + checkpoints.schedule_notes(warmup_steps, max_steps, ckpt["step"] if ckpt is not None else 0):
         log(line)
 
     with common.user_errors():
@@ -234,7 +132,7 @@ def main():
             config = ckpt.get("config", {})
             saved_name = ckpt.get("model_name") or config.get("preset") or ("base" if config.get("data") else "tiny")
             if "preset" in given and preset != saved_name:
-                raise mismatch("preset", preset, saved_name)
+                raise checkpoints.mismatch("preset", preset, saved_name)
             name = saved_name
         overrides = {k: settings[k] for k in CONFIG_SETTINGS if k in given}
         if not data and ckpt is None and "compression" in given and "resolution" not in given:
@@ -291,7 +189,7 @@ def main():
     # module, whose parameters and names the optimizer, the EMA and the checkpoints use.
     train_model = torch.compile(net) if compile else net
     if compile:
-        log(COMPILE_NOTE)
+        log(checkpoints.COMPILE_NOTE)
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)

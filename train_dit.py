@@ -33,7 +33,7 @@ from data import Loader, build_dataset, default_classes, save_image_grid
 from decoder_diffusion import Stopped, euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
 from latents import LatentCache, build_latent_cache, cache_meta, stage1_info
-from train_ae import COMPILE_NOTE, ema_decay_at, lr_at, make_optimizer, schedule_notes, settings_for_resume, update_ema
+from optim import ema_decay_at, lr_at, make_optimizer, update_ema
 
 # -----------------------------------------------------------------------------
 # settings
@@ -82,7 +82,7 @@ compile = False  # torch.compile the DiT (worth it on GPUs for long runs)
 # the script: step 1 (the cache), then step 2 (the training loop)
 
 
-# the recipe of the run that --resume must not change (see train_ae.settings_for_resume: every other
+# the recipe of the run that --resume must not change (see checkpoints.settings_for_resume: every other
 # setting is the checkpoint's unless given, and a given one that differs is logged); the model's are
 # in model_args
 FIXED_ON_RESUME = ("dataset_size", "seed", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
@@ -104,16 +104,12 @@ def main():
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
     with common.user_errors():
-        checkpoints.claim_out_dir(out_dir, data)  # this run's alone while it lives
-        ckpt = checkpoints.resume_or_refuse(ckpt_path, resume, "dit")  # never overwrite a run by accident
-        notes = []
-        if ckpt is not None:  # the run's own settings, not this command line's defaults (the preset: below)
-            settings, notes = settings_for_resume(ckpt, settings, given, FIXED_ON_RESUME, ("preset",))
-            globals().update(settings)
-            common.refuse_out_dir_in_data(out_dir, data)  # the checkpoint's --data
+        ckpt, settings, notes = checkpoints.start_run(out_dir, data, resume, "dit", settings, given, FIXED_ON_RESUME,
+                                                      ("preset",))  # the preset: below
+        globals().update(settings)
     dist = common.setup_distributed(device, dist_timeout)  # (the checkpoint's --device, if not given)
     dev = dist.device
-    for line in notes + schedule_notes(warmup_steps, max_steps, ckpt["step"] if ckpt is not None else 0):
+    for line in notes + checkpoints.schedule_notes(warmup_steps, max_steps, ckpt["step"] if ckpt is not None else 0):
         log(line)
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
@@ -179,7 +175,7 @@ def main():
     # the module the loop calls (see train_ae.py); `net` is the plain one
     train_model = torch.compile(net) if compile else net
     if compile:
-        log(COMPILE_NOTE)
+        log(checkpoints.COMPILE_NOTE)
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)

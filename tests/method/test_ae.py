@@ -9,7 +9,7 @@ import torch
 import ae
 import common
 from procedural import ProceduralDataset
-from train_ae import update_ema
+from optim import update_ema
 
 
 def _tiny(**kw):

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 
 import ddp_replicas
+import checkpoints
+import optim
 import train_ae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,22 +63,22 @@ def assert_same_tensors(a, b, where=""):
 def test_optimizer_groups_learning_rate_and_ema_warmup():
     # the fused AdamW kernel is CUDA-only; matrices are decayed, gains and biases are not
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    opt = train_ae.make_optimizer(net, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
+    opt = optim.make_optimizer(net, 1e-3, 0.1, (0.9, 0.99), torch.device("cpu"))
     assert not opt.defaults["fused"]
     assert [len(g["params"]) for g in opt.param_groups] == [1, 3] and opt.param_groups[1]["weight_decay"] == 0
-    assert train_ae.lr_at(0, 1e-3, 10) == pytest.approx(1e-4) and train_ae.lr_at(9, 1e-3, 10) == 1e-3
-    assert train_ae.lr_at(500, 1e-3, 10) == 1e-3
+    assert optim.lr_at(0, 1e-3, 10) == pytest.approx(1e-4) and optim.lr_at(9, 1e-3, 10) == 1e-3
+    assert optim.lr_at(500, 1e-3, 10) == 1e-3
     # the cool-down: the last 40 of 200 steps fall linearly from 1e-3 (step 160) to 1e-3 / 40 (step 199)
-    lrs = [train_ae.lr_at(s, 1e-3, 10, 200, 40) for s in range(200)]
+    lrs = [optim.lr_at(s, 1e-3, 10, 200, 40) for s in range(200)]
     assert lrs[159] == lrs[160] == 1e-3 and lrs[180] == pytest.approx(0.5e-3) and lrs[199] == pytest.approx(1e-3 / 40)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     # overlapping warm-up and cool-down (a very short run): the smaller factor wins, never above 1e-3
-    assert train_ae.lr_at(0, 1e-3, 10, 4, 2) == pytest.approx(1e-4) and train_ae.lr_at(3, 1e-3, 10, 4, 2) == pytest.approx(4e-4)
-    assert train_ae.ema_decay_at(0, 0.999) == pytest.approx(1 / 34) and train_ae.ema_decay_at(10**6, 0.999) == 0.999
-    assert train_ae.ema_decay_at(0, 0.999, warmup=10) == pytest.approx(0.1)
+    assert optim.lr_at(0, 1e-3, 10, 4, 2) == pytest.approx(1e-4) and optim.lr_at(3, 1e-3, 10, 4, 2) == pytest.approx(4e-4)
+    assert optim.ema_decay_at(0, 0.999) == pytest.approx(1 / 34) and optim.ema_decay_at(10**6, 0.999) == 0.999
+    assert optim.ema_decay_at(0, 0.999, warmup=10) == pytest.approx(0.1)
     ema, model = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     before = ema.weight.detach().clone()
-    train_ae.update_ema(ema, model, 0.75)
+    optim.update_ema(ema, model, 0.75)
     assert torch.allclose(ema.weight, 0.75 * before + 0.25 * model.weight)
 
 
@@ -422,7 +424,7 @@ def test_resume_keeps_the_bookkeeping_too_and_says_what_the_command_line_changed
     run_in_process(monkeypatch, "--resume", "true", "--max-steps", "5", "--log-every", "2", "--compile", "true")
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "resumed with changed settings: --compile False -> True, --log-every 1 -> 2, --max-steps 4 -> 5"
-    assert train_ae.COMPILE_NOTE in out
+    assert checkpoints.COMPILE_NOTE in out
     assert load(tmp_path / "out/ae/ckpt.pt")["config"]["log_every"] == 2
     # a --max-steps the run has already reached: said, and nothing is written
     before = (tmp_path / "out/ae/ckpt.pt").read_bytes()
