@@ -73,20 +73,14 @@ class AEConfig:
 # 256 px ImageNet model (SD-VAE-sized encoder, ADM-sized pixel U-Net); `large` is the bigger
 # decoder the paper reports scaling to (our sizes). Flags override any field.
 #
-# The recipe below was chosen by measurement (ours; 1200 steps of the tiny model on the built-in
-# data, PSNR of 10-step reconstructions of 500 held-out images, mean colour = 14.5 dB):
-# - t ~ uniform for every preset. The decoder starts at t = 1, where logit-normal t almost never
-#   trains (P(t > 0.9) = 1.4%): at f=4 logit-normal gave 14.5 dB, logit-normal shifted by 3 21.3 dB,
-#   uniform 23.4 dB. A uniform density matches the sampler's uniform Euler grid.
-# - tiny is f=4 (8x8x4 latent), not f=8. At f=8 (4x4x4) neither decoder learns in a laptop budget:
-#   after 1200 steps the Gaussian decoder reached 14.7 dB and DGAE 12.6 dB, both at the mean
-#   colour's level. At f=4 DGAE reached 23.4 dB (26.1 dB after 2400 steps).
-# - consistency_weight (the paper's "reconstruction consistency", our reading) is on for every
-#   preset. Without it the diffusion decoder can learn to denoise from x_t alone and ignore a small
-#   latent: at f=8 after 1800 steps DGAE reached 12.6 dB and 17.9 dB low-frequency PSNR whatever
-#   else we changed, and 17.5 dB / 30.0 dB with it (concat conditioning), against 16.6 dB / 25.9 dB
-#   for the Gaussian decoder; at f=4 a 2000-step run without it stayed at 11.7 dB. It costs one
-#   more U-Net pass per step, so tiny trains at batch 16 to stay within a laptop's minutes.
+# The recipe is ours, chosen by measurement (NOTES.md has each run):
+# - t ~ uniform for every preset: decoding starts at t = 1, where logit-normal t almost never
+#   trains (P(t > 0.9) = 1.4%); a uniform density matches the sampler's uniform Euler grid.
+# - tiny is f=4 (8x8x4 latent), not f=8: at f=8 (4x4x4) neither decoder beats each image's mean
+#   colour in a laptop's budget.
+# - consistency_weight is on for every preset: without it the diffusion decoder can learn to
+#   denoise from x_t alone and ignore a small latent. It costs one more U-Net pass per step, so
+#   tiny trains at batch 16.
 # - lr (AdamW, at a global batch of 256 for base and large): the small models tolerate, and in
 #   a few CPU minutes need, a much larger step than the paper-scale ones.
 PRESETS = {

@@ -195,7 +195,7 @@ def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
     checkpointed every 2 steps still does after a preemption). A given setting that differs is an
     error if it is in `fixed`, else a change (a longer --max-steps, a moved --data, another
     --ckpt-every), returned as lines to log. Settings in `checked_elsewhere` are compared by the
-    caller. A setting that an older checkpoint does not record keeps this command line's value."""
+    caller."""
     changed = []
     for name, value in ckpt.get("config", {}).items():
         if name not in settings or name in NEVER_RESUMED:

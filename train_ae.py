@@ -45,6 +45,7 @@ anchor_ch = 0  # anchored diffusion decoder: width of the deterministic decode x
 anchor_weight = 1.0  # weight of the anchor's pixel (and perceptual) loss
 cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
 t_dist = ""  # training t distribution: uniform | logit_normal
+t_shift = 1.0  # shift of the training times and of the decoder's Euler grid towards t = 1 (1 = none)
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
 grad_checkpoint = False  # activation checkpointing: less memory, one more forward pass a step (big models, small GPUs)
@@ -81,14 +82,15 @@ channels_last = True  # NHWC memory layout for the convolutions (measured: a tin
 
 # the settings that override a field of the preset's ae.AEConfig when given on the command line
 CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "anchor_ch", "anchor_weight", "cond",
-                   "t_dist", "decode_steps", "attn_impl", "lpips_weight", "kl_weight", "recon_weight", "consistency_weight", "lr", "batch_size")
+                   "t_dist", "t_shift", "decode_steps", "attn_impl", "lpips_weight", "kl_weight", "recon_weight",
+                   "consistency_weight", "lr", "batch_size")
 
 
 def config_for_resume(ckpt, cfg, given):
     """On --resume the checkpoint defines the model and its loss, learning rate and batch size: a
     flag that disagrees is an error. Only how it runs may change: --attn-impl, and --decode-steps
-    (the grids'). A checkpoint from before lr and batch_size were recorded takes this run's."""
-    saved = config_from_dict({"lr": cfg.lr, "batch_size": cfg.batch_size, **ckpt["model_args"]})
+    (the grids')."""
+    saved = config_from_dict(ckpt["model_args"])
     for name in CONFIG_SETTINGS:
         if name in given and name not in ("attn_impl", "decode_steps") and getattr(cfg, name) != getattr(saved, name):
             raise checkpoints.mismatch(name, getattr(cfg, name), getattr(saved, name))
@@ -128,9 +130,8 @@ def main():
     with common.user_errors():
         # the model config, then the data: both can be wrong on the command line
         name = preset or ("base" if data else "tiny")
-        if ckpt is not None:  # the checkpoint's preset (older ones: resolved from their settings as above)
-            config = ckpt.get("config", {})
-            saved_name = ckpt.get("model_name") or config.get("preset") or ("base" if config.get("data") else "tiny")
+        if ckpt is not None:  # the checkpoint's preset
+            saved_name = ckpt["model_name"]
             if "preset" in given and preset != saved_name:
                 raise checkpoints.mismatch("preset", preset, saved_name)
             name = saved_name
@@ -150,7 +151,7 @@ def main():
         # the resolved values, the preset's or the checkpoint's included: --batch-size 0 means the
         # preset's 16 or 32, but a preset or a checkpoint must not bring a 0 either
         common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size"), steps=("decode_steps",),
-                              positive=("lr",), non_negative=("lpips_weight", "kl_weight", "recon_weight",
+                              positive=("lr", "t_shift"), non_negative=("lpips_weight", "kl_weight", "recon_weight",
                                                               "consistency_weight", "anchor_weight"))
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
         loader = Loader(dataset, cfg.batch_size, dist.rank, dist.world_size, seed, num_workers)

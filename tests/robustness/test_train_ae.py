@@ -534,3 +534,9 @@ def test_the_headline_command_on_the_builtin_data_picks_a_resolution_with_a_sens
     proc = run_train(tmp_path, "--compression", "32", "--resolution", "32", "--out-dir", "o2", *FAST, check=False)
     assert proc.returncode != 0 and "leaves a 1x1 latent; raise --resolution" in proc.stderr and "--data" in proc.stderr
     assert not (tmp_path / "o2" / "ckpt.pt").exists()
+
+
+def test_every_model_setting_reaches_the_config(tmp_path):
+    run_train(tmp_path, "--max-steps", "1", "--t-shift", "3", "--anchor-ch", "8", "--decoder", "diffusion", *FAST)
+    args = load(tmp_path / "out/ae/ckpt.pt")["model_args"]
+    assert args["t_shift"] == 3.0 and args["anchor_ch"] == 8
