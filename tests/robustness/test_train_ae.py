@@ -456,20 +456,6 @@ def test_a_flag_that_contradicts_the_resumed_checkpoint_is_refused(tmp_path, mon
     assert (resumed["model_args"]["attn_impl"], resumed["model_args"]["decode_steps"]) == ("sdpa", 3)
 
 
-def test_an_older_checkpoint_without_the_recipe_fields_still_resumes(tmp_path):
-    run_train(tmp_path, "--max-steps", "1", *FAST, "--lpips-weight", "0")
-    path = tmp_path / "out/ae/ckpt.pt"
-    ckpt = load(path)  # as written before model_name, the lr, batch size and schedule were recorded
-    args = {k: v for k, v in ckpt["model_args"].items() if k not in ("lr", "batch_size")}
-    config = {k: v for k, v in ckpt["config"].items() if k not in ("grad_accum", "warmup_steps", "ema_decay", "preset")}
-    torch.save({**{k: v for k, v in ckpt.items() if k != "model_name"}, "model_args": args, "config": config}, path)
-    # those fields fall back to this command line: here --lr and --batch-size, else the preset's
-    proc = run_train(tmp_path, "--resume", "true", "--max-steps", "2", "--lr", "5e-4", "--batch-size", "4")
-    assert "model: tiny" in proc.stdout  # the preset resolved as the old run did (built-in data: tiny)
-    resumed = load(path)
-    assert resumed["step"] == 2 and resumed["model_args"]["lr"] == 5e-4 and resumed["config"]["warmup_steps"] == 100
-
-
 def _workers(launcher_pid):
     """{rank: pid} of the worker processes torchrun started."""
     ranks = {}
