@@ -109,7 +109,7 @@ def main():
         globals().update(settings)
     dist = common.setup_distributed(device, dist_timeout)  # (the checkpoint's --device, if not given)
     dev = dist.device
-    for line in notes + checkpoints.schedule_notes(warmup_steps, max_steps, ckpt["step"] if ckpt is not None else 0):
+    for line in notes:
         log(line)
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
