@@ -4,7 +4,7 @@ How a run is saved, stopped and resumed, and where pretrained files are found: t
 rank's RNG state (so --resume continues bit-identically), stop signals that end a run at a step
 boundary with a checkpoint, and the lookup of the VGG16, LPIPS and InceptionV3 weight files. The
 settings and torch.distributed live in common.py. A reader of the method can skip this file: the
-trainers call start_run, save_training, restore_training and StopSignals, and that is all of it.
+trainers call start_run, save_training, restore_training, StopSignals and StepGuard, and that is all of it.
 """
 
 import fcntl
@@ -12,12 +12,14 @@ import os
 import random
 import re
 import signal
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 import common
+from decoder_diffusion import Stopped
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -324,10 +326,61 @@ class StopSignals:
         return torch.full((), float(self.received is not None), device=device)
 
 
-def stopped_message(stop, step, ckpt_path):
-    by = stop.received or "a stop signal to another rank"
-    return (f"stopped by {by} after step {step}: saved {ckpt_path}. Run the same command with --resume true "
+class StepGuard:
+    """What the training loops ask after each backward pass: may this step's update reach the
+    weights, and does the run stop after it? A non-finite loss or gradient (too high a learning
+    rate, a bad batch) must never reach the weights, the optimizer state, the EMA or a checkpoint:
+    that step is skipped and counted, and `max_in_a_row` skipped steps in a row stop the run
+    without saving. Every rank decides alike: the gradient norm is of the all-reduced gradients,
+    and one all-reduce sums the loss check over the ranks together with the stop flag (a stop
+    signal on any rank: every rank saves and stops after this step)."""
+
+    def __init__(self, stop, dist, max_in_a_row, ckpt_path, hint):
+        self.stop, self.dist, self.max_in_a_row, self.ckpt_path = stop, dist, max_in_a_row, ckpt_path
+        self.hint = hint  # the end of the message that stops the run, e.g. "Lower --lr or check the data."
+        self.skipped = 0  # steps skipped since the last log row (take_skipped)
+        self.in_a_row = 0
+        self.stopping = False  # a stop signal reached some rank: save after this step and exit
+
+    def update_ok(self, loss, grad_norm, step):
+        """True if the step from `step` to step + 1 may update the weights; raises SystemExit after
+        max_in_a_row non-finite steps in a row. `loss`: this rank's mean loss, a 0-dim tensor."""
+        flags = torch.stack([(~torch.isfinite(loss)).float(), self.stop.flag(self.dist.device)])
+        loss_nonfinite, stopping = common.all_reduce_sum(flags, self.dist).tolist()
+        self.stopping = stopping > 0
+        if torch.isfinite(grad_norm) and loss_nonfinite == 0:
+            self.in_a_row = 0
+            return True
+        self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        if self.in_a_row >= self.max_in_a_row:
+            common.close_bars()  # the message on a line of its own
+            raise SystemExit(f"error: {self.in_a_row} steps in a row (to step {step + 1}) had a non-finite loss or "
+                             f"gradient (--max-nonfinite-steps {self.max_in_a_row}); stopped without saving, so "
+                             f"{self.ckpt_path} is left as it was. {self.hint}")
+        return False
+
+    def take_skipped(self):
+        """The steps skipped since the last call (for the log row), the same on every rank."""
+        n, self.skipped = self.skipped, 0
+        return n
+
+    @contextmanager
+    def given_up_at_stop(self, what, log):
+        """Around work between steps that a stop signal should not hold up (a grid's decode, which
+        asks self.stop.pending): on Stopped, say that `what` was skipped and go on to save and stop."""
+        try:
+            yield
+        except Stopped:
+            log(f"\n{what} skipped: stop signal {self.stop.received}")
+
+    def exit_saved(self, step, log):
+        """End the process after a stop signal, the checkpoint of `step` saved: --resume continues
+        bit-identically from it."""
+        common.close_bars()
+        by = self.stop.received or "a stop signal to another rank"
+        log(f"stopped by {by} after step {step}: saved {self.ckpt_path}. Run the same command with --resume true "
             f"to continue (exit status {EXIT_STOPPED})")
+        common.shutdown(self.dist, EXIT_STOPPED)
 
 
 def loader_worker_init(worker_id=None):

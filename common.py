@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -156,6 +157,32 @@ def json_line(row):
     return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
 
 
+class StepLog:
+    """The training log: a row every --log-every steps, one JSON object per line in `path` (rank 0
+    writes it: easy to tail, grep and load) and the same figures on the progress bar."""
+
+    def __init__(self, path, dist, pbar, images_per_step, first_step):
+        self.path, self.dist, self.pbar, self.images_per_step = path, dist, pbar, images_per_step
+        self.first_step, self.t0 = first_step, time.time()
+
+    def write(self, step, means, counts=(), **values):
+        """means: {name: 0-dim tensor}, this rank's mean over its micro-batches, averaged over the
+        ranks so that the row describes the whole global batch; counts: {name: number}, summed over
+        the ranks (one all-reduce for both); values: {name: number}, the same on every rank."""
+        counts = dict(counts)
+        dev = self.dist.device
+        vals = all_reduce_sum(torch.stack([*(v.float() for v in means.values()),
+                                           *(torch.tensor(float(v), device=dev) for v in counts.values())]), self.dist)
+        row = {k: v.item() for k, v in zip(means, vals[:len(means)] / self.dist.world_size)}
+        row.update({k: v.item() for k, v in zip(counts, vals[len(means):])})
+        row.update(step=step, **{k: v.item() if torch.is_tensor(v) else v for k, v in values.items()},
+                   img_per_s=(step - self.first_step) * self.images_per_step / (time.time() - self.t0))
+        if self.dist.master:
+            with open(self.path, "a") as f:
+                f.write(json_line(row) + "\n")
+        self.pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s", "skipped_steps") if k in row})
+
+
 @contextmanager
 def bars_closed_first():
     """Close the open progress bars before an error that ends the script is printed (a full disk at a
@@ -164,9 +191,14 @@ def bars_closed_first():
     try:
         yield
     except BaseException:
-        for bar in list(tqdm._instances):
-            bar.close()
+        close_bars()
         raise
+
+
+def close_bars():
+    """Close every open progress bar, so that the next line printed stands on a line of its own."""
+    for bar in list(tqdm._instances):
+        bar.close()
 
 
 @contextmanager

@@ -12,7 +12,6 @@ The whole training step is the `while` loop at the end of main(); the loss is DG
 
 import copy
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -24,7 +23,6 @@ import checkpoints
 import common
 from ae import DGAE, config_from_dict, config_to_dict, make_config
 from data import Loader, build_dataset, first_good, random_hflip, save_image_grid
-from decoder_diffusion import Stopped
 from lpips import load_lpips
 from optim import ema_decay_at, lr_at, make_optimizer, update_ema
 
@@ -195,14 +193,16 @@ def main():
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
     fixed = torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev)  # images for the grids
-    log_path = os.path.join(out_dir, "log.jsonl")  # one JSON object per step logged: easy to tail, grep, load
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
-    first_step, t0 = step, time.time()
-    stop = checkpoints.StopSignals()  # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit
-    n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
+    steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar, cfg.batch_size * grad_accum * dist.world_size,
+                             first_step=step)
+    # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit. The guard also skips the
+    # update of a step whose loss or gradient is not finite (checkpoints.StepGuard).
+    guard = checkpoints.StepGuard(checkpoints.StopSignals(), dist, max_nonfinite_steps, ckpt_path,
+                                  hint="Lower --lr or check the data.")
 
     while step < max_steps:
-        # learning rate of this step: linear warm-up, constant, linear cool-down at the end (lr_at)
+        # learning rate of this step: linear warm-up, constant, linear cool-down at the end (optim.lr_at)
         step_lr = lr_at(step, cfg.lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
         for group in optimizer.param_groups:
             group["lr"] = step_lr
@@ -222,62 +222,31 @@ def main():
             for k, v in [("loss", loss), *terms.items()]:
                 means[k] = means.get(k, 0.0) + v.detach().float() / grad_accum
 
-        # clip, AdamW step, then the EMA of the weights (what grids, sampling and evaluation use).
-        # A non-finite loss or gradient (too high a learning rate, a bad batch) must never reach the
-        # weights, the optimizer state, the EMA or a checkpoint: that step is skipped and counted, and
-        # max_nonfinite_steps in a row stop the run without saving. Every rank decides alike: the norm
-        # is of the all-reduced gradients, and one all-reduce sums the loss check over ranks together
-        # with the stop flag (a stop signal on any rank: every rank saves and stops after this step).
+        # clip, AdamW step, then the EMA of the weights (what grids, sampling and evaluation use);
+        # a non-finite loss or gradient never reaches them: the guard skips that update
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        flags = torch.stack([(~torch.isfinite(means["loss"])).float(), stop.flag(dev)])
-        loss_nonfinite, stopping = common.all_reduce_sum(flags, dist).tolist()
-        if torch.isfinite(grad_norm) and loss_nonfinite == 0:
+        if guard.update_ok(means["loss"], grad_norm, step):
             optimizer.step()
             update_ema(ema, net, ema_decay_at(step, ema_decay))
-            skipped_in_a_row = 0
-        else:
-            n_skipped, skipped_in_a_row = n_skipped + 1, skipped_in_a_row + 1
-            if skipped_in_a_row >= max_nonfinite_steps:
-                pbar.close()  # the message on a line of its own
-                raise SystemExit(f"error: {skipped_in_a_row} steps in a row (to step {step + 1}) had a non-finite loss "
-                                 f"or gradient (--max-nonfinite-steps {max_nonfinite_steps}); stopped without saving, "
-                                 f"so {ckpt_path} is left as it was. Lower --lr or check the data.")
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        if step % log_every == 0 or step == max_steps:
-            # one all-reduce: the terms averaged over ranks, so the row describes the whole global
-            # batch rather than rank 0's share, and the unreadable images skipped so far (loader.n_bad) summed
-            vals = common.all_reduce_sum(torch.stack([*means.values(), torch.tensor(float(loader.n_bad), device=dev)]), dist)
-            row = {k: v.item() for k, v in zip(means, vals[:-1] / dist.world_size)}
-            row["bad_images"] = vals[-1].item()
-            row["skipped_steps"] = n_skipped  # the same on every rank
-            n_skipped = 0
-            images_per_step = cfg.batch_size * grad_accum * dist.world_size
-            row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
-                       img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
-            if dist.master:
-                with open(log_path, "a") as f:
-                    f.write(common.json_line(row) + "\n")
-            pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s", "skipped_steps")})
+        if step % log_every == 0 or step == max_steps:  # the terms averaged over ranks, bad images summed
+            steplog.write(step, means, counts={"bad_images": loader.n_bad}, skipped_steps=guard.take_skipped(),
+                          lr=step_lr, grad_norm=grad_norm)
         pbar.update(1)
-
-        if step % ckpt_every == 0 or step == max_steps or stopping:
+        if step % ckpt_every == 0 or step == max_steps or guard.stopping:
             checkpoints.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
                                       model_name=name, config=dict(settings, num_images=len(dataset)),
                                       lpips_used=lpips is not None)
-        if (step % sample_every == 0 or step == max_steps) and dist.master and not stopping:
-            # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below. After
-            # the save, and given up at a stop signal: the next step boundary then saves and stops.
-            try:
-                recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0, stop=stop.pending)
+        if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
+            # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below; after
+            # the save, and given up at a stop signal (the next step boundary then saves and stops)
+            with guard.given_up_at_stop(f"reconstruction grid of step {step}", log):
+                recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0, stop=guard.stop.pending)
                 save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
-            except Stopped:
-                log(f"\nreconstruction grid of step {step} skipped: stop signal {stop.received}")
-        if stopping and step < max_steps:  # preempted: the step is saved, --resume continues bit-identically
-            pbar.close()
-            log(checkpoints.stopped_message(stop, step, ckpt_path))
-            common.shutdown(dist, checkpoints.EXIT_STOPPED)
+        if guard.stopping and step < max_steps:  # preempted: the step is saved, --resume continues bit-identically
+            guard.exit_saved(step, log)
     pbar.close()
     log(f"done: {ckpt_path}")
     common.shutdown(dist)

@@ -18,7 +18,6 @@ needs nothing else. Writes out_dir/ckpt.pt, log.jsonl and samples_*.png (one row
 
 import copy
 import os
-import time
 from contextlib import nullcontext
 
 import numpy as np
@@ -30,7 +29,7 @@ import checkpoints
 import common
 from ae import load_dgae
 from data import Loader, build_dataset, default_classes, save_image_grid
-from decoder_diffusion import Stopped, euler_sample, flow_matching_loss
+from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
 from latents import LatentCache, build_latent_cache, cache_meta, stage1_info
 from optim import ema_decay_at, lr_at, make_optimizer, update_ema
@@ -185,10 +184,10 @@ def main():
     g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]))
     grid_noise = torch.randn(len(grid_y), C, h, w, generator=g).to(dev)  # the DiT's start at t = 1
     grid_seed = int(torch.randint(2**31, (1,), generator=g))
-    log_path = os.path.join(out_dir, "log.jsonl")  # one JSON object per step logged
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
-    first_step, t0 = step, time.time()
-    n_skipped, skipped_in_a_row = 0, 0  # steps skipped for a non-finite loss or gradient: since the last row, in a row
+    steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar, batch_size * grad_accum * dist.world_size,
+                             first_step=step)
+    guard = checkpoints.StepGuard(stop, dist, max_nonfinite_steps, ckpt_path, hint="Lower --lr or check the latent cache.")
 
     while step < max_steps:
         # learning rate of this step: linear warm-up, then constant
@@ -197,7 +196,7 @@ def main():
             group["lr"] = step_lr
 
         # grad_accum micro-batches; DDP all-reduces the gradients on the last one only (see train_ae.py)
-        mean_loss = 0.0  # this rank's mean over the micro-batches
+        means = {"loss": 0.0}  # this rank's mean over the micro-batches
         for micro in range(grad_accum):
             z2, y = next(loader)  # z2 (B, 2, C, h, w) float16: each image's latent and its mirror image's
             pick = torch.randint(0, 2, (len(y),))  # the horizontal-flip augmentation: one of the two at random
@@ -209,64 +208,36 @@ def main():
                 # the decoder's rectified-flow loss, here on latents with the class as the condition
                 loss, *_ = flow_matching_loss(lambda x_t, t: train_model(x_t, t, y), z, t_dist)
             (loss / grad_accum).backward()
-            mean_loss = mean_loss + loss.detach().float() / grad_accum
+            means["loss"] = means["loss"] + loss.detach().float() / grad_accum
 
         # clip, AdamW step, then the EMA of the weights (what the grids and sample.py use), unless the
-        # loss or a gradient is not finite: then the step is skipped and counted, and
-        # max_nonfinite_steps in a row stop the run without saving; the same all-reduce carries every
-        # rank's stop flag (why and how: see train_ae.py)
+        # loss or a gradient is not finite (checkpoints.StepGuard)
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        flags = torch.stack([(~torch.isfinite(mean_loss)).float(), stop.flag(dev)])
-        loss_nonfinite, stopping = common.all_reduce_sum(flags, dist).tolist()
-        if torch.isfinite(grad_norm) and loss_nonfinite == 0:
+        if guard.update_ok(means["loss"], grad_norm, step):
             optimizer.step()
             update_ema(ema, net, ema_decay_at(step, ema_decay, warmup=10))
-            skipped_in_a_row = 0
-        else:
-            n_skipped, skipped_in_a_row = n_skipped + 1, skipped_in_a_row + 1
-            if skipped_in_a_row >= max_nonfinite_steps:
-                pbar.close()  # the message on a line of its own
-                raise SystemExit(f"error: {skipped_in_a_row} steps in a row (to step {step + 1}) had a non-finite loss "
-                                 f"or gradient (--max-nonfinite-steps {max_nonfinite_steps}); stopped without saving, "
-                                 f"so {ckpt_path} is left as it was. Lower --lr or check the latent cache.")
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        if step % log_every == 0 or step == max_steps:
-            # the loss averaged over ranks: the whole global batch's, not rank 0's share
-            row = {"loss": (common.all_reduce_sum(mean_loss, dist) / dist.world_size).item()}
-            row["skipped_steps"] = n_skipped  # the same on every rank
-            n_skipped = 0
-            images_per_step = batch_size * grad_accum * dist.world_size
-            row.update(step=step, lr=step_lr, grad_norm=grad_norm.item(),
-                       img_per_s=(step - first_step) * images_per_step / (time.time() - t0))
-            if dist.master:
-                with open(log_path, "a") as f:
-                    f.write(common.json_line(row) + "\n")
-            pbar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "img_per_s", "skipped_steps")})
+        if step % log_every == 0 or step == max_steps:  # the loss averaged over ranks
+            steplog.write(step, means, skipped_steps=guard.take_skipped(), lr=step_lr, grad_norm=grad_norm)
         pbar.update(1)
-
-        if step % ckpt_every == 0 or step == max_steps or stopping:
+        if step % ckpt_every == 0 or step == max_steps or guard.stopping:
             checkpoints.save_training(
                 ckpt_path, dist, "dit", step, net, ema, optimizer, loader, model_args=net.config, model_name=name,
                 config=dict(settings, num_images=len(dataset)), ae_ckpt=stage1["ae_ckpt"], ae_step=stage1["ae_step"],
                 ae_fingerprint=stage1["ae_fingerprint"], latent_shape=[C, h, w], latent_mean=latents.mean,
                 latent_std=latents.std, num_classes=num_classes, class_names=meta["class_names"])
-        if (step % sample_every == 0 or step == max_steps) and dist.master and not stopping:
+        if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
             # guided Euler with the EMA DiT from the fixed noise, back to the encoder's scale, decode;
             # after the save, and given up at a stop signal (see train_ae.py)
-            try:
-                with autocast:
-                    z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise,
-                                     sample_steps, stop=stop.pending)
-                    x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed, stop=stop.pending)  # (N, 3, H, W)
+            with guard.given_up_at_stop(f"sample grid of step {step}", log), autocast:
+                z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise,
+                                 sample_steps, stop=stop.pending)
+                x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed, stop=stop.pending)  # (N, 3, H, W)
                 save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
-            except Stopped:
-                log(f"\nsample grid of step {step} skipped: stop signal {stop.received}")
-        if stopping and step < max_steps:  # preempted: the step is saved (see train_ae.py)
-            pbar.close()
-            log(checkpoints.stopped_message(stop, step, ckpt_path))
-            common.shutdown(dist, checkpoints.EXIT_STOPPED)
+        if guard.stopping and step < max_steps:  # preempted: the step is saved (see train_ae.py)
+            guard.exit_saved(step, log)
     pbar.close()
     log(f"done: {ckpt_path}")
     common.shutdown(dist)
