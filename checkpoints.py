@@ -211,19 +211,25 @@ def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
     return settings, (["resumed with changed settings: " + ", ".join(changed)] if changed else [])
 
 
-def start_run(out_dir, data, resume, kind, settings, given, fixed, checked_elsewhere=()):
-    """Everything a trainer does before it builds a model: take the run folder (one run at a time),
-    load its checkpoint on --resume (or refuse to overwrite one), take the run's own settings back
-    from it (settings_for_resume) and check its schedule (schedule_notes). Returns (the checkpoint
-    or None, the settings, lines to log)."""
-    claim_out_dir(out_dir, data)  # this run's alone while it lives
-    ckpt = resume_or_refuse(os.path.join(out_dir, "ckpt.pt"), resume, kind)  # never overwrite a run by accident
-    notes = []
-    if ckpt is not None:
-        settings, notes = settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere)
-        common.refuse_out_dir_in_data(settings["out_dir"], settings["data"])  # the checkpoint's --data
-    notes += schedule_notes(settings["warmup_steps"], settings["max_steps"], ckpt["step"] if ckpt is not None else 0)
-    return ckpt, settings, notes
+def start_run(out_dir, data, resume, kind, settings, given, fixed, checked_elsewhere, log):
+    """Everything a trainer does before it builds a model: check the device, take the run folder
+    (one run at a time), load its checkpoint on --resume (or refuse to overwrite one), take the
+    run's own settings back from it (settings_for_resume), start torch.distributed on the run's
+    device and log the notes on its settings and schedule (schedule_notes). A bad flag or file
+    stops here with one line. Returns (the checkpoint or None, the settings, common.Dist)."""
+    common.check_device(settings["device"])  # before any folder is made or image read
+    with common.user_errors():
+        claim_out_dir(out_dir, data)  # this run's alone while it lives
+        ckpt = resume_or_refuse(os.path.join(out_dir, "ckpt.pt"), resume, kind)  # never overwrite a run by accident
+        notes = []
+        if ckpt is not None:
+            settings, notes = settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere)
+            common.refuse_out_dir_in_data(settings["out_dir"], settings["data"])  # the checkpoint's --data
+        notes += schedule_notes(settings["warmup_steps"], settings["max_steps"], ckpt["step"] if ckpt is not None else 0)
+    dist = common.setup_distributed(settings["device"], settings["dist_timeout"])  # (the checkpoint's, if not given)
+    for line in notes:
+        log(line)
+    return ckpt, settings, dist
 
 
 def rng_state():

@@ -109,21 +109,14 @@ def main():
                                            "ckpt_every", "max_nonfinite_steps"),
                           count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
                           positive=("grad_clip", "dist_timeout"), fraction=("ema_decay", "lr_cooldown"))
-    common.check_device(device)  # before any folder is made or image read
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
-
-    # set-up: a bad path, flag or file stops here with a one-line message, before any model is built
-    with common.user_errors():
-        # the model's settings are checked against model_args (config_for_resume), the preset below
-        ckpt, settings, notes = checkpoints.start_run(out_dir, data, resume, "ae", settings, given, FIXED_ON_RESUME,
-                                                      ("preset",) + tuple(n for n in CONFIG_SETTINGS
-                                                                          if n not in ("attn_impl", "decode_steps")))
-        globals().update(settings)
-    dist = common.setup_distributed(device, dist_timeout)  # (the checkpoint's --device, if not given)
+    # the model's settings are checked against model_args (config_for_resume), the preset below
+    ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "ae", settings, given, FIXED_ON_RESUME,
+                                                 ("preset",) + tuple(n for n in CONFIG_SETTINGS
+                                                                     if n not in ("attn_impl", "decode_steps")), log)
+    globals().update(settings)
     dev = dist.device
-    for line in notes:
-        log(line)
 
     with common.user_errors():
         # the model config, then the data: both can be wrong on the command line

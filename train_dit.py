@@ -99,17 +99,12 @@ def main():
                           steps_or_0=("decode_steps",), positive=("lr", "grad_clip", "dist_timeout"),
                           non_negative=("weight_decay",), fraction=("class_dropout", "ema_decay"),
                           guidance=("cfg_scale",))
-    common.check_device(device)  # before any folder is made or image read
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
-    with common.user_errors():
-        ckpt, settings, notes = checkpoints.start_run(out_dir, data, resume, "dit", settings, given, FIXED_ON_RESUME,
-                                                      ("preset",))  # the preset: below
-        globals().update(settings)
-    dist = common.setup_distributed(device, dist_timeout)  # (the checkpoint's --device, if not given)
+    ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "dit", settings, given, FIXED_ON_RESUME,
+                                                 ("preset",), log)  # the preset: below
+    globals().update(settings)
     dev = dist.device
-    for line in notes:
-        log(line)
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
         ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
