@@ -283,7 +283,7 @@ def summarise(c):
     seed_list = [int(s) for s in seeds.split(",")]
     for kind in kinds.split(","):
         for ch, factor in ((c // 2, 1), (c, 1), (c, compute_factor)):
-            if factor > 1 and (kind not in ("gauss", "unet") or compute_factor <= 1):
+            if factor != 1 and (kind not in ("gauss", "unet") or compute_factor <= 1):
                 continue
             lr = best_lr(kind, ch, lr_list, seed_list[0]) or lr_list[0]
             rows = [(s, finished_scores(run_name(kind, ch, lr, s, factor))) for s in seed_list]
@@ -323,6 +323,9 @@ def verdicts(groups, c):
                 hf = np.mean(g["highfreq_ratio"])
                 ok.append(HIGHFREQ_RANGE[0] <= hf <= HIGHFREQ_RANGE[1])
                 why += f"; high-frequency ratio {hf:.2f} (rule: {HIGHFREQ_RANGE[0]}-{HIGHFREQ_RANGE[1]})"
+            n_seeds = min(len(g["seeds"]), *(len(r["seeds"]) for r in refs))
+            if n_seeds < 3:  # the spread between seeds is unknown: the verdict may turn with more of them
+                why = f"provisional, {n_seeds} seed{'s' if n_seeds > 1 else ''} (3 wanted): " + why
             out[f"{claim}, {kind}"] = (all(ok), why)
     return out
 

@@ -244,8 +244,13 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert set(report["verdicts"]) == {"claim 1, dgae", "claim 2, dgae", "claim 1, anchored", "claim 2, anchored"}
     assert report["verdicts"]["claim 1, anchored"]["holds"] is None  # not trained: open, not failed
     assert report["verdicts"]["claim 1, dgae"]["holds"] in (True, False)
+    assert report["verdicts"]["claim 1, dgae"]["why"].startswith("provisional, 1 seed (3 wanted)")
     md = open(out / "report.md").read()
     assert "LPIPS off" in md and "| dgae | c=2 |" in md
+    # without equal-compute runs (--compute-factor 0) the report has no rows for them
+    subprocess.run(cmd + ["--report-only", "true", "--compute-factor", "0"], cwd=ROOT, capture_output=True, check=True)
+    rows = {(g["kind"], g["channels"], g["steps_factor"]) for g in json.load(open(out / "report.json"))["groups"]}
+    assert rows == {("dgae", 2, 1), ("dgae", 4, 1), ("gauss", 2, 1), ("gauss", 4, 1)}
     # a second call trains nothing: every part is finished
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
