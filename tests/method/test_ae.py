@@ -145,7 +145,8 @@ def _psnr(a, b):
     return (10 * torch.log10(4.0 / ((a - b) ** 2).mean())).item()  # images in [-1, 1]: peak-to-peak 2
 
 
-@pytest.mark.parametrize("decoder,steps", [("diffusion", 300), ("gaussian", 150)])
+# the diffusion decoder needs 300 steps (about 25 s), so it runs with the slow tests
+@pytest.mark.parametrize("decoder,steps", [pytest.param("diffusion", 300, marks=pytest.mark.slow), ("gaussian", 150)])
 def test_tiny_model_overfits_a_handful_of_images(decoder, steps, both_cores):
     torch.manual_seed(0)
     ds = ProceduralDataset(resolution=32, size=4)

@@ -107,6 +107,7 @@ def test_official_dit_step_is_timed_beside_ours(tmp_path, monkeypatch, capsys):
         bench.official_model(8, 4)
 
 
+@pytest.mark.slow  # a whole bench.py run: about 25 s
 def test_quick_run_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "true", "--json", str(out)],

@@ -170,6 +170,7 @@ def test_train_dit_a_signal_saves_the_step_and_resume_is_bit_identical(tmp_path)
         assert_same_tensors(full[key], split[key], key)
 
 
+@pytest.mark.slow  # two stage-2 runs
 def test_train_dit_a_signal_while_encoding_keeps_the_finished_shards_and_the_next_run_completes_them(tmp_path):
     # 40 shards of 200 images: the signal comes when the first is written, long before the last
     save_tiny_ae(tmp_path / "ae.pt")
@@ -194,6 +195,7 @@ def test_train_dit_a_signal_while_encoding_keeps_the_finished_shards_and_the_nex
     assert_same_tensors(load(tmp_path / "uninterrupted/stats.pt"), load(cache / "stats.pt"))
 
 
+@pytest.mark.slow  # several killed runs
 def test_sigkill_at_any_point_leaves_a_loadable_checkpoint_and_resume_stays_bit_identical(tmp_path, uninterrupted):
     # SIGKILL cannot be handled: what protects the run is the atomic checkpoint write. With a
     # checkpoint every step, kills alternate between a moment inside a step and the moment a

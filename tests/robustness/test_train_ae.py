@@ -386,6 +386,7 @@ def test_under_torchrun_a_nonfinite_step_on_one_rank_is_skipped_by_every_rank(tm
     assert all_finite(ckpt) and {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2}
 
 
+@pytest.mark.slow  # three training runs
 def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path):
     # the old bug: --data X --preset tiny, resumed without --preset, said "model: base" and changed the lr
     _image_folder(tmp_path / "imgs")

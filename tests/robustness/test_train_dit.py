@@ -170,6 +170,7 @@ def poison_latents(cache, items, shard=0):
     torch.save(content, path)
 
 
+@pytest.mark.slow  # two stage-2 runs
 def test_nonfinite_latents_are_skipped_and_a_run_of_them_stops_the_run_unsaved(tmp_path, ae):
     run(tmp_path, "train_dit.py", *DIT_FAST, "--max-steps", "2")
     path = tmp_path / "out/dit/ckpt.pt"
@@ -209,6 +210,7 @@ def test_latent_statistics_with_std_0_are_refused_in_one_line(tmp_path, ae):
     assert not os.path.exists(tmp_path / "out/dit/ckpt.pt")
 
 
+@pytest.mark.slow  # three stage-2 runs
 def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path, ae):
     recipe = [*DIT_FAST, "--batch-size", "4", "--grad-accum", "2", "--lr", "2e-3", "--warmup-steps", "3",
               "--ema-decay", "0.99", "--class-dropout", "0.2", "--t-dist", "uniform", "--seed", "3",
