@@ -195,16 +195,24 @@ def run_name(kind, channels, lr, seed, factor=1):
     return f"{kind}_c{channels}_lr{lr:g}_s{seed}" + (f"_x{factor}" if factor > 1 else "")
 
 
+def script(name, *args):
+    """Run one of this repository's scripts as a real subprocess. If it fails, stop with one line:
+    its own message is printed just above, and the finished parts are kept for the next call."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name), *map(str, args)]
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    status = subprocess.run(cmd).returncode
+    if status != 0:
+        hint = ' (flags for every run go in --train-args, e.g. --train-args "--lpips-weight 0")' if name == "train_ae.py" else ""
+        raise SystemExit(f"error: {name} stopped with exit status {status}: its message is above{hint}. Run the same "
+                         "claims.py command again once it is fixed: the finished parts are kept")
+
+
 def train(run_dir, kind, channels, lr, seed, steps):
     """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just reloads)."""
     flags = [a.replace("ANCHOR", str(anchor_ch)) for a in KIND_FLAGS[kind]]
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_ae.py"), *flags,
-           "--preset", preset, "--latent-channels", str(channels), "--lr", f"{lr:g}", "--seed", str(seed),
-           "--max-steps", str(steps), "--data", data, "--out-dir", run_dir, *shlex.split(train_args)]
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")):
-        cmd += ["--resume", "true"]
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
+    script("train_ae.py", *flags, "--preset", preset, "--latent-channels", channels, "--lr", f"{lr:g}", "--seed", seed,
+           "--max-steps", steps, "--data", data, "--out-dir", run_dir, *shlex.split(train_args), *resume)
 
 
 def score(run_dir, heldout_source, judge, dist):
@@ -368,7 +376,7 @@ def run_compare(dist):
     if dist.ddp:
         raise SystemExit("compare runs its training jobs one after another; start it with plain python")
     if bool(data) != bool(val_data):
-        raise SystemExit("compare needs both --data (training folder) and --val-data (held-out folder), or neither "
+        raise SystemExit("error: compare needs both --data (training folder) and --val-data (held-out folder), or neither "
                          "(the built-in data and its held-out images)")
     unknown = set(kinds.split(",")) - set(KIND_FLAGS)
     if unknown:
@@ -398,13 +406,6 @@ def run_compare(dist):
 
 # -----------------------------------------------------------------------------
 # converge: claim 3
-
-
-def script(name, *args):
-    """Run one of this repository's scripts as a real subprocess; stop on its failure."""
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name), *map(str, args)]
-    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-    subprocess.run(cmd, check=True)
 
 
 def converge_latents(c):

@@ -271,3 +271,21 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert torch.load(out / "converge" / "dgae_c2" / "ckpt.pt", weights_only=True)["step"] == 4  # resumed from 2
     png = out / "converge" / "converge.png"
     assert png.stat().st_size > 1000 and "| latent |" in open(out / "converge" / "converge.md").read()
+
+
+def test_a_failing_run_stops_compare_with_one_line_that_says_where_flags_go(tmp_path):
+    # an image folder and no LPIPS weight files: train_ae.py refuses, and compare says how to pass
+    # --lpips-weight 0 to every run instead of printing a traceback
+    from PIL import Image
+    for cls in ("a", "b"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (40, 40), (20 * i, 90, 200)).save(tmp_path / "data" / cls / f"{i}.png")
+    proc = subprocess.run([sys.executable, "claims.py", "compare", "--quick", "true", "--kinds", "gauss",
+                           "--data", str(tmp_path / "data"), "--val-data", str(tmp_path / "data"), "--out", str(tmp_path / "cmp"), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "DGAE_WEIGHTS": str(tmp_path / "none")})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train_ae.py stopped with exit status 1") and '--train-args "--lpips-weight 0"' in last
+    assert "vgg16" in proc.stderr  # train_ae.py's own message, above it
