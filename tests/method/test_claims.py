@@ -247,8 +247,9 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert report["verdicts"]["claim 1, dgae"]["why"].startswith("provisional, 1 seed (3 wanted)")
     md = open(out / "report.md").read()
     assert "LPIPS off" in md and "| dgae | c=2 |" in md
-    # without equal-compute runs (--compute-factor 0) the report has no rows for them
-    subprocess.run(cmd + ["--report-only", "true", "--compute-factor", "0"], cwd=ROOT, capture_output=True, check=True)
+    # without equal-compute runs (--compute-factor 0; --quick would set its own factor) the report has no rows for them
+    subprocess.run([sys.executable, "claims.py", "compare", "--kinds", "dgae,gauss", "--out", str(out), "--report-only",
+                    "true", "--compute-factor", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, check=True)
     rows = {(g["kind"], g["channels"], g["steps_factor"]) for g in json.load(open(out / "report.json"))["groups"]}
     assert rows == {("dgae", 2, 1), ("dgae", 4, 1), ("gauss", 2, 1), ("gauss", 4, 1)}
     # a second call trains nothing: every part is finished
