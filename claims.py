@@ -61,7 +61,7 @@ from torch.utils.data import Subset
 
 from data import InOrder, build_dataset
 from decoder_diffusion import add_noise, velocity_target
-from eval import score_reconstructions
+from eval import meancolour_psnr, score_reconstructions
 from eval_data import HELDOUT_SIZE, ImageSource
 from procedural import train_pattern_classifier
 
@@ -298,7 +298,7 @@ def summarise(c):
             rows = [(s, r) for s, r in rows if r is not None]
             if rows:
                 g = {"lr": lr, "seeds": [s for s, _ in rows], "lpips_used": any(r["lpips_used"] for _, r in rows),
-                     "decoder_params_M": rows[0][1]["decoder_params_M"], "meancolour_psnr": rows[0][1]["meancolour_psnr"]}
+                     "decoder_params_M": rows[0][1]["decoder_params_M"]}
                 g.update({col: [r[col] for _, r in rows if col in r] for col in COLUMNS})
                 groups[(kind, ch, factor)] = g
     return groups
@@ -338,7 +338,7 @@ def verdicts(groups, c):
     return out
 
 
-def write_report(c, dist):
+def write_report(c, heldout):
     groups = summarise(c)
     lines = [f"# stage 1 on {data or 'the built-in data'}: every decoder at c = {c} and c/2 = {c // 2}",
              "", f"{preset} preset, {max_steps} steps (x{compute_factor} for the equal-compute rows), seeds {seeds}, "
@@ -357,8 +357,8 @@ def write_report(c, dist):
             cells.append(f"{m:.3f} +- {sd:.3f}" if len(g[col]) > 1 else f"{m:.3f}")
         lines.append(f"| {kind} | c={ch} | x{factor} | {g['lr']:g} | {len(g['seeds'])} | {g['decoder_params_M']} | "
                      + " | ".join(cells) + " |")
-    if groups:
-        lines.append(f"\neach image's mean colour: PSNR {next(iter(groups.values()))['meancolour_psnr']:.2f} dB")
+    baseline = float(torch.cat([meancolour_psnr(real) for real in heldout.batches(0, heldout.count(num_images), 100)]).mean())
+    lines.append(f"\neach image's mean colour: PSNR {baseline:.2f} dB")
     lines += ["", "## verdicts (rules in claims.verdicts)"]
     results = verdicts(groups, c)
     for claim, (holds, why) in results.items():
@@ -368,7 +368,7 @@ def write_report(c, dist):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
+        json.dump({"meancolour_psnr": baseline, "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
                    "verdicts": {k: {"holds": h, "why": w} for k, (h, w) in results.items()}}, f, indent=1)
 
 
@@ -401,7 +401,7 @@ def run_compare(dist):
             train(run_dir, kind, ch, lr, seed, max_steps * factor)
             score(run_dir, heldout, judge, dist)
         done.add(name)
-    write_report(c, dist)
+    write_report(c, heldout)
 
 
 # -----------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def run_compare(dist):
 
 
 def converge_latents(c):
-    """[(label, stage-1 checkpoint, its scores.json)]: the claim's two latents first, then the controls."""
+    """[(label, stage-1 run name, its scores.json)]: the claim's two latents first, then the controls."""
     lr_list, seed0 = [float(v) for v in lrs.split(",")], int(seeds.split(",")[0])
     found = []
     for kind, ch in (("gauss", c), ("dgae", c // 2), ("dgae", c), ("gauss", c // 2)):
@@ -418,7 +418,7 @@ def converge_latents(c):
         if finished_scores(run) is None:
             raise SystemExit(f"error: converge needs the stage-1 run {os.path.join(out, run)}; "
                              f"run `python claims.py compare --out {out} --only {run}` first")
-        found.append((f"{kind} c={ch}", os.path.join(out, run, "ckpt.pt"), finished_scores(run)))
+        found.append((f"{kind} c={ch}", run, finished_scores(run)))
     return found
 
 
@@ -463,8 +463,9 @@ def run_converge(dist):
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
     rows = {}
-    for label, ae_path, ae_scores in converge_latents(c):
-        run_dir = os.path.join(root, label.replace(" ", "_").replace("=", ""))
+    for label, ae_run, ae_scores in converge_latents(c):
+        ae_path = os.path.join(out, ae_run, "ckpt.pt")
+        run_dir = os.path.join(root, ae_run)  # named by its stage-1 run: a new best rate trains a new DiT
         curve = []
         for step in step_list:
             result = os.path.join(run_dir, f"classes_{step}.json")

@@ -121,6 +121,12 @@ def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
     return lpips_net, inception, skipped
 
 
+def meancolour_psnr(real):
+    """(B,) PSNR of the trivial baseline that paints each image its own mean colour: the floor a
+    reconstruction must beat to show that the decoder uses z at all."""
+    return psnr(real, real.double().mean(dim=(2, 3), keepdim=True).expand_as(real))
+
+
 @torch.inference_mode()  # the reconstructions only feed the metrics (see layers.no_autograd)
 def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None, mean_of=0,
                           judge=None):
@@ -156,11 +162,10 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
             torch.cuda.synchronize()
         decode_s += time.perf_counter() - t0
         rec = to_pixels(rec)  # quantised like the originals: what a saved reconstruction PNG holds
-        flat = real.mean(dim=(2, 3), keepdim=True).expand_as(real)  # the trivial baseline: each image's mean colour
         per_image["psnr"].append(psnr(real, rec).cpu().numpy())
         per_image["ssim"].append(ssim(real, rec).cpu().numpy())
         per_image["lowfreq_psnr"].append(lowfreq_psnr(real, rec, f).cpu().numpy())
-        per_image["meancolour_psnr"].append(psnr(real, flat).cpu().numpy())
+        per_image["meancolour_psnr"].append(meancolour_psnr(real).cpu().numpy())
         hf["real"].append(highfreq_energy(real, f).cpu().numpy())
         hf["recon"].append(highfreq_energy(rec, f).cpu().numpy())
         spectra["real"].append(band_power(real).cpu().numpy())

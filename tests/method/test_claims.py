@@ -241,6 +241,9 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
             assert len(g[col]) == 1 and math.isfinite(g[col][0]), col
     assert len(groups[("dgae", 4, 1)]["psnr_1step"]) == 1 and groups[("gauss", 4, 1)]["psnr_1step"] == []
     assert torch.load(out / "gauss_c4_lr0.001_s0_x2" / "ckpt.pt", weights_only=True)["step"] == 8
+    # the floor, scored on the same held-out images as every run
+    scored = json.load(open(out / "dgae_c4_lr0.001_s0" / "scores.json"))["meancolour_psnr"]
+    assert math.isfinite(report["meancolour_psnr"]) and abs(report["meancolour_psnr"] - scored) < 1e-6
     assert set(report["verdicts"]) == {"claim 1, dgae", "claim 2, dgae", "claim 1, anchored", "claim 2, anchored"}
     assert report["verdicts"]["claim 1, anchored"]["holds"] is None  # not trained: open, not failed
     assert report["verdicts"]["claim 1, dgae"]["holds"] in (True, False)
@@ -269,7 +272,10 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
         assert r["ceiling_accuracy"] == groups[(label.split()[0], int(label[-1]), 1)]["judge_accuracy"][0]
     ref = result["latents"]["gauss c=4"]
     assert result["target_accuracy"] == ref["curve"][-1]["accuracy"] and ref["speedup"] == 1.0
-    assert torch.load(out / "converge" / "dgae_c2" / "ckpt.pt", weights_only=True)["step"] == 4  # resumed from 2
+    # each DiT's folder is named by its stage-1 run, so a different best rate of the sweep trains a new DiT
+    for r in result["latents"].values():
+        assert (out / "converge" / os.path.basename(os.path.dirname(r["ae_ckpt"])) / "ckpt.pt").exists()
+    assert torch.load(out / "converge" / "dgae_c2_lr0.001_s0" / "ckpt.pt", weights_only=True)["step"] == 4  # resumed from 2
     png = out / "converge" / "converge.png"
     assert png.stat().st_size > 1000 and "| latent |" in open(out / "converge" / "converge.md").read()
 

@@ -14,10 +14,19 @@ import metrics
 # PSNR and SSIM
 
 
-def test_psnr_identical_images_is_infinite_and_a_constant_offset_gives_20log10_255_over_d():
+CAP_DB = 10 * math.log10(255**2 * 12)  # PSNR at the MSE floor of 1/12 (8-bit rounding): 58.9 dB
+
+
+def test_psnr_identical_images_is_the_cap_and_a_constant_offset_gives_20log10_255_over_d():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(20, 200, (2, 3, 16, 16), generator=g).double()
-    assert torch.isinf(metrics.psnr(x, x)).all()
+    assert torch.allclose(metrics.psnr(x, x), torch.full((2,), CAP_DB, dtype=torch.float64))
+    # a flat image against its own mean colour (the trivial baseline) is finite, so a folder's mean is too
+    flat = torch.full((1, 3, 16, 16), 77.0)
+    assert torch.isfinite(torch.cat([metrics.psnr(flat, flat.mean(dim=(2, 3), keepdim=True).expand_as(flat)),
+                                     metrics.psnr(x, x + 3)])).all()
+    # just above the floor the standard formula holds: an offset of 0.5 everywhere is MSE 0.25 > 1/12
+    assert torch.allclose(metrics.psnr(x, x + 0.5), torch.full((2,), 20 * math.log10(255 / 0.5), dtype=torch.float64))
     # every pixel off by exactly d: MSE = d^2, PSNR = 10 log10(255^2 / d^2)
     assert torch.allclose(metrics.psnr(x, x + 10), torch.full((2,), 20 * math.log10(255 / 10), dtype=torch.float64))
 
@@ -92,10 +101,10 @@ def _wave(freq, H=32, axis=-1, amp=50.0):
     return (w.view(1, 1, 1, H) if axis == -1 else w.view(1, 1, H, 1)).expand(1, 3, H, H).clone()
 
 
-def test_lowfreq_psnr_of_identical_images_is_infinite_and_sees_a_constant_colour_shift_exactly():
+def test_lowfreq_psnr_of_identical_images_is_the_cap_and_sees_a_constant_colour_shift_exactly():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(20, 200, (2, 3, 32, 32), generator=g).double()
-    assert torch.isinf(metrics.lowfreq_psnr(x, x, 8)).all()
+    assert torch.allclose(metrics.lowfreq_psnr(x, x, 8), torch.full((2,), CAP_DB, dtype=torch.float64))
     # pooling keeps a constant offset d unchanged: PSNR = 10 log10(255^2 / d^2), as at full resolution
     shifted = x + torch.tensor([6.0, -6.0, 6.0]).view(1, 3, 1, 1)
     assert torch.allclose(metrics.lowfreq_psnr(x, shifted, 8), torch.full((2,), 20 * math.log10(255 / 6), dtype=torch.float64))
@@ -105,7 +114,7 @@ def test_lowfreq_psnr_is_blind_to_detail_inside_a_latent_cell():
     # a period-2 stripe pattern averages to its mean in every 8x8 cell: invisible at the latent's scale
     stripes = _wave(16, amp=60.0)  # 16 cycles over 32 px
     flat = torch.full_like(stripes, 128.0)
-    assert torch.isinf(metrics.lowfreq_psnr(stripes, flat, 8)).all()
+    assert torch.allclose(metrics.lowfreq_psnr(stripes, flat, 8), torch.full((1,), CAP_DB, dtype=torch.float64))
     assert metrics.psnr(stripes, flat).item() < 20
 
 
