@@ -102,7 +102,7 @@ def write_results(results, path):
 
 
 # -----------------------------------------------------------------------------
-# the five modes
+# the four modes
 
 
 def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
