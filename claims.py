@@ -341,7 +341,8 @@ def verdicts(groups, c):
 def write_report(c, heldout):
     groups = summarise(c)
     lines = [f"# stage 1 on {data or 'the built-in data'}: every decoder at c = {c} and c/2 = {c // 2}",
-             "", f"{preset} preset, {max_steps} steps (x{compute_factor} for the equal-compute rows), seeds {seeds}, "
+             "", f"{preset} preset, {max_steps} steps" + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "")
+             + f", seeds {seeds}, "
              f"learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by E[x|z] low-frequency PSNR), "
              f"{num_images} held-out images, {mean_of} decodes for E[x|z]; LPIPS "
              + ("on" if any(g["lpips_used"] for g in groups.values()) else "off (no weight files, or --lpips-weight 0)"),

@@ -255,6 +255,7 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
                     "true", "--compute-factor", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, check=True)
     rows = {(g["kind"], g["channels"], g["steps_factor"]) for g in json.load(open(out / "report.json"))["groups"]}
     assert rows == {("dgae", 2, 1), ("dgae", 4, 1), ("gauss", 2, 1), ("gauss", 4, 1)}
+    assert "equal-compute" not in open(out / "report.md").read()
     # a second call trains nothing: every part is finished
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
