@@ -171,6 +171,24 @@ def test_linear_probe_finds_a_linear_latent_and_nothing_in_noise():
 # the anchored and the deterministic-U-Net decoders
 
 
+def test_colour_code_keeps_the_top_colour_axes_and_loses_exactly_the_rest():
+    # 2 images of 8x8 cells (f = 1): R, G, B swing by +-40, +-20, +-10 on checkerboards of
+    # different kinds (sx, sy, sx*sy), which are uncorrelated over the grid, so the principal axes
+    # are R, G, B with variances 1600, 400, 100
+    sx = torch.tensor([1.0, -1.0]).repeat(4).view(1, 8).expand(8, 8)
+    sy = sx.t()
+    img = torch.stack([128 + 40 * sx, 128 + 20 * sy, 128 + 10 * sx * sy]).expand(2, 3, 8, 8)
+    cap = 10 * math.log10(255**2 * 12)
+    assert claims.colour_code_psnr(img, 1, 3) == pytest.approx(cap)  # three numbers: exact
+    assert claims.colour_code_psnr(img, 1, 2) == pytest.approx(10 * math.log10(255**2 / (100 / 3)))  # B is lost
+    assert claims.colour_code_psnr(img, 1, 1) == pytest.approx(10 * math.log10(255**2 / (500 / 3)))  # G and B
+    # grey images need one number per cell, whatever their brightness pattern
+    grey = (128 + 50 * sx * sy).expand(2, 3, 8, 8)
+    assert claims.colour_code_psnr(grey, 1, 1) == pytest.approx(cap)
+    # pooling first: a 2x2 cell of +-10 stripes averages to its mean, so f = 2 sees flat cells
+    assert claims.colour_code_psnr(128 + 10 * sx.expand(1, 3, 8, 8), 2, 1) == pytest.approx(cap)
+
+
 def test_anchored_decoder_shapes_and_its_anchor_depends_on_z_alone():
     torch.manual_seed(0)
     model = ae.DGAE(_tiny(anchor_ch=8))
@@ -244,6 +262,8 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     # the floor, scored on the same held-out images as every run
     scored = json.load(open(out / "dgae_c4_lr0.001_s0" / "scores.json"))["meancolour_psnr"]
     assert math.isfinite(report["meancolour_psnr"]) and abs(report["meancolour_psnr"] - scored) < 1e-6
+    # 4 channels per cell hold any colour exactly; 2 do not hold the built-in data's (random colours)
+    assert report["colour_code_psnr"]["c=4"] > 58 > report["colour_code_psnr"]["c=2"]
     assert set(report["verdicts"]) == {"claim 1, dgae", "claim 2, dgae", "claim 1, anchored", "claim 2, anchored"}
     assert report["verdicts"]["claim 1, anchored"]["holds"] is None  # not trained: open, not failed
     assert report["verdicts"]["claim 1, dgae"]["holds"] in (True, False)
