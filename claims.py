@@ -166,7 +166,7 @@ def colour_code_psnr(real, f, channels):
     of coding each f x f cell's mean colour linearly in `channels` numbers, by the cells' principal
     components. real: (N, 3, H, W) in [0, 255]. A latent with that many channels per cell, spent on
     colour alone and linearly, holds this much of the coarse image; a decoder can beat it only by
-    packing colour nonlinearly. With 3 or more channels the code is exact (the PSNR cap)."""
+    packing colour across cells or nonlinearly. With 3 or more channels the code is exact (the PSNR cap)."""
     cells = F.avg_pool2d(real.double(), f)  # (N, 3, h, w)
     v = cells.permute(0, 2, 3, 1).reshape(-1, 3)  # (N h w, 3): one mean colour per cell
     mean = v.mean(0)
@@ -356,8 +356,8 @@ def verdicts(groups, c):
 def write_report(c, heldout):
     groups = summarise(c)
     lines = [f"# stage 1 on {data or 'the built-in data'}: every decoder at c = {c} and c/2 = {c // 2}",
-             "", f"{preset} preset, {max_steps} steps" + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "")
-             + f", seeds {seeds}, "
+             "", f"{preset} preset, {max_steps} steps"
+             + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "") + f", seeds {seeds}, "
              f"learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by E[x|z] low-frequency PSNR), "
              f"{num_images} held-out images, {mean_of} decodes for E[x|z]; LPIPS "
              + ("on" if any(g["lpips_used"] for g in groups.values()) else "off (no weight files, or --lpips-weight 0)"),
@@ -375,9 +375,9 @@ def write_report(c, heldout):
                      + " | ".join(cells) + " |")
     real = torch.cat(list(heldout.batches(0, heldout.count(num_images), 100)))  # (N, 3, H, W) uint8
     baseline = float(meancolour_psnr(real).mean())
-    f = make_config(preset).compression
-    codes = {ch: colour_code_psnr(real, f, ch) for ch in (c // 2, c)}
-    lines.append(f"\neach image's mean colour: PSNR {baseline:.2f} dB. Each {f}x{f} cell's mean colour coded linearly "
+    cell = make_config(preset).compression
+    codes = {ch: colour_code_psnr(real, cell, ch) for ch in (c // 2, c)}
+    lines.append(f"\neach image's mean colour: PSNR {baseline:.2f} dB. Each {cell}x{cell} cell's mean colour coded linearly "
                  f"in c/2 = {c // 2} numbers: low-frequency PSNR {codes[c // 2]:.2f} dB; in c = {c}: {codes[c]:.2f} dB "
                  "(claims.colour_code_psnr: how much of the coarse image the data lets a latent of each size hold "
                  "without packing colour nonlinearly)")
@@ -390,7 +390,8 @@ def write_report(c, heldout):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"meancolour_psnr": baseline, "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()}, "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
+        json.dump({"meancolour_psnr": baseline, "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
+                   "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
                    "verdicts": {k: {"holds": h, "why": w} for k, (h, w) in results.items()}}, f, indent=1)
 
 
