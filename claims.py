@@ -175,9 +175,14 @@ def colour_code_psnr(real, f, channels):
     return float(psnr(cells, coded.view(cells.shape[0], *cells.shape[2:], 3).permute(0, 3, 1, 2)).mean())
 
 
+def first_pixels(source, n):
+    """The first n images of an ImageSource as (n, 3, H, W) uint8 values, on the CPU."""
+    return torch.cat(list(source.batches(0, source.count(n), 100)))
+
+
 def first_images(source, n, res, dev):
     """The first n images of an ImageSource as (n, 3, res, res) floats in [-1, 1] on dev."""
-    return torch.cat(list(source.batches(0, source.count(n), 100))).to(dev) / 127.5 - 1
+    return first_pixels(source, n).to(dev) / 127.5 - 1
 
 
 def diagnostics(model, train_data, heldout, dev, n_probe=1000):
@@ -373,7 +378,7 @@ def write_report(c, heldout):
             cells.append(f"{m:.3f} +- {sd:.3f}" if len(g[col]) > 1 else f"{m:.3f}")
         lines.append(f"| {kind} | c={ch} | x{factor} | {g['lr']:g} | {len(g['seeds'])} | {g['decoder_params_M']} | "
                      + " | ".join(cells) + " |")
-    real = torch.cat(list(heldout.batches(0, heldout.count(num_images), 100)))  # (N, 3, H, W) uint8
+    real = first_pixels(heldout, num_images)  # (N, 3, H, W) uint8
     baseline = float(meancolour_psnr(real).mean())
     cell = make_config(preset).compression
     codes = {ch: colour_code_psnr(real, cell, ch) for ch in (c // 2, c)}
