@@ -180,8 +180,8 @@ def first_pixels(source, n):
     return torch.cat(list(source.batches(0, source.count(n), 100)))
 
 
-def first_images(source, n, res, dev):
-    """The first n images of an ImageSource as (n, 3, res, res) floats in [-1, 1] on dev."""
+def first_images(source, n, dev):
+    """The first n images of an ImageSource as (n, 3, H, W) floats in [-1, 1] on dev."""
     return first_pixels(source, n).to(dev) / 127.5 - 1
 
 
@@ -201,8 +201,7 @@ def run_diagnose(dist):
         raise SystemExit("diagnose needs --ckpt (a train_ae.py checkpoint); --data is its training folder "
                          "(\"\" = the built-in data), --val-data a held-out folder")
     model = load_dgae(ckpt, dist.device)
-    held = first_images(ImageSource(val_data, model.cfg.resolution, builtin_limit=num_images), num_images,
-                        model.cfg.resolution, dist.device)
+    held = first_images(ImageSource(val_data, model.cfg.resolution, builtin_limit=num_images), num_images, dist.device)
     result = {"ckpt": ckpt, **diagnostics(model, data, held, dist.device)}
     print(json.dumps(result, indent=1))
 
@@ -248,7 +247,7 @@ def score(run_dir, heldout_source, judge, dist):
     s["ez_lowfreq_psnr"] = s["lowfreq_psnr_mean"] if diffusion else s["lowfreq_psnr"]  # E[x|z] estimate
     if diffusion:
         s["psnr_1step"] = score_reconstructions(model, heldout_source, 1, dist, num_images, batch_size, 0)["psnr"]
-    held = first_images(heldout_source, num_images, model.cfg.resolution, dist.device)
+    held = first_images(heldout_source, num_images, dist.device)
     s.update(diagnostics(model, data, held, dist.device))
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     s["psnr_t1_log"] = [(r["step"], round(r["psnr_t1"], 2)) for r in log if "psnr_t1" in r]

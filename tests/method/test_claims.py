@@ -260,7 +260,8 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert len(groups[("dgae", 4, 1)]["psnr_1step"]) == 1 and groups[("gauss", 4, 1)]["psnr_1step"] == []
     assert torch.load(out / "gauss_c4_lr0.001_s0_x2" / "ckpt.pt", weights_only=True)["step"] == 8
     # the floor, scored on the same held-out images as every run
-    scored = json.load(open(out / "dgae_c4_lr0.001_s0" / "scores.json"))["meancolour_psnr"]
+    scored_all = json.load(open(out / "dgae_c4_lr0.001_s0" / "scores.json"))
+    scored = scored_all["meancolour_psnr"]
     assert math.isfinite(report["meancolour_psnr"]) and abs(report["meancolour_psnr"] - scored) < 1e-6
     # 4 channels per cell hold any colour exactly; 2 do not hold the built-in data's (random colours)
     assert report["colour_code_psnr"]["c=4"] > 58 > report["colour_code_psnr"]["c=2"]
@@ -276,6 +277,15 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     rows = {(g["kind"], g["channels"], g["steps_factor"]) for g in json.load(open(out / "report.json"))["groups"]}
     assert rows == {("dgae", 2, 1), ("dgae", 4, 1), ("gauss", 2, 1), ("gauss", 4, 1)}
     assert "equal-compute" not in open(out / "report.md").read()
+    # diagnose on one of those checkpoints gives the diagnostics its scores.json holds (same images, same noise)
+    diag = subprocess.run([sys.executable, "claims.py", "diagnose", "--ckpt", str(out / "dgae_c4_lr0.001_s0" / "ckpt.pt"),
+                           "--num-images", "16", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert diag.returncode == 0, diag.stderr[-2000:]
+    found = json.loads(diag.stdout[diag.stdout.index("{"):])
+    assert set(claims.DIAG_TIMES) == {float(k[len("zgap_t"):]) for k in found if k.startswith("zgap_t")}
+    for key in [k for k in found if k.startswith("zgap_t")] + ["probe_r2"]:
+        assert abs(found[key] - scored_all[key]) < 1e-5, key
     # a second call trains nothing: every part is finished
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "$ " not in again.stdout
