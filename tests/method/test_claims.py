@@ -237,6 +237,36 @@ def test_anchor_is_refused_for_the_deterministic_decoders():
         ae.make_config("tiny", decoder="gaussian", anchor_ch=8)
 
 
+def _group(ez, fd, hf=1.0, seeds=(0, 1, 2)):
+    n = len(seeds)
+    return {"seeds": list(seeds), "ez_lowfreq_psnr": [ez] * n, "spectral_fd": [fd + i for i in range(n)],
+            "highfreq_ratio": [hf] * n}
+
+
+def test_verdicts_apply_each_rule_at_equal_steps_and_at_equal_compute(monkeypatch):
+    monkeypatch.setattr(claims, "kinds", "dgae,gauss,unet")
+    monkeypatch.setattr(claims, "compute_factor", 3)
+    groups = {("dgae", 2, 1): _group(30.0, 5.0), ("dgae", 4, 1): _group(33.0, 5.0, hf=0.9),
+              ("gauss", 4, 1): _group(31.5, 30.0), ("unet", 4, 1): _group(33.5, 7.0),
+              ("gauss", 4, 3): _group(32.5, 20.0, seeds=(0,))}
+    v = claims.verdicts(groups, 4)
+    # claim 2 at equal steps: -1.5 dB (rule -2), FD worst seed 7 <= 30: holds; at equal compute: -2.5 dB: fails
+    assert v["claim 2, dgae, equal steps"][0] is True and v["claim 2, dgae, equal compute (x3)"][0] is False
+    assert "-2.50 dB" in v["claim 2, dgae, equal compute (x3)"][1]
+    assert v["claim 2, dgae, equal compute (x3)"][1].startswith("provisional, 1 seed")  # the x3 run has one seed
+    # claim 1 at equal steps: the best reference is unet (33.5 dB): -0.5 dB passes (rule -1), dgae's
+    # worst FD (7) is no higher than unet's best (7), and the ratio 0.9 is in range
+    assert v["claim 1, dgae, equal steps"][0] is True
+    assert "-0.50 dB" in v["claim 1, dgae, equal steps"][1]
+    # unet at equal compute was never trained while unet is one of --kinds: open, not decided on gauss alone
+    assert v["claim 1, dgae, equal compute (x3)"][0] is None
+    assert v["claim 1, anchored, equal steps"][0] is None
+    groups[("dgae", 4, 1)]["highfreq_ratio"] = [0.6] * 3  # too little detail: fails on the ratio alone
+    assert claims.verdicts(groups, 4)["claim 1, dgae, equal steps"][0] is False
+    monkeypatch.setattr(claims, "compute_factor", 0)  # no equal-compute runs: no such verdicts
+    assert not any("compute" in k for k in claims.verdicts(groups, 4))
+
+
 # -----------------------------------------------------------------------------
 # claims.py compare, end to end
 
@@ -265,10 +295,12 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert math.isfinite(report["meancolour_psnr"]) and abs(report["meancolour_psnr"] - scored) < 1e-6
     # 4 channels per cell hold any colour exactly; 2 do not hold the built-in data's (random colours)
     assert report["colour_code_psnr"]["c=4"] > 58 > report["colour_code_psnr"]["c=2"]
-    assert set(report["verdicts"]) == {"claim 1, dgae", "claim 2, dgae", "claim 1, anchored", "claim 2, anchored"}
-    assert report["verdicts"]["claim 1, anchored"]["holds"] is None  # not trained: open, not failed
-    assert report["verdicts"]["claim 1, dgae"]["holds"] in (True, False)
-    assert report["verdicts"]["claim 1, dgae"]["why"].startswith("provisional, 1 seed (3 wanted)")
+    assert set(report["verdicts"]) == {f"claim {n}, {k}, {cmp}" for n in (1, 2) for k in ("dgae", "anchored")
+                                       for cmp in ("equal steps", "equal compute (x2)")}
+    assert report["verdicts"]["claim 1, anchored, equal steps"]["holds"] is None  # not trained: open, not failed
+    for cmp in ("equal steps", "equal compute (x2)"):
+        assert report["verdicts"][f"claim 1, dgae, {cmp}"]["holds"] in (True, False)
+        assert report["verdicts"][f"claim 1, dgae, {cmp}"]["why"].startswith("provisional, 1 seed (3 wanted)")
     md = open(out / "report.md").read()
     assert "LPIPS off" in md and "| dgae | c=2 |" in md
     # without equal-compute runs (--compute-factor 0; --quick would set its own factor) the report has no rows for them
