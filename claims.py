@@ -11,7 +11,7 @@ a verdict by rules fixed before the runs.
 
 compare trains, with real `python train_ae.py` runs into out/<run>/, four decoders on the same
 encoder, each at the preset's latent channels c and at c/2:
-    dgae      the diffusion decoder (DGAE as this repository reads it)
+    dgae      the diffusion decoder, the default: the U-Net sees x_t and z (--anchor-ch 0)
     anchored  the diffusion decoder anchored on a deterministic decode x~ = D(z) (ae.DGAE)
     gauss     the SD-VAE style deterministic baseline (L1 + KL; + LPIPS when its weights exist)
     unet      DGAE's own U-Net as a deterministic decoder (pixel losses only): diffusion vs architecture
@@ -93,7 +93,7 @@ quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
 
-KIND_FLAGS = {"dgae": ["--decoder", "diffusion"], "anchored": ["--decoder", "diffusion", "--anchor-ch", "ANCHOR"],
+KIND_FLAGS = {"dgae": ["--decoder", "diffusion", "--anchor-ch", "0"], "anchored": ["--decoder", "diffusion", "--anchor-ch", "ANCHOR"],
               "gauss": ["--decoder", "gaussian"], "unet": ["--decoder", "unet"]}
 DIAG_TIMES = (0.1, 0.5, 0.9, 1.0)  # the t at which zgap is measured
 # the rules, fixed before any run (README, "The paper's claims, measured")

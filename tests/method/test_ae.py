@@ -100,23 +100,27 @@ def test_lpips_term_enters_the_loss_and_its_gradient_reaches_the_encoder():
     from lpips import LPIPS
 
     torch.manual_seed(0)
-    model = ae.DGAE(_tiny(lpips_weight=0.5))
+    model = ae.DGAE(_tiny(lpips_weight=0.5, anchor_ch=8))  # anchored: LPIPS on x0_hat and on the anchor's x~
     lp = LPIPS()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     torch.manual_seed(1)
     loss, terms = model.loss(x, lp)
+    torch.manual_seed(1)
+    x_tilde = model.anchor(model.posterior(x).sample())  # the loss's first draw is the posterior sample
     assert "lpips" in terms and terms["lpips"] > 0
     assert torch.allclose(loss, terms["flow"] + terms["recon"] + terms["consistency"] + 0.5 * terms["lpips"]
-                          + model.cfg.kl_weight * terms["kl"])
+                          + model.cfg.kl_weight * terms["kl"] + terms["anchor"] + 0.5 * lp(x_tilde, x).mean())
     loss.backward()
     assert all(p.grad is not None for p in model.encoder.parameters())
     assert all(p.grad is None for p in lp.parameters())  # the perceptual network stays frozen
 
 
-def test_loss_terms_equal_their_formulas_computed_by_hand():
+@pytest.mark.parametrize("anchor_ch", [0, 8])
+def test_loss_terms_equal_their_formulas_computed_by_hand(anchor_ch):
     # the same random draws as DGAE.loss, in its order: posterior noise, t, eps, then the t = 1 noise
     torch.manual_seed(0)
-    model = ae.DGAE(_tiny(recon_weight=0.7, consistency_weight=0.3, kl_weight=1e-3))
+    model = ae.DGAE(_tiny(recon_weight=0.7, consistency_weight=0.3, kl_weight=1e-3, anchor_ch=anchor_ch,
+                          anchor_weight=0.6))
     for p in model.parameters():  # leave the zero-initialised branches: every path must matter
         p.data.add_(torch.randn_like(p) * 0.02)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -125,20 +129,26 @@ def test_loss_terms_equal_their_formulas_computed_by_hand():
     torch.manual_seed(1)
     q = model.posterior(x)
     z = q.sample()
+    x_tilde = model.anchor(z) if anchor_ch else None  # (2, 3, 32, 32): the anchored U-Net's extra input
     t = torch.rand(2)  # t ~ uniform, the default
     eps = torch.randn_like(x)
     tb = t.view(2, 1, 1, 1)
     x_t = (1 - tb) * x + tb * eps
-    v_hat = model.decoder(x_t, t, z)
+    v_hat = model.decoder(x_t, t, z, extra=x_tilde)
     x0_hat = x_t - tb * v_hat
     eps1 = torch.randn_like(x)
-    x1_hat = eps1 - model.decoder(eps1, torch.ones(2), z)
+    x1_hat = eps1 - model.decoder(eps1, torch.ones(2), z, extra=x_tilde)
     kl = 0.5 * (q.mean**2 + q.logvar.exp() - 1 - q.logvar).sum(dim=(1, 2, 3)).mean() / (3 * 32 * 32)
     expected = {"flow": ((v_hat - (eps - x)) ** 2).mean(), "recon": (x0_hat - x).abs().mean(),
                 "consistency": (x1_hat - x).abs().mean(), "kl": kl}
+    total = expected["flow"] + 0.7 * expected["recon"] + 0.3 * expected["consistency"] + 1e-3 * kl
+    if anchor_ch:
+        expected["anchor"] = (x_tilde - x).abs().mean()
+        total = total + 0.6 * expected["anchor"]
+    assert set(terms) == set(expected) | {"psnr_t1"}
     for k, v in expected.items():
         assert torch.allclose(terms[k], v, rtol=1e-5, atol=1e-7), k
-    assert torch.allclose(loss, expected["flow"] + 0.7 * expected["recon"] + 0.3 * expected["consistency"] + 1e-3 * kl)
+    assert torch.allclose(loss, total)
 
 
 def _psnr(a, b):

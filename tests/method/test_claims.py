@@ -139,7 +139,7 @@ def test_shuffled_z_gap_is_zero_for_a_decoder_that_ignores_z_and_exact_for_one_t
 
 def test_shuffled_z_gap_of_a_real_model_and_of_one_cut_off_from_z():
     torch.manual_seed(0)
-    model = ae.DGAE(_tiny()).eval()
+    model = ae.DGAE(_tiny(anchor_ch=0)).eval()  # the plain decoder: z enters only through cond_proj
     for p in model.decoder.parameters():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.rand(4, 3, 32, 32) * 2 - 1
