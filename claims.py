@@ -93,7 +93,8 @@ quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
 
-KIND_FLAGS = {"dgae": ["--decoder", "diffusion", "--anchor-ch", "0"], "anchored": ["--decoder", "diffusion", "--anchor-ch", "ANCHOR"],
+KIND_FLAGS = {"dgae": ["--decoder", "diffusion", "--anchor-ch", "0"],
+              "anchored": ["--decoder", "diffusion", "--anchor-ch", "ANCHOR"],
               "gauss": ["--decoder", "gaussian"], "unet": ["--decoder", "unet"]}
 DIAG_TIMES = (0.1, 0.5, 0.9, 1.0)  # the t at which zgap is measured
 # the rules, fixed before any run (README, "The paper's claims, measured")
