@@ -32,16 +32,17 @@ diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
   - psnr_t1 is in the training log (log.jsonl): the PSNR of the one-step decode from noise.
 
 converge (claim 3, the built-in data) trains the same DiT (train_dit.py's defaults: preset, tokens,
-lr, batch, t distribution, seed, guidance) on the per-channel-normalised latents of four stage-1
-models of the compare folder (seed 0, each decoder's best rate): DGAE at c/2 and the Gaussian
-decoder at c (the claim), DGAE at c and the Gaussian decoder at c/2 (controls). At each DiT step of
---dit-steps it samples --num-samples images (uniform labels) and scores them with eval.py classes:
-the share the pattern classifier names as their class, and the Frechet distance to held-out images
-in its feature space, each beside the autoencoder's own ceiling (its reconstructions' scores). The
-DiT's lr is constant after warm-up, so training on to the next step count with --resume is the
-same run. The target, fixed before the run, is the accuracy the Gaussian-c latents reach at the
-last step; "converges faster" is the ratio of DiT steps each latent needs to reach it. DiT losses
-are never compared across latent spaces. Writes converge.md, converge.json and converge.png.
+lr, batch, t distribution, guidance) on the per-channel-normalised latents of four stage-1 models
+of the compare folder (the first of --seeds, each decoder's best rate; the DiT gets that seed
+too): DGAE at c/2 and the Gaussian decoder at c (the claim), DGAE at c and the Gaussian decoder at
+c/2 (controls; --controls false skips them). At each DiT step of --dit-steps it samples
+--num-samples images (uniform labels) and scores them with eval.py classes: the share the pattern
+classifier names as their class, and the Frechet distance to held-out images in its feature space,
+each beside the autoencoder's own ceiling (its reconstructions' scores). The DiT's lr is constant
+after warm-up, so training on to the next step count with --resume is the same run. The target,
+fixed before the run, is the accuracy the Gaussian-c latents reach at the last step; "converges
+faster" is the ratio of DiT steps each latent needs to reach it. DiT losses are never compared
+across latent spaces. Writes converge/converge_s<seed>.md, .json and .png.
 """
 
 import json
@@ -88,6 +89,7 @@ ckpt = ""  # diagnose: the train_ae.py checkpoint
 dit_steps = "250,500,1000,2000,3000"  # converge: the DiT steps at which samples are scored
 num_samples = 500  # converge: samples scored at each of those steps
 dit_args = ""  # converge: more train_dit.py flags for every run
+controls = True  # converge: also the two control latents (DGAE at c, Gaussian at c/2), not only the claim's pair
 judge_steps = 600  # training steps of the pattern classifier that judges the built-in data
 quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
@@ -447,7 +449,8 @@ def converge_latents(c):
     """[(label, stage-1 run name, its scores.json)]: the claim's two latents first, then the controls."""
     lr_list, seed0 = [float(v) for v in lrs.split(",")], int(seeds.split(",")[0])
     found = []
-    for kind, ch in (("gauss", c), ("dgae", c // 2), ("dgae", c), ("gauss", c // 2)):
+    pairs = (("gauss", c), ("dgae", c // 2)) + ((("dgae", c), ("gauss", c // 2)) if controls else ())
+    for kind, ch in pairs:
         lr = best_lr(kind, ch, lr_list, seed0) or lr_list[0]
         run = run_name(kind, ch, lr, seed0)
         if finished_scores(run) is None:
@@ -497,6 +500,8 @@ def run_converge(dist):
     c = make_config(preset).latent_channels
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
+    seed = int(seeds.split(",")[0])  # the stage-1 runs' seed, and the DiT's: --seeds 1 repeats the whole claim
+    report_path = os.path.join(root, f"converge_s{seed}")  # .md, .json, .png: one report per seed
     rows = {}
     for label, ae_run, ae_scores in converge_latents(c):
         ae_path = os.path.join(out, ae_run, "ckpt.pt")
@@ -507,7 +512,7 @@ def run_converge(dist):
             if not os.path.exists(result):
                 resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
                 script("train_dit.py", "--ae-ckpt", ae_path, "--out-dir", run_dir, "--max-steps", step,
-                       "--ckpt-every", step, "--sample-every", step, *resume, *shlex.split(dit_args))
+                       "--ckpt-every", step, "--sample-every", step, "--seed", seed, *resume, *shlex.split(dit_args))
                 samples_path = os.path.join(run_dir, f"samples_{step}.npz")
                 script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples", num_samples,
                        "--out", samples_path, "--device", dist.device.type)
@@ -535,13 +540,13 @@ def run_converge(dist):
                      + (f"{r['speedup']:.2f}" if r["speedup"] else "-") + " |")
     report = "\n".join(lines) + "\n"
     print(report)
-    with open(os.path.join(root, "converge.md"), "w") as f:
+    with open(report_path + ".md", "w") as f:
         f.write(report)
-    with open(os.path.join(root, "converge.json"), "w") as f:
+    with open(report_path + ".json", "w") as f:
         json.dump({"target_accuracy": target, "latents": rows}, f, indent=1)
     plot({k: [(p["step"], p["accuracy"]) for p in r["curve"]] for k, r in rows.items()},
-         {k: r["ceiling_accuracy"] for k, r in rows.items()}, os.path.join(root, "converge.png"))
-    print(f"wrote {os.path.join(root, 'converge.png')}")
+         {k: r["ceiling_accuracy"] for k, r in rows.items()}, report_path + ".png")
+    print(f"wrote {report_path}.png")
 
 
 MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge}

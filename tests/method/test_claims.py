@@ -267,6 +267,26 @@ def test_verdicts_apply_each_rule_at_equal_steps_and_at_equal_compute(monkeypatc
     assert not any("compute" in k for k in claims.verdicts(groups, 4))
 
 
+def test_converge_takes_the_seed_and_best_rate_runs_and_can_skip_the_controls(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "out", str(tmp_path))
+    monkeypatch.setattr(claims, "lrs", "1e-3,3e-4")
+    monkeypatch.setattr(claims, "seeds", "1,2")
+    for name, ez in [("gauss_c4_lr0.001_s1", 20.0), ("gauss_c4_lr0.0003_s1", 25.0), ("dgae_c2_lr0.001_s1", 19.0),
+                     ("dgae_c2_lr0.0003_s1", 18.0), ("dgae_c4_lr0.001_s1", 30.0), ("dgae_c4_lr0.0003_s1", 31.0),
+                     ("gauss_c2_lr0.001_s1", 22.0), ("gauss_c2_lr0.0003_s1", 21.0),
+                     ("gauss_c4_lr0.001_s0", 40.0), ("gauss_c4_lr0.0003_s0", 10.0)]:  # seed 0 must not count
+        os.makedirs(tmp_path / name)
+        json.dump({"ez_lowfreq_psnr": ez}, open(tmp_path / name / "scores.json", "w"))
+    found = [(label, run) for label, run, _ in claims.converge_latents(4)]
+    assert found == [("gauss c=4", "gauss_c4_lr0.0003_s1"), ("dgae c=2", "dgae_c2_lr0.001_s1"),
+                     ("dgae c=4", "dgae_c4_lr0.0003_s1"), ("gauss c=2", "gauss_c2_lr0.001_s1")]
+    monkeypatch.setattr(claims, "controls", False)
+    assert [run for _, run, _ in claims.converge_latents(4)] == ["gauss_c4_lr0.0003_s1", "dgae_c2_lr0.001_s1"]
+    os.remove(tmp_path / "dgae_c2_lr0.001_s1" / "scores.json")  # the sweep is unfinished: say which run to train
+    with pytest.raises(SystemExit, match="converge needs the stage-1 run"):
+        claims.converge_latents(4)
+
+
 # -----------------------------------------------------------------------------
 # claims.py compare, end to end
 
@@ -327,7 +347,7 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
                            "--dit-args", "--batch-size 8 --dataset-size 64 --log-every 1 --sample-steps 2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-3000:]
-    result = json.load(open(out / "converge" / "converge.json"))
+    result = json.load(open(out / "converge" / "converge_s0.json"))
     assert list(result["latents"]) == ["gauss c=4", "dgae c=2", "dgae c=4", "gauss c=2"]  # the claim's pair first
     for label, r in result["latents"].items():
         assert [p["step"] for p in r["curve"]] == [2, 4]
@@ -339,8 +359,8 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     for r in result["latents"].values():
         assert (out / "converge" / os.path.basename(os.path.dirname(r["ae_ckpt"])) / "ckpt.pt").exists()
     assert torch.load(out / "converge" / "dgae_c2_lr0.001_s0" / "ckpt.pt", weights_only=True)["step"] == 4  # resumed from 2
-    png = out / "converge" / "converge.png"
-    assert png.stat().st_size > 1000 and "| latent |" in open(out / "converge" / "converge.md").read()
+    png = out / "converge" / "converge_s0.png"
+    assert png.stat().st_size > 1000 and "| latent |" in open(out / "converge" / "converge_s0.md").read()
 
 
 def test_a_failing_run_stops_compare_with_one_line_that_says_where_flags_go(tmp_path):
