@@ -19,8 +19,8 @@ in this order, one run at a time, each finished run skipped when the command run
 interrupted one resumes): (1) seed 0 at every learning rate of --lrs (the sweep); (2) the other
 seeds at each decoder's best rate (the highest E[x|z] low-frequency PSNR of the sweep, at each c);
 (3) the deterministic decoders at c for --compute-factor times the steps (equal decoder compute:
-a DGAE step runs the U-Net on 2B images, flow and consistency terms, against B for "unet" and a
-smaller network for "gauss"). Each finished run is scored once on held-out images (scores.json in
+a DGAE step runs the U-Net twice, for the flow and the consistency terms, "unet" once, "gauss" a
+smaller network; the report gives each decoder's FLOPs per step, claims.decoder_step_flops). Each finished run is scored once on held-out images (scores.json in
 its folder): see eval.score_reconstructions and `diagnose` below. The report is out/report.md.
 
 diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-from ae import load_dgae, make_config
+from ae import DGAE, load_dgae, make_config
+from bench import count_flops
 from torch.utils.data import Subset
 
 from data import InOrder, build_dataset
@@ -229,9 +230,29 @@ def script(name, *args):
                          "claims.py command again once it is fixed: the finished parts are kept")
 
 
+def kind_flags(kind):
+    """train_ae.py's flags for a decoder kind."""
+    return [a.replace("ANCHOR", str(anchor_ch)) for a in KIND_FLAGS[kind]]
+
+
+def decoder_step_flops(kind, channels):
+    """FLOPs per image of one training step of this kind's decoder at the preset's size: forward and
+    backward by torch's counter (matmuls and convolutions), less the encoder's share, which every kind
+    has. This is what "equal decoder compute" equalises. Counted on the meta device: nothing is
+    computed, so any preset takes seconds."""
+    flags = kind_flags(kind)
+    overrides = {k[2:].replace("-", "_"): int(v) if v.isdigit() else v for k, v in zip(flags[::2], flags[1::2])}
+    with torch.device("meta"):
+        net = DGAE(make_config(preset, latent_channels=channels, **overrides))
+        x = torch.zeros(2, 3, net.cfg.resolution, net.cfg.resolution)
+    step = count_flops(lambda: net(x)[0].backward())
+    encoder = count_flops(lambda: net.encode(x, sample=True).sum().backward())
+    return (step - encoder) / x.shape[0]
+
+
 def train(run_dir, kind, channels, lr, seed, steps):
     """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just reloads)."""
-    flags = [a.replace("ANCHOR", str(anchor_ch)) for a in KIND_FLAGS[kind]]
+    flags = kind_flags(kind)
     resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
     script("train_ae.py", *flags, "--preset", preset, "--latent-channels", channels, "--lr", f"{lr:g}", "--seed", seed,
            "--max-steps", steps, "--data", data, "--out-dir", run_dir, *shlex.split(train_args), *resume)
@@ -375,8 +396,15 @@ def write_report(c, heldout):
              f"learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by E[x|z] low-frequency PSNR), "
              f"{num_images} held-out images, {mean_of} decodes for E[x|z]; LPIPS "
              + ("on" if any(g["lpips_used"] for g in groups.values()) else "off (no weight files, or --lpips-weight 0)"),
-             "", "| decoder | latent | steps | lr | seeds | params M | " + " | ".join(COLUMNS) + " |",
-             "|" + "---|" * (6 + len(COLUMNS))]
+             ""]
+    flops = {k: decoder_step_flops(k, c) for k in kinds.split(",")}  # per image, at c
+    if compute_factor > 1 and "dgae" in flops:
+        lines += [f"equal decoder compute: one training step of the DGAE decoder does {flops['dgae'] / 1e9:.3f} GFLOP "
+                  "per image (forward and backward, the encoder's share left out); "
+                  + "; ".join(f"{k} {v / 1e9:.3f}, so x{compute_factor} its steps is {compute_factor * v / flops['dgae']:.2f}x "
+                              "DGAE's decoder compute" for k, v in flops.items() if k in ("gauss", "unet")), ""]
+    lines += ["| decoder | latent | steps | lr | seeds | params M | " + " | ".join(COLUMNS) + " |",
+              "|" + "---|" * (6 + len(COLUMNS))]
     for (kind, ch, factor), g in groups.items():
         cells = []
         for col in COLUMNS:
@@ -404,7 +432,7 @@ def write_report(c, heldout):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"meancolour_psnr": baseline, "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
+        json.dump({"meancolour_psnr": baseline, "decoder_step_flops_per_image": flops, "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
                    "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
                    "verdicts": {k: {"holds": h, "why": w} for k, (h, w) in results.items()}}, f, indent=1)
 

@@ -287,6 +287,14 @@ def test_converge_takes_the_seed_and_best_rate_runs_and_can_skip_the_controls(tm
         claims.converge_latents(4)
 
 
+def test_decoder_step_flops_count_the_decoder_alone():
+    dgae, unet, gauss, anchored = (claims.decoder_step_flops(k, 4) for k in ("dgae", "unet", "gauss", "anchored"))
+    # a DGAE step runs the U-Net twice (the flow term on x_t, the consistency term from pure noise), "unet" once;
+    # with the encoder's share counted too the ratio would be about 1.75 at this size
+    assert dgae / unet == pytest.approx(2.0, rel=1e-3)
+    assert dgae < anchored < dgae * 1.2 and 0 < gauss < unet  # the anchor's small decoder; a smaller network
+
+
 # -----------------------------------------------------------------------------
 # claims.py compare, end to end
 
@@ -323,6 +331,8 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
         assert report["verdicts"][f"claim 1, dgae, {cmp}"]["why"].startswith("provisional, 1 seed (3 wanted)")
     md = open(out / "report.md").read()
     assert "LPIPS off" in md and "| dgae | c=2 |" in md
+    flops = report["decoder_step_flops_per_image"]
+    assert set(flops) == {"dgae", "gauss"} and f"x2 its steps is {2 * flops['gauss'] / flops['dgae']:.2f}x" in md
     # without equal-compute runs (--compute-factor 0; --quick would set its own factor) the report has no rows for them
     subprocess.run([sys.executable, "claims.py", "compare", "--kinds", "dgae,gauss", "--out", str(out), "--report-only",
                     "true", "--compute-factor", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, check=True)
