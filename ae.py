@@ -76,8 +76,8 @@ class AEConfig:
 # The recipe is ours, chosen by measurement (NOTES.md has each run):
 # - t ~ uniform for every preset: decoding starts at t = 1, where logit-normal t almost never
 #   trains (P(t > 0.9) = 1.4%); a uniform density matches the sampler's uniform Euler grid.
-# - tiny is f=4 (8x8x4 latent), not f=8: at f=8 (4x4x4) neither decoder beats each image's mean
-#   colour in a laptop's budget.
+# - tiny is f=4 (8x8x4 latent), not f=8: at f=8 (4x4x4) both decoders stay within 3 dB of each
+#   image's mean colour in a laptop's budget.
 # - consistency_weight is on for every preset: without it the diffusion decoder can learn to
 #   denoise from x_t alone and ignore a small latent. It costs one more U-Net pass per step, so
 #   tiny trains at batch 16.

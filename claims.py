@@ -20,8 +20,9 @@ interrupted one resumes): (1) seed 0 at every learning rate of --lrs (the sweep)
 seeds at each decoder's best rate (the highest E[x|z] low-frequency PSNR of the sweep, at each c);
 (3) the deterministic decoders at c for --compute-factor times the steps (equal decoder compute:
 a DGAE step runs the U-Net twice, for the flow and the consistency terms, "unet" once, "gauss" a
-smaller network; the report gives each decoder's FLOPs per step, claims.decoder_step_flops). Each finished run is scored once on held-out images (scores.json in
-its folder): see eval.score_reconstructions and `diagnose` below. The report is out/report.md.
+smaller network; the report gives each decoder's FLOPs per step, claims.decoder_step_flops).
+Each finished run is scored once on held-out images (scores.json in its folder): see
+eval.score_reconstructions and `diagnose` below. The report is out/report.md.
 
 diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
   - zgap_t: the flow loss with z shuffled within the batch minus the loss with the right z, at
@@ -399,10 +400,10 @@ def write_report(c, heldout):
              ""]
     flops = {k: decoder_step_flops(k, c) for k in kinds.split(",")}  # per image, at c
     if compute_factor > 1 and "dgae" in flops:
+        given = [f"{k} {v / 1e9:.3f}, so x{compute_factor} its steps is {compute_factor * v / flops['dgae']:.2f}x "
+                 "DGAE's decoder compute" for k, v in flops.items() if k in ("gauss", "unet")]
         lines += [f"equal decoder compute: one training step of the DGAE decoder does {flops['dgae'] / 1e9:.3f} GFLOP "
-                  "per image (forward and backward, the encoder's share left out); "
-                  + "; ".join(f"{k} {v / 1e9:.3f}, so x{compute_factor} its steps is {compute_factor * v / flops['dgae']:.2f}x "
-                              "DGAE's decoder compute" for k, v in flops.items() if k in ("gauss", "unet")), ""]
+                  "per image (forward and backward, the encoder's share left out); " + "; ".join(given), ""]
     lines += ["| decoder | latent | steps | lr | seeds | params M | " + " | ".join(COLUMNS) + " |",
               "|" + "---|" * (6 + len(COLUMNS))]
     for (kind, ch, factor), g in groups.items():
@@ -432,7 +433,8 @@ def write_report(c, heldout):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"meancolour_psnr": baseline, "decoder_step_flops_per_image": flops, "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
+        json.dump({"meancolour_psnr": baseline, "decoder_step_flops_per_image": flops,
+                   "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
                    "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
                    "verdicts": {k: {"holds": h, "why": w} for k, (h, w) in results.items()}}, f, indent=1)
 
