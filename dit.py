@@ -278,10 +278,6 @@ class DiT(nn.Module):
         # silently leaves channels 3.. unguided.
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
-    def num_params(self):
-        """Number of parameters (the fixed position table is a buffer and is not counted)."""
-        return sum(p.numel() for p in self.parameters())
-
 
 # -----------------------------------------------------------------------------
 # presets: "DiT-{size}/{patch}". Sizes are the DiT paper's (Table 1) plus a CPU-sized "Tiny".

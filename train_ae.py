@@ -42,15 +42,15 @@ decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline) | u
 anchor_ch = 0  # anchored diffusion decoder: width of the deterministic decode x~ = D(z) the U-Net sees (0 = off)
 anchor_weight = 1.0  # weight of the anchor's pixel (and perceptual) loss
 cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
-t_dist = ""  # training t distribution: uniform | logit_normal
+t_dist = ""  # training t distribution: uniform | logit_normal ("" = the preset's: uniform)
 t_shift = 1.0  # shift of the training times and of the decoder's Euler grid towards t = 1 (1 = none)
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
 grad_checkpoint = False  # activation checkpointing: less memory, one more forward pass a step (big models, small GPUs)
 lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
 kl_weight = 1e-6  # on the KL per pixel value (SD-VAE's 1e-6 on a per-image sum)
-recon_weight = -1.0  # L1 on the flow loss's one-step estimate x0_hat
-consistency_weight = -1.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
+recon_weight = -1.0  # L1 on the flow loss's one-step estimate x0_hat (-1 = the preset's)
+consistency_weight = -1.0  # L1 on the one-step decode from pure noise, one more U-Net pass (-1 = the preset's)
 lr = 0.0  # AdamW; the presets': 1e-3 tiny, 5e-4 small, 1e-4 base/large (at a global batch of 256)
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16, or $DGAE_WEIGHTS/)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
@@ -74,7 +74,7 @@ seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
-channels_last = True  # NHWC memory layout for the convolutions (measured: a tiny CPU step 300 -> 253 ms)
+channels_last = True  # NHWC memory layout for the convolutions (faster on the CPU measured, NOTES.md)
 # -----------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+import common
 import dit
 from dit import DiT, build_dit, pos_embed_2d
 
@@ -303,12 +304,12 @@ def test_presets_have_the_paper_sizes_and_parameter_counts():
         with torch.device("meta"):  # shapes only, no memory
             model = build_dit(name, input_size=32, in_channels=4, num_classes=1000)
         assert (len(model.blocks), model.blocks[0].attn.num_heads, model.patch_size) == (depth, nh, p)
-        assert model.num_params() == expected_params(depth, D, p, 4, 1000), name
+        assert common.count_params(model) == expected_params(depth, D, p, 4, 1000), name
     # the DiT paper's 675M for XL/2 also counts its fixed position table (256 x 1152) and the
     # learned-sigma half of the output layer (1152 x 16 + 16), which we do not have
     with torch.device("meta"):
         xl = build_dit("DiT-XL/2", 32, 4, 1000)
-    assert xl.num_params() + 256 * 1152 + 1152 * 16 + 16 == 675_129_632
+    assert common.count_params(xl) + 256 * 1152 + 1152 * 16 + 16 == 675_129_632
 
 
 def test_build_dit_tiny_runs_and_overrides_win():
