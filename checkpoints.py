@@ -4,9 +4,11 @@ How a run is saved, stopped and resumed, and where pretrained files are found: t
 rank's RNG state (so --resume continues bit-identically), stop signals that end a run at a step
 boundary with a checkpoint, and the lookup of the VGG16, LPIPS and InceptionV3 weight files. The
 settings and torch.distributed live in common.py. A reader of the method can skip this file: the
-trainers call start_run, save_training, restore_training, StopSignals and StepGuard, and that is all of it.
+trainers call start_run, resumed_preset, resumed_config, save_training, restore_training,
+StopSignals and StepGuard, and that is all of it.
 """
 
+import dataclasses
 import fcntl
 import os
 import random
@@ -172,6 +174,23 @@ def resume_or_refuse(ckpt_path, resume, kind):
 def mismatch(name, value, saved):
     return SystemExit(f"error: --{name.replace('_', '-')} {value} does not match the checkpoint being resumed "
                       f"({saved}); drop the flag or choose another --out-dir")
+
+
+def resumed_preset(ckpt, preset, given):
+    """The model preset of the run being resumed; a --preset that names another is an error."""
+    if "preset" in given and preset != ckpt["model_name"]:
+        raise mismatch("preset", preset, ckpt["model_name"])
+    return ckpt["model_name"]
+
+
+def resumed_config(saved, cfg, given, names, free):
+    """On --resume the checkpoint's config `saved` defines the model (in stage 1 also its loss, lr and
+    batch size): a setting of `names` given on the command line that disagrees with it is an error.
+    Those of `free` say how the run computes, not what, and may change."""
+    for name in names:
+        if name in given and name not in free and getattr(cfg, name) != getattr(saved, name):
+            raise mismatch(name, getattr(cfg, name), getattr(saved, name))
+    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in free if k in given})
 
 COMPILE_NOTE = "torch.compile: the first step waits for the compilation, which takes minutes (longest on a CPU)"
 

@@ -13,7 +13,6 @@ The whole training step is the `while` loop at the end of main(); the loss is DG
 import copy
 import os
 from contextlib import nullcontext
-from dataclasses import replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -84,19 +83,8 @@ CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "a
                    "consistency_weight", "lr", "batch_size")
 
 
-def config_for_resume(ckpt, cfg, given):
-    """On --resume the checkpoint defines the model and its loss, learning rate and batch size: a
-    flag that disagrees is an error. Only how it runs may change: --attn-impl, and --decode-steps
-    (the grids')."""
-    saved = config_from_dict(ckpt["model_args"])
-    for name in CONFIG_SETTINGS:
-        if name in given and name not in ("attn_impl", "decode_steps") and getattr(cfg, name) != getattr(saved, name):
-            raise checkpoints.mismatch(name, getattr(cfg, name), getattr(saved, name))
-    return replace(saved, **{k: getattr(cfg, k) for k in ("attn_impl", "decode_steps") if k in given})
-
-
 # the recipe of the run that --resume must not change (besides the model's, in model_args: see
-# config_for_resume); train_dit.py has its own list
+# checkpoints.resumed_config); train_dit.py has its own list
 FIXED_ON_RESUME = ("dataset_size", "seed", "grad_accum", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
                    "lr_cooldown")
 
@@ -111,7 +99,7 @@ def main():
                           positive=("grad_clip", "dist_timeout"), fraction=("ema_decay", "lr_cooldown"))
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
-    # the model's settings are checked against model_args (config_for_resume), the preset below
+    # the model's settings are checked against model_args (checkpoints.resumed_config), the preset below
     ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "ae", settings, given, FIXED_ON_RESUME,
                                                  ("preset",) + tuple(n for n in CONFIG_SETTINGS
                                                                      if n not in ("attn_impl", "decode_steps")), log)
@@ -121,11 +109,8 @@ def main():
     with common.user_errors():
         # the model config, then the data: both can be wrong on the command line
         name = preset or ("base" if data else "tiny")
-        if ckpt is not None:  # the checkpoint's preset
-            saved_name = ckpt["model_name"]
-            if "preset" in given and preset != saved_name:
-                raise checkpoints.mismatch("preset", preset, saved_name)
-            name = saved_name
+        if ckpt is not None:
+            name = checkpoints.resumed_preset(ckpt, preset, given)
         overrides = {k: settings[k] for k in CONFIG_SETTINGS if k in given}
         if not data and ckpt is None and "compression" in given and "resolution" not in given:
             # the built-in data can be drawn at any size: draw it where f leaves the demo's 8x8 latent grid
@@ -133,8 +118,9 @@ def main():
             log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 latent grid "
                 "(--resolution sets another size)")
         cfg = make_config(name, **overrides)
-        if ckpt is not None:
-            cfg = config_for_resume(ckpt, cfg, given)
+        if ckpt is not None:  # how it runs may change: the attention kernel, the grids' decode steps
+            cfg = checkpoints.resumed_config(config_from_dict(ckpt["model_args"]), cfg, given, CONFIG_SETTINGS,
+                                             free=("attn_impl", "decode_steps"))
         if cfg.resolution // cfg.compression < 2:
             raise SystemExit(f"error: --resolution {cfg.resolution} with --compression {cfg.compression} leaves a "
                              f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression} latent; raise "

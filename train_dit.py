@@ -117,8 +117,8 @@ def main():
             log(changed)
         C, h, w = stage1["latent_shape"]
         name = preset or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
-        if ckpt is not None and "preset" in given and preset != ckpt["model_name"]:
-            raise SystemExit(f"error: --preset {preset} does not match the checkpoint being resumed ({ckpt['model_name']})")
+        if ckpt is not None:
+            name = checkpoints.resumed_preset(ckpt, preset, given)
         if name not in DIT_PRESETS:
             raise SystemExit(f"error: unknown --preset {name}; valid: {', '.join(DIT_PRESETS)}")
 
