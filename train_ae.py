@@ -81,6 +81,8 @@ channels_last = True  # NHWC memory layout for the convolutions (faster on the C
 CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "anchor_ch", "anchor_weight", "cond",
                    "t_dist", "t_shift", "decode_steps", "attn_impl", "lpips_weight", "kl_weight", "recon_weight",
                    "consistency_weight", "lr", "batch_size")
+# of those, the ones a --resume may change: how the run computes (attention kernel, the grids' decode steps), not what
+FREE_ON_RESUME = ("attn_impl", "decode_steps")
 
 
 # the recipe of the run that --resume must not change (besides the model's, in model_args: see
@@ -102,7 +104,7 @@ def main():
     # the model's settings are checked against model_args (checkpoints.resumed_config), the preset below
     ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "ae", settings, given, FIXED_ON_RESUME,
                                                  ("preset",) + tuple(n for n in CONFIG_SETTINGS
-                                                                     if n not in ("attn_impl", "decode_steps")), log)
+                                                                     if n not in FREE_ON_RESUME), log)
     globals().update(settings)
     dev = dist.device
 
@@ -118,9 +120,9 @@ def main():
             log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 latent grid "
                 "(--resolution sets another size)")
         cfg = make_config(name, **overrides)
-        if ckpt is not None:  # how it runs may change: the attention kernel, the grids' decode steps
+        if ckpt is not None:
             cfg = checkpoints.resumed_config(config_from_dict(ckpt["model_args"]), cfg, given, CONFIG_SETTINGS,
-                                             free=("attn_impl", "decode_steps"))
+                                             free=FREE_ON_RESUME)
         if cfg.resolution // cfg.compression < 2:
             raise SystemExit(f"error: --resolution {cfg.resolution} with --compression {cfg.compression} leaves a "
                              f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression} latent; raise "
