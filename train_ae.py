@@ -145,7 +145,7 @@ def main():
             lpips = load_lpips(vgg_path, lpips_path, required=bool(data), device=dev)
         log("perceptual loss: " + ("LPIPS (VGG16) on x0_hat" if lpips is not None else
             "off (" + ("--lpips-weight 0" if cfg.lpips_weight == 0 else
-                       "weight files not found; see README 'Pretrained weight files'") + ")"))
+                       "weight files not found; see README 'Weight files'") + ")"))
 
     torch.manual_seed(seed)  # the same initial weights on every rank
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
