@@ -18,9 +18,10 @@ encoder, each at the preset's latent channels c and at c/2:
 in this order, one run at a time, each finished run skipped when the command runs again (an
 interrupted one resumes): (1) seed 0 at every learning rate of --lrs (the sweep); (2) the other
 seeds at each decoder's best rate (the highest E[x|z] low-frequency PSNR of the sweep, at each c);
-(3) the deterministic decoders at c for --compute-factor times the steps (equal decoder compute:
-a DGAE step runs the U-Net twice, for the flow and the consistency terms, "unet" once, "gauss" a
-smaller network; the report gives each decoder's FLOPs per step, claims.decoder_step_flops).
+(3) the deterministic decoders at c for --compute-factor times the steps, at the first
+--compute-seeds seeds (equal decoder compute: a DGAE step runs the U-Net twice, for the flow and
+the consistency terms, "unet" once, "gauss" a smaller network; the report gives each decoder's
+FLOPs per step, claims.decoder_step_flops).
 Each finished run is scored once on held-out images (scores.json in its folder): see
 eval.score_reconstructions and `diagnose` below. The report is out/report.md.
 
@@ -81,6 +82,7 @@ lrs = "1e-3,3e-4"  # the learning-rate sweep of every decoder (seed 0, both c); 
 kinds = "dgae,anchored,gauss,unet"  # the decoders to train (see the docstring)
 anchor_ch = 16  # the anchored decoder's --anchor-ch
 compute_factor = 3  # the deterministic decoders' equal-compute runs take this many times the steps (0 = none)
+compute_seeds = 1  # seeds of those runs (the first N of --seeds): 1 where the verdict is far outside the seed spread
 train_args = ""  # more train_ae.py flags for every run, e.g. "--lpips-weight 0"
 only = ""  # run only the parts whose name contains this (the report still collects all finished ones)
 report_only = False  # write the report from the finished runs, train nothing
@@ -301,7 +303,7 @@ def plan(c):
         for k in ("gauss", "unet"):
             lr = best_lr(k, c, lr_list, seed_list[0]) if k in kind_list else None
             if lr is not None:
-                parts.append((k, c, lr, seed_list[0], compute_factor))
+                parts += [(k, c, lr, s, compute_factor) for s in seed_list[:compute_seeds]]
     return [(run_name(*p), *p) for p in parts]
 
 

@@ -287,6 +287,23 @@ def test_converge_takes_the_seed_and_best_rate_runs_and_can_skip_the_controls(tm
         claims.converge_latents(4)
 
 
+def test_plan_runs_the_sweep_then_the_seeds_then_the_equal_compute_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "out", str(tmp_path))
+    monkeypatch.setattr(claims, "kinds", "dgae,gauss")
+    monkeypatch.setattr(claims, "lrs", "1e-3,3e-4")
+    monkeypatch.setattr(claims, "seeds", "0,1,2")
+    monkeypatch.setattr(claims, "compute_factor", 3)
+    names = [p[0] for p in claims.plan(4)]
+    assert len(names) == 8 and all(n.endswith("_s0") for n in names)  # the sweep alone until it is scored
+    for name, ez in [("gauss_c4_lr0.001_s0", 20.0), ("gauss_c4_lr0.0003_s0", 25.0)]:
+        os.makedirs(tmp_path / name)
+        json.dump({"ez_lowfreq_psnr": ez}, open(tmp_path / name / "scores.json", "w"))
+    later = [p[0] for p in claims.plan(4)][8:]  # gauss at c is swept: its seeds and x3 run follow at its best rate
+    assert later == ["gauss_c4_lr0.0003_s1", "gauss_c4_lr0.0003_s2", "gauss_c4_lr0.0003_s0_x3"]
+    monkeypatch.setattr(claims, "compute_seeds", 2)
+    assert [p[0] for p in claims.plan(4)][10:] == ["gauss_c4_lr0.0003_s0_x3", "gauss_c4_lr0.0003_s1_x3"]
+
+
 def test_decoder_step_flops_count_the_decoder_alone():
     dgae, unet, gauss, anchored = (claims.decoder_step_flops(k, 4) for k in ("dgae", "unet", "gauss", "anchored"))
     # a DGAE step runs the U-Net twice (the flow term on x_t, the consistency term from pure noise), "unet" once;
