@@ -597,7 +597,7 @@ def main():
         max_steps, seeds, lrs, num_images, mean_of, compute_factor = 4, "0", lrs.split(",")[0], 16, 2, 2
         dit_steps, num_samples, judge_steps = "2,4", 20, 60
     common.check_settings(globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch", "num_samples",
-                                            "judge_steps"),
+                                            "judge_steps", "compute_seeds"),
                           count_or_0=("compute_factor",))
     dist = common.setup_distributed(device)
     with common.user_errors():

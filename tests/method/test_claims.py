@@ -302,6 +302,10 @@ def test_plan_runs_the_sweep_then_the_seeds_then_the_equal_compute_runs(tmp_path
     assert later == ["gauss_c4_lr0.0003_s1", "gauss_c4_lr0.0003_s2", "gauss_c4_lr0.0003_s0_x3"]
     monkeypatch.setattr(claims, "compute_seeds", 2)
     assert [p[0] for p in claims.plan(4)][10:] == ["gauss_c4_lr0.0003_s0_x3", "gauss_c4_lr0.0003_s1_x3"]
+    # 0 or fewer seeds would silently drop (or, negative, slice away) the equal-compute runs: refused in one line
+    proc = subprocess.run([sys.executable, "claims.py", "compare", "--compute-seeds", "0", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --compute-seeds must be at least 1, got 0"
 
 
 def test_decoder_step_flops_count_the_decoder_alone():
