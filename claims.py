@@ -35,16 +35,18 @@ diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
 
 converge (claim 3, the built-in data) trains the same DiT (train_dit.py's defaults: preset, tokens,
 lr, batch, t distribution, guidance) on the per-channel-normalised latents of four stage-1 models
-of the compare folder (the first of --seeds, each decoder's best rate; the DiT gets that seed
-too): DGAE at c/2 and the Gaussian decoder at c (the claim), DGAE at c and the Gaussian decoder at
-c/2 (controls; --controls false skips them). At each DiT step of --dit-steps it samples
---num-samples images (uniform labels) and scores them with eval.py classes: the share the pattern
-classifier names as their class, and the Frechet distance to held-out images in its feature space,
-each beside the autoencoder's own ceiling (its reconstructions' scores). The DiT's lr is constant
-after warm-up, so training on to the next step count with --resume is the same run. The target,
-fixed before the run, is the accuracy the Gaussian-c latents reach at the last step; "converges
-faster" is the ratio of DiT steps each latent needs to reach it. DiT losses are never compared
-across latent spaces. Writes converge/converge_s<seed>.md, .json and .png.
+of the compare folder, at each seed of --seeds (each decoder at its sweep's best rate, as compare
+picks it; the DiT gets the same seed): DGAE at c/2 and the Gaussian decoder at c (the claim), DGAE
+at c and the Gaussian decoder at c/2 (controls; --controls false skips them). At each DiT step of
+--dit-steps it samples --num-samples images (uniform labels) and scores them with eval.py classes:
+the share the pattern classifier names as their class, and the Frechet distance to held-out images
+in its feature space, each beside the autoencoder's own ceiling (its reconstructions' scores). The
+DiT's lr is constant after warm-up, so training on to the next step count with --resume is the
+same run. The target, fixed before the run, is the accuracy the Gaussian-c latents reach at the
+last step of the same seed; "converges faster" is the ratio of DiT steps each latent needs to reach
+it. DiT losses are never compared across latent spaces. Writes converge/converge_s<seed>.md, .json
+and .png for each seed and, over two or more seeds, converge_summary.md, .json and .png (mean and
+spread of each step's accuracy, the speed-up of every seed).
 """
 
 import json
@@ -477,17 +479,21 @@ def run_compare(dist):
 # converge: claim 3
 
 
-def converge_latents(c):
-    """[(label, stage-1 run name, its scores.json)]: the claim's two latents first, then the controls."""
-    lr_list, seed0 = [float(v) for v in lrs.split(",")], int(seeds.split(",")[0])
+def converge_latents(c, seed):
+    """[(label, stage-1 run name, its scores.json)] at this seed: the claim's two latents first, then
+    the controls. Each decoder's rate is its sweep winner at the first of --seeds, as in compare."""
+    lr_list, sweep_seed = [float(v) for v in lrs.split(",")], int(seeds.split(",")[0])
     found = []
     pairs = (("gauss", c), ("dgae", c // 2)) + ((("dgae", c), ("gauss", c // 2)) if controls else ())
     for kind, ch in pairs:
-        lr = best_lr(kind, ch, lr_list, seed0) or lr_list[0]
-        run = run_name(kind, ch, lr, seed0)
+        lr = best_lr(kind, ch, lr_list, sweep_seed)
+        if lr is None:  # the sweep is unfinished: name its first missing run
+            run = next(r for r in (run_name(kind, ch, v, sweep_seed) for v in lr_list) if finished_scores(r) is None)
+        else:
+            run = run_name(kind, ch, lr, seed)
         if finished_scores(run) is None:
-            raise SystemExit(f"error: converge needs the stage-1 run {os.path.join(out, run)}; "
-                             f"run `python claims.py compare --out {out} --only {run}` first")
+            raise SystemExit(f"error: converge needs the stage-1 run {os.path.join(out, run)}; run "
+                             f"`python claims.py compare --out {out} --seeds {seeds} --lrs {lrs} --only {run}` first")
         found.append((f"{kind} c={ch}", run, finished_scores(run)))
     return found
 
@@ -497,7 +503,7 @@ def steps_to_reach(curve, target):
     return next((step for step, v in curve if v >= target), None)
 
 
-def plot(curves, ceilings, path, size=(640, 400)):
+def plot(curves, ceilings, path, title, size=(640, 400)):
     """A line plot of accuracy against DiT steps (log axis), one colour per latent, drawn with PIL."""
     from PIL import Image, ImageDraw
 
@@ -509,6 +515,7 @@ def plot(curves, ceilings, path, size=(640, 400)):
     px = lambda s: left + (math.log(s) - lo) / (hi - lo) * (right - left)  # noqa: E731
     py = lambda v: bottom - v * (bottom - top)  # noqa: E731 accuracy in [0, 1]
     d.rectangle([left, top, right, bottom], outline="black")
+    d.text((left, 4), title, fill="black")
     for v in (0, 0.25, 0.5, 0.75, 1):
         d.line([left - 4, py(v), left, py(v)], fill="black")
         d.text((left - 40, py(v) - 6), f"{v:.2f}", fill="black")
@@ -526,16 +533,11 @@ def plot(curves, ceilings, path, size=(640, 400)):
     img.save(path)
 
 
-def run_converge(dist):
-    if data:
-        raise SystemExit("converge judges samples with the built-in data's pattern classifier; run it without --data")
-    c = make_config(preset).latent_channels
-    step_list = sorted({int(v) for v in dit_steps.split(",")})
-    root = os.path.join(out, "converge")
-    seed = int(seeds.split(",")[0])  # the stage-1 runs' seed, and the DiT's: --seeds 1 repeats the whole claim
-    report_path = os.path.join(root, f"converge_s{seed}")  # .md, .json, .png: one report per seed
+def converge_one_seed(dist, c, seed, step_list, root):
+    """Claim 3 at one seed (the stage-1 runs' and the DiT's): trains, samples and judges each latent's
+    DiT up to every step of step_list, then writes converge_s<seed>.md, .json and .png."""
     rows = {}
-    for label, ae_run, ae_scores in converge_latents(c):
+    for label, ae_run, ae_scores in converge_latents(c, seed):
         ae_path = os.path.join(out, ae_run, "ckpt.pt")
         run_dir = os.path.join(root, ae_run)  # named by its stage-1 run: a new best rate trains a new DiT
         curve = []
@@ -557,7 +559,7 @@ def run_converge(dist):
     labels = list(rows)
     target = rows[labels[0]]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
     ref_steps = steps_to_reach([(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]], target)
-    lines = [f"# claim 3: the same DiT on four latents (built-in data, {num_samples} samples per point)", "",
+    lines = [f"# claim 3, seed {seed}: the same DiT on four latents (built-in data, {num_samples} samples per point)", "",
              f"target (fixed before the run): accuracy {target:.3f}, what the {labels[0]} latents reach at step "
              f"{step_list[-1]}; ratio = DiT steps {labels[0]} needs / steps the latent needs (> 1: faster)", "",
              "| latent | " + " | ".join(f"acc@{s}" for s in step_list) + " | ceiling acc | "
@@ -570,15 +572,60 @@ def run_converge(dist):
                      + f" | {r['ceiling_accuracy']:.3f} | " + " | ".join(f"{p['judge_fd']:.2f}" for p in r["curve"])
                      + f" | {r['ceiling_judge_fd']:.2f} | {reach or 'not reached'} | "
                      + (f"{r['speedup']:.2f}" if r["speedup"] else "-") + " |")
-    report = "\n".join(lines) + "\n"
+    path = os.path.join(root, f"converge_s{seed}")
+    write_converge_report(path, "\n".join(lines) + "\n", {"target_accuracy": target, "latents": rows},
+                          {k: [(p["step"], p["accuracy"]) for p in r["curve"]] for k, r in rows.items()},
+                          {k: r["ceiling_accuracy"] for k, r in rows.items()})
+    return rows
+
+
+def summarise_converge(per_seed):
+    """{label: {"steps", "accuracy_mean", "accuracy_sd", "ceiling_accuracy", "speedups"}} over the
+    seeds' results {seed: converge_one_seed's rows}; a speed-up is None where a latent never
+    reached its seed's target."""
+    summary = {}
+    for label in next(iter(per_seed.values())):
+        curves = np.array([[p["accuracy"] for p in rows[label]["curve"]] for rows in per_seed.values()])  # (seeds, steps)
+        summary[label] = {"steps": [p["step"] for p in next(iter(per_seed.values()))[label]["curve"]],
+                          "accuracy_mean": curves.mean(0).tolist(), "accuracy_sd": curves.std(0, ddof=1).tolist(),
+                          "ceiling_accuracy": float(np.mean([rows[label]["ceiling_accuracy"] for rows in per_seed.values()])),
+                          "speedups": [rows[label]["speedup"] for rows in per_seed.values()]}
+    return summary
+
+
+def write_converge_report(path, report, result, curves, ceilings):
+    """path.md (the table, its first line the plot's title), path.json (the numbers), path.png (the plot)."""
     print(report)
-    with open(report_path + ".md", "w") as f:
+    with open(path + ".md", "w") as f:
         f.write(report)
-    with open(report_path + ".json", "w") as f:
-        json.dump({"target_accuracy": target, "latents": rows}, f, indent=1)
-    plot({k: [(p["step"], p["accuracy"]) for p in r["curve"]] for k, r in rows.items()},
-         {k: r["ceiling_accuracy"] for k, r in rows.items()}, report_path + ".png")
-    print(f"wrote {report_path}.png")
+    with open(path + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    plot(curves, ceilings, path + ".png", report.splitlines()[0].lstrip("# "))
+    print(f"wrote {path}.png")
+
+
+def run_converge(dist):
+    if data:
+        raise SystemExit("converge judges samples with the built-in data's pattern classifier; run it without --data")
+    c = make_config(preset).latent_channels
+    step_list = sorted({int(v) for v in dit_steps.split(",")})
+    root = os.path.join(out, "converge")
+    seed_list = [int(s) for s in seeds.split(",")]
+    os.makedirs(root, exist_ok=True)
+    per_seed = {seed: converge_one_seed(dist, c, seed, step_list, root) for seed in seed_list}
+    if len(seed_list) < 2:
+        return
+    summary = summarise_converge(per_seed)
+    fmt = lambda v: f"{v:.2f}x" if v else "not reached"  # noqa: E731
+    lines = [f"# claim 3 over seeds {seeds}: each step's accuracy, mean over the seeds (+- their standard deviation)", "",
+             "| latent | " + " | ".join(f"acc@{s}" for s in step_list) + " | ceiling acc | speed-up per seed |",
+             "|" + "---|" * (len(step_list) + 3)]
+    for label, r in summary.items():
+        lines.append(f"| {label} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in zip(r["accuracy_mean"], r["accuracy_sd"]))
+                     + f" | {r['ceiling_accuracy']:.3f} | " + ", ".join(fmt(v) for v in r["speedups"]) + " |")
+    write_converge_report(os.path.join(root, "converge_summary"), "\n".join(lines) + "\n", {"seeds": seed_list, "latents": summary},
+                          {k: list(zip(r["steps"], r["accuracy_mean"])) for k, r in summary.items()},
+                          {k: r["ceiling_accuracy"] for k, r in summary.items()})
 
 
 MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge}

@@ -267,24 +267,59 @@ def test_verdicts_apply_each_rule_at_equal_steps_and_at_equal_compute(monkeypatc
     assert not any("compute" in k for k in claims.verdicts(groups, 4))
 
 
-def test_converge_takes_the_seed_and_best_rate_runs_and_can_skip_the_controls(tmp_path, monkeypatch):
+def test_converge_takes_each_seed_at_the_sweeps_best_rate_and_can_skip_the_controls(tmp_path, monkeypatch):
     monkeypatch.setattr(claims, "out", str(tmp_path))
     monkeypatch.setattr(claims, "lrs", "1e-3,3e-4")
-    monkeypatch.setattr(claims, "seeds", "1,2")
+    monkeypatch.setattr(claims, "seeds", "1,2")  # the sweep is at seed 1, the first
     for name, ez in [("gauss_c4_lr0.001_s1", 20.0), ("gauss_c4_lr0.0003_s1", 25.0), ("dgae_c2_lr0.001_s1", 19.0),
                      ("dgae_c2_lr0.0003_s1", 18.0), ("dgae_c4_lr0.001_s1", 30.0), ("dgae_c4_lr0.0003_s1", 31.0),
                      ("gauss_c2_lr0.001_s1", 22.0), ("gauss_c2_lr0.0003_s1", 21.0),
-                     ("gauss_c4_lr0.001_s0", 40.0), ("gauss_c4_lr0.0003_s0", 10.0)]:  # seed 0 must not count
+                     ("gauss_c4_lr0.001_s0", 40.0), ("gauss_c4_lr0.0003_s0", 10.0),  # seed 0 is no sweep here
+                     ("gauss_c4_lr0.0003_s2", 5.0), ("dgae_c2_lr0.001_s2", 5.0), ("dgae_c4_lr0.0003_s2", 5.0),
+                     ("gauss_c2_lr0.001_s2", 5.0), ("gauss_c4_lr0.001_s2", 99.0)]:  # seed 2 does not pick its own rate
         os.makedirs(tmp_path / name)
         json.dump({"ez_lowfreq_psnr": ez}, open(tmp_path / name / "scores.json", "w"))
-    found = [(label, run) for label, run, _ in claims.converge_latents(4)]
+    found = [(label, run) for label, run, _ in claims.converge_latents(4, 1)]
     assert found == [("gauss c=4", "gauss_c4_lr0.0003_s1"), ("dgae c=2", "dgae_c2_lr0.001_s1"),
                      ("dgae c=4", "dgae_c4_lr0.0003_s1"), ("gauss c=2", "gauss_c2_lr0.001_s1")]
+    assert [run for _, run, _ in claims.converge_latents(4, 2)] == [
+        "gauss_c4_lr0.0003_s2", "dgae_c2_lr0.001_s2", "dgae_c4_lr0.0003_s2", "gauss_c2_lr0.001_s2"]
     monkeypatch.setattr(claims, "controls", False)
-    assert [run for _, run, _ in claims.converge_latents(4)] == ["gauss_c4_lr0.0003_s1", "dgae_c2_lr0.001_s1"]
-    os.remove(tmp_path / "dgae_c2_lr0.001_s1" / "scores.json")  # the sweep is unfinished: say which run to train
-    with pytest.raises(SystemExit, match="converge needs the stage-1 run"):
-        claims.converge_latents(4)
+    assert [run for _, run, _ in claims.converge_latents(4, 2)] == ["gauss_c4_lr0.0003_s2", "dgae_c2_lr0.001_s2"]
+    os.remove(tmp_path / "dgae_c2_lr0.001_s2" / "scores.json")  # a missing run: say which, and the command that trains it
+    with pytest.raises(SystemExit, match=r"dgae_c2_lr0\.001_s2; run `python claims\.py compare .*--seeds 1,2 "):
+        claims.converge_latents(4, 2)
+    os.remove(tmp_path / "dgae_c2_lr0.001_s1" / "scores.json")  # the sweep is unfinished: its missing run is named
+    with pytest.raises(SystemExit, match=r"the stage-1 run .*dgae_c2_lr0\.001_s1;"):
+        claims.converge_latents(4, 2)
+
+
+def converge_rows(accuracies, ceiling, speedup):
+    return {"curve": [{"step": s, "accuracy": a, "judge_fd": 1.0} for s, a in zip((10, 20), accuracies)],
+            "ceiling_accuracy": ceiling, "speedup": speedup}
+
+
+def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_seeds_speed_up(tmp_path, monkeypatch):
+    per_seed = {0: {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, None)},
+                1: {"gauss c=4": converge_rows((0.4, 0.8), 0.9, 1.0), "dgae c=2": converge_rows((0.6, 0.9), 0.8, 2.0)}}
+    monkeypatch.setattr(claims, "out", str(tmp_path))
+    monkeypatch.setattr(claims, "seeds", "0,1")
+    monkeypatch.setattr(claims, "dit_steps", "10,20")
+    monkeypatch.setattr(claims, "converge_one_seed", lambda dist, c, seed, steps, root: per_seed[seed])
+    claims.run_converge(None)
+    summary = json.load(open(tmp_path / "converge" / "converge_summary.json"))
+    assert summary["seeds"] == [0, 1]
+    dgae = summary["latents"]["dgae c=2"]
+    assert dgae["steps"] == [10, 20] and dgae["speedups"] == [None, 2.0]
+    assert dgae["accuracy_mean"] == pytest.approx([0.5, 0.7]) and dgae["ceiling_accuracy"] == pytest.approx(0.75)
+    assert dgae["accuracy_sd"] == pytest.approx([0.02 ** 0.5, 0.08 ** 0.5])  # two seeds: |a - b| / sqrt(2)
+    table = open(tmp_path / "converge" / "converge_summary.md").read()
+    assert "| dgae c=2 | 0.500 +- 0.141 | 0.700 +- 0.283 | 0.750 | not reached, 2.00x |" in table
+    assert (tmp_path / "converge" / "converge_summary.png").stat().st_size > 1000
+    monkeypatch.setattr(claims, "seeds", "1")  # one seed: its own report only, no summary
+    os.remove(tmp_path / "converge" / "converge_summary.json")
+    claims.run_converge(None)
+    assert not (tmp_path / "converge" / "converge_summary.json").exists()
 
 
 def test_plan_runs_the_sweep_then_the_seeds_then_the_equal_compute_runs(tmp_path, monkeypatch):
