@@ -35,9 +35,10 @@ diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
 
 converge (claim 3, the built-in data) trains the same DiT (train_dit.py's defaults: preset, tokens,
 lr, batch, t distribution, guidance) on the per-channel-normalised latents of four stage-1 models
-of the compare folder, at each seed of --seeds (each decoder at its sweep's best rate, as compare
-picks it; the DiT gets the same seed): DGAE at c/2 and the Gaussian decoder at c (the claim), DGAE
-at c and the Gaussian decoder at c/2 (controls; --controls false skips them). At each DiT step of
+of the compare folder, at each seed of --seeds (each decoder at its rate of the lr sweep at the
+first of --seeds, as compare picks it, so the list starts with the seed compare swept at; finished
+seeds are reused; the DiT gets the same seed): DGAE at c/2 and the Gaussian decoder at c (the
+claim), DGAE at c and the Gaussian decoder at c/2 (controls; --controls false skips them). At each DiT step of
 --dit-steps it samples --num-samples images (uniform labels) and scores them with eval.py classes:
 the share the pattern classifier names as their class, and the Frechet distance to held-out images
 in its feature space, each beside the autoencoder's own ceiling (its reconstructions' scores). The
@@ -492,8 +493,13 @@ def converge_latents(c, seed):
         else:
             run = run_name(kind, ch, lr, seed)
         if finished_scores(run) is None:
-            raise SystemExit(f"error: converge needs the stage-1 run {os.path.join(out, run)}; run "
-                             f"`python claims.py compare --out {out} --seeds {seeds} --lrs {lrs} --only {run}` first")
+            extra = f" --train-args {shlex.quote(train_args)}" if train_args else ""
+            raise SystemExit(
+                f"error: converge needs the stage-1 run {os.path.join(out, run)} (each decoder at its rate of the lr "
+                f"sweep at seed {sweep_seed}, the first of --seeds; to repeat claim 3 at another seed, start --seeds with "
+                f"the seed compare swept at, e.g. --seeds 0,{seed}); train it with `python claims.py compare --out {out} "
+                f"--preset {preset} --max-steps {max_steps} --seeds {seeds} --lrs {lrs} --compute-factor 0{extra} "
+                f"--only {run}`")
         found.append((f"{kind} c={ch}", run, finished_scores(run)))
     return found
 
@@ -610,7 +616,9 @@ def run_converge(dist):
     c = make_config(preset).latent_channels
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
-    seed_list = [int(s) for s in seeds.split(",")]
+    seed_list = list(dict.fromkeys(int(s) for s in seeds.split(",")))
+    for seed in seed_list:  # every stage-1 run is there before the first DiT trains
+        converge_latents(c, seed)
     os.makedirs(root, exist_ok=True)
     per_seed = {seed: converge_one_seed(dist, c, seed, step_list, root) for seed in seed_list}
     if len(seed_list) < 2:

@@ -287,11 +287,40 @@ def test_converge_takes_each_seed_at_the_sweeps_best_rate_and_can_skip_the_contr
     monkeypatch.setattr(claims, "controls", False)
     assert [run for _, run, _ in claims.converge_latents(4, 2)] == ["gauss_c4_lr0.0003_s2", "dgae_c2_lr0.001_s2"]
     os.remove(tmp_path / "dgae_c2_lr0.001_s2" / "scores.json")  # a missing run: say which, and the command that trains it
-    with pytest.raises(SystemExit, match=r"dgae_c2_lr0\.001_s2; run `python claims\.py compare .*--seeds 1,2 "):
+    with pytest.raises(SystemExit, match=r"dgae_c2_lr0\.001_s2 \(.*`python claims\.py compare .*--seeds 1,2 --lrs 1e-3,3e-4 "
+                                         r"--compute-factor 0 --only dgae_c2_lr0\.001_s2`"):
         claims.converge_latents(4, 2)
-    os.remove(tmp_path / "dgae_c2_lr0.001_s1" / "scores.json")  # the sweep is unfinished: its missing run is named
-    with pytest.raises(SystemExit, match=r"the stage-1 run .*dgae_c2_lr0\.001_s1;"):
+    os.remove(tmp_path / "dgae_c2_lr0.0003_s1" / "scores.json")  # the sweep is unfinished: its missing run is named
+    with pytest.raises(SystemExit, match=r"the stage-1 run \S*dgae_c2_lr0\.0003_s1 .*--seeds 0,2"):
         claims.converge_latents(4, 2)
+
+
+def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "out", str(tmp_path))
+    monkeypatch.setattr(claims, "lrs", "1e-3")
+    monkeypatch.setattr(claims, "seeds", "0,2")
+    monkeypatch.setattr(claims, "controls", False)
+    for name in ("gauss_c4_lr0.001_s0", "dgae_c2_lr0.001_s0", "gauss_c4_lr0.001_s2", "dgae_c2_lr0.001_s2"):
+        os.makedirs(tmp_path / name)
+        json.dump({"ez_lowfreq_psnr": 20.0, "judge_accuracy": 0.9, "judge_fd": 1.0}, open(tmp_path / name / "scores.json", "w"))
+    calls = []
+
+    def fake_script(name, *args):  # stands in for the subprocesses; eval.py leaves a result that grows with the step
+        calls.append((name, [str(a) for a in args]))
+        if name == "eval.py":
+            result = args[args.index("--out") + 1]
+            os.makedirs(os.path.dirname(result), exist_ok=True)
+            step = int(os.path.basename(result)[len("classes_"):-len(".json")])
+            json.dump({"accuracy": step / 40, "judge_fd": 1.0}, open(result, "w"))
+
+    monkeypatch.setattr(claims, "script", fake_script)
+    rows = claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
+    dit_runs = [args for name, args in calls if name == "train_dit.py"]
+    assert len(dit_runs) == 4 and all(a[a.index("--seed") + 1] == "2" for a in dit_runs)
+    assert [a[a.index("--ae-ckpt") + 1] for a in dit_runs][::2] == [str(tmp_path / r / "ckpt.pt")
+                                                                    for r in ("gauss_c4_lr0.001_s2", "dgae_c2_lr0.001_s2")]
+    assert json.load(open(tmp_path / "c" / "converge_s2.json"))["target_accuracy"] == 0.5
+    assert rows["dgae c=2"]["speedup"] == 1.0 and (tmp_path / "c" / "converge_s2.png").exists()
 
 
 def converge_rows(accuracies, ceiling, speedup):
@@ -303,8 +332,9 @@ def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_s
     per_seed = {0: {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, None)},
                 1: {"gauss c=4": converge_rows((0.4, 0.8), 0.9, 1.0), "dgae c=2": converge_rows((0.6, 0.9), 0.8, 2.0)}}
     monkeypatch.setattr(claims, "out", str(tmp_path))
-    monkeypatch.setattr(claims, "seeds", "0,1")
+    monkeypatch.setattr(claims, "seeds", "0,1,0")  # a repeated seed counts once
     monkeypatch.setattr(claims, "dit_steps", "10,20")
+    monkeypatch.setattr(claims, "converge_latents", lambda c, seed: [])  # the stage-1 runs are checked elsewhere
     monkeypatch.setattr(claims, "converge_one_seed", lambda dist, c, seed, steps, root: per_seed[seed])
     claims.run_converge(None)
     summary = json.load(open(tmp_path / "converge" / "converge_summary.json"))
