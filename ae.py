@@ -51,7 +51,7 @@ class AEConfig:
     cond_ch: int = 32
     dropout: float = 0.0
     attn_impl: str = "math"
-    # diffusion and loss (which of these the paper states and which we chose: see the README)
+    # diffusion and loss: the paper states the loss terms (DGAE.loss); every value here is our choice
     t_dist: str = "uniform"  # training times: uniform | logit_normal (see decoder_diffusion.sample_t)
     t_shift: float = 1.0  # shift_t of the training times and of the decoder's Euler grid (1 = none)
     decode_steps: int = 10
@@ -59,7 +59,6 @@ class AEConfig:
     kl_weight: float = 1e-6  # on the KL per pixel value, i.e. SD-VAE's 1e-6 on a per-image sum
     recon_weight: float = 1.0  # L1 on the one-step estimate x0_hat of the flow loss (costs nothing)
     consistency_weight: float = 1.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
-    l1_weight: float = 1.0  # baseline decoder only
     gauss_ch: int = 0  # baseline decoder base width; 0 = match the diffusion decoder's parameter count
     # anchored diffusion decoder (our reading of the abstract, see DGAE.loss): the base width of a
     # deterministic decode x~ = D(z) that the U-Net sees beside x_t; 0 = no anchor
@@ -287,19 +286,25 @@ class DGAE(nn.Module):
     def loss(self, x, lpips=None):
         """Training objective. Returns (total, {term: value}) with x (B, 3, H, W) in [-1, 1].
 
-        DGAE (paper: diffusion loss + perceptual loss + reconstruction consistency + KL, no GAN):
-            L = |v_hat - v|^2                                     flow matching, t ~ cfg.t_dist
-              + recon_weight * |x0_hat - x|_1 + lpips_weight * LPIPS(x0_hat, x)
-              + consistency_weight * |x1_hat - x|_1              one-step decode from pure noise
-              + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)
+        DGAE. The paper states the terms: a diffusion loss, a perceptual loss, "reconstruction
+        consistency" and a KL term, with no GAN. Each term's form and weight is our choice:
+            L = |v_hat - v|^2                                     the diffusion loss, as rectified-flow
+                                                                  matching with t ~ cfg.t_dist
+              + recon_weight * |x0_hat - x|_1                     consistency, part 1: L1 on the flow
+                                                                  loss's own one-step estimate
+              + lpips_weight * LPIPS(x0_hat, x)                   the perceptual loss, on that estimate
+              + consistency_weight * |x1_hat - x|_1              consistency, part 2: L1 on the
+                                                                  one-step decode from pure noise
+              + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)      the KL, per pixel value (SD-VAE's 1e-6)
         with x_t = (1 - t) x + t eps, v = eps - x, v_hat = UNet(x_t, t, z), x0_hat = x_t - t v_hat,
         and x1_hat = eps' - UNet(eps', 1, z): the first Euler step of decoding, which starts at t = 1
-        and estimates E[x | z]. The pixel terms on x1_hat and x0_hat give the encoder the direct
-        reconstruction signal a deterministic decoder gets (our choice; the paper's "reconstruction
-        consistency" as we read it).
+        and estimates E[x | z]. The two consistency terms are our reading of the paper's
+        "reconstruction consistency": they give the encoder the direct reconstruction signal a
+        deterministic decoder gets, so the decoder cannot denoise from x_t alone and ignore z.
         Anchored (cfg.anchor_ch > 0, our reading): the U-Net also sees x~ = D(z), and
               + anchor_weight * (|x~ - x|_1 + lpips_weight * LPIPS(x~, x)).
-        Deterministic decoders ("gaussian", "unet"): L = |x_hat - x|_1 + lpips_weight * LPIPS(x_hat, x) + KL term.
+        Deterministic decoders ("gaussian", "unet"; our choice: SD-VAE's recipe without its GAN):
+            L = |x_hat - x|_1 + lpips_weight * LPIPS(x_hat, x) + the KL term.
         LPIPS is skipped when `lpips` is None (no weight files) or lpips_weight is 0.
         The term "psnr_t1" (PSNR of x1_hat, in dB) is logged, not optimised: it falls to the mean
         colour's level when the decoder stops using z.
@@ -351,7 +356,7 @@ class DGAE(nn.Module):
         else:
             x_pred = self.deterministic_decode(z).float()
             terms["l1"] = (x_pred - x).abs().mean()
-            total = cfg.l1_weight * terms["l1"]
+            total = terms["l1"]
         if use_lpips:
             terms["lpips"] = lpips(x_pred, x).mean()
             total = total + cfg.lpips_weight * terms["lpips"]

@@ -282,7 +282,7 @@ def score(run_dir, heldout_source, judge, dist):
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     s["psnr_t1_log"] = [(r["step"], round(r["psnr_t1"], 2)) for r in log if "psnr_t1" in r]
     ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
-    s["lpips_used"] = bool(ck.get("lpips_used", False))
+    s["lpips_used"] = bool(ck["lpips_used"])
     s["decoder_params_M"] = round(common.count_params(model.decoder) / 1e6 +
                                   (common.count_params(model.anchor) / 1e6 if model.anchor is not None else 0), 3)
     with open(path, "w") as f:

@@ -92,8 +92,8 @@ def configure(settings, argv=None):
     return {k: settings[k] for k in keys}, given
 
 
-# Samplers take tens to a few hundred Euler steps; far more only costs time: a grid decoded with
-# 100000 steps took longer than ten minutes, past any scheduler's grace period after SIGTERM.
+# Samplers take tens to a few hundred Euler steps; far more only costs time: 100000 steps take
+# over ten minutes for one grid, past any scheduler's grace period after SIGTERM.
 MAX_EULER_STEPS = 1000
 # Classifier-free guidance multiplies the DiT's velocity difference by the scale. Useful scales are
 # 1 to 10; one far beyond them leaves float32's range (inf, then NaN: black images, with exit 0).

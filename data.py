@@ -43,7 +43,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 # Single-channel 16-bit modes (a 16-bit greyscale PNG opens as I;16, as I in older Pillows).
-# convert("RGB") clips their 0..65535 values at 255, so such an image became near-white.
+# convert("RGB") clips their 0..65535 values at 255, so such an image would become near-white.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -80,12 +80,12 @@ def _is_image(name):
 
 # The largest image (width x height) decoded. Image.open reads only the header, so the size of a
 # larger file is known before any pixel is decoded: such a file is skipped like an unreadable one.
-# A 12000 x 12000 PNG took 1.8 GB to decode for one item; ImageNet's largest photos are ~ 20 MP.
+# A 12000 x 12000 PNG takes 1.8 GB to decode for one item; ImageNet's largest photos are ~ 20 MP.
 # (PIL's own guard, Image.MAX_IMAGE_PIXELS = 89 MP, only warns below 179 MP and then decodes.)
 MAX_IMAGE_PIXELS = 8192 * 8192
 # The longest side an image may have, in units of its shortest (read from the header too). The crop
 # first resizes the short side to the resolution, so a 1 x 10000 PNG (35 KB, well under
-# MAX_IMAGE_PIXELS) became 256 x 2,560,000 pixels: 6.5 GB for one item. At 32:1 the resize holds at
+# MAX_IMAGE_PIXELS) would become 256 x 2,560,000 pixels: 6.5 GB for one item. At 32:1 the resize holds at
 # most 32 x resolution^2 pixels (6 MB at 256 px), and photos, panoramas included, stay below it.
 MAX_ASPECT_RATIO = 32
 MAX_IMAGE_WARNINGS = 20  # unreadable images named in a warning, per process; the rest are only counted

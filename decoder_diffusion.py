@@ -90,8 +90,9 @@ def flow_matching_loss(velocity_fn, x, t_dist="logit_normal", t_shift=1.0):
     """The rectified-flow training loss |v_hat - v|^2 on a batch of clean data x (B, ...).
 
     Draws t and eps, builds x_t, asks velocity_fn(x_t, t) for v_hat and regresses it on
-    v = eps - x. Returns (loss, x_t, t, v_hat) so a caller can add terms on x0_hat (DGAE's LPIPS).
-    Used by the DGAE decoder (velocity_fn = UNet given z) and by the DiT (given the class).
+    v = eps - x. Returns (loss, x_t, t, v_hat). The DiT trains with it (velocity_fn = the DiT given
+    the class); DGAE.loss writes the same term out, because its U-Net call also serves the
+    consistency term.
     """
     t = sample_t(x.shape[0], t_dist, x.device, t_shift)  # (B,)
     eps = torch.randn_like(x)
@@ -135,7 +136,7 @@ def Norm(ch):
 
     Thin toy widths need the floor (our choice): GroupNorm(32, 32) normalises every channel on its
     own over the image, i.e. it subtracts each channel's spatial mean, which is exactly the colour
-    the decoder must reproduce (NOTES.md: 11.4 dB with one channel per group, 12.6 dB with four).
+    the decoder must reproduce (NOTES.md: +1.2 dB with four channels per group).
     Widths of 128 and more keep SD-VAE's 32 groups.
     """
     groups = math.gcd(32, ch)
@@ -286,8 +287,8 @@ class UNet(nn.Module):
         # Each level of either path is a ModuleDict: "blocks" (each a ResBlock, plus self-attention
         # at the resolutions in attn_res), "cond_proj" (a 1x1 conv from the latent-decoder features
         # to the level's width; latent_decoder conditioning only) and "resample" (not on the level
-        # nearest the middle). cond_proj is created first: that fixes the initial weights drawn from
-        # a seed, which the measured runs in NOTES.md used.
+        # nearest the middle). cond_proj is created first: creation order fixes which initial
+        # weights a seed draws, so a seed gives the same model as the runs in NOTES.md.
 
         # down path; skip_widths lists the width of every tensor it keeps for the up path, in order
         self.down = nn.ModuleList()

@@ -201,7 +201,7 @@ class DiT(nn.Module):
         # same linear map to each flattened patch"
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # non-persistent buffer: moves with .to(device), is never trained, and stays out of the
-        # checkpoint (it is recomputed from the config, so old checkpoints can never disagree with it)
+        # checkpoint (it is recomputed from the config, so no checkpoint can disagree with it)
         self.register_buffer("pos_embed", pos_embed_2d(hidden_size, *self.grid)[None], persistent=False)  # (1, T, D)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
@@ -273,8 +273,8 @@ class DiT(nn.Module):
         v_cond, v_uncond = v[:B], v[B:]  # each (B, C, H, W)
         # Guidance goes on every channel. The original DiT code, copied into many later repos, guides
         # only the first 3 (`eps, rest = out[:, :3], out[:, 3:]`): a leftover from GLIDE, where the 3
-        # channels were RGB pixels. The DiT authors confirmed it is a bug (facebookresearch/DiT#12,
-        # #41). For latents, whose channels ALL carry image content (DGAE: 4 to 64 of them), it
+        # channels were RGB pixels; the DiT authors call it a bug in the official repository's issue
+        # tracker (github.com/facebookresearch/DiT/issues/12). For latents, whose channels ALL carry image content (DGAE: 4 to 64 of them), it
         # silently leaves channels 3.. unguided.
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 

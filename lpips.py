@@ -124,7 +124,7 @@ class LPIPS(nn.Module):
 
     def train(self, mode=True):
         # Stay in eval mode even when a parent (the autoencoder holding this loss) calls .train().
-        # Nothing here behaves differently in train mode today; this keeps it that way.
+        # The loss network is fixed: no layer of it may ever switch to training behaviour.
         return super().train(False)
 
     @property

@@ -169,7 +169,7 @@ def check_output(path, npz, master):
 
 def main():
     settings, _ = common.configure(globals())
-    # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan used to write
+    # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan would write
     # garbage images with exit 0
     common.check_settings(settings, count=("per_class", "batch_size"), count_or_0=("num_samples", "num", "seed"),
                           steps=("steps",), steps_or_0=("decode_steps",), guidance=("cfg_scale",))

@@ -90,8 +90,8 @@ FIXED_ON_RESUME = ("dataset_size", "seed", "batch_size", "grad_accum", "lr", "wa
 
 def main():
     settings, given = common.configure(globals())
-    # numbers out of range stop here, before any work (--shard-size 0 used to leave a meta.json
-    # behind that marked later caches stale; --max-steps 0 printed "done" and wrote nothing)
+    # numbers out of range stop here, before any work (--shard-size 0 would leave a meta.json that
+    # marks later caches stale; --max-steps 0 would say "done" and write nothing)
     common.check_settings(settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size", "grad_accum",
                                            "max_steps", "log_every", "sample_every", "ckpt_every",
                                            "max_nonfinite_steps"),

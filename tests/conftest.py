@@ -1,5 +1,5 @@
-# Shared test set-up. The machine that runs CI has two cores; one torch thread per test process
-# keeps subprocess-heavy tests from oversubscribing them.
+# Shared test set-up. One torch thread per test process keeps subprocess-heavy tests from
+# oversubscribing a small machine's cores.
 import pytest
 import torch
 

@@ -210,8 +210,8 @@ def random_images(n, seed, size=32, smooth=False):
 
 
 def test_gen_with_few_samples_says_which_numbers_mean_nothing_and_never_reports_a_negative_fid(tmp_path, monkeypatch):
-    # 8 images against themselves: singular covariances (8 samples, 2048 and 2023 dimensions) gave a
-    # negative FID and sFID, and IS over 8 splits of one image each was exactly 1.0 +- 0. Features
+    # 8 images against themselves: singular covariances (8 samples, 2048 and 2023 dimensions) can give a
+    # negative FID and sFID, and IS over 8 splits of one image each is exactly 1.0 +- 0. Features
     # of the widths InceptionV3 gives (its own run is tested end to end below, marked slow)
     g = torch.Generator().manual_seed(0)
     feats = {k: torch.randn(8, d, generator=g).double().numpy() for k, d in eval_data.FEATURE_DIMS.items()}

@@ -139,8 +139,8 @@ def test_a_failed_checkpoint_write_keeps_the_old_file_and_removes_the_tmp(tmp_pa
 
 
 def test_a_symlinked_checkpoint_is_written_through_the_link(tmp_path):
-    # ckpt.pt as a link to a file on a persistent volume: a save replaced the link by a regular file,
-    # and the file on the volume stayed at the old step
+    # ckpt.pt as a link to a file on a persistent volume: a save must update the file on the volume and
+    # keep the link, not replace the link by a regular file and leave the volume's copy a step behind
     (tmp_path / "volume").mkdir()
     (tmp_path / "run").mkdir()
     checkpoints.save_checkpoint(str(tmp_path / "volume/ckpt.pt"), {"kind": "ae", "step": 1})

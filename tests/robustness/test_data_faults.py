@@ -59,8 +59,8 @@ def assert_same_cache(a, b):
 
 
 def test_a_missing_shard_is_refused_not_trained_on_half_the_data(tmp_path, ae):
-    # 64 images in 2 shards, one deleted while stats.pt remains: train_dit.py used to train on
-    # 32 of them and exit 0
+    # 64 images in 2 shards, one deleted while stats.pt remains: train_dit.py must refuse, not train
+    # on the 32 left and exit 0
     good = build(tmp_path, tmp_path / "ae.pt", ProceduralDataset(16, size=64), cache="cache", shard_size=32)
     shutil.copytree(good, tmp_path / "pristine")
     os.remove(tmp_path / "cache/shard_00001.pt")
@@ -192,7 +192,7 @@ def test_no_readable_image_is_one_line_in_first_good_and_the_loader(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert refused(lambda: first_good(ds, 8)).startswith(expected)  # train_ae.py's grid, sample.py's recon
-        # the loader stops after an epoch's share of unreadable images (it looped forever in silence)
+        # the loader stops after an epoch's share of unreadable images, rather than loop for ever in silence
         line = refused(lambda: next(Loader(ds, batch_size=4)))  # 2 batches of 4 per epoch
         assert line.startswith(f"error: {tmp_path / 'bad'}: 8 of its 10 images in a row could not be read")
     # one readable image is enough: it is found however late it comes, and the loader yields it
@@ -224,13 +224,13 @@ def test_no_readable_image_stops_train_ae_before_training(tmp_path, monkeypatch)
     monkeypatch.setattr(sys, "argv", ["train_ae.py", "--data", "bad", "--preset", "tiny", "--resolution", "16",
                                       "--batch-size", "4", "--lpips-weight", "0", "--max-steps", "2"])
     with pytest.warns(UserWarning, match="skipping image"):
-        line = refused(train_ae.main)  # was: RuntimeError: stack expects a non-empty TensorList
+        line = refused(train_ae.main)  # one line, not a traceback from stacking an empty batch
     assert line.startswith("error: bad: none of its 10 images could be read")
     assert not os.path.exists(tmp_path / "out/ae/ckpt.pt")
 
 
 def test_no_readable_image_stops_the_latent_cache_and_fixed_images_are_encoded_next_time(tmp_path, ae):
-    # was: "latent cache complete" with a NaN stats.pt, then "dataset has 0 images, fewer than one global batch"
+    # the cache must not report itself complete with a NaN stats.pt and no latents: it stops at the encoding
     root = bad_folder(tmp_path / "bad")
     ds = ImageFolderDataset(str(root), 16)
     with pytest.warns(UserWarning, match="skipping image"):
@@ -244,7 +244,7 @@ def test_no_readable_image_stops_the_latent_cache_and_fixed_images_are_encoded_n
 
 
 def test_no_readable_image_stops_eval_recon_without_writing_results(tmp_path, ae, monkeypatch):
-    # was: exit 0 and a results file with num_images 0 and highfreq_ratio 0.0
+    # no exit 0 and no results file scored on 0 images
     bad_folder(tmp_path / "bad")
     importlib.reload(ev)
     monkeypatch.setattr(sys, "argv", ["eval.py", "recon", "--ckpt", str(tmp_path / "ae.pt"), "--data",
@@ -317,7 +317,7 @@ def test_an_image_too_large_is_skipped_from_its_header_without_decoding(tmp_path
 
 def test_an_image_of_extreme_aspect_ratio_is_skipped_from_its_header_without_decoding(tmp_path, monkeypatch):
     # 1 x 10000 pixels passes MAX_IMAGE_PIXELS, but the crop's resize of its short side to the
-    # resolution made it 256 x 2,560,000 pixels (6.5 GB for one 35 KB file)
+    # resolution would make it 256 x 2,560,000 pixels (6.5 GB for one 35 KB file)
     (tmp_path / "c").mkdir()
     huge_png(tmp_path / "c/strip.png", 1, 10000)
     Image.fromarray(np.full((24, 20, 3), 200, np.uint8)).save(tmp_path / "c/small.png")

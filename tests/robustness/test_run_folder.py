@@ -31,8 +31,8 @@ def in_use(folder):
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_ends_with_the_first(tmp_path):
-    # two runs into one folder both trained, wrote the same ckpt.pt.tmp and interleaved their
-    # log.jsonl rows; a resume started while the run was alive did the same
+    # two runs into one folder would both train, write the same ckpt.pt.tmp and interleave their
+    # log.jsonl rows, and so would a resume started while the run is alive: the second is refused
     first = start(tmp_path, "train_ae.py", *ARGS, "--max-steps", "100000", "--ckpt-every", "1", "--num-workers", "1")
     try:
         wait_for(first, tmp_path / "out/ae/ckpt.pt", tmp_path)
@@ -65,7 +65,7 @@ def run_in_process(monkeypatch, module, *args):
 
 def test_an_out_dir_inside_the_data_is_refused_and_a_changed_data_folder_is_said_on_resume(tmp_path, monkeypatch,
                                                                                            capsys):
-    # the run's reconstruction grids became training images: 16 images, then 18 after a resume
+    # the run's reconstruction grids must not become training images (16 images, then 18 after a resume)
     _image_folder(tmp_path / "imgs")
     monkeypatch.chdir(tmp_path)
     recipe = ["--data", "imgs", "--preset", "tiny", "--resolution", "32", *ARGS]
@@ -113,7 +113,7 @@ def test_a_full_disk_during_a_checkpoint_or_a_latent_shard_write_is_one_line(tmp
 
 @pytest.mark.parametrize("module", [train_ae, train_dit])
 def test_an_unavailable_device_is_refused_before_the_out_dir_or_the_data_is_touched(tmp_path, monkeypatch, module):
-    # --device cuda on a CPU machine: a traceback after the dataset scan, and an empty --out-dir left
+    # --device cuda on a CPU machine is one line up front: no traceback after the dataset scan, no empty --out-dir
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(data, "ProceduralDataset", lambda *a, **k: pytest.fail("built the dataset"))
     has = common.available_devices()

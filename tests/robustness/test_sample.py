@@ -129,7 +129,7 @@ def test_clear_errors(ckpts, tmp_path, monkeypatch):
         run_sample(monkeypatch, "--ckpt", ckpts[0])
 
 
-BAD_SETTINGS = [  # (flags, the one line expected); each used to write garbage with exit 0
+BAD_SETTINGS = [  # (flags, the one line expected); unchecked, each would write garbage and exit 0
     (["--steps", "-1"], "--steps must be from 1 to 1000, got -1"),
     (["--steps", "0"], "--steps must be from 1 to 1000, got 0"),
     (["--steps", "100000"], "--steps must be from 1 to 1000, got 100000"),  # hours, and no better images
@@ -158,7 +158,7 @@ def test_bad_settings_are_refused_before_any_work(ckpts, tmp_path, monkeypatch, 
 
 
 def test_the_output_is_checked_before_sampling(ckpts, tmp_path, monkeypatch, capsys):
-    # a folder that does not exist yet is created (it used to crash at the save, after all the sampling)
+    # a folder that does not exist yet is created, so the save cannot fail after all the sampling
     run_sample(monkeypatch, "--ckpt", ckpts[0], "--steps", "1", "--num-samples", "2", "--out", str(tmp_path / "new/s.npz"))
     assert np.load(tmp_path / "new/s.npz")["arr_0"].shape == (2, 16, 16, 3)
     assert f"wrote {tmp_path / 'new/s.npz'}" in capsys.readouterr().out  # the printed path is the written one

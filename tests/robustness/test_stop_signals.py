@@ -78,6 +78,7 @@ def assert_resumes_to(tmp_path, full, *args, torchrun=False):
         assert_same_tensors(full[key], resumed[key], key)
 
 
+@pytest.mark.slow  # whole-script runs: 15 to 22 s
 def test_sigterm_saves_the_step_and_resume_is_bit_identical(tmp_path, uninterrupted):
     # (SIGUSR1 takes the same path: see the torchrun test)
     proc = start(tmp_path, "train_ae.py", *AE_ARGS)
@@ -89,6 +90,7 @@ def test_sigterm_saves_the_step_and_resume_is_bit_identical(tmp_path, uninterrup
     assert_resumes_to(tmp_path, uninterrupted, *AE_ARGS)
 
 
+@pytest.mark.slow  # whole-script runs: 15 to 22 s
 def test_ctrl_c_to_the_process_group_spares_the_loader_workers(tmp_path, uninterrupted):
     # Ctrl-C in a terminal sends SIGINT to every process of the job: the trainer and its data-loading
     # workers. The workers ignore it, so the trainer can finish its step with them and save.
@@ -103,9 +105,9 @@ def test_ctrl_c_to_the_process_group_spares_the_loader_workers(tmp_path, uninter
 
 
 def test_sigterm_while_the_end_of_run_grid_decodes_ends_the_run_at_once_with_its_checkpoint(tmp_path):
-    # the grid of the last step decoded 100000 Euler steps for more than ten minutes after SIGTERM,
-    # past any scheduler's grace period. Now the step is saved first, and the decode gives up at the
-    # signal. 1000 steps (the most allowed) take ~75 s for this grid of 8 images on one CPU thread.
+    # a long end-of-run decode must not outlast a scheduler's grace period after SIGTERM: the last step
+    # is saved before its grid is decoded, and the decode gives up at the signal. 1000 Euler steps (the
+    # most allowed) take over a minute for this grid of 8 images on one CPU thread, far past the 15 s allowed.
     proc = start(tmp_path, "train_ae.py", *FAST[:-2], "--lpips-weight", "0", "--max-steps", "1", "--decode-steps", "1000")
     wait_for(proc, tmp_path / "out/ae/ckpt.pt", tmp_path)  # saved: the grid is being decoded
     time.sleep(0.5)
@@ -151,6 +153,7 @@ def test_under_torchrun_a_signal_to_one_worker_or_to_the_launcher_stops_every_ra
             assert_resumes_to(case_dir, full, *AE_ARGS, torchrun=True)  # ... and the run resumes exactly
 
 
+@pytest.mark.slow  # whole-script runs: 15 to 22 s
 def test_train_dit_a_signal_saves_the_step_and_resume_is_bit_identical(tmp_path):
     save_tiny_ae(tmp_path / "ae.pt")
     args = [*DIT_FAST, "--max-steps", str(MAX_STEPS)]

@@ -44,6 +44,7 @@ DIT_FAST = ["--ae-ckpt", "ae.pt", "--dataset-size", "40", "--shard-size", "16", 
             "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--cache-dir", "cache"]
 
 
+@pytest.mark.slow  # whole-script runs: 15 to 22 s
 def test_resume_is_bit_identical(tmp_path, ae):
     args = DIT_FAST + ["--grad-accum", "2", "--warmup-steps", "2"]
     run(tmp_path, "train_dit.py", "--out-dir", "full", "--max-steps", "4", *args)
