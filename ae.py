@@ -49,7 +49,7 @@ class AEConfig:
     unet_res_blocks: int = 1
     attn_res: tuple = (8,)
     cond_ch: int = 32
-    dropout: float = 0.0
+    dropout: float = 0.0  # in the U-Net's residual blocks (train_ae.py --dropout)
     attn_impl: str = "math"
     # diffusion and loss: the paper states the loss terms (DGAE.loss); every value here is our choice
     t_dist: str = "uniform"  # training times: uniform | logit_normal (see decoder_diffusion.sample_t)

@@ -45,6 +45,7 @@ t_dist = ""  # training t distribution: uniform | logit_normal ("" = the preset'
 t_shift = 1.0  # shift of the training times and of the decoder's Euler grid towards t = 1 (1 = none)
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
+dropout = 0.0  # dropout inside the diffusion decoder's residual blocks (0 = none)
 grad_checkpoint = False  # activation checkpointing: less memory, one more forward pass a step (big models, small GPUs)
 lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
 kl_weight = 1e-6  # on the KL per pixel value (SD-VAE's 1e-6 on a per-image sum)
@@ -80,7 +81,7 @@ channels_last = True  # NHWC memory layout for the convolutions (faster on the C
 # the settings that override a field of the preset's ae.AEConfig when given on the command line
 CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "anchor_ch", "anchor_weight", "cond",
                    "t_dist", "t_shift", "decode_steps", "attn_impl", "lpips_weight", "kl_weight", "recon_weight",
-                   "consistency_weight", "lr", "batch_size")
+                   "consistency_weight", "lr", "batch_size", "dropout")
 # of those, the ones a --resume may change: how the run computes (attention kernel, the grids' decode steps), not what
 FREE_ON_RESUME = ("attn_impl", "decode_steps")
 
@@ -131,7 +132,8 @@ def main():
         # preset's 16 or 32, but a preset or a checkpoint must not bring a 0 either
         common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size"), steps=("decode_steps",),
                               positive=("lr", "t_shift"), non_negative=("lpips_weight", "kl_weight", "recon_weight",
-                                                              "consistency_weight", "anchor_weight"))
+                                                              "consistency_weight", "anchor_weight"),
+                              fraction=("dropout",))
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
         loader = Loader(dataset, cfg.batch_size, dist.rank, dist.world_size, seed, num_workers)
         log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")

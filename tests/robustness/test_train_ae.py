@@ -192,9 +192,9 @@ def run_in_process(monkeypatch, *args):
 
 
 BAD_SETTINGS = [  # (flags, the one line expected)
-    (["--decode-steps", "0"], "--decode-steps must be from 1 to 1000, got 0"),  # else stored: later grids are noise
-    (["--decode-steps", "-3"], "--decode-steps must be from 1 to 1000, got -3"),  # else a crash that loses the run
-    (["--decode-steps", "100000"], "--decode-steps must be from 1 to 1000, got 100000"),  # a grid: many minutes
+    (["--decode-steps", "0"], "--decode-steps must be from 1 to 1000, got 0"),  # else stored, and every later grid is noise
+    (["--decode-steps", "-3"], "--decode-steps must be from 1 to 1000, got -3"),  # else the first grid crashes the run
+    (["--decode-steps", "100000"], "--decode-steps must be from 1 to 1000, got 100000"),  # one grid would take many minutes
     (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),  # a run must not say "done" without a checkpoint
     (["--max-steps", "-1"], "--max-steps must be at least 1, got -1"),
     (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
@@ -203,6 +203,7 @@ BAD_SETTINGS = [  # (flags, the one line expected)
     (["--sample-every", "0"], "--sample-every must be at least 1, got 0"),
     (["--batch-size", "-2"], "--batch-size must be at least 1, got -2"),  # 0 is the preset's batch
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
     (["--lr", "-1e-3"], "--lr must be a finite number above 0, got -0.001"),
     (["--kl-weight", "inf"], "--kl-weight must be a finite number at least 0, got inf"),
@@ -527,6 +528,7 @@ def test_the_headline_command_on_the_builtin_data_picks_a_resolution_with_a_sens
 
 
 def test_every_model_setting_reaches_the_config(tmp_path):
-    run_train(tmp_path, "--max-steps", "1", "--t-shift", "3", "--anchor-ch", "8", "--decoder", "diffusion", *FAST)
+    run_train(tmp_path, "--max-steps", "1", "--t-shift", "3", "--anchor-ch", "8", "--decoder", "diffusion",
+              "--dropout", "0.1", *FAST)
     args = load(tmp_path / "out/ae/ckpt.pt")["model_args"]
-    assert args["t_shift"] == 3.0 and args["anchor_ch"] == 8
+    assert args["t_shift"] == 3.0 and args["anchor_ch"] == 8 and args["dropout"] == 0.1
