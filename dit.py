@@ -274,8 +274,8 @@ class DiT(nn.Module):
         # Guidance goes on every channel. The original DiT code, copied into many later repos, guides
         # only the first 3 (`eps, rest = out[:, :3], out[:, 3:]`): a leftover from GLIDE, where the 3
         # channels were RGB pixels; the DiT authors call it a bug in the official repository's issue
-        # tracker (github.com/facebookresearch/DiT/issues/12). For latents, whose channels ALL carry image content (DGAE: 4 to 64 of them), it
-        # silently leaves channels 3.. unguided.
+        # tracker (github.com/facebookresearch/DiT/issues/12). For latents, whose channels ALL carry
+        # image content (DGAE: 4 to 64 of them), it silently leaves channels 3.. unguided.
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 

@@ -24,8 +24,9 @@ def lr_at(step, base_lr, warmup_steps, max_steps=0, cooldown_steps=0):
     trains), then a linear cool-down to 0 over the last cooldown_steps of max_steps.
 
     The cool-down is what makes a run's last weights good ones: at a constant rate the weights keep
-    jumping around the optimum (NOTES.md: +3 dB on the demo's final weights). It is tied to max_steps: to extend a finished run, resume from a checkpoint taken before
-    the cool-down began. train_dit.py uses no cool-down, so its runs can be extended at any step.
+    jumping around the optimum (NOTES.md: +3 dB on the demo's final weights). It is tied to
+    max_steps: to extend a finished run, resume from a checkpoint taken before the cool-down began.
+    train_dit.py uses no cool-down, so its runs can be extended at any step.
     """
     warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
     cooldown = min(1.0, (max_steps - step) / cooldown_steps) if cooldown_steps > 0 else 1.0
