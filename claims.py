@@ -8,6 +8,7 @@ a verdict by rules fixed before the runs.
     python claims.py compare --report-only true                # the table of the runs finished so far
     python claims.py diagnose --ckpt out/ae/ckpt.pt            # does a stage-1 decoder use z?
     python claims.py converge                                  # claim 3: the same DiT on four latents
+    python claims.py fcurve --data photos/train --val-data photos/val --out out/claims/fcurve   # claim 1 against f
 
 compare trains, with real `python train_ae.py` runs into out/<run>/, four decoders on the same
 encoder, each at the preset's latent channels c and at c/2:
@@ -48,6 +49,20 @@ last step of the same seed; "converges faster" is the ratio of DiT steps each la
 it. DiT losses are never compared across latent spaces. Writes converge/converge_s<seed>.md, .json
 and .png for each seed and, over two or more seeds, converge_summary.md, .json and .png (mean and
 spread of each step's accuracy, the speed-up of every seed).
+
+fcurve (the abstract's first claim: a diffusion decoder loses less than a deterministic one as the
+spatial compression f grows) trains DGAE and the Gaussian decoder at each f of --fs with the latent's
+size fixed (c = the preset's c times (f / first f)^2: f4c4, f8c16, f16c64 at 32 px, as DC-AE-style
+high-compression autoencoders are compared), at each seed (the lr sweep at the first seed at each f,
+the other seeds at its winner). Each run is scored on held-out images with measures that keep one
+meaning across f: full-resolution PSNR of E[x|z] (metrics.conditional_mean_mse over --mean-of
+decodes, no sampling variance left), low-frequency PSNR of E[x|z] and the high-frequency ratio at one
+pooling factor (--pool), the spectral FD. The rule, fixed before the runs: with D = (the Gaussian
+decoder's drop in E[x|z] PSNR from the first to the last f) - (DGAE's drop), each drop the difference
+of the seed means and its standard error from the seeds' spreads, the claim holds if D > 2 SE(D),
+fails if D < -2 SE(D), and is undecided otherwise (also with fewer than 2 seeds). The same rule is
+reported for the other measures. Writes fcurve.md, .json and one plot per measure (mean +- sd over
+seeds against f).
 """
 
 import json
@@ -96,6 +111,8 @@ ckpt = ""  # diagnose: the train_ae.py checkpoint
 dit_steps = "250,500,1000,2000,3000"  # converge: the DiT steps at which samples are scored
 num_samples = 500  # converge: samples scored at each of those steps
 dit_args = ""  # converge: more train_dit.py flags for every run
+fs = "4,8,16"  # fcurve: the spatial compressions, the latent's size fixed at the first's
+pool = 4  # fcurve: pooling factor of the low-/high-frequency measures, the same for every f
 controls = True  # converge: also the two control latents (DGAE at c, Gaussian at c/2), not only the claim's pair
 judge_steps = 600  # training steps of the pattern classifier that judges the built-in data
 quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
@@ -220,8 +237,9 @@ def run_diagnose(dist):
 # compare: the runs, their scores, the table and the verdicts
 
 
-def run_name(kind, channels, lr, seed, factor=1):
-    return f"{kind}_c{channels}_lr{lr:g}_s{seed}" + (f"_x{factor}" if factor > 1 else "")
+def run_name(kind, channels, lr, seed, factor=1, f=None):
+    """The run's folder name; f is given only by fcurve, whose runs differ in compression."""
+    return (f"{kind}_f{f}c{channels}" if f else f"{kind}_c{channels}") + f"_lr{lr:g}_s{seed}" + (f"_x{factor}" if factor > 1 else "")
 
 
 def script(name, *args):
@@ -256,9 +274,9 @@ def decoder_step_flops(kind, channels):
     return (step - encoder) / x.shape[0]
 
 
-def train(run_dir, kind, channels, lr, seed, steps):
+def train(run_dir, kind, channels, lr, seed, steps, extra=()):
     """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just reloads)."""
-    flags = kind_flags(kind)
+    flags = kind_flags(kind) + list(extra)
     resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
     script("train_ae.py", *flags, "--preset", preset, "--latent-channels", channels, "--lr", f"{lr:g}", "--seed", seed,
            "--max-steps", steps, "--data", data, "--out-dir", run_dir, *shlex.split(train_args), *resume)
@@ -315,12 +333,12 @@ def finished_scores(name):
     return json.load(open(path)) if os.path.exists(path) else None
 
 
-def best_lr(kind, channels, lr_list, seed):
+def best_lr(kind, channels, lr_list, seed, f=None, key="ez_lowfreq_psnr"):
     """The sweep's best rate for (kind, channels) by E[x|z] low-frequency PSNR; None until all are scored."""
-    scored = [(finished_scores(run_name(kind, channels, lr, seed)), lr) for lr in lr_list]
+    scored = [(finished_scores(run_name(kind, channels, lr, seed, f=f)), lr) for lr in lr_list]
     if any(s is None for s, _ in scored):
         return None
-    return max(scored, key=lambda p: p[0]["ez_lowfreq_psnr"])[1]
+    return max(scored, key=lambda p: p[0][key])[1]
 
 
 COLUMNS = ("psnr", "psnr_1step", "lowfreq_psnr", "ez_lowfreq_psnr", "highfreq_ratio", "spectral_fd", "judge_accuracy",
@@ -509,33 +527,46 @@ def steps_to_reach(curve, target):
     return next((step for step, v in curve if v >= target), None)
 
 
-def plot(curves, ceilings, path, title, size=(640, 400)):
-    """A line plot of accuracy against DiT steps (log axis), one colour per latent, drawn with PIL."""
+def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None, size=(640, 400)):
+    """A line plot drawn with PIL: series {label: [(x, y, err)]}, err drawn as a bar of +- err (0: none);
+    hlines {label: y}: a thin line in the label's colour (e.g. a ceiling)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     left, top, right, bottom = 60, 20, size[0] - 170, size[1] - 40
-    steps = sorted({s for c in curves.values() for s, _ in c})
-    lo, hi = math.log(steps[0]), math.log(steps[-1]) if steps[-1] > steps[0] else math.log(steps[0]) + 1
-    px = lambda s: left + (math.log(s) - lo) / (hi - lo) * (right - left)  # noqa: E731
-    py = lambda v: bottom - v * (bottom - top)  # noqa: E731 accuracy in [0, 1]
+    xs = sorted({p[0] for c in series.values() for p in c})
+    tx = (lambda v: math.log(v)) if log_x else (lambda v: v)  # noqa: E731
+    x0, x1 = tx(xs[0]), tx(xs[-1]) if xs[-1] > xs[0] else tx(xs[0]) + 1
+    ys = [y + e * sgn for c in series.values() for _, y, e in c for sgn in (-1, 1)] + list((hlines or {}).values())
+    y0, y1 = y_range or (min(ys), max(ys))
+    y0, y1 = (y0, y1) if y1 > y0 else (y0 - 1, y1 + 1)
+    px = lambda v: left + (tx(v) - x0) / (x1 - x0) * (right - left)  # noqa: E731
+    py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
     d.rectangle([left, top, right, bottom], outline="black")
     d.text((left, 4), title, fill="black")
-    for v in (0, 0.25, 0.5, 0.75, 1):
+    for i in range(5):
+        v = y0 + i * (y1 - y0) / 4
         d.line([left - 4, py(v), left, py(v)], fill="black")
-        d.text((left - 40, py(v) - 6), f"{v:.2f}", fill="black")
-    for s in steps:
-        d.line([px(s), bottom, px(s), bottom + 4], fill="black")
-        d.text((px(s) - 12, bottom + 8), str(s), fill="black")
-    d.text((left, size[1] - 16), "DiT steps (log scale); y: share of samples the pattern classifier names right", fill="black")
+        d.text((4, py(v) - 6), f"{v:.3g}", fill="black")
+    for v in xs:
+        d.line([px(v), bottom, px(v), bottom + 4], fill="black")
+        d.text((px(v) - 12, bottom + 8), str(v), fill="black")
+    d.text((left, size[1] - 16), xlabel, fill="black")
     colours = ["#d62728", "#1f77b4", "#ff7f0e", "#2ca02c"]
-    for i, (label, curve) in enumerate(curves.items()):
+    for i, (label, curve) in enumerate(series.items()):
         col = colours[i % len(colours)]
-        d.line([(px(s), py(v)) for s, v in curve], fill=col, width=3)
-        d.line([left, py(ceilings[label]), right, py(ceilings[label])], fill=col, width=1)  # the autoencoder's ceiling
+        d.line([(px(x), py(y)) for x, y, _ in curve], fill=col, width=3)
+        for x, y, e in curve:
+            if e:
+                d.line([px(x), py(y - e), px(x), py(y + e)], fill=col, width=1)
+                d.line([px(x) - 4, py(y + e), px(x) + 4, py(y + e)], fill=col)
+                d.line([px(x) - 4, py(y - e), px(x) + 4, py(y - e)], fill=col)
+        if hlines and label in hlines:
+            d.line([left, py(hlines[label]), right, py(hlines[label])], fill=col, width=1)
         d.text((right + 10, top + 18 * i), label, fill=col)
-    d.text((right + 10, top + 18 * len(curves) + 6), "thin: ceiling", fill="black")
+    if hlines:
+        d.text((right + 10, top + 18 * len(series) + 6), "thin: ceiling", fill="black")
     img.save(path)
 
 
@@ -606,7 +637,9 @@ def write_converge_report(path, report, result, curves, ceilings):
         f.write(report)
     with open(path + ".json", "w") as f:
         json.dump(result, f, indent=1)
-    plot(curves, ceilings, path + ".png", report.splitlines()[0].lstrip("# "))
+    line_plot({k: [(x, y, 0) for x, y in c] for k, c in curves.items()}, path + ".png",
+              report.splitlines()[0].lstrip("# "), "DiT steps (log scale); y: share of samples the pattern classifier "
+              "names right", y_range=(0, 1), hlines=ceilings)
     print(f"wrote {path}.png")
 
 
@@ -636,7 +669,153 @@ def run_converge(dist):
                           {k: r["ceiling_accuracy"] for k, r in summary.items()})
 
 
-MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge}
+# -----------------------------------------------------------------------------
+# fcurve: claim 1 against the spatial compression f
+
+FCURVE_KINDS = ("dgae", "gauss")
+# each measure and its loss (higher is worse), whose growth from the first to the last f is a drop
+FCURVE_MEASURES = {"psnr_ez": ("PSNR of E[x|z] (dB)", lambda v: -v),
+                   "lowfreq_psnr_ez": ("low-frequency PSNR of E[x|z] (dB)", lambda v: -v),
+                   "highfreq_ratio": ("high-frequency ratio", lambda v: abs(v - 1)),
+                   "spectral_fd": ("spectral FD", lambda v: v)}
+
+
+def fcurve_points():
+    """[(f, c)] in --fs order: c grows as f^2 so the latent keeps the smallest f's size (the preset's c)."""
+    f_list = [int(v) for v in fs.split(",")]
+    f0, c0 = min(f_list), make_config(preset).latent_channels
+    if any(f % f0 for f in f_list) or len(set(f_list)) < 2:
+        raise SystemExit(f"error: --fs {fs}: give two or more compressions, each a multiple of the smallest")
+    return [(f, c0 * (f // f0) ** 2) for f in f_list]
+
+
+def fcurve_plan(points):
+    """[(name, kind, f, c, lr, seed)] in training order: the sweep at the first seed, then each seed
+    at every f, each decoder at its rate of the sweep (by E[x|z] PSNR) once the sweep is scored."""
+    seed_list, lr_list = [int(v) for v in seeds.split(",")], [float(v) for v in lrs.split(",")]
+    parts = [(k, f, c, lr, seed_list[0]) for f, c in points for k in FCURVE_KINDS for lr in lr_list]
+    for seed in seed_list[1:]:
+        for f, c in points:
+            for k in FCURVE_KINDS:
+                lr = best_lr(k, c, lr_list, seed_list[0], f=f, key="psnr_ez")
+                if lr is not None:
+                    parts.append((k, f, c, lr, seed))
+    return [(run_name(k, c, lr, seed, f=f), k, f, c, lr, seed) for k, f, c, lr, seed in parts]
+
+
+def score_fcurve(run_dir, heldout, dist):
+    """scores.json of a finished fcurve run: the measures at the fixed pooling factor --pool."""
+    path = os.path.join(run_dir, "scores.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    model = load_dgae(os.path.join(run_dir, "ckpt.pt"), dist.device)
+    diffusion = model.cfg.decoder == "diffusion"
+    s = score_reconstructions(model, heldout, 0, dist, num_images, batch_size, 0, mean_of=mean_of if diffusion else 0,
+                              pool=pool)
+    if not diffusion:  # a deterministic decode is its own conditional mean
+        s["psnr_ez"], s["lowfreq_psnr_ez"] = s["psnr"], s["lowfreq_psnr"]
+    s["pool"] = pool
+    with open(path, "w") as f:
+        json.dump(s, f, indent=1)
+    return s
+
+
+def fcurve_table(points):
+    """{(kind, f): {"c", "lr", "seeds", measure: [per-seed values]}} of the finished runs."""
+    seed_list, lr_list = [int(v) for v in seeds.split(",")], [float(v) for v in lrs.split(",")]
+    table = {}
+    for f, c in points:
+        for k in FCURVE_KINDS:
+            lr = best_lr(k, c, lr_list, seed_list[0], f=f, key="psnr_ez") or lr_list[0]
+            rows = [(s, finished_scores(run_name(k, c, lr, s, f=f))) for s in seed_list]
+            rows = [(s, r) for s, r in rows if r is not None]
+            if rows:
+                table[(k, f)] = {"c": c, "lr": lr, "seeds": [s for s, _ in rows],
+                                 **{m: [r[m] for _, r in rows] for m in FCURVE_MEASURES}}
+    return table
+
+
+def drop_verdict(table, measure, f_lo, f_hi):
+    """(D, SE, verdict): D = the Gaussian decoder's drop from f_lo to f_hi minus DGAE's, each drop the
+    growth of the measure's loss between the seed means, SE from the four seed spreads (D > 0: DGAE
+    loses less). Holds beyond +2 SE, fails beyond -2 SE, else undecided."""
+    loss = FCURVE_MEASURES[measure][1]
+    drops, variances = {}, {}
+    for k in FCURVE_KINDS:
+        cells = [table.get((k, f)) for f in (f_lo, f_hi)]
+        if any(cell is None for cell in cells):
+            return None, None, "undecided: runs missing"
+        lo, hi = ([loss(v) for v in cell[measure]] for cell in cells)
+        drops[k] = np.mean(hi) - np.mean(lo)
+        variances[k] = sum(np.var(v, ddof=1) / len(v) if len(v) > 1 else math.nan for v in (lo, hi))
+    d, se = drops["gauss"] - drops["dgae"], math.sqrt(variances["gauss"] + variances["dgae"])
+    if not math.isfinite(se):
+        return d, se, "undecided: one seed, no standard error"
+    return d, se, "holds" if d > 2 * se else "fails" if d < -2 * se else "undecided"
+
+
+def run_fcurve(dist):
+    if dist.ddp:
+        raise SystemExit("fcurve runs its training jobs one after another; start it with plain python")
+    if bool(data) != bool(val_data):
+        raise SystemExit("error: fcurve needs both --data (training folder) and --val-data (held-out folder), or "
+                         "neither (the built-in data and its held-out images)")
+    points = fcurve_points()
+    os.makedirs(out, exist_ok=True)
+    heldout = ImageSource(val_data, make_config(preset).resolution, builtin_limit=num_images or HELDOUT_SIZE)
+    done = set()
+    while not report_only:
+        todo = [p for p in fcurve_plan(points) if p[0] not in done and only in p[0]]
+        if not todo:
+            break
+        name, kind, f, c, lr, seed = todo[0]
+        run_dir = os.path.join(out, name)
+        if finished_scores(name) is None:
+            train(run_dir, kind, c, lr, seed, max_steps,
+                  extra=("--compression", f, "--resolution", make_config(preset).resolution))
+            score_fcurve(run_dir, heldout, dist)
+        done.add(name)
+    if only and not done and not report_only:
+        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like "
+                         f"{fcurve_plan(points)[0][0]}")
+    table = fcurve_table(points)
+    f_list = sorted(f for f, _ in points)
+    side = make_config(preset).resolution // f_list[0]
+    lines = [f"# claim 1 against f: {data or 'the built-in data'}, {preset} preset, a {side}x{side}x{dict(points)[f_list[0]]} "
+             "latent's size at every f",
+             "", f"{max_steps} steps, seeds {seeds}, lrs {lrs} (swept at the first seed, best by E[x|z] PSNR), "
+             f"{num_images} held-out images, E[x|z] from {mean_of} decodes without their sampling variance, "
+             f"low/high frequencies split at pooling factor {pool}; mean +- sd over seeds", "",
+             "| decoder | f | c | lr | seeds | " + " | ".join(FCURVE_MEASURES) + " |", "|" + "---|" * (5 + len(FCURVE_MEASURES))]
+    for (k, f), g in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        cells = ["{:.3f} +- {:.3f}".format(*mean_sd(g[m])) for m in FCURVE_MEASURES]
+        lines.append(f"| {k} | {f} | {g['c']} | {g['lr']:g} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
+    lines += ["", f"## verdicts: D = the Gaussian decoder's drop from f={f_list[0]} to f={f_list[-1]} minus DGAE's "
+                  "(> 0: DGAE loses less); holds if D > 2 SE, fails if D < -2 SE, else undecided. The claim's rule is "
+                  "the first row; the others are reported beside it"]
+    verdict_json = {}
+    for m, (label, _) in FCURVE_MEASURES.items():
+        d, se, verdict = drop_verdict(table, m, f_list[0], f_list[-1])
+        verdict_json[m] = {"D": d, "se": se, "verdict": verdict}
+        lines.append(f"- {label}: " + (f"D = {d:+.3f} +- {se:.3f} (SE): {verdict}" if d is not None else verdict))
+    report = "\n".join(lines) + "\n"
+    print(report)
+    path = os.path.join(out, "fcurve")
+    with open(path + ".md", "w") as fh:
+        fh.write(report)
+    with open(path + ".json", "w") as fh:
+        json.dump({"groups": [{"kind": k, "f": f, **g} for (k, f), g in table.items()], "verdicts": verdict_json}, fh, indent=1)
+    for m, (label, _) in FCURVE_MEASURES.items():
+        series = {k: [(f, *mean_sd(table[(k, f)][m])) for f in f_list if (k, f) in table] for k in FCURVE_KINDS}
+        series = {k: v for k, v in series.items() if v}
+        if series:
+            line_plot(series, f"{path}_{m}.png", f"{label} against f (mean +- sd over seeds)",
+                      "spatial compression f (log scale), latent size fixed")
+    print(f"wrote {path}.md, .json and one plot per measure")
+
+
+
+MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge, "fcurve": run_fcurve}
 
 
 def main():
@@ -652,7 +831,7 @@ def main():
         max_steps, seeds, lrs, num_images, mean_of, compute_factor = 4, "0", lrs.split(",")[0], 16, 2, 2
         dit_steps, num_samples, judge_steps = "2,4", 20, 60
     common.check_settings(globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch", "num_samples",
-                                            "judge_steps", "compute_seeds"),
+                                            "judge_steps", "compute_seeds", "pool"),
                           count_or_0=("compute_factor",))
     dist = common.setup_distributed(device)
     with common.user_errors():

@@ -46,6 +46,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
@@ -54,8 +55,8 @@ from eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at
                        inception_features, readable_or_refuse, require_zip, to_pixels, total)
 from inception import load_inception
 from lpips import load_lpips
-from metrics import (band_power, feature_stats, frechet_distance, highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
-                     precision_recall, psnr, ssim)
+from metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance, highfreq_energy, highfreq_ratio,
+                     inception_score, lowfreq_psnr, precision_recall, psnr, psnr_of_mse, ssim)
 from procedural import ProceduralDataset, train_pattern_classifier
 
 # -----------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def meancolour_psnr(real):
 
 @torch.inference_mode()  # the reconstructions only feed the metrics (see layers.no_autograd)
 def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None, mean_of=0,
-                          judge=None):
+                          judge=None, pool=0):
     """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the originals.
 
     Returns {metric: value} (complete on rank 0): per-image means of PSNR, SSIM, low-frequency PSNR,
@@ -138,14 +139,18 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     Batch k is decoded with noise seed seed + (index of its first image), so the numbers do not
     depend on the number of processes.
     mean_of = K > 1 (a diffusion decoder): also the PSNR and low-frequency PSNR of the mean of K
-    decodes from different noise, an estimate of E[x | z] (a single sample pays for its detail in PSNR).
+    decodes from different noise (psnr_mean: it keeps 1/K of the sampling variance), and of the
+    decoder's conditional mean E[x | z] itself, without that variance (psnr_ez, lowfreq_psnr_ez:
+    metrics.conditional_mean_mse on the unrounded decodes). A single sample pays for its detail in PSNR.
+    pool: the pooling factor of the low-/high-frequency split (0 = the model's f; fixed across
+    models of different f, the measures keep one meaning).
     judge (built-in data only: a procedural.PatternClassifier): its accuracy on the reconstructions
     (the label of held-out image i is i mod its class count) and the Frechet distance in its feature space.
     """
-    f = model.cfg.compression
+    f = pool or model.cfg.compression
     lo, hi = source.shard(limit, bs, dist)
     per_image = {"psnr": [], "ssim": [], "lowfreq_psnr": [], "meancolour_psnr": [], "lpips": [], "psnr_mean": [],
-                 "lowfreq_psnr_mean": [], "judge_correct": []}
+                 "lowfreq_psnr_mean": [], "psnr_ez": [], "lowfreq_psnr_ez": [], "judge_correct": []}
     hf = {"real": [], "recon": []}  # per-image high-frequency energies
     pools = {"real": [], "recon": []}
     spectra = {"real": [], "recon": []}
@@ -174,9 +179,16 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
             with common.autocast_context(dist.device):
                 z = model.encode(real / 127.5 - 1)
                 decodes = [model.decode(z, steps, seed=seed + lo + i * bs + 7919 * k).float() for k in range(mean_of)]
-            mean_rec = to_pixels(torch.stack(decodes).mean(0))  # (B, 3, H, W): the estimate of E[x | z]
+            decodes = torch.stack(decodes)  # (K, B, 3, H, W)
+            mean_rec = to_pixels(decodes.mean(0))  # (B, 3, H, W): the mean of K decodes, rounded
             per_image["psnr_mean"].append(psnr(real, mean_rec).cpu().numpy())
             per_image["lowfreq_psnr_mean"].append(lowfreq_psnr(real, mean_rec, f).cpu().numpy())
+            px = (decodes.clamp(-1, 1) + 1) * 127.5  # (K, B, 3, H, W) pixel values, unrounded
+            ez_mse = conditional_mean_mse(px, real)
+            pooled = F.avg_pool2d(px.flatten(0, 1).double(), f).unflatten(0, px.shape[:2])
+            ez_lowfreq_mse = conditional_mean_mse(pooled, F.avg_pool2d(real.double(), f))
+            per_image["psnr_ez"].append(psnr_of_mse(ez_mse).cpu().numpy())
+            per_image["lowfreq_psnr_ez"].append(psnr_of_mse(ez_lowfreq_mse).cpu().numpy())
         if judge is not None:
             labels = torch.arange(lo + i * bs, lo + i * bs + len(real), device=real.device) % judge.head.out_features
             judged["real"].append(judge.embed(real / 127.5 - 1).double().cpu().numpy())

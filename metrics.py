@@ -28,10 +28,30 @@ import torch.nn.functional as F
 MSE_FLOOR = 1 / 12
 
 
+def psnr_of_mse(mse):
+    """(B,) PSNR in dB from per-image MSEs on [0, 255], 10 log10(255^2 / max(MSE, 1/12))."""
+    return 10 * torch.log10(255.0**2 / mse.double().clamp_min(MSE_FLOOR))
+
+
 def psnr(x, y):
-    """(B,) PSNR in dB of images in [0, 255], 10 log10(255^2 / max(MSE, 1/12))."""
-    mse = ((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3))
-    return 10 * torch.log10(255.0**2 / mse.clamp_min(MSE_FLOOR))
+    """(B,) PSNR in dB of images in [0, 255]."""
+    return psnr_of_mse(((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3)))
+
+
+def conditional_mean_mse(samples, x):
+    """(B,) an unbiased estimate of the MSE of E[x_hat | z] against x, from K >= 2 decodes of one z.
+
+    samples (K, B, 3, H, W): K decodes of the same latents with different noise; x (B, 3, H, W).
+    The mean of K decodes misses x by the decoder's bias b plus the noise left after averaging:
+    E ||mean - x||^2 = ||b||^2 + sigma^2 / K. The decodes' sample variance (ddof 1) estimates
+    sigma^2 without bias, so ||mean - x||^2 - var / K estimates ||b||^2, the error of the decoder's
+    conditional mean itself, with no sampling variance left (our choice of estimator; a deterministic
+    decoder has sigma = 0). Per image it can fall below 0 by chance: psnr_of_mse floors it.
+    """
+    k = samples.shape[0]
+    s = samples.double()
+    err = ((s.mean(0) - x.double()) ** 2).mean(dim=(1, 2, 3))  # (B,)
+    return err - s.var(0, unbiased=True).mean(dim=(1, 2, 3)) / k
 
 
 def gaussian_window(size=11, sigma=1.5):
