@@ -6,6 +6,13 @@ Benchmarks: what a training step, a decode and a sample cost, and how close each
     python bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
     python bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
     python bench.py --parts dit --official-dit ~/DiT  # also the official DiT code's step (needs timm), same batch
+    python bench.py --parts memory --ae-preset base --compression 32 --batch-size 32   # GPU memory, predicted here
+
+--parts memory needs no GPU: it runs one stage-1 training step (two, so the optimizer state exists) on PyTorch's
+meta device, where tensors have shapes and no data, under CUDA's bf16 autocast rules (CudaAutocastRules), counts
+the bytes of every live tensor (LiveBytes) and prints the peak, with and without activation checkpointing, and the
+largest batch per GPU that fits --gpu-gib (predict_train_peak). It predicts torch.cuda.max_memory_allocated; the
+CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation come on top (MEMORY_HEADROOM).
 
 Every time is the median of `reps` calls after `warmup` untimed ones (they absorb compilation, allocator growth
 and caches), the GPU synchronised after each call. Model FLOP utilisation (MFU) = FLOPs of one call (torch's
@@ -22,9 +29,13 @@ import resource
 import statistics
 import sys
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
@@ -32,12 +43,15 @@ from ae import DGAE, make_config
 from data import Loader, build_dataset
 from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, build_dit
+import layers
 from layers import attention
-from optim import update_ema
+from lpips import LPIPS
+from optim import make_optimizer, update_ema
 
 # -----------------------------------------------------------------------------
 # what to measure
-parts = "ae,dit,attn,data"  # any of: ae (stage-1 step, decoding), dit (step, sampling), attn, data
+parts = "ae,dit,attn,data"  # any of: ae (stage-1 step, decoding), dit (step, sampling), attn, data; or memory alone
+gpu_gib = 80.0  # memory: the GPU memory the largest fitting batch is sought for (GiB; an H100 80GB is 79.6)
 ae_preset = "tiny"  # ae.PRESETS name
 compression = 0  # 0 = the preset's
 lpips = False  # include the LPIPS term in the stage-1 step (needs the weight files, see README)
@@ -157,13 +171,16 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
     """Time forward + backward + grad clip + AdamW + EMA update of net, loss_fn(net, *batch) being the loss: what
     the trainers' loops do with one micro-batch. Returns the EMA copy, which decodes and samples, as in the scripts."""
 
-    def fwd_bwd(forward):
+    def fwd_bwd(forward, inputs=batch):
         with autocast:
-            loss = forward(*batch)
+            loss = forward(*inputs)
         loss.backward()  # outside autocast, as in the trainers
 
-    with math_attention(net):  # counted before checkpointing: recomputation is not model FLOPs
-        flops = count_flops(lambda: fwd_bwd(lambda *b: loss_fn(net, *b)))
+    # counted before checkpointing (recomputation is not model FLOPs), on one item of the batch: every op is
+    # per item, so the batch's FLOPs are B times as many, and an un-checkpointed step never runs at full size
+    one = tuple(t[:1] for t in batch)
+    with math_attention(net):
+        flops = batch[0].shape[0] * count_flops(lambda: fwd_bwd(lambda *b: loss_fn(net, *b), one))
     net.zero_grad(set_to_none=True)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     net.grad_checkpoint = checkpoint  # as the trainers set it: only each block's input kept, the rest recomputed
@@ -280,6 +297,153 @@ def attention_rows(dev, dtype):
             record(f"attn_{impl}_T{T}_fwd_bwd", *timed(fwd_bwd, dev), flops=attention_flops(*shape, True), shape=shape)
 
 
+# -----------------------------------------------------------------------------
+# the memory model: one training step's peak GPU memory, predicted on the meta device
+
+# what a GPU holds beyond torch's live tensors, subtracted before a prediction "fits": the CUDA context (about
+# 0.5 GiB), cuDNN and cuBLAS workspaces, NCCL buffers, and the caching allocator's fragmentation (our margin)
+MEMORY_HEADROOM = dict(fixed_gib=3.0, share=0.10)
+
+# CUDA autocast's cast lists (PyTorch's AMP docs, "CUDA Ops that can autocast to float16 / float32"), by the
+# name of the torch function as Python calls it; ops on neither list run in the dtype of their inputs
+AUTOCAST_LOWER = {"conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
+                  "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "einsum",
+                  "scaled_dot_product_attention"}
+AUTOCAST_FP32 = {"group_norm", "layer_norm", "softmax", "log_softmax", "mse_loss", "l1_loss", "smooth_l1_loss",
+                 "exp", "log", "pow", "__pow__", "rsqrt", "norm", "normalize", "sum", "prod", "cumsum",
+                 "cross_entropy", "nll_loss", "softplus", "cosine_similarity"}
+
+
+class CudaAutocastRules(TorchFunctionMode):
+    """torch.autocast("cuda", bfloat16)'s casts, applied to tensors of any device (the meta device has no
+    autocast of its own): floating inputs of a function in AUTOCAST_LOWER are cast to bf16, of one in
+    AUTOCAST_FP32 to fp32. Like autocast it acts above autograd, so backward saves the cast copies."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        dtype = torch.bfloat16 if name in AUTOCAST_LOWER else torch.float32 if name in AUTOCAST_FP32 else None
+        if dtype is not None:
+            cast = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+            args = [[cast(a) for a in arg] if isinstance(arg, (list, tuple)) else cast(arg) for arg in args]
+            kwargs = {k: cast(v) for k, v in (kwargs or {}).items()}
+        return func(*args, **(kwargs or {}))
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of all tensor storages alive (`now`) and their maximum (`peak`), over every op run inside
+    it. A storage counts from the op that makes it until it is freed; each is rounded up to the CUDA caching
+    allocator's 512-byte blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.live = set()
+
+    def _add(self, t):
+        storage = t.untyped_storage()
+        key = id(storage)
+        if key in self.live:
+            return
+        size = -(-storage.nbytes() // 512) * 512
+        self.live.add(key)
+        self.now += size
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key, size):
+        self.live.discard(key)
+        self.now -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (list, tuple)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+
+@contextmanager
+def recompute_under_rules(on):
+    """Activation checkpointing's recomputation in backward under CudaAutocastRules, as torch.utils.checkpoint
+    re-enters a real autocast for it: layers.checkpointed's checkpoint gets the rules as its recompute context."""
+    if not on:
+        yield
+        return
+    original = layers.checkpoint
+    layers.checkpoint = lambda *a, **k: original(*a, context_fn=lambda: (nullcontext(), CudaAutocastRules()), **k)
+    try:
+        yield
+    finally:
+        layers.checkpoint = original
+
+
+def train_step_peak(cfg, batch, dev, bf16, grad_checkpoint, with_lpips, channels_last=True):
+    """Peak bytes of live tensors over two training steps of train_ae.py's loop on `dev` (meta: predicted;
+    cpu: counted on real tensors): the model, its EMA, AdamW (fused where the trainer fuses it) and its state,
+    the gradients, and the activations of DGAE.loss under bf16 autocast rules if bf16."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with LiveBytes() as mem:
+        with torch.device(dev):
+            net = DGAE(cfg).to(memory_format=fmt)
+            ema = copy.deepcopy(net).requires_grad_(False)
+            lp = LPIPS().requires_grad_(False) if with_lpips else None
+            x = torch.randn(batch, 3, cfg.resolution, cfg.resolution).contiguous(memory_format=fmt)
+        net.grad_checkpoint = grad_checkpoint
+        opt = make_optimizer(net, 1e-4, 0.0, (0.9, 0.99), torch.device("cpu"))
+        for group in opt.param_groups:  # the meta device has neither fused nor foreach kernels: the CUDA trainer's
+            group["foreach"] = False  # fused AdamW, like this per-tensor loop, makes no full-size temporaries
+        for _ in range(2):
+            with CudaAutocastRules() if bf16 else nullcontext(), recompute_under_rules(bf16):
+                loss, _ = net(x, lp)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            update_ema(ema, net, 0.999)
+            opt.zero_grad(set_to_none=True)
+    return mem.peak
+
+
+def memory_available_gib(gib):
+    """What the live tensors may take of a GPU of `gib` GiB, after MEMORY_HEADROOM."""
+    return gib * (1 - MEMORY_HEADROOM["share"]) - MEMORY_HEADROOM["fixed_gib"]
+
+
+def predict_train_peak(cfg, batch, grad_checkpoint, with_lpips, channels_last=True):
+    """Predicted peak GiB of live tensors of one train_ae.py step on a CUDA GPU in bf16 (the trainers' autocast)."""
+    return train_step_peak(cfg, batch, torch.device("meta"), True, grad_checkpoint, with_lpips, channels_last) / 2**30
+
+
+def largest_batch(cfg, grad_checkpoint, with_lpips, gib, known=None):
+    """The largest batch per GPU (at most 4096) whose predicted peak fits memory_available_gib(gib), 0 if not
+    even 1. The peak is the weights' and optimizer's bytes plus activations linear in the batch: the line
+    through batch 1 and `known` = (batch, its peak GiB) gives the candidate, checked and lowered until it fits."""
+    peak = lambda b: predict_train_peak(cfg, b, grad_checkpoint, with_lpips)  # noqa: E731
+    room = memory_available_gib(gib)
+    p1 = peak(1)
+    if p1 > room:
+        return 0
+    b2, p2 = known if known and known[0] > 1 else (8, peak(8))
+    candidate = min(4096, 1 + int((room - p1) / max((p2 - p1) / (b2 - 1), 1e-9)))
+    while candidate > 1 and peak(candidate) > room:
+        candidate = int(candidate * 0.95)
+    return candidate
+
+
+def memory_rows(cfg):
+    """--parts memory: the predicted peak at --batch-size with and without checkpointing, and the largest batch."""
+    print(f"stage-1 training step on a CUDA GPU in bf16, predicted on the meta device: {ae_preset}, f={cfg.compression}, "
+          f"{cfg.resolution} px, LPIPS {'on' if lpips else 'off'}; a GPU of {gpu_gib:g} GiB leaves "
+          f"{memory_available_gib(gpu_gib):.1f} GiB for tensors after the headroom")
+    print(f"{'checkpointing':>14s}{'batch':>7s}{'peak GiB':>10s}{'fits':>6s}{'largest batch':>15s}")
+    for ckpt in (False, True):
+        peak = predict_train_peak(cfg, batch_size, ckpt, lpips)
+        best = largest_batch(cfg, ckpt, lpips, gpu_gib, known=(batch_size, peak))
+        fits = peak <= memory_available_gib(gpu_gib)
+        print(f"{'on' if ckpt else 'off':>14s}{batch_size:7d}{peak:10.1f}{'yes' if fits else 'no':>6s}{best:15d}")
+        results[f"memory_checkpoint_{'on' if ckpt else 'off'}"] = dict(batch=batch_size, peak_gib=peak, fits=fits,
+                                                                       largest_batch=best, gpu_gib=gpu_gib)
+
+
 def data_row(cfg):
     """Images/s of the Loader the trainers use, with `num_workers` processes: is training input-bound?"""
     loader = Loader(build_dataset(data, cfg.resolution), batch_size, num_workers=num_workers, seed=seed)
@@ -346,9 +510,16 @@ def main():
     if compare:
         return compare_runs(*compare.split(","))
     wanted = parts.split(",")
-    if not set(wanted) <= {"ae", "dit", "attn", "data"} or precision not in ("auto", "fp32", "bf16"):
-        raise SystemExit(f"error: --parts takes some of ae,dit,attn,data (got {parts!r}); "
+    if not set(wanted) <= {"ae", "dit", "attn", "data", "memory"} or precision not in ("auto", "fp32", "bf16"):
+        raise SystemExit(f"error: --parts takes some of ae,dit,attn,data, or memory alone (got {parts!r}); "
                          f"--precision auto, fp32 or bf16 (got {precision!r})")
+    if "memory" in wanted:
+        cfg = make_config(ae_preset, attn_impl=attn_impl, **({"compression": compression} if compression else {}))
+        memory_rows(cfg)
+        if json:
+            with open(json, "w") as f:
+                jsonlib.dump(dict(device="meta (predicted)", settings=settings, results=results), f, indent=1)
+        return
     if official_dit and ("dit" not in wanted or checkpoint):
         raise SystemExit("error: --official-dit times the official DiT's step beside ours: it needs dit in --parts, "
                          "and no --checkpoint (the official code has no activation checkpointing)")

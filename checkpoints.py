@@ -129,7 +129,9 @@ def load_checkpoint(path, kind):
     if os.path.getsize(path) == 0:  # e.g. a copy or a write interrupted by a full disk
         raise ValueError(f"checkpoint {path} is empty (0 bytes); copy it again or use another checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: the tensors stay in the file's pages, shared by every rank of a node that reads it,
+        # instead of one full copy in each process's memory
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file
         # torch's message for a file it cannot unpickle safely suggests weights_only=False, which
         # would run whatever code the file holds; only the kind of error is passed on
@@ -245,7 +247,8 @@ def start_run(out_dir, data, resume, kind, settings, given, fixed, checked_elsew
             settings, notes = settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere)
             common.refuse_out_dir_in_data(settings["out_dir"], settings["data"])  # the checkpoint's --data
         notes += schedule_notes(settings["warmup_steps"], settings["max_steps"], ckpt["step"] if ckpt is not None else 0)
-    dist = common.setup_distributed(settings["device"], settings["dist_timeout"])  # (the checkpoint's, if not given)
+    dist = common.setup_distributed(settings["device"], settings["dist_timeout"],  # (the checkpoint's, if not given)
+                                    settings["deterministic"])
     for line in notes:
         log(line)
     return ckpt, settings, dist
@@ -257,8 +260,10 @@ def rng_state():
     _, key, *rest = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "rest": rest}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's own GPU only: a resume may see other GPUs, or fewer (a smaller node, SLURM's
+        # per-task CUDA_VISIBLE_DEVICES), and the rank's noise is drawn on its current device
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -266,8 +271,21 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(("MT19937", state["numpy"]["key"].numpy(), *state["numpy"]["rest"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # a checkpoint that saved every visible GPU's: this device's
+        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
+
+
+def seed_rank(seed, rank, step=0):
+    """Every generator a training step touches, for `rank`: seed + 1000 (rank + 1) at the start of a run; on a
+    resume at another number of ranks, where no saved state belongs to the rank, the step is mixed in too, so
+    that the noise after the resume differs from the noise the run began with."""
+    s = seed + 1000 * (rank + 1) + 7919 * step
+    torch.manual_seed(s)  # the CPU and every GPU
+    random.seed(s)
+    np.random.seed(s % 2**32)
 
 
 def save_training(path, dist, kind, step, net, ema, optimizer, loader, **extra):
@@ -296,9 +314,11 @@ def load_weights(module, state_dict, path, assign=False):
                          "the file was edited or damaged, use a checkpoint as the training script wrote it") from None
 
 
-def restore_training(ckpt, dist, net, ema, optimizer, loader, path):
+def restore_training(ckpt, dist, net, ema, optimizer, loader, path, seed, log):
     """The inverse of save_training, for --resume (`path`: the checkpoint's, for the messages);
-    returns the step to continue from."""
+    returns the step to continue from. On another number of ranks than the run was saved with, the
+    data continues at the next unused image (data.Loader) and each rank's generators are seeded anew
+    from the seed and the step (seed_rank), which `log` reports."""
     load_weights(net, ckpt["model"], path)
     load_weights(ema, ckpt["ema"], path)
     try:
@@ -306,7 +326,14 @@ def restore_training(ckpt, dist, net, ema, optimizer, loader, path):
     except ValueError as e:  # a parameter group of another size: weights of another model
         raise ValueError(f"{path}: its optimizer state does not fit the model ({e})") from None
     loader.load_state_dict(ckpt["loader"])
-    set_rng_state(ckpt["rng"][dist.rank])
+    saved_ranks = len(ckpt["rng"])
+    if saved_ranks == dist.world_size:
+        set_rng_state(ckpt["rng"][dist.rank])
+    else:
+        seed_rank(seed, dist.rank, ckpt["step"])
+        log(f"resumed on {dist.world_size} process{'es' if dist.world_size > 1 else ''}, saved on {saved_ranks}: the data "
+            f"continues at the next unused image; each rank's noise is seeded anew from --seed {seed} and step "
+            f"{ckpt['step']} (bit-for-bit continuation holds only on the same number of processes)")
     return ckpt["step"]
 
 

@@ -254,7 +254,20 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
 
 
-def setup_distributed(device="", timeout=600):
+def use_deterministic_kernels(on):
+    """--deterministic: kernels that give the same bits on every run, so a resumed CUDA run continues
+    bit-for-bit (on the CPU it always does). cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first
+    matmul; cuDNN gives up autotuning and its nondeterministic convolution backward; an op with no
+    deterministic CUDA kernel warns (warn_only) rather than stopping a week-long run. Costs speed."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def setup_distributed(device="", timeout=600, deterministic=False):
     """Start torch.distributed when torchrun set RANK / LOCAL_RANK / WORLD_SIZE, else run as a
     single process: the same script runs on a laptop, one GPU or many nodes (NCCL on GPUs, gloo on CPU).
 
@@ -262,6 +275,7 @@ def setup_distributed(device="", timeout=600):
     one stopped or hung rank leaves every other waiting for ever; with it the job ends (gloo raises,
     see collective_timeouts; NCCL's watchdog ends the process with a "[Rank k] ... timeout" message)."""
     check_device(device)
+    use_deterministic_kernels(deterministic)
     device = device or default_device()
     timeout = datetime.timedelta(seconds=timeout)
     if "RANK" not in os.environ:
@@ -270,6 +284,11 @@ def setup_distributed(device="", timeout=600):
     local_rank = int(os.environ["LOCAL_RANK"])
     world = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"error: process {local_rank} of this node needs GPU {local_rank}, but it sees "
+                             f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES: "
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most that many processes "
+                             "per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
         torch_dist.init_process_group("nccl", device_id=dev, timeout=timeout)

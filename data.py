@@ -31,7 +31,7 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from checkpoints import loader_worker_init
 from procedural import ProceduralDataset
@@ -213,31 +213,40 @@ class InOrder:
                 yield x, y
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler (shuffle, drop_last) that can start `start` indices into its shard.
+class ResumableDistributedSampler(Sampler):
+    """DistributedSampler's shuffled, drop_last shards, able to start `offset` images into the epoch.
 
-    The permutation of an epoch comes from torch.randperm with a generator seeded by
-    seed + epoch (DistributedSampler's own rule), so it is the same on every rank and every
-    restart; rank r takes positions r, r + W, r + 2W, ..., so shards are disjoint.
+    The permutation of an epoch comes from torch.randperm with a generator seeded by seed + epoch
+    (DistributedSampler's own rule), the same on every rank and every restart. `offset` counts the
+    images of that permutation all ranks together have used; rank r takes positions offset + r,
+    offset + r + W, ..., so shards are disjoint and equal, and a run resumed on another number of
+    ranks W continues at the very next image of the permutation.
     """
 
     def __init__(self, dataset, rank, world_size, seed):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
+        self.n, self.rank, self.world_size, self.seed = len(dataset), rank, world_size, seed
+        self.epoch, self.offset = 0, 0
+        self.num_samples = self.n // world_size  # per rank, over a whole epoch
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        rest = perm[self.offset:]
+        return iter(rest[self.rank:len(rest) // self.world_size * self.world_size:self.world_size])
 
     def __len__(self):
-        return self.num_samples - self.start
+        return (self.n - self.offset) // self.world_size
 
 
 class Loader:
     """Infinite batch iterator for one rank: next(loader) -> (x (B, 3, H, W), y (B,)).
 
     Every rank gets the same number of batches per epoch (num_samples // batch_size), which DDP
-    needs. state_dict() = (epoch, batches consumed this epoch); a new Loader given it continues
-    with exactly the batches the old one would have produced next. Unreadable images are skipped
+    needs. state_dict() = (epoch, images of the epoch's order all ranks have used); a new Loader
+    given it continues with exactly the batches the old one would have produced next, and on
+    another number of ranks or another batch size at the next unused image. Unreadable images are skipped
     and counted in .n_bad: this rank's, since this Loader was made, which the log reports. (Not in
     the state: the checkpoint holds rank 0's state, and the ranks' counts differ.)
     """
@@ -260,7 +269,7 @@ class Loader:
             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
             worker_init_fn=loader_worker_init,  # stop signals and the folder's lock are the trainer's
         )
-        self.epoch, self.batch, self.n_bad = 0, 0, 0
+        self.epoch, self.offset, self.batch, self.n_bad = 0, 0, 0, 0  # batch: since `offset` images
         self._it = None
 
     def __iter__(self):
@@ -273,12 +282,13 @@ class Loader:
                 # (re)start the epoch at the current position; the sampler is read in this
                 # process when the iterator is created, so persistent workers see the change.
                 self.sampler.set_epoch(self.epoch)
-                self.sampler.start = self.batch * self.batch_size
+                self.sampler.offset = self.images_used()
+                self.offset, self.batch = self.sampler.offset, 0
                 self._it = iter(self.loader)
             try:
                 x, y, bad = next(self._it)
             except StopIteration:
-                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+                self.epoch, self.offset, self.batch, self._it = self.epoch + 1, 0, 0, None
                 continue
             self.batch += 1
             self.n_bad += bad
@@ -292,16 +302,22 @@ class Loader:
             if n_empty >= self.batches_per_epoch:
                 raise unreadable_error(self.dataset, n_empty * self.batch_size, in_a_row=True)
 
+    def images_used(self):
+        """Images of this epoch's order used so far, by all ranks together."""
+        return self.offset + self.batch * self.batch_size * self.world_size
+
     def state_dict(self):
-        return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed,
+        return {"epoch": self.epoch, "images": self.images_used(), "batch": self.batch, "seed": self.seed,
                 "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, d):
-        for k in ("seed", "batch_size", "world_size"):
-            if k in d and d[k] != getattr(self, k):
-                print(f"data: resuming with {k}={getattr(self, k)} (was {d[k]}): the data order "
-                      f"will not match the interrupted run exactly", file=sys.stderr)
-        self.epoch, self.batch = int(d["epoch"]), int(d["batch"])
+        if "seed" in d and d["seed"] != self.seed:
+            print(f"data: resuming with seed={self.seed} (was {d['seed']}): the data order will not match the "
+                  "interrupted run's", file=sys.stderr)
+        # a state without "images" counts batches of its own batch size and world size
+        images = d.get("images", int(d["batch"]) * d.get("batch_size", self.batch_size) *
+                       d.get("world_size", self.world_size))
+        self.epoch, self.offset, self.batch = int(d["epoch"]), int(images), 0
         self._it = None  # the next batch restarts the epoch at the loaded position
 
 

@@ -153,7 +153,8 @@ class LPIPS(nn.Module):
         # Everything after the trunk runs outside autocast, in (at least) fp32: the normalisation,
         # the squared difference of two nearly equal unit vectors, and the head's weighted sum are
         # exactly the parts that bf16 would round away.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # (the meta device, where bench.py predicts memory, has no autocast of its own to turn off)
+        with torch.autocast(device_type="cpu" if x.is_meta else x.device.type, enabled=False):
             d = 0.0
             for f0, f1, lin in zip(fx, fy, self.lins):
                 diff = (unit_normalize(f0) - unit_normalize(f1)) ** 2  # (B, C, h, w)

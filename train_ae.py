@@ -46,7 +46,7 @@ t_shift = 1.0  # shift of the training times and of the decoder's Euler grid tow
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
 dropout = 0.0  # dropout inside the diffusion decoder's residual blocks (0 = none)
-grad_checkpoint = False  # activation checkpointing: less memory, one more forward pass a step (big models, small GPUs)
+grad_checkpoint = "auto"  # activation checkpointing: less memory, one more forward pass a step; auto = on for base and large (bench.py --parts memory)
 lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
 kl_weight = 1e-6  # on the KL per pixel value (SD-VAE's 1e-6 on a per-image sum)
 recon_weight = -1.0  # L1 on the flow loss's one-step estimate x0_hat (-1 = the preset's)
@@ -74,6 +74,7 @@ seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
+deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
 channels_last = True  # NHWC memory layout for the convolutions (faster on the CPU measured, NOTES.md)
 # -----------------------------------------------------------------------------
 
@@ -92,8 +93,22 @@ FIXED_ON_RESUME = ("dataset_size", "seed", "grad_accum", "warmup_steps", "weight
                    "lr_cooldown")
 
 
+# the presets whose step at their default batch needs activation checkpointing to fit an 80 GB GPU (predicted by
+# bench.py --parts memory: base at f=32, batch 32, bf16: 166 GiB without, 42 GiB with; the README's table)
+CHECKPOINTED_PRESETS = ("base", "large")
+
+
+def checkpointing_on(setting, preset_name):
+    """--grad-checkpoint true | false | auto (on for CHECKPOINTED_PRESETS); a resumed run may hold a bool."""
+    value = str(setting).lower()
+    if value not in ("auto", "true", "false"):
+        raise SystemExit(f"error: --grad-checkpoint takes auto, true or false, got {setting!r}")
+    return value == "true" or (value == "auto" and preset_name in CHECKPOINTED_PRESETS)
+
+
 def main():
     settings, given = common.configure(globals())
+    checkpointing_on(settings["grad_checkpoint"], "")  # a bad value stops here, before any work
     # numbers out of range stop here, before any work: a 0-step run would print "done" and write
     # nothing. The model settings (0 = the preset's) are checked below, once resolved.
     common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
@@ -153,19 +168,20 @@ def main():
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    net.grad_checkpoint = grad_checkpoint  # how this run computes: never saved, so free to change on --resume
+    net.grad_checkpoint = checkpointing_on(grad_checkpoint, name)  # how this run computes: free to change on --resume
     optimizer = make_optimizer(net, cfg.lr, weight_decay, (0.9, 0.99), dev)
     log(f"model: {name}, {cfg.decoder} decoder, f={cfg.compression}, latent "
         f"{cfg.latent_channels}x{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
-        f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, decoder {common.count_params(net.decoder) / 1e6:.2f}M params")
+        f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, decoder {common.count_params(net.decoder) / 1e6:.2f}M params; "
+        f"activation checkpointing {'on' if net.grad_checkpoint else 'off'}")
 
     step = 0
     if ckpt is not None:
         with common.user_errors():  # weights that do not fit (an edited file): one line naming it
-            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
+            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path, seed, log)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
-        torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise and t on every rank
+        checkpoints.seed_rank(seed, dist.rank)  # different noise and t on every rank
 
     # The module the loop calls: compiled if asked, DDP-wrapped under torchrun. `net` stays the plain
     # module, whose parameters and names the optimizer, the EMA and the checkpoints use.

@@ -74,6 +74,7 @@ seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
 compile = False  # torch.compile the DiT (worth it on GPUs for long runs)
+deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
 # -----------------------------------------------------------------------------
 
 
@@ -161,10 +162,10 @@ def main():
     step = 0
     if ckpt is not None:
         with common.user_errors():  # weights that do not fit (an edited file): one line naming it
-            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path)
+            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path, seed, log)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
-        torch.manual_seed(seed + 1000 * (dist.rank + 1))  # different noise, t and flips on every rank
+        checkpoints.seed_rank(seed, dist.rank)  # different noise, t and flips on every rank
 
     # the module the loop calls (see train_ae.py); `net` is the plain one
     train_model = torch.compile(net) if compile else net

@@ -316,3 +316,27 @@ def test_random_hflip_mirrors_about_half_exactly():
     a = random_hflip(x)
     torch.manual_seed(5)
     assert torch.equal(a, random_hflip(x))
+
+
+@pytest.mark.parametrize("new_world", [1, 3])
+def test_resume_on_another_rank_count_continues_at_the_next_image(new_world):
+    """Saved at 2 ranks after 3 batches each (24 images of the epoch's order used), resumed at 1 or 3
+    ranks: together the new ranks take the images from position 24 on, each exactly once."""
+    n, bs, seed = 100, 4, 5
+    old = [Loader(IndexDataset(n), bs, rank=r, world_size=2, seed=seed) for r in range(2)]
+    used = [i for ld in old for _ in range(3) for i in _indices(next(ld)[0])]
+    state = old[0].state_dict()
+    assert state["images"] == 24
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    assert sorted(used) == sorted(perm[:24])
+    new = [Loader(IndexDataset(n), bs, rank=r, world_size=new_world, seed=seed) for r in range(new_world)]
+    for ld in new:
+        ld.load_state_dict(state)
+    rounds = (n - 24) // (bs * new_world)  # whole global batches left in the epoch
+    taken = [[i for _ in range(rounds) for i in _indices(next(ld)[0])] for ld in new]
+    for r, idx in enumerate(taken):
+        assert idx == perm[24 + r::new_world][:rounds * bs]  # rank r: every new_world-th image from position 24
+    assert new[0].state_dict()["images"] == 24 + rounds * bs * new_world
+    # the epoch then ends for every rank alike and the next starts at its own order's first image
+    nxt = _indices(next(new[0])[0])
+    assert nxt == torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()[0::new_world][:bs]

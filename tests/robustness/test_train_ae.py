@@ -133,6 +133,30 @@ def test_torchrun_two_processes_finishes_cleanly_with_identical_weights(tmp_path
         assert len(load(tmp_path / f"ddp{i}/ckpt.pt")["rng"]) == 2  # every rank's RNG, for exact resume
 
 
+@pytest.mark.slow
+def test_a_run_saved_on_two_ranks_resumes_on_one_and_on_three(tmp_path):
+    """torchrun at 2 processes for 2 steps, then --resume for 2 more at 1 process and, from a copy of the
+    same checkpoint, at 3: each finishes with identical replicas, says what changed, and continues the data at
+    the next unused image (the loader's position counts images of the epoch's order, whatever the rank count)."""
+    import shutil
+
+    run_train(tmp_path, "--out-dir", "r2", "--max-steps", "2", *FAST, torchrun=True)
+    shutil.copytree(tmp_path / "r2", tmp_path / "r3", ignore=shutil.ignore_patterns(".lock"))
+    saved = load(tmp_path / "r2/ckpt.pt")
+    assert saved["loader"]["images"] == 2 * 4 * 2  # 2 steps x batch 4 x 2 ranks
+    one = run_train(tmp_path, "--out-dir", "r2", "--max-steps", "4", "--resume", "true")
+    assert "resumed on 1 process, saved on 2" in one.stdout + one.stderr
+    assert load(tmp_path / "r2/ckpt.pt")["loader"]["images"] == 16 + 2 * 4
+    proc = subprocess.run(ddp_replicas.command(os.path.join(ROOT, "train_ae.py"), nproc=3)
+                          + ["--out-dir", "r3", "--max-steps", "4", "--resume", "true"], cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed on 3 processes, saved on 2" in out and "weights identical on all 3 ranks at step 4" in out
+    after = load(tmp_path / "r3/ckpt.pt")
+    assert after["step"] == 4 and len(after["rng"]) == 3 and after["loader"]["images"] == 16 + 2 * 4 * 3
+
+
 def _image_folder(root, n_per_class=4, size=(48, 40)):
     rng = np.random.default_rng(0)
     for c in ("cat", "dog"):
