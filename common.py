@@ -114,6 +114,16 @@ SETTING_KINDS = {
 }
 
 
+def default_workers(settings):
+    """--num-workers -1, resolved in `settings`: for an image folder (--data) up to 8 loading processes per
+    rank, bounded by this rank's share of the cores (JPEG decoding in the trainer would starve the GPU); 0 on
+    the built-in data, which is drawn in the process."""
+    if settings["num_workers"] == -1:
+        per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        settings["num_workers"] = max(0, min(8, per_rank - 1)) if settings["data"] else 0
+    return settings
+
+
 def check_settings(settings, **kinds):
     """Refuse a numeric setting out of its range, before any work, with one line naming the flag.
 

@@ -50,6 +50,7 @@ ae_ckpt = ""  # "" = the stage-1 checkpoint recorded in the DiT checkpoint (pass
 images = ""  # a folder of images: with a stage-1 --ckpt, write reconstructions next to the inputs
 attn_impl = ""  # "" = as trained; sdpa is faster on GPUs
 device = ""  # "" = cuda, then mps, then cpu
+dist_timeout = 3600  # torchrun: seconds a rank waits for the others, rank 0's merge of 50K samples (~10 GB) included
 # -----------------------------------------------------------------------------
 
 
@@ -172,9 +173,10 @@ def main():
     # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan would write
     # garbage images with exit 0
     common.check_settings(settings, count=("per_class", "batch_size"), count_or_0=("num_samples", "num", "seed"),
-                          steps=("steps",), steps_or_0=("decode_steps",), guidance=("cfg_scale",))
+                          steps=("steps",), steps_or_0=("decode_steps",), guidance=("cfg_scale",),
+                          positive=("dist_timeout",))
     n_samples = num_samples or num  # --num is another name for --num-samples
-    dist = common.setup_distributed(device)  # an unavailable --device is refused here, before any file is touched
+    dist = common.setup_distributed(device, dist_timeout)  # an unavailable --device is refused here, before any file is touched
     default = "recon.png" if images else "samples.npz" if n_samples > 0 else "samples.png"
     path = out or os.path.join(os.path.dirname(ckpt), default)
     check_output(path, npz=n_samples > 0 and not images, master=dist.master)  # before hours of sampling

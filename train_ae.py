@@ -30,7 +30,7 @@ from optim import ema_decay_at, lr_at, make_optimizer, update_ema
 # data
 data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in procedural dataset
 dataset_size = 10000  # images in the built-in dataset
-num_workers = 0  # data-loading processes per rank (use 8+ for ImageNet)
+num_workers = -1  # data-loading processes per rank; -1 = up to 8 with --data (bounded by the cores), 0 on the built-in data
 # model, loss and learning rate: the preset's values (ae.PRESETS), except those given on the command
 # line. The placeholders 0, "" and -1 below are never used: a setting not given is the preset's.
 preset = ""  # tiny | small | base | large; "" = tiny on the built-in data, base with --data
@@ -72,7 +72,7 @@ ckpt_every = 400  # steps between checkpoints (also at the end and at a stop sig
 resume = False  # continue the run in --out-dir exactly where it stopped, with its own settings
 seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
-dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
+dist_timeout = 1800  # seconds a rank waits in a collective before a hung rank ends the job (covers a 10.8 GB checkpoint write)
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
 deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
 channels_last = True  # NHWC memory layout for the convolutions (faster on the CPU measured, NOTES.md)
@@ -108,6 +108,7 @@ def checkpointing_on(setting, preset_name):
 
 def main():
     settings, given = common.configure(globals())
+    settings = common.default_workers(settings)
     checkpointing_on(settings["grad_checkpoint"], "")  # a bad value stops here, before any work
     # numbers out of range stop here, before any work: a 0-step run would print "done" and write
     # nothing. The model settings (0 = the preset's) are checked below, once resolved.
@@ -211,7 +212,9 @@ def main():
         means = {}  # this rank's mean over the micro-batches of the loss and of each term
         for micro in range(grad_accum):
             x, _ = next(loader)
-            x = random_hflip(x).to(dev, non_blocking=True)  # in [-1, 1]; flips from the checkpointed RNG
+            # in [-1, 1]; copied from pinned memory while the GPU works, then flipped there (the coins come from
+            # the checkpointed CPU RNG, so a seed flips the same images on any device)
+            x = random_hflip(x.to(dev, non_blocking=True))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = micro == grad_accum - 1 or not dist.ddp

@@ -43,7 +43,7 @@ dataset_size = 10000  # images in the built-in dataset
 cache_dir = ""  # "" = <out_dir>/latents; share one cache between runs of the same stage-1 checkpoint
 shard_size = 10000  # images per cache shard
 encode_batch_size = 64  # images per batch while encoding the latent cache
-num_workers = 0  # image-loading processes per rank while encoding (use 8+ for ImageNet)
+num_workers = -1  # data-loading processes per rank; -1 = up to 8 with --data (bounded by the cores), 0 on the built-in data
 # model
 preset = ""  # DiT preset (dit.DIT_PRESETS); "" = DiT-Tiny/1 on the built-in data, DiT-XL/p with --data
 class_dropout = 0.1  # fraction of labels replaced by the null class, so that guidance has an unconditional model
@@ -72,7 +72,7 @@ ckpt_every = 1000  # steps between checkpoints (also at the end and at a stop si
 resume = False  # continue the run in --out-dir exactly where it stopped, with its own settings
 seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
-dist_timeout = 600  # seconds a rank waits for the others in a collective before the job stops (a hung rank)
+dist_timeout = 1800  # seconds a rank waits in a collective before a hung rank ends the job (covers a 10.8 GB checkpoint write)
 compile = False  # torch.compile the DiT (worth it on GPUs for long runs)
 deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
 # -----------------------------------------------------------------------------
@@ -91,6 +91,7 @@ FIXED_ON_RESUME = ("dataset_size", "seed", "batch_size", "grad_accum", "lr", "wa
 
 def main():
     settings, given = common.configure(globals())
+    settings = common.default_workers(settings)
     # numbers out of range stop here, before any work (--shard-size 0 would leave a meta.json that
     # marks later caches stale; --max-steps 0 would say "done" and write nothing)
     common.check_settings(settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size", "grad_accum",

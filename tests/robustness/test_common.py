@@ -236,3 +236,31 @@ def test_setting_comments_are_read_from_the_script(tmp_path):
     path.write_text('steps = 5  # how many\nname = "a  # b"  # the name\nplain = 1\n  indented = 2  # no\n')
     assert common.setting_comments(str(path)) == {"steps": "how many", "name": "the name"}
     assert common.setting_comments(str(tmp_path / "missing.py")) == {}
+
+
+def test_deterministic_kernels_are_selected_with_the_cublas_workspace(monkeypatch):
+    """--deterministic: cuBLAS's workspace setting (needed before its first matmul), cuDNN without autotuning
+    and in its deterministic mode, and torch's deterministic algorithms (warning where none exists)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        common.use_deterministic_kernels(False)
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.are_deterministic_algorithms_enabled() == before[2]
+        common.use_deterministic_kernels(True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[:2]
+        torch.use_deterministic_algorithms(before[2], warn_only=before[3])
+
+
+def test_workers_default_to_up_to_8_per_rank_with_an_image_folder(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert common.default_workers({"num_workers": -1, "data": "/imagenet"})["num_workers"] == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert common.default_workers({"num_workers": -1, "data": "/imagenet"})["num_workers"] == 7  # 8 cores a rank
+    assert common.default_workers({"num_workers": -1, "data": ""})["num_workers"] == 0  # the built-in data
+    assert common.default_workers({"num_workers": 3, "data": "/imagenet"})["num_workers"] == 3  # as given
