@@ -385,18 +385,32 @@ class StepGuard:
     that step is skipped and counted, and `max_in_a_row` skipped steps in a row stop the run
     without saving. Every rank decides alike: the gradient norm is of the all-reduced gradients,
     and one all-reduce sums the loss check over the ranks together with the stop flag (a stop
-    signal on any rank: every rank saves and stops after this step)."""
+    signal on any rank: every rank saves and stops after this step).
 
-    def __init__(self, stop, dist, max_in_a_row, ckpt_path, hint):
+    With a fused optimizer (the trainers' AdamW on CUDA) the decision stays on the device, so the
+    GPU never waits for the host: the optimizer skips its own update through `found_inf` (as AMP's
+    gradient scaler has it do), the EMA through ema_decay, and the counts and the stop flag are
+    read back only every `check_every` steps and at `last_step` (a stop signal then ends the run
+    within check_every steps). Elsewhere reading a flag costs nothing and it is read every step."""
+
+    def __init__(self, stop, dist, max_in_a_row, ckpt_path, hint, optimizer=None, check_every=1, last_step=0):
         self.stop, self.dist, self.max_in_a_row, self.ckpt_path = stop, dist, max_in_a_row, ckpt_path
         self.hint = hint  # the end of the message that stops the run, e.g. "Lower --lr or check the data."
         self.skipped = 0  # steps skipped since the last log row (take_skipped)
         self.in_a_row = 0
         self.stopping = False  # a stop signal reached some rank: save after this step and exit
+        self.optimizer, self.check_every, self.last_step = optimizer, check_every, last_step
+        self.on_device = optimizer is not None and any(g.get("fused") for g in optimizer.param_groups)
+        if self.on_device:  # (skipped, in a row, the most in a row since the last check) as device tensors
+            self.counts = torch.zeros(3, device=dist.device)
+            self.bad = torch.zeros((), dtype=torch.bool, device=dist.device)
 
     def update_ok(self, loss, grad_norm, step):
         """True if the step from `step` to step + 1 may update the weights; raises SystemExit after
-        max_in_a_row non-finite steps in a row. `loss`: this rank's mean loss, a 0-dim tensor."""
+        max_in_a_row non-finite steps in a row. `loss`: this rank's mean loss, a 0-dim tensor. On the
+        device path it is always True: the update then skips itself (found_inf, ema_decay)."""
+        if self.on_device:
+            return self._update_on_device(loss, grad_norm, step)
         flags = torch.stack([(~torch.isfinite(loss)).float(), self.stop.flag(self.dist.device)])
         loss_nonfinite, stopping = common.all_reduce_sum(flags, self.dist).tolist()
         self.stopping = stopping > 0
@@ -404,12 +418,41 @@ class StepGuard:
             self.in_a_row = 0
             return True
         self.skipped, self.in_a_row = self.skipped + 1, self.in_a_row + 1
+        self._stop_if_too_many(step)
+        return False
+
+    def _stop_if_too_many(self, step):
         if self.in_a_row >= self.max_in_a_row:
             common.close_bars()  # the message on a line of its own
             raise SystemExit(f"error: {self.in_a_row} steps in a row (to step {step + 1}) had a non-finite loss or "
                              f"gradient (--max-nonfinite-steps {self.max_in_a_row}); stopped without saving, so "
                              f"{self.ckpt_path} is left as it was. {self.hint}")
-        return False
+
+    def _update_on_device(self, loss, grad_norm, step):
+        loss_nonfinite = common.all_reduce_sum((~torch.isfinite(loss)).float().reshape(1), self.dist)[0]
+        self.bad = (loss_nonfinite > 0) | ~torch.isfinite(grad_norm)  # () bool, on the device
+        self.optimizer.found_inf = self.bad.float()  # the fused AdamW step leaves weights and state alone
+        skipped, run, worst = self.counts.unbind()
+        run = torch.where(self.bad, run + 1, torch.zeros_like(run))
+        self.counts = torch.stack([skipped + self.bad, run, torch.maximum(worst, run)])
+        if (step + 1) % self.check_every == 0 or step + 1 == self.last_step:
+            flags = torch.cat([self.counts, self.stop.flag(self.dist.device).reshape(1)])
+            flags[3:] = common.all_reduce_sum(flags[3:], self.dist)  # the stop flag, over the ranks
+            skipped, run, worst, stopping = flags.tolist()  # the one read back of check_every steps
+            self.stopping = stopping > 0
+            self.skipped += int(skipped)
+            self.counts = torch.tensor([0.0, run, run], device=self.dist.device)
+            self.in_a_row = int(worst)
+            self._stop_if_too_many(step)
+            self.in_a_row = int(run)
+        return True
+
+    def ema_decay(self, decay):
+        """The EMA's decay for this step: `decay`, or on the device path 1 (no change) where the step was
+        skipped, as a 0-dim device tensor (no host sync)."""
+        if not self.on_device:
+            return decay
+        return torch.where(self.bad, torch.ones((), device=self.bad.device), torch.full((), decay, device=self.bad.device))
 
     def take_skipped(self):
         """The steps skipped since the last call (for the log row), the same on every rank."""

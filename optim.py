@@ -46,7 +46,8 @@ def ema_decay_at(step, decay, warmup=34):
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
     """ema = decay * ema + (1 - decay) * model, for every parameter and float buffer (others copied),
-    as one multi-tensor lerp over all of them."""
+    as one multi-tensor lerp over all of them. decay: a number, or a 0-dim tensor on the model's device
+    (checkpoints.StepGuard.ema_decay: 1 for a skipped step, decided without a host sync)."""
     ema_t, model_t = [], []
     for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
         if e.dtype.is_floating_point:

@@ -199,7 +199,8 @@ def main():
     # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit. The guard also skips the
     # update of a step whose loss or gradient is not finite (checkpoints.StepGuard).
     guard = checkpoints.StepGuard(checkpoints.StopSignals(), dist, max_nonfinite_steps, ckpt_path,
-                                  hint="Lower --lr or check the data.")
+                                  hint="Lower --lr or check the data.", optimizer=optimizer, check_every=log_every,
+                                  last_step=max_steps)
 
     while step < max_steps:
         # learning rate of this step: linear warm-up, constant, linear cool-down at the end (optim.lr_at)
@@ -229,7 +230,7 @@ def main():
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         if guard.update_ok(means["loss"], grad_norm, step):
             optimizer.step()
-            update_ema(ema, net, ema_decay_at(step, ema_decay))
+            update_ema(ema, net, guard.ema_decay(ema_decay_at(step, ema_decay)))
         optimizer.zero_grad(set_to_none=True)
         step += 1
 

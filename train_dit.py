@@ -184,7 +184,8 @@ def main():
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar, batch_size * grad_accum * dist.world_size,
                              first_step=step)
-    guard = checkpoints.StepGuard(stop, dist, max_nonfinite_steps, ckpt_path, hint="Lower --lr or check the latent cache.")
+    guard = checkpoints.StepGuard(stop, dist, max_nonfinite_steps, ckpt_path, hint="Lower --lr or check the latent cache.",
+                                  optimizer=optimizer, check_every=log_every, last_step=max_steps)
 
     while step < max_steps:
         # learning rate of this step: linear warm-up, then constant
@@ -212,7 +213,7 @@ def main():
         grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
         if guard.update_ok(means["loss"], grad_norm, step):
             optimizer.step()
-            update_ema(ema, net, ema_decay_at(step, ema_decay, warmup=10))
+            update_ema(ema, net, guard.ema_decay(ema_decay_at(step, ema_decay, warmup=10)))
         optimizer.zero_grad(set_to_none=True)
         step += 1
 

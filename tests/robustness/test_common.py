@@ -9,6 +9,7 @@ import torch
 
 import checkpoints
 import common
+import optim
 
 
 def test_configure_parses_types_dashes_and_rejects_unknown_names():
@@ -264,3 +265,62 @@ def test_workers_default_to_up_to_8_per_rank_with_an_image_folder(monkeypatch):
     assert common.default_workers({"num_workers": -1, "data": "/imagenet"})["num_workers"] == 7  # 8 cores a rank
     assert common.default_workers({"num_workers": -1, "data": ""})["num_workers"] == 0  # the built-in data
     assert common.default_workers({"num_workers": 3, "data": "/imagenet"})["num_workers"] == 3  # as given
+
+
+class _NoSignal:
+    """StopSignals without the process-wide handlers: no signal ever arrives."""
+    received = None
+
+    def flag(self, device):
+        return torch.zeros((), device=device)
+
+
+def _guarded_steps(losses, check_every, max_in_a_row=5):
+    """One parameter vector trained by a fused AdamW (the trainers' optimizer on CUDA) under StepGuard's device
+    path, one step per loss factor (nan: a non-finite step). Returns (weights and EMA after each step, guard)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4))
+    ema = torch.nn.Module()
+    ema.w = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
+    net = torch.nn.Module()
+    net.w = w
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    dist = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)
+    guard = checkpoints.StepGuard(_NoSignal(), dist, max_in_a_row, "ckpt.pt", "hint", optimizer=opt,
+                                  check_every=check_every, last_step=len(losses))
+    history = []
+    for step, factor in enumerate(losses):
+        loss = (w ** 2).sum() * factor
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([w], 1.0)
+        if guard.update_ok(loss.detach(), grad_norm, step):
+            opt.step()
+            optim.update_ema(ema, net, guard.ema_decay(0.5))
+        opt.zero_grad(set_to_none=True)
+        history.append((w.detach().clone(), ema.w.detach().clone(), opt.state[w]["step"].clone()))
+    return history, guard
+
+
+def test_the_device_side_guard_skips_a_nonfinite_step_without_reading_anything_back(monkeypatch):
+    """With a fused optimizer the guard decides on the device: the non-finite step leaves the weights, the
+    optimizer's step count and the EMA exactly as they were, and no value is read back to the host between
+    checks (counted by patching every way a tensor reaches a Python number)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: reads.append(_n) or _o(self, *a, **k))
+    history, guard = _guarded_steps([1.0, float("nan"), 1.0], check_every=100)
+    assert reads == ["tolist"]  # the one check, at the last step, and nothing else in three steps
+    monkeypatch.undo()
+    (w0, e0, s0), (w1, e1, s1), (w2, e2, s2) = history
+    assert torch.equal(w1, w0) and torch.equal(e1, e0) and s1 == s0 == 1  # step 1 skipped on the device
+    assert not torch.equal(w2, w1) and s2 == 2  # step 2 updates again
+    assert guard.take_skipped() == 1 and guard.in_a_row == 0
+
+
+def test_the_device_side_guard_stops_at_the_check_after_too_many_nonfinite_steps():
+    nan = float("nan")
+    with pytest.raises(SystemExit, match="3 steps in a row .*--max-nonfinite-steps 3"):
+        _guarded_steps([1.0, nan, nan, nan, 1.0, 1.0], check_every=5, max_in_a_row=3)
+    history, guard = _guarded_steps([1.0, nan, nan, 1.0, nan, nan], check_every=3, max_in_a_row=3)  # never 3 in a row
+    assert guard.take_skipped() == 4 and guard.in_a_row == 2
