@@ -3,7 +3,7 @@ Benchmarks: what a training step, a decode and a sample cost, and how close each
 
     python bench.py                              # tiny DGAE + DiT-Tiny/1 on this machine (CPU included), fp32
     python bench.py --quick true                 # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
-    python bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 --batch-size 32 --json gpu.json  # GPU, bf16
+    python bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 --batch-size 32 --checkpoint true --json gpu.json  # GPU, bf16
     python bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
     python bench.py --parts dit --official-dit ~/DiT  # also the official DiT code's step (needs timm), same batch
     python bench.py --parts memory --ae-preset base --compression 32 --batch-size 32   # GPU memory, predicted here

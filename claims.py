@@ -81,7 +81,7 @@ from ae import DGAE, load_dgae, make_config
 from bench import count_flops
 from torch.utils.data import Subset
 
-from data import InOrder, build_dataset
+from data import InOrder, build_dataset, to_model_range
 from decoder_diffusion import add_noise, velocity_target
 from eval import meancolour_psnr, score_reconstructions
 from metrics import psnr
@@ -216,7 +216,7 @@ def diagnostics(model, train_data, heldout, dev, n_probe=1000):
     """zgap at DIAG_TIMES on 64 held-out images and the linear probe (fitted on the first n_probe
     training images, of the built-in training set when train_data is "")."""
     train_set = build_dataset(train_data, model.cfg.resolution, size=n_probe)
-    train_x = torch.cat([x for x, _ in InOrder(Subset(train_set, range(min(n_probe, len(train_set)))), 100)]).to(dev)
+    train_x = to_model_range(torch.cat([x for x, _ in InOrder(Subset(train_set, range(min(n_probe, len(train_set)))), 100)]).to(dev))
     test_x = heldout[:500]
     out = {f"zgap_t{t:g}": v for t, v in z_gap(model, heldout[:64]).items()}
     out["probe_r2"] = linear_probe(model, train_x, test_x)

@@ -167,8 +167,9 @@ class ImageFolderDataset(Dataset):
                               else f"more than {MAX_IMAGE_WARNINGS} unreadable images: the others are skipped without a "
                                    "warning (the log's bad_images counts them all)", stacklevel=2)
             return None
-        x = torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (3, H, W) in [-1, 1]
-        return x, label
+        # (3, H, W) uint8: a quarter of float32's bytes through the workers' shared memory (Docker's 64 MB
+        # /dev/shm) and the copy to the GPU; to_model_range makes it [-1, 1] floats where the batch lands
+        return torch.from_numpy(arr).permute(2, 0, 1), label
 
 
 def build_dataset(data, resolution, num_classes=10, size=10000, seed=0):
@@ -319,6 +320,12 @@ class Loader:
                        d.get("world_size", self.world_size))
         self.epoch, self.offset, self.batch = int(d["epoch"]), int(images), 0
         self._it = None  # the next batch restarts the epoch at the loaded position
+
+
+def to_model_range(x):
+    """A batch (B, 3, H, W) as the models take it: uint8 pixels (an image folder's items) -> floats in
+    [-1, 1] on x's device; floats (the built-in data, drawn in [-1, 1]) are returned as they are."""
+    return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
 def random_hflip(x, generator=None):

@@ -113,7 +113,7 @@ class ImageSource:
         else:
             shard = InOrder(Subset(self.dataset, range(lo, hi)), bs, self.num_workers)
             for x, _ in shard:
-                yield to_pixels(x)
+                yield x.float() if x.dtype == torch.uint8 else to_pixels(x)
             self.n_bad += shard.n_bad
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 import checkpoints
 import common
 from ae import DGAE, config_from_dict, encoder_fingerprint
-from data import InOrder, unreadable_error
+from data import InOrder, to_model_range, unreadable_error
 
 # -----------------------------------------------------------------------------
 # what a cache is built from
@@ -204,7 +204,7 @@ def encode_shard(ae, subset, latent_shape, batch_size, num_workers, pbar, stop=N
     for x, y in batches:
         if stop is not None and stop.received:
             return None
-        x = x.to(dev, non_blocking=True)  # (B, 3, H, W)
+        x = to_model_range(x.to(dev, non_blocking=True))  # (B, 3, H, W) in [-1, 1]
         z = ae.encode(torch.cat([x, x.flip(-1)]))  # (2B, C, h, w): images, then their mirror images
         if not z.isfinite().all() or z.abs().max() > 60000:
             raise ValueError("latent values non-finite or beyond the float16 range; "

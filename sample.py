@@ -29,7 +29,7 @@ from tqdm import tqdm
 import checkpoints
 import common
 from ae import encoder_fingerprint, load_dgae
-from data import ImageFolderDataset, default_classes, first_good, save_image_grid, to_uint8
+from data import ImageFolderDataset, default_classes, first_good, save_image_grid, to_model_range, to_uint8
 from decoder_diffusion import euler_sample
 from dit import DiT
 
@@ -147,7 +147,7 @@ def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
     ae = _or_exit(load_dgae, ckpt_path, device)
     with common.user_errors():  # no such folder, no images in it
         dataset = ImageFolderDataset(folder, ae.cfg.resolution)
-    x = torch.stack([dataset[i][0] for i in first_good(dataset, n)]).to(device)
+    x = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, n)]).to(device))  # (N, 3, H, W)
     recon = ae.reconstruct(x, decode_steps, seed=seed)  # (N, 3, H, W); 0 steps: the stage-1 default
     save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
     print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import checkpoints
 import common
 from ae import DGAE, config_from_dict, config_to_dict, make_config
-from data import Loader, build_dataset, first_good, random_hflip, save_image_grid
+from data import Loader, build_dataset, first_good, random_hflip, save_image_grid, to_model_range
 from lpips import load_lpips
 from optim import ema_decay_at, lr_at, make_optimizer, update_ema
 
@@ -192,7 +192,7 @@ def main():
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
-    fixed = torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev)  # images for the grids
+    fixed = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev))  # for the grids
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar, cfg.batch_size * grad_accum * dist.world_size,
                              first_step=step)
@@ -215,7 +215,7 @@ def main():
             x, _ = next(loader)
             # in [-1, 1]; copied from pinned memory while the GPU works, then flipped there (the coins come from
             # the checkpointed CPU RNG, so a seed flips the same images on any device)
-            x = random_hflip(x.to(dev, non_blocking=True))
+            x = random_hflip(to_model_range(x.to(dev, non_blocking=True)))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = micro == grad_accum - 1 or not dist.ddp

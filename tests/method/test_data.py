@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data import ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip
+from data import (ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip,
+                  to_model_range)
 from procedural import ProceduralDataset
 
 # -----------------------------------------------------------------------------
@@ -134,10 +135,12 @@ def test_image_folder_labels_by_sorted_class_name(tmp_path):
     names = [(os.path.relpath(p, tmp_path / "train"), y) for p, y in ds.samples]
     assert names == [("n01_ant/b.JPEG", 0), ("n01_ant/sub/c.png", 0),
                      ("n02_zebra/a.PNG", 1), ("n02_zebra/d.webp", 1)]
-    x, y = ds[2]  # lossless PNG: exact values, blue = (-1, -1, 1)
-    assert y == 1 and x.shape == (3, 8, 8) and x.dtype == torch.float32
-    assert torch.equal(x, torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1).expand(3, 8, 8))
-    x, y = ds[0]  # JPEG: red, approximately
+    x, y = ds[2]  # lossless PNG: exact values, blue = (0, 0, 255), as uint8 (a quarter of float32's bytes)
+    assert y == 1 and x.shape == (3, 8, 8) and x.dtype == torch.uint8
+    assert torch.equal(x, torch.tensor([0, 0, 255], dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8))
+    # in the models' range where the batch lands: blue = (-1, -1, 1), exactly
+    assert torch.equal(to_model_range(x[None]), torch.tensor([-1.0, -1.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 8, 8))
+    x, y = to_model_range(ds[0][0]), ds[0][1]  # JPEG: red, approximately
     assert y == 0 and x[0].min() > 0.9 and x[1:].max() < -0.8
     # the same folder given without "train/" also works (root/<class>/...)
     assert ImageFolderDataset(str(tmp_path / "train"), 8).samples == ds.samples
@@ -165,7 +168,7 @@ def test_16_bit_greyscale_pngs_are_scaled_to_8_bit_not_clipped_to_white(tmp_path
     ds = ImageFolderDataset(str(tmp_path / "imgs"), 8)
     deep, eight = ds[0][0], ds[1][0]  # sorted names: deep.png, then eight.png
     assert torch.equal(deep, eight)  # the same picture as its 8-bit version, on all 3 channels
-    assert ((deep[:, 0, ::2] + 1) * 127.5).round().tolist() == [[0, 1, 128, 255]] * 3  # not 0, 255, 255, 255
+    assert deep[:, 0, ::2].tolist() == [[0, 1, 128, 255]] * 3  # not 0, 255, 255, 255
     # mode I (older Pillows open 16-bit PNGs so) is scaled the same way
     as_int = Image.fromarray(ramp.astype(np.int32), "I")
     assert np.array_equal(center_crop_arr(as_int, 8), center_crop_arr(Image.open(tmp_path / "imgs" / "eight.png"), 8))

@@ -16,7 +16,7 @@ import checkpoints
 import common
 import sample
 from ae import load_dgae
-from data import ImageFolderDataset, to_uint8
+from data import ImageFolderDataset, to_model_range, to_uint8
 from dit import build_dit
 from test_latents import save_tiny_ae
 
@@ -104,9 +104,9 @@ def test_reconstructions_stand_beside_their_inputs(ckpts, tmp_path, monkeypatch)
     assert grid.shape == (18 + 2, 6 * 18 + 2, 3)  # (input, reconstruction) x 3 in one row
     ds = ImageFolderDataset(str(tmp_path / "imgs"), 16)
     for i in range(3):  # inputs at tiles 0, 2, 4; the decoder's outputs at 1, 3, 5
-        assert np.array_equal(grid[2:18, 2 + 36 * i: 18 + 36 * i], to_uint8(ds[i][0][None])[0])
+        assert np.array_equal(grid[2:18, 2 + 36 * i: 18 + 36 * i], ds[i][0].permute(1, 2, 0).numpy())  # uint8 items
     ae = load_dgae(ckpts[1])
-    recon = to_uint8(ae.reconstruct(ds[0][0][None], seed=0))[0]
+    recon = to_uint8(ae.reconstruct(to_model_range(ds[0][0][None]), seed=0))[0]
     assert np.array_equal(grid[2:18, 20:36], recon)
 
 
