@@ -237,32 +237,45 @@ def test_anchor_is_refused_for_the_deterministic_decoders():
         ae.make_config("tiny", decoder="gaussian", anchor_ch=8)
 
 
-def _group(ez, fd, hf=1.0, seeds=(0, 1, 2)):
+def _group(ez, fd, hf=1.0, seeds=(0, 1, 2), spread=0.1):
+    """A row of the claims table: each measure over the seeds, mean as given, seeds spread by +-spread."""
     n = len(seeds)
-    return {"seeds": list(seeds), "ez_lowfreq_psnr": [ez] * n, "spectral_fd": [fd + i for i in range(n)],
-            "highfreq_ratio": [hf] * n}
+    offsets = [spread * (i - (n - 1) / 2) for i in range(n)]
+    return {"seeds": list(seeds), "ez_lowfreq_psnr": [ez + o for o in offsets], "spectral_fd": [fd + o for o in offsets],
+            "highfreq_ratio": [hf + o / 100 for o in offsets]}
+
+
+def test_decide_holds_or_fails_only_beyond_two_standard_errors():
+    assert claims.decide(0.5, 0.2) == "holds" and claims.decide(-0.5, 0.2) == "fails"
+    assert claims.decide(0.3, 0.2) == "undecided" and claims.decide(-0.3, 0.2) == "undecided"
+    assert claims.decide(5.0, math.nan) == "undecided"  # one seed: no standard error, nothing decided
+    assert claims.mean_se([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0 / math.sqrt(3)))
 
 
 def test_verdicts_apply_each_rule_at_equal_steps_and_at_equal_compute(monkeypatch):
     monkeypatch.setattr(claims, "kinds", "dgae,gauss,unet")
     monkeypatch.setattr(claims, "compute_factor", 3)
-    groups = {("dgae", 2, 1): _group(30.0, 5.0), ("dgae", 4, 1): _group(33.0, 5.0, hf=0.9),
+    groups = {("dgae", 2, 1): _group(30.0, 5.0), ("dgae", 4, 1): _group(33.0, 5.0, hf=1.0),
               ("gauss", 4, 1): _group(31.5, 30.0), ("unet", 4, 1): _group(33.5, 7.0),
-              ("gauss", 4, 3): _group(32.5, 20.0, seeds=(0,))}
+              ("gauss", 4, 3): _group(32.5, 20.0)}
     v = claims.verdicts(groups, 4)
-    # claim 2 at equal steps: -1.5 dB (rule -2), FD worst seed 7 <= 30: holds; at equal compute: -2.5 dB: fails
-    assert v["claim 2, dgae, equal steps"][0] is True and v["claim 2, dgae, equal compute (x3)"][0] is False
-    assert "-2.50 dB" in v["claim 2, dgae, equal compute (x3)"][1]
-    assert v["claim 2, dgae, equal compute (x3)"][1].startswith("provisional, 1 seed")  # the x3 run has one seed
-    # claim 1 at equal steps: the best reference is unet (33.5 dB): -0.5 dB passes (rule -1), dgae's
-    # worst FD (7) is no higher than unet's best (7), and the ratio 0.9 is in range
-    assert v["claim 1, dgae, equal steps"][0] is True
-    assert "-0.50 dB" in v["claim 1, dgae, equal steps"][1]
+    # claim 2 at equal steps: -1.5 dB against the rule's -2 (margin 0.5, SE 0.08) and an FD 25 below: holds;
+    # at equal compute -2.5 dB (margin -0.5): fails
+    assert v["claim 2, dgae, equal steps"][0] == "holds" and v["claim 2, dgae, equal compute (x3)"][0] == "fails"
+    assert "-2.50 +- 0.08 SE" in v["claim 2, dgae, equal compute (x3)"][1]
+    # claim 1 at equal steps: the best reference is unet (33.5 dB): -0.5 dB holds (rule -1), the FD is lower
+    # than both references' beyond 2 SE, and the ratio 1.0 is in range
+    assert v["claim 1, dgae, equal steps"][0] == "holds"
+    assert "-0.50 +- 0.08 SE (rule: >= -1 dB): holds" in v["claim 1, dgae, equal steps"][1]
     # unet at equal compute was never trained while unet is one of --kinds: open, not decided on gauss alone
-    assert v["claim 1, dgae, equal compute (x3)"][0] is None
-    assert v["claim 1, anchored, equal steps"][0] is None
+    assert v["claim 1, dgae, equal compute (x3)"][0] == "open" and v["claim 1, anchored, equal steps"][0] == "open"
+    # a miss inside 2 standard errors is undecided, not "fails": -1.05 dB with seeds spread by 0.5 dB
+    near = {**groups, ("dgae", 4, 1): _group(32.45, 5.0, spread=0.5)}
+    assert claims.verdicts(near, 4)["claim 1, dgae, equal steps"][0] == "undecided"
     groups[("dgae", 4, 1)]["highfreq_ratio"] = [0.6] * 3  # too little detail: fails on the ratio alone
-    assert claims.verdicts(groups, 4)["claim 1, dgae, equal steps"][0] is False
+    assert claims.verdicts(groups, 4)["claim 1, dgae, equal steps"][0] == "fails"
+    one_seed = {k: _group(g["ez_lowfreq_psnr"][1], g["spectral_fd"][1], seeds=(0,)) for k, g in groups.items()}
+    assert {v for v, _ in claims.verdicts(one_seed, 4).values()} <= {"undecided", "open"}  # nothing decided
     monkeypatch.setattr(claims, "compute_factor", 0)  # no equal-compute runs: no such verdicts
     assert not any("compute" in k for k in claims.verdicts(groups, 4))
 
@@ -411,10 +424,10 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert report["colour_code_psnr"]["c=4"] > 58 > report["colour_code_psnr"]["c=2"]
     assert set(report["verdicts"]) == {f"claim {n}, {k}, {cmp}" for n in (1, 2) for k in ("dgae", "anchored")
                                        for cmp in ("equal steps", "equal compute (x2)")}
-    assert report["verdicts"]["claim 1, anchored, equal steps"]["holds"] is None  # not trained: open, not failed
-    for cmp in ("equal steps", "equal compute (x2)"):
-        assert report["verdicts"][f"claim 1, dgae, {cmp}"]["holds"] in (True, False)
-        assert report["verdicts"][f"claim 1, dgae, {cmp}"]["why"].startswith("provisional, 1 seed (3 wanted)")
+    assert report["verdicts"]["claim 1, anchored, equal steps"]["verdict"] == "open"  # not trained: open, not failed
+    for cmp in ("equal steps", "equal compute (x2)"):  # one seed: no standard error, so nothing is decided
+        assert report["verdicts"][f"claim 1, dgae, {cmp}"]["verdict"] == "undecided"
+        assert report["verdicts"][f"claim 1, dgae, {cmp}"]["why"].startswith("1 seed, no standard error")
     md = open(out / "report.md").read()
     assert "LPIPS off" in md and "| dgae | c=2 |" in md
     flops = report["decoder_step_flops_per_image"]
@@ -475,3 +488,45 @@ def test_a_failing_run_stops_compare_with_one_line_that_says_where_flags_go(tmp_
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: train_ae.py stopped with exit status 1") and '--train-args "--lpips-weight 0"' in last
     assert "vgg16" in proc.stderr  # train_ae.py's own message, above it
+
+
+# -----------------------------------------------------------------------------
+# fcurve: claim 1 against f
+
+
+def test_fcurve_keeps_the_latent_size_and_sweeps_before_the_other_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "preset", "tiny")  # 32 px, f4c4: an 8x8x4 latent
+    monkeypatch.setattr(claims, "fs", "4,16,8")
+    points = claims.fcurve_points()
+    assert points == [(4, 4), (16, 64), (8, 16)]  # (32/f)^2 * c = 256 numbers at every f
+    monkeypatch.setattr(claims, "fs", "4,6")
+    with pytest.raises(SystemExit, match="multiple of the smallest"):
+        claims.fcurve_points()
+    monkeypatch.setattr(claims, "seeds", "0,1")
+    monkeypatch.setattr(claims, "lrs", "1e-3,3e-4")
+    monkeypatch.setattr(claims, "out", str(tmp_path))
+    plan = claims.fcurve_plan(points)
+    assert [p[0] for p in plan] == [f"{k}_f{f}c{c}_lr{lr}_s0" for f, c in points for k in ("dgae", "gauss")
+                                    for lr in ("0.001", "0.0003")]  # the sweep only, until it is scored
+    for f, c in points:  # the sweep scored: 3e-4 wins for dgae, 1e-3 for gauss
+        for k, lr, v in (("dgae", 1e-3, 20.0), ("dgae", 3e-4, 21.0), ("gauss", 1e-3, 22.0), ("gauss", 3e-4, 21.0)):
+            d = tmp_path / claims.run_name(k, c, lr, 0, f=f)
+            d.mkdir()
+            (d / "scores.json").write_text(json.dumps({"psnr_ez": v}))
+    seed1 = [p for p in claims.fcurve_plan(points) if p[-1] == 1]
+    assert [(p[1], p[4]) for p in seed1] == [("dgae", 3e-4), ("gauss", 1e-3)] * 3
+
+
+def test_drop_verdict_compares_the_two_decoders_losses_with_their_standard_error():
+    rows = lambda v: {m: list(v) for m in claims.FCURVE_MEASURES}  # noqa: E731
+    table = {("dgae", 4): rows([30.0, 30.2, 29.8]), ("dgae", 16): rows([28.0, 28.2, 27.8]),   # drops 2 dB
+             ("gauss", 4): rows([31.0, 31.2, 30.8]), ("gauss", 16): rows([26.0, 26.2, 25.8])}  # drops 5 dB
+    d, se, verdict = claims.drop_verdict(table, "psnr_ez", 4, 16)
+    assert d == pytest.approx(3.0) and se == pytest.approx(math.sqrt(4 * 0.04 / 3)) and verdict == "holds"
+    table[("gauss", 16)] = rows([28.0, 29.0, 27.0])  # drops 2 dB too, with a wide spread
+    assert claims.drop_verdict(table, "psnr_ez", 4, 16)[2] == "undecided"
+    # a distance: its growth is the drop; DGAE's grows more here, so the claim fails on it
+    table = {("dgae", 4): rows([1.0, 1.1, 0.9]), ("dgae", 16): rows([9.0, 9.1, 8.9]),
+             ("gauss", 4): rows([1.0, 1.1, 0.9]), ("gauss", 16): rows([3.0, 3.1, 2.9])}
+    assert claims.drop_verdict(table, "spectral_fd", 4, 16)[2] == "fails"
+    assert claims.drop_verdict({}, "psnr_ez", 4, 16)[2].startswith("undecided: runs missing")

@@ -229,3 +229,19 @@ def test_precision_recall_matches_a_brute_force_reference():
     p, r = metrics.precision_recall(ref, fake, k=3)
     assert p == pytest.approx(brute(ref, fake, 3)) and r == pytest.approx(brute(fake, ref, 3))
     assert 0 < p < 1 and 0 < r < 1  # the check is not vacuous
+
+
+def test_conditional_mean_mse_removes_the_sampling_variance_of_a_k_decode_mean():
+    """A known answer: decodes = x + bias + noise of sd 10, so E[x_hat | z] misses x by the bias alone (MSE
+    9). The mean of K = 4 decodes keeps sigma^2 / K = 25 of the noise (MSE 34); the estimator removes it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 3, 4, 4, generator=g) * 255
+    samples = x + 3.0 + 10.0 * torch.randn(4, *x.shape, generator=g)  # (K, B, 3, H, W)
+    naive = ((samples.mean(0) - x) ** 2).mean(dim=(1, 2, 3))
+    est = metrics.conditional_mean_mse(samples, x)
+    assert naive.mean().item() == pytest.approx(9 + 100 / 4, rel=0.02)
+    assert est.mean().item() == pytest.approx(9.0, abs=0.3)  # SE of this mean over 4000 images: about 0.1
+    # a deterministic decoder (K identical decodes): nothing to remove
+    same = (x + 3.0).expand(2, *x.shape)
+    assert torch.allclose(metrics.conditional_mean_mse(same, x), torch.full((4000,), 9.0, dtype=torch.float64))
+    assert metrics.psnr_of_mse(torch.tensor([-1.0]))[0] == pytest.approx(10 * math.log10(255**2 * 12))  # floored
