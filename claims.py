@@ -71,6 +71,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
@@ -259,11 +260,11 @@ def kind_flags(kind):
     return [a.replace("ANCHOR", str(anchor_ch)) for a in KIND_FLAGS[kind]]
 
 
-def decoder_step_flops(kind, channels):
-    """FLOPs per image of one training step of this kind's decoder at the preset's size: forward and
-    backward by torch's counter (matmuls and convolutions), less the encoder's share, which every kind
-    has. This is what "equal decoder compute" equalises. Counted on the meta device: nothing is
-    computed, so any preset takes seconds."""
+def step_flops(kind, channels):
+    """(total, decoder) FLOPs per image of one training step of this kind at the preset's size, forward
+    and backward by torch's counter (matmuls and convolutions): the whole step, and the step less the
+    encoder's share, which every kind runs alike. Counted on the meta device: nothing is computed, so
+    any preset takes seconds."""
     flags = kind_flags(kind)
     overrides = {k[2:].replace("-", "_"): int(v) if v.isdigit() else v for k, v in zip(flags[::2], flags[1::2])}
     with torch.device("meta"):
@@ -271,15 +272,27 @@ def decoder_step_flops(kind, channels):
         x = torch.zeros(2, 3, net.cfg.resolution, net.cfg.resolution)
     step = count_flops(lambda: net(x)[0].backward())
     encoder = count_flops(lambda: net.encode(x, sample=True).sum().backward())
-    return (step - encoder) / x.shape[0]
+    return step / x.shape[0], (step - encoder) / x.shape[0]
+
+
+def decoder_step_flops(kind, channels):
+    """FLOPs per image of one training step of this kind's decoder (step_flops): what "equal decoder
+    compute" equalises."""
+    return step_flops(kind, channels)[1]
 
 
 def train(run_dir, kind, channels, lr, seed, steps, extra=()):
     """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just reloads)."""
     flags = kind_flags(kind) + list(extra)
     resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
+    t0 = time.perf_counter()
     script("train_ae.py", *flags, "--preset", preset, "--latent-channels", channels, "--lr", f"{lr:g}", "--seed", seed,
            "--max-steps", steps, "--data", data, "--out-dir", run_dir, *shlex.split(train_args), *resume)
+    # the wall clock of the training, summed over the calls that resumed it (equal compute in seconds)
+    path = os.path.join(run_dir, "train_seconds.txt")
+    before = float(open(path).read()) if os.path.exists(path) else 0.0
+    with open(path, "w") as f:
+        f.write(f"{before + time.perf_counter() - t0:.1f}")
 
 
 def score(run_dir, heldout_source, judge, dist):
@@ -300,6 +313,9 @@ def score(run_dir, heldout_source, judge, dist):
     s.update(diagnostics(model, data, held, dist.device))
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
     s["psnr_t1_log"] = [(r["step"], round(r["psnr_t1"], 2)) for r in log if "psnr_t1" in r]
+    seconds = os.path.join(run_dir, "train_seconds.txt")
+    if os.path.exists(seconds):
+        s["train_seconds"] = float(open(seconds).read())
     ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
     s["lpips_used"] = bool(ck["lpips_used"])
     s["decoder_params_M"] = round(common.count_params(model.decoder) / 1e6 +
@@ -343,7 +359,7 @@ def best_lr(kind, channels, lr_list, seed, f=None, key="ez_lowfreq_psnr"):
 
 
 COLUMNS = ("psnr", "psnr_1step", "lowfreq_psnr", "ez_lowfreq_psnr", "highfreq_ratio", "spectral_fd", "judge_accuracy",
-           "judge_fd", "zgap_t1", "zgap_t0.5", "probe_r2")
+           "judge_fd", "zgap_t1", "zgap_t0.5", "probe_r2", "train_seconds")
 
 
 def mean_sd(values):
@@ -447,12 +463,19 @@ def write_report(c, heldout):
              f"{num_images} held-out images, {mean_of} decodes for E[x|z]; LPIPS "
              + ("on" if any(g["lpips_used"] for g in groups.values()) else "off (no weight files, or --lpips-weight 0)"),
              ""]
-    flops = {k: decoder_step_flops(k, c) for k in kinds.split(",")}  # per image, at c
+    flops = {k: step_flops(k, c) for k in kinds.split(",")}  # (total, decoder) per image, at c
     if compute_factor > 1 and "dgae" in flops:
-        given = [f"{k} {v / 1e9:.3f}, so x{compute_factor} its steps is {compute_factor * v / flops['dgae']:.2f}x "
-                 "DGAE's decoder compute" for k, v in flops.items() if k in ("gauss", "unet")]
-        lines += [f"equal decoder compute: one training step of the DGAE decoder does {flops['dgae'] / 1e9:.3f} GFLOP "
-                  "per image (forward and backward, the encoder's share left out); " + "; ".join(given), ""]
+        groups_s = {k: np.mean(g["train_seconds"]) for (k, ch, fac), g in groups.items()
+                    if ch == c and g.get("train_seconds") and fac == (1 if k == "dgae" else compute_factor)}
+        given = [f"{k} {v[1] / 1e9:.3f} ({v[0] / 1e9:.3f} with the encoder), so x{compute_factor} its steps is "
+                 f"{compute_factor * v[1] / flops['dgae'][1]:.2f}x DGAE's decoder compute and "
+                 f"{compute_factor * v[0] / flops['dgae'][0]:.2f}x its total training compute"
+                 + (f", {groups_s[k] / groups_s['dgae']:.2f}x its wall clock on this machine"
+                    if k in groups_s and "dgae" in groups_s else "")
+                 for k, v in flops.items() if k in ("gauss", "unet")]
+        lines += [f"equal compute: one training step of DGAE does {flops['dgae'][1] / 1e9:.3f} GFLOP per image in its "
+                  f"decoder, {flops['dgae'][0] / 1e9:.3f} with the encoder (forward and backward); " + "; ".join(given)
+                  + ". DGAE itself trains at x1 only: at equal compute it has also trained for fewer steps", ""]
     lines += ["| decoder | latent | steps | lr | seeds | params M | " + " | ".join(COLUMNS) + " |",
               "|" + "---|" * (6 + len(COLUMNS))]
     for (kind, ch, factor), g in groups.items():
@@ -483,7 +506,8 @@ def write_report(c, heldout):
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"meancolour_psnr": baseline, "decoder_step_flops_per_image": flops,
+        json.dump({"meancolour_psnr": baseline, "decoder_step_flops_per_image": {k: v[1] for k, v in flops.items()},
+                   "step_flops_per_image": {k: v[0] for k, v in flops.items()},
                    "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
                    "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
                    "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}}, f, indent=1)

@@ -392,6 +392,11 @@ def test_decoder_step_flops_count_the_decoder_alone():
     # with the encoder's share counted too the ratio would be about 1.75 at this size
     assert dgae / unet == pytest.approx(2.0, rel=1e-3)
     assert dgae < anchored < dgae * 1.2 and 0 < gauss < unet  # the anchor's small decoder; a smaller network
+    # the whole step adds the same encoder to every kind: "equal compute" counted whole is a smaller ratio
+    totals = {k: claims.step_flops(k, 4) for k in ("dgae", "gauss")}
+    encoder = totals["dgae"][0] - totals["dgae"][1]
+    assert encoder > 0 and totals["gauss"][0] - totals["gauss"][1] == pytest.approx(encoder)
+    assert totals["gauss"][0] / totals["dgae"][0] > gauss / dgae
 
 
 # -----------------------------------------------------------------------------
@@ -432,6 +437,8 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert "LPIPS off" in md and "| dgae | c=2 |" in md
     flops = report["decoder_step_flops_per_image"]
     assert set(flops) == {"dgae", "gauss"} and f"x2 its steps is {2 * flops['gauss'] / flops['dgae']:.2f}x" in md
+    total = report["step_flops_per_image"]
+    assert f"{2 * total['gauss'] / total['dgae']:.2f}x its total training compute" in md and "x its wall clock" in md
     # without equal-compute runs (--compute-factor 0; --quick would set its own factor) the report has no rows for them
     subprocess.run([sys.executable, "claims.py", "compare", "--kinds", "dgae,gauss", "--out", str(out), "--report-only",
                     "true", "--compute-factor", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, check=True)
