@@ -70,7 +70,7 @@ matmul_size = 0  # n of the peak n x n matmul; 0 = 2048 on CPU, 8192 on GPU (sma
 precision = "auto"  # fp32 | bf16; auto = bf16 autocast on CUDA (as the trainers), fp32 elsewhere
 compile = False  # torch.compile the training steps, the decoder and the DiT sampler
 checkpoint = False  # the models' activation checkpointing, the trainers' --grad-checkpoint (DiT blocks, U-Net layers)
-channels_last = True  # NHWC layout for the convolutional stage-1 model
+channels_last = "auto"  # NHWC layout for the convolutional stage-1 model; auto = as train_ae.py: on the CPU, off on CUDA
 fused_adamw = True  # one fused AdamW kernel instead of a loop over the tensors
 # the side-by-side with the DiT authors' code: a checkout of github.com/facebookresearch/DiT (its models.py needs timm,
 # which is never a dependency of this repository: imported only when this is given); "" = skip
@@ -203,7 +203,7 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
 
 def stage1(cfg, dev, autocast, no_grad):
     """A DGAE training step, then decoding with the EMA weights at each of `decode_steps`."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if common.auto_flag(channels_last, "channels_last", dev.type != "cuda") else torch.contiguous_format
     ae = DGAE(cfg).to(dev, memory_format=fmt)
     perceptual = None
     if lpips:
@@ -377,7 +377,7 @@ def recompute_under_rules(on):
         layers.checkpoint = original
 
 
-def train_step_peak(cfg, batch, dev, bf16, grad_checkpoint, with_lpips, channels_last=True):
+def train_step_peak(cfg, batch, dev, bf16, grad_checkpoint, with_lpips, channels_last=False):
     """Peak bytes of live tensors over two training steps of train_ae.py's loop on `dev` (meta: predicted;
     cpu: counted on real tensors): the model, its EMA, AdamW (fused where the trainer fuses it) and its state,
     the gradients, and the activations of DGAE.loss under bf16 autocast rules if bf16."""
@@ -408,7 +408,7 @@ def memory_available_gib(gib):
     return gib * (1 - MEMORY_HEADROOM["share"]) - MEMORY_HEADROOM["fixed_gib"]
 
 
-def predict_train_peak(cfg, batch, grad_checkpoint, with_lpips, channels_last=True):
+def predict_train_peak(cfg, batch, grad_checkpoint, with_lpips, channels_last=False):
     """Predicted peak GiB of live tensors of one train_ae.py step on a CUDA GPU in bf16 (the trainers' autocast)."""
     return train_step_peak(cfg, batch, torch.device("meta"), True, grad_checkpoint, with_lpips, channels_last) / 2**30
 

@@ -114,6 +114,14 @@ SETTING_KINDS = {
 }
 
 
+def auto_flag(value, name, auto):
+    """A setting of true | false | auto as a bool; auto gives `auto`. A resumed run may hold a bool."""
+    text = str(value).lower()
+    if text not in ("auto", "true", "false"):
+        raise SystemExit(f"error: --{name.replace('_', '-')} takes auto, true or false, got {value!r}")
+    return auto if text == "auto" else text == "true"
+
+
 def default_workers(settings):
     """--num-workers -1, resolved in `settings`: for an image folder (--data) up to 8 loading processes per
     rank, bounded by this rank's share of the cores (JPEG decoding in the trainer would starve the GPU); 0 on

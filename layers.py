@@ -33,6 +33,10 @@ def attention(q, k, v, impl="math"):
     kernel. Both compute the same function; tests check they agree, forward and backward.
     """
     if impl == "sdpa":
+        # the flash and memory-efficient kernels need a unit stride in the last dimension (the U-Net's
+        # q, k, v from an NCHW tensor have stride H*W there): otherwise SDPA falls back, silently, to
+        # its math kernel, which copies anyway
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v)
     if impl != "math":
         raise ValueError(f"unknown attention impl {impl!r}; use 'math' or 'sdpa'")

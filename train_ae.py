@@ -75,7 +75,7 @@ device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 1800  # seconds a rank waits in a collective before a hung rank ends the job (covers a 10.8 GB checkpoint write)
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
 deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
-channels_last = True  # NHWC memory layout for the convolutions (faster on the CPU measured, NOTES.md)
+channels_last = "auto"  # NHWC layout for the convolutions; auto = on the CPU (faster, NOTES.md), off on CUDA (its GroupNorm copies NHWC)
 # -----------------------------------------------------------------------------
 
 
@@ -99,17 +99,22 @@ CHECKPOINTED_PRESETS = ("base", "large")
 
 
 def checkpointing_on(setting, preset_name):
-    """--grad-checkpoint true | false | auto (on for CHECKPOINTED_PRESETS); a resumed run may hold a bool."""
-    value = str(setting).lower()
-    if value not in ("auto", "true", "false"):
-        raise SystemExit(f"error: --grad-checkpoint takes auto, true or false, got {setting!r}")
-    return value == "true" or (value == "auto" and preset_name in CHECKPOINTED_PRESETS)
+    """--grad-checkpoint true | false | auto (on for CHECKPOINTED_PRESETS)."""
+    return common.auto_flag(setting, "grad_checkpoint", preset_name in CHECKPOINTED_PRESETS)
+
+
+def nhwc_on(setting, device):
+    """--channels-last true | false | auto: on the CPU NHWC convolutions are faster (NOTES.md); on CUDA
+    PyTorch's GroupNorm reads its input NCHW-contiguous (a copy into every norm, and NCHW out of it),
+    so auto is off there."""
+    return common.auto_flag(setting, "channels_last", device.type != "cuda")
 
 
 def main():
     settings, given = common.configure(globals())
     settings = common.default_workers(settings)
     checkpointing_on(settings["grad_checkpoint"], "")  # a bad value stops here, before any work
+    common.auto_flag(settings["channels_last"], "channels_last", True)
     # numbers out of range stop here, before any work: a 0-step run would print "done" and write
     # nothing. The model settings (0 = the preset's) are checked below, once resolved.
     common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
@@ -166,7 +171,8 @@ def main():
                        "weight files not found; see README 'Weight files'") + ")"))
 
     torch.manual_seed(seed)  # the same initial weights on every rank
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    nhwc = nhwc_on(channels_last, dev)
+    memory_format = torch.channels_last if nhwc else torch.contiguous_format
     net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     net.grad_checkpoint = checkpointing_on(grad_checkpoint, name)  # how this run computes: free to change on --resume
@@ -216,7 +222,7 @@ def main():
             # in [-1, 1]; copied from pinned memory while the GPU works, then flipped there (the coins come from
             # the checkpointed CPU RNG, so a seed flips the same images on any device)
             x = random_hflip(to_model_range(x.to(dev, non_blocking=True)))
-            if channels_last:
+            if nhwc:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = micro == grad_accum - 1 or not dist.ddp
             with (nullcontext() if sync else train_model.no_sync()), autocast:

@@ -231,3 +231,14 @@ def test_sampling_runs_in_inference_mode():
     x1 = torch.randn(2, 3)
     x = dd.euler_sample(lambda x, t: -x, x1, 2)
     assert x.is_inference() and not x1.is_inference()  # the input is not turned into one
+
+
+def test_sdpa_takes_the_unet_attentions_strided_qkv_and_agrees_with_math():
+    """From an NCHW tensor the U-Net's q, k, v have stride H*W in their last dimension, which the fused SDPA
+    kernels refuse; layers.attention hands them over with a unit stride, and the result is the math path's."""
+    from layers import attention
+
+    qkv = torch.randn(2, 3, 2, 8, 16 * 16)  # (B, 3, nh, hs, HW), as DiffusionUNet's attention reshapes it
+    q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, nh, HW, hs), stride(-1) = HW
+    assert q.stride(-1) == 256
+    assert torch.allclose(attention(q, k, v, "sdpa"), attention(q, k, v, "math"), atol=1e-5)

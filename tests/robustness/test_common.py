@@ -324,3 +324,13 @@ def test_the_device_side_guard_stops_at_the_check_after_too_many_nonfinite_steps
         _guarded_steps([1.0, nan, nan, nan, 1.0, 1.0], check_every=5, max_in_a_row=3)
     history, guard = _guarded_steps([1.0, nan, nan, 1.0, nan, nan], check_every=3, max_in_a_row=3)  # never 3 in a row
     assert guard.take_skipped() == 4 and guard.in_a_row == 2
+
+
+def test_auto_settings_resolve_per_device_and_preset():
+    import train_ae
+
+    assert train_ae.nhwc_on("auto", torch.device("cpu")) and not train_ae.nhwc_on("auto", torch.device("cuda"))
+    assert train_ae.nhwc_on("true", torch.device("cuda")) and not train_ae.nhwc_on(False, torch.device("cpu"))
+    assert train_ae.checkpointing_on("auto", "large") and not train_ae.checkpointing_on("auto", "small")
+    with pytest.raises(SystemExit, match="--channels-last takes auto, true or false, got 'maybe'"):
+        common.auto_flag("maybe", "channels_last", True)
