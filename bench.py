@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import common
 from ae import DGAE, make_config
+from checkpoints import write_text
 from data import Loader, build_dataset
 from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, build_dit
@@ -517,8 +518,7 @@ def main():
         cfg = make_config(ae_preset, attn_impl=attn_impl, **({"compression": compression} if compression else {}))
         memory_rows(cfg)
         if json:
-            with open(json, "w") as f:
-                jsonlib.dump(dict(device="meta (predicted)", settings=settings, results=results), f, indent=1)
+            write_text(json, jsonlib.dumps(dict(device="meta (predicted)", settings=settings, results=results), indent=1))
         return
     if official_dit and ("dit" not in wanted or checkpoint):
         raise SystemExit("error: --official-dit times the official DiT's step beside ours: it needs dit in --parts, "
@@ -554,8 +554,7 @@ def main():
 
     print_table(results)
     if json:
-        with open(json, "w") as f:
-            jsonlib.dump(dict(device=device_line, settings=settings, results=results), f, indent=1)
+        write_text(json, jsonlib.dumps(dict(device=device_line, settings=settings, results=results), indent=1))
         print(f"wrote {json}")
 
 

@@ -48,7 +48,7 @@ def atomic_write(path, write):
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = target + ".tmp"
     try:
-        with open(tmp, "wb") as fh:
+        with _fresh_file(tmp) as fh:
             write(fh)
         os.replace(tmp, target)
     except BaseException as e:  # an interrupt too: no .tmp is left behind
@@ -62,6 +62,23 @@ def atomic_write(path, write):
             raise SystemExit(f"error: could not write {path} ({cause.strerror or cause}); {kept}. "
                              "Free some space or choose a folder you can write to.") from None
         raise
+
+
+def _fresh_file(path):
+    """`path` opened for writing as a new file. Whatever is there already (a .tmp left by a killed
+    write, or a symbolic link planted in its place) is removed first, never written through: the
+    file is created with O_EXCL, which fails rather than follow a link or reuse a file."""
+    try:
+        os.unlink(path)  # a link itself, not its target
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def write_text(path, text):
+    """A text file written atomically (atomic_write): a report, a JSON file, a table."""
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def save_checkpoint(path, ckpt):

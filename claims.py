@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from checkpoints import atomic_write, write_text
 from ae import DGAE, load_dgae, make_config
 from bench import count_flops
 from torch.utils.data import Subset
@@ -291,8 +292,7 @@ def train(run_dir, kind, channels, lr, seed, steps, extra=()):
     # the wall clock of the training, summed over the calls that resumed it (equal compute in seconds)
     path = os.path.join(run_dir, "train_seconds.txt")
     before = float(open(path).read()) if os.path.exists(path) else 0.0
-    with open(path, "w") as f:
-        f.write(f"{before + time.perf_counter() - t0:.1f}")
+    write_text(path, f"{before + time.perf_counter() - t0:.1f}")
 
 
 def score(run_dir, heldout_source, judge, dist):
@@ -320,8 +320,7 @@ def score(run_dir, heldout_source, judge, dist):
     s["lpips_used"] = bool(ck["lpips_used"])
     s["decoder_params_M"] = round(common.count_params(model.decoder) / 1e6 +
                                   (common.count_params(model.anchor) / 1e6 if model.anchor is not None else 0), 3)
-    with open(path, "w") as f:
-        json.dump(s, f, indent=1)
+    write_text(path, json.dumps(s, indent=1))
     return s
 
 
@@ -503,14 +502,12 @@ def write_report(c, heldout):
         lines.append(f"- {claim}: {holds}: {why}")
     report = "\n".join(lines) + "\n"
     print(report)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(report)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"meancolour_psnr": baseline, "decoder_step_flops_per_image": {k: v[1] for k, v in flops.items()},
+    write_text(os.path.join(out, "report.md"), report)
+    write_text(os.path.join(out, "report.json"), json.dumps({"meancolour_psnr": baseline, "decoder_step_flops_per_image": {k: v[1] for k, v in flops.items()},
                    "step_flops_per_image": {k: v[0] for k, v in flops.items()},
                    "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
                    "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
-                   "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}}, f, indent=1)
+                   "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}}, indent=1))
 
 
 def run_compare(dist):
@@ -618,7 +615,7 @@ def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None
         d.text((right + 10, top + 18 * i), label, fill=col)
     if hlines:
         d.text((right + 10, top + 18 * len(series) + 6), "thin: ceiling", fill="black")
-    img.save(path)
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
 def converge_one_seed(dist, c, seed, step_list, root):
@@ -684,10 +681,8 @@ def summarise_converge(per_seed):
 def write_converge_report(path, report, result, curves, ceilings):
     """path.md (the table, its first line the plot's title), path.json (the numbers), path.png (the plot)."""
     print(report)
-    with open(path + ".md", "w") as f:
-        f.write(report)
-    with open(path + ".json", "w") as f:
-        json.dump(result, f, indent=1)
+    write_text(path + ".md", report)
+    write_text(path + ".json", json.dumps(result, indent=1))
     line_plot({k: [(x, y, 0) for x, y in c] for k, c in curves.items()}, path + ".png",
               report.splitlines()[0].lstrip("# "), "DiT steps (log scale); y: share of samples the pattern classifier "
               "names right", y_range=(0, 1), hlines=ceilings)
@@ -766,8 +761,7 @@ def score_fcurve(run_dir, heldout, dist):
     if not diffusion:  # a deterministic decode is its own conditional mean
         s["psnr_ez"], s["lowfreq_psnr_ez"] = s["psnr"], s["lowfreq_psnr"]
     s["pool"] = pool
-    with open(path, "w") as f:
-        json.dump(s, f, indent=1)
+    write_text(path, json.dumps(s, indent=1))
     return s
 
 
@@ -850,10 +844,9 @@ def run_fcurve(dist):
     report = "\n".join(lines) + "\n"
     print(report)
     path = os.path.join(out, "fcurve")
-    with open(path + ".md", "w") as fh:
-        fh.write(report)
-    with open(path + ".json", "w") as fh:
-        json.dump({"groups": [{"kind": k, "f": f, **g} for (k, f), g in table.items()], "verdicts": verdict_json}, fh, indent=1)
+    write_text(path + ".md", report)
+    write_text(path + ".json", json.dumps({"groups": [{"kind": k, "f": f, **g} for (k, f), g in table.items()],
+                                           "verdicts": verdict_json}, indent=1))
     for m, (label, _) in FCURVE_MEASURES.items():
         series = {k: [(f, *mean_sd(table[(k, f)][m])) for f in f_list if (k, f) in table] for k in FCURVE_KINDS}
         series = {k: v for k, v in series.items() if v}

@@ -5,6 +5,7 @@ steps are written out in train_ae.py and train_dit.py. A reader of the method ca
 """
 
 import datetime
+import errno
 import json
 import math
 import os
@@ -182,6 +183,18 @@ class StepLog:
     def __init__(self, path, dist, pbar, images_per_step, first_step):
         self.path, self.dist, self.pbar, self.images_per_step = path, dist, pbar, images_per_step
         self.first_step, self.t0 = first_step, time.time()
+        if dist.master:  # one row per step: a new run starts an empty log, a resumed one drops the rows
+            from checkpoints import write_text  # written after its checkpoint (by a run killed later)
+
+            kept = []
+            if first_step > 0 and os.path.exists(path):
+                for line in open(path):
+                    try:
+                        if json.loads(line)["step"] <= first_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except (ValueError, KeyError, TypeError):  # a row cut short by a full disk: dropped
+                        pass
+            write_text(path, "".join(kept))
 
     def write(self, step, means, counts=(), **values):
         """means: {name: 0-dim tensor}, this rank's mean over its micro-batches, averaged over the
@@ -195,9 +208,20 @@ class StepLog:
         row.update({k: v.item() for k, v in zip(counts, vals[len(means):])})
         row.update(step=step, **{k: v.item() if torch.is_tensor(v) else v for k, v in values.items()},
                    img_per_s=(step - self.first_step) * self.images_per_step / (time.time() - self.t0))
-        if self.dist.master:
-            with open(self.path, "a") as f:
-                f.write(json_line(row) + "\n")
+        if self.dist.master:  # the row in one write; one that fails (a full disk) is taken back whole
+            data = (json_line(row) + "\n").encode()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "short write")
+            except OSError as e:
+                os.ftruncate(fd, size)
+                close_bars()
+                raise SystemExit(f"error: could not write {self.path} ({e.strerror or e}); the rows before this "
+                                 "step are kept. Free some space and run again with --resume true.") from None
+            finally:
+                os.close(fd)
         self.pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s", "skipped_steps") if k in row})
 
 

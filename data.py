@@ -25,6 +25,7 @@ Images are float32 tensors (3, H, W) in [-1, 1]; labels are Python ints.
 
 import math
 import os
+import stat
 import sys
 import warnings
 
@@ -33,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from checkpoints import loader_worker_init
+from checkpoints import atomic_write, loader_worker_init
 from procedural import ProceduralDataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -91,6 +92,29 @@ MAX_ASPECT_RATIO = 32
 MAX_IMAGE_WARNINGS = 20  # unreadable images named in a warning, per process; the rest are only counted
 
 
+def _regular_file(path):
+    """True for a regular file (or a link to one): a FIFO or a device named like an image would block
+    or never end a read."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # a broken link, a file removed meanwhile: not an image to read
+        return False
+
+
+def _images_under(top, walked):
+    """Image files under the folder `top`, following links to folders, each real folder once (those in
+    `walked`, other than top itself, are skipped; the ones read here are added to it)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if dirpath != top and real in walked:
+            dirnames[:] = []  # nor anything below it
+            continue
+        walked.add(real)
+        found += [os.path.join(dirpath, f) for f in filenames if _is_image(f) and _regular_file(os.path.join(dirpath, f))]
+    return found
+
+
 class ImageTooLarge(ValueError):
     pass
 
@@ -124,10 +148,11 @@ class ImageFolderDataset(Dataset):
         subdirs = sorted(d for d in os.listdir(base)
                          if not d.startswith(".") and os.path.isdir(os.path.join(base, d)))
         samples = []
+        # every real folder is read once: the root and the class folders count as read, so a link up
+        # to them (`up -> ..`) is not walked into another class's label, nor a link loop for ever
+        walked = {os.path.realpath(base)} | {os.path.realpath(os.path.join(base, d)) for d in subdirs}
         for label, d in enumerate(subdirs):
-            found = [os.path.join(dirpath, f)
-                     for dirpath, _, filenames in os.walk(os.path.join(base, d), followlinks=True)
-                     for f in filenames if _is_image(f)]
+            found = _images_under(os.path.join(base, d), walked)
             samples += [(path, label) for path in sorted(found)]  # sorted: same order on every machine
         if samples:
             self.classes = subdirs
@@ -136,7 +161,7 @@ class ImageFolderDataset(Dataset):
             # is one class with label 0; eval.py and sample.py read such folders.
             self.classes = [os.path.basename(os.path.normpath(base))]
             samples = [(os.path.join(base, f), 0) for f in sorted(os.listdir(base))
-                       if _is_image(f) and os.path.isfile(os.path.join(base, f))]
+                       if _is_image(f) and _regular_file(os.path.join(base, f))]
         if not samples:
             raise ValueError(f"--data {root!r}: found no images ({', '.join(IMG_EXTENSIONS)}) "
                              f"in {base!r}; {_EXPECTED}")
@@ -385,5 +410,5 @@ def save_image_grid(x, path, nrow=8, pad=2):
     for i in range(n):
         r, c = divmod(i, ncol)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[i]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid).save(path)
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    atomic_write(path, lambda fh: Image.fromarray(grid).save(fh, format=image_format))  # never half an image

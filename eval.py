@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoints
 import common
 from data import InOrder
 from eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two, gather_rows,
@@ -85,9 +86,7 @@ device = ""  # "" = auto (cuda, mps, cpu)
 
 def write_results(results, path):
     """The results as JSON at `path`, and as an aligned two-column table beside it (.txt) and on stdout."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+    checkpoints.write_text(path, json.dumps(results, indent=2))  # atomic: never half a file
     width = max(len(k) for k in results)
 
     def show(v):
@@ -96,8 +95,7 @@ def write_results(results, path):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     table = "\n".join(f"{k:<{width}}  {show(v)}" for k, v in results.items())
-    with open(os.path.splitext(path)[0] + ".txt", "w") as f:
-        f.write(table + "\n")
+    checkpoints.write_text(os.path.splitext(path)[0] + ".txt", table + "\n")
     print(table)
     print(f"wrote {path}")
 
@@ -329,8 +327,8 @@ def run_stats(dist):
     inception = load_inception(inception_path, dist.device)
     feats = inception_features(source, inception, dist, batch_size, num_images, "images")
     if dist.master:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        np.savez(out, **stats_of(feats, dist.device), num_images=len(feats["pool"]))
+        stats = stats_of(feats, dist.device)  # written atomically: a failed write keeps an existing reference whole
+        checkpoints.atomic_write(out, lambda fh: np.savez(fh, **stats, num_images=len(feats["pool"])))
         print(f"wrote FID statistics of {len(feats['pool'])} images to {out}")
 
 

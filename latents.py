@@ -236,9 +236,7 @@ def build_latent_cache(cache, meta, dataset, load_ae, dist, batch_size=64, num_w
                          f"encoded from is unknown; delete the folder {cache} to encode the latents again")
     if dist.master and not os.path.exists(meta_path):
         os.makedirs(cache, exist_ok=True)
-        with open(meta_path + ".tmp", "w") as fh:
-            json.dump(meta, fh, indent=1)
-        os.replace(meta_path + ".tmp", meta_path)
+        checkpoints.write_text(meta_path, json.dumps(meta, indent=1))
     common.barrier(dist)
     old = read_meta(cache)
     stale = [k for k in STALE_KEYS if old.get(k) != meta[k]]

@@ -1,6 +1,9 @@
 """The shared plumbing: settings and the CPU side of the CUDA-only features (common.py), checkpoints (checkpoints.py)."""
 
 import errno
+import json
+import subprocess
+import sys
 import os
 
 import numpy as np
@@ -334,3 +337,70 @@ def test_auto_settings_resolve_per_device_and_preset():
     assert train_ae.checkpointing_on("auto", "large") and not train_ae.checkpointing_on("auto", "small")
     with pytest.raises(SystemExit, match="--channels-last takes auto, true or false, got 'maybe'"):
         common.auto_flag("maybe", "channels_last", True)
+
+
+def test_a_planted_symlink_at_the_temporary_name_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, tmp_path / "ckpt.pt.tmp")
+    checkpoints.save_checkpoint(str(tmp_path / "ckpt.pt"), {"kind": "ae", "step": 1})
+    assert victim.read_text() == "keep me"
+    assert not os.path.islink(tmp_path / "ckpt.pt") and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "victim.txt"]
+
+
+_CAPPED_WRITERS = r'''
+import os, resource, signal, sys
+import numpy as np, torch
+sys.path.insert(0, sys.argv[1])
+import data, eval as ev, checkpoints
+out = sys.argv[2]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the cap a write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+writers = {
+    "grid.png": lambda p: data.save_image_grid(torch.rand(64, 3, 32, 32) * 2 - 1, p),
+    "results.json": lambda p: ev.write_results({f"k{i}": float(i) for i in range(400)}, p),
+    "stats.npz": lambda p: checkpoints.atomic_write(p, lambda fh: np.savez(fh, mu=np.zeros(5000))),
+}
+for name, write in writers.items():
+    try:
+        write(os.path.join(out, name))
+        print(name, "written")
+    except SystemExit as e:
+        print(name, "refused:", e)
+'''
+
+
+def test_every_output_is_written_whole_or_not_at_all_under_a_file_size_cap(tmp_path):
+    """The class 'writes that are not atomic': an image grid, eval's JSON and its table, FID statistics,
+    written past a 4 KB file-size cap over good files of the same names: each is refused in one line and
+    the good file is kept byte for byte, with no temporary file left."""
+    good = {"grid.png": b"good grid", "results.json": b"{}", "results.txt": b"good table", "stats.npz": b"good stats"}
+    for name, content in good.items():
+        (tmp_path / name).write_bytes(content)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _CAPPED_WRITERS, root, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3 and all("refused: error: could not write" in line for line in lines), lines
+    for name, content in good.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    assert sorted(os.listdir(tmp_path)) == sorted(good)  # no .tmp left
+
+
+def test_the_log_holds_one_row_per_step_after_a_fresh_start_and_after_a_resume(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4, 5, 6)) + '{"step": 7, "lo')
+    dist = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)
+
+    class Bar:
+        def set_postfix(self, d):
+            pass
+
+    log = common.StepLog(str(path), dist, Bar(), 4, first_step=4)  # resumed from the checkpoint of step 4
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    log.write(5, {"loss": torch.tensor(0.5)})
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    common.StepLog(str(path), dist, Bar(), 4, first_step=0)  # a new run in the same folder: a new log
+    assert path.read_text() == ""

@@ -337,3 +337,28 @@ def test_an_image_of_extreme_aspect_ratio_is_skipped_from_its_header_without_dec
     huge_png(tmp_path / "c/strip.png", 2, 65)
     with pytest.warns(UserWarning, match="2x65 pixels"):
         assert ImageFolderDataset(str(tmp_path), 16)[1] is None
+
+
+def test_each_real_folder_is_read_once_and_only_regular_files(tmp_path):
+    """Links in an image folder: a loop (`self -> .`), a link up to the root (`up -> ..`) and a link to another
+    class must not count images twice or give them another class's label; a FIFO named like an image is
+    not read (it would block for ever)."""
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(root / c / f"{i}.png")
+    os.symlink(".", root / "a" / "self")
+    os.symlink("..", root / "a" / "up")
+    os.symlink(str(root / "b"), root / "a" / "b_link")
+    os.mkfifo(root / "b" / "pipe.png")
+    ds = ImageFolderDataset(str(root), 8)
+    names = sorted((os.path.relpath(p, root), y) for p, y in ds.samples)
+    assert names == [("a/0.png", 0), ("a/1.png", 0), ("b/0.png", 1), ("b/1.png", 1)]
+    # a linked folder of new images is still read, once
+    extra = tmp_path / "more"
+    extra.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(extra / "x.png")
+    os.symlink(str(extra), root / "b" / "more")
+    os.symlink(str(extra), root / "b" / "more_again")
+    assert sum(1 for p, y in ImageFolderDataset(str(root), 8).samples if p.endswith("x.png")) == 1
