@@ -510,6 +510,17 @@ def main():
         settings = {k: globals()[k] for k in settings}
     if compare:
         return compare_runs(*compare.split(","))
+    # every setting checked before any work: a bad value is one line, not a traceback after minutes
+    common.check_settings(settings, count=("batch_size", "sample_steps", "reps", "data_batches"),
+                          count_or_0=("warmup", "num_workers", "matmul_size", "compression"), positive=("gpu_gib",),
+                          guidance=("cfg_scale",), choices={"attn_impl": ("math", "sdpa")})
+    for name in ("attn_seq", "decode_steps"):
+        values = settings[name].split(",")
+        if not all(v.strip().isdigit() and int(v) >= 1 for v in values):
+            raise SystemExit(f"error: --{name.replace('_', '-')} takes comma-separated whole numbers of at least 1, "
+                             f"got {settings[name]!r}")
+    if "data" in parts.split(",") and data and not os.path.isdir(data):
+        raise SystemExit(f"error: --data {data!r}: no such folder (an image folder, or leave it out for the built-in data)")
     wanted = parts.split(",")
     if not set(wanted) <= {"ae", "dit", "attn", "data", "memory"} or precision not in ("auto", "fp32", "bf16"):
         raise SystemExit(f"error: --parts takes some of ae,dit,attn,data, or memory alone (got {parts!r}); "

@@ -539,6 +539,8 @@ def run_compare(dist):
             train(run_dir, kind, ch, lr, seed, max_steps * factor)
             score(run_dir, heldout, judge, dist)
         done.add(name)
+    if only and not done and not report_only:  # a typo would otherwise train nothing and say nothing
+        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like {plan(c)[0][0]}")
     write_report(c, heldout)
 
 

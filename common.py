@@ -35,7 +35,8 @@ def _parse_like(value, default, name):
     try:
         return type(default)(value)
     except ValueError:
-        raise SystemExit(f"error: --{name} takes a {type(default).__name__}, got {value!r}") from None
+        kind = {"int": "a whole number", "float": "a number"}.get(type(default).__name__, type(default).__name__)
+        raise SystemExit(f"error: --{name} takes {kind}, got {value!r}") from None
 
 
 def setting_comments(path):
@@ -133,18 +134,34 @@ def default_workers(settings):
     return settings
 
 
-def check_settings(settings, **kinds):
-    """Refuse a numeric setting out of its range, before any work, with one line naming the flag.
+# Upper bounds of sizes, for at_most: past them a setting only allocates without end (a 65536 px
+# image, 10^12 built-in images) or outlives any job (a collective timeout of 10^14 s overflows).
+MAX_SIZE = 10**8  # images in a dataset
+MAX_RESOLUTION = 4096  # px
+MAX_SECONDS = 7 * 24 * 3600  # a week
+MAX_SAMPLES = 200_000  # samples into one .npz (the FID protocol takes 50,000)
+
+
+def check_settings(settings, choices=None, at_most=None, **kinds):
+    """Refuse a setting out of its range, before any work, with one line naming the flag.
 
     `kinds` maps a kind of SETTING_KINDS to the names of the settings of that kind, e.g.
     check_settings(settings, count=("max_steps", "grad_accum"), fraction=("ema_decay",)). A step
     count of 0 or a NaN guidance scale would otherwise run, and write noise or nothing with exit 0.
+    choices: {name: the values it may take}; at_most: {name: its largest value}.
     """
     for kind, names in kinds.items():
         ok, valid = SETTING_KINDS[kind]
         for name in names:
             if not ok(settings[name]):
                 raise SystemExit(f"error: --{name.replace('_', '-')} {valid}, got {settings[name]}")
+    for name, allowed in (choices or {}).items():
+        if settings[name] not in allowed:
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be one of {shown}, got {settings[name]!r}")
+    for name, limit in (at_most or {}).items():
+        if not settings[name] <= limit:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at most {limit}, got {settings[name]}")
 
 
 def writable_dir(path, flag):
@@ -269,7 +286,8 @@ class Dist:
 
 def launch_rank():
     """This process's rank as torchrun set it (0 when run alone), known before torch.distributed starts."""
-    return int(os.environ.get("RANK", "0"))
+    rank = os.environ.get("RANK", "0")
+    return int(rank) if rank.isdigit() else 0  # a malformed RANK is refused by setup_distributed
 
 
 def available_devices():
@@ -322,6 +340,12 @@ def setup_distributed(device="", timeout=600, deterministic=False):
     timeout = datetime.timedelta(seconds=timeout)
     if "RANK" not in os.environ:
         return Dist(False, 0, 0, 1, torch.device(device), True)
+    missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    bad = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE") if v in os.environ and not os.environ[v].isdigit()]
+    problems = ([f"{', '.join(missing)} not set"] if missing else []) + ([f"{', '.join(bad)} not a whole number"] if bad else [])
+    if problems:
+        raise SystemExit(f"error: RANK is set, so this is a distributed launch, but {' and '.join(problems)}; start it "
+                         "with torchrun (which sets them all), or unset RANK to run one process")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     world = int(os.environ["WORLD_SIZE"])

@@ -136,12 +136,13 @@ _EXPECTED = ("expected an ImageNet-style folder: <root>/train/<class>/*.JPEG "
 
 
 class ImageFolderDataset(Dataset):
-    """Images under `root/train/<class>/` (or `root/<class>/`, or flat `root/`), ADM center-cropped."""
+    """Images under `root/<split>/<class>/` (or `root/<class>/`, or flat `root/`), ADM center-cropped.
+    split: "train" for training; evaluation reads "val" (an ImageNet root holds both)."""
 
-    def __init__(self, root, resolution):
+    def __init__(self, root, resolution, split="train"):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data {root!r}: no such folder; {_EXPECTED}")
-        base = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+        base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
         self.root, self.resolution = base, resolution
         # classes = sorted sub-folder names, so label k means the same class on every machine
         # (for ImageNet: the sorted wnids n01440764, ... -> 0..999, the usual indexing)

@@ -276,6 +276,27 @@ def inception_score_entries(logits, splits=10):
     return entries
 
 
+def check_reference_stats(path, stats):
+    """Refuse, in one line naming the file, FID statistics that cannot give a number: a mean without its
+    covariance (or the reverse), a string or object array, shapes that do not pair (mu (D,), sigma (D, D)),
+    or a value that is not finite (a NaN would be written as "fid": NaN with exit status 0)."""
+    for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (m in stats) != (s in stats):
+            raise SystemExit(f"error: --ref {path} has {m if m in stats else s} but not "
+                             f"{s if m in stats else m}; FID statistics need both (eval.py stats writes them)")
+        if m not in stats:
+            continue
+        mu, sigma = stats[m], stats[s]
+        if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
+            raise SystemExit(f"error: --ref {path}: {m}/{s} are not numbers ({mu.dtype}, {sigma.dtype})")
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise SystemExit(f"error: --ref {path}: {m} {mu.shape} and {s} {sigma.shape} do not pair; a mean (D,) "
+                             "and a covariance (D, D) are needed")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise SystemExit(f"error: --ref {path}: {m} or {s} holds a value that is not finite; recompute the "
+                             "reference with eval.py stats")
+
+
 def run_gen(dist):
     if not samples or not ref:
         raise SystemExit("gen needs --samples (.npz with arr_0, or a folder) and --ref (reference .npz or images)")
@@ -288,6 +309,7 @@ def run_gen(dist):
             has_images = "arr_0" in z.files
     if "mu" not in ref_stats and not has_images:
         raise SystemExit(f"--ref {ref} has neither statistics (mu, sigma) nor images (arr_0)")
+    check_reference_stats(ref, ref_stats)  # before the samples' features take minutes
     fake_src = at_least_two(ImageSource(samples, resolution, num_workers=num_workers), "--samples", num_images)
     ref_src = None
     if has_images and (prec_recall or "mu" not in ref_stats):
@@ -386,7 +408,8 @@ def main():
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
     settings, _ = common.configure(globals(), sys.argv[2:])  # the settings follow the mode
     common.check_settings(settings, count=("resolution", "batch_size", "judge_steps"),  # out of range: refused before any work
-                          count_or_0=("num_images", "num_workers", "seed"), steps_or_0=("decode_steps",))
+                          count_or_0=("num_images", "num_workers", "seed"), steps_or_0=("decode_steps",),
+                          at_most={"resolution": common.MAX_RESOLUTION})
     dist = common.setup_distributed(device)  # an unavailable --device is refused here, before any work
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
         MODES[mode](dist)

@@ -81,7 +81,7 @@ class ImageSource:
                 raise ValueError(f"{path}: arr_0 must be a C-order (N, H, W, 3) uint8 array, got {self.shape} {dtype}")
             self.dataset, self.n = None, self.shape[0]
         else:
-            self.dataset = ImageFolderDataset(path, res)
+            self.dataset = ImageFolderDataset(path, res, split="val")  # evaluation: root/val, never root/train
             self.n = len(self.dataset)
 
     def count(self, limit):

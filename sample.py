@@ -174,7 +174,9 @@ def main():
     # garbage images with exit 0
     common.check_settings(settings, count=("per_class", "batch_size"), count_or_0=("num_samples", "num", "seed"),
                           steps=("steps",), steps_or_0=("decode_steps",), guidance=("cfg_scale",),
-                          positive=("dist_timeout",))
+                          positive=("dist_timeout",), choices={"attn_impl": ("", "math", "sdpa")},
+                          at_most={"num_samples": common.MAX_SAMPLES, "num": common.MAX_SAMPLES,
+                                   "dist_timeout": common.MAX_SECONDS})
     n_samples = num_samples or num  # --num is another name for --num-samples
     dist = common.setup_distributed(device, dist_timeout)  # an unavailable --device is refused here, before any file is touched
     default = "recon.png" if images else "samples.npz" if n_samples > 0 else "samples.png"

@@ -120,7 +120,11 @@ def main():
     common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
                                            "ckpt_every", "max_nonfinite_steps"),
                           count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
-                          positive=("grad_clip", "dist_timeout"), fraction=("ema_decay", "lr_cooldown"))
+                          positive=("grad_clip", "dist_timeout"), fraction=("ema_decay", "lr_cooldown"),
+                          choices={"decoder": ("diffusion", "gaussian", "unet"), "cond": ("latent_decoder", "concat"),
+                                   "t_dist": ("", "uniform", "logit_normal"), "attn_impl": ("math", "sdpa")},
+                          at_most={"dataset_size": common.MAX_SIZE, "resolution": common.MAX_RESOLUTION,
+                                   "dist_timeout": common.MAX_SECONDS})
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
     # the model's settings are checked against model_args (checkpoints.resumed_config), the preset below

@@ -100,7 +100,10 @@ def main():
                           count_or_0=("num_workers", "warmup_steps", "seed"), steps=("sample_steps",),
                           steps_or_0=("decode_steps",), positive=("lr", "grad_clip", "dist_timeout"),
                           non_negative=("weight_decay",), fraction=("class_dropout", "ema_decay"),
-                          guidance=("cfg_scale",))
+                          guidance=("cfg_scale",), choices={"t_dist": ("logit_normal", "uniform"),
+                                                            "attn_impl": ("math", "sdpa")},
+                          at_most={"dataset_size": common.MAX_SIZE,
+                                                           "dist_timeout": common.MAX_SECONDS})
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
     ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "dit", settings, given, FIXED_ON_RESUME,

@@ -537,3 +537,12 @@ def test_drop_verdict_compares_the_two_decoders_losses_with_their_standard_error
              ("gauss", 4): rows([1.0, 1.1, 0.9]), ("gauss", 16): rows([3.0, 3.1, 2.9])}
     assert claims.drop_verdict(table, "spectral_fd", 4, 16)[2] == "fails"
     assert claims.drop_verdict({}, "psnr_ez", 4, 16)[2].startswith("undecided: runs missing")
+
+
+@pytest.mark.parametrize("mode", ["compare", "fcurve"])
+def test_only_that_matches_no_run_is_refused_not_a_silent_exit_0(tmp_path, mode):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "claims.py"), mode, "--only", "NOMATCH", "--out",
+                           str(tmp_path / "c"), "--judge-steps", "1", "--num-images", "4"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --only 'NOMATCH' matches no run of the plan")

@@ -364,3 +364,24 @@ def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_sa
                           ("samples_dir", "an .npz of samples and their labels")]:
         with pytest.raises(SystemExit, match=message):
             run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / path), "--device", "cpu")
+
+
+@pytest.mark.parametrize("stats, message", [
+    ({"mu": np.zeros(4)}, "has mu but not sigma"),
+    ({"mu": np.array(["a"] * 4), "sigma": np.eye(4)}, "are not numbers"),
+    ({"mu": np.zeros(4), "sigma": np.eye(3)}, "do not pair"),
+    ({"mu": np.full(4, np.nan), "sigma": np.eye(4)}, "not finite"),
+])
+def test_reference_statistics_that_cannot_give_a_number_are_refused(stats, message):
+    with pytest.raises(SystemExit, match=message):
+        ev.check_reference_stats("ref.npz", stats)
+    ev.check_reference_stats("ref.npz", {"mu": np.zeros(4), "sigma": np.eye(4)})  # a good one passes
+
+
+def test_evaluation_of_an_imagenet_root_reads_val_not_train(tmp_path):
+    for split, value in (("train", 0), ("val", 200)):
+        (tmp_path / split / "n01").mkdir(parents=True)
+        Image.fromarray(np.full((16, 16, 3), value, np.uint8)).save(tmp_path / split / "n01" / "a.png")
+    src = eval_data.ImageSource(str(tmp_path), 16)
+    (x,) = list(src.batches(0, 1, 1))
+    assert x.float().mean().item() == 200  # the val image

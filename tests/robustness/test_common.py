@@ -23,7 +23,7 @@ def test_configure_parses_types_dashes_and_rejects_unknown_names():
     assert set(s) == set(settings) | {"_private"}  # nothing hidden is added to the script's variables
     with pytest.raises(SystemExit, match="unknown setting --compresion"):
         common.configure(dict(compression=0), ["--compresion", "32"])
-    with pytest.raises(SystemExit, match="takes a int"):
+    with pytest.raises(SystemExit, match="takes a whole number"):
         common.configure(dict(compression=0), ["--compression", "big"])
     with pytest.raises(SystemExit, match="true or false"):
         common.configure(dict(compile=False), ["--compile", "maybe"])
@@ -404,3 +404,41 @@ def test_the_log_holds_one_row_per_step_after_a_fresh_start_and_after_a_resume(t
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
     common.StepLog(str(path), dist, Bar(), 4, first_step=0)  # a new run in the same folder: a new log
     assert path.read_text() == ""
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train_ae.py", ["--cond", "foo"], "--cond must be one of latent_decoder, concat, got 'foo'"),
+    ("train_ae.py", ["--t-dist", "foo"], "--t-dist must be one of '', uniform, logit_normal, got 'foo'"),
+    ("train_ae.py", ["--attn-impl", "flash"], "--attn-impl must be one of math, sdpa, got 'flash'"),
+    ("train_ae.py", ["--dataset-size", "1000000000000"], "--dataset-size must be at most 100000000, got 1000000000000"),
+    ("train_ae.py", ["--resolution", "65536"], "--resolution must be at most 4096, got 65536"),
+    ("train_ae.py", ["--dist-timeout", "100000000000000"], "--dist-timeout must be at most 604800, got 100000000000000"),
+    ("train_dit.py", ["--t-dist", "foo"], "--t-dist must be one of logit_normal, uniform, got 'foo'"),
+    ("sample.py", ["--ckpt", "x.pt", "--num-samples", "100000000"], "--num-samples must be at most 200000, got 100000000"),
+    ("bench.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
+    ("bench.py", ["--attn-seq", "abc"], "--attn-seq takes comma-separated whole numbers of at least 1, got 'abc'"),
+    ("bench.py", ["--parts", "data", "--data", "/no/such/folder"], "--data '/no/such/folder': no such folder"),
+])
+def test_a_bad_choice_or_an_absurd_size_is_refused_in_one_line_before_any_work(tmp_path, script, args, message):
+    """The class 'any bad setting': a value outside its choices or past its size limit stops the script at
+    once, with one line naming the flag, before a folder is made or a model built."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, os.path.join(root, script), *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: " + message)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0"}, "LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set"),
+    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_PORT": "29500"}, "MASTER_ADDR not set"),
+    ({"RANK": "a", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "RANK not a whole number"),
+])
+def test_a_half_set_distributed_environment_is_one_line(monkeypatch, env, message):
+    for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(v, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit, match=f"distributed launch, but {message}; start it with torchrun"):
+        common.setup_distributed("cpu")
