@@ -378,30 +378,52 @@ def recompute_under_rules(on):
         layers.checkpoint = original
 
 
-def train_step_peak(cfg, batch, dev, bf16, grad_checkpoint, with_lpips, channels_last=False):
-    """Peak bytes of live tensors over two training steps of train_ae.py's loop on `dev` (meta: predicted;
-    cpu: counted on real tensors): the model, its EMA, AdamW (fused where the trainer fuses it) and its state,
-    the gradients, and the activations of DGAE.loss under bf16 autocast rules if bf16."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+def two_steps_peak(build, dev, bf16, grad_checkpoint):
+    """Peak bytes of live tensors over two training steps of the trainers' loop on `dev` (meta: predicted;
+    cpu: counted on real tensors): the model, its EMA, AdamW (fused where the trainers fuse it) and its
+    state, the gradients, and the loss's activations, under bf16 autocast rules if bf16. build() makes,
+    on the current device, (model, inputs, loss_fn) with loss_fn(model, *inputs) the step's loss."""
     with LiveBytes() as mem:
         with torch.device(dev):
-            net = DGAE(cfg).to(memory_format=fmt)
+            net, inputs, loss_fn = build()
             ema = copy.deepcopy(net).requires_grad_(False)
-            lp = LPIPS().requires_grad_(False) if with_lpips else None
-            x = torch.randn(batch, 3, cfg.resolution, cfg.resolution).contiguous(memory_format=fmt)
         net.grad_checkpoint = grad_checkpoint
         opt = make_optimizer(net, 1e-4, 0.0, (0.9, 0.99), torch.device("cpu"))
         for group in opt.param_groups:  # the meta device has neither fused nor foreach kernels: the CUDA trainer's
             group["foreach"] = False  # fused AdamW, like this per-tensor loop, makes no full-size temporaries
         for _ in range(2):
             with CudaAutocastRules() if bf16 else nullcontext(), recompute_under_rules(bf16):
-                loss, _ = net(x, lp)
+                loss = loss_fn(net, *inputs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             update_ema(ema, net, 0.999)
             opt.zero_grad(set_to_none=True)
     return mem.peak
+
+
+def train_step_peak(cfg, batch, dev, bf16, grad_checkpoint, with_lpips, channels_last=False):
+    """two_steps_peak of train_ae.py's step: DGAE.loss on a batch of images (with LPIPS if with_lpips)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def build():
+        lp = LPIPS().requires_grad_(False) if with_lpips else None
+        x = torch.randn(batch, 3, cfg.resolution, cfg.resolution).contiguous(memory_format=fmt)
+        return DGAE(cfg).to(memory_format=fmt), (x,), lambda net, x: net(x, lp)[0]
+
+    return two_steps_peak(build, dev, bf16, grad_checkpoint)
+
+
+def dit_step_peak(preset, latent_shape, batch, dev, bf16, grad_checkpoint, num_classes=1000):
+    """two_steps_peak of train_dit.py's step: the flow loss of a DiT on a batch of latents (c, h, w)."""
+    c, h, _ = latent_shape
+
+    def build():
+        z, y = torch.randn(batch, *latent_shape), torch.randint(0, num_classes, (batch,))
+        flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731  as train_dit.py
+        return build_dit(preset, h, c, num_classes), (z, y), flow
+
+    return two_steps_peak(build, dev, bf16, grad_checkpoint)
 
 
 def memory_available_gib(gib):
@@ -443,6 +465,12 @@ def memory_rows(cfg):
         print(f"{'on' if ckpt else 'off':>14s}{batch_size:7d}{peak:10.1f}{'yes' if fits else 'no':>6s}{best:15d}")
         results[f"memory_checkpoint_{'on' if ckpt else 'off'}"] = dict(batch=batch_size, peak_gib=peak, fits=fits,
                                                                        largest_batch=best, gpu_gib=gpu_gib)
+    shape = (cfg.latent_channels, cfg.resolution // cfg.compression, cfg.resolution // cfg.compression)
+    peak = dit_step_peak(dit_preset, shape, batch_size, torch.device("meta"), True, checkpoint) / 2**30
+    fits = peak <= memory_available_gib(gpu_gib)
+    print(f"train_dit.py step, {dit_preset} on {shape[0]}x{shape[1]}x{shape[2]} latents, batch {batch_size}, "
+          f"checkpointing {'on' if checkpoint else 'off'}: {peak:.1f} GiB predicted, {'fits' if fits else 'does not fit'}")
+    results["memory_dit"] = dict(batch=batch_size, peak_gib=peak, fits=fits, gpu_gib=gpu_gib, preset=dit_preset)
 
 
 def data_row(cfg):

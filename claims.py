@@ -110,8 +110,8 @@ num_images = 500  # held-out images scored (the first N)
 mean_of = 4  # decodes averaged for the E[x|z] estimate
 batch_size = 50  # images per forward pass when scoring
 ckpt = ""  # diagnose: the train_ae.py checkpoint
-dit_steps = "250,500,1000,2000,3000"  # converge: the DiT steps at which samples are scored
-num_samples = 500  # converge: samples scored at each of those steps
+dit_steps = "125,177,250,354,500,707,1000,1414,2000,2828"  # converge: DiT steps scored (log-spaced: the curve's shift)
+num_samples = 600  # converge: samples scored at each of those steps
 dit_args = ""  # converge: more train_dit.py flags for every run
 fs = "4,8,16"  # fcurve: the spatial compressions, the latent's size fixed at the first's
 pool = 4  # fcurve: pooling factor of the low-/high-frequency measures, the same for every f
@@ -572,6 +572,27 @@ def converge_latents(c, seed):
     return found
 
 
+def curve_speedup(ref, curve, levels=20):
+    """How many times fewer steps `curve` needs than `ref` to reach the same accuracy, read from the whole
+    curves: each [(step, accuracy)] is made monotone (its running maximum), inverted by interpolation in
+    log steps at `levels` accuracies spread over the range both reach, and the horizontal shift between
+    them averaged in log steps. exp(shift) > 1: `curve` is faster. None if their ranges do not overlap."""
+    def inverse(c):
+        steps = np.log([s for s, _ in c])
+        acc = np.maximum.accumulate([a for _, a in c])
+        return steps, acc
+
+    (s_ref, a_ref), (s_cur, a_cur) = inverse(ref), inverse(curve)
+    lo, hi = max(a_ref[0], a_cur[0]), min(a_ref[-1], a_cur[-1])
+    if not hi > lo:
+        return None
+    grid = np.linspace(lo, hi, levels)
+    # np.interp needs increasing x: a flat stretch of the running maximum keeps its first step
+    first = lambda s, a: (a[np.r_[True, np.diff(a) > 0]], s[np.r_[True, np.diff(a) > 0]])  # noqa: E731
+    shift = np.interp(grid, *first(s_ref, a_ref)) - np.interp(grid, *first(s_cur, a_cur))
+    return float(np.exp(shift.mean()))
+
+
 def steps_to_reach(curve, target):
     """The first DiT step whose score reaches target, from [(step, score)]; None if none does."""
     return next((step for step, v in curve if v >= target), None)
@@ -648,17 +669,22 @@ def converge_one_seed(dist, c, seed, step_list, root):
     ref_steps = steps_to_reach([(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]], target)
     lines = [f"# claim 3, seed {seed}: the same DiT on four latents (built-in data, {num_samples} samples per point)", "",
              f"target (fixed before the run): accuracy {target:.3f}, what the {labels[0]} latents reach at step "
-             f"{step_list[-1]}; ratio = DiT steps {labels[0]} needs / steps the latent needs (> 1: faster)", "",
+             f"{step_list[-1]}; ratio = DiT steps {labels[0]} needs / steps the latent needs (> 1: faster); shift = "
+             f"the same ratio read from the whole curves (claims.curve_speedup)", "",
              "| latent | " + " | ".join(f"acc@{s}" for s in step_list) + " | ceiling acc | "
-             + " | ".join(f"fd@{s}" for s in step_list) + " | ceiling fd | steps to target | ratio |",
-             "|" + "---|" * (2 * len(step_list) + 5)]
+             + " | ".join(f"fd@{s}" for s in step_list) + " | ceiling fd | steps to target | ratio | shift |",
+             "|" + "---|" * (2 * len(step_list) + 6)]
+    ref_curve = [(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]]
     for label, r in rows.items():
-        reach = steps_to_reach([(p["step"], p["accuracy"]) for p in r["curve"]], target)
+        curve = [(p["step"], p["accuracy"]) for p in r["curve"]]
+        reach = steps_to_reach(curve, target)
         r["steps_to_target"], r["speedup"] = reach, (ref_steps / reach if reach else None)
+        r["curve_speedup"] = curve_speedup(ref_curve, curve)
         lines.append(f"| {label} | " + " | ".join(f"{p['accuracy']:.3f}" for p in r["curve"])
                      + f" | {r['ceiling_accuracy']:.3f} | " + " | ".join(f"{p['judge_fd']:.2f}" for p in r["curve"])
                      + f" | {r['ceiling_judge_fd']:.2f} | {reach or 'not reached'} | "
-                     + (f"{r['speedup']:.2f}" if r["speedup"] else "-") + " |")
+                     + (f"{r['speedup']:.2f}" if r["speedup"] else "-") + " | "
+                     + (f"{r['curve_speedup']:.2f}" if r["curve_speedup"] else "-") + " |")
     path = os.path.join(root, f"converge_s{seed}")
     write_converge_report(path, "\n".join(lines) + "\n", {"target_accuracy": target, "latents": rows},
                           {k: [(p["step"], p["accuracy"]) for p in r["curve"]] for k, r in rows.items()},
@@ -676,7 +702,13 @@ def summarise_converge(per_seed):
         summary[label] = {"steps": [p["step"] for p in next(iter(per_seed.values()))[label]["curve"]],
                           "accuracy_mean": curves.mean(0).tolist(), "accuracy_sd": curves.std(0, ddof=1).tolist(),
                           "ceiling_accuracy": float(np.mean([rows[label]["ceiling_accuracy"] for rows in per_seed.values()])),
-                          "speedups": [rows[label]["speedup"] for rows in per_seed.values()]}
+                          "speedups": [rows[label]["speedup"] for rows in per_seed.values()],
+                          "curve_speedups": [rows[label].get("curve_speedup") for rows in per_seed.values()]}
+        logs = [math.log(v) for v in summary[label]["curve_speedups"] if v]
+        m, se = mean_se(logs) if logs else (math.nan, math.nan)
+        # claim 3 ("converges faster"): the mean log speed-up over seeds against 0, beyond 2 SE
+        summary[label].update(speedup_mean=math.exp(m) if logs else None, log_speedup_se=se,
+                              verdict=decide(m, se) if len(logs) == len(per_seed) else "undecided")
     return summary
 
 
@@ -707,11 +739,14 @@ def run_converge(dist):
     summary = summarise_converge(per_seed)
     fmt = lambda v: f"{v:.2f}x" if v else "not reached"  # noqa: E731
     lines = [f"# claim 3 over seeds {seeds}: each step's accuracy, mean over the seeds (+- their standard deviation)", "",
-             "| latent | " + " | ".join(f"acc@{s}" for s in step_list) + " | ceiling acc | speed-up per seed |",
-             "|" + "---|" * (len(step_list) + 3)]
+             "| latent | " + " | ".join(f"acc@{s}" for s in step_list)
+             + " | ceiling acc | speed-up per seed (target) | per seed (shift) | shift over seeds | faster? |",
+             "|" + "---|" * (len(step_list) + 6)]
     for label, r in summary.items():
+        over = (f"{r['speedup_mean']:.2f}x (log +- {r['log_speedup_se']:.2f} SE)" if r["speedup_mean"] else "-")
         lines.append(f"| {label} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in zip(r["accuracy_mean"], r["accuracy_sd"]))
-                     + f" | {r['ceiling_accuracy']:.3f} | " + ", ".join(fmt(v) for v in r["speedups"]) + " |")
+                     + f" | {r['ceiling_accuracy']:.3f} | " + ", ".join(fmt(v) for v in r["speedups"]) + " | "
+                     + ", ".join(fmt(v) for v in r["curve_speedups"]) + f" | {over} | {r['verdict']} |")
     write_converge_report(os.path.join(root, "converge_summary"), "\n".join(lines) + "\n", {"seeds": seed_list, "latents": summary},
                           {k: list(zip(r["steps"], r["accuracy_mean"])) for k, r in summary.items()},
                           {k: r["ceiling_accuracy"] for k, r in summary.items()})

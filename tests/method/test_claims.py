@@ -336,14 +336,29 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
     assert rows["dgae c=2"]["speedup"] == 1.0 and (tmp_path / "c" / "converge_s2.png").exists()
 
 
-def converge_rows(accuracies, ceiling, speedup):
+def converge_rows(accuracies, ceiling, speedup, curve_speedup=None):
     return {"curve": [{"step": s, "accuracy": a, "judge_fd": 1.0} for s, a in zip((10, 20), accuracies)],
-            "ceiling_accuracy": ceiling, "speedup": speedup}
+            "ceiling_accuracy": ceiling, "speedup": speedup, "curve_speedup": curve_speedup}
+
+
+def test_curve_speedup_reads_a_known_horizontal_shift_from_the_whole_curve():
+    """A known answer: the latent's curve is the reference's at 1.4x the steps, a speed-up that the old
+    first-grid-point-past-a-target rule read as 1.0 or 1.5 only. Noise-free here; a dip (non-monotone) in
+    the curve does not move the estimate, and curves that never overlap give None."""
+    steps = [125, 177, 250, 354, 500, 707, 1000, 1414, 2000, 2828]
+    acc = lambda s: 0.8 * (1 - math.exp(-s / 600))  # noqa: E731
+    ref, faster = [(s, acc(s)) for s in steps], [(s, acc(1.4 * s)) for s in steps]
+    assert claims.curve_speedup(ref, faster) == pytest.approx(1.4, rel=0.01)
+    assert claims.curve_speedup(faster, ref) == pytest.approx(1 / 1.4, rel=0.01)
+    dipped = list(faster)
+    dipped[5] = (dipped[5][0], dipped[4][1] - 0.05)  # one noisy point below its predecessor
+    assert claims.curve_speedup(ref, dipped) == pytest.approx(1.4, rel=0.05)
+    assert claims.curve_speedup([(10, 0.1), (20, 0.2)], [(10, 0.5), (20, 0.6)]) is None
 
 
 def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_seeds_speed_up(tmp_path, monkeypatch):
-    per_seed = {0: {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, None)},
-                1: {"gauss c=4": converge_rows((0.4, 0.8), 0.9, 1.0), "dgae c=2": converge_rows((0.6, 0.9), 0.8, 2.0)}}
+    per_seed = {0: {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, None, 1.5)},
+                1: {"gauss c=4": converge_rows((0.4, 0.8), 0.9, 1.0, 1.0), "dgae c=2": converge_rows((0.6, 0.9), 0.8, 2.0, 1.7)}}
     monkeypatch.setattr(claims, "out", str(tmp_path))
     monkeypatch.setattr(claims, "seeds", "0,1,0")  # a repeated seed counts once
     monkeypatch.setattr(claims, "dit_steps", "10,20")
@@ -357,7 +372,12 @@ def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_s
     assert dgae["accuracy_mean"] == pytest.approx([0.5, 0.7]) and dgae["ceiling_accuracy"] == pytest.approx(0.75)
     assert dgae["accuracy_sd"] == pytest.approx([0.02 ** 0.5, 0.08 ** 0.5])  # two seeds: |a - b| / sqrt(2)
     table = open(tmp_path / "converge" / "converge_summary.md").read()
-    assert "| dgae c=2 | 0.500 +- 0.141 | 0.700 +- 0.283 | 0.750 | not reached, 2.00x |" in table
+    assert "| dgae c=2 | 0.500 +- 0.141 | 0.700 +- 0.283 | 0.750 | not reached, 2.00x | 1.50x, 1.70x |" in table
+    # the shift over seeds: exp(mean log) = sqrt(1.5 * 1.7), its log SE |log 1.7 - log 1.5| / 2; 1.60x is
+    # beyond 2 SE (0.125) of no speed-up: faster, and the reference against itself is undecided (SE 0)
+    assert dgae["speedup_mean"] == pytest.approx((1.5 * 1.7) ** 0.5)
+    assert dgae["log_speedup_se"] == pytest.approx(abs(math.log(1.7 / 1.5)) / 2) and dgae["verdict"] == "holds"
+    assert summary["latents"]["gauss c=4"]["verdict"] == "undecided"
     assert (tmp_path / "converge" / "converge_summary.png").stat().st_size > 1000
     monkeypatch.setattr(claims, "seeds", "1")  # one seed: its own report only, no summary
     os.remove(tmp_path / "converge" / "converge_summary.json")

@@ -210,3 +210,6 @@ def test_the_readme_imagenet_commands_fit_an_80gb_gpu_by_the_model():
     peak = bench.predict_train_peak(cfg, cfg.batch_size, True, True)
     assert peak < 0.75 * room, (peak, room)
     assert bench.predict_train_peak(cfg, cfg.batch_size, False, False) > room
+    # stage 2's README command: DiT-XL/1 on those 16x8x8 latents at batch 32 per GPU
+    dit = bench.dit_step_peak("DiT-XL/1", (16, 8, 8), 32, torch.device("meta"), True, False) / 2**30
+    assert dit < 0.75 * room, (dit, room)
