@@ -510,12 +510,17 @@ def write_report(c, heldout):
                    "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}}, indent=1))
 
 
-def run_compare(dist):
+def check_one_process_and_data(mode, dist):
+    """compare and fcurve start their training jobs one after another, and score on held-out images."""
     if dist.ddp:
-        raise SystemExit("compare runs its training jobs one after another; start it with plain python")
+        raise SystemExit(f"{mode} runs its training jobs one after another; start it with plain python")
     if bool(data) != bool(val_data):
-        raise SystemExit("error: compare needs both --data (training folder) and --val-data (held-out folder), or neither "
-                         "(the built-in data and its held-out images)")
+        raise SystemExit(f"error: {mode} needs both --data (training folder) and --val-data (held-out folder), or "
+                         "neither (the built-in data and its held-out images)")
+
+
+def run_compare(dist):
+    check_one_process_and_data("compare", dist)
     unknown = set(kinds.split(",")) - set(KIND_FLAGS)
     if unknown:
         raise SystemExit(f"error: --kinds: unknown decoder {sorted(unknown)}; choose from {','.join(KIND_FLAGS)}")
@@ -528,20 +533,29 @@ def run_compare(dist):
     judge = None
     if not data:  # the built-in data's classes: the pattern classifier judges the reconstructions
         judge = train_pattern_classifier(res, steps=judge_steps, device=dist.device)
+    def run_one(name, kind, ch, lr, seed, factor):
+        train(os.path.join(out, name), kind, ch, lr, seed, max_steps * factor)
+        score(os.path.join(out, name), heldout, judge, dist)
+
+    run_plan(lambda: plan(c), run_one)
+    write_report(c, heldout)
+
+
+def run_plan(make_plan, run_one):
+    """Train and score the runs of make_plan() [(name, ...)] one at a time, in its order, skipping the
+    finished ones (scores.json) and those --only leaves out; the plan is made again after each run, as
+    later parts need the sweep's scores. run_one(name, ...) trains and scores one run. A --only that
+    matches no run is an error (a typo would otherwise train nothing and say nothing)."""
     done = set()
     while not report_only:
-        todo = [p for p in plan(c) if p[0] not in done and only in p[0]]
+        todo = [p for p in make_plan() if p[0] not in done and only in p[0]]
         if not todo:
             break
-        name, kind, ch, lr, seed, factor = todo[0]
-        run_dir = os.path.join(out, name)
-        if finished_scores(name) is None:
-            train(run_dir, kind, ch, lr, seed, max_steps * factor)
-            score(run_dir, heldout, judge, dist)
-        done.add(name)
-    if only and not done and not report_only:  # a typo would otherwise train nothing and say nothing
-        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like {plan(c)[0][0]}")
-    write_report(c, heldout)
+        if finished_scores(todo[0][0]) is None:
+            run_one(*todo[0])
+        done.add(todo[0][0])
+    if only and not done and not report_only:
+        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like {make_plan()[0][0]}")
 
 
 # -----------------------------------------------------------------------------
@@ -835,29 +849,16 @@ def drop_verdict(table, measure, f_lo, f_hi):
 
 
 def run_fcurve(dist):
-    if dist.ddp:
-        raise SystemExit("fcurve runs its training jobs one after another; start it with plain python")
-    if bool(data) != bool(val_data):
-        raise SystemExit("error: fcurve needs both --data (training folder) and --val-data (held-out folder), or "
-                         "neither (the built-in data and its held-out images)")
+    check_one_process_and_data("fcurve", dist)
     points = fcurve_points()
     os.makedirs(out, exist_ok=True)
     heldout = ImageSource(val_data, make_config(preset).resolution, builtin_limit=num_images or HELDOUT_SIZE)
-    done = set()
-    while not report_only:
-        todo = [p for p in fcurve_plan(points) if p[0] not in done and only in p[0]]
-        if not todo:
-            break
-        name, kind, f, c, lr, seed = todo[0]
-        run_dir = os.path.join(out, name)
-        if finished_scores(name) is None:
-            train(run_dir, kind, c, lr, seed, max_steps,
-                  extra=("--compression", f, "--resolution", make_config(preset).resolution))
-            score_fcurve(run_dir, heldout, dist)
-        done.add(name)
-    if only and not done and not report_only:
-        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like "
-                         f"{fcurve_plan(points)[0][0]}")
+    def run_one(name, kind, f, c, lr, seed):
+        train(os.path.join(out, name), kind, c, lr, seed, max_steps,
+              extra=("--compression", f, "--resolution", make_config(preset).resolution))
+        score_fcurve(os.path.join(out, name), heldout, dist)
+
+    run_plan(lambda: fcurve_plan(points), run_one)
     table = fcurve_table(points)
     f_list = sorted(f for f, _ in points)
     side = make_config(preset).resolution // f_list[0]
