@@ -512,6 +512,32 @@ def loader_worker_init(worker_id=None):
 # pretrained weight files (VGG16 + LPIPS heads, InceptionV3)
 
 
+def load_weight_file(path, flag, url):
+    """A pretrained weight file as a dict of tensors, or one line (ValueError) naming it: a file that is
+    truncated, not a PyTorch file, or a pickle of other objects (weights_only refuses to run its code;
+    torch's advice to load it with weights_only=False is never passed on)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{flag} {path}: could not read it as weights ({type(e).__name__}): it is damaged, "
+                         f"truncated or not the published file; download it again from {url}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{flag} {path}: not a state dict of tensors; download the published file from {url}")
+    return state
+
+
+def load_published_weights(load, path, flag, url):
+    """load(): fill a network from a weight file, whose failure (another network's weights, shapes
+    that differ) is one line naming the file."""
+    try:
+        return load()
+    except (RuntimeError, KeyError, ValueError) as e:
+        lines = [line.strip().rstrip(".") for line in str(e).strip().splitlines() if line.strip()]
+        first = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else type(e).__name__)[:160]
+        raise ValueError(f"{flag} {path}: not the published weights of this network ({first}); "
+                         f"download the published file from {url}") from None
+
+
 def find_weights(path, filename, url, flag, env_var, required=True):
     """Resolve a pretrained weight file: `path` if given (not ""), else $env_var, else $DGAE_WEIGHTS/filename.
 

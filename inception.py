@@ -256,5 +256,7 @@ def load_inception(path="", device="cpu", required=True):
     if file is None:
         return None
     model = InceptionV3()
-    model.load_state_dict(torch.load(file, map_location="cpu", weights_only=True), strict=True)
+    state = checkpoints.load_weight_file(file, "--inception-path", INCEPTION_URL)
+    checkpoints.load_published_weights(lambda: model.load_state_dict(state, strict=True), file, "--inception-path",
+                                       INCEPTION_URL)
     return model.to(device)

@@ -203,6 +203,9 @@ def load_lpips(vgg_path="", lpips_path="", required=True, device="cpu"):
     if vgg_file is None or lpips_file is None:
         return None
     # weights_only: these files are plain tensor dicts, and we never unpickle arbitrary objects
-    vgg_state = torch.load(vgg_file, map_location="cpu", weights_only=True)
-    lpips_state = torch.load(lpips_file, map_location="cpu", weights_only=True)
-    return LPIPS().load_published(vgg_state, lpips_state).to(device)
+    vgg_state = checkpoints.load_weight_file(vgg_file, "--vgg-path", VGG16_URL)
+    lpips_state = checkpoints.load_weight_file(lpips_file, "--lpips-path", LPIPS_URL)
+    net = LPIPS()
+    checkpoints.load_published_weights(lambda: net.load_published(vgg_state, lpips_state), f"{vgg_file}, {lpips_file}",
+                                       "--vgg-path/--lpips-path", f"{VGG16_URL} and {LPIPS_URL}")
+    return net.to(device)

@@ -115,7 +115,7 @@ def test_load_inception_is_strict_and_a_missing_file_names_it_and_its_url(incept
     sd = inception.state_dict()
     del sd["fc.bias"]
     torch.save(sd, tmp_path / "broken.pth")
-    with pytest.raises(RuntimeError, match="fc.bias"):
+    with pytest.raises(ValueError, match="broken.pth: not the published weights of this network .*fc.bias"):
         load_inception(str(tmp_path / "broken.pth"))
     monkeypatch.delenv("DGAE_INCEPTION", raising=False)
     monkeypatch.setenv("DGAE_WEIGHTS", str(tmp_path / "empty"))

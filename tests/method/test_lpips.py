@@ -232,3 +232,28 @@ def test_rejects_tiny_or_mismatched_images(model):
         model(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ValueError):
         model(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 16))
+
+
+def test_weight_files_that_are_pickles_truncated_or_another_network_are_one_line(tmp_path):
+    """The class 'a pretrained weight file that is wrong': each is a ValueError naming the flag and the file,
+    never torch's traceback nor its advice to load with weights_only=False."""
+    import pickle
+
+    import checkpoints
+    from inception import load_inception
+
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.zeros(3)}, good)
+    pickled = tmp_path / "pickled.pth"
+    pickled.write_bytes(pickle.dumps(object))  # a pickle that would run code: refused by weights_only
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:50])
+    listed = tmp_path / "list.pth"
+    torch.save([torch.zeros(3)], listed)
+    for bad in (pickled, truncated, listed):
+        with pytest.raises(ValueError, match=f"--inception-path {bad}: ") as e:
+            load_inception(str(bad))
+        assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=f"--inception-path {good}: not the published weights of this network"):
+        load_inception(str(good))  # another network's (here: any) tensors
+    assert checkpoints.load_weight_file(str(good), "--x", "url")["w"].shape == (3,)
