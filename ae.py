@@ -14,6 +14,7 @@ decoder_diffusion.py, read before this file, holds the diffusion decoder.
 import hashlib
 import math
 from dataclasses import asdict, dataclass, replace
+from dataclasses import fields as dataclass_fields
 
 import torch
 import torch.nn as nn
@@ -433,7 +434,22 @@ def config_to_dict(cfg):
 
 
 def config_from_dict(d):
-    return AEConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    """The AEConfig a checkpoint's model_args describe. A key AEConfig lacks, or a value of another type
+    than the field's (an edited file, another version's), is a ValueError naming it."""
+    if not isinstance(d, dict):
+        raise ValueError(f"model_args is a {type(d).__name__}, not a dict of the model's settings")
+    defaults = {f.name: f.default for f in dataclass_fields(AEConfig)}
+    unknown = sorted(set(d) - set(defaults))
+    if unknown:
+        raise ValueError(f"model_args has settings this version's model does not know: {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for k, v in values.items():
+        want = type(defaults[k])
+        fits = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+        if not (fits or want is float and type(v) is int):  # 1 stands for 1.0
+            kinds = {"int": "a whole number", "float": "a number", "str": "a string", "tuple": "a list", "bool": "true/false"}
+            raise ValueError(f"model_args {k}={v!r} is not {kinds.get(want.__name__, want.__name__)}")
+    return AEConfig(**values)
 
 
 def encoder_fingerprint(state_dict):
@@ -453,6 +469,12 @@ def encoder_fingerprint(state_dict):
 def load_dgae(path, device="cpu", ema=True):
     """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
     ckpt = checkpoints.load_checkpoint(path, "ae")
-    model = DGAE(config_from_dict(ckpt["model_args"]))
-    checkpoints.load_weights(model, ckpt["ema" if ema else "model"], path)  # edited shapes: one line naming the file
+    try:
+        cfg = config_from_dict(ckpt["model_args"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; use a checkpoint as train_ae.py wrote it") from None
+    with torch.device("meta"):  # the weights are checked against the model before any memory is taken:
+        checkpoints.load_weights(DGAE(cfg), ckpt["ema" if ema else "model"], path, assign=True)  # edited sizes
+    model = DGAE(cfg)
+    checkpoints.load_weights(model, ckpt["ema" if ema else "model"], path)
     return model.to(device).eval()

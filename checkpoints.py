@@ -10,6 +10,7 @@ StopSignals and StepGuard, and that is all of it.
 
 import dataclasses
 import fcntl
+import inspect
 import os
 import random
 import re
@@ -180,6 +181,9 @@ def resume_or_refuse(ckpt_path, resume, kind):
         if missing:
             raise ValueError(f"{ckpt_path} has no {', '.join(repr(k) for k in missing)}, so its run cannot be "
                              "resumed; start a new run in another --out-dir")
+        if type(ckpt["step"]) is not int or ckpt["step"] < 0 or not isinstance(ckpt.get("config", {}), dict):
+            raise ValueError(f"{ckpt_path}: its step ({ckpt['step']!r}) or its settings are not what the training "
+                             "script writes (an edited file); resume from a checkpoint as it was written")
         return ckpt
     if os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
@@ -240,6 +244,10 @@ def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
     for name, value in ckpt.get("config", {}).items():
         if name not in settings or name in NEVER_RESUMED:
             continue
+        want = type(settings[name])
+        if not (type(value) is want or want is float and type(value) is int or want is str and type(value) is bool):
+            raise ValueError(f"{os.path.join(settings['out_dir'], 'ckpt.pt')}: its setting {name}={value!r} is not a "
+                             f"{want.__name__} (an edited file); resume from a checkpoint as it was written")
         if name not in given:
             settings[name] = value
         elif settings[name] != value and name not in checked_elsewhere:
@@ -329,6 +337,28 @@ def load_weights(module, state_dict, path, assign=False):
         first = (details[0] if details else str(e))[:200]
         raise ValueError(f"{path}: its weights do not fit the model its model_args describe ({first}); "
                          "the file was edited or damaged, use a checkpoint as the training script wrote it") from None
+
+
+def model_from_args(cls, args, state_dict, path):
+    """cls(**args) from a checkpoint's model_args, its weights `state_dict` checked first on the meta
+    device (no memory taken: an edited width of 10^5 channels is one line, not a 64 GB allocation). A key
+    the class does not take, a value of the wrong kind or weights that do not fit: one line naming `path`."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: model_args is not a dict; use a checkpoint as the training script wrote it")
+    unknown = sorted(set(args) - set(inspect.signature(cls).parameters))
+    if unknown:
+        raise ValueError(f"{path}: model_args has settings this version's model does not take: {', '.join(unknown)}; "
+                         "use a checkpoint this version wrote")
+    try:
+        with torch.device("meta"):
+            load_weights(cls(**args), state_dict, path, assign=True)
+        return cls(**args)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError) as e:
+        if isinstance(e, ValueError) and str(e).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: its model_args do not build the model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}); use a checkpoint as the training script "
+                         "wrote it") from None
 
 
 def restore_training(ckpt, dist, net, ema, optimizer, loader, path, seed, log):

@@ -87,8 +87,10 @@ def _or_exit(load, *args):
 def load_models(path, device, ae_path="", attn=""):
     """A train_dit.py checkpoint -> (EMA DiT, its stage-1 DGAE, the checkpoint dict), in eval mode."""
     ck = _or_exit(checkpoints.load_checkpoint, path, "dit")
-    dit = DiT(**{**ck["model_args"], **({"attn_impl": attn} if attn else {})})
-    checkpoints.load_weights(dit, ck["ema"], path)  # edited shapes: one line naming the file
+    args = {**ck["model_args"], **({"attn_impl": attn} if attn else {})} if isinstance(ck["model_args"], dict) else None
+    with common.user_errors():  # settings, weights or sizes edited: one line naming the file
+        dit = checkpoints.model_from_args(DiT, args, ck["ema"], path)
+    checkpoints.load_weights(dit, ck["ema"], path)
     ae_path = ae_path or ck["ae_ckpt"]
     if not os.path.isfile(ae_path):
         raise SystemExit(f"error: stage-1 checkpoint {ae_path} not found. The DiT in {path} generates latents of "

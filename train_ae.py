@@ -110,13 +110,9 @@ def nhwc_on(setting, device):
     return common.auto_flag(setting, "channels_last", device.type != "cuda")
 
 
-def main():
-    settings, given = common.configure(globals())
-    settings = common.default_workers(settings)
-    checkpointing_on(settings["grad_checkpoint"], "")  # a bad value stops here, before any work
-    common.auto_flag(settings["channels_last"], "channels_last", True)
-    # numbers out of range stop here, before any work: a 0-step run would print "done" and write
-    # nothing. The model settings (0 = the preset's) are checked below, once resolved.
+def check(settings):
+    """Every setting in range, before any work: a 0-step run would print "done" and write nothing. The
+    model settings (0 = the preset's) are checked in main, once resolved."""
     common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
                                            "ckpt_every", "max_nonfinite_steps"),
                           count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
@@ -125,12 +121,21 @@ def main():
                                    "t_dist": ("", "uniform", "logit_normal"), "attn_impl": ("math", "sdpa")},
                           at_most={"dataset_size": common.MAX_SIZE, "resolution": common.MAX_RESOLUTION,
                                    "dist_timeout": common.MAX_SECONDS})
+
+
+def main():
+    settings, given = common.configure(globals())
+    settings = common.default_workers(settings)
+    checkpointing_on(settings["grad_checkpoint"], "")  # a bad value stops here, before any work
+    common.auto_flag(settings["channels_last"], "channels_last", True)
+    check(settings)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
     # the model's settings are checked against model_args (checkpoints.resumed_config), the preset below
     ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "ae", settings, given, FIXED_ON_RESUME,
                                                  ("preset",) + tuple(n for n in CONFIG_SETTINGS
                                                                      if n not in FREE_ON_RESUME), log)
+    check(settings)  # a resumed run's own settings too: an edited checkpoint may hold --ckpt-every 0
     globals().update(settings)
     dev = dist.device
 
@@ -149,6 +154,9 @@ def main():
         if ckpt is not None:
             cfg = checkpoints.resumed_config(config_from_dict(ckpt["model_args"]), cfg, given, CONFIG_SETTINGS,
                                              free=FREE_ON_RESUME)
+        if ckpt is not None:  # its weights checked against its model before any memory is taken
+            with torch.device("meta"):
+                checkpoints.load_weights(DGAE(cfg), ckpt["model"], ckpt_path, assign=True)
         if cfg.resolution // cfg.compression < 2:
             raise SystemExit(f"error: --resolution {cfg.resolution} with --compression {cfg.compression} leaves a "
                              f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression} latent; raise "

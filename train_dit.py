@@ -155,7 +155,8 @@ def main():
     if ckpt is not None:
         # the checkpoint's model; only --attn-impl (how attention is computed) may change
         args = dict(ckpt["model_args"], **({"attn_impl": attn_impl} if "attn_impl" in given else {}))
-        name, net = ckpt["model_name"], DiT(**args).to(dev)
+        with common.user_errors():  # settings, weights or sizes edited: one line naming the file
+            name, net = ckpt["model_name"], checkpoints.model_from_args(DiT, args, ckpt["model"], ckpt_path).to(dev)
     else:
         net = build_dit(name, (h, w), C, num_classes, class_dropout_prob=class_dropout, attn_impl=attn_impl).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()

@@ -199,7 +199,11 @@ def test_damaged_or_edited_checkpoints_are_one_line_naming_the_file(ckpts, tmp_p
     (tmp_path / "random.pt").write_bytes(np.random.default_rng(1).integers(0, 256, 5000, dtype=np.uint8).tobytes())
     ae = torch.load(ae_path, weights_only=True)  # a stage-1 file with an edited shape, found through --ae-ckpt
     checkpoints.save_checkpoint(str(tmp_path / "ae_edited.pt"), dict(ae, ema={**ae["ema"], "encoder.conv_in.weight": torch.zeros(1)}))
+    checkpoints.save_checkpoint(str(tmp_path / "knob.pt"), dict(good, model_args=dict(good["model_args"], new_knob=1)))
+    checkpoints.save_checkpoint(str(tmp_path / "wide.pt"), dict(good, model_args=dict(good["model_args"], hidden_size=10**6)))
     for args, message in [
+        (["--ckpt", str(tmp_path / "knob.pt")], "knob.pt: model_args has settings this version's model does not take: new_knob"),
+        (["--ckpt", str(tmp_path / "wide.pt")], "wide.pt: its weights do not fit"),  # checked on meta, never allocated
         (["--ckpt", str(tmp_path / "edited.pt")], "edited.pt: its weights do not fit the model its model_args describe "
                                                  r"\(size mismatch for final_layer.linear.weight"),
         (["--ckpt", str(tmp_path / "no_args.pt")], "no_args.pt has no 'model_args'"),

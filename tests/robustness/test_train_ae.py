@@ -277,6 +277,17 @@ def test_a_damaged_or_edited_checkpoint_is_refused_on_resume_in_one_line(tmp_pat
         (lambda: torch.save({k: v for k, v in good.items() if k != "optimizer"}, path), "so its run cannot be resumed"),
         (lambda: torch.save(edited, path), "ckpt.pt: its weights do not fit the model .*size mismatch for "
                                            "encoder.conv_in.weight"),
+        # edited settings, or another version's: each in one line before any work or allocation
+        (lambda: torch.save(dict(good, model_args=dict(good["model_args"], new_knob=1)), path),
+         "model_args has settings this version's model does not know: new_knob"),
+        (lambda: torch.save(dict(good, model_args=dict(good["model_args"], unet_ch="32")), path),
+         r"model_args unet_ch='32' is not a whole number"),
+        (lambda: torch.save(dict(good, step="1"), path), r"ckpt.pt: its step \('1'\) or its settings are not"),
+        (lambda: torch.save(dict(good, config=dict(good["config"], ckpt_every=0)), path), "--ckpt-every must be at least 1"),
+        (lambda: torch.save(dict(good, config=dict(good["config"], log_every="x")), path), "its setting log_every='x'"),
+        # a width of 100,000 channels: refused from the meta device's shapes, never allocated (~64 GB)
+        (lambda: torch.save(dict(good, model_args=dict(good["model_args"], unet_ch=100_000)), path),
+         "ckpt.pt: its weights do not fit the model"),
     ]:
         write()
         with pytest.raises(SystemExit, match="^error: .*" + message) as e:
