@@ -468,7 +468,12 @@ def encoder_fingerprint(state_dict):
 
 def load_dgae(path, device="cpu", ema=True):
     """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
-    ckpt = checkpoints.load_checkpoint(path, "ae")
+    return dgae_from_checkpoint(checkpoints.load_checkpoint(path, "ae"), path, device, ema)
+
+
+def dgae_from_checkpoint(ckpt, path, device="cpu", ema=True):
+    """load_dgae of a checkpoint already read (`path`: its file, for the messages): a caller that must use
+    one file's contents throughout reads it once."""
     try:
         cfg = config_from_dict(ckpt["model_args"])
     except ValueError as e:

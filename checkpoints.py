@@ -138,7 +138,7 @@ REQUIRED_KEYS = {"ae": ("model_args", "ema"),
 TRAINING_KEYS = ("step", "model", "ema", "optimizer", "loader", "rng")
 
 
-def load_checkpoint(path, kind):
+def load_checkpoint(path, kind, mmap=True):
     """Load a checkpoint dict onto the CPU, refusing a file of the wrong kind: "ae" (train_ae.py) or
     "dit" (train_dit.py), or one that lacks what the kind needs. weights_only=True: loading a
     checkpoint never runs code from it. Every refusal is one line naming the file."""
@@ -148,8 +148,9 @@ def load_checkpoint(path, kind):
         raise ValueError(f"checkpoint {path} is empty (0 bytes); copy it again or use another checkpoint")
     try:
         # mmap: the tensors stay in the file's pages, shared by every rank of a node that reads it,
-        # instead of one full copy in each process's memory
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # instead of one full copy in each process's memory (mmap=False: a copy that a file
+        # rewritten in place meanwhile cannot change)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file
         # torch's message for a file it cannot unpickle safely suggests weights_only=False, which
         # would run whatever code the file holds; only the kind of error is passed on

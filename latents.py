@@ -40,12 +40,14 @@ from data import InOrder, to_model_range, unreadable_error
 
 
 def stage1_info(path):
-    """What the DiT needs to know about a stage-1 checkpoint, without building the model (only a
-    copy without storage, to check that the weights fit it)."""
+    """(what the DiT needs to know about a stage-1 checkpoint, the checkpoint as read), without building
+    the model (only a copy without storage, to check that the weights fit it). The file is read once:
+    the caller builds the encoder and the decoder from the returned dict (ae.dgae_from_checkpoint), so
+    the fingerprint recorded is that of the weights used, even if the file is rewritten meanwhile."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
                          "(it writes out/ae/ckpt.pt) or pass its path with --ae-ckpt PATH.")
-    ck = checkpoints.load_checkpoint(path, "ae")  # a file of the wrong kind: ValueError, reported by user_errors
+    ck = checkpoints.load_checkpoint(path, "ae", mmap=False)  # a file of the wrong kind: ValueError, reported by user_errors
     args = ck["model_args"]
     # the weights must fit the model that model_args describes. Checked now, before the cache's
     # meta.json is written (a cache recorded from a damaged file would be stale for the good one),
@@ -55,7 +57,7 @@ def stage1_info(path):
     checkpoints.load_weights(shell, ck["ema"], path, assign=True)
     r, f = args["resolution"], args["compression"]
     return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
-                resolution=r, latent_shape=[args["latent_channels"], r // f, r // f])
+                resolution=r, latent_shape=[args["latent_channels"], r // f, r // f]), ck
 
 
 def cache_meta(stage1, dataset, data, dataset_seed, shard_size):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import checkpoints
 import common
-from ae import load_dgae
+from ae import dgae_from_checkpoint
 from data import Loader, build_dataset, default_classes, save_image_grid
 from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
@@ -86,7 +86,7 @@ deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-
 # setting is the checkpoint's unless given, and a given one that differs is logged); the model's are
 # in model_args
 FIXED_ON_RESUME = ("dataset_size", "seed", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
-                   "ema_decay", "class_dropout", "t_dist")
+                   "ema_decay", "class_dropout", "t_dist", "data", "shard_size")  # (the last two: the latent cache's own)
 
 
 def main():
@@ -113,7 +113,7 @@ def main():
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
         ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
-        stage1 = stage1_info(ae_path)
+        stage1, stage1_ckpt = stage1_info(ae_path)  # read once: the encoder, decoder and fingerprint all come from it
         if ckpt is not None and ckpt["ae_fingerprint"] != stage1["ae_fingerprint"]:
             raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the run being resumed was trained on")
         dataset = build_dataset(data, stage1["resolution"], size=dataset_size, seed=seed)
@@ -137,7 +137,8 @@ def main():
     # while encoding, after the batch (finished shards are kept); while training, after the step (saved)
     stop = checkpoints.StopSignals()
     with common.user_errors():  # a stage-1 file whose weights do not fit its model_args: one line
-        build_latent_cache(cache, meta, dataset, lambda: load_dgae(ae_path, dev), dist, encode_batch_size, num_workers,
+        build_latent_cache(cache, meta, dataset, lambda: dgae_from_checkpoint(stage1_ckpt, ae_path, dev), dist,
+                           encode_batch_size, num_workers,
                            stop)
     with common.user_errors():  # e.g. a stats.pt with std 0
         latents = LatentCache(cache)
@@ -150,7 +151,7 @@ def main():
     # step 2: the DiT. The stage-1 decoder (for the grids) is built first: its random init must not
     # draw from the RNG stream that the checkpoint saves and --resume restores.
     with common.user_errors():
-        ae = load_dgae(ae_path, dev) if dist.master else None
+        ae = dgae_from_checkpoint(stage1_ckpt, ae_path, dev) if dist.master else None
     torch.manual_seed(seed)  # the same initial weights on every rank
     if ckpt is not None:
         # the checkpoint's model; only --attn-impl (how attention is computed) may change

@@ -36,7 +36,7 @@ def save_tiny_ae(path, seed=0, step=7):
 
 def build(tmp_path, ae_path, dataset, cache="cache", data="", shard_size=4):
     """Step 1 as train_dit.main runs it; returns the cache folder."""
-    meta = latents.cache_meta(latents.stage1_info(str(ae_path)), dataset, data, 0, shard_size)
+    meta = latents.cache_meta(latents.stage1_info(str(ae_path))[0], dataset, data, 0, shard_size)
     cache = str(tmp_path / cache)
     latents.build_latent_cache(cache, meta, dataset, lambda: load_dgae(str(ae_path)), SOLO, batch_size=3)
     return cache
@@ -133,3 +133,20 @@ def test_nonfinite_latents_are_refused_while_encoding(tmp_path, ae, monkeypatch)
     with pytest.raises(ValueError, match="latent values non-finite or beyond the float16 range"):
         build(tmp_path, tmp_path / "ae.pt", ProceduralDataset(16, size=10))
     assert not os.path.exists(tmp_path / "cache/stats.pt") and not os.path.exists(tmp_path / "cache/shard_00000.pt")
+
+
+def test_the_stage1_file_is_read_once_so_a_rewrite_meanwhile_cannot_mix_two_encoders(tmp_path):
+    """train_dit.py records the encoder's fingerprint and encodes with the model built from the same
+    read: a stage-1 run that rewrites the file in between (here: another encoder, in place) changes
+    neither."""
+    from ae import dgae_from_checkpoint
+
+    path = tmp_path / "ae.pt"
+    save_tiny_ae(path, seed=0)
+    info, ck = latents.stage1_info(str(path))
+    other = tmp_path / "other.pt"
+    save_tiny_ae(other, seed=1)
+    path.write_bytes(other.read_bytes())  # rewritten in place, not replaced
+    model = dgae_from_checkpoint(ck, str(path))
+    assert encoder_fingerprint(model.state_dict()) == info["ae_fingerprint"]
+    assert info["ae_fingerprint"] != latents.stage1_info(str(path))[0]["ae_fingerprint"]

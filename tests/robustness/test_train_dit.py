@@ -247,7 +247,8 @@ def test_a_flag_that_contradicts_the_resumed_checkpoint_is_refused(tmp_path, ae,
     monkeypatch.chdir(tmp_path)
     for flags in (["--lr", "1e6"], ["--batch-size", "4"], ["--grad-accum", "2"], ["--warmup-steps", "7"],
                   ["--ema-decay", "0.9"], ["--class-dropout", "0.3"], ["--t-dist", "uniform"], ["--seed", "1"],
-                  ["--weight-decay", "0.1"], ["--grad-clip", "2"], ["--preset", "DiT-S/1"]):
+                  ["--weight-decay", "0.1"], ["--grad-clip", "2"], ["--preset", "DiT-S/1"],
+                  ["--data", str(tmp_path / "elsewhere")], ["--shard-size", "8"]):  # the latent cache's own: it would be stale
         importlib.reload(train_dit)  # fresh settings: configure() writes them into the module
         monkeypatch.setattr(sys, "argv", ["train_dit.py", "--resume", "true", "--max-steps", "2", *flags])
         with pytest.raises(SystemExit) as e:
