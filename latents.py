@@ -156,6 +156,9 @@ def open_shard(cache, meta, k):
         elif m + s["n_bad"] != hi - lo:
             problem = (f"holds {m} latents and {s['n_bad']} skipped images, but meta.json gives it images "
                        f"{lo}..{hi - 1} ({hi - lo})")
+        elif m and not 0 <= int(s["y"].min()) <= int(s["y"].max()) < meta["num_classes"]:
+            problem = (f"has class labels {int(s['y'].min())}..{int(s['y'].max())}, outside the "
+                       f"{meta['num_classes']} classes of meta.json")
         else:
             return s
     raise SystemExit(f"error: latent shard {path} is damaged ({problem}); {fix}")

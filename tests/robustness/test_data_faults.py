@@ -121,6 +121,9 @@ CACHE_FAULTS = {
     "shard fewer images": ("shard_00001.pt", lambda p: _edit(p, _fewer_images), "latent shard {c}/shard_00001.pt is "
                            "damaged (holds 1 latents and 0 skipped images, but meta.json gives it images 4..7 (4))",
                            ["shard_00001.pt", "stats.pt"]),
+    "shard labels past the classes": ("shard_00001.pt", lambda p: _edit(p, lambda d: dict(d, y=d["y"] + 99)),
+                                      "latent shard {c}/shard_00001.pt is damaged (has class labels",
+                                      ["shard_00001.pt", "stats.pt"]),
     "stats random bytes": ("stats.pt", _random_bytes, "{c}/stats.pt cannot be read (UnpicklingError", ["stats.pt"]),
     "stats empty file": ("stats.pt", lambda p: p.write_bytes(b""), "{c}/stats.pt cannot be read", ["stats.pt"]),
     "stats wrong keys": ("stats.pt", lambda p: _edit(p, lambda d: {"mu": d["mean"], "sigma": d["std"]}),
