@@ -220,6 +220,11 @@ def main():
                                   hint="Lower --lr or check the data.", optimizer=optimizer, check_every=log_every,
                                   last_step=max_steps)
 
+    def save(step):  # every rank calls it (the RNG states are gathered); rank 0 writes
+        checkpoints.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
+                                  model_name=name, config=dict(settings, num_images=len(dataset)),
+                                  lpips_used=lpips is not None)
+
     while step < max_steps:
         # learning rate of this step: linear warm-up, constant, linear cool-down at the end (optim.lr_at)
         step_lr = lr_at(step, cfg.lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
@@ -229,8 +234,16 @@ def main():
         # grad_accum micro-batches, each (B, 3, H, W). DDP all-reduces the gradients once per step:
         # no_sync() on every micro-batch but the last (DDP decides at the forward pass).
         means = {}  # this rank's mean over the micro-batches of the loss and of each term
+        position = loader.state_dict()  # where this step's data starts
         for micro in range(grad_accum):
-            x, _ = next(loader)
+            try:
+                x, _ = next(loader)
+            except SystemExit:  # no image readable any more (a folder gone, a mount lost): keep the finished steps
+                if not dist.ddp and step % ckpt_every:  # (one process: under torchrun the others are mid-step)
+                    loader.load_state_dict(position)
+                    save(step)
+                    log(f"\nsaved {ckpt_path} at step {step}, the last finished one; --resume true continues from it")
+                raise
             # in [-1, 1]; copied from pinned memory while the GPU works, then flipped there (the coins come from
             # the checkpointed CPU RNG, so a seed flips the same images on any device)
             x = random_hflip(to_model_range(x.to(dev, non_blocking=True)))
@@ -257,9 +270,7 @@ def main():
                           lr=step_lr, grad_norm=grad_norm)
         pbar.update(1)
         if step % ckpt_every == 0 or step == max_steps or guard.stopping:
-            checkpoints.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
-                                      model_name=name, config=dict(settings, num_images=len(dataset)),
-                                      lpips_used=lpips is not None)
+            save(step)
         if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
             # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below; after
             # the save, and given up at a stop signal (the next step boundary then saves and stops)

@@ -567,3 +567,30 @@ def test_every_model_setting_reaches_the_config(tmp_path):
               "--dropout", "0.1", *FAST)
     args = load(tmp_path / "out/ae/ckpt.pt")["model_args"]
     assert args["t_shift"] == 3.0 and args["anchor_ch"] == 8 and args["dropout"] == 0.1
+
+
+@pytest.mark.slow
+def test_a_data_folder_that_disappears_mid_run_keeps_the_finished_steps(tmp_path):
+    """The folder is removed while the run trains: the run stops with one line, having saved the last
+    finished step (not only the last --ckpt-every one), and resumes from it once the folder is back."""
+    import shutil
+
+    _image_folder(tmp_path / "data")
+    shutil.copytree(tmp_path / "data", tmp_path / "backup")
+    cmd = [sys.executable, os.path.join(ROOT, "train_ae.py"), "--data", "data", "--resolution", "16", "--preset", "tiny",
+           "--lpips-weight", "0", "--max-steps", "100000", "--num-workers", "0", *FAST]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "out/ae/log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    shutil.rmtree(tmp_path / "data")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: ") and "could not be read" in err
+    saved = load(tmp_path / "out/ae/ckpt.pt")
+    rows = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert saved["step"] >= 3 and saved["step"] == rows[-1]  # the last finished step, not step 0 or 1000
+    shutil.copytree(tmp_path / "backup", tmp_path / "data")
+    run_train(tmp_path, "--max-steps", str(saved["step"] + 1), "--resume", "true")
+    assert load(tmp_path / "out/ae/ckpt.pt")["step"] == saved["step"] + 1
