@@ -9,7 +9,6 @@ StopSignals and StepGuard, and that is all of it.
 """
 
 import dataclasses
-import fcntl
 import inspect
 import os
 import random
@@ -92,6 +91,21 @@ LOCK_FILE = ".lock"
 _held = {}  # run folder (real path) -> its open lock file, held until this process ends
 
 
+def _lock_exclusive(fh):
+    """An exclusive, non-blocking OS lock on the open file fh (OSError if another process holds it):
+    flock on Linux and macOS, msvcrt's lock on Windows. Imported here, not at the top, so that the
+    modules that import this one (the models' loaders) import on every OS."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def claim_out_dir(out_dir, data=""):
     """Make the run folder out_dir ready and make it this run's alone, before any other work.
 
@@ -110,7 +124,7 @@ def claim_out_dir(out_dir, data=""):
         return
     fh = open(os.path.join(out_dir, LOCK_FILE), "a")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock_exclusive(fh)
     except OSError:  # held by another process
         fh.close()
         raise SystemExit(f"error: --out-dir {out_dir} is in use by another run that is still alive (it holds "

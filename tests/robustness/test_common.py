@@ -442,3 +442,15 @@ def test_a_half_set_distributed_environment_is_one_line(monkeypatch, env, messag
         monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit, match=f"distributed launch, but {message}; start it with torchrun"):
         common.setup_distributed("cpu")
+
+
+def test_every_script_imports_where_the_os_has_no_fcntl():
+    """Windows has no fcntl: the run folder's lock imports it where it is used, so `import ae` and the
+    scripts import on every OS (a course's students on Windows)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import builtins, sys\nreal = builtins.__import__\n"
+            "def no_fcntl(name, *a, **k):\n    if name == 'fcntl': raise ImportError('no fcntl')\n    return real(name, *a, **k)\n"
+            f"builtins.__import__ = no_fcntl\nsys.path.insert(0, {root!r})\n"
+            "import ae, decoder_diffusion, dit, train_ae, train_dit, sample, eval, bench, claims\nprint('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
