@@ -122,7 +122,11 @@ def claim_out_dir(out_dir, data=""):
     key = os.path.realpath(out_dir)
     if key in _held:
         return
-    fh = open(os.path.join(out_dir, LOCK_FILE), "a")
+    try:
+        fh = open(os.path.join(out_dir, LOCK_FILE), "a")
+    except OSError as e:  # e.g. a folder named .lock
+        raise SystemExit(f"error: --out-dir {out_dir}: cannot open its lock file {os.path.join(out_dir, LOCK_FILE)} "
+                         f"({e.strerror or e}); remove whatever is at that path") from None
     try:
         _lock_exclusive(fh)
     except OSError:  # held by another process
@@ -247,7 +251,8 @@ def schedule_notes(warmup_steps, max_steps, step=0):
 
 
 # what no checkpoint decides: whether to resume, and the folder it is resumed from (it may have moved)
-NEVER_RESUMED = ("resume", "out_dir")
+# and the device: the machine's, not the run's (a run saved on a GPU resumes on whatever this one has)
+NEVER_RESUMED = ("resume", "out_dir", "device")
 def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
     """On --resume the run continues as it was set up: every setting the checkpoint records and the
     command line does not give is the checkpoint's (the recipe, and the bookkeeping too: a run that

@@ -345,8 +345,19 @@ def plan(c):
 
 
 def finished_scores(name):
+    """A run's scores.json, None before it is scored; a damaged one is one line naming it."""
     path = os.path.join(out, name, "scores.json")
-    return json.load(open(path)) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            scores = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}); delete it and run the same command "
+                         "again to score that run anew") from None
+    if not isinstance(scores, dict):
+        raise SystemExit(f"error: {path} is not a dict of scores; delete it and run the same command again")
+    return scores
 
 
 def best_lr(kind, channels, lr_list, seed, f=None, key="ez_lowfreq_psnr"):

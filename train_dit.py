@@ -129,6 +129,8 @@ def main():
 
     # step 1: the latent cache (a no-op once it is complete and matches)
     cache = cache_dir or os.path.join(out_dir, "latents")
+    if dist.master and not os.path.exists(os.path.join(cache, "meta.json")):  # a cache to write: writable, now
+        common.writable_dir(cache, "--cache-dir")
     meta = cache_meta(stage1, dataset, data, seed, shard_size)
     num_classes = meta["num_classes"]
     log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images, {num_classes} classes) "

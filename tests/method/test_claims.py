@@ -566,3 +566,12 @@ def test_only_that_matches_no_run_is_refused_not_a_silent_exit_0(tmp_path, mode)
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --only 'NOMATCH' matches no run of the plan")
+
+
+def test_a_damaged_scores_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(claims, "out", str(tmp_path))
+    (tmp_path / "dgae_c4_lr0.001_s0").mkdir()
+    (tmp_path / "dgae_c4_lr0.001_s0" / "scores.json").write_text('{"psnr": 3')  # cut short
+    with pytest.raises(SystemExit, match=r"dgae_c4_lr0.001_s0/scores.json cannot be read \(JSONDecodeError\); delete it"):
+        claims.finished_scores("dgae_c4_lr0.001_s0")
+    assert claims.finished_scores("not_run_yet") is None

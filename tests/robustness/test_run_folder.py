@@ -123,3 +123,11 @@ def test_an_unavailable_device_is_refused_before_the_out_dir_or_the_data_is_touc
         assert str(e.value) == (f"error: --device {name} is not available on this machine, which has: {', '.join(has)}; "
                                 "pass one of those, or leave --device out to pick one")
         assert os.listdir(tmp_path) == []
+
+
+def test_a_lock_path_that_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / "run" / ".lock").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_ae.py"), "--out-dir", "run", "--max-steps", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --out-dir run: cannot open its lock file")

@@ -295,6 +295,10 @@ def test_a_damaged_or_edited_checkpoint_is_refused_on_resume_in_one_line(tmp_pat
         assert "\n" not in str(e.value) and "weights_only" not in str(e.value)
     # nothing else written (.lock: the run folder's lock, see test_run_folder.py)
     assert sorted(os.listdir(path.parent)) == [".lock", "ckpt.pt", "log.jsonl", "recon_000001.png"]
+    # the device is the machine's, not the run's: a run saved on a GPU resumes here without --device
+    torch.save(dict(good, config=dict(good["config"], device="cuda")), path)
+    run_in_process(monkeypatch, "--resume", "true", "--max-steps", "2", "--batch-size", "2", "--lpips-weight", "0")
+    assert load(path)["step"] == 2 and load(path)["config"]["device"] == ""
 
 
 @pytest.mark.slow

@@ -256,3 +256,10 @@ def test_a_flag_that_contradicts_the_resumed_checkpoint_is_refused(tmp_path, ae,
         assert str(e.value).startswith(f"error: {flags[0]} ")
         assert "does not match the checkpoint being resumed" in str(e.value)
     assert (tmp_path / "out/dit/ckpt.pt").read_bytes() == good
+
+
+def test_a_cache_dir_that_cannot_be_written_is_refused_before_any_encoding(tmp_path, ae):
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = run(tmp_path, "train_dit.py", *DIT_FAST, "--max-steps", "1", "--cache-dir", "a_file", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --cache-dir a_file: cannot write there")
