@@ -263,11 +263,15 @@ def close_bars():
 @contextmanager
 def user_errors():
     """Report the errors of bad input (a missing folder or file, an impossible flag, a checkpoint
-    of the wrong kind) as one line saying what is wrong, instead of a traceback."""
+    of the wrong kind) as one line saying what is wrong, instead of a traceback. With DGAE_DEBUG=1
+    in the environment the error goes on with its full traceback: a ValueError raised by a bug in
+    code you changed is then not mistaken for a bad input."""
     try:
         yield
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        if os.environ.get("DGAE_DEBUG", "") not in ("", "0"):
+            raise
+        raise SystemExit(f"error: {e} (DGAE_DEBUG=1 shows the traceback)") from None
 
 
 # -----------------------------------------------------------------------------

@@ -454,3 +454,13 @@ def test_every_script_imports_where_the_os_has_no_fcntl():
             "import ae, decoder_diffusion, dit, train_ae, train_dit, sample, eval, bench, claims\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_dgae_debug_shows_the_traceback_a_user_error_would_hide(monkeypatch):
+    with pytest.raises(SystemExit, match=r"^error: bad value \(DGAE_DEBUG=1 shows the traceback\)$"):
+        with common.user_errors():
+            raise ValueError("bad value")
+    monkeypatch.setenv("DGAE_DEBUG", "1")
+    with pytest.raises(ValueError, match="^bad value$"):  # the original error, traceback and all
+        with common.user_errors():
+            raise ValueError("bad value")
