@@ -228,6 +228,9 @@ def run_recon(dist):
     if not ckpt:
         raise SystemExit("recon needs --ckpt (a train_ae.py checkpoint); --data is an image folder, "
                          "or empty for held-out images of the built-in dataset")
+    if num_images == 1:  # the spectral FD (and rFID) are distances between covariances
+        raise SystemExit("error: recon --num-images 1: the spectral FD and rFID need at least 2 images; "
+                         "give 2 or more, or 0 for all")
     model = load_dgae(ckpt, dist.device)
     steps = decode_steps or model.cfg.decode_steps
     lpips_net, inception, skipped = optional_measures(dist, vgg_path, lpips_path, inception_path)
@@ -274,6 +277,9 @@ def inception_score_entries(logits, splits=10):
                                            "splits, some of a single image, which scores exactly 1 (the protocol: "
                                            f"{splits} splits of 5,000)")
     return entries
+
+
+PR_NEIGHBOURS = 3  # k of precision / recall's nearest-neighbour balls (metrics.precision_recall's default)
 
 
 def check_reference_stats(path, stats):
@@ -336,7 +342,11 @@ def run_gen(dist):
         sfid = frechet_distance(*fake_stats, ref_stats["mu_s"], ref_stats["sigma_s"])
         results.update(frechet_entries("sfid", sfid, counts, FEATURE_DIMS["spatial"]))
     results.update(inception_score_entries(fake["logits"]))
-    if prec_recall and ref_feats is not None:
+    if prec_recall and ref_feats is not None and min(len(ref_feats["pool"]), len(fake["pool"])) <= PR_NEIGHBOURS:
+        results.setdefault("skipped", {})["precision/recall"] = (
+            f"needs more than {PR_NEIGHBOURS} images on each side (k = {PR_NEIGHBOURS} nearest neighbours); the "
+            f"reference has {len(ref_feats['pool'])}, the samples {len(fake['pool'])}")
+    elif prec_recall and ref_feats is not None:
         results["num_ref_images"] = len(ref_feats["pool"])
         results["precision"], results["recall"] = precision_recall(ref_feats["pool"], fake["pool"], device=dist.device)
     write_results(results, out or os.path.splitext(samples.rstrip("/"))[0] + "_eval.json")
@@ -362,7 +372,11 @@ def run_classes(dist):
     with np.load(samples) as f:
         if "labels" not in f.files:
             raise SystemExit(f"--samples {samples} has no labels; classes needs the .npz of sample.py --num-samples")
-        labels = torch.from_numpy(f["labels"]).long()
+        labels = f["labels"]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise SystemExit(f"--samples {samples}: labels of shape {labels.shape} and type {labels.dtype}; classes needs "
+                         "one whole-number label per image, shape (N,), as sample.py --num-samples writes them")
+    labels = torch.from_numpy(labels).long()
     source = ImageSource(samples, 0)
     n, res = source.count(num_images), source.shape[1]
     if len(labels) != source.n or source.n == 0:

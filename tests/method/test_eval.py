@@ -385,3 +385,49 @@ def test_evaluation_of_an_imagenet_root_reads_val_not_train(tmp_path):
     src = eval_data.ImageSource(str(tmp_path), 16)
     (x,) = list(src.batches(0, 1, 1))
     assert x.float().mean().item() == 200  # the val image
+
+
+class _FakeInception(torch.nn.Module):
+    """Features of the right sizes from each image's pixels (a seeded random projection): what eval.py gen
+    needs to run end to end without the weight file."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = {k: torch.randn(3 * 8 * 8, d, generator=g) for k, d in eval_data.FEATURE_DIMS.items()}
+
+    def forward(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1)
+        return {k: x @ p for k, p in self.proj.items()}
+
+
+def test_gen_with_a_reference_of_three_images_skips_precision_recall_and_says_why(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
+    fresh = importlib.reload(ev)  # its own settings: configure() writes them into the module
+    monkeypatch.setattr(fresh, "load_inception", lambda *a, **k: _FakeInception())
+    monkeypatch.setattr(sys, "argv", ["eval.py", "gen", "--samples", str(tmp_path / "s.npz"), "--ref",
+                                      str(tmp_path / "ref.npz"), "--resolution", "16", "--out", str(tmp_path / "r.json")])
+    try:
+        fresh.main()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(ev)  # the defaults back for the other tests
+    results = json.load(open(tmp_path / "r.json"))
+    assert "precision" not in results and "more than 3 images" in results["skipped"]["precision/recall"]
+    assert math.isfinite(results["fid"])
+
+
+def test_classes_refuses_labels_that_are_not_one_per_image(tmp_path):
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8), labels=np.zeros((4, 1), np.int64))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "classes", "--samples", str(tmp_path / "s.npz")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "labels of shape (4, 1)" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_recon_of_one_image_is_refused_not_a_nan():
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "recon", "--ckpt", "x.pt", "--num-images", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: recon --num-images 1")
