@@ -211,7 +211,10 @@ class StepLog:
                             kept.append(line if line.endswith("\n") else line + "\n")
                     except (ValueError, KeyError, TypeError):  # a row cut short by a full disk: dropped
                         pass
-            write_text(path, "".join(kept))
+            if kept:
+                write_text(path, "".join(kept))
+            elif os.path.exists(path):  # the log appears with its first row, as a fresh run's does
+                os.remove(path)
 
     def write(self, step, means, counts=(), **values):
         """means: {name: 0-dim tensor}, this rank's mean over its micro-batches, averaged over the
@@ -227,7 +230,7 @@ class StepLog:
                    img_per_s=(step - self.first_step) * self.images_per_step / (time.time() - self.t0))
         if self.dist.master:  # the row in one write; one that fails (a full disk) is taken back whole
             data = (json_line(row) + "\n").encode()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             size = os.fstat(fd).st_size
             try:
                 if os.write(fd, data) != len(data):

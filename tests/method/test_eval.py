@@ -283,12 +283,12 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
     assert (res["num_images"], res["num_unreadable"], res["decode_steps"], res["resolution"]) == (5, 1, 2, 32)
     assert math.isfinite(res["rfid"]) and res["rfid"] > 1  # an untrained decoder: far from the originals
     # the same numbers by hand, as one process would get them: ADM crop, reconstruct with the documented seeds, round to uint8, measure
-    from data import ImageFolderDataset
+    from data import ImageFolderDataset, to_model_range
 
     model = load_dgae(str(tmp_path / "ckpt.pt"))
     lp = load_lpips(weights[3], weights[5])
     ds = ImageFolderDataset(str(folder), 32)
-    x = torch.stack([ds[i][0] for i in range(5)])
+    x = to_model_range(torch.stack([ds[i][0] for i in range(5)]))  # the items are uint8 pixels
     rec = torch.cat([model.reconstruct(x[lo : lo + 2], steps=2, seed=lo) for lo in (0, 2, 4)])
     real, fake = eval_data.to_pixels(x), eval_data.to_pixels(rec)
     assert res["psnr"] == pytest.approx(metrics.psnr(real, fake).mean().item(), rel=1e-6)

@@ -402,8 +402,8 @@ def test_the_log_holds_one_row_per_step_after_a_fresh_start_and_after_a_resume(t
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     log.write(5, {"loss": torch.tensor(0.5)})
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
-    common.StepLog(str(path), dist, Bar(), 4, first_step=0)  # a new run in the same folder: a new log
-    assert path.read_text() == ""
+    common.StepLog(str(path), dist, Bar(), 4, first_step=0).write(1, {"loss": torch.tensor(0.5)})  # a new run: a new log
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
 
 
 @pytest.mark.parametrize("script, args, message", [
