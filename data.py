@@ -334,7 +334,10 @@ class Loader:
         return self.offset + self.batch * self.batch_size * self.world_size
 
     def state_dict(self):
-        return {"epoch": self.epoch, "images": self.images_used(), "batch": self.batch, "seed": self.seed,
+        # "batch" (this epoch's batches at this batch size and rank count) is for reading only; a resume
+        # continues from "images", which stays exact when the rank count or the batch size changes
+        return {"epoch": self.epoch, "images": self.images_used(),
+                "batch": self.images_used() // (self.batch_size * self.world_size), "seed": self.seed,
                 "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, d):
