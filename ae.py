@@ -478,8 +478,7 @@ def dgae_from_checkpoint(ckpt, path, device="cpu", ema=True):
         cfg = config_from_dict(ckpt["model_args"])
     except ValueError as e:
         raise ValueError(f"{path}: {e}; use a checkpoint as train_ae.py wrote it") from None
-    with torch.device("meta"):  # the weights are checked against the model before any memory is taken:
-        checkpoints.load_weights(DGAE(cfg), ckpt["ema" if ema else "model"], path, assign=True)  # edited sizes
+    checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["ema" if ema else "model"], path)  # before any memory is taken
     model = DGAE(cfg)
     checkpoints.load_weights(model, ckpt["ema" if ema else "model"], path)
     return model.to(device).eval()

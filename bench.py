@@ -204,7 +204,7 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
 
 def stage1(cfg, dev, autocast, no_grad):
     """A DGAE training step, then decoding with the EMA weights at each of `decode_steps`."""
-    fmt = torch.channels_last if common.auto_flag(channels_last, "channels_last", dev.type != "cuda") else torch.contiguous_format
+    fmt = torch.channels_last if common.channels_last_on(channels_last, dev) else torch.contiguous_format
     ae = DGAE(cfg).to(dev, memory_format=fmt)
     perceptual = None
     if lpips:

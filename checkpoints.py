@@ -359,6 +359,13 @@ def load_weights(module, state_dict, path, assign=False):
                          "the file was edited or damaged, use a checkpoint as the training script wrote it") from None
 
 
+def check_weights_fit(build, state_dict, path):
+    """Refuse, in one line naming `path`, weights that do not fit the model build() makes; the model is
+    built on the meta device (shapes, no storage), so an edited width of 10^5 channels takes no memory."""
+    with torch.device("meta"):
+        load_weights(build(), state_dict, path, assign=True)
+
+
 def model_from_args(cls, args, state_dict, path):
     """cls(**args) from a checkpoint's model_args, its weights `state_dict` checked first on the meta
     device (no memory taken: an edited width of 10^5 channels is one line, not a 64 GB allocation). A key
@@ -370,8 +377,7 @@ def model_from_args(cls, args, state_dict, path):
         raise ValueError(f"{path}: model_args has settings this version's model does not take: {', '.join(unknown)}; "
                          "use a checkpoint this version wrote")
     try:
-        with torch.device("meta"):
-            load_weights(cls(**args), state_dict, path, assign=True)
+        check_weights_fit(lambda: cls(**args), state_dict, path)
         return cls(**args)
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError) as e:
         if isinstance(e, ValueError) and str(e).startswith(str(path)):

@@ -124,6 +124,13 @@ def auto_flag(value, name, auto):
     return auto if text == "auto" else text == "true"
 
 
+def channels_last_on(setting, device):
+    """--channels-last true | false | auto: on the CPU NHWC convolutions are faster (NOTES.md); on CUDA
+    PyTorch's GroupNorm reads its input NCHW-contiguous (a copy into every norm, and NCHW out of it),
+    so auto is off there."""
+    return auto_flag(setting, "channels_last", device.type != "cuda")
+
+
 def default_workers(settings):
     """--num-workers -1, resolved in `settings`: for an image folder (--data) up to 8 loading processes per
     rank, bounded by this rank's share of the cores (JPEG decoding in the trainer would starve the GPU); 0 on

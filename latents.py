@@ -52,9 +52,8 @@ def stage1_info(path):
     # the weights must fit the model that model_args describes. Checked now, before the cache's
     # meta.json is written (a cache recorded from a damaged file would be stale for the good one),
     # on a model without storage (meta device), so no second full model is built.
-    with torch.device("meta"):
-        shell = DGAE(config_from_dict(args))
-    checkpoints.load_weights(shell, ck["ema"], path, assign=True)
+    cfg = config_from_dict(args)
+    checkpoints.check_weights_fit(lambda: DGAE(cfg), ck["ema"], path)
     r, f = args["resolution"], args["compression"]
     return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
                 resolution=r, latent_shape=[args["latent_channels"], r // f, r // f]), ck

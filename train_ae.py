@@ -103,13 +103,6 @@ def checkpointing_on(setting, preset_name):
     return common.auto_flag(setting, "grad_checkpoint", preset_name in CHECKPOINTED_PRESETS)
 
 
-def nhwc_on(setting, device):
-    """--channels-last true | false | auto: on the CPU NHWC convolutions are faster (NOTES.md); on CUDA
-    PyTorch's GroupNorm reads its input NCHW-contiguous (a copy into every norm, and NCHW out of it),
-    so auto is off there."""
-    return common.auto_flag(setting, "channels_last", device.type != "cuda")
-
-
 def check(settings):
     """Every setting in range, before any work: a 0-step run would print "done" and write nothing. The
     model settings (0 = the preset's) are checked in main, once resolved."""
@@ -151,12 +144,10 @@ def main():
             log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 latent grid "
                 "(--resolution sets another size)")
         cfg = make_config(name, **overrides)
-        if ckpt is not None:
+        if ckpt is not None:  # the checkpoint's model, its weights checked against it before any memory is taken
             cfg = checkpoints.resumed_config(config_from_dict(ckpt["model_args"]), cfg, given, CONFIG_SETTINGS,
                                              free=FREE_ON_RESUME)
-        if ckpt is not None:  # its weights checked against its model before any memory is taken
-            with torch.device("meta"):
-                checkpoints.load_weights(DGAE(cfg), ckpt["model"], ckpt_path, assign=True)
+            checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["model"], ckpt_path)
         if cfg.resolution // cfg.compression < 2:
             raise SystemExit(f"error: --resolution {cfg.resolution} with --compression {cfg.compression} leaves a "
                              f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression} latent; raise "
@@ -183,7 +174,7 @@ def main():
                        "weight files not found; see README 'Weight files'") + ")"))
 
     torch.manual_seed(seed)  # the same initial weights on every rank
-    nhwc = nhwc_on(channels_last, dev)
+    nhwc = common.channels_last_on(channels_last, dev)
     memory_format = torch.channels_last if nhwc else torch.contiguous_format
     net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()

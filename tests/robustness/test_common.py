@@ -332,8 +332,8 @@ def test_the_device_side_guard_stops_at_the_check_after_too_many_nonfinite_steps
 def test_auto_settings_resolve_per_device_and_preset():
     import train_ae
 
-    assert train_ae.nhwc_on("auto", torch.device("cpu")) and not train_ae.nhwc_on("auto", torch.device("cuda"))
-    assert train_ae.nhwc_on("true", torch.device("cuda")) and not train_ae.nhwc_on(False, torch.device("cpu"))
+    assert common.channels_last_on("auto", torch.device("cpu")) and not common.channels_last_on("auto", torch.device("cuda"))
+    assert common.channels_last_on("true", torch.device("cuda")) and not common.channels_last_on(False, torch.device("cpu"))
     assert train_ae.checkpointing_on("auto", "large") and not train_ae.checkpointing_on("auto", "small")
     with pytest.raises(SystemExit, match="--channels-last takes auto, true or false, got 'maybe'"):
         common.auto_flag("maybe", "channels_last", True)
