@@ -7,11 +7,10 @@ Stage 1: the DGAE autoencoder.
 This file holds, top to bottom: the config and its size presets; the SD-VAE style convolutional
 encoder and the diagonal Gaussian posterior with its KL term; the deterministic SD-VAE style
 decoder used as the paper's baseline (`--decoder gaussian`); the `DGAE` module (encode / decode /
-reconstruct / loss); make_config; the encoder fingerprint and the loader of trained checkpoints.
-decoder_diffusion.py, read before this file, holds the diffusion decoder.
+reconstruct / loss); make_config and the config's dict form. decoder_diffusion.py, read before this
+file, holds the diffusion decoder; support/checkpoints.py loads trained models (load_dgae).
 """
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, replace
 from dataclasses import fields as dataclass_fields
@@ -20,11 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import checkpoints
-import common
-from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, euler_sample, sample_t,
-                               velocity_target, x0_estimate)
-from layers import checkpointed, no_autograd
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, checkpointed,
+                               euler_sample, sample_t, velocity_target, x0_estimate)
 
 # default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (our reading
 # of the paper's "2x smaller latent"); f=4 only serves the laptop demo (the tiny preset)
@@ -65,15 +61,14 @@ class AEConfig:
     # deterministic decode x~ = D(z) that the U-Net sees beside x_t; 0 = no anchor
     anchor_ch: int = 0
     anchor_weight: float = 1.0  # L1 (and LPIPS) on x~
-    lr: float = 1e-4  # AdamW learning rate of train_ae.py (per preset: see PRESETS)
-    batch_size: int = 32  # train_ae.py's images per process and micro-step (per preset: see PRESETS)
 
 
 # Size presets. `tiny` trains on a laptop CPU in minutes at 32 px; `base` is the paper-scale
 # 256 px ImageNet model (SD-VAE-sized encoder, ADM-sized pixel U-Net); `large` is the bigger
-# decoder the paper reports scaling to (our sizes). Flags override any field.
+# decoder the paper reports scaling to (our sizes). Flags override any field. Each preset also names
+# train_ae.py's learning rate and batch size for it (TRAINING_KEYS: not part of the model).
 #
-# The recipe is ours, chosen by measurement (NOTES.md has each run):
+# The recipe is ours, chosen by measurement (docs/NOTES.md has each run):
 # - t ~ uniform for every preset: decoding starts at t = 1, where logit-normal t almost never
 #   trains (P(t > 0.9) = 1.4%); a uniform density matches the sampler's uniform Euler grid.
 # - tiny is f=4 (8x8x4 latent), not f=8: at f=8 (4x4x4) both decoders stay within 3 dB of each
@@ -83,14 +78,15 @@ class AEConfig:
 #   tiny trains at batch 16.
 # - lr (AdamW, at a global batch of 256 for base and large): the small models tolerate, and in
 #   a few CPU minutes need, a much larger step than the paper-scale ones.
+TRAINING_KEYS = ("lr", "batch_size")
 PRESETS = {
     "tiny": dict(lr=1e-3, batch_size=16, resolution=32, compression=4, enc_ch=32, enc_res_blocks=1, unet_ch=32,
                  unet_mult=(1, 2, 2), unet_res_blocks=1, attn_res=(8,), cond_ch=32),
-    "small": dict(lr=5e-4, resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64,
+    "small": dict(lr=5e-4, batch_size=32, resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64,
                   unet_mult=(1, 2, 2, 2), unet_res_blocks=2, attn_res=(8,), cond_ch=64),
-    "base": dict(lr=1e-4, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,
+    "base": dict(lr=1e-4, batch_size=32, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,
                  unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=2, attn_res=(16,), cond_ch=128),
-    "large": dict(lr=1e-4, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=192,
+    "large": dict(lr=1e-4, batch_size=32, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=192,
                   unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=3, attn_res=(16, 32), cond_ch=192),
 }
 
@@ -223,7 +219,7 @@ class DGAE(nn.Module):
             self.decoder = GaussianDecoder(cfg)
             self.anchor = None
 
-    # Activation checkpointing of the encoder and the decoder alike (see layers.checkpointed):
+    # Activation checkpointing of the encoder and the decoder alike (see decoder_diffusion.checkpointed):
     # `model.grad_checkpoint = True`, as train_ae.py does for --grad-checkpoint. Not part of cfg: it
     # changes how a training step computes, not what, so checkpoints never record it.
     @property
@@ -258,12 +254,11 @@ class DGAE(nn.Module):
         q = self.posterior(x)
         return q.sample() if sample else q.mode()
 
-    @no_autograd
-    def decode(self, z, steps=None, seed=0, stop=None):
+    def decode(self, z, steps=None, seed=0):
         """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE in `steps` Euler steps
         (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a fixed seed
-        gives the same reconstruction every time; `stop` can cut it short (see euler_sample).
-        Runs under inference mode (layers.no_autograd): x_hat can never need a gradient."""
+        gives the same reconstruction every time. Call it under torch.no_grad() (the scripts do)
+        unless a gradient must flow through the sampler."""
         if self.cfg.decoder != "diffusion":
             return self.deterministic_decode(z).clamp(-1, 1)
         B, _, h, w = z.shape
@@ -272,12 +267,11 @@ class DGAE(nn.Module):
         noise = torch.randn(B, 3, h * f, w * f, generator=g).to(z.device)  # x at t=1, drawn on the CPU so every device agrees
         x_tilde = self.anchor(z) if self.anchor is not None else None  # (B, 3, H, W): once, it depends on z alone
         x = euler_sample(lambda x_t, t: self.velocity(x_t, t, z, x_tilde), noise, steps or self.cfg.decode_steps,
-                         self.cfg.t_shift, stop)
+                         self.cfg.t_shift)
         return x.clamp(-1, 1)
 
-    @no_autograd
-    def reconstruct(self, x, steps=None, seed=0, stop=None):
-        return self.decode(self.encode(x), steps, seed, stop)
+    def reconstruct(self, x, steps=None, seed=0):
+        return self.decode(self.encode(x), steps, seed)
 
     def forward(self, x, lpips=None):
         # DDP only synchronises gradients of what runs through forward(), so training calls the
@@ -376,6 +370,10 @@ def psnr_pm1(x_hat, x):
 # configs: a preset plus overrides
 
 
+def _count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
 def matched_gauss_ch(cfg):
     """The baseline decoder's base width whose parameter count is closest to the diffusion decoder's.
 
@@ -385,10 +383,10 @@ def matched_gauss_ch(cfg):
     the meta device, which allocates no memory.
     """
     with torch.device("meta"):
-        target = common.count_params(DGAE(replace(cfg, decoder="diffusion")).decoder)
+        target = _count_params(DGAE(replace(cfg, decoder="diffusion")).decoder)
 
         def size(ch):
-            return common.count_params(GaussianDecoder(replace(cfg, gauss_ch=ch)))
+            return _count_params(GaussianDecoder(replace(cfg, gauss_ch=ch)))
 
         lo, hi = 1, 256  # in units of 4 channels; the count grows with the width, so bisect
         while lo < hi:
@@ -404,7 +402,7 @@ def make_config(preset, **overrides):
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
-    fields = {**PRESETS[preset], **overrides}
+    fields = {k: v for k, v in {**PRESETS[preset], **overrides}.items() if k not in TRAINING_KEYS}
     if "latent_channels" not in fields:
         fields["latent_channels"] = DEFAULT_LATENT_CHANNELS.get(fields["compression"], 4)
     cfg = AEConfig(**fields)
@@ -439,6 +437,7 @@ def config_from_dict(d):
     if not isinstance(d, dict):
         raise ValueError(f"model_args is a {type(d).__name__}, not a dict of the model's settings")
     defaults = {f.name: f.default for f in dataclass_fields(AEConfig)}
+    d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}  # older checkpoints recorded them here
     unknown = sorted(set(d) - set(defaults))
     if unknown:
         raise ValueError(f"model_args has settings this version's model does not know: {', '.join(unknown)}")
@@ -450,35 +449,3 @@ def config_from_dict(d):
             kinds = {"int": "a whole number", "float": "a number", "str": "a string", "tuple": "a list", "bool": "true/false"}
             raise ValueError(f"model_args {k}={v!r} is not {kinds.get(want.__name__, want.__name__)}")
     return AEConfig(**values)
-
-
-def encoder_fingerprint(state_dict):
-    """A short hash of the stage-1 encoder's weights (the `encoder.*` entries of a DGAE state dict).
-
-    Latents, their statistics and every DiT trained on them are only valid with this encoder;
-    train_dit.py records the hash in the latent cache and the DiT checkpoint, and sample.py
-    compares it with the stage-1 checkpoint it decodes with.
-    """
-    h = hashlib.sha256()
-    for k in sorted(k for k in state_dict if k.startswith("encoder.")):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def load_dgae(path, device="cpu", ema=True):
-    """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
-    return dgae_from_checkpoint(checkpoints.load_checkpoint(path, "ae"), path, device, ema)
-
-
-def dgae_from_checkpoint(ckpt, path, device="cpu", ema=True):
-    """load_dgae of a checkpoint already read (`path`: its file, for the messages): a caller that must use
-    one file's contents throughout reads it once."""
-    try:
-        cfg = config_from_dict(ckpt["model_args"])
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}; use a checkpoint as train_ae.py wrote it") from None
-    checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["ema" if ema else "model"], path)  # before any memory is taken
-    model = DGAE(cfg)
-    checkpoints.load_weights(model, ckpt["ema" if ema else "model"], path)
-    return model.to(device).eval()

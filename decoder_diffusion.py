@@ -12,8 +12,9 @@ denoises it into the image, guided by z. This file holds:
 3. the latent conditioning network ("latent decoder") that turns z into a feature map at every
    U-Net resolution, and the conditional U-Net denoiser itself.
 
-It builds on layers.py (read first): the attention, the sinusoidal time embedding, and the two
-ways the models save work, activation checkpointing in training and inference mode in sampling.
+It also holds the three small pieces every network of the repository shares (section 0): the
+attention, the sinusoidal time embedding and activation checkpointing; the encoder (ae.py) and the
+stage-2 DiT (dit.py) import them from here.
 
 Conventions: images x are in [-1, 1]; t in [0, 1] with t=0 the data and t=1 pure noise.
 """
@@ -23,8 +24,74 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-from layers import attention, checkpointed, no_autograd, timestep_embedding
+# -----------------------------------------------------------------------------
+# 0. shared pieces: attention, the time embedding, activation checkpointing
+
+
+def attention(q, k, v, impl="math"):
+    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
+
+    q, k, v: (B, nh, T, hs). Returns (B, nh, T, hs).
+    impl="math" is the readable reference: plain matmuls with the softmax in fp32 (under bf16
+    autocast the logits would otherwise lose precision). It has no data-dependent Python control
+    flow, so torch.compile captures it whole and fuses it into a few GPU kernels.
+    impl="sdpa" calls F.scaled_dot_product_attention, PyTorch's fused (flash / memory-efficient)
+    kernel. Both compute the same function; tests check they agree, forward and backward.
+    """
+    if impl == "sdpa":
+        # the flash and memory-efficient kernels need a unit stride in the last dimension (the U-Net's
+        # q, k, v from an NCHW tensor have stride H*W there): otherwise SDPA falls back, silently, to
+        # its math kernel, which copies anyway
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v)
+    if impl != "math":
+        raise ValueError(f"unknown attention impl {impl!r}; use 'math' or 'sdpa'")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    att = (q @ k.transpose(-2, -1)) * scale  # (B, nh, T, T)
+    # softmax in (at least) fp32, then back to the compute dtype
+    att = att.to(torch.promote_types(att.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
+    return att @ v  # (B, nh, T, hs)
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of the diffusion time t, as in the Transformer position encoding.
+
+    t: (B,) floats in [0, 1] (rectified-flow time). We multiply by 1000 first so that the
+    frequencies see the same range as the integer-timestep models this embedding was designed for;
+    without it, t in [0, 1] would barely move the low frequencies.
+    Returns (B, dim).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def checkpointed(module, on, *args):
+    """module(*args); if `on` and autograd is recording, through activation checkpointing.
+
+    Training keeps every activation of the forward pass for the backward. Checkpointing a block
+    keeps only its inputs instead, and runs the block's forward again during the backward to get
+    the rest back: the step costs one more forward pass of the checkpointed blocks (about a third
+    more compute, a backward being about two forwards) and needs far less activation memory, which
+    is what lets a large model at 256 px train at a useful batch on a small GPU.
+    The gradients are exactly those of the plain forward. The replay runs the same operations on
+    the same inputs, and the random-number state is handled by checkpoint's default
+    preserve_rng_state: the CPU (and the inputs' GPU) RNG state is saved when the block first runs,
+    restored for the replay, so a dropout mask is drawn again identically, and put back afterwards,
+    so the RNG stream (which checkpoints save for an exact --resume) continues as if nothing had been
+    replayed. use_reentrant=False is the implementation torch recommends; it works under DDP and
+    torch.compile. Under no_grad (the EMA, decoding, sampling) nothing is stored for a backward
+    anyway, so the block simply runs.
+    """
+    if on and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 # -----------------------------------------------------------------------------
 # 1. rectified flow. The paper states only "a conditional diffusion model"; rectified flow is our
@@ -101,26 +168,18 @@ def flow_matching_loss(velocity_fn, x, t_dist="logit_normal", t_shift=1.0):
     return F.mse_loss(v_hat, velocity_target(x, eps)), x_t, t, v_hat
 
 
-class Stopped(Exception):
-    """Raised by euler_sample when its `stop` callable says to give up: the samples are abandoned."""
-
-
-@no_autograd
-def euler_sample(velocity_fn, x1, steps, shift=1.0, stop=None):
+def euler_sample(velocity_fn, x1, steps, shift=1.0):
     """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps.
 
     velocity_fn(x_t, t) takes t as a (B,) tensor. Deterministic: the same x1 gives the same x0.
     Each step moves x along the predicted velocity: x_{t - dt} = x_t - dt * v(x_t, t).
     The grid is uniform in t before `shift` (the training shift, see shift_t) is applied to it.
-    Runs under inference mode (layers.no_autograd): what it returns never needs a gradient.
-    `stop`: asked before each step (a trainer's StopSignals.pending); True raises Stopped, so that a
-    stop signal is not held up by a long decode.
+    Autograd records every step, as for any function of tensors: call it under torch.no_grad() to
+    sample (as the scripts do), or without, to backpropagate through the sampler.
     """
     x = x1
     ts = shift_t(torch.linspace(1.0, 0.0, steps + 1, device=x1.device), shift)  # (steps + 1,)
     for i in range(steps):
-        if stop is not None and stop():
-            raise Stopped
         t = ts[i].expand(x.shape[0])  # (B,)
         v = velocity_fn(x, t)
         x = x + (ts[i + 1] - ts[i]) * v.to(x.dtype)  # dt is negative: we walk back towards the data
@@ -136,7 +195,7 @@ def Norm(ch):
 
     Thin toy widths need the floor (our choice): GroupNorm(32, 32) normalises every channel on its
     own over the image, i.e. it subtracts each channel's spatial mean, which is exactly the colour
-    the decoder must reproduce (NOTES.md: +1.2 dB with four channels per group).
+    the decoder must reproduce (docs/NOTES.md: +1.2 dB with four channels per group).
     Widths of 128 and more keep SD-VAE's 32 groups.
     """
     groups = math.gcd(32, ch)
@@ -175,7 +234,7 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Spatial self-attention over the H*W positions, with the repository's one `attention` (layers.py)."""
+    """Spatial self-attention over the H*W positions, with the repository's one `attention` (section 0)."""
 
     def __init__(self, ch, head_dim=64, attn_impl="math"):
         super().__init__()
@@ -260,7 +319,7 @@ class UNet(nn.Module):
     cond="latent_decoder" (default) adds the LatentDecoder's features at the start of every level;
     cond="concat" instead upsamples z (nearest) to the image size and concatenates it with x_t.
     Setting `grad_checkpoint = True` checkpoints, in training, the latent decoder, every res and
-    attention layer and every upsampling (see layers.checkpointed).
+    attention layer and every upsampling (see checkpointed, section 0).
     """
 
     def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
@@ -288,7 +347,7 @@ class UNet(nn.Module):
         # at the resolutions in attn_res), "cond_proj" (a 1x1 conv from the latent-decoder features
         # to the level's width; latent_decoder conditioning only) and "resample" (not on the level
         # nearest the middle). cond_proj is created first: creation order fixes which initial
-        # weights a seed draws, so a seed gives the same model as the runs in NOTES.md.
+        # weights a seed draws, so a seed gives the same model as the runs in docs/NOTES.md.
 
         # down path; skip_widths lists the width of every tensor it keeps for the up path, in order
         self.down = nn.ModuleList()

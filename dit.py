@@ -8,14 +8,14 @@ classifier-free guidance (`forward_with_cfg`) and hands the latent to the DGAE d
 
 Layout, top to bottom: small DiT helpers (adaLN `modulate`, the 2-D sin-cos position table); the
 embedders and the adaLN-Zero block; the `DiT` model; the table of presets ("DiT-XL/2", ...) and
-`build_dit`. The attention, the time embedding and activation checkpointing come from layers.py,
-which the stage-1 networks are built from too.
+`build_dit`. The attention, the time embedding and activation checkpointing come from
+decoder_diffusion.py, which the stage-1 networks are built from too.
 """
 
 import torch
 import torch.nn as nn
 
-from layers import attention, checkpointed, timestep_embedding
+from decoder_diffusion import attention, checkpointed, timestep_embedding
 
 # -----------------------------------------------------------------------------
 # DiT helpers
@@ -102,7 +102,7 @@ class LabelEmbedder(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the patch tokens, through the shared `attention` (layers.py)."""
+    """Multi-head self-attention over the patch tokens, through the shared `attention` (decoder_diffusion.py)."""
 
     def __init__(self, dim, num_heads, attn_impl):
         super().__init__()
@@ -171,7 +171,7 @@ class DiT(nn.Module):
     forward(x, t, y): x (B, C, H, W) noisy latents x_t = (1-t) x_0 + t eps, t (B,) floats in [0, 1]
     (t = 1 is pure noise), y (B,) long class ids -> v (B, C, H, W). The output has the same C as the
     input: under rectified flow there is no variance to learn, unlike DiT's learned-sigma output.
-    Setting `grad_checkpoint = True` checkpoints every block in training (see layers.checkpointed).
+    Setting `grad_checkpoint = True` checkpoints every block in training (see decoder_diffusion.checkpointed).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,

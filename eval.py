@@ -13,28 +13,28 @@ gen: the samples (.npz with arr_0, what sample.py writes, or a folder) against a
 .npz of precomputed statistics (mu, sigma, and mu_s, sigma_s for sFID; the ADM ImageNet 256
 reference batch also holds 10K images in arr_0, used for precision/recall), or images.
 stats: the FID statistics of a set of images, to pass as --ref later.
-(claims.py compare trains every decoder at c and c/2 and scores them with score_reconstructions.)
+(experiments/claims.py compare trains every decoder at c and c/2 and scores them with score_reconstructions.)
 classes: stage 2 on the built-in data, where FID's ImageNet Inception means little: a small CNN
 (procedural.PatternClassifier) is trained on built-in images, then names the pattern of each sample;
 the share named as the class it was sampled for, against chance and the CNN's accuracy on real images.
-Where the images come from and how the processes share them is eval_data.py.
+Where the images come from and how the processes share them is support/eval_data.py.
 
-Conventions, chosen to match published numbers (the formulas are in metrics.py):
+Conventions, chosen to match published numbers (the formulas are in support/metrics.py):
   - Everything is measured on uint8 images, i.e. what a saved PNG holds: reconstructions are
     rounded to uint8 exactly like the originals (data.to_uint8's rounding) before any metric.
   - PSNR per image on [0, 255] (MSE over pixels and channels), averaged over images.
   - SSIM per image (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03,
     L = 255, over the 'valid' window positions, per channel, averaged; then over images.
-  - LPIPS VGG16 v0.1 (lpips.py, the module the stage-1 loss uses), averaged over images.
-  - FID / rFID on the 2048-d pool features of the FID InceptionV3 (inception.py); mean and
+  - LPIPS VGG16 v0.1 (support/perceptual.py, the module the stage-1 loss uses), averaged over images.
+  - FID / rFID on the 2048-d pool features of the FID InceptionV3 (support/inception.py); mean and
     covariance (N - 1) in float64. sFID the same on the 2023-d mixed_6/conv features. IS over 10
     splits. Precision / recall with k = 3 nearest neighbours in pool-feature space (Kynkaanniemi
     et al. 2019, as the ADM evaluator computes them).
   - The ADM reference statistics were computed with the TF graph; our PyTorch port of the same
-    network resizes differently (inception.py), so gFID against them is close to, not identical
+    network resizes differently (support/inception.py), so gFID against them is close to, not identical
     with, the ADM evaluator's. For a paper table, also run that evaluator on the same samples.npz.
   - Under torchrun each rank takes a contiguous run of the single-process batches; features are
-    gathered in rank order (eval_data.py), so rank 0 sees the single-process arrays (and recon the same decoder
+    gathered in rank order (support/eval_data.py), so rank 0 sees the single-process arrays (and recon the same decoder
     noise) on any number of GPUs, and alone computes and writes the results.
 """
 
@@ -49,16 +49,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoints
-import common
-from data import InOrder
-from eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two, gather_rows,
-                       inception_features, readable_or_refuse, require_zip, to_pixels, total)
-from inception import load_inception
-from lpips import load_lpips
-from metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance, highfreq_energy, highfreq_ratio,
-                     inception_score, lowfreq_psnr, precision_recall, psnr, psnr_of_mse, ssim)
-from procedural import ProceduralDataset, train_pattern_classifier
+from support import checkpoints, common
+from support.data import InOrder
+from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two, gather_rows,
+                               inception_features, readable_or_refuse, require_zip, to_pixels, total)
+from support.inception import load_inception
+from support.metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance, highfreq_energy,
+                             highfreq_ratio, inception_score, lowfreq_psnr, precision_recall, psnr, psnr_of_mse, ssim)
+from support.perceptual import load_lpips
+from support.procedural import ProceduralDataset, train_pattern_classifier
 
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
@@ -72,7 +71,7 @@ resolution = 256  # gen/stats: folder images are ADM center-cropped to this size
 num_images = 0  # recon/gen/stats: use only the first N images (0 = all)
 batch_size = 50  # images per forward pass (per process)
 num_workers = min(4, os.cpu_count() or 1)  # data-loader workers for folders (fewer on a machine with fewer cores)
-decode_steps = 0  # recon: Euler steps of the diffusion decoder (0 = the checkpoint's default)
+decode_steps = None  # recon: Euler steps of the diffusion decoder (None = the checkpoint's default)
 seed = 0  # recon: decoder noise seed (each batch uses seed + the index of its first image)
 prec_recall = True  # gen: precision/recall when the reference holds images (10K for ADM's batch)
 inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION, $DGAE_WEIGHTS)
@@ -82,6 +81,7 @@ num_classes = 10  # classes: how many built-in classes the DiT was trained on (t
 judge_steps = 600  # classes: training steps of the pattern classifier that judges the samples
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
+SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 
 def write_results(results, path):
@@ -126,7 +126,7 @@ def meancolour_psnr(real):
     return psnr(real, real.double().mean(dim=(2, 3), keepdim=True).expand_as(real))
 
 
-@torch.inference_mode()  # the reconstructions only feed the metrics (see layers.no_autograd)
+@torch.inference_mode()  # the reconstructions only feed the metrics
 def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None, mean_of=0,
                           judge=None, pool=0):
     """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the originals.
@@ -223,7 +223,6 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
 def run_recon(dist):
     """Stage-1 reconstruction quality: PSNR, SSIM, low-frequency PSNR and high-frequency ratio
     always; LPIPS and rFID when their weight files are present (the report names what it skipped)."""
-    from ae import load_dgae  # only this mode needs the stage-1 model
 
     if not ckpt:
         raise SystemExit("recon needs --ckpt (a train_ae.py checkpoint); --data is an image folder, "
@@ -231,7 +230,7 @@ def run_recon(dist):
     if num_images == 1:  # the spectral FD (and rFID) are distances between covariances
         raise SystemExit("error: recon --num-images 1: the spectral FD and rFID need at least 2 images; "
                          "give 2 or more, or 0 for all")
-    model = load_dgae(ckpt, dist.device)
+    model = checkpoints.load_dgae(ckpt, dist.device)
     steps = decode_steps or model.cfg.decode_steps
     lpips_net, inception, skipped = optional_measures(dist, vgg_path, lpips_path, inception_path)
     source = ImageSource(data, model.cfg.resolution, num_workers, builtin_limit=num_images)
@@ -416,13 +415,14 @@ MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "classes": run_
 def main():
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
-        common.configure(globals(), ["--help"])  # lists the settings and exits
+        common.configure(SETTINGS, ["--help"])  # lists the settings and exits
     mode = sys.argv[1]
     if mode not in MODES:
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
-    settings, _ = common.configure(globals(), sys.argv[2:])  # the settings follow the mode
+    settings, _ = common.configure(SETTINGS, sys.argv[2:])  # the settings follow the mode
+    globals().update(settings)
     common.check_settings(settings, count=("resolution", "batch_size", "judge_steps"),  # out of range: refused before any work
-                          count_or_0=("num_images", "num_workers", "seed"), steps_or_0=("decode_steps",),
+                          count_or_0=("num_images", "num_workers", "seed"), steps=("decode_steps",),
                           at_most={"resolution": common.MAX_RESOLUTION})
     dist = common.setup_distributed(device)  # an unavailable --device is refused here, before any work
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which

@@ -26,12 +26,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import checkpoints
-import common
-from ae import encoder_fingerprint, load_dgae
-from data import ImageFolderDataset, default_classes, first_good, save_image_grid, to_model_range, to_uint8
 from decoder_diffusion import euler_sample
 from dit import DiT
+from support import checkpoints, common
+from support.data import ImageFolderDataset, default_classes, first_good, save_image_grid, to_model_range, to_uint8
 
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
@@ -43,15 +41,16 @@ num_samples = 0  # > 0: that many samples, uniform labels, into an .npz (FID); r
 num = 0  # the same as --num-samples; fine with plain python, but torchrun takes --num for itself
 cfg_scale = 4.0  # classifier-free guidance scale; 1 = no guidance (half the compute)
 steps = 50  # Euler steps of the DiT's ODE
-decode_steps = 0  # Euler steps of the DGAE decoder; 0 = the stage-1 checkpoint's default
+decode_steps = None  # Euler steps of the DGAE decoder; None = the stage-1 checkpoint's default
 seed = 0  # the noise and labels: the same seed and --batch-size give the same images
 batch_size = 64  # samples per chunk (per forward pass); part of what --seed reproduces
 ae_ckpt = ""  # "" = the stage-1 checkpoint recorded in the DiT checkpoint (pass it if that file moved)
 images = ""  # a folder of images: with a stage-1 --ckpt, write reconstructions next to the inputs
-attn_impl = ""  # "" = as trained; sdpa is faster on GPUs
+attn_impl = None  # math | sdpa; None = as trained (sdpa is faster on GPUs)
 device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 3600  # torchrun: seconds a rank waits for the others, rank 0's merge of 50K samples (~10 GB) included
 # -----------------------------------------------------------------------------
+SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 
 def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
@@ -63,8 +62,8 @@ def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
     return y, noise, int(torch.randint(2**31, (1,), generator=g))
 
 
-@torch.inference_mode()  # images for files only: no autograd bookkeeping (see layers.no_autograd)
-def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decode_steps=0, decode_seed=0):
+@torch.inference_mode()  # images for files only: no autograd bookkeeping
+def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decode_steps=None, decode_seed=0):
     """Labels y (B,) and noise (B, C, h, w) on the model's device -> images (B, 3, H, W) in [-1, 1].
 
     The same rectified-flow Euler sampler as the decoder (decoder_diffusion.euler_sample), here on
@@ -72,7 +71,7 @@ def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decod
     """
     z = euler_sample(lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale), noise, steps)  # (B, C, h, w) at t=0
     z = z.float() * latent_std.view(1, -1, 1, 1) + latent_mean.view(1, -1, 1, 1)  # back to the encoder's scale
-    return ae.decode(z, decode_steps, seed=decode_seed)  # 0 steps: the stage-1 default
+    return ae.decode(z, decode_steps, seed=decode_seed)  # None: the stage-1 default
 
 
 def _or_exit(load, *args):
@@ -95,10 +94,10 @@ def load_models(path, device, ae_path="", attn=""):
     if not os.path.isfile(ae_path):
         raise SystemExit(f"error: stage-1 checkpoint {ae_path} not found. The DiT in {path} generates latents of "
                          "that autoencoder and needs its decoder; pass --ae-ckpt PATH if the file moved.")
-    ae = load_dgae(ae_path, device)
+    ae = checkpoints.load_dgae(ae_path, device)
     # the DiT learned the latents of one encoder; another autoencoder's decoder would turn its
     # samples into plausible-looking garbage, so this is refused, not warned about
-    if encoder_fingerprint(ae.state_dict()) != ck["ae_fingerprint"]:
+    if checkpoints.encoder_fingerprint(ae.state_dict()) != ck["ae_fingerprint"]:
         raise SystemExit(f"error: {ae_path} holds another stage-1 encoder than the one whose latents the DiT in {path} "
                          f"learned (step {ck['ae_step']} of {ck['ae_ckpt']}); pass that checkpoint with --ae-ckpt")
     return dit.to(device).eval(), ae, ck
@@ -146,11 +145,11 @@ def in_index_order(parts, total, n_chunks, batch_size, dist, path):
 @torch.inference_mode()
 def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
     """Stage 1: the first n readable images of `folder` beside their reconstructions, into `path`."""
-    ae = _or_exit(load_dgae, ckpt_path, device)
+    ae = _or_exit(checkpoints.load_dgae, ckpt_path, device)
     with common.user_errors():  # no such folder, no images in it
         dataset = ImageFolderDataset(folder, ae.cfg.resolution)
     x = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, n)]).to(device))  # (N, 3, H, W)
-    recon = ae.reconstruct(x, decode_steps, seed=seed)  # (N, 3, H, W); 0 steps: the stage-1 default
+    recon = ae.reconstruct(x, decode_steps, seed=seed)  # (N, 3, H, W); None: the stage-1 default
     save_image_grid(torch.stack([x, recon], 1).flatten(0, 1), path, nrow=8)  # 4 (input, recon) pairs a row
     print(f"wrote {path}: inputs (left) beside reconstructions (right), {x.shape[0]} images", flush=True)
 
@@ -171,12 +170,13 @@ def check_output(path, npz, master):
 
 
 def main():
-    settings, _ = common.configure(globals())
+    settings, _ = common.configure(SETTINGS)
+    globals().update(settings)
     # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan would write
     # garbage images with exit 0
     common.check_settings(settings, count=("per_class", "batch_size"), count_or_0=("num_samples", "num", "seed"),
-                          steps=("steps",), steps_or_0=("decode_steps",), guidance=("cfg_scale",),
-                          positive=("dist_timeout",), choices={"attn_impl": ("", "math", "sdpa")},
+                          steps=("steps", "decode_steps"), guidance=("cfg_scale",),
+                          positive=("dist_timeout",), choices={"attn_impl": (None, "math", "sdpa")},
                           at_most={"num_samples": common.MAX_SAMPLES, "num": common.MAX_SAMPLES,
                                    "dist_timeout": common.MAX_SECONDS})
     n_samples = num_samples or num  # --num is another name for --num-samples

@@ -13,17 +13,17 @@ The whole training step is the `while` loop at the end of main(); the loss is DG
 import copy
 import os
 from contextlib import nullcontext
+from dataclasses import fields, replace
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import checkpoints
-import common
-from ae import DGAE, config_from_dict, config_to_dict, make_config
-from data import Loader, build_dataset, first_good, random_hflip, save_image_grid, to_model_range
-from lpips import load_lpips
-from optim import ema_decay_at, lr_at, make_optimizer, update_ema
+from ae import PRESETS, AEConfig, DGAE, config_from_dict, config_to_dict, make_config
+from support import checkpoints, common
+from support.data import Loader, build_dataset, first_good, random_hflip, save_image_grid, to_model_range
+from support.optim import ema_decay_at, lr_at, make_optimizer, update_ema
+from support.perceptual import load_lpips
 
 # -----------------------------------------------------------------------------
 # settings
@@ -31,31 +31,30 @@ from optim import ema_decay_at, lr_at, make_optimizer, update_ema
 data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in procedural dataset
 dataset_size = 10000  # images in the built-in dataset
 num_workers = -1  # data-loading processes per rank; -1 = up to 8 with --data (bounded by the cores), 0 on the built-in data
-# model, loss and learning rate: the preset's values (ae.PRESETS), except those given on the command
-# line. The placeholders 0, "" and -1 below are never used: a setting not given is the preset's.
-preset = ""  # tiny | small | base | large; "" = tiny on the built-in data, base with --data
-resolution = 0  # image size in px; 0 = the preset's (32 tiny, 256 base; on the built-in data 8 f when --compression is given)
-compression = 0  # spatial compression f in {4, 8, 16, 32, 64}
-latent_channels = 0  # c; by default 4, 4, 8, 16, 64 at f = 4, 8, 16, 32, 64
+# model, loss and learning rate: None = the preset's value (ae.PRESETS)
+preset = None  # tiny | small | base | large; None = tiny on the built-in data, base with --data
+resolution = None  # image size in px (32 tiny, 256 base; on the built-in data 8 f when --compression is given)
+compression = None  # spatial compression f in {4, 8, 16, 32, 64}
+latent_channels = None  # c; by default 4, 4, 8, 16, 64 at f = 4, 8, 16, 32, 64
 decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline) | unet (deterministic, DGAE's U-Net)
 anchor_ch = 0  # anchored diffusion decoder: width of the deterministic decode x~ = D(z) the U-Net sees (0 = off)
 anchor_weight = 1.0  # weight of the anchor's pixel (and perceptual) loss
 cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
-t_dist = ""  # training t distribution: uniform | logit_normal ("" = the preset's: uniform)
+t_dist = "uniform"  # training t distribution: uniform | logit_normal
 t_shift = 1.0  # shift of the training times and of the decoder's Euler grid towards t = 1 (1 = none)
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
 dropout = 0.0  # dropout inside the diffusion decoder's residual blocks (0 = none)
-grad_checkpoint = "auto"  # activation checkpointing: less memory, one more forward pass a step; auto = on for base and large (bench.py --parts memory)
+grad_checkpoint = "auto"  # activation checkpointing: less memory, one more forward pass a step; auto = on for base and large
 lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
 kl_weight = 1e-6  # on the KL per pixel value (SD-VAE's 1e-6 on a per-image sum)
-recon_weight = -1.0  # L1 on the flow loss's one-step estimate x0_hat (-1 = the preset's)
-consistency_weight = -1.0  # L1 on the one-step decode from pure noise, one more U-Net pass (-1 = the preset's)
-lr = 0.0  # AdamW; the presets': 1e-3 tiny, 5e-4 small, 1e-4 base/large (at a global batch of 256)
+recon_weight = 1.0  # L1 on the flow loss's one-step estimate x0_hat
+consistency_weight = 1.0  # L1 on the one-step decode from pure noise, one more U-Net pass
+lr = None  # AdamW; the presets': 1e-3 tiny, 5e-4 small, 1e-4 base/large (at a global batch of 256)
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16, or $DGAE_WEIGHTS/)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
 # optimisation
-batch_size = 0  # per process and micro-step (the presets': 16 tiny, 32 others); global = batch * accum * world
+batch_size = None  # per process and micro-step (the presets': 16 tiny, 32 others); global = batch * accum * world
 grad_accum = 1  # micro-batches per optimizer step
 max_steps = 1350  # optimizer steps of the run (the cool-down is its last lr_cooldown share)
 warmup_steps = 100  # steps of linear learning-rate warm-up from 0
@@ -75,26 +74,19 @@ device = ""  # "" = cuda, then mps, then cpu
 dist_timeout = 1800  # seconds a rank waits in a collective before a hung rank ends the job (covers a 10.8 GB checkpoint write)
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
 deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
-channels_last = "auto"  # NHWC layout for the convolutions; auto = on the CPU (faster, NOTES.md), off on CUDA (its GroupNorm copies NHWC)
+channels_last = "auto"  # NHWC layout for the convolutions; auto = on the CPU (faster, docs/NOTES.md), off on CUDA (its GroupNorm copies NHWC)
 # -----------------------------------------------------------------------------
+SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 
-# the settings that override a field of the preset's ae.AEConfig when given on the command line
-CONFIG_SETTINGS = ("resolution", "compression", "latent_channels", "decoder", "anchor_ch", "anchor_weight", "cond",
-                   "t_dist", "t_shift", "decode_steps", "attn_impl", "lpips_weight", "kl_weight", "recon_weight",
-                   "consistency_weight", "lr", "batch_size", "dropout")
-# of those, the ones a --resume may change: how the run computes (attention kernel, the grids' decode steps), not what
-FREE_ON_RESUME = ("attn_impl", "decode_steps")
-
-
-# the recipe of the run that --resume must not change (besides the model's, in model_args: see
-# checkpoints.resumed_config); train_dit.py has its own list
-FIXED_ON_RESUME = ("dataset_size", "seed", "grad_accum", "warmup_steps", "weight_decay", "grad_clip", "ema_decay",
-                   "lr_cooldown")
+# The one resume rule (checkpoints.settings_for_resume): a resumed run takes every setting from its
+# checkpoint; these may differ on the command line, and any other flag that disagrees is refused.
+# Besides the trainers' common list, an image folder may have moved (its image count is checked).
+MAY_CHANGE_ON_RESUME = checkpoints.MAY_CHANGE_ON_RESUME + ("data",)
 
 
 # the presets whose step at their default batch needs activation checkpointing to fit an 80 GB GPU (predicted by
-# bench.py --parts memory: base at f=32, batch 32, bf16: 166 GiB without, 42 GiB with; the README's table)
+# experiments/bench.py --parts memory: base at f=32, batch 32, bf16, LPIPS on: 168.6 GiB without, 41.6 with)
 CHECKPOINTED_PRESETS = ("base", "large")
 
 
@@ -103,63 +95,68 @@ def checkpointing_on(setting, preset_name):
     return common.auto_flag(setting, "grad_checkpoint", preset_name in CHECKPOINTED_PRESETS)
 
 
+# the settings that are fields of the model's ae.AEConfig (the rest of the model comes from the preset)
+MODEL_SETTINGS = tuple(f.name for f in fields(AEConfig) if f.name in SETTINGS)
+
+
 def check(settings):
     """Every setting in range, before any work: a 0-step run would print "done" and write nothing. The
-    model settings (0 = the preset's) are checked in main, once resolved."""
+    preset's values (None) are checked in main, once resolved."""
     common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
-                                           "ckpt_every", "max_nonfinite_steps"),
-                          count_or_0=("num_workers", "warmup_steps", "seed"), non_negative=("weight_decay",),
-                          positive=("grad_clip", "dist_timeout"), fraction=("ema_decay", "lr_cooldown"),
+                                           "ckpt_every", "max_nonfinite_steps", "resolution", "batch_size"),
+                          count_or_0=("num_workers", "warmup_steps", "seed"), steps=("decode_steps",),
+                          positive=("grad_clip", "dist_timeout", "lr", "t_shift"), fraction=("ema_decay", "lr_cooldown",
+                                                                                              "dropout"),
+                          non_negative=("weight_decay", "lpips_weight", "kl_weight", "recon_weight",
+                                        "consistency_weight", "anchor_weight"),
                           choices={"decoder": ("diffusion", "gaussian", "unet"), "cond": ("latent_decoder", "concat"),
-                                   "t_dist": ("", "uniform", "logit_normal"), "attn_impl": ("math", "sdpa")},
+                                   "t_dist": ("uniform", "logit_normal"), "attn_impl": ("math", "sdpa"),
+                                   "preset": (None, *PRESETS)},
                           at_most={"dataset_size": common.MAX_SIZE, "resolution": common.MAX_RESOLUTION,
                                    "dist_timeout": common.MAX_SECONDS})
 
 
-def main():
-    settings, given = common.configure(globals())
+def main(argv=None):
+    settings, given = common.configure(SETTINGS, argv)
     settings = common.default_workers(settings)
     checkpointing_on(settings["grad_checkpoint"], "")  # a bad value stops here, before any work
     common.auto_flag(settings["channels_last"], "channels_last", True)
     check(settings)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
-    # the model's settings are checked against model_args (checkpoints.resumed_config), the preset below
-    ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "ae", settings, given, FIXED_ON_RESUME,
-                                                 ("preset",) + tuple(n for n in CONFIG_SETTINGS
-                                                                     if n not in FREE_ON_RESUME), log)
+    ckpt, settings, dist = checkpoints.start_run("ae", settings, given, MAY_CHANGE_ON_RESUME, log)
     check(settings)  # a resumed run's own settings too: an edited checkpoint may hold --ckpt-every 0
     globals().update(settings)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     dev = dist.device
 
     with common.user_errors():
-        # the model config, then the data: both can be wrong on the command line
-        name = preset or ("base" if data else "tiny")
+        # the model: a resumed run's is its checkpoint's; a new one's is the preset's, with each setting
+        # that is not None over it
         if ckpt is not None:
-            name = checkpoints.resumed_preset(ckpt, preset, given)
-        overrides = {k: settings[k] for k in CONFIG_SETTINGS if k in given}
-        if not data and ckpt is None and "compression" in given and "resolution" not in given:
-            # the built-in data can be drawn at any size: draw it where f leaves the demo's 8x8 latent grid
-            overrides["resolution"] = 8 * compression
-            log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 latent grid "
-                "(--resolution sets another size)")
-        cfg = make_config(name, **overrides)
-        if ckpt is not None:  # the checkpoint's model, its weights checked against it before any memory is taken
-            cfg = checkpoints.resumed_config(config_from_dict(ckpt["model_args"]), cfg, given, CONFIG_SETTINGS,
-                                             free=FREE_ON_RESUME)
-            checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["model"], ckpt_path)
+            name = ckpt["model_name"]
+            cfg = replace(config_from_dict(ckpt["model_args"]), attn_impl=attn_impl, decode_steps=decode_steps)
+            checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["model"], ckpt_path)  # before any memory is taken
+        else:
+            name = preset or ("base" if data else "tiny")
+            overrides = {k: settings[k] for k in MODEL_SETTINGS if settings[k] is not None}
+            if not data and compression is not None and resolution is None:
+                # the built-in data can be drawn at any size: draw it where f leaves the demo's 8x8 latent grid
+                overrides["resolution"] = 8 * compression
+                log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 latent grid "
+                    "(--resolution sets another size)")
+            cfg = make_config(name, **overrides)
         if cfg.resolution // cfg.compression < 2:
             raise SystemExit(f"error: --resolution {cfg.resolution} with --compression {cfg.compression} leaves a "
                              f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression} latent; raise "
                              "--resolution (the built-in data is drawn at any size; with --data, images are cropped to it)")
-        # the resolved values, the preset's or the checkpoint's included: --batch-size 0 means the
-        # preset's 16 or 32, but a preset or a checkpoint must not bring a 0 either
-        common.check_settings(config_to_dict(cfg), count=("resolution", "batch_size"), steps=("decode_steps",),
-                              positive=("lr", "t_shift"), non_negative=("lpips_weight", "kl_weight", "recon_weight",
-                                                              "consistency_weight", "anchor_weight"),
-                              fraction=("dropout",))
+        # every setting resolved, as the checkpoint records them (a resume takes exactly these back)
+        settings.update({k: getattr(cfg, k) for k in MODEL_SETTINGS}, preset=name,
+                        lr=PRESETS[name]["lr"] if lr is None else lr,
+                        batch_size=PRESETS[name]["batch_size"] if batch_size is None else batch_size)
+        check(settings)
+        globals().update(settings)
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
-        loader = Loader(dataset, cfg.batch_size, dist.rank, dist.world_size, seed, num_workers)
+        loader = Loader(dataset, batch_size, dist.rank, dist.world_size, seed, num_workers)
         log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
         changed = checkpoints.dataset_changed(ckpt, len(dataset)) if ckpt is not None else None
         if changed:
@@ -179,7 +176,7 @@ def main():
     net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
     net.grad_checkpoint = checkpointing_on(grad_checkpoint, name)  # how this run computes: free to change on --resume
-    optimizer = make_optimizer(net, cfg.lr, weight_decay, (0.9, 0.99), dev)
+    optimizer = make_optimizer(net, lr, weight_decay, (0.9, 0.99), dev)
     log(f"model: {name}, {cfg.decoder} decoder, f={cfg.compression}, latent "
         f"{cfg.latent_channels}x{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
         f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, decoder {common.count_params(net.decoder) / 1e6:.2f}M params; "
@@ -203,7 +200,7 @@ def main():
     autocast = common.autocast_context(dev)
     fixed = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev))  # for the grids
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
-    steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar, cfg.batch_size * grad_accum * dist.world_size,
+    steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar, batch_size * grad_accum * dist.world_size,
                              first_step=step)
     # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit. The guard also skips the
     # update of a step whose loss or gradient is not finite (checkpoints.StepGuard).
@@ -218,7 +215,7 @@ def main():
 
     while step < max_steps:
         # learning rate of this step: linear warm-up, constant, linear cool-down at the end (optim.lr_at)
-        step_lr = lr_at(step, cfg.lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
+        step_lr = lr_at(step, lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
         for group in optimizer.param_groups:
             group["lr"] = step_lr
 
@@ -265,8 +262,8 @@ def main():
         if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
             # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below; after
             # the save, and given up at a stop signal (the next step boundary then saves and stops)
-            with guard.given_up_at_stop(f"reconstruction grid of step {step}", log):
-                recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0, stop=guard.stop.pending)
+            with guard.given_up_at_stop(f"reconstruction grid of step {step}", log, ema.decoder), torch.no_grad():
+                recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0)
                 save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
         if guard.stopping and step < max_steps:  # preempted: the step is saved, --resume continues bit-identically
             guard.exit_saved(step, log)

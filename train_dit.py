@@ -7,7 +7,7 @@ Stage 2 training: a class-conditional DiT on the latents of a trained DGAE (stag
 Every setting below can be overridden with --name value (dashes or underscores).
 
 Step 1 (once per stage-1 checkpoint and dataset): encode every image and its mirror image with the
-stage-1 encoder into a latent cache, cache_dir = out_dir/latents by default. Step 1 is latents.py:
+stage-1 encoder into a latent cache, cache_dir = out_dir/latents by default. Step 1 is support/latents.py:
 its files, the checks it makes each time it is opened, its size on disk.
 
 Step 2: train the DiT on z_norm = (z - mean_c) / std_c with the decoder's rectified-flow loss and
@@ -25,14 +25,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import checkpoints
-import common
-from ae import dgae_from_checkpoint
-from data import Loader, build_dataset, default_classes, save_image_grid
 from decoder_diffusion import euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
-from latents import LatentCache, build_latent_cache, cache_meta, stage1_info
-from optim import ema_decay_at, lr_at, make_optimizer, update_ema
+from support import checkpoints, common
+from support.data import Loader, build_dataset, default_classes, save_image_grid
+from support.latents import LatentCache, build_latent_cache, cache_meta, stage1_info
+from support.optim import ema_decay_at, lr_at, make_optimizer, update_ema
 
 # -----------------------------------------------------------------------------
 # settings
@@ -45,7 +43,7 @@ shard_size = 10000  # images per cache shard
 encode_batch_size = 64  # images per batch while encoding the latent cache
 num_workers = -1  # data-loading processes per rank; -1 = up to 8 with --data (bounded by the cores), 0 on the built-in data
 # model
-preset = ""  # DiT preset (dit.DIT_PRESETS); "" = DiT-Tiny/1 on the built-in data, DiT-XL/p with --data
+preset = None  # DiT preset (dit.DIT_PRESETS); None = DiT-Tiny/1 on the built-in data, DiT-XL/p with --data
 class_dropout = 0.1  # fraction of labels replaced by the null class, so that guidance has an unconditional model
 t_dist = "logit_normal"  # training t distribution: logit_normal | uniform
 attn_impl = "math"  # math | sdpa
@@ -63,7 +61,7 @@ max_nonfinite_steps = 5  # steps in a row with a non-finite loss or gradient (ea
 # sample grids
 sample_steps = 50  # Euler steps of the DiT
 cfg_scale = 4.0  # classifier-free guidance scale of the sample grids (1 = none)
-decode_steps = 0  # DGAE decoder steps; 0 = the stage-1 checkpoint's default
+decode_steps = None  # DGAE decoder steps; None = the stage-1 checkpoint's default
 # bookkeeping
 out_dir = "out/dit"  # the run's folder: ckpt.pt, log.jsonl, samples_*.png, latents/ (one run at a time holds it)
 log_every = 50  # steps between rows of log.jsonl
@@ -76,39 +74,33 @@ dist_timeout = 1800  # seconds a rank waits in a collective before a hung rank e
 compile = False  # torch.compile the DiT (worth it on GPUs for long runs)
 deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
 # -----------------------------------------------------------------------------
+SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 
 # -----------------------------------------------------------------------------
 # the script: step 1 (the cache), then step 2 (the training loop)
 
 
-# the recipe of the run that --resume must not change (see checkpoints.settings_for_resume: every other
-# setting is the checkpoint's unless given, and a given one that differs is logged); the model's are
-# in model_args
-FIXED_ON_RESUME = ("dataset_size", "seed", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip",
-                   "ema_decay", "class_dropout", "t_dist", "data", "shard_size")  # (the last two: the latent cache's own)
-
-
-def main():
-    settings, given = common.configure(globals())
+def main(argv=None):
+    settings, given = common.configure(SETTINGS, argv)
     settings = common.default_workers(settings)
     # numbers out of range stop here, before any work (--shard-size 0 would leave a meta.json that
     # marks later caches stale; --max-steps 0 would say "done" and write nothing)
     common.check_settings(settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size", "grad_accum",
                                            "max_steps", "log_every", "sample_every", "ckpt_every",
                                            "max_nonfinite_steps"),
-                          count_or_0=("num_workers", "warmup_steps", "seed"), steps=("sample_steps",),
-                          steps_or_0=("decode_steps",), positive=("lr", "grad_clip", "dist_timeout"),
+                          count_or_0=("num_workers", "warmup_steps", "seed"),
+                          steps=("sample_steps", "decode_steps"), positive=("lr", "grad_clip", "dist_timeout"),
                           non_negative=("weight_decay",), fraction=("class_dropout", "ema_decay"),
                           guidance=("cfg_scale",), choices={"t_dist": ("logit_normal", "uniform"),
                                                             "attn_impl": ("math", "sdpa")},
                           at_most={"dataset_size": common.MAX_SIZE,
                                                            "dist_timeout": common.MAX_SECONDS})
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
-    ckpt, settings, dist = checkpoints.start_run(out_dir, data, resume, "dit", settings, given, FIXED_ON_RESUME,
-                                                 ("preset",), log)  # the preset: below
+    # a resumed run takes its settings back; the latent cache's own (--data, --shard-size) may not change
+    ckpt, settings, dist = checkpoints.start_run("dit", settings, given, checkpoints.MAY_CHANGE_ON_RESUME, log)
     globals().update(settings)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     dev = dist.device
     # set-up: a bad path, flag or file stops here with a one-line message
     with common.user_errors():
@@ -123,7 +115,8 @@ def main():
         C, h, w = stage1["latent_shape"]
         name = preset or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")  # <= 16x16 tokens
         if ckpt is not None:
-            name = checkpoints.resumed_preset(ckpt, preset, given)
+            name = ckpt["model_name"]
+        settings["preset"] = name  # as the checkpoint records it
         if name not in DIT_PRESETS:
             raise SystemExit(f"error: unknown --preset {name}; valid: {', '.join(DIT_PRESETS)}")
 
@@ -139,7 +132,7 @@ def main():
     # while encoding, after the batch (finished shards are kept); while training, after the step (saved)
     stop = checkpoints.StopSignals()
     with common.user_errors():  # a stage-1 file whose weights do not fit its model_args: one line
-        build_latent_cache(cache, meta, dataset, lambda: dgae_from_checkpoint(stage1_ckpt, ae_path, dev), dist,
+        build_latent_cache(cache, meta, dataset, lambda: checkpoints.dgae_from_checkpoint(stage1_ckpt, ae_path, dev), dist,
                            encode_batch_size, num_workers,
                            stop)
     with common.user_errors():  # e.g. a stats.pt with std 0
@@ -153,7 +146,7 @@ def main():
     # step 2: the DiT. The stage-1 decoder (for the grids) is built first: its random init must not
     # draw from the RNG stream that the checkpoint saves and --resume restores.
     with common.user_errors():
-        ae = dgae_from_checkpoint(stage1_ckpt, ae_path, dev) if dist.master else None
+        ae = checkpoints.dgae_from_checkpoint(stage1_ckpt, ae_path, dev) if dist.master else None
     torch.manual_seed(seed)  # the same initial weights on every rank
     if ckpt is not None:
         # the checkpoint's model; only --attn-impl (how attention is computed) may change
@@ -236,10 +229,9 @@ def main():
         if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
             # guided Euler with the EMA DiT from the fixed noise, back to the encoder's scale, decode;
             # after the save, and given up at a stop signal (see train_ae.py)
-            with guard.given_up_at_stop(f"sample grid of step {step}", log), autocast:
-                z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise,
-                                 sample_steps, stop=stop.pending)
-                x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed, stop=stop.pending)  # (N, 3, H, W)
+            with guard.given_up_at_stop(f"sample grid of step {step}", log, ema, ae.decoder), torch.no_grad(), autocast:
+                z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale), grid_noise, sample_steps)
+                x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed)  # (N, 3, H, W)
                 save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
         if guard.stopping and step < max_steps:  # preempted: the step is saved (see train_ae.py)
             guard.exit_saved(step, log)

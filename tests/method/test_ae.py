@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import ae
-import common
-from procedural import ProceduralDataset
-from optim import update_ema
+from support import common
+from support.optim import update_ema
+from support.procedural import ProceduralDataset
 
 
 def _tiny(**kw):
@@ -82,22 +82,34 @@ def test_decode_is_deterministic_under_a_seed():
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_decoding_runs_in_inference_mode_and_leaves_the_model_trainable():
-    # train_ae.py draws its grids with ema.reconstruct between training steps: what decoding returns is
-    # an inference tensor (no autograd bookkeeping), and nothing of the model becomes one
+def test_decoding_between_training_steps_leaves_the_model_trainable():
+    # train_ae.py draws its grids with ema.reconstruct under torch.no_grad() between training steps:
+    # nothing is recorded, and the next step and the EMA update work as before
     torch.manual_seed(0)
     model = ae.DGAE(_tiny())
     x = torch.rand(2, 3, 32, 32) * 2 - 1
-    recon = model.reconstruct(x, steps=2)
-    assert recon.is_inference() and not x.is_inference()
-    assert not any(t.is_inference() for t in model.state_dict().values())
+    with torch.no_grad():
+        recon = model.reconstruct(x, steps=2)
+    assert recon.grad_fn is None
     ema = copy.deepcopy(model)
-    model.loss(x)[0].backward()  # the next training step, then the EMA update, work as before
+    model.loss(x)[0].backward()
     update_ema(ema, model, 0.5)
+    assert all(p.grad is not None for p in model.encoder.parameters())
+
+
+def test_decoding_passes_a_gradient_to_the_latent_when_asked():
+    # without no_grad the decoder is an ordinary differentiable function of z (an exercise may optimise z)
+    torch.manual_seed(0)
+    model = ae.DGAE(_tiny())
+    for p in model.parameters():  # the zero-initialised output layers would make the gradient 0
+        p.data.add_(0.02 * torch.randn_like(p))
+    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    model.decode(z, steps=2).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
 
 
 def test_lpips_term_enters_the_loss_and_its_gradient_reaches_the_encoder():
-    from lpips import LPIPS
+    from support.perceptual import LPIPS
 
     torch.manual_seed(0)
     model = ae.DGAE(_tiny(lpips_weight=0.5, anchor_ch=8))  # anchored: LPIPS on x0_hat and on the anchor's x~

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import ae
-import claims
-import common
 import eval as ev
-import metrics
-from eval_data import ImageSource, to_pixels
-from procedural import PatternClassifier
+from experiments import claims
+from support import common, metrics
+from support.eval_data import ImageSource, to_pixels
+from support.procedural import PatternClassifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CPU = common.Dist(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), master=True)
@@ -401,7 +400,7 @@ def test_plan_runs_the_sweep_then_the_seeds_then_the_equal_compute_runs(tmp_path
     monkeypatch.setattr(claims, "compute_seeds", 2)
     assert [p[0] for p in claims.plan(4)][10:] == ["gauss_c4_lr0.0003_s0_x3", "gauss_c4_lr0.0003_s1_x3"]
     # 0 or fewer seeds would silently drop (or, negative, slice away) the equal-compute runs: refused in one line
-    proc = subprocess.run([sys.executable, "claims.py", "compare", "--compute-seeds", "0", "--out", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "experiments/claims.py", "compare", "--compute-seeds", "0", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1] == "error: --compute-seeds must be at least 1, got 0"
 
@@ -426,7 +425,7 @@ def test_decoder_step_flops_count_the_decoder_alone():
 @pytest.mark.slow
 def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "claims.py", "compare", "--quick", "true", "--kinds", "dgae,gauss", "--out", str(out),
+    cmd = [sys.executable, "experiments/claims.py", "compare", "--quick", "true", "--kinds", "dgae,gauss", "--out", str(out),
            "--train-args", "--batch-size 4 --decode-steps 1 --log-every 1", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -460,13 +459,13 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     total = report["step_flops_per_image"]
     assert f"{2 * total['gauss'] / total['dgae']:.2f}x its total training compute" in md and "x its wall clock" in md
     # without equal-compute runs (--compute-factor 0; --quick would set its own factor) the report has no rows for them
-    subprocess.run([sys.executable, "claims.py", "compare", "--kinds", "dgae,gauss", "--out", str(out), "--report-only",
+    subprocess.run([sys.executable, "experiments/claims.py", "compare", "--kinds", "dgae,gauss", "--out", str(out), "--report-only",
                     "true", "--compute-factor", "0", "--device", "cpu"], cwd=ROOT, capture_output=True, check=True)
     rows = {(g["kind"], g["channels"], g["steps_factor"]) for g in json.load(open(out / "report.json"))["groups"]}
     assert rows == {("dgae", 2, 1), ("dgae", 4, 1), ("gauss", 2, 1), ("gauss", 4, 1)}
     assert "equal-compute" not in open(out / "report.md").read()
     # diagnose on one of those checkpoints gives the diagnostics its scores.json holds (same images, same noise)
-    diag = subprocess.run([sys.executable, "claims.py", "diagnose", "--ckpt", str(out / "dgae_c4_lr0.001_s0" / "ckpt.pt"),
+    diag = subprocess.run([sys.executable, "experiments/claims.py", "diagnose", "--ckpt", str(out / "dgae_c4_lr0.001_s0" / "ckpt.pt"),
                            "--num-images", "16", "--device", "cpu"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert diag.returncode == 0, diag.stderr[-2000:]
@@ -479,7 +478,7 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert again.returncode == 0 and "$ " not in again.stdout
 
     # claim 3 on those four stage-1 models: the same DiT on each latent, scored at DiT steps 2 and 4
-    conv = subprocess.run([sys.executable, "claims.py", "converge", "--quick", "true", "--out", str(out), "--device", "cpu",
+    conv = subprocess.run([sys.executable, "experiments/claims.py", "converge", "--quick", "true", "--out", str(out), "--device", "cpu",
                            "--dit-args", "--batch-size 8 --dataset-size 64 --log-every 1 --sample-steps 2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-3000:]
@@ -507,7 +506,7 @@ def test_a_failing_run_stops_compare_with_one_line_that_says_where_flags_go(tmp_
         (tmp_path / "data" / cls).mkdir(parents=True)
         for i in range(10):
             Image.new("RGB", (40, 40), (20 * i, 90, 200)).save(tmp_path / "data" / cls / f"{i}.png")
-    proc = subprocess.run([sys.executable, "claims.py", "compare", "--quick", "true", "--kinds", "gauss",
+    proc = subprocess.run([sys.executable, "experiments/claims.py", "compare", "--quick", "true", "--kinds", "gauss",
                            "--data", str(tmp_path / "data"), "--val-data", str(tmp_path / "data"), "--out", str(tmp_path / "cmp"), "--device", "cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "DGAE_WEIGHTS": str(tmp_path / "none")})
@@ -561,7 +560,7 @@ def test_drop_verdict_compares_the_two_decoders_losses_with_their_standard_error
 
 @pytest.mark.parametrize("mode", ["compare", "fcurve"])
 def test_only_that_matches_no_run_is_refused_not_a_silent_exit_0(tmp_path, mode):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "claims.py"), mode, "--only", "NOMATCH", "--out",
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "claims.py"), mode, "--only", "NOMATCH", "--out",
                            str(tmp_path / "c"), "--judge-steps", "1", "--num-images", "4"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from data import (ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip,
+from support.data import (ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip,
                   to_model_range)
-from procedural import ProceduralDataset
+from support.procedural import ProceduralDataset
 
 # -----------------------------------------------------------------------------
 # ProceduralDataset

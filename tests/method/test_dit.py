@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-import common
-import dit
 from dit import DiT, build_dit, pos_embed_2d
+import dit
+from support import common
 
 
 def tiny(**kw):

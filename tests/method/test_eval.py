@@ -14,13 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
 import eval as ev
-import eval_data
-import inception as inception_module
-import metrics
-from inception import INCEPTION_FILE, INCEPTION_URL, InceptionV3, load_inception, pool3x3
-from lpips import LPIPS, load_lpips
+from support import checkpoints, eval_data
+from support import inception as inception_module
+from support import metrics
+from support.inception import INCEPTION_FILE, INCEPTION_URL, InceptionV3, load_inception, pool3x3
+from support.perceptual import LPIPS, load_lpips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "pt_inception_keys.txt")
@@ -147,8 +146,8 @@ def run_eval_in_process(monkeypatch, *argv):
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--num-images", "-1"], "--num-images must be at least 0, got -1"),
     (["--resolution", "0"], "--resolution must be at least 1, got 0"),
-    (["--decode-steps", "-2"], "--decode-steps must be from 0 to 1000, got -2"),
-    (["--decode-steps", "1001"], "--decode-steps must be from 0 to 1000, got 1001"),
+    (["--decode-steps", "-2"], "--decode-steps must be from 1 to 1000, got -2"),
+    (["--decode-steps", "1001"], "--decode-steps must be from 1 to 1000, got 1001"),
     (["--device", "foo"], "--device foo is not available on this machine, which has: "),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, flags, message):
@@ -265,7 +264,8 @@ def test_gen_and_stats_modes_run_end_to_end_single_process_and_under_torchrun(tm
 
 @pytest.mark.slow
 def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(tmp_path, weights):
-    from ae import DGAE, config_to_dict, load_dgae, make_config
+    from ae import DGAE, config_to_dict, make_config
+    from support.checkpoints import load_dgae
 
     cfg = make_config("tiny")
     torch.manual_seed(0)
@@ -283,7 +283,7 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
     assert (res["num_images"], res["num_unreadable"], res["decode_steps"], res["resolution"]) == (5, 1, 2, 32)
     assert math.isfinite(res["rfid"]) and res["rfid"] > 1  # an untrained decoder: far from the originals
     # the same numbers by hand, as one process would get them: ADM crop, reconstruct with the documented seeds, round to uint8, measure
-    from data import ImageFolderDataset, to_model_range
+    from support.data import ImageFolderDataset, to_model_range
 
     model = load_dgae(str(tmp_path / "ckpt.pt"))
     lp = load_lpips(weights[3], weights[5])
@@ -298,8 +298,9 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
 
 @pytest.mark.slow
 def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_path):
-    from ae import DGAE, config_to_dict, load_dgae, make_config
-    from procedural import ProceduralDataset
+    from ae import DGAE, config_to_dict, make_config
+    from support.checkpoints import load_dgae
+    from support.procedural import ProceduralDataset
 
     cfg = make_config("tiny", decode_steps=2)
     torch.manual_seed(0)
@@ -333,8 +334,8 @@ def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_sa
     # "samples" that are real built-in images (not the judge's training images): the first half carry
     # their own class, the second half the next class. The judge names held-out real images right, so
     # the score is about half of its real accuracy plus its rare confusions into the next class.
-    from data import to_uint8
-    from procedural import ProceduralDataset
+    from support.data import to_uint8
+    from support.procedural import ProceduralDataset
 
     ds = ProceduralDataset(32, size=200, seed=777)
     x = torch.stack([ds[i][0] for i in range(200)])  # (200, 3, 32, 32)

@@ -1,11 +1,11 @@
-"""Tests for lpips.py: LPIPS (VGG16, v0.1) on seeded random weights written in the published
+"""Tests for support/perceptual.py: LPIPS (VGG16, v0.1) on seeded random weights written in the published
 layouts. Nothing is downloaded; images are tiny (32x32) so the full VGG16 trunk runs in a blink."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lpips import LPIPS, LPIPS_FILE, LPIPS_URL, VGG16_FILE, VGG16_URL, load_lpips
+from support.perceptual import LPIPS, LPIPS_FILE, LPIPS_URL, VGG16_FILE, VGG16_URL, load_lpips
 
 # torchvision VGG16 ("D"): the conv indices inside `features` and their (C_out, C_in), written out
 # by hand from the architecture (not from lpips.py) so the tests check the layout independently.
@@ -239,8 +239,8 @@ def test_weight_files_that_are_pickles_truncated_or_another_network_are_one_line
     never torch's traceback nor its advice to load with weights_only=False."""
     import pickle
 
-    import checkpoints
-    from inception import load_inception
+    from support import checkpoints
+    from support.inception import load_inception
 
     good = tmp_path / "good.pth"
     torch.save({"w": torch.zeros(3)}, good)

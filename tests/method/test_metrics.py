@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metrics
+from support import metrics
 
 # -----------------------------------------------------------------------------
 # PSNR and SSIM

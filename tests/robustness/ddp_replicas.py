@@ -49,7 +49,7 @@ def main():
     # the script's folder first on the path, as `python script.py` puts it, then the repository
     sys.path[0] = os.path.dirname(os.path.abspath(script))
     sys.path.insert(1, ROOT)
-    import checkpoints
+    from support import checkpoints
 
     save_training = checkpoints.save_training
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-import bench
-from ae import make_config
-from layers import attention
+from ae import PRESETS, make_config
+from decoder_diffusion import attention
+from experiments import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -110,7 +110,7 @@ def test_official_dit_step_is_timed_beside_ours(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow  # a whole bench.py run: about 25 s
 def test_quick_run_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "true", "--json", str(out)],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "bench.py"), "--quick", "true", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,7 +138,7 @@ def test_quick_run_writes_every_field(tmp_path):
     # the decoder's FLOPs grow with the number of steps it runs
     assert rows["ae_decode_50"]["flops"] == 50 * rows["ae_decode_1"]["flops"]
     # --compare reads two saved runs
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--compare", f"{out},{out}"],
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "bench.py"), "--compare", f"{out},{out}"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "dit_train_step" in proc.stdout, proc.stderr[-2000:]
 
@@ -207,9 +207,9 @@ def test_the_readme_imagenet_commands_fit_an_80gb_gpu_by_the_model():
     cfg = make_config("base", compression=32)
     assert train_ae.checkpointing_on("auto", "base") and not train_ae.checkpointing_on("auto", "tiny")
     room = bench.memory_available_gib(80)
-    peak = bench.predict_train_peak(cfg, cfg.batch_size, True, True)
+    peak = bench.predict_train_peak(cfg, PRESETS["base"]["batch_size"], True, True)
     assert peak < 0.75 * room, (peak, room)
-    assert bench.predict_train_peak(cfg, cfg.batch_size, False, False) > room
+    assert bench.predict_train_peak(cfg, PRESETS["base"]["batch_size"], False, False) > room
     # stage 2's README command: DiT-XL/1 on those 16x8x8 latents at batch 32 per GPU
     dit = bench.dit_step_peak("DiT-XL/1", (16, 8, 8), 32, torch.device("meta"), True, False) / 2**30
     assert dit < 0.75 * room, (dit, room)

@@ -10,17 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoints
-import common
-import optim
+from support import checkpoints, common, optim
 
 
 def test_configure_parses_types_dashes_and_rejects_unknown_names():
     s = dict(compression=0, lr=1e-3, compile=False, data="", seed=0, _private=1)
     settings, given = common.configure(s, ["--compression", "32", "--lr=2e-4", "--compile", "true", "--data", "/x"])
     assert settings == dict(compression=32, lr=2e-4, compile=True, data="/x", seed=0)
-    assert isinstance(s["compression"], int) and given == {"compression", "lr", "compile", "data"}
-    assert set(s) == set(settings) | {"_private"}  # nothing hidden is added to the script's variables
+    assert isinstance(settings["compression"], int) and given == {"compression", "lr", "compile", "data"}
+    assert s == dict(compression=0, lr=1e-3, compile=False, data="", seed=0, _private=1)  # the defaults stay
+    # None ("the preset's") takes the value as written: a whole number, a number, or the text
+    none = dict(batch_size=None, lr=None, preset=None)
+    assert common.configure(none, ["--batch-size", "8", "--lr", "3e-4", "--preset", "base"])[0] == \
+        dict(batch_size=8, lr=3e-4, preset="base")
+    assert common.configure(none, [])[0] == none
     with pytest.raises(SystemExit, match="unknown setting --compresion"):
         common.configure(dict(compression=0), ["--compresion", "32"])
     with pytest.raises(SystemExit, match="takes a whole number"):
@@ -219,7 +222,7 @@ def test_a_collective_timeout_or_a_lost_peer_is_one_line_naming_the_rank(monkeyp
             raise gloo
 
 
-@pytest.mark.parametrize("script", ["train_ae.py", "train_dit.py", "sample.py", "eval.py", "claims.py", "bench.py"])
+@pytest.mark.parametrize("script", ["train_ae.py", "train_dit.py", "sample.py", "eval.py", "experiments/claims.py", "experiments/bench.py"])
 def test_every_setting_explains_itself_in_help(script):
     import subprocess
     import sys
@@ -268,6 +271,31 @@ def test_workers_default_to_up_to_8_per_rank_with_an_image_folder(monkeypatch):
     assert common.default_workers({"num_workers": -1, "data": "/imagenet"})["num_workers"] == 7  # 8 cores a rank
     assert common.default_workers({"num_workers": -1, "data": ""})["num_workers"] == 0  # the built-in data
     assert common.default_workers({"num_workers": 3, "data": "/imagenet"})["num_workers"] == 3  # as given
+
+
+def test_work_between_steps_is_given_up_at_a_stop_signal_and_the_model_is_left_clean():
+    """A grid's decode (a network called many times) stops at the first call after a stop signal: the log
+    says what was skipped, nothing propagates, and the model carries no hook afterwards."""
+    class Signal:
+        received = None
+
+        def pending(self):
+            return self.received is not None
+
+    stop, logged, calls = Signal(), [], []
+    net = torch.nn.Linear(2, 2)
+    net.register_forward_hook(lambda m, a, out: calls.append(1))
+    dist = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)
+    guard = checkpoints.StepGuard(stop, dist, 5, "ckpt.pt", "hint")
+    with guard.given_up_at_stop("grid of step 7", logged.append, net):
+        for i in range(1000):
+            if i == 3:
+                stop.received = "SIGTERM"
+            net(torch.zeros(1, 2))
+    assert len(calls) == 3 and logged == ["\ngrid of step 7 skipped: stop signal SIGTERM"]
+    assert not net._forward_pre_hooks
+    net(torch.zeros(1, 2))  # and it runs again
+    assert len(calls) == 4
 
 
 class _NoSignal:
@@ -353,7 +381,8 @@ _CAPPED_WRITERS = r'''
 import os, resource, signal, sys
 import numpy as np, torch
 sys.path.insert(0, sys.argv[1])
-import data, eval as ev, checkpoints
+import eval as ev
+from support import checkpoints, data
 out = sys.argv[2]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the cap a write fails with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -408,16 +437,16 @@ def test_the_log_holds_one_row_per_step_after_a_fresh_start_and_after_a_resume(t
 
 @pytest.mark.parametrize("script, args, message", [
     ("train_ae.py", ["--cond", "foo"], "--cond must be one of latent_decoder, concat, got 'foo'"),
-    ("train_ae.py", ["--t-dist", "foo"], "--t-dist must be one of '', uniform, logit_normal, got 'foo'"),
+    ("train_ae.py", ["--t-dist", "foo"], "--t-dist must be one of uniform, logit_normal, got 'foo'"),
     ("train_ae.py", ["--attn-impl", "flash"], "--attn-impl must be one of math, sdpa, got 'flash'"),
     ("train_ae.py", ["--dataset-size", "1000000000000"], "--dataset-size must be at most 100000000, got 1000000000000"),
     ("train_ae.py", ["--resolution", "65536"], "--resolution must be at most 4096, got 65536"),
     ("train_ae.py", ["--dist-timeout", "100000000000000"], "--dist-timeout must be at most 604800, got 100000000000000"),
     ("train_dit.py", ["--t-dist", "foo"], "--t-dist must be one of logit_normal, uniform, got 'foo'"),
     ("sample.py", ["--ckpt", "x.pt", "--num-samples", "100000000"], "--num-samples must be at most 200000, got 100000000"),
-    ("bench.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
-    ("bench.py", ["--attn-seq", "abc"], "--attn-seq takes comma-separated whole numbers of at least 1, got 'abc'"),
-    ("bench.py", ["--parts", "data", "--data", "/no/such/folder"], "--data '/no/such/folder': no such folder"),
+    ("experiments/bench.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
+    ("experiments/bench.py", ["--attn-seq", "abc"], "--attn-seq takes comma-separated whole numbers of at least 1, got 'abc'"),
+    ("experiments/bench.py", ["--parts", "data", "--data", "/no/such/folder"], "--data '/no/such/folder': no such folder"),
 ])
 def test_a_bad_choice_or_an_absurd_size_is_refused_in_one_line_before_any_work(tmp_path, script, args, message):
     """The class 'any bad setting': a value outside its choices or past its size limit stops the script at
@@ -451,7 +480,7 @@ def test_every_script_imports_where_the_os_has_no_fcntl():
     code = ("import builtins, sys\nreal = builtins.__import__\n"
             "def no_fcntl(name, *a, **k):\n    if name == 'fcntl': raise ImportError('no fcntl')\n    return real(name, *a, **k)\n"
             f"builtins.__import__ = no_fcntl\nsys.path.insert(0, {root!r})\n"
-            "import ae, decoder_diffusion, dit, train_ae, train_dit, sample, eval, bench, claims\nprint('ok')")
+            "import ae, decoder_diffusion, dit, train_ae, train_dit, sample, eval\nfrom experiments import bench, claims\nprint('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

@@ -22,13 +22,12 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import data
 import eval as ev
-import eval_data
 import train_ae
-from data import ImageFolderDataset, Loader, collate_skip_bad, first_good
-from latents import LatentCache
-from procedural import ProceduralDataset
+from support import data, eval_data
+from support.data import ImageFolderDataset, Loader, collate_skip_bad, first_good
+from support.latents import LatentCache
+from support.procedural import ProceduralDataset
 from test_latents import SOLO, build, save_tiny_ae
 from test_train_dit import DIT_FAST, ROOT
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-import common
+from support import common
 import ddp_replicas
 
 

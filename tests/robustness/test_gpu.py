@@ -59,19 +59,19 @@ def test_a_resume_with_deterministic_kernels_continues_bit_for_bit(tmp_path):
 
 
 def test_the_base_preset_step_fits_and_its_measured_peak_is_near_the_prediction():
-    import bench
-    from ae import DGAE, make_config
-    from optim import make_optimizer
+    from experiments import bench
+    from ae import PRESETS, DGAE, make_config
+    from support.optim import make_optimizer
 
     cfg = make_config("base", compression=32)
-    predicted = bench.predict_train_peak(cfg, cfg.batch_size, True, False)
+    predicted = bench.predict_train_peak(cfg, PRESETS["base"]["batch_size"], True, False)
     dev = torch.device("cuda")
     torch.cuda.reset_peak_memory_stats(dev)
     net = DGAE(cfg).to(dev, memory_format=torch.channels_last)
     net.grad_checkpoint = True  # train_ae.py's default for base
     ema = DGAE(cfg).to(dev).requires_grad_(False)
     opt = make_optimizer(net, 1e-4, 0.0, (0.9, 0.99), dev)
-    x = torch.randn(cfg.batch_size, 3, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(PRESETS["base"]["batch_size"], 3, 256, 256, device=dev).contiguous(memory_format=torch.channels_last)
     for _ in range(2):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = net(x, None)
@@ -80,11 +80,11 @@ def test_the_base_preset_step_fits_and_its_measured_peak_is_near_the_prediction(
         opt.step()
         opt.zero_grad(set_to_none=True)
     measured = torch.cuda.max_memory_allocated(dev) / 2**30
-    print(f"\n{torch.cuda.get_device_name(dev)}: base f=32 batch {cfg.batch_size}, checkpointing on: measured "
+    print(f"\n{torch.cuda.get_device_name(dev)}: base f=32 batch {PRESETS['base']['batch_size']}, checkpointing on: measured "
           f"{measured:.1f} GiB, predicted {predicted:.1f} GiB")
     assert abs(measured - predicted) <= 0.15 * measured
 
 
 def test_bench_runs_its_gpu_rows(tmp_path):
-    out = script(tmp_path, "bench.py", "--quick", "true", "--json", "gpu.json")
+    out = script(tmp_path, "experiments/bench.py", "--quick", "true", "--json", "gpu.json")
     assert "bfloat16" in out and (tmp_path / "gpu.json").exists()

@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import common
-import latents
-from ae import DGAE, config_to_dict, encoder_fingerprint, load_dgae, make_config
-from data import ImageFolderDataset
-from procedural import ProceduralDataset
+from ae import DGAE, config_to_dict, make_config
+from support import checkpoints, common, latents
+from support.checkpoints import encoder_fingerprint, load_dgae
+from support.data import ImageFolderDataset
+from support.procedural import ProceduralDataset
 
 SOLO = common.Dist(False, 0, 0, 1, torch.device("cpu"), True)  # a single process
 
@@ -139,7 +138,7 @@ def test_the_stage1_file_is_read_once_so_a_rewrite_meanwhile_cannot_mix_two_enco
     """train_dit.py records the encoder's fingerprint and encodes with the model built from the same
     read: a stage-1 run that rewrites the file in between (here: another encoder, in place) changes
     neither."""
-    from ae import dgae_from_checkpoint
+    from support.checkpoints import dgae_from_checkpoint
 
     path = tmp_path / "ae.pt"
     save_tiny_ae(path, seed=0)

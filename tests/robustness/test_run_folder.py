@@ -12,10 +12,9 @@ import sys
 
 import pytest
 
-import common
-import data
 import train_ae
 import train_dit
+from support import common, data
 from test_latents import save_tiny_ae
 from test_stop_signals import finish, start, wait_for
 from test_train_ae import FAST, _env, _image_folder, load, run_train

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoints
-import common
-import sample
-from ae import load_dgae
-from data import ImageFolderDataset, to_model_range, to_uint8
 from dit import build_dit
+import sample
+from support import checkpoints, common
+from support.checkpoints import load_dgae
+from support.data import ImageFolderDataset, to_model_range, to_uint8
 from test_latents import save_tiny_ae
 
 MEAN, STD = torch.tensor([0.1, -0.2, 0.3, 0.0]), torch.tensor([0.5, 1.0, 2.0, 1.5])
@@ -33,7 +32,7 @@ def ckpts(tmp_path):
         torch.nn.init.normal_(p, std=0.05)
     checkpoints.save_checkpoint(str(tmp_path / "dit.pt"), dict(
         kind="dit", step=3, model=dit.state_dict(), ema=dit.state_dict(), model_args=dit.config,
-        ae_ckpt=str(tmp_path / "ae.pt"), ae_step=7, ae_fingerprint=sample.encoder_fingerprint(ae.state_dict()),
+        ae_ckpt=str(tmp_path / "ae.pt"), ae_step=7, ae_fingerprint=sample.checkpoints.encoder_fingerprint(ae.state_dict()),
         latent_shape=[4, 2, 2], latent_mean=MEAN, latent_std=STD, num_classes=10, class_names=list("abcdefghij")))
     return str(tmp_path / "dit.pt"), str(tmp_path / "ae.pt")
 
@@ -133,8 +132,8 @@ BAD_SETTINGS = [  # (flags, the one line expected); unchecked, each would write 
     (["--steps", "-1"], "--steps must be from 1 to 1000, got -1"),
     (["--steps", "0"], "--steps must be from 1 to 1000, got 0"),
     (["--steps", "100000"], "--steps must be from 1 to 1000, got 100000"),  # hours, and no better images
-    (["--decode-steps", "-1"], "--decode-steps must be from 0 to 1000, got -1"),  # 0: the stage-1 default
-    (["--decode-steps", "1001"], "--decode-steps must be from 0 to 1000, got 1001"),
+    (["--decode-steps", "-1"], "--decode-steps must be from 1 to 1000, got -1"),  # no flag: the stage-1 default
+    (["--decode-steps", "1001"], "--decode-steps must be from 1 to 1000, got 1001"),
     (["--cfg-scale", "nan"], "--cfg-scale must be a number from -100 to 100, got nan"),
     (["--cfg-scale", "inf"], "--cfg-scale must be a number from -100 to 100, got inf"),
     # finite in float64, inf in the float32 of the sampler: all-zero images

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-import checkpoints
+from support import checkpoints
 from test_train_ae import FAST, _env, _workers, assert_same_tensors, load, run_train
 from test_latents import save_tiny_ae
 from test_train_dit import DIT_FAST

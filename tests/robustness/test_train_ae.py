@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import ddp_replicas
-import checkpoints
-import optim
 import train_ae
+from ae import PRESETS
+from support import checkpoints, optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FAST = ["--batch-size", "4", "--log-every", "1", "--sample-every", "1000", "--ckpt-every", "1000", "--decode-steps", "2"]
@@ -100,19 +100,13 @@ def test_resume_is_bit_identical(tmp_path):
     assert not all(torch.equal(first[k], v) for k, v in load(tmp_path / "other/ckpt.pt")["model"].items())
 
 
-def ae_defaults():
-    from ae import config_to_dict, make_config
-
-    return config_to_dict(make_config("tiny"))
-
-
 def test_default_run_writes_checkpoint_log_and_reconstruction_grid(tmp_path):
     run_train(tmp_path, "--max-steps", "3", "--batch-size", "4", "--sample-every", "3", "--decode-steps", "2")
     ckpt = load(tmp_path / "out/ae/ckpt.pt")
     # the demo's setting: 32 px at f=4, an 8x8x4 latent, batch 16 unless given (here 4)
     args = ckpt["model_args"]
     assert ckpt["kind"] == "ae" and ckpt["step"] == 3 and (args["compression"], args["latent_channels"]) == (4, 4)
-    assert args["batch_size"] == 4 and ae_defaults()["batch_size"] == 16
+    assert ckpt["config"]["batch_size"] == 4 and PRESETS["tiny"]["batch_size"] == 16
     assert ckpt["config"]["max_steps"] == 3
     grid = Image.open(tmp_path / "out/ae/recon_000003.png")
     assert grid.size == (8 * 34 + 2, 2 * 34 + 2)  # 8 inputs over 8 reconstructions, 32 px + 2 px padding
@@ -210,9 +204,7 @@ def test_existing_run_wrong_kind_and_mismatched_flags_are_refused(tmp_path):
 
 
 def run_in_process(monkeypatch, *args):
-    importlib.reload(train_ae)  # fresh settings: configure() writes them into the module
-    monkeypatch.setattr(sys, "argv", ["train_ae.py", *args])
-    train_ae.main()
+    train_ae.main(list(args))  # every call starts from the script's defaults
 
 
 BAD_SETTINGS = [  # (flags, the one line expected)
@@ -442,7 +434,7 @@ def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path):
     full, split = load(tmp_path / "full/ckpt.pt"), load(tmp_path / "split/ckpt.pt")
     for key in ("model", "ema", "optimizer", "loader"):  # bit-identical to the uninterrupted run
         assert_same_tensors(full[key], split[key], key)
-    assert split["model_args"]["lr"] == 2e-3 and split["config"]["grad_accum"] == 2 and split["model_name"] == "tiny"
+    assert split["config"]["lr"] == 2e-3 and split["config"]["grad_accum"] == 2 and split["model_name"] == "tiny"
     assert [json.loads(r)["lr"] for r in open(tmp_path / "split/log.jsonl")][-1] == 2e-3
 
 
@@ -480,6 +472,26 @@ def test_resume_keeps_the_bookkeeping_too_and_says_what_the_command_line_changed
 RESUME_CONFLICTS = [["--lr", "1e6"], ["--preset", "small"], ["--batch-size", "8"], ["--grad-accum", "1"],
                     ["--warmup-steps", "7"], ["--ema-decay", "0.9"], ["--weight-decay", "0.1"], ["--grad-clip", "2"],
                     ["--seed", "1"], ["--lpips-weight", "0.5"], ["--t-dist", "logit_normal"], ["--compression", "8"]]
+
+
+def test_a_resume_may_change_only_the_named_settings(tmp_path, monkeypatch):
+    """The one resume rule, for every setting of the script: one not in MAY_CHANGE_ON_RESUME (nor the device,
+    the folder and --resume itself) given another value than the checkpoint's is refused in one line."""
+    run_train(tmp_path, "--max-steps", "1", *FAST, "--lpips-weight", "0")
+    saved = load(tmp_path / "out/ae/ckpt.pt")["config"]
+    monkeypatch.chdir(tmp_path)
+    other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v / 2 if v else 0.5,
+             str: lambda v: {"diffusion": "gaussian", "latent_decoder": "concat", "uniform": "logit_normal",
+                             "tiny": "small"}.get(v, v + "x")}
+    fixed = [k for k in train_ae.SETTINGS if k != "__file__" and k not in train_ae.MAY_CHANGE_ON_RESUME
+             and k not in checkpoints.NEVER_RESUMED]
+    assert {"lr", "batch_size", "seed", "preset", "compression", "kl_weight", "dropout"} <= set(fixed)
+    for name in fixed:
+        value = other[type(saved[name])](saved[name])
+        with pytest.raises(SystemExit) as e:
+            run_in_process(monkeypatch, "--resume", "true", "--max-steps", "2", f"--{name.replace('_', '-')}",
+                           str(value).lower() if isinstance(value, bool) else str(value))
+        assert str(e.value).startswith(f"error: --{name.replace('_', '-')} ") and "does not match" in str(e.value), name
 
 
 def test_a_flag_that_contradicts_the_resumed_checkpoint_is_refused(tmp_path, monkeypatch):

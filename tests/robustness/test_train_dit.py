@@ -15,9 +15,9 @@ from PIL import Image
 
 import ddp_replicas
 import train_dit
-from ae import encoder_fingerprint
-from latents import LatentCache
-from procedural import ProceduralDataset
+from support.checkpoints import encoder_fingerprint
+from support.latents import LatentCache
+from support.procedural import ProceduralDataset
 from test_latents import build, save_tiny_ae
 from test_train_ae import strict_json
 
@@ -92,8 +92,8 @@ BAD_SETTINGS = [  # (flags, the one line expected)
     (["--ckpt-every", "0"], "--ckpt-every must be at least 1, got 0"),
     (["--sample-steps", "0"], "--sample-steps must be from 1 to 1000, got 0"),
     (["--sample-steps", "1001"], "--sample-steps must be from 1 to 1000, got 1001"),
-    (["--decode-steps", "-1"], "--decode-steps must be from 0 to 1000, got -1"),  # 0: the stage-1 default
-    (["--decode-steps", "1001"], "--decode-steps must be from 0 to 1000, got 1001"),
+    (["--decode-steps", "-1"], "--decode-steps must be from 1 to 1000, got -1"),  # no flag: the stage-1 default
+    (["--decode-steps", "1001"], "--decode-steps must be from 1 to 1000, got 1001"),
     (["--class-dropout", "1"], "--class-dropout must be in [0, 1), got 1.0"),
     (["--ema-decay", "-0.5"], "--ema-decay must be in [0, 1), got -0.5"),
     (["--cfg-scale", "nan"], "--cfg-scale must be a number from -100 to 100, got nan"),

@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from checkpoints import atomic_write, loader_worker_init
-from procedural import ProceduralDataset
+from support.checkpoints import atomic_write, loader_worker_init
+from support.procedural import ProceduralDataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

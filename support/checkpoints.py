@@ -8,7 +8,7 @@ trainers call start_run, resumed_preset, resumed_config, save_training, restore_
 StopSignals and StepGuard, and that is all of it.
 """
 
-import dataclasses
+import hashlib
 import inspect
 import os
 import random
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-import common
-from decoder_diffusion import Stopped
+from ae import DGAE, config_from_dict
+from support import common
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -210,29 +210,23 @@ def resume_or_refuse(ckpt_path, resume, kind):
     return None
 
 
-# resume policy: what a resumed run keeps of its checkpoint's settings
+# The one resume rule. A resumed run takes every setting from its checkpoint. Only these may differ on
+# the command line: how long and how often it runs, how it computes, and where its other files are
+# (each checked where it is read); a flag that gives any other setting another value is refused. The
+# device, the run folder and --resume itself are never taken from a checkpoint (NEVER_RESUMED).
+MAY_CHANGE_ON_RESUME = (
+    "max_steps", "log_every", "sample_every", "ckpt_every", "max_nonfinite_steps",  # how long, how often
+    "attn_impl", "compile", "grad_checkpoint", "channels_last", "deterministic", "num_workers",  # how it computes
+    "encode_batch_size", "dist_timeout", "decode_steps", "sample_steps", "cfg_scale",
+    "ae_ckpt", "cache_dir", "vgg_path", "lpips_path")  # where files are: train_dit checks the encoder's fingerprint
+NEVER_RESUMED = ("resume", "out_dir", "device")
 
 
 def mismatch(name, value, saved):
     return SystemExit(f"error: --{name.replace('_', '-')} {value} does not match the checkpoint being resumed "
-                      f"({saved}); drop the flag or choose another --out-dir")
+                      f"({saved}); a resumed run keeps its settings, except {', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE_ON_RESUME[:4])} and "
+                      "how it computes: drop the flag, or start a new run in another --out-dir")
 
-
-def resumed_preset(ckpt, preset, given):
-    """The model preset of the run being resumed; a --preset that names another is an error."""
-    if "preset" in given and preset != ckpt["model_name"]:
-        raise mismatch("preset", preset, ckpt["model_name"])
-    return ckpt["model_name"]
-
-
-def resumed_config(saved, cfg, given, names, free):
-    """On --resume the checkpoint's config `saved` defines the model (in stage 1 also its loss, lr and
-    batch size): a setting of `names` given on the command line that disagrees with it is an error.
-    Those of `free` say how the run computes, not what, and may change."""
-    for name in names:
-        if name in given and name not in free and getattr(cfg, name) != getattr(saved, name):
-            raise mismatch(name, getattr(cfg, name), getattr(saved, name))
-    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in free if k in given})
 
 COMPILE_NOTE = "torch.compile: the first step waits for the compilation, which takes minutes (longest on a CPU)"
 
@@ -250,46 +244,40 @@ def schedule_notes(warmup_steps, max_steps, step=0):
     return []
 
 
-# what no checkpoint decides: whether to resume, and the folder it is resumed from (it may have moved)
-# and the device: the machine's, not the run's (a run saved on a GPU resumes on whatever this one has)
-NEVER_RESUMED = ("resume", "out_dir", "device")
-def settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere=()):
-    """On --resume the run continues as it was set up: every setting the checkpoint records and the
-    command line does not give is the checkpoint's (the recipe, and the bookkeeping too: a run that
-    checkpointed every 2 steps still does after a preemption). A given setting that differs is an
-    error if it is in `fixed`, else a change (a longer --max-steps, a moved --data, another
-    --ckpt-every), returned as lines to log. Settings in `checked_elsewhere` are compared by the
-    caller."""
+def settings_for_resume(ckpt, settings, given, may_change):
+    """The settings of a resumed run (see MAY_CHANGE_ON_RESUME): the checkpoint's, except those of
+    `may_change` given on the command line. Returns (settings, lines to log naming what changed)."""
     changed = []
     for name, value in ckpt.get("config", {}).items():
         if name not in settings or name in NEVER_RESUMED:
             continue
         want = type(settings[name])
-        if not (type(value) is want or want is float and type(value) is int or want is str and type(value) is bool):
+        if not (settings[name] is None or type(value) is want or want is float and type(value) is int
+                or want is str and type(value) is bool):
             raise ValueError(f"{os.path.join(settings['out_dir'], 'ckpt.pt')}: its setting {name}={value!r} is not a "
                              f"{want.__name__} (an edited file); resume from a checkpoint as it was written")
-        if name not in given:
-            settings[name] = value
-        elif settings[name] != value and name not in checked_elsewhere:
-            if name in fixed:
+        if name in given and settings[name] != value:
+            if name not in may_change:
                 raise mismatch(name, settings[name], value)
             changed.append(f"--{name.replace('_', '-')} {value} -> {settings[name]}")
+        settings[name] = settings[name] if name in given else value
     return settings, (["resumed with changed settings: " + ", ".join(changed)] if changed else [])
 
 
-def start_run(out_dir, data, resume, kind, settings, given, fixed, checked_elsewhere, log):
+def start_run(kind, settings, given, may_change, log):
     """Everything a trainer does before it builds a model: check the device, take the run folder
     (one run at a time), load its checkpoint on --resume (or refuse to overwrite one), take the
     run's own settings back from it (settings_for_resume), start torch.distributed on the run's
     device and log the notes on its settings and schedule (schedule_notes). A bad flag or file
     stops here with one line. Returns (the checkpoint or None, the settings, common.Dist)."""
+    out_dir = settings["out_dir"]
     common.check_device(settings["device"])  # before any folder is made or image read
     with common.user_errors():
-        claim_out_dir(out_dir, data)  # this run's alone while it lives
-        ckpt = resume_or_refuse(os.path.join(out_dir, "ckpt.pt"), resume, kind)  # never overwrite a run by accident
+        claim_out_dir(out_dir, settings["data"])  # this run's alone while it lives
+        ckpt = resume_or_refuse(os.path.join(out_dir, "ckpt.pt"), settings["resume"], kind)  # never overwrite a run
         notes = []
         if ckpt is not None:
-            settings, notes = settings_for_resume(ckpt, settings, given, fixed, checked_elsewhere)
+            settings, notes = settings_for_resume(ckpt, settings, given, may_change)
             common.refuse_out_dir_in_data(settings["out_dir"], settings["data"])  # the checkpoint's --data
         notes += schedule_notes(settings["warmup_steps"], settings["max_steps"], ckpt["step"] if ckpt is not None else 0)
     dist = common.setup_distributed(settings["device"], settings["dist_timeout"],  # (the checkpoint's, if not given)
@@ -387,6 +375,38 @@ def model_from_args(cls, args, state_dict, path):
                          "wrote it") from None
 
 
+def encoder_fingerprint(state_dict):
+    """A short hash of the stage-1 encoder's weights (the `encoder.*` entries of a DGAE state dict).
+
+    Latents, their statistics and every DiT trained on them are only valid with this encoder;
+    train_dit.py records the hash in the latent cache and the DiT checkpoint, and sample.py
+    compares it with the stage-1 checkpoint it decodes with.
+    """
+    h = hashlib.sha256()
+    for k in sorted(k for k in state_dict if k.startswith("encoder.")):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_dgae(path, device="cpu", ema=True):
+    """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
+    return dgae_from_checkpoint(load_checkpoint(path, "ae"), path, device, ema)
+
+
+def dgae_from_checkpoint(ckpt, path, device="cpu", ema=True):
+    """load_dgae of a checkpoint already read (`path`: its file, for the messages): a caller that must use
+    one file's contents throughout reads it once."""
+    try:
+        cfg = config_from_dict(ckpt["model_args"])
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; use a checkpoint as train_ae.py wrote it") from None
+    check_weights_fit(lambda: DGAE(cfg), ckpt["ema" if ema else "model"], path)  # before any memory is taken
+    model = DGAE(cfg)
+    load_weights(model, ckpt["ema" if ema else "model"], path)
+    return model.to(device).eval()
+
+
 def restore_training(ckpt, dist, net, ema, optimizer, loader, path, seed, log):
     """The inverse of save_training, for --resume (`path`: the checkpoint's, for the messages);
     returns the step to continue from. On another number of ranks than the run was saved with, the
@@ -423,6 +443,10 @@ EXIT_STOPPED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
+class Stopped(Exception):
+    """Raised inside work that a stop signal gives up (StepGuard.given_up_at_stop)."""
+
+
 class StopSignals:
     """From construction on, a stop signal no longer ends the process where it stands (losing up
     to ckpt_every steps): the handler only records it, and the loops ask `flag()` at each step
@@ -441,8 +465,7 @@ class StopSignals:
         self.received = self.received or signal.Signals(signum).name
 
     def pending(self):
-        """True once this process received a stop signal: long work between steps (a grid's decode)
-        asks it to give up early, so that the stop is not held up past a scheduler's grace period."""
+        """True once this process received a stop signal (see StepGuard.given_up_at_stop)."""
         return self.received is not None
 
     def flag(self, device):
@@ -533,13 +556,25 @@ class StepGuard:
         return n
 
     @contextmanager
-    def given_up_at_stop(self, what, log):
-        """Around work between steps that a stop signal should not hold up (a grid's decode, which
-        asks self.stop.pending): on Stopped, say that `what` was skipped and go on to save and stop."""
+    def given_up_at_stop(self, what, log, *modules):
+        """Around work between steps that a stop signal should not hold up past a scheduler's grace
+        period (a grid's decode: up to --decode-steps passes of a network): each call of one of
+        `modules` first asks whether a stop signal came, and if one did the work is given up, the
+        log says that `what` was skipped, and the loop goes on to save and stop. The models know
+        nothing of it: a forward pre-hook does the asking while the block runs."""
+
+        def ask(module, args):
+            if self.stop.pending():
+                raise Stopped
+
+        hooks = [m.register_forward_pre_hook(ask) for m in modules]
         try:
             yield
         except Stopped:
             log(f"\n{what} skipped: stop signal {self.stop.received}")
+        finally:
+            for h in hooks:
+                h.remove()
 
     def exit_saved(self, step, log):
         """End the process after a stop signal, the checkpoint of `step` saved: --resume continues

@@ -25,7 +25,15 @@ from tqdm import tqdm
 
 
 def _parse_like(value, default, name):
-    """The command-line string `value` as the type of the setting's default."""
+    """The command-line string `value` as the type of the setting's default. A default of None ("the
+    preset's") takes the value as written: a whole number, else a number, else the text."""
+    if default is None:
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
     if isinstance(default, bool):
         if value.lower() in ("1", "true", "yes", "on"):
             return True
@@ -55,16 +63,24 @@ def setting_comments(path):
     return notes
 
 
-def configure(settings, argv=None):
-    """Override a script's settings in place from `--name value` or `--name=value` arguments.
+def settings_block(namespace):
+    """The settings a script defines at its top (pass `globals()` right after the block): lower-case
+    names with a bool, int, float, str or None default, not _private names, not CONSTANTS. Taken once at
+    import, so that every call of the script's main() starts from these defaults."""
+    settings = {k: v for k, v in namespace.items()
+                if not k.startswith("_") and not k.isupper() and (v is None or isinstance(v, (bool, int, float, str)))}
+    return dict(settings, __file__=namespace.get("__file__", ""))
 
-    `settings` is the dict of the script's top-level variables (pass `globals()`); only lower-case
-    names that exist with a bool/int/float/str default can be set, parsed to the type of that default
-    (`--compression 32` is an int, `--compile false` a bool); `--latent-channels` sets latent_channels.
+
+def configure(defaults, argv=None):
+    """The settings of one run: `defaults` (common.settings_block) overridden by `--name value` or
+    `--name=value` arguments, each parsed to the type of its default (`--compression 32` is an int,
+    `--compile false` a bool); `--latent-channels` sets latent_channels. `defaults` is not changed.
     Returns (every setting, as a checkpoint records them; the set of names given on the command line).
     """
+    settings = dict(defaults)
     keys = sorted(k for k, v in settings.items()  # not _private names, not CONSTANTS
-                  if not k.startswith("_") and not k.isupper() and isinstance(v, (bool, int, float, str)))
+                  if not k.startswith("_") and not k.isupper() and (v is None or isinstance(v, (bool, int, float, str))))
     argv = sys.argv[1:] if argv is None else list(argv)
     given = set()
     i = 0
@@ -111,7 +127,6 @@ SETTING_KINDS = {
     "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "finite": (lambda v: math.isfinite(v), "must be a finite number"),
     "steps": (lambda v: 1 <= v <= MAX_EULER_STEPS, f"must be from 1 to {MAX_EULER_STEPS}"),
-    "steps_or_0": (lambda v: 0 <= v <= MAX_EULER_STEPS, f"must be from 0 to {MAX_EULER_STEPS}"),
     "guidance": (lambda v: abs(v) <= MAX_GUIDANCE, f"must be a number from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}"),
 }
 
@@ -125,7 +140,7 @@ def auto_flag(value, name, auto):
 
 
 def channels_last_on(setting, device):
-    """--channels-last true | false | auto: on the CPU NHWC convolutions are faster (NOTES.md); on CUDA
+    """--channels-last true | false | auto: on the CPU NHWC convolutions are faster (docs/NOTES.md); on CUDA
     PyTorch's GroupNorm reads its input NCHW-contiguous (a copy into every norm, and NCHW out of it),
     so auto is off there."""
     return auto_flag(setting, "channels_last", device.type != "cuda")
@@ -160,14 +175,14 @@ def check_settings(settings, choices=None, at_most=None, **kinds):
     for kind, names in kinds.items():
         ok, valid = SETTING_KINDS[kind]
         for name in names:
-            if not ok(settings[name]):
+            if settings[name] is not None and not ok(settings[name]):  # None: the preset's, checked once resolved
                 raise SystemExit(f"error: --{name.replace('_', '-')} {valid}, got {settings[name]}")
     for name, allowed in (choices or {}).items():
         if settings[name] not in allowed:
-            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed)
+            shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed if a is not None)
             raise SystemExit(f"error: --{name.replace('_', '-')} must be one of {shown}, got {settings[name]!r}")
     for name, limit in (at_most or {}).items():
-        if not settings[name] <= limit:
+        if settings[name] is not None and not settings[name] <= limit:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be at most {limit}, got {settings[name]}")
 
 
@@ -208,7 +223,7 @@ class StepLog:
         self.path, self.dist, self.pbar, self.images_per_step = path, dist, pbar, images_per_step
         self.first_step, self.t0 = first_step, time.time()
         if dist.master:  # one row per step: a new run starts an empty log, a resumed one drops the rows
-            from checkpoints import write_text  # written after its checkpoint (by a run killed later)
+            from support.checkpoints import write_text  # written after its checkpoint (by a run killed later)
 
             kept = []
             if first_step > 0 and os.path.exists(path):

@@ -1,12 +1,12 @@
 """
 Benchmarks: what a training step, a decode and a sample cost, and how close each comes to the machine's limit.
 
-    python bench.py                              # tiny DGAE + DiT-Tiny/1 on this machine (CPU included), fp32
-    python bench.py --quick true                 # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
-    python bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 --batch-size 32 --checkpoint true --json gpu.json  # GPU, bf16
-    python bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
-    python bench.py --parts dit --official-dit ~/DiT  # also the official DiT code's step (needs timm), same batch
-    python bench.py --parts memory --ae-preset base --compression 32 --batch-size 32   # GPU memory, predicted here
+    python experiments/bench.py                              # tiny DGAE + DiT-Tiny/1 on this machine (CPU included), fp32
+    python experiments/bench.py --quick true                 # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
+    python experiments/bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 --batch-size 32 --checkpoint true --json gpu.json  # GPU, bf16
+    python experiments/bench.py --compare a.json,b.json      # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
+    python experiments/bench.py --parts dit --official-dit ~/DiT  # also the official DiT code's step (needs timm), same batch
+    python experiments/bench.py --parts memory --ae-preset base --compression 32 --batch-size 32   # GPU memory, predicted here
 
 --parts memory needs no GPU: it runs one stage-1 training step (two, so the optimizer state exists) on PyTorch's
 meta device, where tensors have shapes and no data, under CUDA's bf16 autocast rules (CudaAutocastRules), counts
@@ -32,22 +32,23 @@ import time
 import weakref
 from contextlib import contextmanager, nullcontext
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
 from ae import DGAE, make_config
-from checkpoints import write_text
-from data import Loader, build_dataset
-from decoder_diffusion import euler_sample, flow_matching_loss
+import decoder_diffusion
+from decoder_diffusion import attention, euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, build_dit
-import layers
-from layers import attention
-from lpips import LPIPS
-from optim import make_optimizer, update_ema
+from support import common
+from support.checkpoints import write_text
+from support.data import Loader, build_dataset
+from support.optim import make_optimizer, update_ema
+from support.perceptual import LPIPS
 
 # -----------------------------------------------------------------------------
 # what to measure
@@ -87,6 +88,7 @@ compare = ""  # "a.json,b.json": print two saved runs side by side and exit
 QUICK = dict(batch_size=2, sample_steps=2, attn_seq="16,64", num_workers=1, data_batches=4, matmul_size=256,
              warmup=1, reps=2)
 # -----------------------------------------------------------------------------
+SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 results = {}  # row name -> fields: the JSON's "results" and the printed table
 peak_flops_per_s = None  # the matmul's, measured first
@@ -208,7 +210,7 @@ def stage1(cfg, dev, autocast, no_grad):
     ae = DGAE(cfg).to(dev, memory_format=fmt)
     perceptual = None
     if lpips:
-        from lpips import load_lpips
+        from support.perceptual import load_lpips
         with common.user_errors():  # a missing weight file is a one-line error
             perceptual = load_lpips(device=dev)
     x = (torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1).contiguous(memory_format=fmt)
@@ -366,16 +368,16 @@ class LiveBytes(TorchDispatchMode):
 @contextmanager
 def recompute_under_rules(on):
     """Activation checkpointing's recomputation in backward under CudaAutocastRules, as torch.utils.checkpoint
-    re-enters a real autocast for it: layers.checkpointed's checkpoint gets the rules as its recompute context."""
+    re-enters a real autocast for it: decoder_diffusion.checkpointed's checkpoint gets the rules as its recompute context."""
     if not on:
         yield
         return
-    original = layers.checkpoint
-    layers.checkpoint = lambda *a, **k: original(*a, context_fn=lambda: (nullcontext(), CudaAutocastRules()), **k)
+    original = decoder_diffusion.checkpoint
+    decoder_diffusion.checkpoint = lambda *a, **k: original(*a, context_fn=lambda: (nullcontext(), CudaAutocastRules()), **k)
     try:
         yield
     finally:
-        layers.checkpoint = original
+        decoder_diffusion.checkpoint = original
 
 
 def two_steps_peak(build, dev, bf16, grad_checkpoint):
@@ -532,7 +534,8 @@ def compare_runs(path_a, path_b):
 
 def main():
     global peak_flops_per_s
-    settings, given = common.configure(globals())  # in main, not at import time: the tests import this file
+    settings, given = common.configure(SETTINGS)  # in main, not at import time: the tests import this file
+    globals().update(settings)
     if quick:  # QUICK's sizes, except those given on the command line
         globals().update({k: v for k, v in QUICK.items() if k not in given})
         settings = {k: globals()[k] for k in settings}
@@ -569,7 +572,7 @@ def main():
     if dev.type == "cuda":  # fp32 matmuls in TF32, as common.autocast_context sets for training (the peak too)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    no_grad = torch.inference_mode  # what DGAE.decode and euler_sample run under (layers.no_autograd)
+    no_grad = torch.inference_mode  # what the scripts decode and sample under
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type}, {torch.get_num_threads()} threads"
     device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
     print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (

@@ -30,10 +30,9 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-import checkpoints
-import common
-from ae import DGAE, config_from_dict, encoder_fingerprint
-from data import InOrder, to_model_range, unreadable_error
+from ae import DGAE, config_from_dict
+from support import checkpoints, common
+from support.data import InOrder, to_model_range, unreadable_error
 
 # -----------------------------------------------------------------------------
 # what a cache is built from
@@ -42,7 +41,7 @@ from data import InOrder, to_model_range, unreadable_error
 def stage1_info(path):
     """(what the DiT needs to know about a stage-1 checkpoint, the checkpoint as read), without building
     the model (only a copy without storage, to check that the weights fit it). The file is read once:
-    the caller builds the encoder and the decoder from the returned dict (ae.dgae_from_checkpoint), so
+    the caller builds the encoder and the decoder from the returned dict (checkpoints.dgae_from_checkpoint), so
     the fingerprint recorded is that of the weights used, even if the file is rewritten meanwhile."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: stage-1 checkpoint {path} not found. Train one with train_ae.py "
@@ -55,7 +54,7 @@ def stage1_info(path):
     cfg = config_from_dict(args)
     checkpoints.check_weights_fit(lambda: DGAE(cfg), ck["ema"], path)
     r, f = args["resolution"], args["compression"]
-    return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=encoder_fingerprint(ck["ema"]),
+    return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"], ae_fingerprint=checkpoints.encoder_fingerprint(ck["ema"]),
                 resolution=r, latent_shape=[args["latent_channels"], r // f, r // f]), ck
 
 

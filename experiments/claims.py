@@ -2,13 +2,13 @@
 The paper's claims, measured: one command per claim, a table with mean and spread over seeds, and
 a verdict by rules fixed before the runs.
 
-    python claims.py compare                                   # claims 1 and 2 on the built-in data
-    python claims.py compare --data photos/train --val-data photos/val --out out/claims/photos
-    python claims.py compare --only anchored_c2                # just the runs whose name contains this
-    python claims.py compare --report-only true                # the table of the runs finished so far
-    python claims.py diagnose --ckpt out/ae/ckpt.pt            # does a stage-1 decoder use z?
-    python claims.py converge                                  # claim 3: the same DiT on four latents
-    python claims.py fcurve --data photos/train --val-data photos/val --out out/claims/fcurve   # claim 1 against f
+    python experiments/claims.py compare                                   # claims 1 and 2 on the built-in data
+    python experiments/claims.py compare --data photos/train --val-data photos/val --out out/claims/photos
+    python experiments/claims.py compare --only anchored_c2                # just the runs whose name contains this
+    python experiments/claims.py compare --report-only true                # the table of the runs finished so far
+    python experiments/claims.py diagnose --ckpt out/ae/ckpt.pt            # does a stage-1 decoder use z?
+    python experiments/claims.py converge                                  # claim 3: the same DiT on four latents
+    python experiments/claims.py fcurve --data photos/train --val-data photos/val --out out/claims/fcurve   # claim 1 against f
 
 compare trains, with real `python train_ae.py` runs into out/<run>/, four decoders on the same
 encoder, each at the preset's latent channels c and at c/2:
@@ -74,21 +74,24 @@ import sys
 import time
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the stage scripts and support/
+sys.path.insert(0, ROOT)
+
 import torch
 import torch.nn.functional as F
-
-import common
-from checkpoints import atomic_write, write_text
-from ae import DGAE, load_dgae, make_config
-from bench import count_flops
 from torch.utils.data import Subset
 
-from data import InOrder, build_dataset, to_model_range
+from ae import DGAE, make_config
 from decoder_diffusion import add_noise, velocity_target
 from eval import meancolour_psnr, score_reconstructions
-from metrics import psnr
-from eval_data import HELDOUT_SIZE, ImageSource
-from procedural import train_pattern_classifier
+from experiments.bench import count_flops
+from support import common
+from support.checkpoints import atomic_write, load_dgae, write_text
+from support.data import InOrder, build_dataset, to_model_range
+from support.eval_data import HELDOUT_SIZE, ImageSource
+from support.metrics import psnr
+from support.procedural import train_pattern_classifier
 
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
@@ -120,6 +123,7 @@ judge_steps = 600  # training steps of the pattern classifier that judges the bu
 quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
 # -----------------------------------------------------------------------------
+SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 KIND_FLAGS = {"dgae": ["--decoder", "diffusion", "--anchor-ch", "0"],
               "anchored": ["--decoder", "diffusion", "--anchor-ch", "ANCHOR"],
@@ -247,7 +251,7 @@ def run_name(kind, channels, lr, seed, factor=1, f=None):
 def script(name, *args):
     """Run one of this repository's scripts as a real subprocess. If it fails, stop with one line:
     its own message is printed just above, and the finished parts are kept for the next call."""
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name), *map(str, args)]
+    cmd = [sys.executable, os.path.join(ROOT, name), *map(str, args)]
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     status = subprocess.run(cmd).returncode
     if status != 0:
@@ -590,7 +594,7 @@ def converge_latents(c, seed):
             raise SystemExit(
                 f"error: converge needs the stage-1 run {os.path.join(out, run)} (each decoder at its rate of the lr "
                 f"sweep at seed {sweep_seed}, the first of --seeds; to repeat claim 3 at another seed, start --seeds with "
-                f"the seed compare swept at, e.g. --seeds 0,{seed}); train it with `python claims.py compare --out {out} "
+                f"the seed compare swept at, e.g. --seeds 0,{seed}); train it with `python experiments/claims.py compare --out {out} "
                 f"--preset {preset} --max-steps {max_steps} --seeds {seeds} --lrs {lrs} --compute-factor 0{extra} "
                 f"--only {run}`")
         found.append((f"{kind} c={ch}", run, finished_scores(run)))
@@ -913,11 +917,12 @@ def main():
     global max_steps, seeds, lrs, num_images, mean_of, compute_factor, dit_steps, num_samples, judge_steps
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
-        common.configure(globals(), ["--help"])
+        common.configure(SETTINGS, ["--help"])
     mode = sys.argv[1]
     if mode not in MODES:
-        raise SystemExit(f"error: unknown mode {mode!r}; usage: python claims.py {{{','.join(MODES)}}} --name value ...")
-    settings, _ = common.configure(globals(), sys.argv[2:])
+        raise SystemExit(f"error: unknown mode {mode!r}; usage: python experiments/claims.py {{{','.join(MODES)}}} --name value ...")
+    settings, _ = common.configure(SETTINGS, sys.argv[2:])
+    globals().update(settings)
     if quick:
         max_steps, seeds, lrs, num_images, mean_of, compute_factor = 4, "0", lrs.split(",")[0], 16, 2, 2
         dit_steps, num_samples, judge_steps = "2,4", 20, 60

@@ -5,7 +5,7 @@ The optimizer, the learning-rate schedule and the EMA of the weights, which both
     for group in optimizer.param_groups: group["lr"] = lr_at(step, ...)     # warm-up, constant, cool-down
     update_ema(ema, model, ema_decay_at(step, decay))                       # ema = d ema + (1 - d) w
 
-All three are our choices (the paper gives no schedule); NOTES.md has the runs that chose them.
+All three are our choices (the paper gives no schedule); docs/NOTES.md has the runs that chose them.
 """
 
 import torch
@@ -24,7 +24,7 @@ def lr_at(step, base_lr, warmup_steps, max_steps=0, cooldown_steps=0):
     trains), then a linear cool-down to 0 over the last cooldown_steps of max_steps.
 
     The cool-down is what makes a run's last weights good ones: at a constant rate the weights keep
-    jumping around the optimum (NOTES.md: +3 dB on the demo's final weights). It is tied to
+    jumping around the optimum (docs/NOTES.md: +3 dB on the demo's final weights). It is tied to
     max_steps: to extend a finished run, resume from a checkpoint taken before the cool-down began.
     train_dit.py uses no cool-down, so its runs can be extended at any step.
     """
@@ -38,7 +38,7 @@ def ema_decay_at(step, decay, warmup=34):
     last step / (warmup - 1) steps until it reaches decay's own span of 1 / (1 - decay) steps.
 
     A fixed 0.999 would still hold 0.999^1200 = 30% of the random initial weights after 1200
-    steps; a long average lags weights that improve fast (NOTES.md has the spans tried).
+    steps; a long average lags weights that improve fast (docs/NOTES.md has the spans tried).
     """
     return min(decay, (1 + step) / (warmup + step))
 

@@ -21,9 +21,9 @@ import torch.distributed as torch_dist
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-import common
-from data import ImageFolderDataset, InOrder, unreadable_error
-from procedural import ProceduralDataset
+from support import common
+from support.data import ImageFolderDataset, InOrder, unreadable_error
+from support.procedural import ProceduralDataset
 
 # the widths of the three InceptionV3 feature sets (inception.py): FID, sFID, IS
 FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}

@@ -190,7 +190,7 @@ def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=6
     diagonal stripe is still a diagonal stripe. The learning rate falls linearly to 0, which settles
     the weights. Deterministic for a seed (its own RNG, not the global one).
     """
-    from data import random_hflip  # data.py imports this file, so not at the top
+    from support.data import random_hflip  # data.py imports this file, so not at the top
 
     images = ProceduralDataset(resolution, num_classes, size=steps * batch_size, seed=seed)
     with torch.random.fork_rng(devices=[]):
