@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise, checkpointed,
-                               euler_sample, sample_t, velocity_target, x0_estimate)
+from decoder_diffusion import (AttnBlock, Downsample, Norm, ResBlock, UNet, Upsample, add_noise,
+                               checkpointed, euler_sample, sample_t, velocity_target, x0_estimate)
 
 # default latent channels per compression: half of the usual f16c16 / f32c32 / f64c128 (our reading
 # of the paper's "2x smaller latent"); f=4 only serves the laptop demo (the tiny preset)
@@ -48,15 +48,19 @@ class AEConfig:
     cond_ch: int = 32
     dropout: float = 0.0  # in the U-Net's residual blocks (train_ae.py --dropout)
     attn_impl: str = "math"
-    # diffusion and loss: the paper states the loss terms (DGAE.loss); every value here is our choice
-    t_dist: str = "uniform"  # training times: uniform | logit_normal (see decoder_diffusion.sample_t)
+    # diffusion and loss: the paper states the loss terms (DGAE.loss); every value here is our
+    # choice
+    # training times: uniform | logit_normal (see decoder_diffusion.sample_t)
+    t_dist: str = "uniform"
     t_shift: float = 1.0  # shift_t of the training times and of the decoder's Euler grid (1 = none)
     decode_steps: int = 10
     lpips_weight: float = 0.5
     kl_weight: float = 1e-6  # on the KL per pixel value, i.e. SD-VAE's 1e-6 on a per-image sum
     recon_weight: float = 1.0  # L1 on the one-step estimate x0_hat of the flow loss (costs nothing)
-    consistency_weight: float = 1.0  # L1 on the one-step decode from pure noise (one more U-Net pass)
-    gauss_ch: int = 0  # baseline decoder base width; 0 = match the diffusion decoder's parameter count
+    # L1 on the one-step decode from pure noise (one more U-Net pass)
+    consistency_weight: float = 1.0
+    # baseline decoder base width; 0 = match the diffusion decoder's parameter count
+    gauss_ch: int = 0
     # anchored diffusion decoder (our reading of the abstract, see DGAE.loss): the base width of a
     # deterministic decode x~ = D(z) that the U-Net sees beside x_t; 0 = no anchor
     anchor_ch: int = 0
@@ -80,14 +84,17 @@ class AEConfig:
 #   a few CPU minutes need, a much larger step than the paper-scale ones.
 TRAINING_KEYS = ("lr", "batch_size")
 PRESETS = {
-    "tiny": dict(lr=1e-3, batch_size=16, resolution=32, compression=4, enc_ch=32, enc_res_blocks=1, unet_ch=32,
-                 unet_mult=(1, 2, 2), unet_res_blocks=1, attn_res=(8,), cond_ch=32),
-    "small": dict(lr=5e-4, batch_size=32, resolution=64, compression=16, enc_ch=64, enc_res_blocks=1, unet_ch=64,
-                  unet_mult=(1, 2, 2, 2), unet_res_blocks=2, attn_res=(8,), cond_ch=64),
-    "base": dict(lr=1e-4, batch_size=32, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=128,
-                 unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=2, attn_res=(16,), cond_ch=128),
-    "large": dict(lr=1e-4, batch_size=32, resolution=256, compression=32, enc_ch=128, enc_res_blocks=2, unet_ch=192,
-                  unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=3, attn_res=(16, 32), cond_ch=192),
+    "tiny": dict(lr=1e-3, batch_size=16, resolution=32, compression=4, enc_ch=32, enc_res_blocks=1,
+                 unet_ch=32, unet_mult=(1, 2, 2), unet_res_blocks=1, attn_res=(8,), cond_ch=32),
+    "small": dict(lr=5e-4, batch_size=32, resolution=64, compression=16, enc_ch=64,
+                  enc_res_blocks=1, unet_ch=64, unet_mult=(1, 2, 2, 2), unet_res_blocks=2,
+                  attn_res=(8,), cond_ch=64),
+    "base": dict(lr=1e-4, batch_size=32, resolution=256, compression=32, enc_ch=128,
+                 enc_res_blocks=2, unet_ch=128, unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=2,
+                 attn_res=(16,), cond_ch=128),
+    "large": dict(lr=1e-4, batch_size=32, resolution=256, compression=32, enc_ch=128,
+                  enc_res_blocks=2, unet_ch=192, unet_mult=(1, 1, 2, 2, 4), unet_res_blocks=3,
+                  attn_res=(16, 32), cond_ch=192),
 }
 
 
@@ -122,7 +129,8 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm_out = Norm(cur)
         self.conv_out = nn.Conv2d(cur, 2 * cfg.latent_channels, 3, padding=1)
-        self.grad_checkpoint = False  # checkpoint every layer in training (a runtime switch, as UNet's)
+        # checkpoint every layer in training (a runtime switch, as UNet's)
+        self.grad_checkpoint = False
 
     def forward(self, x):
         h = self.conv_in(x)  # (B, ch, H, W)
@@ -147,7 +155,8 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self):
-        """KL(q || N(0, I)) = 1/2 sum(mean^2 + var - 1 - logvar), summed over the latent, per image (B,)."""
+        """KL(q || N(0, I)) = 1/2 sum(mean^2 + var - 1 - logvar), summed over the latent, per image
+        (B,)."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
@@ -161,7 +170,8 @@ class GaussianDecoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.gauss_ch < 1:  # 0 means "match the diffusion decoder", which make_config works out
-            raise ValueError("GaussianDecoder needs cfg.gauss_ch; build the config with ae.make_config")
+            raise ValueError("GaussianDecoder needs cfg.gauss_ch; build the config with "
+                             "ae.make_config")
         n_up = int(math.log2(cfg.compression))
         widths = _widths(cfg.gauss_ch, cfg.enc_max_mult, n_up + 1)[::-1]
         cur = widths[0]
@@ -210,18 +220,21 @@ class DGAE(nn.Module):
         self.encoder = Encoder(cfg)
         if cfg.decoder in ("diffusion", "unet"):
             anchored = cfg.decoder == "diffusion" and cfg.anchor_ch > 0
-            self.decoder = UNet(cfg.latent_channels, cfg.compression, cfg.resolution, ch=cfg.unet_ch,
-                                ch_mult=tuple(cfg.unet_mult), num_res_blocks=cfg.unet_res_blocks,
-                                attn_res=tuple(cfg.attn_res), cond=cfg.cond, cond_ch=cfg.cond_ch,
-                                dropout=cfg.dropout, attn_impl=cfg.attn_impl, extra_in=3 if anchored else 0)
-            self.anchor = GaussianDecoder(replace(cfg, gauss_ch=cfg.anchor_ch)) if anchored else None
+            self.decoder = UNet(cfg.latent_channels, cfg.compression, cfg.resolution,
+                                ch=cfg.unet_ch, ch_mult=tuple(cfg.unet_mult),
+                                num_res_blocks=cfg.unet_res_blocks, attn_res=tuple(cfg.attn_res),
+                                cond=cfg.cond, cond_ch=cfg.cond_ch, dropout=cfg.dropout,
+                                attn_impl=cfg.attn_impl, extra_in=3 if anchored else 0)
+            self.anchor = (GaussianDecoder(replace(cfg, gauss_ch=cfg.anchor_ch)) if anchored
+                           else None)
         else:
             self.decoder = GaussianDecoder(cfg)
             self.anchor = None
 
-    # Activation checkpointing of the encoder and the decoder alike (see decoder_diffusion.checkpointed):
-    # `model.grad_checkpoint = True`, as train_ae.py does for --grad-checkpoint. Not part of cfg: it
-    # changes how a training step computes, not what, so checkpoints never record it.
+    # Activation checkpointing of the encoder and the decoder alike (see
+    # decoder_diffusion.checkpointed): `model.grad_checkpoint = True`, as train_ae.py does for
+    # --grad-checkpoint. Not part of cfg: it changes how a training step computes, not what, so
+    # checkpoints never record it.
     @property
     def grad_checkpoint(self):
         return self.encoder.grad_checkpoint
@@ -233,7 +246,8 @@ class DGAE(nn.Module):
             self.anchor.grad_checkpoint = on
 
     def velocity(self, x_t, t, z, x_tilde=None):
-        """The diffusion decoder's v_hat (B, 3, H, W); x_tilde (B, 3, H, W) is the anchor's D(z), if any."""
+        """The diffusion decoder's v_hat (B, 3, H, W); x_tilde (B, 3, H, W) is the anchor's D(z), if
+        any."""
         return self.decoder(x_t, t, z, extra=x_tilde)
 
     def deterministic_decode(self, z):
@@ -255,19 +269,21 @@ class DGAE(nn.Module):
         return q.sample() if sample else q.mode()
 
     def decode(self, z, steps=None, seed=0):
-        """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE in `steps` Euler steps
-        (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a fixed seed
-        gives the same reconstruction every time. Call it under torch.no_grad() (the scripts do)
-        unless a gradient must flow through the sampler."""
+        """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE in `steps` Euler
+        steps (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a
+        fixed seed gives the same reconstruction every time. Call it under torch.no_grad() (the
+        scripts do) unless a gradient must flow through the sampler."""
         if self.cfg.decoder != "diffusion":
             return self.deterministic_decode(z).clamp(-1, 1)
         B, _, h, w = z.shape
         f = self.cfg.compression
         g = torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.randn(B, 3, h * f, w * f, generator=g).to(z.device)  # x at t=1, drawn on the CPU so every device agrees
-        x_tilde = self.anchor(z) if self.anchor is not None else None  # (B, 3, H, W): once, it depends on z alone
-        x = euler_sample(lambda x_t, t: self.velocity(x_t, t, z, x_tilde), noise, steps or self.cfg.decode_steps,
-                         self.cfg.t_shift)
+        # x at t=1, drawn on the CPU so every device agrees
+        noise = torch.randn(B, 3, h * f, w * f, generator=g).to(z.device)
+        # (B, 3, H, W): once, it depends on z alone
+        x_tilde = self.anchor(z) if self.anchor is not None else None
+        x = euler_sample(lambda x_t, t: self.velocity(x_t, t, z, x_tilde), noise,
+                         steps or self.cfg.decode_steps, self.cfg.t_shift)
         return x.clamp(-1, 1)
 
     def reconstruct(self, x, steps=None, seed=0):
@@ -283,17 +299,17 @@ class DGAE(nn.Module):
 
         DGAE. The paper states the terms: a diffusion loss, a perceptual loss, "reconstruction
         consistency" and a KL term, with no GAN. Each term's form and weight is our choice:
-            L = |v_hat - v|^2                                     the diffusion loss, as rectified-flow
-                                                                  matching with t ~ cfg.t_dist
-              + recon_weight * |x0_hat - x|_1                     consistency, part 1: L1 on the flow
-                                                                  loss's own one-step estimate
-              + lpips_weight * LPIPS(x0_hat, x)                   the perceptual loss, on that estimate
-              + consistency_weight * |x1_hat - x|_1              consistency, part 2: L1 on the
-                                                                  one-step decode from pure noise
-              + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)      the KL, per pixel value (SD-VAE's 1e-6)
+            L = |v_hat - v|^2                                the diffusion loss, as rectified-flow
+                                                             matching with t ~ cfg.t_dist
+              + recon_weight * |x0_hat - x|_1                consistency, part 1: L1 on the flow
+                                                             loss's own one-step estimate
+              + lpips_weight * LPIPS(x0_hat, x)              the perceptual loss, on that estimate
+              + consistency_weight * |x1_hat - x|_1          consistency, part 2: L1 on the
+                                                             one-step decode from pure noise
+              + kl_weight * KL(q(z|x) || N(0, I)) / (3 H W)  the KL, per pixel value (SD-VAE's 1e-6)
         with x_t = (1 - t) x + t eps, v = eps - x, v_hat = UNet(x_t, t, z), x0_hat = x_t - t v_hat,
-        and x1_hat = eps' - UNet(eps', 1, z): the first Euler step of decoding, which starts at t = 1
-        and estimates E[x | z]. The two consistency terms are our reading of the paper's
+        and x1_hat = eps' - UNet(eps', 1, z): the first Euler step of decoding, which starts
+        at t = 1 and estimates E[x | z]. The two consistency terms are our reading of the paper's
         "reconstruction consistency": they give the encoder the direct reconstruction signal a
         deterministic decoder gets, so the decoder cannot denoise from x_t alone and ignore z.
         Anchored (cfg.anchor_ch > 0, our reading): the U-Net also sees x~ = D(z), and
@@ -321,9 +337,9 @@ class DGAE(nn.Module):
             x_tilde = self.anchor(z).float() if self.anchor is not None else None  # (B, 3, H, W)
             inputs, times, latents, anchors = x_t, t, z, x_tilde
             if cfg.consistency_weight > 0:
-                # the consistency term's decode starts from fresh noise at t = 1; its U-Net pass rides
-                # in the same call as the flow term's (a 2B batch: the U-Net treats every image on its
-                # own, and one call of 2B is faster on a CPU than two of B)
+                # the consistency term's decode starts from fresh noise at t = 1; its U-Net pass
+                # rides in the same call as the flow term's (a 2B batch: the U-Net treats every
+                # image on its own, and one call of 2B is faster on a CPU than two of B)
                 eps1 = torch.randn_like(x)  # (B, 3, H, W): where decoding starts
                 inputs = torch.cat([x_t, eps1])  # (2B, 3, H, W)
                 times = torch.cat([t, torch.ones_like(t)])  # (2B,)
@@ -332,13 +348,15 @@ class DGAE(nn.Module):
             v_all = self.velocity(inputs, times, latents, anchors).float()  # (B or 2B, 3, H, W)
             v_hat = v_all[:B]
             terms["flow"] = F.mse_loss(v_hat, velocity_target(x, eps))
-            x_pred = x0_estimate(x_t, t, v_hat)  # (B, 3, H, W), the one-step estimate LPIPS looks at
+            # (B, 3, H, W), the one-step estimate LPIPS looks at
+            x_pred = x0_estimate(x_t, t, v_hat)
             total = terms["flow"]
             if cfg.recon_weight > 0:
                 terms["recon"] = (x_pred - x).abs().mean()
                 total = total + cfg.recon_weight * terms["recon"]
             if cfg.consistency_weight > 0:
-                x1_hat = x0_estimate(eps1, torch.ones_like(t), v_all[B:])  # (B, 3, H, W) = eps1 - v at t = 1
+                # (B, 3, H, W) = eps1 - v at t = 1
+                x1_hat = x0_estimate(eps1, torch.ones_like(t), v_all[B:])
                 terms["consistency"] = (x1_hat - x).abs().mean()
                 total = total + cfg.consistency_weight * terms["consistency"]
                 terms["psnr_t1"] = psnr_pm1(x1_hat.detach(), x).mean()
@@ -361,7 +379,8 @@ class DGAE(nn.Module):
 
 
 def psnr_pm1(x_hat, x):
-    """(B,) PSNR in dB of images in [-1, 1] (peak-to-peak 2), from the mean squared error over C, H, W."""
+    """(B,) PSNR in dB of images in [-1, 1] (peak-to-peak 2), from the mean squared error over
+    C, H, W."""
     mse = (x_hat.clamp(-1, 1) - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
     return 10 * torch.log10(4.0 / mse)
 
@@ -375,7 +394,8 @@ def _count_params(model):
 
 
 def matched_gauss_ch(cfg):
-    """The baseline decoder's base width whose parameter count is closest to the diffusion decoder's.
+    """The baseline decoder's base width whose parameter count is closest to the diffusion
+    decoder's.
 
     A fair DGAE-vs-baseline comparison needs decoders of the same size: otherwise "DGAE wins" may
     only mean "the bigger decoder wins". Widths are multiples of 4 (steps of 8 are too coarse for
@@ -412,15 +432,19 @@ def make_config(preset, **overrides):
     if cfg.latent_channels < 1:
         raise ValueError(f"--latent-channels must be at least 1, got {cfg.latent_channels}")
     if r % f:
-        raise ValueError(f"--resolution {r} is not divisible by --compression {f}: the latent would have "
-                         f"a fractional size; pick a resolution that is a multiple of {f}")
+        raise ValueError(f"--resolution {r} is not divisible by --compression {f}: the latent "
+                         f"would have a fractional size; pick a resolution that is a multiple "
+                         f"of {f}")
     if cfg.decoder not in ("diffusion", "gaussian", "unet"):
-        raise ValueError(f"--decoder must be 'diffusion', 'gaussian' or 'unet', got {cfg.decoder!r}")
+        raise ValueError(f"--decoder must be 'diffusion', 'gaussian' or 'unet', "
+                         f"got {cfg.decoder!r}")
     if cfg.anchor_ch < 0 or (cfg.anchor_ch and cfg.decoder != "diffusion"):
-        raise ValueError(f"--anchor-ch {cfg.anchor_ch}: the anchor is a width of at least 1 (0 = off), and only the "
-                         f"diffusion decoder has one; drop it with --decoder {cfg.decoder}")
+        raise ValueError(f"--anchor-ch {cfg.anchor_ch}: the anchor is a width of at least 1 "
+                         f"(0 = off), and only the diffusion decoder has one; drop it with "
+                         f"--decoder {cfg.decoder}")
     if r % 2 ** (len(cfg.unet_mult) - 1):
-        raise ValueError(f"--resolution {r} must be divisible by 2^{len(cfg.unet_mult) - 1} (U-Net levels)")
+        raise ValueError(f"--resolution {r} must be divisible by 2^{len(cfg.unet_mult) - 1} "
+                         f"(U-Net levels)")
     if cfg.decoder == "gaussian" and not cfg.gauss_ch:
         cfg.gauss_ch = matched_gauss_ch(cfg)
     return cfg
@@ -432,20 +456,24 @@ def config_to_dict(cfg):
 
 
 def config_from_dict(d):
-    """The AEConfig a checkpoint's model_args describe. A key AEConfig lacks, or a value of another type
-    than the field's (an edited file, another version's), is a ValueError naming it."""
+    """The AEConfig a checkpoint's model_args describe. A key AEConfig lacks, or a value of another
+    type than the field's (an edited file, another version's), is a ValueError naming it."""
     if not isinstance(d, dict):
         raise ValueError(f"model_args is a {type(d).__name__}, not a dict of the model's settings")
     defaults = {f.name: f.default for f in dataclass_fields(AEConfig)}
-    d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}  # older checkpoints recorded them here
+    # older checkpoints recorded them here
+    d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}
     unknown = sorted(set(d) - set(defaults))
     if unknown:
-        raise ValueError(f"model_args has settings this version's model does not know: {', '.join(unknown)}")
+        raise ValueError(f"model_args has settings this version's model does not know: "
+                         f"{', '.join(unknown)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
     for k, v in values.items():
         want = type(defaults[k])
         fits = isinstance(v, want) and (want is bool or not isinstance(v, bool))
         if not (fits or want is float and type(v) is int):  # 1 stands for 1.0
-            kinds = {"int": "a whole number", "float": "a number", "str": "a string", "tuple": "a list", "bool": "true/false"}
-            raise ValueError(f"model_args {k}={v!r} is not {kinds.get(want.__name__, want.__name__)}")
+            kinds = {"int": "a whole number", "float": "a number", "str": "a string",
+                     "tuple": "a list", "bool": "true/false"}
+            raise ValueError(f"model_args {k}={v!r} is not "
+                             f"{kinds.get(want.__name__, want.__name__)}")
     return AEConfig(**values)

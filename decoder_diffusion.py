@@ -41,9 +41,9 @@ def attention(q, k, v, impl="math"):
     kernel. Both compute the same function; tests check they agree, forward and backward.
     """
     if impl == "sdpa":
-        # the flash and memory-efficient kernels need a unit stride in the last dimension (the U-Net's
-        # q, k, v from an NCHW tensor have stride H*W there): otherwise SDPA falls back, silently, to
-        # its math kernel, which copies anyway
+        # the flash and memory-efficient kernels need a unit stride in the last dimension (the
+        # U-Net's q, k, v from an NCHW tensor have stride H*W there): otherwise SDPA falls back,
+        # silently, to its math kernel, which copies anyway
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v)
     if impl != "math":
@@ -64,7 +64,8 @@ def timestep_embedding(t, dim, max_period=10000.0):
     Returns (B, dim).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period)
+                      * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = (t.float() * 1000.0)[:, None] * freqs[None, :]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
     if dim % 2:
@@ -80,12 +81,12 @@ def checkpointed(module, on, *args):
     the rest back: the step costs one more forward pass of the checkpointed blocks (about a third
     more compute, a backward being about two forwards) and needs far less activation memory, which
     is what lets a large model at 256 px train at a useful batch on a small GPU.
-    The gradients are exactly those of the plain forward. The replay runs the same operations on
-    the same inputs, and the random-number state is handled by checkpoint's default
-    preserve_rng_state: the CPU (and the inputs' GPU) RNG state is saved when the block first runs,
-    restored for the replay, so a dropout mask is drawn again identically, and put back afterwards,
-    so the RNG stream (which checkpoints save for an exact --resume) continues as if nothing had been
-    replayed. use_reentrant=False is the implementation torch recommends; it works under DDP and
+    The gradients are exactly those of the plain forward. The replay runs the same operations on the
+    same inputs, and the random-number state is handled by checkpoint's default preserve_rng_state:
+    the CPU (and the inputs' GPU) RNG state is saved when the block first runs, restored for the
+    replay, so a dropout mask is drawn again identically, and put back afterwards, so the RNG stream
+    (which checkpoints save for an exact --resume) continues as if nothing had been replayed.
+    use_reentrant=False is the implementation torch recommends; it works under DDP and
     torch.compile. Under no_grad (the EMA, decoding, sampling) nothing is stored for a backward
     anyway, so the block simply runs.
     """
@@ -227,14 +228,16 @@ class ResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x)))  # (B, out, H, W)
         h = self.norm2(h)
         if self.emb_proj is not None:
-            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out, 1, 1) each
+            # (B, out, 1, 1) each
+            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
 class AttnBlock(nn.Module):
-    """Spatial self-attention over the H*W positions, with the repository's one `attention` (section 0)."""
+    """Spatial self-attention over the H*W positions, with the repository's one `attention`
+    (section 0)."""
 
     def __init__(self, ch, head_dim=64, attn_impl="math"):
         super().__init__()
@@ -246,7 +249,8 @@ class AttnBlock(nn.Module):
 
     def forward(self, x, emb=None):
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)  # (B, 3, nh, hs, HW)
+        # (B, 3, nh, hs, HW)
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, nh, HW, hs)
         h = attention(q, k, v, self.attn_impl)  # (B, nh, HW, hs)
         h = h.transpose(-1, -2).reshape(B, C, H, W)
@@ -289,7 +293,8 @@ class LatentDecoder(nn.Module):
     def __init__(self, latent_channels, compression, ch):
         super().__init__()
         self.conv_in = nn.Conv2d(latent_channels, ch, 3, padding=1)
-        self.blocks = nn.ModuleList([ResBlock(ch, ch) for _ in range(int(math.log2(compression)) + 1)])
+        self.blocks = nn.ModuleList([ResBlock(ch, ch)
+                                     for _ in range(int(math.log2(compression)) + 1)])
         self.ups = nn.ModuleList([Upsample(ch) for _ in range(int(math.log2(compression)))])
 
     def forward(self, z):
@@ -304,7 +309,8 @@ class LatentDecoder(nn.Module):
 
 
 def _features_at(feats, r):
-    """The latent-decoder map at resolution r; below the latent's own resolution, average-pool it."""
+    """The latent-decoder map at resolution r; below the latent's own resolution,
+    average-pool it."""
     if r in feats:
         return feats[r]
     return F.adaptive_avg_pool2d(feats[min(feats)], r)
@@ -322,8 +328,9 @@ class UNet(nn.Module):
     attention layer and every upsampling (see checkpointed, section 0).
     """
 
-    def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0, attn_impl="math", extra_in=0):
+    def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2),
+                 num_res_blocks=2, attn_res=(8,), cond="latent_decoder", cond_ch=64, dropout=0.0,
+                 attn_impl="math", extra_in=0):
         super().__init__()
         if cond not in ("latent_decoder", "concat"):
             raise ValueError(f"unknown cond {cond!r}; use 'latent_decoder' or 'concat'")
@@ -335,7 +342,8 @@ class UNet(nn.Module):
         # checkpoint records it: the training scripts set it from --grad-checkpoint on every run.
         self.grad_checkpoint = False
         emb_dim = 4 * ch  # the time embedding that modulates every ResBlock
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
         # concat: the upsampled z sits beside x_t; extra_in: more image-sized inputs beside x_t (the
         # anchored decoder's deterministic decode, see ae.DGAE)
         in_ch = 3 + extra_in + (latent_channels if cond == "concat" else 0)
@@ -373,7 +381,8 @@ class UNet(nn.Module):
                 res //= 2
             self.down.append(stage)
 
-        self.mid = nn.ModuleList([ResBlock(width, width, emb_dim, dropout), AttnBlock(width, attn_impl=attn_impl),
+        self.mid = nn.ModuleList([ResBlock(width, width, emb_dim, dropout),
+                                  AttnBlock(width, attn_impl=attn_impl),
                                   ResBlock(width, width, emb_dim, dropout)])
 
         # up path, the mirror image; every block eats one skip, so a level has one block more
@@ -382,7 +391,8 @@ class UNet(nn.Module):
             cond_proj = nn.Conv2d(cond_ch, width, 1) if cond == "latent_decoder" else None
             blocks = nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                block = nn.ModuleList([ResBlock(width + skip_widths.pop(), ch * mult, emb_dim, dropout)])
+                block = nn.ModuleList([ResBlock(width + skip_widths.pop(), ch * mult, emb_dim,
+                                               dropout)])
                 if res in attn_res:
                     block.append(AttnBlock(ch * mult, attn_impl=attn_impl))
                 blocks.append(block)
@@ -417,16 +427,19 @@ class UNet(nn.Module):
     def forward(self, x_t, t, z, extra=None):
         """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f), extra: None or
         (B, extra_in, H, W) inputs concatenated with x_t. Returns v_hat (B, 3, H, W)."""
-        ckpt = self.grad_checkpoint and self.training  # activation checkpointing of each layer below
+        # activation checkpointing of each layer below
+        ckpt = self.grad_checkpoint and self.training
         emb = self.time_mlp(timestep_embedding(t, self.ch).to(x_t.dtype))  # (B, 4ch)
         feats = None
         if extra is not None:
             x_t = torch.cat([x_t, extra.to(x_t.dtype)], dim=1)  # (B, 3 + extra_in, H, W)
         if self.cond == "concat":
-            z_up = F.interpolate(z, scale_factor=float(self.compression), mode="nearest")  # (B, c, H, W)
+            # (B, c, H, W)
+            z_up = F.interpolate(z, scale_factor=float(self.compression), mode="nearest")
             x_t = torch.cat([x_t, z_up.to(x_t.dtype)], dim=1)  # (B, 3 + c, H, W)
         else:
-            feats = checkpointed(self.latent_decoder, ckpt, z)  # {r: (B, cond_ch, r, r)} for r = H/f ... H
+            # {r: (B, cond_ch, r, r)} for r = H/f ... H
+            feats = checkpointed(self.latent_decoder, ckpt, z)
 
         h = self.conv_in(x_t)  # (B, ch, H, W)
         skips = [h]
@@ -438,7 +451,8 @@ class UNet(nn.Module):
                     h = checkpointed(layer, ckpt, h, emb)
                 skips.append(h)
             if "resample" in stage:
-                h = stage["resample"](h)  # (B, C, H/2, W/2); its input and output are skips, kept anyway
+                # (B, C, H/2, W/2); its input and output are skips, kept anyway
+                h = stage["resample"](h)
                 skips.append(h)
         for layer in self.mid:
             h = checkpointed(layer, ckpt, h, emb)  # (B, C_mid, H_min, W_min)

@@ -64,7 +64,8 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, freq_dim=256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t):
         return self.mlp(timestep_embedding(t, self.freq_dim))  # (B, D)
@@ -86,8 +87,8 @@ class LabelEmbedder(nn.Module):
 
     def drop_labels(self, y, force_drop=None):
         """Replace labels by the null class: where force_drop (B,) is true, or, if it is None, each
-        label independently with probability dropout_prob. The coin flips come from the global
-        torch RNG (of y's device), so a run resumed with its saved RNG state drops the same labels."""
+        label independently with probability dropout_prob. The coin flips come from the global torch
+        RNG (of y's device), so a run resumed with its saved RNG state drops the same labels."""
         if force_drop is None:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob  # (B,) bool
         else:
@@ -95,14 +96,16 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, self.num_classes, y)
 
     def forward(self, y, force_drop=None):
-        # only Python-level flags are tested here (never tensor values), so torch.compile sees no branch
+        # only Python-level flags are tested here (never tensor values), so torch.compile sees no
+        # branch
         if force_drop is not None or (self.training and self.dropout_prob > 0):
             y = self.drop_labels(y, force_drop)
         return self.embedding_table(y)  # (B, D)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the patch tokens, through the shared `attention` (decoder_diffusion.py)."""
+    """Multi-head self-attention over the patch tokens, through the shared `attention`
+    (decoder_diffusion.py)."""
 
     def __init__(self, dim, num_heads, attn_impl):
         super().__init__()
@@ -134,14 +137,14 @@ class DiTBlock(nn.Module):
         self.attn = SelfAttention(hidden_size, num_heads, attn_impl)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(mlp_hidden, hidden_size))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):
         # x: (B, T, D) tokens, c: (B, D) conditioning
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        (shift_msa, scale_msa, gate_msa,
+         shift_mlp, scale_mlp, gate_mlp) = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (B, T, D)
@@ -171,41 +174,48 @@ class DiT(nn.Module):
     forward(x, t, y): x (B, C, H, W) noisy latents x_t = (1-t) x_0 + t eps, t (B,) floats in [0, 1]
     (t = 1 is pure noise), y (B,) long class ids -> v (B, C, H, W). The output has the same C as the
     input: under rectified flow there is no variance to learn, unlike DiT's learned-sigma output.
-    Setting `grad_checkpoint = True` checkpoints every block in training (see decoder_diffusion.checkpointed).
+    Setting `grad_checkpoint = True` checkpoints every block in training (see
+    decoder_diffusion.checkpointed).
     """
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, num_classes=1000, class_dropout_prob=0.1, attn_impl="math"):
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, num_classes=1000, class_dropout_prob=0.1,
+                 attn_impl="math"):
         super().__init__()
         H, W = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         if H % patch_size or W % patch_size:
             raise ValueError(f"input_size {(H, W)} is not divisible by patch_size {patch_size}")
         if hidden_size % num_heads or hidden_size % 4:
-            raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} and by 4")
+            raise ValueError(f"hidden_size {hidden_size} must be divisible by "
+                             f"num_heads {num_heads} and by 4")
         if attn_impl not in ("math", "sdpa"):
             raise ValueError(f"unknown attn_impl {attn_impl!r}; use 'math' or 'sdpa'")
         # everything needed to rebuild the model, for checkpoints (DiT(**model.config))
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                           num_classes=num_classes, class_dropout_prob=class_dropout_prob, attn_impl=attn_impl)
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, num_classes=num_classes,
+                           class_dropout_prob=class_dropout_prob, attn_impl=attn_impl)
         self.in_channels = self.out_channels = in_channels
         self.patch_size = patch_size
         self.grid = (H // patch_size, W // patch_size)  # (h, w) tokens; T = h * w
         self.num_classes = num_classes
         # Activation checkpointing: a switch of how training runs, not part of the model (it changes
-        # neither the function nor the weights), so it stays out of self.config and every checkpoint:
-        # train_dit.py sets it from --grad-checkpoint on every run, resumed or not.
+        # neither the function nor the weights), so it stays out of self.config and every
+        # checkpoint: train_dit.py sets it from --grad-checkpoint on every run, resumed or not.
         self.grad_checkpoint = False
 
         # patchify: a conv with kernel = stride = p is exactly "cut into p x p patches and apply the
         # same linear map to each flattened patch"
-        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size,
+                                    stride=patch_size)
         # non-persistent buffer: moves with .to(device), is never trained, and stays out of the
         # checkpoint (it is recomputed from the config, so no checkpoint can disagree with it)
-        self.register_buffer("pos_embed", pos_embed_2d(hidden_size, *self.grid)[None], persistent=False)  # (1, T, D)
+        self.register_buffer("pos_embed", pos_embed_2d(hidden_size, *self.grid)[None],
+                             persistent=False)  # (1, T, D)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, attn_impl) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, attn_impl)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -230,16 +240,17 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        # final layer zeroed too: the model outputs exactly v = 0 at init, a neutral start that gives
-        # no large random velocities. Training is not stuck: the final linear's gradient is its
-        # (non-zero) input, so it moves first, and then the gates start receiving gradient.
+        # final layer zeroed too: the model outputs exactly v = 0 at init, a neutral start that
+        # gives no large random velocities. Training is not stuck: the final linear's gradient is
+        # its (non-zero) input, so it moves first, and then the gates start receiving gradient.
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x):
-        """(B, T, p*p*C) tokens -> (B, C, H, W); each token's vector is laid out as (p_row, p_col, C)."""
+        """(B, T, p*p*C) tokens -> (B, C, H, W); each token's vector is laid out as
+        (p_row, p_col, C)."""
         B = x.shape[0]
         (h, w), p, C = self.grid, self.patch_size, self.out_channels
         x = x.view(B, h, w, p, p, C)
@@ -247,18 +258,22 @@ class DiT(nn.Module):
         return x.reshape(B, C, h * p, w * p)
 
     def forward(self, x, t, y, force_drop=None):
-        """x (B, C, H, W), t (B,) in [0, 1], y (B,) long; force_drop optional (B,) bool mask of labels
-        to replace by the null class (otherwise labels drop at random in training mode only)."""
-        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, T, D), token = row*w + col
+        """x (B, C, H, W), t (B,) in [0, 1], y (B,) long; force_drop optional (B,) bool mask of
+        labels to replace by the null class (otherwise labels drop at random in training mode
+        only)."""
+        # (B, T, D), token = row*w + col
+        x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, force_drop)  # (B, D) conditioning
-        ckpt = self.grad_checkpoint and self.training  # keep only each block's input for the backward
+        # keep only each block's input for the backward
+        ckpt = self.grad_checkpoint and self.training
         for block in self.blocks:
             x = checkpointed(block, ckpt, x, c)  # (B, T, D)
         x = self.final_layer(x, c)  # (B, T, p*p*C)
         return self.unpatchify(x)  # (B, C, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance: v = v_uncond + cfg_scale * (v_cond - v_uncond), on ALL channels.
+        """Classifier-free guidance: v = v_uncond + cfg_scale * (v_cond - v_uncond), on ALL
+        channels.
 
         The conditional and the null-class passes run as one batch of 2B (one pass of the weights,
         better GPU use). cfg_scale = 1 is the plain conditional model, computed as one forward pass
@@ -267,15 +282,18 @@ class DiT(nn.Module):
         """
         B = x.shape[0]
         if cfg_scale == 1.0:
-            return self.forward(x, t, y, force_drop=torch.zeros(B, dtype=torch.bool, device=x.device))
-        drop = torch.arange(2 * B, device=x.device) >= B  # (2B,) False: conditional half, True: null half
+            return self.forward(x, t, y,
+                                force_drop=torch.zeros(B, dtype=torch.bool, device=x.device))
+        # (2B,) False: conditional half, True: null half
+        drop = torch.arange(2 * B, device=x.device) >= B
         v = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop=drop)
         v_cond, v_uncond = v[:B], v[B:]  # each (B, C, H, W)
-        # Guidance goes on every channel. The original DiT code, copied into many later repos, guides
-        # only the first 3 (`eps, rest = out[:, :3], out[:, 3:]`): a leftover from GLIDE, where the 3
-        # channels were RGB pixels; the DiT authors call it a bug in the official repository's issue
-        # tracker (github.com/facebookresearch/DiT/issues/12). For latents, whose channels ALL carry
-        # image content (DGAE: 4 to 64 of them), it silently leaves channels 3.. unguided.
+        # Guidance goes on every channel. The original DiT code, copied into many later repos,
+        # guides only the first 3 (`eps, rest = out[:, :3], out[:, 3:]`): a leftover from GLIDE,
+        # where the 3 channels were RGB pixels; the DiT authors call it a bug in the official
+        # repository's issue tracker (github.com/facebookresearch/DiT/issues/12). For latents, whose
+        # channels ALL carry image content (DGAE: 4 to 64 of them), it silently leaves channels 3..
+        # unguided.
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 

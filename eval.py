@@ -80,8 +80,40 @@ lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
 judge_steps = 600  # classes: training steps of the pattern classifier that judges the samples
 device = ""  # "" = auto (cuda, mps, cpu)
+dist_timeout = 600  # torchrun: seconds a rank waits for the others (rank 0 computes the distances alone meanwhile)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
+
+
+def table_path(path):
+    """The .txt table written beside the results file `path`."""
+    return os.path.splitext(path)[0] + ".txt"
+
+
+def default_out(mode, steps=None):
+    """Where `mode` writes its results without --out: beside its input (stats has no default: --out is needed)."""
+    if mode == "recon":
+        return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval_recon_steps{steps}.json")
+    return os.path.splitext(samples.rstrip("/"))[0] + ("_eval.json" if mode == "gen" else "_classes.json")
+
+
+def check_output(mode, dist):
+    """Refuse, before anything is loaded or scored, a results file that could not be written at the end
+    (common.writable_file): an --out that is a folder, lies under a file, or in a folder without write
+    permission, and the same for the default file beside the input; minutes or hours of scoring would be
+    lost. Rank 0 writes, so rank 0 checks. A mode whose inputs are missing refuses them itself."""
+    if not dist.master:
+        return
+    if out:
+        if mode != "stats" and table_path(out) == out:  # the table would overwrite the results
+            raise SystemExit(f"error: --out {out}: the table is written beside the results as .txt, so the results "
+                             f"cannot be a .txt file; name it e.g. {os.path.splitext(out)[0]}.json")
+        common.writable_file(out, "--out", also=() if mode == "stats" else (table_path(out),))
+    elif mode == "recon" and ckpt:  # the file name holds the decode steps, known once the checkpoint is read
+        common.writable_dir(os.path.dirname(os.path.abspath(ckpt)), "--out (not given, so beside --ckpt)")
+    elif mode in ("gen", "classes") and samples:
+        path = default_out(mode)
+        common.writable_file(path, "--out (not given, so beside --samples)", also=(table_path(path),))
 
 
 def write_results(results, path):
@@ -95,7 +127,7 @@ def write_results(results, path):
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     table = "\n".join(f"{k:<{width}}  {show(v)}" for k, v in results.items())
-    checkpoints.write_text(os.path.splitext(path)[0] + ".txt", table + "\n")
+    checkpoints.write_text(table_path(path), table + "\n")
     print(table)
     print(f"wrote {path}")
 
@@ -204,7 +236,7 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     spectra = {k: gather_rows(v, (n_bands,), dist) for k, v in spectra.items()}
     judged = {k: gather_rows(v, (judge.head.in_features if judge is not None else 0,), dist) for k, v in judged.items()}
     n = len(per_image["psnr"])
-    readable_or_refuse(source, n, hi - lo, dist)
+    readable_or_refuse(source, n, hi - lo, dist, at_least=2, needs=RECON_NEEDS)  # the FDs are of covariances
     results = {"num_images": n, "num_unreadable": total(source.n_bad, dist)}
     results.update({k: float(v.mean()) for k, v in per_image.items() if len(v)})
     results["highfreq_ratio"] = highfreq_ratio(hf["recon"], hf["real"])
@@ -220,6 +252,9 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     return results
 
 
+RECON_NEEDS = "the spectral FD and rFID need"  # what recon's least of 2 images is for, as its refusals say it
+
+
 def run_recon(dist):
     """Stage-1 reconstruction quality: PSNR, SSIM, low-frequency PSNR and high-frequency ratio
     always; LPIPS and rFID when their weight files are present (the report names what it skipped)."""
@@ -233,7 +268,8 @@ def run_recon(dist):
     model = checkpoints.load_dgae(ckpt, dist.device)
     steps = decode_steps or model.cfg.decode_steps
     lpips_net, inception, skipped = optional_measures(dist, vgg_path, lpips_path, inception_path)
-    source = ImageSource(data, model.cfg.resolution, num_workers, builtin_limit=num_images)
+    source = at_least_two(ImageSource(data, model.cfg.resolution, num_workers, builtin_limit=num_images), "--data",
+                          num_images, needs=RECON_NEEDS)
     scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed, lpips_net, inception)
     if dist.master:
         results = {"mode": "recon", "ckpt": ckpt, "data": data or f"built-in, held-out (seed {HELDOUT_SEED})",
@@ -241,7 +277,7 @@ def run_recon(dist):
                    "decode_steps": steps, "seed": seed, **scores}
         if skipped:
             results["skipped"] = skipped
-        write_results(results, out or os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval_recon_steps{steps}.json"))
+        write_results(results, out or default_out("recon", steps))
 
 
 def stats_of(feats, device="cpu"):
@@ -324,6 +360,7 @@ def run_gen(dist):
     ref_feats = None
     if ref_src is not None:
         ref_feats = inception_features(ref_src, inception, dist, batch_size, 0, "reference")
+    unreadable = total(fake_src.n_bad, dist), total(ref_src.n_bad if ref_src else 0, dist)  # every rank: collectives
     if not dist.master:
         return
     n = len(fake["pool"])
@@ -333,7 +370,9 @@ def run_gen(dist):
         counts["reference images"] = len(ref_feats["pool"])
     if n != 50000:
         print(f"note: {n} samples; the ImageNet protocol uses 50K, and FID is biased upwards for fewer")
-    results = {"mode": "gen", "samples": samples, "ref": ref, "num_samples": n}
+    results = {"mode": "gen", "samples": samples, "ref": ref, "num_samples": n, "num_unreadable": unreadable[0]}
+    if ref_src is not None:  # the files of a folder that could not be read were skipped (and named in warnings)
+        results["num_unreadable_ref"] = unreadable[1]
     fid = frechet_distance(*feature_stats(fake["pool"], dist.device), ref_stats["mu"], ref_stats["sigma"])
     results.update(frechet_entries("fid", fid, counts, FEATURE_DIMS["pool"]))
     if "mu_s" in ref_stats:
@@ -348,7 +387,7 @@ def run_gen(dist):
     elif prec_recall and ref_feats is not None:
         results["num_ref_images"] = len(ref_feats["pool"])
         results["precision"], results["recall"] = precision_recall(ref_feats["pool"], fake["pool"], device=dist.device)
-    write_results(results, out or os.path.splitext(samples.rstrip("/"))[0] + "_eval.json")
+    write_results(results, out or default_out("gen"))
 
 
 def run_stats(dist):
@@ -357,10 +396,13 @@ def run_stats(dist):
     source = at_least_two(ImageSource(images, resolution, num_workers=num_workers), "--images", num_images)
     inception = load_inception(inception_path, dist.device)
     feats = inception_features(source, inception, dist, batch_size, num_images, "images")
+    unreadable = total(source.n_bad, dist)  # skipped, each named in a warning (the first data.MAX_IMAGE_WARNINGS)
     if dist.master:
         stats = stats_of(feats, dist.device)  # written atomically: a failed write keeps an existing reference whole
-        checkpoints.atomic_write(out, lambda fh: np.savez(fh, **stats, num_images=len(feats["pool"])))
-        print(f"wrote FID statistics of {len(feats['pool'])} images to {out}")
+        checkpoints.atomic_write(out, lambda fh: np.savez(fh, **stats, num_images=len(feats["pool"]),
+                                                          num_unreadable=unreadable))
+        skipped = f" ({unreadable} unreadable skipped, see the warnings above)" if unreadable else ""
+        print(f"wrote FID statistics of {len(feats['pool'])} images{skipped} to {out}")
 
 
 def run_classes(dist):
@@ -406,7 +448,7 @@ def run_classes(dist):
                "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
                "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
                                       for c in range(num_classes) if (y == c).any()}}
-    write_results(results, out or os.path.splitext(samples)[0] + "_classes.json")
+    write_results(results, out or default_out("classes"))
 
 
 MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "classes": run_classes}
@@ -421,10 +463,15 @@ def main():
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
     settings, _ = common.configure(SETTINGS, sys.argv[2:])  # the settings follow the mode
     globals().update(settings)
-    common.check_settings(settings, count=("resolution", "batch_size", "judge_steps"),  # out of range: refused before any work
-                          count_or_0=("num_images", "num_workers", "seed"), steps=("decode_steps",),
-                          at_most={"resolution": common.MAX_RESOLUTION})
-    dist = common.setup_distributed(device)  # an unavailable --device is refused here, before any work
+    common.check_settings(settings, count=("resolution", "batch_size", "judge_steps", "num_classes"),  # out of range:
+                          count_or_0=("num_images", "num_workers", "seed"), steps=("decode_steps",),  # refused before
+                          positive=("dist_timeout",),  # any work, a size past its bound before any allocation
+                          at_most={"resolution": common.MAX_RESOLUTION, "num_images": common.MAX_SIZE,
+                                   "batch_size": common.MAX_BATCH, "num_workers": common.MAX_WORKERS,
+                                   "judge_steps": common.MAX_STEPS, "seed": common.MAX_SEED,
+                                   "dist_timeout": common.MAX_SECONDS})
+    dist = common.setup_distributed(device, dist_timeout)  # an unavailable --device is refused here, before any work
+    check_output(mode, dist)  # and an output that cannot be written, before anything is loaded
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
         MODES[mode](dist)
     common.shutdown(dist)

@@ -158,7 +158,8 @@ def check_output(path, npz, master):
     """Refuse, before any sampling, an output that could not be written at the end: an .npz
     (--num-samples) must be named .npz, since np.savez would append .npz to any other name and the
     file written would not be the one printed; a grid needs an image extension PIL knows; and the
-    folder must be writable (it is created if missing)."""
+    file must be writable: not a folder, not under a file, in a folder one can write to (created if
+    missing)."""
     ext = os.path.splitext(path)[1].lower()
     if npz and ext != ".npz":
         raise SystemExit(f"error: --out {path}: with --num-samples the output is an .npz; name it e.g. "
@@ -166,7 +167,7 @@ def check_output(path, npz, master):
     if not npz and ext not in Image.registered_extensions():
         raise SystemExit(f"error: --out {path}: the grid is an image; give it an image extension such as .png")
     if master:
-        common.writable_dir(os.path.dirname(path) or ".", "--out")
+        common.writable_file(path, "--out")
 
 
 def main():
@@ -178,7 +179,8 @@ def main():
                           steps=("steps", "decode_steps"), guidance=("cfg_scale",),
                           positive=("dist_timeout",), choices={"attn_impl": (None, "math", "sdpa")},
                           at_most={"num_samples": common.MAX_SAMPLES, "num": common.MAX_SAMPLES,
-                                   "dist_timeout": common.MAX_SECONDS})
+                                   "per_class": common.MAX_GRID_ROW, "batch_size": common.MAX_BATCH,
+                                   "seed": common.MAX_SEED, "dist_timeout": common.MAX_SECONDS})
     n_samples = num_samples or num  # --num is another name for --num-samples
     dist = common.setup_distributed(device, dist_timeout)  # an unavailable --device is refused here, before any file is touched
     default = "recon.png" if images else "samples.npz" if n_samples > 0 else "samples.png"

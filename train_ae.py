@@ -2,9 +2,9 @@
 Stage 1 training: the DGAE autoencoder (encoder + diffusion decoder), or the Gaussian baseline.
 
 One script for every scale:
-    python train_ae.py                                   # tiny model, built-in data, laptop CPU, minutes
-    python train_ae.py --data /path/imagenet --compression 32              # one GPU
-    torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet --compression 32   # one node
+    python train_ae.py                                          # tiny model, built-in data, CPU
+    python train_ae.py --data /path/imagenet --compression 32   # one GPU
+    torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet --compression 32  # one node
 Every setting below can be overridden with --name value (dashes or underscores).
 Writes to out_dir: ckpt.pt (everything needed to resume or sample), log.jsonl, recon_*.png.
 The whole training step is the `while` loop at the end of main(); the loss is DGAE.loss in ae.py.
@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from ae import PRESETS, AEConfig, DGAE, config_from_dict, config_to_dict, make_config
 from support import checkpoints, common
-from support.data import Loader, build_dataset, first_good, random_hflip, save_image_grid, to_model_range
+from support.data import (Loader, build_dataset, first_good, random_hflip, save_image_grid,
+                          to_model_range)
 from support.optim import ema_decay_at, lr_at, make_optimizer, update_ema
 from support.perceptual import load_lpips
 
@@ -30,22 +31,22 @@ from support.perceptual import load_lpips
 # data
 data = ""  # ImageNet-style folder (train/<class>/*.JPEG); "" = the built-in procedural dataset
 dataset_size = 10000  # images in the built-in dataset
-num_workers = -1  # data-loading processes per rank; -1 = up to 8 with --data (bounded by the cores), 0 on the built-in data
+num_workers = -1  # data-loading processes per rank; -1 = up to 8 with --data (core-bounded), else 0
 # model, loss and learning rate: None = the preset's value (ae.PRESETS)
 preset = None  # tiny | small | base | large; None = tiny on the built-in data, base with --data
-resolution = None  # image size in px (32 tiny, 256 base; on the built-in data 8 f when --compression is given)
+resolution = None  # image size in px (32 tiny, 256 base; built-in data: 8 f given --compression)
 compression = None  # spatial compression f in {4, 8, 16, 32, 64}
 latent_channels = None  # c; by default 4, 4, 8, 16, 64 at f = 4, 8, 16, 32, 64
-decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE style baseline) | unet (deterministic, DGAE's U-Net)
-anchor_ch = 0  # anchored diffusion decoder: width of the deterministic decode x~ = D(z) the U-Net sees (0 = off)
+decoder = "diffusion"  # diffusion (DGAE) | gaussian (SD-VAE-like) | unet (deterministic DGAE U-Net)
+anchor_ch = 0  # anchored decoder: width of deterministic decode x~ = D(z) the U-Net sees (0 = off)
 anchor_weight = 1.0  # weight of the anchor's pixel (and perceptual) loss
 cond = "latent_decoder"  # how z guides the U-Net: latent_decoder | concat
 t_dist = "uniform"  # training t distribution: uniform | logit_normal
-t_shift = 1.0  # shift of the training times and of the decoder's Euler grid towards t = 1 (1 = none)
+t_shift = 1.0  # shift of the training times and the decoder's Euler grid towards t = 1 (1 = none)
 decode_steps = 10  # Euler steps when decoding for the reconstruction grids
 attn_impl = "math"  # math | sdpa
 dropout = 0.0  # dropout inside the diffusion decoder's residual blocks (0 = none)
-grad_checkpoint = "auto"  # activation checkpointing: less memory, one more forward pass a step; auto = on for base and large
+grad_checkpoint = "auto"  # activation checkpointing: less memory, a forward more; auto: base, large
 lpips_weight = 0.5  # 0 disables LPIPS (then no weight files are needed)
 kl_weight = 1e-6  # on the KL per pixel value (SD-VAE's 1e-6 on a per-image sum)
 recon_weight = 1.0  # L1 on the flow loss's one-step estimate x0_hat
@@ -54,7 +55,7 @@ lr = None  # AdamW; the presets': 1e-3 tiny, 5e-4 small, 1e-4 base/large (at a g
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16, or $DGAE_WEIGHTS/)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS, or $DGAE_WEIGHTS/)
 # optimisation
-batch_size = None  # per process and micro-step (the presets': 16 tiny, 32 others); global = batch * accum * world
+batch_size = None  # per process and micro-step (16 tiny, 32 others); global = batch * accum * world
 grad_accum = 1  # micro-batches per optimizer step
 max_steps = 1350  # optimizer steps of the run (the cool-down is its last lr_cooldown share)
 warmup_steps = 100  # steps of linear learning-rate warm-up from 0
@@ -62,7 +63,7 @@ lr_cooldown = 0.25  # share of max_steps at the end over which the learning rate
 weight_decay = 0.0  # AdamW decay on weight matrices and kernels (not on norms and biases)
 grad_clip = 1.0  # clip the global gradient norm to this
 ema_decay = 0.999  # the EMA's final decay (it warms up to it, see ema_decay_at); ImageNet: 0.9999
-max_nonfinite_steps = 5  # steps in a row with a non-finite loss or gradient (each skipped) before the run stops
+max_nonfinite_steps = 5  # skipped steps in a row (non-finite loss or gradient) before the run stops
 # bookkeeping
 out_dir = "out/ae"  # the run's folder: ckpt.pt, log.jsonl, recon_*.png (one run at a time holds it)
 log_every = 25  # steps between rows of log.jsonl
@@ -71,10 +72,10 @@ ckpt_every = 400  # steps between checkpoints (also at the end and at a stop sig
 resume = False  # continue the run in --out-dir exactly where it stopped, with its own settings
 seed = 0  # initial weights, data order and noise
 device = ""  # "" = cuda, then mps, then cpu
-dist_timeout = 1800  # seconds a rank waits in a collective before a hung rank ends the job (covers a 10.8 GB checkpoint write)
+dist_timeout = 1800  # collective timeout (s) ending a hung job; covers a 10.8 GB checkpoint write
 compile = False  # torch.compile the model (worth it on GPUs for long runs)
-deterministic = False  # deterministic CUDA kernels: a resume continues bit-for-bit on GPUs too (slower; the CPU always is)
-channels_last = "auto"  # NHWC layout for the convolutions; auto = on the CPU (faster, docs/NOTES.md), off on CUDA (its GroupNorm copies NHWC)
+deterministic = False  # deterministic CUDA: bit-for-bit resumes on GPUs too (slower; CPU always is)
+channels_last = "auto"  # NHWC; auto: on CPU (faster, docs/NOTES.md), off on CUDA (GroupNorm copies)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
@@ -85,8 +86,9 @@ SETTINGS = common.settings_block(globals())  # the defaults above: every main() 
 MAY_CHANGE_ON_RESUME = checkpoints.MAY_CHANGE_ON_RESUME + ("data",)
 
 
-# the presets whose step at their default batch needs activation checkpointing to fit an 80 GB GPU (predicted by
-# experiments/bench.py --parts memory: base at f=32, batch 32, bf16, LPIPS on: 168.6 GiB without, 41.6 with)
+# the presets whose step at their default batch needs activation checkpointing to fit an 80 GB GPU
+# (predicted by experiments/bench.py --parts memory: base at f=32, batch 32, bf16, LPIPS on:
+# 168.6 GiB without, 41.6 with)
 CHECKPOINTED_PRESETS = ("base", "large")
 
 
@@ -95,25 +97,30 @@ def checkpointing_on(setting, preset_name):
     return common.auto_flag(setting, "grad_checkpoint", preset_name in CHECKPOINTED_PRESETS)
 
 
-# the settings that are fields of the model's ae.AEConfig (the rest of the model comes from the preset)
+# the settings that are fields of the model's ae.AEConfig (the rest of the model comes from the
+# preset)
 MODEL_SETTINGS = tuple(f.name for f in fields(AEConfig) if f.name in SETTINGS)
 
 
 def check(settings):
-    """Every setting in range, before any work: a 0-step run would print "done" and write nothing. The
-    preset's values (None) are checked in main, once resolved."""
-    common.check_settings(settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
-                                           "ckpt_every", "max_nonfinite_steps", "resolution", "batch_size"),
-                          count_or_0=("num_workers", "warmup_steps", "seed"), steps=("decode_steps",),
-                          positive=("grad_clip", "dist_timeout", "lr", "t_shift"), fraction=("ema_decay", "lr_cooldown",
-                                                                                              "dropout"),
-                          non_negative=("weight_decay", "lpips_weight", "kl_weight", "recon_weight",
-                                        "consistency_weight", "anchor_weight"),
-                          choices={"decoder": ("diffusion", "gaussian", "unet"), "cond": ("latent_decoder", "concat"),
-                                   "t_dist": ("uniform", "logit_normal"), "attn_impl": ("math", "sdpa"),
-                                   "preset": (None, *PRESETS)},
-                          at_most={"dataset_size": common.MAX_SIZE, "resolution": common.MAX_RESOLUTION,
-                                   "dist_timeout": common.MAX_SECONDS})
+    """Every setting in range, before any work: a 0-step run would print "done" and write nothing.
+    The preset's values (None) are checked in main, once resolved."""
+    common.check_settings(
+        settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
+                         "ckpt_every", "max_nonfinite_steps", "resolution", "batch_size"),
+        count_or_0=("num_workers", "warmup_steps", "seed"), steps=("decode_steps",),
+        positive=("grad_clip", "dist_timeout", "lr", "t_shift"),
+        fraction=("ema_decay", "lr_cooldown", "dropout"),
+        non_negative=("weight_decay", "lpips_weight", "kl_weight", "recon_weight",
+                      "consistency_weight", "anchor_weight"),
+        choices={"decoder": ("diffusion", "gaussian", "unet"), "cond": ("latent_decoder", "concat"),
+                 "t_dist": ("uniform", "logit_normal"), "attn_impl": ("math", "sdpa"),
+                 "preset": (None, *PRESETS)},
+        at_most={"dataset_size": common.MAX_SIZE, "resolution": common.MAX_RESOLUTION,
+                 "dist_timeout": common.MAX_SECONDS, "batch_size": common.MAX_BATCH,
+                 "grad_accum": common.MAX_BATCH, "num_workers": common.MAX_WORKERS,
+                 "max_steps": common.MAX_STEPS, "warmup_steps": common.MAX_STEPS,
+                 "seed": common.MAX_SEED})
 
 
 def main(argv=None):
@@ -124,40 +131,48 @@ def main(argv=None):
     check(settings)
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
     ckpt, settings, dist = checkpoints.start_run("ae", settings, given, MAY_CHANGE_ON_RESUME, log)
-    check(settings)  # a resumed run's own settings too: an edited checkpoint may hold --ckpt-every 0
+    # a resumed run's own settings too: an edited checkpoint may hold --ckpt-every 0
+    check(settings)
     globals().update(settings)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     dev = dist.device
 
     with common.user_errors():
-        # the model: a resumed run's is its checkpoint's; a new one's is the preset's, with each setting
-        # that is not None over it
+        # the model: a resumed run's is its checkpoint's; a new one's is the preset's, with each
+        # setting that is not None over it
         if ckpt is not None:
             name = ckpt["model_name"]
-            cfg = replace(config_from_dict(ckpt["model_args"]), attn_impl=attn_impl, decode_steps=decode_steps)
-            checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["model"], ckpt_path)  # before any memory is taken
+            cfg = replace(config_from_dict(ckpt["model_args"]), attn_impl=attn_impl,
+                          decode_steps=decode_steps)
+            # before any memory is taken
+            checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["model"], ckpt_path)
         else:
             name = preset or ("base" if data else "tiny")
             overrides = {k: settings[k] for k in MODEL_SETTINGS if settings[k] is not None}
             if not data and compression is not None and resolution is None:
-                # the built-in data can be drawn at any size: draw it where f leaves the demo's 8x8 latent grid
+                # the built-in data can be drawn at any size: draw it where f leaves the demo's 8x8
+                # latent grid
                 overrides["resolution"] = 8 * compression
-                log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 latent grid "
-                    "(--resolution sets another size)")
+                log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 "
+                    "latent grid (--resolution sets another size)")
             cfg = make_config(name, **overrides)
         if cfg.resolution // cfg.compression < 2:
-            raise SystemExit(f"error: --resolution {cfg.resolution} with --compression {cfg.compression} leaves a "
-                             f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression} latent; raise "
-                             "--resolution (the built-in data is drawn at any size; with --data, images are cropped to it)")
+            raise SystemExit(f"error: --resolution {cfg.resolution} with --compression "
+                             f"{cfg.compression} leaves a {cfg.resolution // cfg.compression}x"
+                             f"{cfg.resolution // cfg.compression} latent; raise --resolution (the "
+                             "built-in data is drawn at any size; with --data, images are cropped "
+                             "to it)")
         # every setting resolved, as the checkpoint records them (a resume takes exactly these back)
         settings.update({k: getattr(cfg, k) for k in MODEL_SETTINGS}, preset=name,
                         lr=PRESETS[name]["lr"] if lr is None else lr,
-                        batch_size=PRESETS[name]["batch_size"] if batch_size is None else batch_size)
+                        batch_size=(PRESETS[name]["batch_size"] if batch_size is None
+                                    else batch_size))
         check(settings)
         globals().update(settings)
         dataset = build_dataset(data, cfg.resolution, size=dataset_size, seed=seed)
         loader = Loader(dataset, batch_size, dist.rank, dist.world_size, seed, num_workers)
-        log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at {cfg.resolution} px")
+        log(f"data: {data or 'built-in procedural dataset'} ({len(dataset)} images) at "
+            f"{cfg.resolution} px")
         changed = checkpoints.dataset_changed(ckpt, len(dataset)) if ckpt is not None else None
         if changed:
             log(changed)
@@ -175,46 +190,52 @@ def main(argv=None):
     memory_format = torch.channels_last if nhwc else torch.contiguous_format
     net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    net.grad_checkpoint = checkpointing_on(grad_checkpoint, name)  # how this run computes: free to change on --resume
+    # how this run computes: free to change on --resume
+    net.grad_checkpoint = checkpointing_on(grad_checkpoint, name)
     optimizer = make_optimizer(net, lr, weight_decay, (0.9, 0.99), dev)
-    log(f"model: {name}, {cfg.decoder} decoder, f={cfg.compression}, latent "
-        f"{cfg.latent_channels}x{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
-        f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, decoder {common.count_params(net.decoder) / 1e6:.2f}M params; "
+    log(f"model: {name}, {cfg.decoder} decoder, f={cfg.compression}, latent {cfg.latent_channels}x"
+        f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
+        f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, "
+        f"decoder {common.count_params(net.decoder) / 1e6:.2f}M params; "
         f"activation checkpointing {'on' if net.grad_checkpoint else 'off'}")
 
     step = 0
     if ckpt is not None:
         with common.user_errors():  # weights that do not fit (an edited file): one line naming it
-            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path, seed, log)
+            step = checkpoints.restore_training(ckpt, dist, net, ema, optimizer, loader, ckpt_path,
+                                                seed, log)
         log(f"resumed from {ckpt_path} at step {step}")
     else:
         checkpoints.seed_rank(seed, dist.rank)  # different noise and t on every rank
 
-    # The module the loop calls: compiled if asked, DDP-wrapped under torchrun. `net` stays the plain
-    # module, whose parameters and names the optimizer, the EMA and the checkpoints use.
+    # The module the loop calls: compiled if asked, DDP-wrapped under torchrun. `net` stays the
+    # plain module, whose parameters and names the optimizer, the EMA and the checkpoints use.
     train_model = torch.compile(net) if compile else net
     if compile:
         log(checkpoints.COMPILE_NOTE)
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
-    fixed = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev))  # for the grids
+    # for the grids
+    fixed = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev))
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
-    steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar, batch_size * grad_accum * dist.world_size,
-                             first_step=step)
+    steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar,
+                             batch_size * grad_accum * dist.world_size, first_step=step)
     # from here on SIGTERM, SIGUSR1 or Ctrl-C: finish the step, save, exit. The guard also skips the
     # update of a step whose loss or gradient is not finite (checkpoints.StepGuard).
     guard = checkpoints.StepGuard(checkpoints.StopSignals(), dist, max_nonfinite_steps, ckpt_path,
-                                  hint="Lower --lr or check the data.", optimizer=optimizer, check_every=log_every,
-                                  last_step=max_steps)
+                                  hint="Lower --lr or check the data.", optimizer=optimizer,
+                                  check_every=log_every, last_step=max_steps)
 
     def save(step):  # every rank calls it (the RNG states are gathered); rank 0 writes
-        checkpoints.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader, model_args=config_to_dict(cfg),
-                                  model_name=name, config=dict(settings, num_images=len(dataset)),
+        checkpoints.save_training(ckpt_path, dist, "ae", step, net, ema, optimizer, loader,
+                                  model_args=config_to_dict(cfg), model_name=name,
+                                  config=dict(settings, num_images=len(dataset)),
                                   lpips_used=lpips is not None)
 
     while step < max_steps:
-        # learning rate of this step: linear warm-up, constant, linear cool-down at the end (optim.lr_at)
+        # learning rate of this step: linear warm-up, constant, linear cool-down at the end
+        # (optim.lr_at)
         step_lr = lr_at(step, lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
         for group in optimizer.param_groups:
             group["lr"] = step_lr
@@ -226,20 +247,25 @@ def main(argv=None):
         for micro in range(grad_accum):
             try:
                 x, _ = next(loader)
-            except SystemExit:  # no image readable any more (a folder gone, a mount lost): keep the finished steps
-                if not dist.ddp and step % ckpt_every:  # (one process: under torchrun the others are mid-step)
+            # no image readable any more (a folder gone, a mount lost): keep the finished steps
+            except SystemExit:
+                # (one process: under torchrun the others are mid-step)
+                if not dist.ddp and step % ckpt_every:
                     loader.load_state_dict(position)
                     save(step)
-                    log(f"\nsaved {ckpt_path} at step {step}, the last finished one; --resume true continues from it")
+                    log(f"\nsaved {ckpt_path} at step {step}, the last finished one; --resume true "
+                        "continues from it")
                 raise
-            # in [-1, 1]; copied from pinned memory while the GPU works, then flipped there (the coins come from
-            # the checkpointed CPU RNG, so a seed flips the same images on any device)
+            # in [-1, 1]; copied from pinned memory while the GPU works, then flipped there (the
+            # coins come from the checkpointed CPU RNG, so a seed flips the same images on any
+            # device)
             x = random_hflip(to_model_range(x.to(dev, non_blocking=True)))
             if nhwc:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = micro == grad_accum - 1 or not dist.ddp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
-                loss, terms = train_model(x, lpips)  # DGAE.loss; DDP only syncs what runs through forward
+                # DGAE.loss; DDP only syncs what runs through forward
+                loss, terms = train_model(x, lpips)
             (loss / grad_accum).backward()
             for k, v in [("loss", loss), *terms.items()]:
                 means[k] = means.get(k, 0.0) + v.detach().float() / grad_accum
@@ -253,19 +279,24 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        if step % log_every == 0 or step == max_steps:  # the terms averaged over ranks, bad images summed
-            steplog.write(step, means, counts={"bad_images": loader.n_bad}, skipped_steps=guard.take_skipped(),
-                          lr=step_lr, grad_norm=grad_norm)
+        # the terms averaged over ranks, bad images summed
+        if step % log_every == 0 or step == max_steps:
+            steplog.write(step, means, counts={"bad_images": loader.n_bad},
+                          skipped_steps=guard.take_skipped(), lr=step_lr, grad_norm=grad_norm)
         pbar.update(1)
         if step % ckpt_every == 0 or step == max_steps or guard.stopping:
             save(step)
         if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
-            # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below; after
-            # the save, and given up at a stop signal (the next step boundary then saves and stops)
-            with guard.given_up_at_stop(f"reconstruction grid of step {step}", log, ema.decoder), torch.no_grad():
+            # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below;
+            # after the save, and given up at a stop signal (the next step boundary then saves and
+            # stops)
+            with guard.given_up_at_stop(f"reconstruction grid of step {step}", log,
+                                        ema.decoder), torch.no_grad():
                 recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0)
-                save_image_grid(torch.cat([fixed, recon]), os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
-        if guard.stopping and step < max_steps:  # preempted: the step is saved, --resume continues bit-identically
+                save_image_grid(torch.cat([fixed, recon]),
+                                os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
+        # preempted: the step is saved, --resume continues bit-identically
+        if guard.stopping and step < max_steps:
             guard.exit_saved(step, log)
     pbar.close()
     log(f"done: {ckpt_path}")
@@ -273,6 +304,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # a rank that stopped responding: one line, not a traceback; an error's line never after a progress bar
+    # a rank that stopped responding: one line, not a traceback; an error's line never after a
+    # progress bar
     with common.collective_timeouts(), common.bars_closed_first():
         main()

@@ -94,8 +94,11 @@ def main(argv=None):
                           non_negative=("weight_decay",), fraction=("class_dropout", "ema_decay"),
                           guidance=("cfg_scale",), choices={"t_dist": ("logit_normal", "uniform"),
                                                             "attn_impl": ("math", "sdpa")},
-                          at_most={"dataset_size": common.MAX_SIZE,
-                                                           "dist_timeout": common.MAX_SECONDS})
+                          at_most={"dataset_size": common.MAX_SIZE, "shard_size": common.MAX_SIZE,
+                                   "encode_batch_size": common.MAX_BATCH, "batch_size": common.MAX_BATCH,
+                                   "grad_accum": common.MAX_BATCH, "num_workers": common.MAX_WORKERS,
+                                   "max_steps": common.MAX_STEPS, "warmup_steps": common.MAX_STEPS,
+                                   "seed": common.MAX_SEED, "dist_timeout": common.MAX_SECONDS})
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
     # a resumed run takes its settings back; the latent cache's own (--data, --shard-size) may not change
     ckpt, settings, dist = checkpoints.start_run("dit", settings, given, checkpoints.MAY_CHANGE_ON_RESUME, log)

@@ -40,7 +40,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ae import DGAE, make_config
+from ae import DEFAULT_LATENT_CHANNELS, DGAE, PRESETS, make_config
 import decoder_diffusion
 from decoder_diffusion import attention, euler_sample, flow_matching_loss
 from dit import DIT_PRESETS, build_dit
@@ -542,14 +542,23 @@ def main():
     if compare:
         return compare_runs(*compare.split(","))
     # every setting checked before any work: a bad value is one line, not a traceback after minutes
-    common.check_settings(settings, count=("batch_size", "sample_steps", "reps", "data_batches"),
-                          count_or_0=("warmup", "num_workers", "matmul_size", "compression"), positive=("gpu_gib",),
-                          guidance=("cfg_scale",), choices={"attn_impl": ("math", "sdpa")})
-    for name in ("attn_seq", "decode_steps"):
+    # (a size past its bound, before anything is allocated: --matmul-size 10**6 would ask for two 4 TB matrices)
+    common.check_settings(settings, count=("batch_size", "reps", "data_batches"), steps=("sample_steps",),
+                          count_or_0=("warmup", "num_workers", "matmul_size", "seed"), positive=("gpu_gib",),
+                          guidance=("cfg_scale",),
+                          choices={"attn_impl": ("math", "sdpa"), "ae_preset": tuple(PRESETS),
+                                   "dit_preset": tuple(DIT_PRESETS), "compression": (0, *DEFAULT_LATENT_CHANNELS)},
+                          at_most={"batch_size": common.MAX_BATCH, "reps": common.MAX_REPEATS,
+                                   "warmup": common.MAX_REPEATS, "data_batches": common.MAX_REPEATS,
+                                   "num_workers": common.MAX_WORKERS, "matmul_size": common.MAX_MATMUL,
+                                   "seed": common.MAX_SEED})
+    for name, limit in (("attn_seq", common.MAX_SEQUENCE), ("decode_steps", common.MAX_EULER_STEPS)):
         values = settings[name].split(",")
-        if not all(v.strip().isdigit() and int(v) >= 1 for v in values):
-            raise SystemExit(f"error: --{name.replace('_', '-')} takes comma-separated whole numbers of at least 1, "
+        if not all(v.strip().isdigit() and 1 <= int(v) <= limit for v in values):
+            raise SystemExit(f"error: --{name.replace('_', '-')} takes comma-separated whole numbers from 1 to {limit}, "
                              f"got {settings[name]!r}")
+    with common.user_errors():  # a compression the preset's resolution does not divide: one line, not a traceback
+        make_config(ae_preset, attn_impl=attn_impl, **({"compression": compression} if compression else {}))
     if "data" in parts.split(",") and data and not os.path.isdir(data):
         raise SystemExit(f"error: --data {data!r}: no such folder (an image folder, or leave it out for the built-in data)")
     wanted = parts.split(",")

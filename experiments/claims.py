@@ -122,6 +122,7 @@ controls = True  # converge: also the two control latents (DGAE at c, Gaussian a
 judge_steps = 600  # training steps of the pattern classifier that judges the built-in data
 quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
+dist_timeout = 600  # seconds a process waits for the others (claims.py itself runs as one process)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
@@ -928,8 +929,11 @@ def main():
         dit_steps, num_samples, judge_steps = "2,4", 20, 60
     common.check_settings(globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch", "num_samples",
                                             "judge_steps", "compute_seeds", "pool"),
-                          count_or_0=("compute_factor",))
-    dist = common.setup_distributed(device)
+                          count_or_0=("compute_factor",), positive=("dist_timeout",),
+                          at_most={"max_steps": common.MAX_STEPS, "num_images": common.MAX_SIZE,
+                                   "num_samples": common.MAX_SAMPLES, "batch_size": common.MAX_BATCH,
+                                   "judge_steps": common.MAX_STEPS, "dist_timeout": common.MAX_SECONDS})
+    dist = common.setup_distributed(device, dist_timeout)
     with common.user_errors():
         MODES[mode](dist)
     common.shutdown(dist)

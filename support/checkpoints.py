@@ -37,7 +37,8 @@ def _os_error(e):
 
 
 def atomic_write(path, write):
-    """Write a file atomically: write(fh) fills a .tmp beside the file, which then replaces it in one step.
+    """Write a file atomically: write(fh) fills a .tmp beside the file, which then replaces it in
+    one step.
 
     A crash mid-write leaves the previous file intact, never half a file. A write that fails (disk
     full, read-only folder) also keeps the previous file, removes its .tmp (a 20 MB leftover per
@@ -82,7 +83,8 @@ def write_text(path, text):
 
 
 def save_checkpoint(path, ckpt):
-    """Write atomically (see atomic_write): never half a checkpoint, and a failed write keeps the old one."""
+    """Write atomically (see atomic_write): never half a checkpoint, and a failed write keeps the
+    old one."""
     atomic_write(path, lambda fh: torch.save(ckpt, fh))
 
 
@@ -112,8 +114,8 @@ def claim_out_dir(out_dir, data=""):
     Refused in one line: an out_dir inside data (see common.refuse_out_dir_in_data), one that cannot
     be written, and one that another process holds. Two runs in one folder (a job submitted twice, a
     restart script too eager) would write the same ckpt.pt, .tmp and log.jsonl in turn. Rank 0 (the
-    only rank that writes) holds an exclusive flock on out_dir/.lock until it ends: an OS lock, not a
-    marker file, so the kernel releases it on any exit, SIGKILL and a crash included, and no stale
+    only rank that writes) holds an exclusive flock on out_dir/.lock until it ends: an OS lock, not
+    a marker file, so the kernel releases it on any exit, SIGKILL and a crash included, and no stale
     lock ever blocks a resume. Holding it twice in one process is allowed (in-process tests)."""
     common.refuse_out_dir_in_data(out_dir, data)
     if common.launch_rank() != 0:
@@ -125,15 +127,16 @@ def claim_out_dir(out_dir, data=""):
     try:
         fh = open(os.path.join(out_dir, LOCK_FILE), "a")
     except OSError as e:  # e.g. a folder named .lock
-        raise SystemExit(f"error: --out-dir {out_dir}: cannot open its lock file {os.path.join(out_dir, LOCK_FILE)} "
-                         f"({e.strerror or e}); remove whatever is at that path") from None
+        raise SystemExit(f"error: --out-dir {out_dir}: cannot open its lock file "
+                         f"{os.path.join(out_dir, LOCK_FILE)} ({e.strerror or e}); remove whatever "
+                         "is at that path") from None
     try:
         _lock_exclusive(fh)
     except OSError:  # held by another process
         fh.close()
-        raise SystemExit(f"error: --out-dir {out_dir} is in use by another run that is still alive (it holds "
-                         f"{os.path.join(out_dir, LOCK_FILE)}); wait for it to end or stop it, or choose another "
-                         "--out-dir") from None
+        raise SystemExit(f"error: --out-dir {out_dir} is in use by another run that is still alive "
+                         f"(it holds {os.path.join(out_dir, LOCK_FILE)}); wait for it to end or "
+                         "stop it, or choose another --out-dir") from None
     _held[key] = fh
 
 
@@ -144,15 +147,17 @@ def dataset_changed(ckpt, num_images):
     saved = ckpt.get("config", {}).get("num_images")
     if saved is None or saved == num_images:
         return None
-    return (f"warning: the data now holds {num_images} images, the run had {saved} when it was checkpointed: the "
-            "images it sees from here on follow another order than the interrupted run's")
+    return (f"warning: the data now holds {num_images} images, the run had {saved} when it was "
+            "checkpointed: the images it sees from here on follow another order than the "
+            "interrupted run's")
 
 
 MADE_BY = {"ae": "train_ae.py", "dit": "train_dit.py"}
-# what the code that reads each kind of checkpoint looks up in it (a training run needs more: TRAINING_KEYS)
+# what the code that reads each kind of checkpoint looks up in it (a training run needs more:
+# TRAINING_KEYS)
 REQUIRED_KEYS = {"ae": ("model_args", "ema"),
-                 "dit": ("step", "model_args", "ema", "ae_ckpt", "ae_step", "ae_fingerprint", "latent_shape",
-                         "latent_mean", "latent_std", "num_classes", "class_names")}
+                 "dit": ("step", "model_args", "ema", "ae_ckpt", "ae_step", "ae_fingerprint",
+                         "latent_shape", "latent_mean", "latent_std", "num_classes", "class_names")}
 TRAINING_KEYS = ("step", "model", "ema", "optimizer", "loader", "rng")
 
 
@@ -163,7 +168,8 @@ def load_checkpoint(path, kind, mmap=True):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:  # e.g. a copy or a write interrupted by a full disk
-        raise ValueError(f"checkpoint {path} is empty (0 bytes); copy it again or use another checkpoint")
+        raise ValueError(f"checkpoint {path} is empty (0 bytes); copy it again or use another "
+                         "checkpoint")
     try:
         # mmap: the tensors stay in the file's pages, shared by every rank of a node that reads it,
         # instead of one full copy in each process's memory (mmap=False: a copy that a file
@@ -172,22 +178,27 @@ def load_checkpoint(path, kind, mmap=True):
     except Exception as e:  # a truncated or foreign file
         # torch's message for a file it cannot unpickle safely suggests weights_only=False, which
         # would run whatever code the file holds; only the kind of error is passed on
-        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}): it is damaged, truncated or "
-                         "not a PyTorch checkpoint; copy it again or use another checkpoint") from None
+        raise ValueError(f"could not read checkpoint {path} ({type(e).__name__}): it is damaged, "
+                         "truncated or not a PyTorch checkpoint; copy it again or use another "
+                         "checkpoint") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise ValueError(f"{path} is not a DGAE checkpoint (no 'kind' field)")
     if ckpt["kind"] != kind:
         raise ValueError(
-            f"{path} is a '{ckpt['kind']}' checkpoint (written by {MADE_BY.get(ckpt['kind'], '?')}), "
-            f"but a '{kind}' checkpoint (written by {MADE_BY.get(kind, '?')}) is needed here"
+            f"{path} is a '{ckpt['kind']}' checkpoint (written by "
+            f"{MADE_BY.get(ckpt['kind'], '?')}), but a '{kind}' checkpoint (written by "
+            f"{MADE_BY.get(kind, '?')}) is needed here"
         )
     missing = [k for k in REQUIRED_KEYS.get(kind, ()) if k not in ckpt]
     if missing:
-        raise ValueError(f"{path} has no {', '.join(repr(k) for k in missing)}: it is not a complete '{kind}' "
-                         f"checkpoint (edited, or not written by {MADE_BY[kind]}); use one that {MADE_BY[kind]} wrote")
-    for key in ("model", "ema"):  # drop the prefixes torch.compile (_orig_mod.) and DDP (module.) add
+        raise ValueError(f"{path} has no {', '.join(repr(k) for k in missing)}: it is not a "
+                         f"complete '{kind}' checkpoint (edited, or not written by "
+                         f"{MADE_BY[kind]}); use one that {MADE_BY[kind]} wrote")
+    # drop the prefixes torch.compile (_orig_mod.) and DDP (module.) add
+    for key in ("model", "ema"):
         if key in ckpt:
-            ckpt[key] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v for k, v in ckpt[key].items()}
+            ckpt[key] = {re.sub(r"^((_orig_mod|module)\.)+", "", k): v
+                         for k, v in ckpt[key].items()}
     return ckpt
 
 
@@ -198,11 +209,13 @@ def resume_or_refuse(ckpt_path, resume, kind):
         ckpt = load_checkpoint(ckpt_path, kind)
         missing = [k for k in TRAINING_KEYS if k not in ckpt]
         if missing:
-            raise ValueError(f"{ckpt_path} has no {', '.join(repr(k) for k in missing)}, so its run cannot be "
-                             "resumed; start a new run in another --out-dir")
-        if type(ckpt["step"]) is not int or ckpt["step"] < 0 or not isinstance(ckpt.get("config", {}), dict):
-            raise ValueError(f"{ckpt_path}: its step ({ckpt['step']!r}) or its settings are not what the training "
-                             "script writes (an edited file); resume from a checkpoint as it was written")
+            raise ValueError(f"{ckpt_path} has no {', '.join(repr(k) for k in missing)}, so its "
+                             "run cannot be resumed; start a new run in another --out-dir")
+        if (type(ckpt["step"]) is not int or ckpt["step"] < 0
+                or not isinstance(ckpt.get("config", {}), dict)):
+            raise ValueError(f"{ckpt_path}: its step ({ckpt['step']!r}) or its settings are not "
+                             "what the training script writes (an edited file); resume from a "
+                             "checkpoint as it was written")
         return ckpt
     if os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
@@ -210,25 +223,30 @@ def resume_or_refuse(ckpt_path, resume, kind):
     return None
 
 
-# The one resume rule. A resumed run takes every setting from its checkpoint. Only these may differ on
-# the command line: how long and how often it runs, how it computes, and where its other files are
-# (each checked where it is read); a flag that gives any other setting another value is refused. The
-# device, the run folder and --resume itself are never taken from a checkpoint (NEVER_RESUMED).
+# The one resume rule. A resumed run takes every setting from its checkpoint. Only these may differ
+# on the command line: how long and how often it runs, how it computes, and where its other files
+# are (each checked where it is read); a flag that gives any other setting another value is refused.
+# The device, the run folder and --resume itself are never taken from a checkpoint (NEVER_RESUMED).
 MAY_CHANGE_ON_RESUME = (
-    "max_steps", "log_every", "sample_every", "ckpt_every", "max_nonfinite_steps",  # how long, how often
-    "attn_impl", "compile", "grad_checkpoint", "channels_last", "deterministic", "num_workers",  # how it computes
+    # how long, how often
+    "max_steps", "log_every", "sample_every", "ckpt_every", "max_nonfinite_steps",
+    # how it computes
+    "attn_impl", "compile", "grad_checkpoint", "channels_last", "deterministic", "num_workers",
     "encode_batch_size", "dist_timeout", "decode_steps", "sample_steps", "cfg_scale",
-    "ae_ckpt", "cache_dir", "vgg_path", "lpips_path")  # where files are: train_dit checks the encoder's fingerprint
+    # where files are: train_dit checks the encoder's fingerprint
+    "ae_ckpt", "cache_dir", "vgg_path", "lpips_path")
 NEVER_RESUMED = ("resume", "out_dir", "device")
 
 
 def mismatch(name, value, saved):
-    return SystemExit(f"error: --{name.replace('_', '-')} {value} does not match the checkpoint being resumed "
-                      f"({saved}); a resumed run keeps its settings, except {', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE_ON_RESUME[:4])} and "
-                      "how it computes: drop the flag, or start a new run in another --out-dir")
+    return SystemExit(f"error: --{name.replace('_', '-')} {value} does not match the checkpoint "
+                      f"being resumed ({saved}); a resumed run keeps its settings, except "
+                      f"{', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE_ON_RESUME[:4])} "
+                      "and how it computes: drop the flag, or start a new run in another --out-dir")
 
 
-COMPILE_NOTE = "torch.compile: the first step waits for the compilation, which takes minutes (longest on a CPU)"
+COMPILE_NOTE = ("torch.compile: the first step waits for the compilation, which takes minutes "
+                "(longest on a CPU)")
 
 
 def schedule_notes(warmup_steps, max_steps, step=0):
@@ -236,11 +254,12 @@ def schedule_notes(warmup_steps, max_steps, step=0):
     --max-steps at or below the checkpoint's step (nothing to train), a warm-up longer than the run
     (the learning rate never reaches --lr)."""
     if step >= max_steps:
-        return [f"note: --max-steps {max_steps} is at or below the checkpoint's step {step}, so there is nothing to "
-                "train; pass a higher --max-steps to continue the run"]
+        return [f"note: --max-steps {max_steps} is at or below the checkpoint's step {step}, so "
+                "there is nothing to train; pass a higher --max-steps to continue the run"]
     if warmup_steps > max_steps:
-        return [f"warning: --warmup-steps {warmup_steps} is longer than --max-steps {max_steps}, so the learning rate "
-                f"never exceeds {max_steps / warmup_steps:.0%} of --lr; lower --warmup-steps"]
+        return [f"warning: --warmup-steps {warmup_steps} is longer than --max-steps {max_steps}, "
+                f"so the learning rate never exceeds {max_steps / warmup_steps:.0%} of --lr; lower "
+                "--warmup-steps"]
     return []
 
 
@@ -252,10 +271,11 @@ def settings_for_resume(ckpt, settings, given, may_change):
         if name not in settings or name in NEVER_RESUMED:
             continue
         want = type(settings[name])
-        if not (settings[name] is None or type(value) is want or want is float and type(value) is int
-                or want is str and type(value) is bool):
-            raise ValueError(f"{os.path.join(settings['out_dir'], 'ckpt.pt')}: its setting {name}={value!r} is not a "
-                             f"{want.__name__} (an edited file); resume from a checkpoint as it was written")
+        if not (settings[name] is None or type(value) is want
+                or want is float and type(value) is int or want is str and type(value) is bool):
+            raise ValueError(f"{os.path.join(settings['out_dir'], 'ckpt.pt')}: its setting "
+                             f"{name}={value!r} is not a {want.__name__} (an edited file); resume "
+                             "from a checkpoint as it was written")
         if name in given and settings[name] != value:
             if name not in may_change:
                 raise mismatch(name, settings[name], value)
@@ -274,13 +294,17 @@ def start_run(kind, settings, given, may_change, log):
     common.check_device(settings["device"])  # before any folder is made or image read
     with common.user_errors():
         claim_out_dir(out_dir, settings["data"])  # this run's alone while it lives
-        ckpt = resume_or_refuse(os.path.join(out_dir, "ckpt.pt"), settings["resume"], kind)  # never overwrite a run
+        # never overwrite a run
+        ckpt = resume_or_refuse(os.path.join(out_dir, "ckpt.pt"), settings["resume"], kind)
         notes = []
         if ckpt is not None:
             settings, notes = settings_for_resume(ckpt, settings, given, may_change)
-            common.refuse_out_dir_in_data(settings["out_dir"], settings["data"])  # the checkpoint's --data
-        notes += schedule_notes(settings["warmup_steps"], settings["max_steps"], ckpt["step"] if ckpt is not None else 0)
-    dist = common.setup_distributed(settings["device"], settings["dist_timeout"],  # (the checkpoint's, if not given)
+            # the checkpoint's --data
+            common.refuse_out_dir_in_data(settings["out_dir"], settings["data"])
+        notes += schedule_notes(settings["warmup_steps"], settings["max_steps"],
+                                ckpt["step"] if ckpt is not None else 0)
+    # (the checkpoint's, if not given)
+    dist = common.setup_distributed(settings["device"], settings["dist_timeout"],
                                     settings["deterministic"])
     for line in notes:
         log(line)
@@ -294,8 +318,9 @@ def rng_state():
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": {"key": torch.from_numpy(key.astype(np.int64)), "rest": rest}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        # this process's own GPU only: a resume may see other GPUs, or fewer (a smaller node, SLURM's
-        # per-task CUDA_VISIBLE_DEVICES), and the rank's noise is drawn on its current device
+        # this process's own GPU only: a resume may see other GPUs, or fewer (a smaller node,
+        # SLURM's per-task CUDA_VISIBLE_DEVICES), and the rank's noise is drawn on its current
+        # device
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -305,16 +330,19 @@ def set_rng_state(state):
     random.setstate(state["python"])
     np.random.set_state(("MT19937", state["numpy"]["key"].numpy(), *state["numpy"]["rest"]))
     cuda = state.get("cuda")
-    if isinstance(cuda, (list, tuple)):  # a checkpoint that saved every visible GPU's: this device's
-        cuda = cuda[torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None
+    # a checkpoint that saved every visible GPU's: this device's
+    if isinstance(cuda, (list, tuple)):
+        cuda = (cuda[torch.cuda.current_device()]
+                if torch.cuda.is_available() and torch.cuda.current_device() < len(cuda) else None)
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda)
 
 
 def seed_rank(seed, rank, step=0):
-    """Every generator a training step touches, for `rank`: seed + 1000 (rank + 1) at the start of a run; on a
-    resume at another number of ranks, where no saved state belongs to the rank, the step is mixed in too, so
-    that the noise after the resume differs from the noise the run began with."""
+    """Every generator a training step touches, for `rank`: seed + 1000 (rank + 1) at the start of a
+    run; on a resume at another number of ranks, where no saved state belongs to the rank, the step
+    is mixed in too, so that the noise after the resume differs from the noise the run began
+    with."""
     s = seed + 1000 * (rank + 1) + 7919 * step
     torch.manual_seed(s)  # the CPU and every GPU
     random.seed(s)
@@ -330,8 +358,9 @@ def save_training(path, dist, kind, step, net, ema, optimizer, loader, **extra):
         rngs = [None] * dist.world_size  # indexed by rank
         torch_dist.all_gather_object(rngs, rng_state())
     if dist.master:
-        save_checkpoint(path, dict(kind=kind, step=step, model=net.state_dict(), ema=ema.state_dict(),
-                                   optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=rngs, **extra))
+        save_checkpoint(path, dict(kind=kind, step=step, model=net.state_dict(),
+                                   ema=ema.state_dict(), optimizer=optimizer.state_dict(),
+                                   loader=loader.state_dict(), rng=rngs, **extra))
 
 
 def load_weights(module, state_dict, path, assign=False):
@@ -343,27 +372,31 @@ def load_weights(module, state_dict, path, assign=False):
     except RuntimeError as e:
         details = [line.strip().rstrip(".") for line in str(e).splitlines()[1:] if line.strip()]
         first = (details[0] if details else str(e))[:200]
-        raise ValueError(f"{path}: its weights do not fit the model its model_args describe ({first}); "
-                         "the file was edited or damaged, use a checkpoint as the training script wrote it") from None
+        raise ValueError(f"{path}: its weights do not fit the model its model_args describe "
+                         f"({first}); the file was edited or damaged, use a checkpoint as the "
+                         "training script wrote it") from None
 
 
 def check_weights_fit(build, state_dict, path):
-    """Refuse, in one line naming `path`, weights that do not fit the model build() makes; the model is
-    built on the meta device (shapes, no storage), so an edited width of 10^5 channels takes no memory."""
+    """Refuse, in one line naming `path`, weights that do not fit the model build() makes; the model
+    is built on the meta device (shapes, no storage), so an edited width of 10^5 channels takes no
+    memory."""
     with torch.device("meta"):
         load_weights(build(), state_dict, path, assign=True)
 
 
 def model_from_args(cls, args, state_dict, path):
-    """cls(**args) from a checkpoint's model_args, its weights `state_dict` checked first on the meta
-    device (no memory taken: an edited width of 10^5 channels is one line, not a 64 GB allocation). A key
-    the class does not take, a value of the wrong kind or weights that do not fit: one line naming `path`."""
+    """cls(**args) from a checkpoint's model_args, its weights `state_dict` checked first on the
+    meta device (no memory taken: an edited width of 10^5 channels is one line, not a 64 GB
+    allocation). A key the class does not take, a value of the wrong kind or weights that do not
+    fit: one line naming `path`."""
     if not isinstance(args, dict):
-        raise ValueError(f"{path}: model_args is not a dict; use a checkpoint as the training script wrote it")
+        raise ValueError(f"{path}: model_args is not a dict; use a checkpoint as the training "
+                         "script wrote it")
     unknown = sorted(set(args) - set(inspect.signature(cls).parameters))
     if unknown:
-        raise ValueError(f"{path}: model_args has settings this version's model does not take: {', '.join(unknown)}; "
-                         "use a checkpoint this version wrote")
+        raise ValueError(f"{path}: model_args has settings this version's model does not take: "
+                         f"{', '.join(unknown)}; use a checkpoint this version wrote")
     try:
         check_weights_fit(lambda: cls(**args), state_dict, path)
         return cls(**args)
@@ -371,8 +404,8 @@ def model_from_args(cls, args, state_dict, path):
         if isinstance(e, ValueError) and str(e).startswith(str(path)):
             raise
         raise ValueError(f"{path}: its model_args do not build the model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160] if str(e) else ''}); use a checkpoint as the training script "
-                         "wrote it") from None
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''}); use a checkpoint as "
+                         "the training script wrote it") from None
 
 
 def encoder_fingerprint(state_dict):
@@ -385,23 +418,26 @@ def encoder_fingerprint(state_dict):
     h = hashlib.sha256()
     for k in sorted(k for k in state_dict if k.startswith("encoder.")):
         h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(state_dict[k].detach().cpu().contiguous().reshape(-1)
+                 .view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 def load_dgae(path, device="cpu", ema=True):
-    """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval mode."""
+    """Rebuild a trained DGAE from a train_ae.py checkpoint (EMA weights by default), in eval
+    mode."""
     return dgae_from_checkpoint(load_checkpoint(path, "ae"), path, device, ema)
 
 
 def dgae_from_checkpoint(ckpt, path, device="cpu", ema=True):
-    """load_dgae of a checkpoint already read (`path`: its file, for the messages): a caller that must use
-    one file's contents throughout reads it once."""
+    """load_dgae of a checkpoint already read (`path`: its file, for the messages): a caller that
+    must use one file's contents throughout reads it once."""
     try:
         cfg = config_from_dict(ckpt["model_args"])
     except ValueError as e:
         raise ValueError(f"{path}: {e}; use a checkpoint as train_ae.py wrote it") from None
-    check_weights_fit(lambda: DGAE(cfg), ckpt["ema" if ema else "model"], path)  # before any memory is taken
+    # before any memory is taken
+    check_weights_fit(lambda: DGAE(cfg), ckpt["ema" if ema else "model"], path)
     model = DGAE(cfg)
     load_weights(model, ckpt["ema" if ema else "model"], path)
     return model.to(device).eval()
@@ -424,9 +460,10 @@ def restore_training(ckpt, dist, net, ema, optimizer, loader, path, seed, log):
         set_rng_state(ckpt["rng"][dist.rank])
     else:
         seed_rank(seed, dist.rank, ckpt["step"])
-        log(f"resumed on {dist.world_size} process{'es' if dist.world_size > 1 else ''}, saved on {saved_ranks}: the data "
-            f"continues at the next unused image; each rank's noise is seeded anew from --seed {seed} and step "
-            f"{ckpt['step']} (bit-for-bit continuation holds only on the same number of processes)")
+        log(f"resumed on {dist.world_size} process{'es' if dist.world_size > 1 else ''}, saved on "
+            f"{saved_ranks}: the data continues at the next unused image; each rank's noise is "
+            f"seeded anew from --seed {seed} and step {ckpt['step']} (bit-for-bit continuation "
+            "holds only on the same number of processes)")
     return ckpt["step"]
 
 
@@ -469,7 +506,8 @@ class StopSignals:
         return self.received is not None
 
     def flag(self, device):
-        """1.0 if this process received a stop signal, as a tensor to all-reduce with the step's other flags."""
+        """1.0 if this process received a stop signal, as a tensor to all-reduce with the step's
+        other flags."""
         # torch.full fills on the device; torch.tensor would copy a host value over every step
         return torch.full((), float(self.received is not None), device=device)
 
@@ -489,22 +527,27 @@ class StepGuard:
     read back only every `check_every` steps and at `last_step` (a stop signal then ends the run
     within check_every steps). Elsewhere reading a flag costs nothing and it is read every step."""
 
-    def __init__(self, stop, dist, max_in_a_row, ckpt_path, hint, optimizer=None, check_every=1, last_step=0):
-        self.stop, self.dist, self.max_in_a_row, self.ckpt_path = stop, dist, max_in_a_row, ckpt_path
-        self.hint = hint  # the end of the message that stops the run, e.g. "Lower --lr or check the data."
+    def __init__(self, stop, dist, max_in_a_row, ckpt_path, hint, optimizer=None, check_every=1,
+                 last_step=0):
+        self.stop, self.dist, self.max_in_a_row, self.ckpt_path = (
+            stop, dist, max_in_a_row, ckpt_path)
+        # the end of the message that stops the run, e.g. "Lower --lr or check the data."
+        self.hint = hint
         self.skipped = 0  # steps skipped since the last log row (take_skipped)
         self.in_a_row = 0
         self.stopping = False  # a stop signal reached some rank: save after this step and exit
         self.optimizer, self.check_every, self.last_step = optimizer, check_every, last_step
-        self.on_device = optimizer is not None and any(g.get("fused") for g in optimizer.param_groups)
-        if self.on_device:  # (skipped, in a row, the most in a row since the last check) as device tensors
+        self.on_device = (optimizer is not None
+                          and any(g.get("fused") for g in optimizer.param_groups))
+        # (skipped, in a row, the most in a row since the last check) as device tensors
+        if self.on_device:
             self.counts = torch.zeros(3, device=dist.device)
             self.bad = torch.zeros((), dtype=torch.bool, device=dist.device)
 
     def update_ok(self, loss, grad_norm, step):
         """True if the step from `step` to step + 1 may update the weights; raises SystemExit after
-        max_in_a_row non-finite steps in a row. `loss`: this rank's mean loss, a 0-dim tensor. On the
-        device path it is always True: the update then skips itself (found_inf, ema_decay)."""
+        max_in_a_row non-finite steps in a row. `loss`: this rank's mean loss, a 0-dim tensor. On
+        the device path it is always True: the update then skips itself (found_inf, ema_decay)."""
         if self.on_device:
             return self._update_on_device(loss, grad_norm, step)
         flags = torch.stack([(~torch.isfinite(loss)).float(), self.stop.flag(self.dist.device)])
@@ -520,14 +563,17 @@ class StepGuard:
     def _stop_if_too_many(self, step):
         if self.in_a_row >= self.max_in_a_row:
             common.close_bars()  # the message on a line of its own
-            raise SystemExit(f"error: {self.in_a_row} steps in a row (to step {step + 1}) had a non-finite loss or "
-                             f"gradient (--max-nonfinite-steps {self.max_in_a_row}); stopped without saving, so "
-                             f"{self.ckpt_path} is left as it was. {self.hint}")
+            raise SystemExit(f"error: {self.in_a_row} steps in a row (to step {step + 1}) had a "
+                             "non-finite loss or gradient (--max-nonfinite-steps "
+                             f"{self.max_in_a_row}); stopped without saving, so {self.ckpt_path} "
+                             f"is left as it was. {self.hint}")
 
     def _update_on_device(self, loss, grad_norm, step):
-        loss_nonfinite = common.all_reduce_sum((~torch.isfinite(loss)).float().reshape(1), self.dist)[0]
+        loss_nonfinite = common.all_reduce_sum((~torch.isfinite(loss)).float().reshape(1),
+                                               self.dist)[0]
         self.bad = (loss_nonfinite > 0) | ~torch.isfinite(grad_norm)  # () bool, on the device
-        self.optimizer.found_inf = self.bad.float()  # the fused AdamW step leaves weights and state alone
+        # the fused AdamW step leaves weights and state alone
+        self.optimizer.found_inf = self.bad.float()
         skipped, run, worst = self.counts.unbind()
         run = torch.where(self.bad, run + 1, torch.zeros_like(run))
         self.counts = torch.stack([skipped + self.bad, run, torch.maximum(worst, run)])
@@ -544,11 +590,12 @@ class StepGuard:
         return True
 
     def ema_decay(self, decay):
-        """The EMA's decay for this step: `decay`, or on the device path 1 (no change) where the step was
-        skipped, as a 0-dim device tensor (no host sync)."""
+        """The EMA's decay for this step: `decay`, or on the device path 1 (no change) where the
+        step was skipped, as a 0-dim device tensor (no host sync)."""
         if not self.on_device:
             return decay
-        return torch.where(self.bad, torch.ones((), device=self.bad.device), torch.full((), decay, device=self.bad.device))
+        return torch.where(self.bad, torch.ones((), device=self.bad.device),
+                           torch.full((), decay, device=self.bad.device))
 
     def take_skipped(self):
         """The steps skipped since the last call (for the log row), the same on every rank."""
@@ -581,8 +628,8 @@ class StepGuard:
         bit-identically from it."""
         common.close_bars()
         by = self.stop.received or "a stop signal to another rank"
-        log(f"stopped by {by} after step {step}: saved {self.ckpt_path}. Run the same command with --resume true "
-            f"to continue (exit status {EXIT_STOPPED})")
+        log(f"stopped by {by} after step {step}: saved {self.ckpt_path}. Run the same command with "
+            f"--resume true to continue (exit status {EXIT_STOPPED})")
         common.shutdown(self.dist, EXIT_STOPPED)
 
 
@@ -591,7 +638,8 @@ def loader_worker_init(worker_id=None):
     them to every process), so that the trainer can finish its step with them. A worker still ends
     with its trainer: at the loader's shutdown, or by its watchdog when the trainer is gone (seconds
     later). And it closes its copy of the run folder's lock (forked with the trainer's open files):
-    a flock lives while any copy is open, so a killed trainer's folder would stay locked until then."""
+    a flock lives while any copy is open, so a killed trainer's folder would stay locked until
+    then."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     for fh in _held.values():
@@ -604,16 +652,18 @@ def loader_worker_init(worker_id=None):
 
 
 def load_weight_file(path, flag, url):
-    """A pretrained weight file as a dict of tensors, or one line (ValueError) naming it: a file that is
-    truncated, not a PyTorch file, or a pickle of other objects (weights_only refuses to run its code;
-    torch's advice to load it with weights_only=False is never passed on)."""
+    """A pretrained weight file as a dict of tensors, or one line (ValueError) naming it: a file
+    that is truncated, not a PyTorch file, or a pickle of other objects (weights_only refuses to run
+    its code; torch's advice to load it with weights_only=False is never passed on)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{flag} {path}: could not read it as weights ({type(e).__name__}): it is damaged, "
-                         f"truncated or not the published file; download it again from {url}") from None
+        raise ValueError(f"{flag} {path}: could not read it as weights ({type(e).__name__}): it is "
+                         "damaged, truncated or not the published file; download it again from "
+                         f"{url}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{flag} {path}: not a state dict of tensors; download the published file from {url}")
+        raise ValueError(f"{flag} {path}: not a state dict of tensors; download the published file "
+                         f"from {url}")
     return state
 
 
@@ -624,23 +674,27 @@ def load_published_weights(load, path, flag, url):
         return load()
     except (RuntimeError, KeyError, ValueError) as e:
         lines = [line.strip().rstrip(".") for line in str(e).strip().splitlines() if line.strip()]
-        first = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else type(e).__name__)[:160]
+        first = (lines[1] if len(lines) > 1 and lines[0].endswith(":") else
+                 lines[0] if lines else type(e).__name__)[:160]
         raise ValueError(f"{flag} {path}: not the published weights of this network ({first}); "
                          f"download the published file from {url}") from None
 
 
 def find_weights(path, filename, url, flag, env_var, required=True):
-    """Resolve a pretrained weight file: `path` if given (not ""), else $env_var, else $DGAE_WEIGHTS/filename.
+    """Resolve a pretrained weight file: `path` if given (not ""), else $env_var, else
+    $DGAE_WEIGHTS/filename.
 
     $DGAE_WEIGHTS defaults to ./weights. Nothing is ever downloaded: if the file is missing and
     required, the error says which file, where it is published and how to point us at it.
     """
-    candidate = path or os.environ.get(env_var) or os.path.join(os.environ.get("DGAE_WEIGHTS", "weights"), filename)
+    candidate = (path or os.environ.get(env_var)
+                 or os.path.join(os.environ.get("DGAE_WEIGHTS", "weights"), filename))
     if os.path.isfile(candidate):
         return candidate
     if not required and not path:  # a path the user typed must exist, even for an optional file
         return None
     raise FileNotFoundError(
-        f"pretrained weight file {filename} not found (looked at {candidate}). Download it once from {url} "
-        f"and pass its path with {flag} PATH, or set {env_var}=PATH, or put it in $DGAE_WEIGHTS (default ./weights/)."
+        f"pretrained weight file {filename} not found (looked at {candidate}). Download it once "
+        f"from {url} and pass its path with {flag} PATH, or set {env_var}=PATH, or put it in "
+        "$DGAE_WEIGHTS (default ./weights/)."
     )

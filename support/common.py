@@ -162,6 +162,19 @@ MAX_SIZE = 10**8  # images in a dataset
 MAX_RESOLUTION = 4096  # px
 MAX_SECONDS = 7 * 24 * 3600  # a week
 MAX_SAMPLES = 200_000  # samples into one .npz (the FID protocol takes 50,000)
+# Images (or latents) one process holds in one forward pass, and micro-batches summed into one step: the
+# largest batch that fits 80 GB is 1433 at 64 px (README), so 2^16 is far past any real one; 10^9 made
+# bench.py ask for 12 TB of random images and eval.py put a whole folder into one forward pass.
+MAX_BATCH = 65_536
+MAX_WORKERS = 256  # data-loading processes per process: more than any machine has cores; each is a process
+MAX_STEPS = 10**8  # optimizer steps of one run (the DiT-XL recipe takes 4 x 10^5; at 10 steps/s 10^8 is 4 months)
+MAX_SEED = 2**32 - 1  # seeds: numpy's range; derived seeds (seed x 1000 + rank, seed + image index) stay in torch's
+MAX_GRID_ROW = 256  # sample.py: samples of a class in one grid row (256 of 256 px make a 66,000 px wide PNG)
+MAX_REPEATS = 10_000  # bench.py: untimed and timed repetitions, timed data batches (a median of 10^4 is exact enough)
+# bench.py: tokens of an attention row; 4x the longest sequence of any preset (f=4 latents at 256 px, patch 1:
+# 4096), where the math kernel already holds batch x heads x 2^28 scores
+MAX_SEQUENCE = 16_384
+MAX_MATMUL = 32_768  # bench.py: n of the n x n peak matmul (two 4 GiB float32 operands; 10^6 would be 4 TB each)
 
 
 def check_settings(settings, choices=None, at_most=None, **kinds):
@@ -196,6 +209,18 @@ def writable_dir(path, flag):
     except OSError as e:
         raise SystemExit(f"error: {flag} {path}: cannot write there ({e.strerror or e}); "
                          "choose a folder you can write to") from None
+
+
+def writable_file(path, flag, also=()):
+    """Refuse, at start-up, an output file that could not be written at the end: a folder given as the file
+    (or a name ending in a slash), a path under a file, a folder without write permission. `also`: the
+    files written beside it (eval.py's .txt table). Its folder is created if missing; what a link points
+    to is checked, since the write goes through the link (checkpoints.atomic_write)."""
+    for p in (path, *also):
+        if p.endswith(os.sep) or os.path.isdir(p):
+            raise SystemExit(f"error: {flag} {path}: {p} is a folder, where a file is to be written; name a file "
+                             "(in that folder or elsewhere)")
+    writable_dir(os.path.dirname(os.path.realpath(path)), f"{flag} {path}: its folder")
 
 
 def refuse_out_dir_in_data(out_dir, data):
@@ -366,7 +391,7 @@ def setup_distributed(device="", timeout=600, deterministic=False):
     check_device(device)
     use_deterministic_kernels(deterministic)
     device = device or default_device()
-    timeout = datetime.timedelta(seconds=timeout)
+    seconds, timeout = timeout, datetime.timedelta(seconds=timeout)
     if "RANK" not in os.environ:
         return Dist(False, 0, 0, 1, torch.device(device), True)
     missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
@@ -386,11 +411,43 @@ def setup_distributed(device="", timeout=600, deterministic=False):
                              "per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
-        torch_dist.init_process_group("nccl", device_id=dev, timeout=timeout)
     else:
         dev = torch.device(device)
-        torch_dist.init_process_group("gloo", timeout=timeout)
+    # Every rank first meets at rank 0's store (MASTER_ADDR:MASTER_PORT) and waits up to `timeout` for the others
+    # there: a process that never started (a node not launched, a wrong WORLD_SIZE or MASTER_ADDR) ends in
+    # torch's DistError after that wait, which becomes one line saying who is missing and what to check.
+    try:
+        if dev.type == "cuda":
+            torch_dist.init_process_group("nccl", device_id=dev, timeout=timeout)
+        else:
+            torch_dist.init_process_group("gloo", timeout=timeout)
+    except torch_dist.DistError as e:
+        if os.environ.get("DGAE_DEBUG", "") not in ("", "0"):
+            raise
+        raise SystemExit(group_not_formed(e, rank, world, seconds)) from None
     return Dist(True, rank, local_rank, world, dev, rank == 0)
+
+
+def group_not_formed(error, rank, world, seconds):
+    """The one line for a process group that could not be formed (setup_distributed), from torch's error:
+    rank 0's store waited `seconds` and not every rank joined ("1/2 clients joined"), another rank could not
+    reach that store, or rank 0 could not open it (the port is taken)."""
+    detail = re.sub(r"^\[[^\]]*\] ", "", str(error).splitlines()[0] if str(error) else type(error).__name__)[:200]
+    store = f"MASTER_ADDR:MASTER_PORT {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    joined = re.search(r"(\d+)/(\d+) clients joined", detail)
+    check = (f"check that all {world} processes were started (every node, --nnodes and --nproc_per_node agree "
+             f"with WORLD_SIZE {world}) and that {store} reaches rank 0, or raise --dist-timeout ({seconds:g} s now)")
+    if "EADDRINUSE" in detail or "address already in use" in detail.lower():
+        return (f"error: rank {rank} of {world}: {store} is in use by another process on this node ({detail}); "
+                "choose a free MASTER_PORT (torchrun --master-port) or end the process that holds it")
+    if joined:
+        missing = world - int(joined.group(1))
+        who = f"rank {1 - rank} of {world}" if world == 2 else f"{missing} of the {world} processes"
+        return f"error: rank {rank} of {world}: {who} never joined within {seconds:g} s ({detail}); {check}"
+    if "timed out" in detail.lower():
+        return (f"error: rank {rank} of {world}: rank 0 could not be reached at {store} within {seconds:g} s "
+                f"({detail}); {check}")
+    return f"error: rank {rank} of {world}: the process group could not be formed ({detail}); {check}"
 
 
 @contextmanager

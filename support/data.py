@@ -57,7 +57,8 @@ def to_rgb(pil_image):
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM center crop (guided-diffusion, image_datasets.py) -> np.uint8 (image_size, image_size, 3).
+    """ADM center crop (guided-diffusion, image_datasets.py) -> np.uint8
+    (image_size, image_size, 3).
 
     The field's standard preprocessing for ImageNet 256 (ADM, DiT, and the rFID protocol), kept
     identical so numbers are comparable: halve with a BOX filter while the short side is still
@@ -68,7 +69,8 @@ def center_crop_arr(pil_image, image_size):
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size), resample=Image.BICUBIC)
+    pil_image = pil_image.resize(tuple(round(s * scale) for s in pil_image.size),
+                                 resample=Image.BICUBIC)
     arr = np.array(pil_image)  # (h, w, 3); PIL sizes are (w, h)
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
@@ -86,15 +88,17 @@ def _is_image(name):
 MAX_IMAGE_PIXELS = 8192 * 8192
 # The longest side an image may have, in units of its shortest (read from the header too). The crop
 # first resizes the short side to the resolution, so a 1 x 10000 PNG (35 KB, well under
-# MAX_IMAGE_PIXELS) would become 256 x 2,560,000 pixels: 6.5 GB for one item. At 32:1 the resize holds at
-# most 32 x resolution^2 pixels (6 MB at 256 px), and photos, panoramas included, stay below it.
+# MAX_IMAGE_PIXELS) would become 256 x 2,560,000 pixels: 6.5 GB for one item. At 32:1 the resize
+# holds at most 32 x resolution^2 pixels (6 MB at 256 px), and photos, panoramas included, stay
+# below it.
 MAX_ASPECT_RATIO = 32
-MAX_IMAGE_WARNINGS = 20  # unreadable images named in a warning, per process; the rest are only counted
+# unreadable images named in a warning, per process; the rest are only counted
+MAX_IMAGE_WARNINGS = 20
 
 
 def _regular_file(path):
-    """True for a regular file (or a link to one): a FIFO or a device named like an image would block
-    or never end a read."""
+    """True for a regular file (or a link to one): a FIFO or a device named like an image would
+    block or never end a read."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:  # a broken link, a file removed meanwhile: not an image to read
@@ -102,8 +106,8 @@ def _regular_file(path):
 
 
 def _images_under(top, walked):
-    """Image files under the folder `top`, following links to folders, each real folder once (those in
-    `walked`, other than top itself, are skipped; the ones read here are added to it)."""
+    """Image files under the folder `top`, following links to folders, each real folder once (those
+    in `walked`, other than top itself, are skipped; the ones read here are added to it)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -111,7 +115,8 @@ def _images_under(top, walked):
             dirnames[:] = []  # nor anything below it
             continue
         walked.add(real)
-        found += [os.path.join(dirpath, f) for f in filenames if _is_image(f) and _regular_file(os.path.join(dirpath, f))]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if _is_image(f) and _regular_file(os.path.join(dirpath, f))]
     return found
 
 
@@ -127,8 +132,8 @@ def unreadable_error(dataset, tried, in_a_row=False):
     what = (f"{tried} of its {len(dataset)} images in a row could not be read" if in_a_row else
             f"none of its {tried} images could be read" if tried >= len(dataset) else
             f"none of its first {tried} images (of {len(dataset)}) could be read")
-    return SystemExit(f"error: {where}: {what} (the warnings above say why); fix or replace the files, "
-                      "or pass another folder")
+    return SystemExit(f"error: {where}: {what} (the warnings above say why); fix or replace the "
+                      "files, or pass another folder")
 
 
 _EXPECTED = ("expected an ImageNet-style folder: <root>/train/<class>/*.JPEG "
@@ -136,7 +141,8 @@ _EXPECTED = ("expected an ImageNet-style folder: <root>/train/<class>/*.JPEG "
 
 
 class ImageFolderDataset(Dataset):
-    """Images under `root/<split>/<class>/` (or `root/<class>/`, or flat `root/`), ADM center-cropped.
+    """Images under `root/<split>/<class>/` (or `root/<class>/`, or flat `root/`), ADM
+    center-cropped.
     split: "train" for training; evaluation reads "val" (an ImageNet root holds both)."""
 
     def __init__(self, root, resolution, split="train"):
@@ -151,10 +157,12 @@ class ImageFolderDataset(Dataset):
         samples = []
         # every real folder is read once: the root and the class folders count as read, so a link up
         # to them (`up -> ..`) is not walked into another class's label, nor a link loop for ever
-        walked = {os.path.realpath(base)} | {os.path.realpath(os.path.join(base, d)) for d in subdirs}
+        walked = ({os.path.realpath(base)}
+                  | {os.path.realpath(os.path.join(base, d)) for d in subdirs})
         for label, d in enumerate(subdirs):
             found = _images_under(os.path.join(base, d), walked)
-            samples += [(path, label) for path in sorted(found)]  # sorted: same order on every machine
+            # sorted: same order on every machine
+            samples += [(path, label) for path in sorted(found)]
         if samples:
             self.classes = subdirs
         else:
@@ -167,8 +175,8 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"--data {root!r}: found no images ({', '.join(IMG_EXTENSIONS)}) "
                              f"in {base!r}; {_EXPECTED}")
         self.samples = samples  # [(path, label)], sorted by label then path
-        self._warned = set()  # bad files already reported (per process: each worker keeps its own), at most
-        # MAX_IMAGE_WARNINGS of them, and then one warning that the rest go unreported
+        self._warned = set()  # bad files already reported (per process: each worker keeps its
+        # own), at most MAX_IMAGE_WARNINGS of them, and then one warning that the rest go unreported
 
     def __len__(self):
         return len(self.samples)
@@ -179,22 +187,28 @@ class ImageFolderDataset(Dataset):
             with Image.open(path) as im:  # reads the header only; converting below decodes fully
                 w, h = im.size
                 if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageTooLarge(f"{w}x{h} pixels, more than data.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}; "
-                                        "not decoded")
+                    raise ImageTooLarge(f"{w}x{h} pixels, more than data.MAX_IMAGE_PIXELS = "
+                                        f"{MAX_IMAGE_PIXELS}; not decoded")
                 if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-                    raise ImageTooLarge(f"{w}x{h} pixels, longer than data.MAX_ASPECT_RATIO = {MAX_ASPECT_RATIO} times "
-                                        f"its short side (the crop's resize to {self.resolution} px would be "
-                                        f"{round(max(w, h) * self.resolution / min(w, h))} px long); not decoded")
+                    raise ImageTooLarge(f"{w}x{h} pixels, longer than data.MAX_ASPECT_RATIO = "
+                                        f"{MAX_ASPECT_RATIO} times its short side (the crop's "
+                                        f"resize to {self.resolution} px would be "
+                                        f"{round(max(w, h) * self.resolution / min(w, h))} px "
+                                        "long); not decoded")
                 arr = center_crop_arr(to_rgb(im), self.resolution)
-        except Exception as e:  # truncated JPEG, not an image, too large, permissions, ...: skip, never crash
+        # truncated JPEG, not an image, too large, permissions, ...: skip, never crash
+        except Exception as e:
             if path not in self._warned and len(self._warned) <= MAX_IMAGE_WARNINGS:
                 self._warned.add(path)  # a folder of 100,000 bad files must not print 100,000 lines
-                warnings.warn(f"skipping image {path}: {type(e).__name__}: {e}" if len(self._warned) <= MAX_IMAGE_WARNINGS
-                              else f"more than {MAX_IMAGE_WARNINGS} unreadable images: the others are skipped without a "
-                                   "warning (the log's bad_images counts them all)", stacklevel=2)
+                warnings.warn(f"skipping image {path}: {type(e).__name__}: {e}"
+                              if len(self._warned) <= MAX_IMAGE_WARNINGS
+                              else f"more than {MAX_IMAGE_WARNINGS} unreadable images: the others "
+                                   "are skipped without a warning (the log's bad_images counts "
+                                   "them all)", stacklevel=2)
             return None
-        # (3, H, W) uint8: a quarter of float32's bytes through the workers' shared memory (Docker's 64 MB
-        # /dev/shm) and the copy to the GPU; to_model_range makes it [-1, 1] floats where the batch lands
+        # (3, H, W) uint8: a quarter of float32's bytes through the workers' shared memory (Docker's
+        # 64 MB /dev/shm) and the copy to the GPU; to_model_range makes it [-1, 1] floats where the
+        # batch lands
         return torch.from_numpy(arr).permute(2, 0, 1), label
 
 
@@ -222,15 +236,17 @@ def collate_skip_bad(batch):
 
 
 class InOrder:
-    """The readable items of `dataset`, in order, in batches: for x (B, 3, H, W), y (B,) in InOrder(...).
+    """The readable items of `dataset`, in order, in batches: for x (B, 3, H, W), y (B,) in
+    InOrder(...).
 
     For one pass over a fixed set of images (the latent cache, evaluation). Unreadable images are
     skipped and counted in .n_bad, so a caller that reports them reads one number.
     """
 
     def __init__(self, dataset, batch_size, num_workers=0, pin_memory=False):
-        self.loader = DataLoader(dataset, batch_size, collate_fn=collate_skip_bad, num_workers=num_workers,
-                                 pin_memory=pin_memory, worker_init_fn=loader_worker_init)
+        self.loader = DataLoader(dataset, batch_size, collate_fn=collate_skip_bad,
+                                 num_workers=num_workers, pin_memory=pin_memory,
+                                 worker_init_fn=loader_worker_init)
         self.n_bad = 0
 
     def __iter__(self):
@@ -241,7 +257,8 @@ class InOrder:
 
 
 class ResumableDistributedSampler(Sampler):
-    """DistributedSampler's shuffled, drop_last shards, able to start `offset` images into the epoch.
+    """DistributedSampler's shuffled, drop_last shards, able to start `offset` images into the
+    epoch.
 
     The permutation of an epoch comes from torch.randperm with a generator seeded by seed + epoch
     (DistributedSampler's own rule), the same on every rank and every restart. `offset` counts the
@@ -259,7 +276,8 @@ class ResumableDistributedSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        perm = torch.randperm(
+            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
         rest = perm[self.offset:]
         return iter(rest[self.rank:len(rest) // self.world_size * self.world_size:self.world_size])
 
@@ -273,9 +291,9 @@ class Loader:
     Every rank gets the same number of batches per epoch (num_samples // batch_size), which DDP
     needs. state_dict() = (epoch, images of the epoch's order all ranks have used); a new Loader
     given it continues with exactly the batches the old one would have produced next, and on
-    another number of ranks or another batch size at the next unused image. Unreadable images are skipped
-    and counted in .n_bad: this rank's, since this Loader was made, which the log reports. (Not in
-    the state: the checkpoint holds rank 0's state, and the ranks' counts differ.)
+    another number of ranks or another batch size at the next unused image. Unreadable images are
+    skipped and counted in .n_bad: this rank's, since this Loader was made, which the log reports.
+    (Not in the state: the checkpoint holds rank 0's state, and the ranks' counts differ.)
     """
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0):
@@ -283,7 +301,8 @@ class Loader:
             raise ValueError(f"dataset has {len(dataset)} images, fewer than one global batch "
                              f"(batch_size {batch_size} x world_size {world_size}); "
                              f"use a smaller batch size or a bigger dataset (--data)")
-        self.dataset, self.batch_size, self.rank, self.world_size, self.seed = dataset, batch_size, rank, world_size, seed
+        self.dataset, self.batch_size, self.rank, self.world_size, self.seed = (
+            dataset, batch_size, rank, world_size, seed)
         self.sampler = ResumableDistributedSampler(dataset, rank, world_size, seed)
         self.batches_per_epoch = self.sampler.num_samples // batch_size
         # The DataLoader draws its workers' base seed from `generator`; without one it would draw
@@ -294,7 +313,8 @@ class Loader:
             dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
             collate_fn=collate_skip_bad, num_workers=num_workers, generator=generator,
             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-            worker_init_fn=loader_worker_init,  # stop signals and the folder's lock are the trainer's
+            # stop signals and the folder's lock are the trainer's
+            worker_init_fn=loader_worker_init,
         )
         self.epoch, self.offset, self.batch, self.n_bad = 0, 0, 0, 0  # batch: since `offset` images
         self._it = None
@@ -334,16 +354,17 @@ class Loader:
         return self.offset + self.batch * self.batch_size * self.world_size
 
     def state_dict(self):
-        # "batch" (this epoch's batches at this batch size and rank count) is for reading only; a resume
-        # continues from "images", which stays exact when the rank count or the batch size changes
+        # "batch" (this epoch's batches at this batch size and rank count) is for reading only; a
+        # resume continues from "images", which stays exact when the rank count or the batch size
+        # changes
         return {"epoch": self.epoch, "images": self.images_used(),
-                "batch": self.images_used() // (self.batch_size * self.world_size), "seed": self.seed,
-                "batch_size": self.batch_size, "world_size": self.world_size}
+                "batch": self.images_used() // (self.batch_size * self.world_size),
+                "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, d):
         if "seed" in d and d["seed"] != self.seed:
-            print(f"data: resuming with seed={self.seed} (was {d['seed']}): the data order will not match the "
-                  "interrupted run's", file=sys.stderr)
+            print(f"data: resuming with seed={self.seed} (was {d['seed']}): the data order will "
+                  "not match the interrupted run's", file=sys.stderr)
         # a state without "images" counts batches of its own batch size and world size
         images = d.get("images", int(d["batch"]) * d.get("batch_size", self.batch_size) *
                        d.get("world_size", self.world_size))
@@ -352,8 +373,9 @@ class Loader:
 
 
 def to_model_range(x):
-    """A batch (B, 3, H, W) as the models take it: uint8 pixels (an image folder's items) -> floats in
-    [-1, 1] on x's device; floats (the built-in data, drawn in [-1, 1]) are returned as they are."""
+    """A batch (B, 3, H, W) as the models take it: uint8 pixels (an image folder's items) -> floats
+    in [-1, 1] on x's device; floats (the built-in data, drawn in [-1, 1]) are returned as they
+    are."""
     return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
@@ -376,8 +398,8 @@ def random_hflip(x, generator=None):
 
 
 def first_good(dataset, n):
-    """Indices of the first n readable items (an unreadable image is None and must not break a grid).
-    A dataset with none at all is refused in one line (unreadable_error)."""
+    """Indices of the first n readable items (an unreadable image is None and must not break a
+    grid). A dataset with none at all is refused in one line (unreadable_error)."""
     out = []
     for i in range(len(dataset)):
         if len(out) == n:
@@ -389,7 +411,8 @@ def first_good(dataset, n):
     return out
 
 
-# DiT's sample.py favourites: golden retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox
+# DiT's sample.py favourites: golden retriever, otter, red panda, geyser, macaw, valley, balloon,
+# arctic fox
 IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
@@ -399,7 +422,8 @@ def default_classes(num_classes):
 
 
 def to_uint8(x):
-    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8 numpy, rounding like the reference evaluators."""
+    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8 numpy, rounding like the reference
+    evaluators."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -413,6 +437,8 @@ def save_image_grid(x, path, nrow=8, pad=2):
     grid = np.full((nrows * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i in range(n):
         r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h,
+             pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[i]
     image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    atomic_write(path, lambda fh: Image.fromarray(grid).save(fh, format=image_format))  # never half an image
+    # never half an image
+    atomic_write(path, lambda fh: Image.fromarray(grid).save(fh, format=image_format))

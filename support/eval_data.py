@@ -79,6 +79,9 @@ class ImageSource:
                     self.offset = f.tell()
             if fortran or dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
                 raise ValueError(f"{path}: arr_0 must be a C-order (N, H, W, 3) uint8 array, got {self.shape} {dtype}")
+            if self.shape[0] and 0 in self.shape[1:3]:  # 0 x 0 images: no network or metric takes them
+                raise ValueError(f"{path}: its images are {self.shape[1]} x {self.shape[2]} pixels (arr_0 {self.shape}); "
+                                 "write the samples again (sample.py --num-samples)")
             self.dataset, self.n = None, self.shape[0]
         else:
             self.dataset = ImageFolderDataset(path, res, split="val")  # evaluation: root/val, never root/train
@@ -117,12 +120,12 @@ class ImageSource:
             self.n_bad += shard.n_bad
 
 
-def at_least_two(source, flag, limit=0):
+def at_least_two(source, flag, limit=0, needs="FID statistics need"):
     """FID statistics are a mean and a covariance: 0 or 1 images give NaN or a traceback, so refuse
-    them with a line naming the input."""
+    them with a line naming the input. `needs`: what needs the two, as the line says it."""
     n = source.count(limit)
     if n < 2:
-        raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; FID statistics need at least 2 "
+        raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; {needs} at least 2 "
                          "(the ImageNet protocol uses 50K)")
     return source
 
@@ -146,17 +149,19 @@ def total(count, dist):
     return int(common.all_reduce_sum(torch.tensor([count], device=dist.device), dist).item())
 
 
-def readable_or_refuse(source, n_read, n_tried, dist, at_least=1):
+def readable_or_refuse(source, n_read, n_tried, dist, at_least=1, needs="FID statistics need"):
     """Refuse, on every rank, a folder of which fewer than `at_least` images could be read: with none,
-    recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN.
-    n_read is the gathered (global) count, n_tried this rank's share."""
+    recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN (and recon's
+    spectral FD a linear-algebra traceback). n_read is the gathered (global) count, n_tried this rank's
+    share; `needs`: what needs them, as the line says it."""
     if n_read >= at_least:
         return
     tried = total(n_tried, dist)
     if n_read == 0 and source.dataset is not None:
         raise unreadable_error(source.dataset, tried)
-    raise ValueError(f"{source.path}: only {n_read} of its {tried} images could be read (the warnings above "
-                     f"say why); FID statistics need at least {at_least}")
+    what = (f"only {n_read} of its {tried} images could be read (the warnings above say why)" if n_read < tried else
+            f"{n_read} image{'' if n_read == 1 else 's'}")
+    raise ValueError(f"{source.path or 'the held-out built-in images'}: {what}; {needs} at least {at_least}")
 
 
 @torch.no_grad()

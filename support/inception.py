@@ -42,7 +42,8 @@ import torch.nn.functional as F
 
 from support import checkpoints
 
-INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                 "pt_inception-2015-12-05-6726825d.pth")
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 NUM_CLASSES = 1008
 SPATIAL_CHANNELS = 7  # the ADM evaluator keeps mixed_6/conv[..., :7]: 17 * 17 * 7 = 2023 features
@@ -102,7 +103,8 @@ class InceptionA(nn.Module):
 
 
 class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17 (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2. Unchanged by the FID port."""
+    """Grid reduction 35 -> 17 (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2. Unchanged by the FID
+    port."""
 
     def __init__(self, c_in):
         super().__init__()
@@ -114,7 +116,8 @@ class InceptionB(nn.Module):
     def forward(self, x):
         b3 = self.branch3x3(x)
         b3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([b3, b3dbl, F.max_pool2d(x, kernel_size=3, stride=2)], 1)  # (B, 480 + c_in, H', W')
+        # (B, 480 + c_in, H', W')
+        return torch.cat([b3, b3dbl, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionC(nn.Module):
@@ -139,7 +142,8 @@ class InceptionC(nn.Module):
     def branches(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         b7dbl = self.branch7x7dbl_1(x)
-        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4,
+                     self.branch7x7dbl_5):
             b7dbl = conv(b7dbl)
         return [self.branch1x1(x), b7, b7dbl, self.branch_pool(pool3x3(x, self.pool))]
 
@@ -148,7 +152,8 @@ class InceptionC(nn.Module):
 
 
 class InceptionD(nn.Module):
-    """Grid reduction 17 -> 8 (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2. Unchanged by the port."""
+    """Grid reduction 17 -> 8 (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2. Unchanged by
+    the port."""
 
     def __init__(self, c_in):
         super().__init__()
@@ -162,11 +167,13 @@ class InceptionD(nn.Module):
     def forward(self, x):
         b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)  # (B, 512 + c_in, H', W')
+        # (B, 512 + c_in, H', W')
+        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
 class InceptionE(nn.Module):
-    """8x8 block (Mixed_7b with avg pooling, Mixed_7c with max pooling): expanded 1x3 / 3x1 splits."""
+    """8x8 block (Mixed_7b with avg pooling, Mixed_7c with max pooling): expanded 1x3 / 3x1
+    splits."""
 
     def __init__(self, c_in, pool):
         super().__init__()
@@ -195,8 +202,8 @@ class InceptionE(nn.Module):
 class InceptionV3(nn.Module):
     """The FID InceptionV3. forward(x) with x (B, 3, H, W) in [0, 1] -> dict(pool, spatial, logits).
 
-    Any H, W works: the input is resized to 299x299 first, as the protocol does. Freshly built it has
-    PyTorch's random init (what the tests use); `load_inception` loads the published weights.
+    Any H, W works: the input is resized to 299x299 first, as the protocol does. Freshly built it
+    has PyTorch's random init (what the tests use); `load_inception` loads the published weights.
     """
 
     def __init__(self):
@@ -252,11 +259,12 @@ def load_inception(path="", device="cpu", required=True):
     <$DGAE_WEIGHTS or ./weights>/pt_inception-2015-12-05-6726825d.pth. A missing file raises
     FileNotFoundError naming it, its URL and --inception-path (or returns None if not required).
     """
-    file = checkpoints.find_weights(path, INCEPTION_FILE, INCEPTION_URL, "--inception-path", "DGAE_INCEPTION", required)
+    file = checkpoints.find_weights(path, INCEPTION_FILE, INCEPTION_URL, "--inception-path",
+                                    "DGAE_INCEPTION", required)
     if file is None:
         return None
     model = InceptionV3()
     state = checkpoints.load_weight_file(file, "--inception-path", INCEPTION_URL)
-    checkpoints.load_published_weights(lambda: model.load_state_dict(state, strict=True), file, "--inception-path",
-                                       INCEPTION_URL)
+    checkpoints.load_published_weights(lambda: model.load_state_dict(state, strict=True), file,
+                                       "--inception-path", INCEPTION_URL)
     return model.to(device)

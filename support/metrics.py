@@ -45,8 +45,9 @@ def conditional_mean_mse(samples, x):
     The mean of K decodes misses x by the decoder's bias b plus the noise left after averaging:
     E ||mean - x||^2 = ||b||^2 + sigma^2 / K. The decodes' sample variance (ddof 1) estimates
     sigma^2 without bias, so ||mean - x||^2 - var / K estimates ||b||^2, the error of the decoder's
-    conditional mean itself, with no sampling variance left (our choice of estimator; a deterministic
-    decoder has sigma = 0). Per image it can fall below 0 by chance: psnr_of_mse floors it.
+    conditional mean itself, with no sampling variance left (our choice of estimator; a
+    deterministic decoder has sigma = 0). Per image it can fall below 0 by chance: psnr_of_mse
+    floors it.
     """
     k = samples.shape[0]
     s = samples.double()
@@ -74,7 +75,8 @@ def ssim(x, y, size=11, sigma=1.5, k1=0.01, k2=0.03, data_range=255.0):
     mu_x, mu_y = filt(x), filt(y)
     var_x, var_y, cov = filt(x * x) - mu_x**2, filt(y * y) - mu_y**2, filt(x * y) - mu_x * mu_y
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    ssim_map = (((2 * mu_x * mu_y + c1) * (2 * cov + c2))
+                / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)))
     return ssim_map.mean(dim=(1, 2, 3))
 
 
@@ -113,7 +115,8 @@ def highfreq_ratio(recon_energy, real_energy):
 
 
 def band_power(x):
-    """(B, 3 * H // 2) per-image spectrum: log(1 + mean |X(k)|^2) in each radial frequency band, per channel.
+    """(B, 3 * H // 2) per-image spectrum: log(1 + mean |X(k)|^2) in each radial frequency band, per
+    channel.
 
     Band b holds the frequencies k = (ky, kx), in cycles per image, with b < |k| <= b + 1, for
     b = 0 .. H/2 - 1 (the mean colour, k = 0, is left out: PSNR judges it). The Frechet distance of
@@ -140,7 +143,8 @@ def band_power(x):
 
 
 def feature_stats(f, device="cpu"):
-    """(N, D) features -> mean (D,) and covariance (D, D), float64 (N - 1 normalisation, as np.cov)."""
+    """(N, D) features -> mean (D,) and covariance (D, D), float64
+    (N - 1 normalisation, as np.cov)."""
     f = torch.as_tensor(f).to(device, torch.float64)
     mu = f.mean(0)
     d = f - mu
@@ -188,23 +192,27 @@ def inception_score(logits, splits=10):
 
 
 def _sq_dists(a, b):
-    """(n, D), (m, D) -> (n, m) squared Euclidean distances (the ADM evaluator's form, clamped >= 0)."""
+    """(n, D), (m, D) -> (n, m) squared Euclidean distances (the ADM evaluator's form,
+    clamped >= 0)."""
     return ((a * a).sum(1, keepdim=True) - 2 * a @ b.t() + (b * b).sum(1)[None]).clamp_min(0)
 
 
 def knn_radii(f, k=3, block=1024):
-    """(N,) squared distance from each row of f to its k-th nearest other row (itself is the 0th)."""
+    """(N,) squared distance from each row of f to its k-th nearest other row
+    (itself is the 0th)."""
     return torch.cat([_sq_dists(f[i : i + block], f).topk(k + 1, dim=1, largest=False).values[:, k]
                       for i in range(0, len(f), block)])
 
 
 def inside(f, ref, radii, block=1024):
     """(N,) bool: row i of f lies within the k-NN ball of at least one row of ref."""
-    return torch.cat([(_sq_dists(f[i : i + block], ref) <= radii[None]).any(1) for i in range(0, len(f), block)])
+    return torch.cat([(_sq_dists(f[i : i + block], ref) <= radii[None]).any(1)
+                      for i in range(0, len(f), block)])
 
 
 def precision_recall(ref_feats, sample_feats, k=3, device="cpu"):
-    """Improved precision (samples inside the real manifold) and recall (reals inside the sample one)."""
+    """Improved precision (samples inside the real manifold) and recall
+    (reals inside the sample one)."""
     r = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
     s = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
     precision = inside(s, r, knn_radii(r, k)).double().mean()

@@ -1,9 +1,9 @@
 """
 The optimizer, the learning-rate schedule and the EMA of the weights, which both trainers use.
 
-    optimizer = make_optimizer(model, lr, weight_decay, betas, device)       # AdamW
-    for group in optimizer.param_groups: group["lr"] = lr_at(step, ...)     # warm-up, constant, cool-down
-    update_ema(ema, model, ema_decay_at(step, decay))                       # ema = d ema + (1 - d) w
+    optimizer = make_optimizer(model, lr, weight_decay, betas, device)   # AdamW
+    for group in optimizer.param_groups: group["lr"] = lr_at(step, ...)  # warm-up, constant, cool-down
+    update_ema(ema, model, ema_decay_at(step, decay))                    # ema = d ema + (1 - d) w
 
 All three are our choices (the paper gives no schedule); docs/NOTES.md has the runs that chose them.
 """
@@ -12,10 +12,12 @@ import torch
 
 
 def make_optimizer(model, lr, weight_decay, betas, device):
-    """AdamW with weight decay on matrices/kernels only, not on norm gains and biases; fused on CUDA."""
+    """AdamW with weight decay on matrices/kernels only, not on norm gains and biases; fused on
+    CUDA."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
@@ -45,9 +47,10 @@ def ema_decay_at(step, decay, warmup=34):
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
-    """ema = decay * ema + (1 - decay) * model, for every parameter and float buffer (others copied),
-    as one multi-tensor lerp over all of them. decay: a number, or a 0-dim tensor on the model's device
-    (checkpoints.StepGuard.ema_decay: 1 for a skipped step, decided without a host sync)."""
+    """ema = decay * ema + (1 - decay) * model, for every parameter and float buffer (others
+    copied), as one multi-tensor lerp over all of them. decay: a number, or a 0-dim tensor on the
+    model's device (checkpoints.StepGuard.ema_decay: 1 for a skipped step, decided without a host
+    sync)."""
     ema_t, model_t = [], []
     for e, p in zip(ema_model.state_dict().values(), model.state_dict().values()):
         if e.dtype.is_floating_point:

@@ -30,7 +30,8 @@ from support import checkpoints
 
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_FILE = "vgg16-397923af.pth"
-LPIPS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+LPIPS_URL = ("https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/"
+             "vgg.pth")
 LPIPS_FILE = "vgg.pth"
 
 # VGG16 is torchvision's configuration "D": 3x3 convs (padding 1) each followed by a ReLU, with a
@@ -65,10 +66,11 @@ def make_vgg16_features():
 class NetLin(nn.Module):
     """One LPIPS head: a 1x1 conv from C channels to 1, no bias.
 
-    Published layout is `model = Sequential(Dropout, Conv2d)`, so the conv's key is `model.1.weight`.
-    The dropout was only there while the heads were trained; the metric always runs it in eval mode,
-    where dropout is the identity. We put an nn.Identity in slot 0: same keys, same numbers, and no
-    way for a parent module's .train() to switch a random dropout mask on inside the loss.
+    Published layout is `model = Sequential(Dropout, Conv2d)`, so the conv's key is
+    `model.1.weight`. The dropout was only there while the heads were trained; the metric always
+    runs it in eval mode, where dropout is the identity. We put an nn.Identity in slot 0: same keys,
+    same numbers, and no way for a parent module's .train() to switch a random dropout mask on
+    inside the loss.
     """
 
     def __init__(self, channels):
@@ -79,8 +81,9 @@ class NetLin(nn.Module):
 def unit_normalize(f, eps=NORM_EPS):
     """Scale each spatial position's feature vector to unit L2 norm over channels.
 
-    f: (B, C, H, W) -> (B, C, H, W). Computed in at least fp32: under bf16 autocast the features come
-    out in bf16, and a sum of 512 squares in bf16 (8 bits of mantissa) would make the metric noisy.
+    f: (B, C, H, W) -> (B, C, H, W). Computed in at least fp32: under bf16 autocast the features
+    come out in bf16, and a sum of 512 squares in bf16 (8 bits of mantissa) would make the metric
+    noisy.
     """
     f = f.to(torch.promote_types(f.dtype, torch.float32))
     norm = torch.sqrt(torch.sum(f * f, dim=1, keepdim=True))  # (B, 1, H, W)
@@ -91,7 +94,8 @@ def check_keys(state, expected, what):
     """Raise ValueError unless `state` has exactly the keys and shapes in `expected`."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    misshaped = [f"{k}: {tuple(state[k].shape)} != {expected[k]}" for k in sorted(set(state) & set(expected))
+    misshaped = [f"{k}: {tuple(state[k].shape)} != {expected[k]}"
+                 for k in sorted(set(state) & set(expected))
                  if tuple(state[k].shape) != expected[k]]
     if missing or unexpected or misshaped:
         raise ValueError(f"{what} state dict does not match the published layout: "
@@ -108,13 +112,16 @@ class LPIPS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # LPIPS v0.1 input scaling: maps [-1, 1] images to roughly ImageNet-normalised values,
-        # since shift = 2*mean - 1 and scale = 2*std of the ImageNet statistics the trunk was trained
-        # on. Not persistent: they are constants, not part of either published file.
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        # LPIPS v0.1 input scaling: maps [-1, 1] images to roughly ImageNet-normalised values, since
+        # shift = 2*mean - 1 and scale = 2*std of the ImageNet statistics the trunk was trained on.
+        # Not persistent: they are constants, not part of either published file.
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1),
+                             persistent=False)
         self.features = make_vgg16_features()
-        # five named attributes (not a ModuleList) so the state-dict keys are `lin{k}.model.1.weight`
+        # five named attributes (not a ModuleList) so the state-dict keys are
+        # `lin{k}.model.1.weight`
         for k, c in enumerate(CHANNELS):
             setattr(self, f"lin{k}", NetLin(c))
             nn.init.ones_(getattr(self, f"lin{k}").model[1].weight)
@@ -143,9 +150,11 @@ class LPIPS(nn.Module):
     def forward(self, x, y):
         """x, y: (B, 3, H, W) in [-1, 1], H and W at least 16. Returns (B,) fp32 distances."""
         if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS wants two (B, 3, H, W) images of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(f"LPIPS wants two (B, 3, H, W) images of the same shape, "
+                             f"got {tuple(x.shape)} and {tuple(y.shape)}")
         if min(x.shape[2:]) < 16:
-            raise ValueError(f"LPIPS needs H, W >= 16 (four 2x pools before relu5_3), got {tuple(x.shape[2:])}")
+            raise ValueError(f"LPIPS needs H, W >= 16 (four 2x pools before relu5_3), "
+                             f"got {tuple(x.shape[2:])}")
         # Two separate passes rather than one on cat([x, y]): in training only x (the estimate)
         # needs gradients, and a separate pass for the target builds no graph at all.
         fx = self.vgg_taps((x - self.shift) / self.scale)
@@ -193,19 +202,22 @@ class LPIPS(nn.Module):
 def load_lpips(vgg_path="", lpips_path="", required=True, device="cpu"):
     """Build LPIPS with the published VGG16 and LPIPS v0.1 weights, both read from local files.
 
-    Each file is resolved by checkpoints.find_weights: the given path, else $DGAE_VGG16 / $DGAE_LPIPS,
-    else <$DGAE_WEIGHTS or ./weights>/<file name>. If a file is missing: with required=True the
-    FileNotFoundError names the file, its download URL and the flag (--vgg-path / --lpips-path);
-    with required=False we return None, so callers can skip the LPIPS term or metric.
+    Each file is resolved by checkpoints.find_weights: the given path, else $DGAE_VGG16 /
+    $DGAE_LPIPS, else <$DGAE_WEIGHTS or ./weights>/<file name>. If a file is missing: with
+    required=True the FileNotFoundError names the file, its download URL and the flag (--vgg-path /
+    --lpips-path); with required=False we return None, so callers can skip the LPIPS term or metric.
     """
-    vgg_file = checkpoints.find_weights(vgg_path, VGG16_FILE, VGG16_URL, "--vgg-path", "DGAE_VGG16", required)
-    lpips_file = checkpoints.find_weights(lpips_path, LPIPS_FILE, LPIPS_URL, "--lpips-path", "DGAE_LPIPS", required)
+    vgg_file = checkpoints.find_weights(vgg_path, VGG16_FILE, VGG16_URL, "--vgg-path", "DGAE_VGG16",
+                                        required)
+    lpips_file = checkpoints.find_weights(lpips_path, LPIPS_FILE, LPIPS_URL, "--lpips-path",
+                                          "DGAE_LPIPS", required)
     if vgg_file is None or lpips_file is None:
         return None
     # weights_only: these files are plain tensor dicts, and we never unpickle arbitrary objects
     vgg_state = checkpoints.load_weight_file(vgg_file, "--vgg-path", VGG16_URL)
     lpips_state = checkpoints.load_weight_file(lpips_file, "--lpips-path", LPIPS_URL)
     net = LPIPS()
-    checkpoints.load_published_weights(lambda: net.load_published(vgg_state, lpips_state), f"{vgg_file}, {lpips_file}",
-                                       "--vgg-path/--lpips-path", f"{VGG16_URL} and {LPIPS_URL}")
+    checkpoints.load_published_weights(lambda: net.load_published(vgg_state, lpips_state),
+                                       f"{vgg_file}, {lpips_file}", "--vgg-path/--lpips-path",
+                                       f"{VGG16_URL} and {LPIPS_URL}")
     return net.to(device)

@@ -1,7 +1,8 @@
 """
-The built-in dataset: coloured shapes and textures (discs, stripes, checkerboards, ...), drawn on the
-fly and never downloaded. It makes `python train_ae.py` work out of the box and gives the tests
-something with sharp, high-frequency detail to reconstruct. data.build_dataset picks it for --data "".
+The built-in dataset: coloured shapes and textures (discs, stripes, checkerboards, ...), drawn on
+the fly and never downloaded. It makes `python train_ae.py` work out of the box and gives the tests
+something with sharp, high-frequency detail to reconstruct. data.build_dataset picks it for
+--data "".
 
 Item i is a pure function of (seed, i), at any resolution; images are float32 tensors (3, H, W) in
 [-1, 1], labels are Python ints (the pattern's index). At the end, PatternClassifier: a small CNN
@@ -118,12 +119,15 @@ _PATTERNS = [
 
 
 class ProceduralDataset(Dataset):
-    """Coloured shapes and textures, one pattern per class; item i is a pure function of (seed, i)."""
+    """Coloured shapes and textures, one pattern per class; item i is a pure function of
+    (seed, i)."""
 
     def __init__(self, resolution=32, num_classes=10, size=10000, seed=0):
         if not 1 <= num_classes <= len(_PATTERNS):
-            raise ValueError(f"ProceduralDataset has {len(_PATTERNS)} patterns, not num_classes={num_classes}")
-        self.resolution, self.num_classes, self.size, self.seed = resolution, num_classes, size, seed
+            raise ValueError(f"ProceduralDataset has {len(_PATTERNS)} patterns, "
+                             f"not num_classes={num_classes}")
+        self.resolution, self.num_classes, self.size, self.seed = (
+            resolution, num_classes, size, seed)
         self.class_names = [name for name, _ in _PATTERNS[:num_classes]]
 
     def __len__(self):
@@ -157,11 +161,13 @@ class ProceduralDataset(Dataset):
 
 
 class PatternClassifier(nn.Module):
-    """A small CNN that names the pattern of a built-in image: x (B, 3, H, W) in [-1, 1] -> logits (B, K).
+    """A small CNN that names the pattern of a built-in image: x (B, 3, H, W) in [-1, 1] ->
+    logits (B, K).
 
     It gives stage 2 on the built-in data a number (eval.py classes): the share of samples for class
     c that it classifies as c, against chance (1/K) and against its own accuracy on real images.
-    Three levels of two 3x3 convolutions, then a global average, so any resolution divisible by 8 works.
+    Three levels of two 3x3 convolutions, then a global average, so any resolution divisible by 8
+    works.
     """
 
     def __init__(self, num_classes=10, width=16):
@@ -176,19 +182,22 @@ class PatternClassifier(nn.Module):
         self.head = nn.Linear(ch, num_classes)
 
     def embed(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> (B, 4 * width) pooled features: the space of the judge's Frechet distance."""
+        """x (B, 3, H, W) in [-1, 1] -> (B, 4 * width) pooled features: the space of the judge's
+        Frechet distance."""
         return self.features(x).mean((2, 3))
 
     def forward(self, x):
         return self.head(self.embed(x))  # (B, K)
 
 
-def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=64, seed=0, device="cpu"):
-    """Train a PatternClassifier on fresh built-in images (seed `seed`, each seen once), in eval mode at the end.
+def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=64, seed=0,
+                             device="cpu"):
+    """Train a PatternClassifier on fresh built-in images (seed `seed`, each seen once), in eval
+    mode at the end.
 
-    Each image is mirrored with probability 1/2, as stage 2 trains on mirrored latents too: a mirrored
-    diagonal stripe is still a diagonal stripe. The learning rate falls linearly to 0, which settles
-    the weights. Deterministic for a seed (its own RNG, not the global one).
+    Each image is mirrored with probability 1/2, as stage 2 trains on mirrored latents too: a
+    mirrored diagonal stripe is still a diagonal stripe. The learning rate falls linearly to 0,
+    which settles the weights. Deterministic for a seed (its own RNG, not the global one).
     """
     from support.data import random_hflip  # data.py imports this file, so not at the top
 
@@ -197,7 +206,8 @@ def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=6
         torch.manual_seed(seed)
         model = PatternClassifier(num_classes).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-        # the loader draws its workers' base seed from `generator`, not from the seeded RNG the flips use
+        # the loader draws its workers' base seed from `generator`, not from the seeded RNG the
+        # flips use
         batches = DataLoader(images, batch_size, generator=torch.Generator().manual_seed(seed))
         for step, (x, y) in enumerate(batches):  # x (B, 3, H, W), y (B,)
             for group in opt.param_groups:

@@ -299,7 +299,7 @@ def test_converge_takes_each_seed_at_the_sweeps_best_rate_and_can_skip_the_contr
     monkeypatch.setattr(claims, "controls", False)
     assert [run for _, run, _ in claims.converge_latents(4, 2)] == ["gauss_c4_lr0.0003_s2", "dgae_c2_lr0.001_s2"]
     os.remove(tmp_path / "dgae_c2_lr0.001_s2" / "scores.json")  # a missing run: say which, and the command that trains it
-    with pytest.raises(SystemExit, match=r"dgae_c2_lr0\.001_s2 \(.*`python claims\.py compare .*--seeds 1,2 --lrs 1e-3,3e-4 "
+    with pytest.raises(SystemExit, match=r"dgae_c2_lr0\.001_s2 \(.*`python experiments/claims\.py compare .*--seeds 1,2 --lrs 1e-3,3e-4 "
                                          r"--compute-factor 0 --only dgae_c2_lr0\.001_s2`"):
         claims.converge_latents(4, 2)
     os.remove(tmp_path / "dgae_c2_lr0.0003_s1" / "scores.json")  # the sweep is unfinished: its missing run is named

@@ -157,6 +157,53 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, monkeypatch, flags, 
     assert "\n" not in str(e.value)
 
 
+def _unwritable_folder(tmp_path):
+    """A folder this process cannot create a file in: without write permission, or, for root (whom permissions do
+    not stop), /sys, where the kernel refuses new files to everyone."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    for candidate in (str(folder), "/sys"):
+        try:
+            open(os.path.join(candidate, "probe"), "w").close()
+            os.remove(os.path.join(candidate, "probe"))
+        except OSError:
+            return candidate
+    pytest.skip("no folder here refuses a new file")
+
+
+@pytest.mark.parametrize("mode", ["recon", "gen", "stats", "classes"])
+def test_an_unwritable_out_is_refused_in_one_line_before_anything_is_loaded(tmp_path, monkeypatch, mode):
+    """--out under a file, a folder given as the file, a folder without write permission (and, without --out, a
+    default beside the input that cannot be written): one line naming --out, before a checkpoint, an image or a
+    network is read. Before, each mode scored everything first and failed at the write."""
+    import support.procedural
+
+    for module, name in ((checkpoints, "load_dgae"), (inception_module, "load_inception"), (eval_data, "ImageSource"),
+                         (support.procedural, "train_pattern_classifier")):
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} was called"))
+    np.savez(tmp_path / "s.npz", arr_0=random_images(4, 0, size=16), labels=np.zeros(4, np.int64))
+    (tmp_path / "ckpt.pt").write_bytes(b"never read")
+    inputs = {"recon": ["--ckpt", str(tmp_path / "ckpt.pt")], "stats": ["--images", str(tmp_path / "s.npz")],
+              "gen": ["--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "s.npz")],
+              "classes": ["--samples", str(tmp_path / "s.npz")]}[mode]
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "folder.json").mkdir()
+    read_only = _unwritable_folder(tmp_path)
+    for out, message in [(tmp_path / "file/r.json", "cannot write there"),
+                         (tmp_path / "folder.json", "is a folder, where a file is to be written"),
+                         (os.path.join(read_only, "r.json"), "cannot write there")]:
+        with pytest.raises(SystemExit) as e:
+            run_eval_in_process(monkeypatch, mode, *inputs, "--out", str(out), "--device", "cpu")
+        line = str(e.value)
+        assert line.startswith(f"error: --out {out}: ") and message in line and "\n" not in line, line
+    if mode != "stats":  # the default beside the input (stats has none): an input under a file cannot have one
+        inputs[1] = str(tmp_path / "file" / os.path.basename(inputs[1]))
+        with pytest.raises(SystemExit, match=r"^error: --out \(not given, so beside --(ckpt|samples)\) .*cannot write"):
+            run_eval_in_process(monkeypatch, mode, *inputs, "--device", "cpu")
+    assert not os.path.exists(tmp_path / "file" / "r.json")
+
+
 def test_unusable_npz_inputs_are_one_line_before_any_model_is_loaded(tmp_path, monkeypatch):
     # eval.py is reloaded for each run and imports load_inception from here: the guard must sit here
     monkeypatch.setattr(inception_module, "load_inception", lambda *a: pytest.fail("loaded InceptionV3"))

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import subprocess
 import sys
 import os
@@ -54,6 +55,20 @@ def test_writable_dir_creates_the_folder_or_refuses_in_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=r"^error: --out-dir .*file/run: cannot write there \(Not a directory\)"):
         common.writable_dir(str(tmp_path / "file" / "run"), "--out-dir")
+
+
+def test_writable_file_refuses_a_folder_in_its_place_or_beside_it_and_a_path_under_a_file(tmp_path):
+    common.writable_file(str(tmp_path / "new" / "r.json"), "--out", also=(str(tmp_path / "new" / "r.txt"),))
+    assert os.listdir(tmp_path / "new") == []  # the folder is created, nothing is left in it
+    (tmp_path / "r.txt").mkdir()
+    (tmp_path / "file").write_text("")
+    for path, also, message in [(tmp_path / "r.txt", (), "r.txt is a folder, where a file is to be written"),
+                                (f"{tmp_path}{os.sep}", (), "is a folder, where a file is to be written"),
+                                (tmp_path / "r.json", (str(tmp_path / "r.txt"),), "r.txt is a folder"),  # the table's place
+                                (tmp_path / "file" / "r.json", (), "its folder .*file: cannot write there")]:
+        with pytest.raises(SystemExit, match=f"^error: --out {re.escape(str(path))}: .*{message}") as e:
+            common.writable_file(str(path), "--out", also=also)
+        assert "\n" not in str(e.value)
 
 
 def test_cpu_paths_of_the_cuda_only_features():
@@ -442,10 +457,35 @@ def test_the_log_holds_one_row_per_step_after_a_fresh_start_and_after_a_resume(t
     ("train_ae.py", ["--dataset-size", "1000000000000"], "--dataset-size must be at most 100000000, got 1000000000000"),
     ("train_ae.py", ["--resolution", "65536"], "--resolution must be at most 4096, got 65536"),
     ("train_ae.py", ["--dist-timeout", "100000000000000"], "--dist-timeout must be at most 604800, got 100000000000000"),
+    ("train_ae.py", ["--batch-size", "1000000000"], "--batch-size must be at most 65536, got 1000000000"),
+    ("train_ae.py", ["--seed", "10000000000000"], "--seed must be at most 4294967295, got 10000000000000"),
     ("train_dit.py", ["--t-dist", "foo"], "--t-dist must be one of logit_normal, uniform, got 'foo'"),
+    ("train_dit.py", ["--batch-size", "1000000000"], "--batch-size must be at most 65536, got 1000000000"),
+    ("train_dit.py", ["--encode-batch-size", "1000000000"], "--encode-batch-size must be at most 65536, got 1000000000"),
+    ("train_dit.py", ["--shard-size", "1000000000000"], "--shard-size must be at most 100000000, got 1000000000000"),
+    ("train_dit.py", ["--num-workers", "1000000"], "--num-workers must be at most 256, got 1000000"),
+    ("train_dit.py", ["--seed", "18446744073709551616"], "--seed must be at most 4294967295, got 18446744073709551616"),
     ("sample.py", ["--ckpt", "x.pt", "--num-samples", "100000000"], "--num-samples must be at most 200000, got 100000000"),
+    ("sample.py", ["--ckpt", "x.pt", "--batch-size", "1000000000"], "--batch-size must be at most 65536, got 1000000000"),
+    ("sample.py", ["--ckpt", "x.pt", "--per-class", "1000000000"], "--per-class must be at most 256, got 1000000000"),
+    ("eval.py", ["stats", "--images", "x.npz", "--out", "s.npz", "--batch-size", "1000000000"],
+     "--batch-size must be at most 65536, got 1000000000"),
+    ("eval.py", ["recon", "--ckpt", "x.pt", "--num-images", "1000000000000"],
+     "--num-images must be at most 100000000, got 1000000000000"),
+    ("eval.py", ["recon", "--ckpt", "x.pt", "--resolution", "65536"], "--resolution must be at most 4096, got 65536"),
+    ("eval.py", ["classes", "--samples", "x.npz", "--judge-steps", "1000000000000"],
+     "--judge-steps must be at most 100000000, got 1000000000000"),
+    ("eval.py", ["gen", "--samples", "x.npz", "--ref", "r.npz", "--num-workers", "1000000"],
+     "--num-workers must be at most 256, got 1000000"),
     ("experiments/bench.py", ["--reps", "0"], "--reps must be at least 1, got 0"),
-    ("experiments/bench.py", ["--attn-seq", "abc"], "--attn-seq takes comma-separated whole numbers of at least 1, got 'abc'"),
+    ("experiments/bench.py", ["--attn-seq", "abc"], "--attn-seq takes comma-separated whole numbers from 1 to 16384, got 'abc'"),
+    ("experiments/bench.py", ["--attn-seq", "64,1000000000"],
+     "--attn-seq takes comma-separated whole numbers from 1 to 16384, got '64,1000000000'"),
+    ("experiments/bench.py", ["--batch-size", "1000000000"], "--batch-size must be at most 65536, got 1000000000"),
+    ("experiments/bench.py", ["--matmul-size", "1000000"], "--matmul-size must be at most 32768, got 1000000"),
+    ("experiments/bench.py", ["--sample-steps", "1000000000"], "--sample-steps must be from 1 to 1000, got 1000000000"),
+    ("experiments/bench.py", ["--compression", "3"], "--compression must be one of 0, 4, 8, 16, 32, 64, got 3"),
+    ("experiments/bench.py", ["--compression", "64"], "--resolution 32 is not divisible by --compression 64"),
     ("experiments/bench.py", ["--parts", "data", "--data", "/no/such/folder"], "--data '/no/such/folder': no such folder"),
 ])
 def test_a_bad_choice_or_an_absurd_size_is_refused_in_one_line_before_any_work(tmp_path, script, args, message):
@@ -471,6 +511,57 @@ def test_a_half_set_distributed_environment_is_one_line(monkeypatch, env, messag
         monkeypatch.setenv(k, v)
     with pytest.raises(SystemExit, match=f"distributed launch, but {message}; start it with torchrun"):
         common.setup_distributed("cpu")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_peer_that_never_joins_or_a_taken_port_is_one_line_after_the_timeout(tmp_path):
+    """Rank 0 of 2 under torchrun's environment, and rank 1 never starts: sample.py waits --dist-timeout for it
+    at the store, then says in one line who never joined and what to check, with no traceback (gloo's
+    DistStoreError before). The port held by another process fails at once, also in one line; with
+    DGAE_DEBUG=1 the traceback is shown."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    port = _free_port()
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "DGAE_DEBUG": ""}
+
+    def run(code, **extra):
+        import time
+
+        t0 = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=60)
+        return proc, time.monotonic() - t0
+
+    sample_main = f"import sys; sys.path.insert(0, {root!r}); sys.argv = ['sample.py', '--ckpt', 'x.pt', " \
+                  "'--device', 'cpu', '--dist-timeout', '3']; import sample; sample.main()"
+    proc, took = run(sample_main)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: rank 0 of 2: rank 1 of 2 never joined within 3 s"), line
+    assert f"MASTER_ADDR:MASTER_PORT 127.0.0.1:{port}" in line and "--dist-timeout" in line
+    assert took < 20 and os.listdir(tmp_path) == []  # after the timeout, and before any file was touched
+    # a port another process holds: at once, in one line, and the traceback with DGAE_DEBUG=1
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        env["MASTER_PORT"] = str(holder.getsockname()[1])
+        setup = f"import sys; sys.path.insert(0, {root!r}); from support import common; common.setup_distributed('cpu', 3)"
+        proc, took = run(setup)
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr and took < 20, proc.stderr[-2000:]
+        assert line.startswith(f"error: rank 0 of 2: MASTER_ADDR:MASTER_PORT 127.0.0.1:{holder.getsockname()[1]} is "
+                               "in use by another process on this node"), line
+        proc, _ = run(setup, DGAE_DEBUG="1")
+        assert proc.returncode != 0 and "Traceback" in proc.stderr and "DistNetworkError" in proc.stderr
 
 
 def test_every_script_imports_where_the_os_has_no_fcntl():

@@ -9,6 +9,7 @@ fresh build would give.
 
 import importlib
 import io
+import json
 import os
 import shutil
 import struct
@@ -271,6 +272,89 @@ def test_fid_features_of_a_folder_with_one_readable_image_are_refused(tmp_path):
         eval_data.inception_features(src, features, SOLO, 2)
     assert str(e.value) == (f"{tmp_path / 'imgs'}: only 1 of its 2 images could be read (the warnings above say why); "
                             "FID statistics need at least 2")
+
+
+def zero_size_png(path):
+    """A PNG whose header says 0 x 0 pixels, written chunk by chunk (PIL refuses to write an empty image):
+    PIL's Image.open refuses it (UnidentifiedImageError), as it does any image of a side 0."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 0, 0, 8, 2, 0, 0, 0)  # 0 x 0, 8-bit RGB
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+class _PixelFeatures(torch.nn.Module):
+    """Stands in for the FID InceptionV3: features of the right widths from each image's pixels."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.proj = {k: torch.randn(3 * 4 * 4, d, generator=g) for k, d in eval_data.FEATURE_DIMS.items()}
+
+    def forward(self, x):
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+        return {k: x @ p for k, p in self.proj.items()}
+
+
+def test_a_zero_size_or_undecodable_image_is_skipped_counted_and_named_by_every_eval_mode(tmp_path, ae, monkeypatch):
+    """eval.py recon --data, gen --samples/--ref and stats --images on a folder holding a 0 x 0 PNG and a truncated
+    one beside 3 good images: each mode skips both, names them in warnings and counts them in its results. With one
+    readable image left, one line, never a traceback (recon's spectral FD raised a linear-algebra error on one
+    image); an .npz of 0 x 0 images is one line naming the file (was a traceback from the first network)."""
+    import support.inception
+    import support.perceptual
+
+    monkeypatch.setattr(support.inception, "load_inception", lambda *a, **k: _PixelFeatures())
+    monkeypatch.setattr(support.perceptual, "load_lpips", lambda *a, **k: None)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"g{i}.png")
+    zero_size_png(folder / "zero.png")
+    with Image.open(folder / "g0.png") as im:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    (folder / "cut.png").write_bytes(buf.getvalue()[:60])  # the header whole, the pixels cut off
+
+    def run(*argv):
+        importlib.reload(ev)  # fresh settings, and the stand-ins above
+        monkeypatch.setattr(sys, "argv", ["eval.py", *argv, "--device", "cpu", "--num-workers", "0"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ev.main()
+        named = " ".join(str(w.message) for w in caught if "skipping image" in str(w.message))
+        assert "zero.png" in named and "cut.png" in named, named
+
+    run("stats", "--images", str(folder), "--resolution", "16", "--out", str(tmp_path / "s.npz"))
+    with np.load(tmp_path / "s.npz") as z:
+        assert (int(z["num_images"]), int(z["num_unreadable"])) == (3, 2)
+    run("gen", "--samples", str(folder), "--ref", str(folder), "--resolution", "16", "--out", str(tmp_path / "g.json"))
+    res = json.load(open(tmp_path / "g.json"))
+    assert (res["num_samples"], res["num_unreadable"], res["num_unreadable_ref"]) == (3, 2, 2)
+    run("recon", "--ckpt", str(tmp_path / "ae.pt"), "--data", str(folder), "--out", str(tmp_path / "r.json"))
+    res = json.load(open(tmp_path / "r.json"))
+    assert (res["num_images"], res["num_unreadable"]) == (3, 2) and np.isfinite(res["spectral_fd"])
+    # one readable image of three: one line for every mode, and no results file
+    os.remove(folder / "g1.png")
+    os.remove(folder / "g2.png")
+    for argv, needs in [(["recon", "--ckpt", str(tmp_path / "ae.pt"), "--data", str(folder)], "the spectral FD and rFID"),
+                        (["stats", "--images", str(folder), "--resolution", "16"], "FID statistics"),
+                        (["gen", "--samples", str(folder), "--ref", str(tmp_path / "s.npz"), "--resolution", "16"],
+                         "FID statistics")]:
+        line = refused(lambda: run(*argv, "--out", str(tmp_path / "one.json")))
+        assert line.startswith(f"error: {folder}: only 1 of its 3 images could be read (the warnings above say why); "
+                               f"{needs} need at least 2"), line
+        assert not (tmp_path / "one.json").exists()
+    # an .npz of 0 x 0 images (no decoder to skip them: the array is what it is)
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((4, 0, 0, 3), np.uint8), labels=np.zeros(4, np.int64))
+    for argv in (["stats", "--images", str(tmp_path / "empty.npz"), "--out", str(tmp_path / "e.npz")],
+                 ["gen", "--samples", str(tmp_path / "empty.npz"), "--ref", str(tmp_path / "s.npz")],
+                 ["classes", "--samples", str(tmp_path / "empty.npz")]):
+        importlib.reload(ev)
+        monkeypatch.setattr(sys, "argv", ["eval.py", *argv, "--device", "cpu"])
+        line = refused(ev.main)
+        assert line.startswith(f"error: {tmp_path / 'empty.npz'}: its images are 0 x 0 pixels"), line
 
 
 # -----------------------------------------------------------------------------

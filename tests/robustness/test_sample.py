@@ -163,14 +163,18 @@ def test_the_output_is_checked_before_sampling(ckpts, tmp_path, monkeypatch, cap
     assert f"wrote {tmp_path / 'new/s.npz'}" in capsys.readouterr().out  # the printed path is the written one
     monkeypatch.setattr(checkpoints, "load_checkpoint", lambda *a: pytest.fail("read a checkpoint"))
     (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "folder.npz").mkdir()
     for out, message in [(tmp_path / "file/s.npz", "--out .*file: cannot write there"),
+                         # the folder passed as the file: the write would fail only after the sampling
+                         (tmp_path / "folder.npz", "--out .*folder.npz: .*folder.npz is a folder, where a file is to be written"),
                          # np.savez would have written x.png.npz while sample.py printed x.png
                          (tmp_path / "x.png", "--out .*x.png: with --num-samples the output is an .npz; name it e.g. .*x.npz")]:
         with pytest.raises(SystemExit, match="^error: " + message):
             run_sample(monkeypatch, "--ckpt", ckpts[0], "--num-samples", "2", "--out", str(out))
     with pytest.raises(SystemExit, match="the grid is an image; give it an image extension"):
         run_sample(monkeypatch, "--ckpt", ckpts[0], "--out", str(tmp_path / "grid"))
-    assert sorted(os.listdir(tmp_path)) == ["ae.pt", "dit.pt", "file", "new"]
+    assert sorted(os.listdir(tmp_path)) == ["ae.pt", "dit.pt", "file", "folder.npz", "new"]
+    assert os.listdir(tmp_path / "folder.npz") == []
 
 
 def test_a_failed_npz_write_keeps_the_previous_file_and_leaves_no_tmp(ckpts, tmp_path, monkeypatch):
