@@ -1,11 +1,13 @@
 """
 Evaluation: the numbers papers report, computed the way the field computes them.
 
-    python eval.py recon --ckpt out/ae/ckpt.pt --data /imagenet/val           # stage 1: PSNR SSIM LPIPS rFID
-    python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz   # stage 2: FID sFID IS P/R
-    python eval.py stats --images /path/to/images --out stats.npz             # reusable FID statistics
-    python eval.py classes --samples out/dit/samples.npz                      # built-in data: samples of the right class?
-    torchrun --nproc_per_node=8 eval.py <mode> ...                            # same, sharded over GPUs
+    python eval.py recon --ckpt out/ae/ckpt.pt --data /imagenet/val  # stage 1: PSNR SSIM LPIPS rFID
+    # stage 2: FID sFID IS P/R
+    python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz
+    python eval.py stats --images /path/to/images --out stats.npz    # reusable FID statistics
+    # built-in data: samples of the right class?
+    python eval.py classes --samples out/dit/samples.npz
+    torchrun --nproc_per_node=8 eval.py <mode> ...                   # same, sharded over GPUs
 
 recon: every image of --data is ADM center-cropped to the model's resolution, encoded and decoded
 (--decode-steps Euler steps, seeded noise), and compared with the same cropped original.
@@ -13,10 +15,12 @@ gen: the samples (.npz with arr_0, what sample.py writes, or a folder) against a
 .npz of precomputed statistics (mu, sigma, and mu_s, sigma_s for sFID; the ADM ImageNet 256
 reference batch also holds 10K images in arr_0, used for precision/recall), or images.
 stats: the FID statistics of a set of images, to pass as --ref later.
-(experiments/claims.py compare trains every decoder at c and c/2 and scores them with score_reconstructions.)
+(experiments/claims.py compare trains every decoder at c and c/2 and scores them with
+score_reconstructions.)
 classes: stage 2 on the built-in data, where FID's ImageNet Inception means little: a small CNN
 (procedural.PatternClassifier) is trained on built-in images, then names the pattern of each sample;
-the share named as the class it was sampled for, against chance and the CNN's accuracy on real images.
+the share named as the class it was sampled for, against chance and the CNN's accuracy on real
+images.
 Where the images come from and how the processes share them is support/eval_data.py.
 
 Conventions, chosen to match published numbers (the formulas are in support/metrics.py):
@@ -25,17 +29,19 @@ Conventions, chosen to match published numbers (the formulas are in support/metr
   - PSNR per image on [0, 255] (MSE over pixels and channels), averaged over images.
   - SSIM per image (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03,
     L = 255, over the 'valid' window positions, per channel, averaged; then over images.
-  - LPIPS VGG16 v0.1 (support/perceptual.py, the module the stage-1 loss uses), averaged over images.
+  - LPIPS VGG16 v0.1 (support/perceptual.py, the module the stage-1 loss uses), averaged over
+    images.
   - FID / rFID on the 2048-d pool features of the FID InceptionV3 (support/inception.py); mean and
     covariance (N - 1) in float64. sFID the same on the 2023-d mixed_6/conv features. IS over 10
     splits. Precision / recall with k = 3 nearest neighbours in pool-feature space (Kynkaanniemi
     et al. 2019, as the ADM evaluator computes them).
   - The ADM reference statistics were computed with the TF graph; our PyTorch port of the same
-    network resizes differently (support/inception.py), so gFID against them is close to, not identical
-    with, the ADM evaluator's. For a paper table, also run that evaluator on the same samples.npz.
+    network resizes differently (support/inception.py), so gFID against them is close to, not
+    identical with, the ADM evaluator's. For a paper table, also run that evaluator on the same
+    samples.npz.
   - Under torchrun each rank takes a contiguous run of the single-process batches; features are
-    gathered in rank order (support/eval_data.py), so rank 0 sees the single-process arrays (and recon the same decoder
-    noise) on any number of GPUs, and alone computes and writes the results.
+    gathered in rank order (support/eval_data.py), so rank 0 sees the single-process arrays (and
+    recon the same decoder noise) on any number of GPUs, and alone computes and writes the results.
 """
 
 import json
@@ -51,11 +57,13 @@ from tqdm import tqdm
 
 from support import checkpoints, common
 from support.data import InOrder
-from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two, gather_rows,
-                               inception_features, readable_or_refuse, require_zip, to_pixels, total)
+from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two,
+                               gather_rows, inception_features, readable_or_refuse, require_zip,
+                               to_pixels, total)
 from support.inception import load_inception
-from support.metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance, highfreq_energy,
-                             highfreq_ratio, inception_score, lowfreq_psnr, precision_recall, psnr, psnr_of_mse, ssim)
+from support.metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance,
+                             highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
+                             precision_recall, psnr, psnr_of_mse, ssim)
 from support.perceptual import load_lpips
 from support.procedural import ProceduralDataset, train_pattern_classifier
 
@@ -70,7 +78,7 @@ out = ""  # results .json (the table goes beside it as .txt); stats: the .npz to
 resolution = 256  # gen/stats: folder images are ADM center-cropped to this size
 num_images = 0  # recon/gen/stats: use only the first N images (0 = all)
 batch_size = 50  # images per forward pass (per process)
-num_workers = min(4, os.cpu_count() or 1)  # data-loader workers for folders (fewer on a machine with fewer cores)
+num_workers = min(4, os.cpu_count() or 1)  # data-loader workers for folders (fewer on fewer cores)
 decode_steps = None  # recon: Euler steps of the diffusion decoder (None = the checkpoint's default)
 seed = 0  # recon: decoder noise seed (each batch uses seed + the index of its first image)
 prec_recall = True  # gen: precision/recall when the reference holds images (10K for ADM's batch)
@@ -80,7 +88,7 @@ lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
 judge_steps = 600  # classes: training steps of the pattern classifier that judges the samples
 device = ""  # "" = auto (cuda, mps, cpu)
-dist_timeout = 600  # torchrun: seconds a rank waits for the others (rank 0 computes the distances alone meanwhile)
+dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 computes distances alone)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
@@ -91,33 +99,41 @@ def table_path(path):
 
 
 def default_out(mode, steps=None):
-    """Where `mode` writes its results without --out: beside its input (stats has no default: --out is needed)."""
+    """Where `mode` writes its results without --out: beside its input (stats has no default: --out
+    is needed)."""
     if mode == "recon":
         return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval_recon_steps{steps}.json")
-    return os.path.splitext(samples.rstrip("/"))[0] + ("_eval.json" if mode == "gen" else "_classes.json")
+    return os.path.splitext(samples.rstrip("/"))[0] + ("_eval.json" if mode == "gen"
+                                                       else "_classes.json")
 
 
 def check_output(mode, dist):
-    """Refuse, before anything is loaded or scored, a results file that could not be written at the end
-    (common.writable_file): an --out that is a folder, lies under a file, or in a folder without write
-    permission, and the same for the default file beside the input; minutes or hours of scoring would be
-    lost. Rank 0 writes, so rank 0 checks. A mode whose inputs are missing refuses them itself."""
+    """Refuse, before anything is loaded or scored, a results file that could not be written at the
+    end (common.writable_file): an --out that is a folder, lies under a file, or in a folder without
+    write permission, and the same for the default file beside the input; minutes or hours of
+    scoring would be lost. Rank 0 writes, so rank 0 checks. A mode whose inputs are missing refuses
+    them itself."""
     if not dist.master:
         return
     if out:
         if mode != "stats" and table_path(out) == out:  # the table would overwrite the results
-            raise SystemExit(f"error: --out {out}: the table is written beside the results as .txt, so the results "
-                             f"cannot be a .txt file; name it e.g. {os.path.splitext(out)[0]}.json")
+            raise SystemExit(f"error: --out {out}: the table is written beside the results as "
+                             ".txt, so the results cannot be a .txt file; name it e.g. "
+                             f"{os.path.splitext(out)[0]}.json")
         common.writable_file(out, "--out", also=() if mode == "stats" else (table_path(out),))
-    elif mode == "recon" and ckpt:  # the file name holds the decode steps, known once the checkpoint is read
-        common.writable_dir(os.path.dirname(os.path.abspath(ckpt)), "--out (not given, so beside --ckpt)")
+    # the file name holds the decode steps, known once the checkpoint is read
+    elif mode == "recon" and ckpt:
+        common.writable_dir(os.path.dirname(os.path.abspath(ckpt)),
+                            "--out (not given, so beside --ckpt)")
     elif mode in ("gen", "classes") and samples:
         path = default_out(mode)
-        common.writable_file(path, "--out (not given, so beside --samples)", also=(table_path(path),))
+        common.writable_file(path, "--out (not given, so beside --samples)",
+                             also=(table_path(path),))
 
 
 def write_results(results, path):
-    """The results as JSON at `path`, and as an aligned two-column table beside it (.txt) and on stdout."""
+    """The results as JSON at `path`, and as an aligned two-column table beside it (.txt) and on
+    stdout."""
     checkpoints.write_text(path, json.dumps(results, indent=2))  # atomic: never half a file
     width = max(len(k) for k in results)
 
@@ -137,7 +153,8 @@ def write_results(results, path):
 
 
 def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
-    """The LPIPS and Inception networks when their weight files are present, and why each is missing.
+    """The LPIPS and Inception networks when their weight files are present, and why each is
+    missing.
 
     Returns (lpips_net or None, inception or None, {metric: reason it was skipped}). A path the
     user typed must exist (find_weights raises); a default location that is empty just skips.
@@ -159,28 +176,33 @@ def meancolour_psnr(real):
 
 
 @torch.inference_mode()  # the reconstructions only feed the metrics
-def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None, inception=None, mean_of=0,
-                          judge=None, pool=0):
-    """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the originals.
+def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None,
+                          inception=None, mean_of=0, judge=None, pool=0):
+    """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the
+    originals.
 
     Returns {metric: value} (complete on rank 0): per-image means of PSNR, SSIM, low-frequency PSNR,
     the mean-colour baseline's PSNR and LPIPS (if given), the dataset's high-frequency ratio, the
-    spectral Frechet distance (metrics.band_power), rFID (if given), and the decoding time per image.
+    spectral Frechet distance (metrics.band_power), rFID (if given), and the decoding time per
+    image.
     Batch k is decoded with noise seed seed + (index of its first image), so the numbers do not
     depend on the number of processes.
     mean_of = K > 1 (a diffusion decoder): also the PSNR and low-frequency PSNR of the mean of K
     decodes from different noise (psnr_mean: it keeps 1/K of the sampling variance), and of the
     decoder's conditional mean E[x | z] itself, without that variance (psnr_ez, lowfreq_psnr_ez:
-    metrics.conditional_mean_mse on the unrounded decodes). A single sample pays for its detail in PSNR.
+    metrics.conditional_mean_mse on the unrounded decodes). A single sample pays for its detail in
+    PSNR.
     pool: the pooling factor of the low-/high-frequency split (0 = the model's f; fixed across
     models of different f, the measures keep one meaning).
     judge (built-in data only: a procedural.PatternClassifier): its accuracy on the reconstructions
-    (the label of held-out image i is i mod its class count) and the Frechet distance in its feature space.
+    (the label of held-out image i is i mod its class count) and the Frechet distance in its feature
+    space.
     """
     f = pool or model.cfg.compression
     lo, hi = source.shard(limit, bs, dist)
-    per_image = {"psnr": [], "ssim": [], "lowfreq_psnr": [], "meancolour_psnr": [], "lpips": [], "psnr_mean": [],
-                 "lowfreq_psnr_mean": [], "psnr_ez": [], "lowfreq_psnr_ez": [], "judge_correct": []}
+    per_image = {"psnr": [], "ssim": [], "lowfreq_psnr": [], "meancolour_psnr": [], "lpips": [],
+                 "psnr_mean": [], "lowfreq_psnr_mean": [], "psnr_ez": [], "lowfreq_psnr_ez": [],
+                 "judge_correct": []}
     hf = {"real": [], "recon": []}  # per-image high-frequency energies
     pools = {"real": [], "recon": []}
     spectra = {"real": [], "recon": []}
@@ -188,7 +210,8 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     n_bands = 3 * (model.cfg.resolution // 2)
     decode_s = 0.0
     batches = source.batches(lo, hi, bs)
-    for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon", disable=not dist.master)):
+    for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon",
+                                  disable=not dist.master)):
         real = real.to(dist.device)  # (B, 3, res, res) uint8 values
         t0 = time.perf_counter()
         with common.autocast_context(dist.device):
@@ -208,7 +231,8 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
         if mean_of > 1:
             with common.autocast_context(dist.device):
                 z = model.encode(real / 127.5 - 1)
-                decodes = [model.decode(z, steps, seed=seed + lo + i * bs + 7919 * k).float() for k in range(mean_of)]
+                decodes = [model.decode(z, steps, seed=seed + lo + i * bs + 7919 * k).float()
+                           for k in range(mean_of)]
             decodes = torch.stack(decodes)  # (K, B, 3, H, W)
             mean_rec = to_pixels(decodes.mean(0))  # (B, 3, H, W): the mean of K decodes, rounded
             per_image["psnr_mean"].append(psnr(real, mean_rec).cpu().numpy())
@@ -220,13 +244,16 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
             per_image["psnr_ez"].append(psnr_of_mse(ez_mse).cpu().numpy())
             per_image["lowfreq_psnr_ez"].append(psnr_of_mse(ez_lowfreq_mse).cpu().numpy())
         if judge is not None:
-            labels = torch.arange(lo + i * bs, lo + i * bs + len(real), device=real.device) % judge.head.out_features
+            labels = (torch.arange(lo + i * bs, lo + i * bs + len(real), device=real.device)
+                      % judge.head.out_features)
             judged["real"].append(judge.embed(real / 127.5 - 1).double().cpu().numpy())
             feats = judge.embed(rec / 127.5 - 1)
             judged["recon"].append(feats.double().cpu().numpy())
-            per_image["judge_correct"].append((judge.head(feats).argmax(1) == labels).double().cpu().numpy())
+            per_image["judge_correct"].append(
+                (judge.head(feats).argmax(1) == labels).double().cpu().numpy())
         if lpips_net is not None:
-            per_image["lpips"].append(lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double().cpu().numpy())
+            per_image["lpips"].append(
+                lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double().cpu().numpy())
         if inception is not None:
             pools["real"].append(inception(real / 255)["pool"].cpu().numpy())
             pools["recon"].append(inception(rec / 255)["pool"].cpu().numpy())
@@ -234,45 +261,55 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     hf = {k: gather_rows(v, (), dist) for k, v in hf.items()}
     pools = {k: gather_rows(v, (FEATURE_DIMS["pool"],), dist) for k, v in pools.items()}
     spectra = {k: gather_rows(v, (n_bands,), dist) for k, v in spectra.items()}
-    judged = {k: gather_rows(v, (judge.head.in_features if judge is not None else 0,), dist) for k, v in judged.items()}
+    judged = {k: gather_rows(v, (judge.head.in_features if judge is not None else 0,), dist)
+              for k, v in judged.items()}
     n = len(per_image["psnr"])
-    readable_or_refuse(source, n, hi - lo, dist, at_least=2, needs=RECON_NEEDS)  # the FDs are of covariances
+    # the FDs are of covariances
+    readable_or_refuse(source, n, hi - lo, dist, at_least=2, needs=RECON_NEEDS)
     results = {"num_images": n, "num_unreadable": total(source.n_bad, dist)}
     results.update({k: float(v.mean()) for k, v in per_image.items() if len(v)})
     results["highfreq_ratio"] = highfreq_ratio(hf["recon"], hf["real"])
     if dist.master:
-        results["spectral_fd"] = frechet_distance(*feature_stats(spectra["real"]), *feature_stats(spectra["recon"]))
+        results["spectral_fd"] = frechet_distance(*feature_stats(spectra["real"]),
+                                                  *feature_stats(spectra["recon"]))
     if judge is not None and dist.master:
         results["judge_accuracy"] = results.pop("judge_correct")
-        results["judge_fd"] = frechet_distance(*feature_stats(judged["real"]), *feature_stats(judged["recon"]))
+        results["judge_fd"] = frechet_distance(*feature_stats(judged["real"]),
+                                               *feature_stats(judged["recon"]))
     if inception is not None and dist.master:
-        real_stats, recon_stats = feature_stats(pools["real"], dist.device), feature_stats(pools["recon"], dist.device)
+        real_stats, recon_stats = (feature_stats(pools["real"], dist.device),
+                                   feature_stats(pools["recon"], dist.device))
         results["rfid"] = frechet_distance(*real_stats, *recon_stats)
     results["decode_ms_per_image"] = 1000 * decode_s / max(hi - lo, 1)  # this rank's
     return results
 
 
-RECON_NEEDS = "the spectral FD and rFID need"  # what recon's least of 2 images is for, as its refusals say it
+# what recon's least of 2 images is for, as its refusals say it
+RECON_NEEDS = "the spectral FD and rFID need"
 
 
 def run_recon(dist):
     """Stage-1 reconstruction quality: PSNR, SSIM, low-frequency PSNR and high-frequency ratio
-    always; LPIPS and rFID when their weight files are present (the report names what it skipped)."""
+    always; LPIPS and rFID when their weight files are present (the report names what it
+    skipped)."""
 
     if not ckpt:
-        raise SystemExit("recon needs --ckpt (a train_ae.py checkpoint); --data is an image folder, "
-                         "or empty for held-out images of the built-in dataset")
+        raise SystemExit("recon needs --ckpt (a train_ae.py checkpoint); --data is an image "
+                         "folder, or empty for held-out images of the built-in dataset")
     if num_images == 1:  # the spectral FD (and rFID) are distances between covariances
-        raise SystemExit("error: recon --num-images 1: the spectral FD and rFID need at least 2 images; "
-                         "give 2 or more, or 0 for all")
+        raise SystemExit("error: recon --num-images 1: the spectral FD and rFID need at least 2 "
+                         "images; give 2 or more, or 0 for all")
     model = checkpoints.load_dgae(ckpt, dist.device)
     steps = decode_steps or model.cfg.decode_steps
     lpips_net, inception, skipped = optional_measures(dist, vgg_path, lpips_path, inception_path)
-    source = at_least_two(ImageSource(data, model.cfg.resolution, num_workers, builtin_limit=num_images), "--data",
-                          num_images, needs=RECON_NEEDS)
-    scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed, lpips_net, inception)
+    source = at_least_two(ImageSource(data, model.cfg.resolution, num_workers,
+                                      builtin_limit=num_images),
+                          "--data", num_images, needs=RECON_NEEDS)
+    scores = score_reconstructions(model, source, steps, dist, num_images, batch_size, seed,
+                                   lpips_net, inception)
     if dist.master:
-        results = {"mode": "recon", "ckpt": ckpt, "data": data or f"built-in, held-out (seed {HELDOUT_SEED})",
+        results = {"mode": "recon", "ckpt": ckpt,
+                   "data": data or f"built-in, held-out (seed {HELDOUT_SEED})",
                    "resolution": model.cfg.resolution, "compression": model.cfg.compression,
                    "decode_steps": steps, "seed": seed, **scores}
         if skipped:
@@ -281,19 +318,22 @@ def run_recon(dist):
 
 
 def stats_of(feats, device="cpu"):
-    """The reference-batch format: FID statistics (mu, sigma) and sFID statistics (mu_s, sigma_s)."""
-    (mu, sigma), (mu_s, sigma_s) = feature_stats(feats["pool"], device), feature_stats(feats["spatial"], device)
-    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "mu_s": mu_s.numpy(), "sigma_s": sigma_s.numpy()}
+    """The reference-batch format: FID statistics (mu, sigma) and sFID statistics
+    (mu_s, sigma_s)."""
+    (mu, sigma), (mu_s, sigma_s) = (feature_stats(feats["pool"], device),
+                                    feature_stats(feats["spatial"], device))
+    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "mu_s": mu_s.numpy(),
+            "sigma_s": sigma_s.numpy()}
 
 
 def frechet_entries(name, value, counts, dims):
-    """A Frechet distance for the report, with a note beside it where it means nothing: {name: value,
-    name_note: why}. Below `dims` images on a side (counts: {what: number}) the covariance of the
-    features is singular and the distance is dominated by that; a negative value (which a distance
-    cannot be: round-off on singular covariances) is reported as None, never as a result, nor
-    clamped to 0."""
-    why = [f"{n} {what}, fewer than the {dims} feature dimensions (the covariance is singular; the protocol uses "
-           "50,000)" for what, n in counts.items() if n < dims]
+    """A Frechet distance for the report, with a note beside it where it means nothing:
+    {name: value, name_note: why}. Below `dims` images on a side (counts: {what: number}) the
+    covariance of the features is singular and the distance is dominated by that; a negative value
+    (which a distance cannot be: round-off on singular covariances) is reported as None, never as a
+    result, nor clamped to 0."""
+    why = [f"{n} {what}, fewer than the {dims} feature dimensions (the covariance is singular; the "
+           "protocol uses 50,000)" for what, n in counts.items() if n < dims]
     if value < 0:
         why.append(f"computed {value:.4g}, below 0, which a distance cannot be (round-off)")
     entries = {name: None if value < 0 else value}
@@ -303,44 +343,50 @@ def frechet_entries(name, value, counts, dims):
 
 
 def inception_score_entries(logits, splits=10):
-    """The Inception Score (mean, std over `splits` chunks) for the report, with a note where a chunk
-    holds a single image: the score of one image is exactly 1, so such a score means nothing."""
+    """The Inception Score (mean, std over `splits` chunks) for the report, with a note where a
+    chunk holds a single image: the score of one image is exactly 1, so such a score means
+    nothing."""
     mean, std = inception_score(logits, splits)
     entries = {"inception_score": mean, "inception_score_std": std}
     if len(logits) < 2 * splits:
-        entries["inception_score_note"] = (f"not meaningful: {len(logits)} samples in {min(splits, len(logits))} "
-                                           "splits, some of a single image, which scores exactly 1 (the protocol: "
-                                           f"{splits} splits of 5,000)")
+        entries["inception_score_note"] = (
+            f"not meaningful: {len(logits)} samples in {min(splits, len(logits))} splits, some of "
+            f"a single image, which scores exactly 1 (the protocol: {splits} splits of 5,000)")
     return entries
 
 
-PR_NEIGHBOURS = 3  # k of precision / recall's nearest-neighbour balls (metrics.precision_recall's default)
+# k of precision / recall's nearest-neighbour balls (metrics.precision_recall's default)
+PR_NEIGHBOURS = 3
 
 
 def check_reference_stats(path, stats):
-    """Refuse, in one line naming the file, FID statistics that cannot give a number: a mean without its
-    covariance (or the reverse), a string or object array, shapes that do not pair (mu (D,), sigma (D, D)),
-    or a value that is not finite (a NaN would be written as "fid": NaN with exit status 0)."""
+    """Refuse, in one line naming the file, FID statistics that cannot give a number: a mean without
+    its covariance (or the reverse), a string or object array, shapes that do not pair
+    (mu (D,), sigma (D, D)), or a value that is not finite (a NaN would be written as "fid": NaN
+    with exit status 0)."""
     for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (m in stats) != (s in stats):
             raise SystemExit(f"error: --ref {path} has {m if m in stats else s} but not "
-                             f"{s if m in stats else m}; FID statistics need both (eval.py stats writes them)")
+                             f"{s if m in stats else m}; FID statistics need both (eval.py stats "
+                             "writes them)")
         if m not in stats:
             continue
         mu, sigma = stats[m], stats[s]
         if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
-            raise SystemExit(f"error: --ref {path}: {m}/{s} are not numbers ({mu.dtype}, {sigma.dtype})")
+            raise SystemExit(f"error: --ref {path}: {m}/{s} are not numbers ({mu.dtype}, "
+                             f"{sigma.dtype})")
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise SystemExit(f"error: --ref {path}: {m} {mu.shape} and {s} {sigma.shape} do not pair; a mean (D,) "
-                             "and a covariance (D, D) are needed")
+            raise SystemExit(f"error: --ref {path}: {m} {mu.shape} and {s} {sigma.shape} do not "
+                             "pair; a mean (D,) and a covariance (D, D) are needed")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise SystemExit(f"error: --ref {path}: {m} or {s} holds a value that is not finite; recompute the "
-                             "reference with eval.py stats")
+            raise SystemExit(f"error: --ref {path}: {m} or {s} holds a value that is not finite; "
+                             "recompute the reference with eval.py stats")
 
 
 def run_gen(dist):
     if not samples or not ref:
-        raise SystemExit("gen needs --samples (.npz with arr_0, or a folder) and --ref (reference .npz or images)")
+        raise SystemExit("gen needs --samples (.npz with arr_0, or a folder) and --ref (reference "
+                         ".npz or images)")
     # The reference: precomputed statistics if the file has them, plus its images (if any) for P/R.
     ref_stats, has_images = {}, not ref.endswith(".npz")
     if ref.endswith(".npz"):
@@ -351,7 +397,8 @@ def run_gen(dist):
     if "mu" not in ref_stats and not has_images:
         raise SystemExit(f"--ref {ref} has neither statistics (mu, sigma) nor images (arr_0)")
     check_reference_stats(ref, ref_stats)  # before the samples' features take minutes
-    fake_src = at_least_two(ImageSource(samples, resolution, num_workers=num_workers), "--samples", num_images)
+    fake_src = at_least_two(ImageSource(samples, resolution, num_workers=num_workers), "--samples",
+                            num_images)
     ref_src = None
     if has_images and (prec_recall or "mu" not in ref_stats):
         ref_src = at_least_two(ImageSource(ref, resolution, num_workers=num_workers), "--ref")
@@ -360,7 +407,8 @@ def run_gen(dist):
     ref_feats = None
     if ref_src is not None:
         ref_feats = inception_features(ref_src, inception, dist, batch_size, 0, "reference")
-    unreadable = total(fake_src.n_bad, dist), total(ref_src.n_bad if ref_src else 0, dist)  # every rank: collectives
+    # every rank: collectives
+    unreadable = total(fake_src.n_bad, dist), total(ref_src.n_bad if ref_src else 0, dist)
     if not dist.master:
         return
     n = len(fake["pool"])
@@ -369,82 +417,101 @@ def run_gen(dist):
         ref_stats = stats_of(ref_feats, dist.device)
         counts["reference images"] = len(ref_feats["pool"])
     if n != 50000:
-        print(f"note: {n} samples; the ImageNet protocol uses 50K, and FID is biased upwards for fewer")
-    results = {"mode": "gen", "samples": samples, "ref": ref, "num_samples": n, "num_unreadable": unreadable[0]}
-    if ref_src is not None:  # the files of a folder that could not be read were skipped (and named in warnings)
+        print(f"note: {n} samples; the ImageNet protocol uses 50K, and FID is biased upwards "
+              "for fewer")
+    results = {"mode": "gen", "samples": samples, "ref": ref, "num_samples": n,
+               "num_unreadable": unreadable[0]}
+    # the files of a folder that could not be read were skipped (and named in warnings)
+    if ref_src is not None:
         results["num_unreadable_ref"] = unreadable[1]
-    fid = frechet_distance(*feature_stats(fake["pool"], dist.device), ref_stats["mu"], ref_stats["sigma"])
+    fid = frechet_distance(*feature_stats(fake["pool"], dist.device), ref_stats["mu"],
+                           ref_stats["sigma"])
     results.update(frechet_entries("fid", fid, counts, FEATURE_DIMS["pool"]))
     if "mu_s" in ref_stats:
         fake_stats = feature_stats(fake["spatial"], dist.device)
         sfid = frechet_distance(*fake_stats, ref_stats["mu_s"], ref_stats["sigma_s"])
         results.update(frechet_entries("sfid", sfid, counts, FEATURE_DIMS["spatial"]))
     results.update(inception_score_entries(fake["logits"]))
-    if prec_recall and ref_feats is not None and min(len(ref_feats["pool"]), len(fake["pool"])) <= PR_NEIGHBOURS:
+    if (prec_recall and ref_feats is not None
+            and min(len(ref_feats["pool"]), len(fake["pool"])) <= PR_NEIGHBOURS):
         results.setdefault("skipped", {})["precision/recall"] = (
-            f"needs more than {PR_NEIGHBOURS} images on each side (k = {PR_NEIGHBOURS} nearest neighbours); the "
-            f"reference has {len(ref_feats['pool'])}, the samples {len(fake['pool'])}")
+            f"needs more than {PR_NEIGHBOURS} images on each side (k = {PR_NEIGHBOURS} nearest "
+            f"neighbours); the reference has {len(ref_feats['pool'])}, the samples "
+            f"{len(fake['pool'])}")
     elif prec_recall and ref_feats is not None:
         results["num_ref_images"] = len(ref_feats["pool"])
-        results["precision"], results["recall"] = precision_recall(ref_feats["pool"], fake["pool"], device=dist.device)
+        results["precision"], results["recall"] = precision_recall(ref_feats["pool"], fake["pool"],
+                                                                   device=dist.device)
     write_results(results, out or default_out("gen"))
 
 
 def run_stats(dist):
     if not images or not out:
-        raise SystemExit("stats needs --images (.npz with arr_0, or a folder) and --out (the .npz to write)")
-    source = at_least_two(ImageSource(images, resolution, num_workers=num_workers), "--images", num_images)
+        raise SystemExit("stats needs --images (.npz with arr_0, or a folder) and --out (the .npz "
+                         "to write)")
+    source = at_least_two(ImageSource(images, resolution, num_workers=num_workers), "--images",
+                          num_images)
     inception = load_inception(inception_path, dist.device)
     feats = inception_features(source, inception, dist, batch_size, num_images, "images")
-    unreadable = total(source.n_bad, dist)  # skipped, each named in a warning (the first data.MAX_IMAGE_WARNINGS)
+    # skipped, each named in a warning (the first data.MAX_IMAGE_WARNINGS)
+    unreadable = total(source.n_bad, dist)
     if dist.master:
-        stats = stats_of(feats, dist.device)  # written atomically: a failed write keeps an existing reference whole
-        checkpoints.atomic_write(out, lambda fh: np.savez(fh, **stats, num_images=len(feats["pool"]),
-                                                          num_unreadable=unreadable))
-        skipped = f" ({unreadable} unreadable skipped, see the warnings above)" if unreadable else ""
+        # written atomically: a failed write keeps an existing reference whole
+        stats = stats_of(feats, dist.device)
+        checkpoints.atomic_write(out, lambda fh: np.savez(
+            fh, **stats, num_images=len(feats["pool"]), num_unreadable=unreadable))
+        skipped = (f" ({unreadable} unreadable skipped, see the warnings above)" if unreadable
+                   else "")
         print(f"wrote FID statistics of {len(feats['pool'])} images{skipped} to {out}")
 
 
 def run_classes(dist):
     if not samples.endswith(".npz"):
-        raise SystemExit("classes needs --samples, an .npz of samples and their labels (sample.py --num-samples "
-                         "writes one)")
+        raise SystemExit("classes needs --samples, an .npz of samples and their labels (sample.py "
+                         "--num-samples writes one)")
     require_zip(samples)
     with np.load(samples) as f:
         if "labels" not in f.files:
-            raise SystemExit(f"--samples {samples} has no labels; classes needs the .npz of sample.py --num-samples")
+            raise SystemExit(f"--samples {samples} has no labels; classes needs the .npz of "
+                             "sample.py --num-samples")
         labels = f["labels"]
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise SystemExit(f"--samples {samples}: labels of shape {labels.shape} and type {labels.dtype}; classes needs "
-                         "one whole-number label per image, shape (N,), as sample.py --num-samples writes them")
+        raise SystemExit(f"--samples {samples}: labels of shape {labels.shape} and type "
+                         f"{labels.dtype}; classes needs one whole-number label per image, shape "
+                         "(N,), as sample.py --num-samples writes them")
     labels = torch.from_numpy(labels).long()
     source = ImageSource(samples, 0)
     n, res = source.count(num_images), source.shape[1]
     if len(labels) != source.n or source.n == 0:
-        raise SystemExit(f"--samples {samples}: {source.n} images and {len(labels)} labels; classes needs one label "
-                         "per image")
+        raise SystemExit(f"--samples {samples}: {source.n} images and {len(labels)} labels; "
+                         "classes needs one label per image")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise SystemExit(f"--samples {samples}: labels in [{labels.min()}, {labels.max()}], not in [0, --num-classes "
-                         f"{num_classes})")
+        raise SystemExit(f"--samples {samples}: labels in [{labels.min()}, {labels.max()}], not in "
+                         f"[0, --num-classes {num_classes})")
     if not dist.master:  # small work (the built-in data is small): rank 0 does it all
         return
     judge = train_pattern_classifier(res, num_classes, steps=judge_steps, device=dist.device)
 
+    # uint8 pixel values (as floats in [0, 255]) -> the judge's (features (N, D), class (N,))
     @torch.no_grad()
-    def judged(batches):  # uint8 pixel values (as floats in [0, 255]) -> the judge's (features (N, D), class (N,))
+    def judged(batches):
         feats = torch.cat([judge.embed(x.to(dist.device) / 127.5 - 1).cpu() for x in batches])
         return feats, judge.head(feats).argmax(1)
 
     feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
     heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)
-    real_feats, real_pred = judged(to_pixels(x) for x, _ in InOrder(heldout, batch_size))  # rounded to uint8 like the samples
-    real_labels = torch.arange(HELDOUT_SIZE) % num_classes  # item i of the built-in data is of class i mod K
+    # rounded to uint8 like the samples
+    real_feats, real_pred = judged(to_pixels(x) for x, _ in InOrder(heldout, batch_size))
+    # item i of the built-in data is of class i mod K
+    real_labels = torch.arange(HELDOUT_SIZE) % num_classes
     y = labels[:n]
     names = heldout.class_names
-    results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res, "num_classes": num_classes,
-               "accuracy": (pred == y).float().mean().item(), "chance": 1 / num_classes,
+    results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res,
+               "num_classes": num_classes, "accuracy": (pred == y).float().mean().item(),
+               "chance": 1 / num_classes,
                "real_accuracy": (real_pred == real_labels).float().mean().item(),
-               # the Frechet distance between the samples and held-out real images in the judge's feature space
+               # the Frechet distance between the samples and held-out real images in the judge's
+               # feature space
                "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
                "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
                                       for c in range(num_classes) if (y == c).any()}}
@@ -460,17 +527,21 @@ def main():
         common.configure(SETTINGS, ["--help"])  # lists the settings and exits
     mode = sys.argv[1]
     if mode not in MODES:
-        raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py {{{','.join(MODES)}}} --name value ...")
+        raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py "
+                         f"{{{','.join(MODES)}}} --name value ...")
     settings, _ = common.configure(SETTINGS, sys.argv[2:])  # the settings follow the mode
     globals().update(settings)
-    common.check_settings(settings, count=("resolution", "batch_size", "judge_steps", "num_classes"),  # out of range:
-                          count_or_0=("num_images", "num_workers", "seed"), steps=("decode_steps",),  # refused before
-                          positive=("dist_timeout",),  # any work, a size past its bound before any allocation
-                          at_most={"resolution": common.MAX_RESOLUTION, "num_images": common.MAX_SIZE,
-                                   "batch_size": common.MAX_BATCH, "num_workers": common.MAX_WORKERS,
-                                   "judge_steps": common.MAX_STEPS, "seed": common.MAX_SEED,
-                                   "dist_timeout": common.MAX_SECONDS})
-    dist = common.setup_distributed(device, dist_timeout)  # an unavailable --device is refused here, before any work
+    # out of range: refused before any work, a size past its bound before any allocation
+    common.check_settings(
+        settings, count=("resolution", "batch_size", "judge_steps", "num_classes"),
+        count_or_0=("num_images", "num_workers", "seed"), steps=("decode_steps",),
+        positive=("dist_timeout",),
+        at_most={"resolution": common.MAX_RESOLUTION, "num_images": common.MAX_SIZE,
+                 "batch_size": common.MAX_BATCH, "num_workers": common.MAX_WORKERS,
+                 "judge_steps": common.MAX_STEPS, "seed": common.MAX_SEED,
+                 "dist_timeout": common.MAX_SECONDS})
+    # an unavailable --device is refused here, before any work
+    dist = common.setup_distributed(device, dist_timeout)
     check_output(mode, dist)  # and an output that cannot be written, before anything is loaded
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
         MODES[mode](dist)

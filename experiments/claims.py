@@ -2,20 +2,24 @@
 The paper's claims, measured: one command per claim, a table with mean and spread over seeds, and
 a verdict by rules fixed before the runs.
 
-    python experiments/claims.py compare                                   # claims 1 and 2 on the built-in data
-    python experiments/claims.py compare --data photos/train --val-data photos/val --out out/claims/photos
-    python experiments/claims.py compare --only anchored_c2                # just the runs whose name contains this
-    python experiments/claims.py compare --report-only true                # the table of the runs finished so far
-    python experiments/claims.py diagnose --ckpt out/ae/ckpt.pt            # does a stage-1 decoder use z?
-    python experiments/claims.py converge                                  # claim 3: the same DiT on four latents
-    python experiments/claims.py fcurve --data photos/train --val-data photos/val --out out/claims/fcurve   # claim 1 against f
+    python experiments/claims.py compare                     # claims 1 and 2 on the built-in data
+    python experiments/claims.py compare --data photos/train --val-data photos/val \\
+        --out out/claims/photos
+    # just the runs whose name contains this
+    python experiments/claims.py compare --only anchored_c2
+    python experiments/claims.py compare --report-only true  # the table of the runs finished so far
+    python experiments/claims.py diagnose --ckpt out/ae/ckpt.pt  # does a stage-1 decoder use z?
+    python experiments/claims.py converge                    # claim 3: the same DiT on four latents
+    python experiments/claims.py fcurve --data photos/train --val-data photos/val \\
+        --out out/claims/fcurve  # claim 1 against f
 
 compare trains, with real `python train_ae.py` runs into out/<run>/, four decoders on the same
 encoder, each at the preset's latent channels c and at c/2:
     dgae      the diffusion decoder, the default: the U-Net sees x_t and z (--anchor-ch 0)
     anchored  the diffusion decoder anchored on a deterministic decode x~ = D(z) (ae.DGAE)
     gauss     the SD-VAE style deterministic baseline (L1 + KL; + LPIPS when its weights exist)
-    unet      DGAE's own U-Net as a deterministic decoder (pixel losses only): diffusion vs architecture
+    unet      DGAE's own U-Net as a deterministic decoder (pixel losses only): diffusion vs
+              architecture
 in this order, one run at a time, each finished run skipped when the command runs again (an
 interrupted one resumes): (1) seed 0 at every learning rate of --lrs (the sweep); (2) the other
 seeds at each decoder's best rate (the highest E[x|z] low-frequency PSNR of the sweep, at each c);
@@ -35,34 +39,34 @@ diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
   - psnr_t1 is in the training log (log.jsonl): the PSNR of the one-step decode from noise.
 
 converge (claim 3, the built-in data) trains the same DiT (train_dit.py's defaults: preset, tokens,
-lr, batch, t distribution, guidance) on the per-channel-normalised latents of four stage-1 models
-of the compare folder, at each seed of --seeds (each decoder at its rate of the lr sweep at the
-first of --seeds, as compare picks it, so the list starts with the seed compare swept at; finished
-seeds are reused; the DiT gets the same seed): DGAE at c/2 and the Gaussian decoder at c (the
-claim), DGAE at c and the Gaussian decoder at c/2 (controls; --controls false skips them). At each DiT step of
+lr, batch, t distribution, guidance) on the per-channel-normalised latents of four stage-1 models of
+the compare folder, at each seed of --seeds (each decoder at its rate of the lr sweep at the first
+of --seeds, as compare picks it, so the list starts with the seed compare swept at; finished seeds
+are reused; the DiT gets the same seed): DGAE at c/2 and the Gaussian decoder at c (the claim), DGAE
+at c and the Gaussian decoder at c/2 (controls; --controls false skips them). At each DiT step of
 --dit-steps it samples --num-samples images (uniform labels) and scores them with eval.py classes:
 the share the pattern classifier names as their class, and the Frechet distance to held-out images
 in its feature space, each beside the autoencoder's own ceiling (its reconstructions' scores). The
-DiT's lr is constant after warm-up, so training on to the next step count with --resume is the
-same run. The target, fixed before the run, is the accuracy the Gaussian-c latents reach at the
-last step of the same seed; "converges faster" is the ratio of DiT steps each latent needs to reach
-it. DiT losses are never compared across latent spaces. Writes converge/converge_s<seed>.md, .json
-and .png for each seed and, over two or more seeds, converge_summary.md, .json and .png (mean and
-spread of each step's accuracy, the speed-up of every seed).
+DiT's lr is constant after warm-up, so training on to the next step count with --resume is the same
+run. The target, fixed before the run, is the accuracy the Gaussian-c latents reach at the last step
+of the same seed; "converges faster" is the ratio of DiT steps each latent needs to reach it. DiT
+losses are never compared across latent spaces. Writes converge/converge_s<seed>.md, .json and .png
+for each seed and, over two or more seeds, converge_summary.md, .json and .png (mean and spread of
+each step's accuracy, the speed-up of every seed).
 
 fcurve (the abstract's first claim: a diffusion decoder loses less than a deterministic one as the
-spatial compression f grows) trains DGAE and the Gaussian decoder at each f of --fs with the latent's
-size fixed (c = the preset's c times (f / first f)^2: f4c4, f8c16, f16c64 at 32 px, as DC-AE-style
-high-compression autoencoders are compared), at each seed (the lr sweep at the first seed at each f,
-the other seeds at its winner). Each run is scored on held-out images with measures that keep one
-meaning across f: full-resolution PSNR of E[x|z] (metrics.conditional_mean_mse over --mean-of
-decodes, no sampling variance left), low-frequency PSNR of E[x|z] and the high-frequency ratio at one
-pooling factor (--pool), the spectral FD. The rule, fixed before the runs: with D = (the Gaussian
-decoder's drop in E[x|z] PSNR from the first to the last f) - (DGAE's drop), each drop the difference
-of the seed means and its standard error from the seeds' spreads, the claim holds if D > 2 SE(D),
-fails if D < -2 SE(D), and is undecided otherwise (also with fewer than 2 seeds). The same rule is
-reported for the other measures. Writes fcurve.md, .json and one plot per measure (mean +- sd over
-seeds against f).
+spatial compression f grows) trains DGAE and the Gaussian decoder at each f of --fs with the
+latent's size fixed (c = the preset's c times (f / first f)^2: f4c4, f8c16, f16c64 at 32 px, as
+DC-AE-style high-compression autoencoders are compared), at each seed (the lr sweep at the first
+seed at each f, the other seeds at its winner). Each run is scored on held-out images with measures
+that keep one meaning across f: full-resolution PSNR of E[x|z] (metrics.conditional_mean_mse over
+--mean-of decodes, no sampling variance left), low-frequency PSNR of E[x|z] and the high-frequency
+ratio at one pooling factor (--pool), the spectral FD. The rule, fixed before the runs: with D =
+(the Gaussian decoder's drop in E[x|z] PSNR from the first to the last f) - (DGAE's drop), each drop
+the difference of the seed means and its standard error from the seeds' spreads, the claim holds if
+D > 2 SE(D), fails if D < -2 SE(D), and is undecided otherwise (also with fewer than 2 seeds). The
+same rule is reported for the other measures. Writes fcurve.md, .json and one plot per measure (mean
++- sd over seeds against f).
 """
 
 import json
@@ -75,7 +79,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the stage scripts and support/
+# the repository: the stage scripts and support/
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch
@@ -96,29 +101,29 @@ from support.procedural import train_pattern_classifier
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
 data = ""  # training images (an ImageNet-style folder); "" = the built-in procedural dataset
-val_data = ""  # held-out images to score on (a folder); "" with the built-in data = its held-out images
+val_data = ""  # held-out images to score on (a folder); "" with built-in data = its held-out images
 out = "out/claims"  # one folder per run, scores.json in each, report.md and report.json here
 preset = "tiny"  # train_ae.py's model preset for every run
 max_steps = 1350  # training steps of each run (train_ae.py's default demo)
 seeds = "0,1,2"  # training seeds; the sweep runs at the first
-lrs = "1e-3,3e-4"  # the learning-rate sweep of every decoder (seed 0, both c); the first is run first
+lrs = "1e-3,3e-4"  # learning-rate sweep of every decoder (seed 0, both c); the first is run first
 kinds = "dgae,anchored,gauss,unet"  # the decoders to train (see the docstring)
 anchor_ch = 16  # the anchored decoder's --anchor-ch
-compute_factor = 3  # the deterministic decoders' equal-compute runs take this many times the steps (0 = none)
-compute_seeds = 1  # seeds of those runs (the first N of --seeds): 1 where the verdict is far outside the seed spread
+compute_factor = 3  # deterministic decoders' equal-compute runs: this many times the steps; 0: none
+compute_seeds = 1  # their seeds (first N of --seeds): 1 where the verdict is far outside the spread
 train_args = ""  # more train_ae.py flags for every run, e.g. "--lpips-weight 0"
-only = ""  # run only the parts whose name contains this (the report still collects all finished ones)
+only = ""  # run only parts whose name contains this (the report still collects all finished ones)
 report_only = False  # write the report from the finished runs, train nothing
 num_images = 500  # held-out images scored (the first N)
 mean_of = 4  # decodes averaged for the E[x|z] estimate
 batch_size = 50  # images per forward pass when scoring
 ckpt = ""  # diagnose: the train_ae.py checkpoint
-dit_steps = "125,177,250,354,500,707,1000,1414,2000,2828"  # converge: DiT steps scored (log-spaced: the curve's shift)
+dit_steps = "125,177,250,354,500,707,1000,1414,2000,2828"  # converge: DiT steps scored (log-spaced)
 num_samples = 600  # converge: samples scored at each of those steps
 dit_args = ""  # converge: more train_dit.py flags for every run
 fs = "4,8,16"  # fcurve: the spatial compressions, the latent's size fixed at the first's
 pool = 4  # fcurve: pooling factor of the low-/high-frequency measures, the same for every f
-controls = True  # converge: also the two control latents (DGAE at c, Gaussian at c/2), not only the claim's pair
+controls = True  # converge: also the controls (DGAE at c, Gaussian at c/2), beside the claim's pair
 judge_steps = 600  # training steps of the pattern classifier that judges the built-in data
 quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
@@ -150,7 +155,8 @@ def z_gap(model, x, times=DIAG_TIMES, seed=0):
     z = model.encode(x)  # (B, c, h, w): the posterior mean
     z_wrong = z.roll(1, dims=0)
     if model.cfg.decoder != "diffusion":
-        return {1.0: (F.mse_loss(model.deterministic_decode(z_wrong), x) - F.mse_loss(model.deterministic_decode(z), x)).item()}
+        return {1.0: (F.mse_loss(model.deterministic_decode(z_wrong), x)
+                      - F.mse_loss(model.deterministic_decode(z), x)).item()}
     eps = torch.randn(x.shape, generator=g).to(x.device)  # (B, 3, H, W)
     gaps = {}
     for t in times:
@@ -159,7 +165,8 @@ def z_gap(model, x, times=DIAG_TIMES, seed=0):
         target = velocity_target(x, eps)
 
         def loss(zz):
-            anchor = model.anchor(zz) if model.anchor is not None else None  # the anchor depends on z too
+            # the anchor depends on z too
+            anchor = model.anchor(zz) if model.anchor is not None else None
             return F.mse_loss(model.velocity(x_t, tt, zz, anchor), target)
 
         gaps[t] = (loss(z_wrong) - loss(z)).item()
@@ -183,11 +190,13 @@ def r_squared(pred, b, ref_mean):
 
 @torch.inference_mode()
 def linear_probe(model, train_x, test_x):
-    """R^2 on test_x of a ridge map from z (flattened) to the image average-pooled to the latent grid."""
+    """R^2 on test_x of a ridge map from z (flattened) to the image average-pooled to the latent
+    grid."""
     f = model.cfg.compression
 
     def pairs(x):
-        z = torch.cat([model.encode(b) for b in x.split(100)]).flatten(1).double().cpu()  # (N, c h w)
+        # (N, c h w)
+        z = torch.cat([model.encode(b) for b in x.split(100)]).flatten(1).double().cpu()
         return z, F.avg_pool2d(x, f).flatten(1).double().cpu()  # (N, 3 h w)
 
     (za, pa), (zb, pb) = pairs(train_x), pairs(test_x)
@@ -196,17 +205,20 @@ def linear_probe(model, train_x, test_x):
 
 
 def colour_code_psnr(real, f, channels):
-    """A property of the data, not of any decoder: the mean low-frequency PSNR (as metrics.lowfreq_psnr)
-    of coding each f x f cell's mean colour linearly in `channels` numbers, by the cells' principal
-    components. real: (N, 3, H, W) in [0, 255]. A latent with that many channels per cell, spent on
-    colour alone and linearly, holds this much of the coarse image; a decoder can beat it only by
-    packing colour across cells or nonlinearly. With 3 or more channels the code is exact (the PSNR cap)."""
+    """A property of the data, not of any decoder: the mean low-frequency PSNR (as
+    metrics.lowfreq_psnr) of coding each f x f cell's mean colour linearly in `channels` numbers, by
+    the cells' principal components. real: (N, 3, H, W) in [0, 255]. A latent with that many
+    channels per cell, spent on colour alone and linearly, holds this much of the coarse image; a
+    decoder can beat it only by packing colour across cells or nonlinearly. With 3 or more channels
+    the code is exact (the PSNR cap)."""
     cells = F.avg_pool2d(real.double(), f)  # (N, 3, h, w)
     v = cells.permute(0, 2, 3, 1).reshape(-1, 3)  # (N h w, 3): one mean colour per cell
     mean = v.mean(0)
-    axes = torch.linalg.eigh((v - mean).t() @ (v - mean))[1][:, max(0, 3 - channels):]  # (3, k): the top k axes
+    # (3, k): the top k axes
+    axes = torch.linalg.eigh((v - mean).t() @ (v - mean))[1][:, max(0, 3 - channels):]
     coded = (v - mean) @ axes @ axes.t() + mean
-    return float(psnr(cells, coded.view(cells.shape[0], *cells.shape[2:], 3).permute(0, 3, 1, 2)).mean())
+    return float(psnr(cells,
+                      coded.view(cells.shape[0], *cells.shape[2:], 3).permute(0, 3, 1, 2)).mean())
 
 
 def first_pixels(source, n):
@@ -223,7 +235,8 @@ def diagnostics(model, train_data, heldout, dev, n_probe=1000):
     """zgap at DIAG_TIMES on 64 held-out images and the linear probe (fitted on the first n_probe
     training images, of the built-in training set when train_data is "")."""
     train_set = build_dataset(train_data, model.cfg.resolution, size=n_probe)
-    train_x = to_model_range(torch.cat([x for x, _ in InOrder(Subset(train_set, range(min(n_probe, len(train_set)))), 100)]).to(dev))
+    train_x = to_model_range(torch.cat([x for x, _ in InOrder(
+        Subset(train_set, range(min(n_probe, len(train_set)))), 100)]).to(dev))
     test_x = heldout[:500]
     out = {f"zgap_t{t:g}": v for t, v in z_gap(model, heldout[:64]).items()}
     out["probe_r2"] = linear_probe(model, train_x, test_x)
@@ -232,10 +245,11 @@ def diagnostics(model, train_data, heldout, dev, n_probe=1000):
 
 def run_diagnose(dist):
     if not ckpt:
-        raise SystemExit("diagnose needs --ckpt (a train_ae.py checkpoint); --data is its training folder "
-                         "(\"\" = the built-in data), --val-data a held-out folder")
+        raise SystemExit("diagnose needs --ckpt (a train_ae.py checkpoint); --data is its training "
+                         "folder (\"\" = the built-in data), --val-data a held-out folder")
     model = load_dgae(ckpt, dist.device)
-    held = first_images(ImageSource(val_data, model.cfg.resolution, builtin_limit=num_images), num_images, dist.device)
+    held = first_images(ImageSource(val_data, model.cfg.resolution, builtin_limit=num_images),
+                        num_images, dist.device)
     result = {"ckpt": ckpt, **diagnostics(model, data, held, dist.device)}
     print(json.dumps(result, indent=1))
 
@@ -246,7 +260,8 @@ def run_diagnose(dist):
 
 def run_name(kind, channels, lr, seed, factor=1, f=None):
     """The run's folder name; f is given only by fcurve, whose runs differ in compression."""
-    return (f"{kind}_f{f}c{channels}" if f else f"{kind}_c{channels}") + f"_lr{lr:g}_s{seed}" + (f"_x{factor}" if factor > 1 else "")
+    return ((f"{kind}_f{f}c{channels}" if f else f"{kind}_c{channels}") + f"_lr{lr:g}_s{seed}"
+            + (f"_x{factor}" if factor > 1 else ""))
 
 
 def script(name, *args):
@@ -256,9 +271,11 @@ def script(name, *args):
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     status = subprocess.run(cmd).returncode
     if status != 0:
-        hint = ' (flags for every run go in --train-args, e.g. --train-args "--lpips-weight 0")' if name == "train_ae.py" else ""
-        raise SystemExit(f"error: {name} stopped with exit status {status}: its message is above{hint}. Run the same "
-                         "claims.py command again once it is fixed: the finished parts are kept")
+        hint = (' (flags for every run go in --train-args, e.g. --train-args "--lpips-weight 0")'
+                if name == "train_ae.py" else "")
+        raise SystemExit(f"error: {name} stopped with exit status {status}: its message is "
+                         f"above{hint}. Run the same claims.py command again once it is fixed: the "
+                         "finished parts are kept")
 
 
 def kind_flags(kind):
@@ -267,12 +284,13 @@ def kind_flags(kind):
 
 
 def step_flops(kind, channels):
-    """(total, decoder) FLOPs per image of one training step of this kind at the preset's size, forward
-    and backward by torch's counter (matmuls and convolutions): the whole step, and the step less the
-    encoder's share, which every kind runs alike. Counted on the meta device: nothing is computed, so
-    any preset takes seconds."""
+    """(total, decoder) FLOPs per image of one training step of this kind at the preset's size,
+    forward and backward by torch's counter (matmuls and convolutions): the whole step, and the step
+    less the encoder's share, which every kind runs alike. Counted on the meta device: nothing is
+    computed, so any preset takes seconds."""
     flags = kind_flags(kind)
-    overrides = {k[2:].replace("-", "_"): int(v) if v.isdigit() else v for k, v in zip(flags[::2], flags[1::2])}
+    overrides = {k[2:].replace("-", "_"): int(v) if v.isdigit() else v
+                 for k, v in zip(flags[::2], flags[1::2])}
     with torch.device("meta"):
         net = DGAE(make_config(preset, latent_channels=channels, **overrides))
         x = torch.zeros(2, 3, net.cfg.resolution, net.cfg.resolution)
@@ -288,13 +306,16 @@ def decoder_step_flops(kind, channels):
 
 
 def train(run_dir, kind, channels, lr, seed, steps, extra=()):
-    """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just reloads)."""
+    """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just
+    reloads)."""
     flags = kind_flags(kind) + list(extra)
     resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
     t0 = time.perf_counter()
-    script("train_ae.py", *flags, "--preset", preset, "--latent-channels", channels, "--lr", f"{lr:g}", "--seed", seed,
-           "--max-steps", steps, "--data", data, "--out-dir", run_dir, *shlex.split(train_args), *resume)
-    # the wall clock of the training, summed over the calls that resumed it (equal compute in seconds)
+    script("train_ae.py", *flags, "--preset", preset, "--latent-channels", channels,
+           "--lr", f"{lr:g}", "--seed", seed, "--max-steps", steps, "--data", data,
+           "--out-dir", run_dir, *shlex.split(train_args), *resume)
+    # the wall clock of the training, summed over the calls that resumed it (equal compute in
+    # seconds)
     path = os.path.join(run_dir, "train_seconds.txt")
     before = float(open(path).read()) if os.path.exists(path) else 0.0
     write_text(path, f"{before + time.perf_counter() - t0:.1f}")
@@ -310,10 +331,12 @@ def score(run_dir, heldout_source, judge, dist):
     diffusion = model.cfg.decoder == "diffusion"
     s = score_reconstructions(model, heldout_source, 0, dist, num_images, batch_size, 0,
                               mean_of=mean_of if diffusion else 0, judge=judge)
-    # E[x|z]: the decoder's conditional mean, its sampling variance removed (metrics.conditional_mean_mse)
+    # E[x|z]: the decoder's conditional mean, its sampling variance removed
+    # (metrics.conditional_mean_mse)
     s["ez_lowfreq_psnr"] = s["lowfreq_psnr_ez"] if diffusion else s["lowfreq_psnr"]
     if diffusion:
-        s["psnr_1step"] = score_reconstructions(model, heldout_source, 1, dist, num_images, batch_size, 0)["psnr"]
+        s["psnr_1step"] = score_reconstructions(model, heldout_source, 1, dist, num_images,
+                                                batch_size, 0)["psnr"]
     held = first_images(heldout_source, num_images, dist.device)
     s.update(diagnostics(model, data, held, dist.device))
     log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
@@ -324,7 +347,8 @@ def score(run_dir, heldout_source, judge, dist):
     ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
     s["lpips_used"] = bool(ck["lpips_used"])
     s["decoder_params_M"] = round(common.count_params(model.decoder) / 1e6 +
-                                  (common.count_params(model.anchor) / 1e6 if model.anchor is not None else 0), 3)
+                                  (common.count_params(model.anchor) / 1e6
+                                   if model.anchor is not None else 0), 3)
     write_text(path, json.dumps(s, indent=1))
     return s
 
@@ -335,7 +359,8 @@ def plan(c):
     seed_list = [int(s) for s in seeds.split(",")]
     lr_list = [float(v) for v in lrs.split(",")]
     kind_list = kinds.split(",")
-    parts = [(k, ch, lr, seed_list[0], 1) for lr in lr_list for ch in (c // 2, c) for k in kind_list]
+    parts = [(k, ch, lr, seed_list[0], 1)
+             for lr in lr_list for ch in (c // 2, c) for k in kind_list]
     for k in kind_list:
         for ch in (c // 2, c):
             lr = best_lr(k, ch, lr_list, seed_list[0])
@@ -358,23 +383,25 @@ def finished_scores(name):
         with open(path) as f:
             scores = json.load(f)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}); delete it and run the same command "
-                         "again to score that run anew") from None
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}); delete it and run "
+                         "the same command again to score that run anew") from None
     if not isinstance(scores, dict):
-        raise SystemExit(f"error: {path} is not a dict of scores; delete it and run the same command again")
+        raise SystemExit(f"error: {path} is not a dict of scores; delete it and run the same "
+                         "command again")
     return scores
 
 
 def best_lr(kind, channels, lr_list, seed, f=None, key="ez_lowfreq_psnr"):
-    """The sweep's best rate for (kind, channels) by E[x|z] low-frequency PSNR; None until all are scored."""
+    """The sweep's best rate for (kind, channels) by E[x|z] low-frequency PSNR; None until all are
+    scored."""
     scored = [(finished_scores(run_name(kind, channels, lr, seed, f=f)), lr) for lr in lr_list]
     if any(s is None for s, _ in scored):
         return None
     return max(scored, key=lambda p: p[0][key])[1]
 
 
-COLUMNS = ("psnr", "psnr_1step", "lowfreq_psnr", "ez_lowfreq_psnr", "highfreq_ratio", "spectral_fd", "judge_accuracy",
-           "judge_fd", "zgap_t1", "zgap_t0.5", "probe_r2", "train_seconds")
+COLUMNS = ("psnr", "psnr_1step", "lowfreq_psnr", "ez_lowfreq_psnr", "highfreq_ratio", "spectral_fd",
+           "judge_accuracy", "judge_fd", "zgap_t1", "zgap_t0.5", "probe_r2", "train_seconds")
 
 
 def mean_sd(values):
@@ -396,7 +423,8 @@ def summarise(c):
             rows = [(s, finished_scores(run_name(kind, ch, lr, s, factor))) for s in seed_list]
             rows = [(s, r) for s, r in rows if r is not None]
             if rows:
-                g = {"lr": lr, "seeds": [s for s, _ in rows], "lpips_used": any(r["lpips_used"] for _, r in rows),
+                g = {"lr": lr, "seeds": [s for s, _ in rows],
+                     "lpips_used": any(r["lpips_used"] for _, r in rows),
                      "decoder_params_M": rows[0][1]["decoder_params_M"]}
                 g.update({col: [r[col] for _, r in rows if col in r] for col in COLUMNS})
                 groups[(kind, ch, factor)] = g
@@ -410,9 +438,9 @@ def mean_se(values):
 
 
 def decide(margin, se):
-    """A rule's verdict from its margin (how far past the rule's threshold, > 0 on the good side) and the
-    margin's standard error: "holds" beyond +2 SE, "fails" beyond -2 SE, "undecided" between, and with one
-    seed (no SE)."""
+    """A rule's verdict from its margin (how far past the rule's threshold, > 0 on the good side)
+    and the margin's standard error: "holds" beyond +2 SE, "fails" beyond -2 SE, "undecided"
+    between, and with one seed (no SE)."""
     if not math.isfinite(se):
         return "undecided"
     return "holds" if margin > 2 * se else "fails" if margin < -2 * se else "undecided"
@@ -425,10 +453,10 @@ def verdicts(groups, c):
     margin within 2 standard errors, or one seed) or "open" (runs missing). A claim holds if every
     rule holds, fails if any fails.
 
-    Claim 1 (at c): E[x|z] low-frequency PSNR within 1 dB of the best deterministic decoder
-    (gauss, unet), a lower mean spectral Frechet distance than each of theirs, and a high-frequency
-    ratio within 0.85-1.15. Claim 2: at c/2, a spectral distance no higher than the Gaussian decoder's
-    at c and an E[x|z] low-frequency PSNR within 2 dB of it. Each margin's SE comes from the seeds'
+    Claim 1 (at c): E[x|z] low-frequency PSNR within 1 dB of the best deterministic decoder (gauss,
+    unet), a lower mean spectral Frechet distance than each of theirs, and a high-frequency ratio
+    within 0.85-1.15. Claim 2: at c/2, a spectral distance no higher than the Gaussian decoder's at
+    c and an E[x|z] low-frequency PSNR within 2 dB of it. Each margin's SE comes from the seeds'
     spreads of the two rows it compares (their seeds are independent runs).
     """
     out = {}
@@ -438,7 +466,8 @@ def verdicts(groups, c):
         for claim, ch, ref_kinds, db in (("claim 1", c, ("gauss", "unet"), CLAIM1_LOWFREQ_DB),
                                          ("claim 2", c // 2, ("gauss",), CLAIM2_LOWFREQ_DB)):
             for factor in factors:
-                name = f"{claim}, {kind}, " + ("equal steps" if factor == 1 else f"equal compute (x{factor})")
+                name = f"{claim}, {kind}, " + ("equal steps" if factor == 1
+                                               else f"equal compute (x{factor})")
                 g = groups.get((kind, ch, 1))
                 wanted = [(k, c, factor) for k in ref_kinds if k in trained]
                 refs = [groups[key] for key in wanted if key in groups]
@@ -446,20 +475,23 @@ def verdicts(groups, c):
                     out[name] = ("open", "not all runs are finished")
                     continue
                 best = max(refs, key=lambda r: np.mean(r["ez_lowfreq_psnr"]))
-                (lf, lf_se), (lf_ref, lf_ref_se) = mean_se(g["ez_lowfreq_psnr"]), mean_se(best["ez_lowfreq_psnr"])
-                rules = [("E[x|z] low-freq PSNR", lf - lf_ref, f"(rule: >= -{db:g} dB)", lf - lf_ref + db,
-                          math.hypot(lf_se, lf_ref_se))]
+                (lf, lf_se), (lf_ref, lf_ref_se) = (mean_se(g["ez_lowfreq_psnr"]),
+                                                    mean_se(best["ez_lowfreq_psnr"]))
+                rules = [("E[x|z] low-freq PSNR", lf - lf_ref, f"(rule: >= -{db:g} dB)",
+                          lf - lf_ref + db, math.hypot(lf_se, lf_ref_se))]
                 fd, fd_se = mean_se(g["spectral_fd"])
                 for r in refs:
                     ref_fd, ref_se = mean_se(r["spectral_fd"])
-                    rules.append(("spectral FD below a reference's", ref_fd - fd, "(rule: > 0)", ref_fd - fd,
-                                  math.hypot(fd_se, ref_se)))
+                    rules.append(("spectral FD below a reference's", ref_fd - fd, "(rule: > 0)",
+                                  ref_fd - fd, math.hypot(fd_se, ref_se)))
                 if claim == "claim 1":
                     hf, hf_se = mean_se(g["highfreq_ratio"])
-                    rules.append(("high-frequency ratio", hf, f"(rule: {HIGHFREQ_RANGE[0]}-{HIGHFREQ_RANGE[1]})",
+                    rules.append(("high-frequency ratio", hf,
+                                  f"(rule: {HIGHFREQ_RANGE[0]}-{HIGHFREQ_RANGE[1]})",
                                   min(hf - HIGHFREQ_RANGE[0], HIGHFREQ_RANGE[1] - hf), hf_se))
                 each = [decide(margin, se) for *_, margin, se in rules]
-                verdict = "fails" if "fails" in each else "holds" if all(v == "holds" for v in each) else "undecided"
+                verdict = ("fails" if "fails" in each
+                           else "holds" if all(v == "holds" for v in each) else "undecided")
                 why = "; ".join(f"{label} {value:+.2f} +- {se:.2f} SE {rule}: {v}"
                                 for (label, value, rule, _, se), v in zip(rules, each))
                 n_seeds = min(len(g["seeds"]), *(len(r["seeds"]) for r in refs))
@@ -471,26 +503,32 @@ def verdicts(groups, c):
 
 def write_report(c, heldout):
     groups = summarise(c)
-    lines = [f"# stage 1 on {data or 'the built-in data'}: every decoder at c = {c} and c/2 = {c // 2}",
+    lines = [f"# stage 1 on {data or 'the built-in data'}: every decoder at c = {c} and c/2 = "
+             f"{c // 2}",
              "", f"{preset} preset, {max_steps} steps"
-             + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "") + f", seeds {seeds}, "
-             f"learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by E[x|z] low-frequency PSNR), "
-             f"{num_images} held-out images, {mean_of} decodes for E[x|z]; LPIPS "
-             + ("on" if any(g["lpips_used"] for g in groups.values()) else "off (no weight files, or --lpips-weight 0)"),
+             + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "")
+             + f", seeds {seeds}, learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by "
+             f"E[x|z] low-frequency PSNR), {num_images} held-out images, {mean_of} decodes for "
+             "E[x|z]; LPIPS " + ("on" if any(g["lpips_used"] for g in groups.values())
+                                 else "off (no weight files, or --lpips-weight 0)"),
              ""]
     flops = {k: step_flops(k, c) for k in kinds.split(",")}  # (total, decoder) per image, at c
     if compute_factor > 1 and "dgae" in flops:
         groups_s = {k: np.mean(g["train_seconds"]) for (k, ch, fac), g in groups.items()
-                    if ch == c and g.get("train_seconds") and fac == (1 if k == "dgae" else compute_factor)}
-        given = [f"{k} {v[1] / 1e9:.3f} ({v[0] / 1e9:.3f} with the encoder), so x{compute_factor} its steps is "
-                 f"{compute_factor * v[1] / flops['dgae'][1]:.2f}x DGAE's decoder compute and "
-                 f"{compute_factor * v[0] / flops['dgae'][0]:.2f}x its total training compute"
+                    if ch == c and g.get("train_seconds")
+                    and fac == (1 if k == "dgae" else compute_factor)}
+        given = [f"{k} {v[1] / 1e9:.3f} ({v[0] / 1e9:.3f} with the encoder), so x{compute_factor} "
+                 f"its steps is {compute_factor * v[1] / flops['dgae'][1]:.2f}x DGAE's decoder "
+                 f"compute and {compute_factor * v[0] / flops['dgae'][0]:.2f}x its total training "
+                 "compute"
                  + (f", {groups_s[k] / groups_s['dgae']:.2f}x its wall clock on this machine"
                     if k in groups_s and "dgae" in groups_s else "")
                  for k, v in flops.items() if k in ("gauss", "unet")]
-        lines += [f"equal compute: one training step of DGAE does {flops['dgae'][1] / 1e9:.3f} GFLOP per image in its "
-                  f"decoder, {flops['dgae'][0] / 1e9:.3f} with the encoder (forward and backward); " + "; ".join(given)
-                  + ". DGAE itself trains at x1 only: at equal compute it has also trained for fewer steps", ""]
+        lines += [f"equal compute: one training step of DGAE does {flops['dgae'][1] / 1e9:.3f} "
+                  f"GFLOP per image in its decoder, {flops['dgae'][0] / 1e9:.3f} with the encoder "
+                  "(forward and backward); " + "; ".join(given)
+                  + ". DGAE itself trains at x1 only: at equal compute it has also trained for "
+                  "fewer steps", ""]
     lines += ["| decoder | latent | steps | lr | seeds | params M | " + " | ".join(COLUMNS) + " |",
               "|" + "---|" * (6 + len(COLUMNS))]
     for (kind, ch, factor), g in groups.items():
@@ -501,45 +539,53 @@ def write_report(c, heldout):
                 continue
             m, sd = mean_sd(g[col])
             cells.append(f"{m:.3f} +- {sd:.3f}" if len(g[col]) > 1 else f"{m:.3f}")
-        lines.append(f"| {kind} | c={ch} | x{factor} | {g['lr']:g} | {len(g['seeds'])} | {g['decoder_params_M']} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {kind} | c={ch} | x{factor} | {g['lr']:g} | {len(g['seeds'])} | "
+                     f"{g['decoder_params_M']} | " + " | ".join(cells) + " |")
     real = first_pixels(heldout, num_images)  # (N, 3, H, W) uint8
     baseline = float(meancolour_psnr(real).mean())
     cell = make_config(preset).compression
     codes = {ch: colour_code_psnr(real, cell, ch) for ch in (c // 2, c)}
-    lines.append(f"\neach image's mean colour: PSNR {baseline:.2f} dB. Each {cell}x{cell} cell's mean colour coded linearly "
-                 f"in c/2 = {c // 2} numbers: low-frequency PSNR {codes[c // 2]:.2f} dB; in c = {c}: {codes[c]:.2f} dB "
-                 "(claims.colour_code_psnr: how much of the coarse image the data lets a latent of each size hold "
-                 "without packing colour nonlinearly)")
-    lines += ["", "## verdicts (rules in claims.verdicts; each margin +- its standard error over seeds: holds or fails "
-                  "only beyond 2 SE, else undecided)"]
+    lines.append(f"\neach image's mean colour: PSNR {baseline:.2f} dB. Each {cell}x{cell} cell's "
+                 f"mean colour coded linearly in c/2 = {c // 2} numbers: low-frequency PSNR "
+                 f"{codes[c // 2]:.2f} dB; in c = {c}: {codes[c]:.2f} dB "
+                 "(claims.colour_code_psnr: how much of the coarse image the data lets a latent of "
+                 "each size hold without packing colour nonlinearly)")
+    lines += ["", "## verdicts (rules in claims.verdicts; each margin +- its standard error over "
+                  "seeds: holds or fails only beyond 2 SE, else undecided)"]
     results = verdicts(groups, c)
     for claim, (holds, why) in results.items():
         lines.append(f"- {claim}: {holds}: {why}")
     report = "\n".join(lines) + "\n"
     print(report)
     write_text(os.path.join(out, "report.md"), report)
-    write_text(os.path.join(out, "report.json"), json.dumps({"meancolour_psnr": baseline, "decoder_step_flops_per_image": {k: v[1] for k, v in flops.items()},
-                   "step_flops_per_image": {k: v[0] for k, v in flops.items()},
-                   "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
-                   "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g} for (k, ch, fac), g in groups.items()],
-                   "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}}, indent=1))
+    write_text(os.path.join(out, "report.json"), json.dumps(
+        {"meancolour_psnr": baseline,
+         "decoder_step_flops_per_image": {k: v[1] for k, v in flops.items()},
+         "step_flops_per_image": {k: v[0] for k, v in flops.items()},
+         "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
+         "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g}
+                    for (k, ch, fac), g in groups.items()],
+         "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}}, indent=1))
 
 
 def check_one_process_and_data(mode, dist):
-    """compare and fcurve start their training jobs one after another, and score on held-out images."""
+    """compare and fcurve start their training jobs one after another, and score on held-out
+    images."""
     if dist.ddp:
-        raise SystemExit(f"{mode} runs its training jobs one after another; start it with plain python")
+        raise SystemExit(f"{mode} runs its training jobs one after another; start it with plain "
+                         "python")
     if bool(data) != bool(val_data):
-        raise SystemExit(f"error: {mode} needs both --data (training folder) and --val-data (held-out folder), or "
-                         "neither (the built-in data and its held-out images)")
+        raise SystemExit(f"error: {mode} needs both --data (training folder) and --val-data "
+                         "(held-out folder), or neither (the built-in data and its held-out "
+                         "images)")
 
 
 def run_compare(dist):
     check_one_process_and_data("compare", dist)
     unknown = set(kinds.split(",")) - set(KIND_FLAGS)
     if unknown:
-        raise SystemExit(f"error: --kinds: unknown decoder {sorted(unknown)}; choose from {','.join(KIND_FLAGS)}")
+        raise SystemExit(f"error: --kinds: unknown decoder {sorted(unknown)}; choose from "
+                         f"{','.join(KIND_FLAGS)}")
     c = make_config(preset).latent_channels
     if c < 2:
         raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
@@ -558,10 +604,11 @@ def run_compare(dist):
 
 
 def run_plan(make_plan, run_one):
-    """Train and score the runs of make_plan() [(name, ...)] one at a time, in its order, skipping the
-    finished ones (scores.json) and those --only leaves out; the plan is made again after each run, as
-    later parts need the sweep's scores. run_one(name, ...) trains and scores one run. A --only that
-    matches no run is an error (a typo would otherwise train nothing and say nothing)."""
+    """Train and score the runs of make_plan() [(name, ...)] one at a time, in its order, skipping
+    the finished ones (scores.json) and those --only leaves out; the plan is made again after each
+    run, as later parts need the sweep's scores. run_one(name, ...) trains and scores one run. A
+    --only that matches no run is an error (a typo would otherwise train nothing and say
+    nothing)."""
     done = set()
     while not report_only:
         todo = [p for p in make_plan() if p[0] not in done and only in p[0]]
@@ -571,7 +618,8 @@ def run_plan(make_plan, run_one):
             run_one(*todo[0])
         done.add(todo[0][0])
     if only and not done and not report_only:
-        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like {make_plan()[0][0]}")
+        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like "
+                         f"{make_plan()[0][0]}")
 
 
 # -----------------------------------------------------------------------------
@@ -579,34 +627,39 @@ def run_plan(make_plan, run_one):
 
 
 def converge_latents(c, seed):
-    """[(label, stage-1 run name, its scores.json)] at this seed: the claim's two latents first, then
-    the controls. Each decoder's rate is its sweep winner at the first of --seeds, as in compare."""
+    """[(label, stage-1 run name, its scores.json)] at this seed: the claim's two latents first,
+    then the controls. Each decoder's rate is its sweep winner at the first of --seeds, as in
+    compare."""
     lr_list, sweep_seed = [float(v) for v in lrs.split(",")], int(seeds.split(",")[0])
     found = []
-    pairs = (("gauss", c), ("dgae", c // 2)) + ((("dgae", c), ("gauss", c // 2)) if controls else ())
+    pairs = (("gauss", c), ("dgae", c // 2)) + ((("dgae", c), ("gauss", c // 2)) if controls
+                                                else ())
     for kind, ch in pairs:
         lr = best_lr(kind, ch, lr_list, sweep_seed)
         if lr is None:  # the sweep is unfinished: name its first missing run
-            run = next(r for r in (run_name(kind, ch, v, sweep_seed) for v in lr_list) if finished_scores(r) is None)
+            run = next(r for r in (run_name(kind, ch, v, sweep_seed) for v in lr_list)
+                       if finished_scores(r) is None)
         else:
             run = run_name(kind, ch, lr, seed)
         if finished_scores(run) is None:
             extra = f" --train-args {shlex.quote(train_args)}" if train_args else ""
             raise SystemExit(
-                f"error: converge needs the stage-1 run {os.path.join(out, run)} (each decoder at its rate of the lr "
-                f"sweep at seed {sweep_seed}, the first of --seeds; to repeat claim 3 at another seed, start --seeds with "
-                f"the seed compare swept at, e.g. --seeds 0,{seed}); train it with `python experiments/claims.py compare --out {out} "
-                f"--preset {preset} --max-steps {max_steps} --seeds {seeds} --lrs {lrs} --compute-factor 0{extra} "
-                f"--only {run}`")
+                f"error: converge needs the stage-1 run {os.path.join(out, run)} (each decoder at "
+                f"its rate of the lr sweep at seed {sweep_seed}, the first of --seeds; to repeat "
+                f"claim 3 at another seed, start --seeds with the seed compare swept at, e.g. "
+                f"--seeds 0,{seed}); train it with `python experiments/claims.py compare --out "
+                f"{out} --preset {preset} --max-steps {max_steps} --seeds {seeds} --lrs {lrs} "
+                f"--compute-factor 0{extra} --only {run}`")
         found.append((f"{kind} c={ch}", run, finished_scores(run)))
     return found
 
 
 def curve_speedup(ref, curve, levels=20):
-    """How many times fewer steps `curve` needs than `ref` to reach the same accuracy, read from the whole
-    curves: each [(step, accuracy)] is made monotone (its running maximum), inverted by interpolation in
-    log steps at `levels` accuracies spread over the range both reach, and the horizontal shift between
-    them averaged in log steps. exp(shift) > 1: `curve` is faster. None if their ranges do not overlap."""
+    """How many times fewer steps `curve` needs than `ref` to reach the same accuracy, read from the
+    whole curves: each [(step, accuracy)] is made monotone (its running maximum), inverted by
+    interpolation in log steps at `levels` accuracies spread over the range both reach, and the
+    horizontal shift between them averaged in log steps. exp(shift) > 1: `curve` is faster. None if
+    their ranges do not overlap."""
     def inverse(c):
         steps = np.log([s for s, _ in c])
         acc = np.maximum.accumulate([a for _, a in c])
@@ -618,7 +671,8 @@ def curve_speedup(ref, curve, levels=20):
         return None
     grid = np.linspace(lo, hi, levels)
     # np.interp needs increasing x: a flat stretch of the running maximum keeps its first step
-    first = lambda s, a: (a[np.r_[True, np.diff(a) > 0]], s[np.r_[True, np.diff(a) > 0]])  # noqa: E731
+    first = lambda s, a: (a[np.r_[True, np.diff(a) > 0]],  # noqa: E731
+                          s[np.r_[True, np.diff(a) > 0]])
     shift = np.interp(grid, *first(s_ref, a_ref)) - np.interp(grid, *first(s_cur, a_cur))
     return float(np.exp(shift.mean()))
 
@@ -629,8 +683,8 @@ def steps_to_reach(curve, target):
 
 
 def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None, size=(640, 400)):
-    """A line plot drawn with PIL: series {label: [(x, y, err)]}, err drawn as a bar of +- err (0: none);
-    hlines {label: y}: a thin line in the label's colour (e.g. a ceiling)."""
+    """A line plot drawn with PIL: series {label: [(x, y, err)]}, err drawn as a bar of +- err
+    (0: none); hlines {label: y}: a thin line in the label's colour (e.g. a ceiling)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", size, "white")
@@ -639,7 +693,8 @@ def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None
     xs = sorted({p[0] for c in series.values() for p in c})
     tx = (lambda v: math.log(v)) if log_x else (lambda v: v)  # noqa: E731
     x0, x1 = tx(xs[0]), tx(xs[-1]) if xs[-1] > xs[0] else tx(xs[0]) + 1
-    ys = [y + e * sgn for c in series.values() for _, y, e in c for sgn in (-1, 1)] + list((hlines or {}).values())
+    ys = ([y + e * sgn for c in series.values() for _, y, e in c for sgn in (-1, 1)]
+          + list((hlines or {}).values()))
     y0, y1 = y_range or (min(ys), max(ys))
     y0, y1 = (y0, y1) if y1 > y0 else (y0 - 1, y1 + 1)
     px = lambda v: left + (tx(v) - x0) / (x1 - x0) * (right - left)  # noqa: E731
@@ -672,37 +727,44 @@ def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None
 
 
 def converge_one_seed(dist, c, seed, step_list, root):
-    """Claim 3 at one seed (the stage-1 runs' and the DiT's): trains, samples and judges each latent's
-    DiT up to every step of step_list, then writes converge_s<seed>.md, .json and .png."""
+    """Claim 3 at one seed (the stage-1 runs' and the DiT's): trains, samples and judges each
+    latent's DiT up to every step of step_list, then writes converge_s<seed>.md, .json and .png."""
     rows = {}
     for label, ae_run, ae_scores in converge_latents(c, seed):
         ae_path = os.path.join(out, ae_run, "ckpt.pt")
-        run_dir = os.path.join(root, ae_run)  # named by its stage-1 run: a new best rate trains a new DiT
+        # named by its stage-1 run: a new best rate trains a new DiT
+        run_dir = os.path.join(root, ae_run)
         curve = []
         for step in step_list:
             result = os.path.join(run_dir, f"classes_{step}.json")
             if not os.path.exists(result):
-                resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
-                script("train_dit.py", "--ae-ckpt", ae_path, "--out-dir", run_dir, "--max-steps", step,
-                       "--ckpt-every", step, "--sample-every", step, "--seed", seed, *resume, *shlex.split(dit_args))
+                resume = (["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt"))
+                          else [])
+                script("train_dit.py", "--ae-ckpt", ae_path, "--out-dir", run_dir,
+                       "--max-steps", step, "--ckpt-every", step, "--sample-every", step,
+                       "--seed", seed, *resume, *shlex.split(dit_args))
                 samples_path = os.path.join(run_dir, f"samples_{step}.npz")
-                script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples", num_samples,
-                       "--out", samples_path, "--device", dist.device.type)
-                script("eval.py", "classes", "--samples", samples_path, "--out", result, "--device", dist.device.type,
-                       "--judge-steps", judge_steps)
+                script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples",
+                       num_samples, "--out", samples_path, "--device", dist.device.type)
+                script("eval.py", "classes", "--samples", samples_path, "--out", result,
+                       "--device", dist.device.type, "--judge-steps", judge_steps)
             r = json.load(open(result))
             curve.append({"step": step, "accuracy": r["accuracy"], "judge_fd": r["judge_fd"]})
         rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"],
                        "ceiling_judge_fd": ae_scores["judge_fd"], "ae_ckpt": ae_path}
     labels = list(rows)
     target = rows[labels[0]]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
-    ref_steps = steps_to_reach([(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]], target)
-    lines = [f"# claim 3, seed {seed}: the same DiT on four latents (built-in data, {num_samples} samples per point)", "",
-             f"target (fixed before the run): accuracy {target:.3f}, what the {labels[0]} latents reach at step "
-             f"{step_list[-1]}; ratio = DiT steps {labels[0]} needs / steps the latent needs (> 1: faster); shift = "
-             f"the same ratio read from the whole curves (claims.curve_speedup)", "",
+    ref_steps = steps_to_reach([(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]],
+                               target)
+    lines = [f"# claim 3, seed {seed}: the same DiT on four latents (built-in data, {num_samples} "
+             "samples per point)", "",
+             f"target (fixed before the run): accuracy {target:.3f}, what the {labels[0]} latents "
+             f"reach at step {step_list[-1]}; ratio = DiT steps {labels[0]} needs / steps the "
+             "latent needs (> 1: faster); shift = the same ratio read from the whole curves "
+             "(claims.curve_speedup)", "",
              "| latent | " + " | ".join(f"acc@{s}" for s in step_list) + " | ceiling acc | "
-             + " | ".join(f"fd@{s}" for s in step_list) + " | ceiling fd | steps to target | ratio | shift |",
+             + " | ".join(f"fd@{s}" for s in step_list)
+             + " | ceiling fd | steps to target | ratio | shift |",
              "|" + "---|" * (2 * len(step_list) + 6)]
     ref_curve = [(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]]
     for label, r in rows.items():
@@ -711,13 +773,16 @@ def converge_one_seed(dist, c, seed, step_list, root):
         r["steps_to_target"], r["speedup"] = reach, (ref_steps / reach if reach else None)
         r["curve_speedup"] = curve_speedup(ref_curve, curve)
         lines.append(f"| {label} | " + " | ".join(f"{p['accuracy']:.3f}" for p in r["curve"])
-                     + f" | {r['ceiling_accuracy']:.3f} | " + " | ".join(f"{p['judge_fd']:.2f}" for p in r["curve"])
+                     + f" | {r['ceiling_accuracy']:.3f} | "
+                     + " | ".join(f"{p['judge_fd']:.2f}" for p in r["curve"])
                      + f" | {r['ceiling_judge_fd']:.2f} | {reach or 'not reached'} | "
                      + (f"{r['speedup']:.2f}" if r["speedup"] else "-") + " | "
                      + (f"{r['curve_speedup']:.2f}" if r["curve_speedup"] else "-") + " |")
     path = os.path.join(root, f"converge_s{seed}")
-    write_converge_report(path, "\n".join(lines) + "\n", {"target_accuracy": target, "latents": rows},
-                          {k: [(p["step"], p["accuracy"]) for p in r["curve"]] for k, r in rows.items()},
+    write_converge_report(path, "\n".join(lines) + "\n",
+                          {"target_accuracy": target, "latents": rows},
+                          {k: [(p["step"], p["accuracy"]) for p in r["curve"]]
+                           for k, r in rows.items()},
                           {k: r["ceiling_accuracy"] for k, r in rows.items()})
     return rows
 
@@ -728,12 +793,16 @@ def summarise_converge(per_seed):
     reached its seed's target."""
     summary = {}
     for label in next(iter(per_seed.values())):
-        curves = np.array([[p["accuracy"] for p in rows[label]["curve"]] for rows in per_seed.values()])  # (seeds, steps)
-        summary[label] = {"steps": [p["step"] for p in next(iter(per_seed.values()))[label]["curve"]],
-                          "accuracy_mean": curves.mean(0).tolist(), "accuracy_sd": curves.std(0, ddof=1).tolist(),
-                          "ceiling_accuracy": float(np.mean([rows[label]["ceiling_accuracy"] for rows in per_seed.values()])),
-                          "speedups": [rows[label]["speedup"] for rows in per_seed.values()],
-                          "curve_speedups": [rows[label].get("curve_speedup") for rows in per_seed.values()]}
+        # (seeds, steps)
+        curves = np.array([[p["accuracy"] for p in rows[label]["curve"]]
+                           for rows in per_seed.values()])
+        summary[label] = {
+            "steps": [p["step"] for p in next(iter(per_seed.values()))[label]["curve"]],
+            "accuracy_mean": curves.mean(0).tolist(), "accuracy_sd": curves.std(0, ddof=1).tolist(),
+            "ceiling_accuracy": float(np.mean([rows[label]["ceiling_accuracy"]
+                                               for rows in per_seed.values()])),
+            "speedups": [rows[label]["speedup"] for rows in per_seed.values()],
+            "curve_speedups": [rows[label].get("curve_speedup") for rows in per_seed.values()]}
         logs = [math.log(v) for v in summary[label]["curve_speedups"] if v]
         m, se = mean_se(logs) if logs else (math.nan, math.nan)
         # claim 3 ("converges faster"): the mean log speed-up over seeds against 0, beyond 2 SE
@@ -743,19 +812,21 @@ def summarise_converge(per_seed):
 
 
 def write_converge_report(path, report, result, curves, ceilings):
-    """path.md (the table, its first line the plot's title), path.json (the numbers), path.png (the plot)."""
+    """path.md (the table, its first line the plot's title), path.json (the numbers), path.png (the
+    plot)."""
     print(report)
     write_text(path + ".md", report)
     write_text(path + ".json", json.dumps(result, indent=1))
     line_plot({k: [(x, y, 0) for x, y in c] for k, c in curves.items()}, path + ".png",
-              report.splitlines()[0].lstrip("# "), "DiT steps (log scale); y: share of samples the pattern classifier "
-              "names right", y_range=(0, 1), hlines=ceilings)
+              report.splitlines()[0].lstrip("# "), "DiT steps (log scale); y: share of samples the "
+              "pattern classifier names right", y_range=(0, 1), hlines=ceilings)
     print(f"wrote {path}.png")
 
 
 def run_converge(dist):
     if data:
-        raise SystemExit("converge judges samples with the built-in data's pattern classifier; run it without --data")
+        raise SystemExit("converge judges samples with the built-in data's pattern classifier; run "
+                         "it without --data")
     c = make_config(preset).latent_channels
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
@@ -768,17 +839,25 @@ def run_converge(dist):
         return
     summary = summarise_converge(per_seed)
     fmt = lambda v: f"{v:.2f}x" if v else "not reached"  # noqa: E731
-    lines = [f"# claim 3 over seeds {seeds}: each step's accuracy, mean over the seeds (+- their standard deviation)", "",
+    lines = [f"# claim 3 over seeds {seeds}: each step's accuracy, mean over the seeds (+- their "
+             "standard deviation)", "",
              "| latent | " + " | ".join(f"acc@{s}" for s in step_list)
-             + " | ceiling acc | speed-up per seed (target) | per seed (shift) | shift over seeds | faster? |",
+             + " | ceiling acc | speed-up per seed (target) | per seed (shift) | "
+             "shift over seeds | faster? |",
              "|" + "---|" * (len(step_list) + 6)]
     for label, r in summary.items():
-        over = (f"{r['speedup_mean']:.2f}x (log +- {r['log_speedup_se']:.2f} SE)" if r["speedup_mean"] else "-")
-        lines.append(f"| {label} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd in zip(r["accuracy_mean"], r["accuracy_sd"]))
-                     + f" | {r['ceiling_accuracy']:.3f} | " + ", ".join(fmt(v) for v in r["speedups"]) + " | "
-                     + ", ".join(fmt(v) for v in r["curve_speedups"]) + f" | {over} | {r['verdict']} |")
-    write_converge_report(os.path.join(root, "converge_summary"), "\n".join(lines) + "\n", {"seeds": seed_list, "latents": summary},
-                          {k: list(zip(r["steps"], r["accuracy_mean"])) for k, r in summary.items()},
+        over = (f"{r['speedup_mean']:.2f}x (log +- {r['log_speedup_se']:.2f} SE)"
+                if r["speedup_mean"] else "-")
+        lines.append(f"| {label} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd
+                                                  in zip(r["accuracy_mean"], r["accuracy_sd"]))
+                     + f" | {r['ceiling_accuracy']:.3f} | "
+                     + ", ".join(fmt(v) for v in r["speedups"]) + " | "
+                     + ", ".join(fmt(v) for v in r["curve_speedups"])
+                     + f" | {over} | {r['verdict']} |")
+    write_converge_report(os.path.join(root, "converge_summary"), "\n".join(lines) + "\n",
+                          {"seeds": seed_list, "latents": summary},
+                          {k: list(zip(r["steps"], r["accuracy_mean"]))
+                           for k, r in summary.items()},
                           {k: r["ceiling_accuracy"] for k, r in summary.items()})
 
 
@@ -794,11 +873,13 @@ FCURVE_MEASURES = {"psnr_ez": ("PSNR of E[x|z] (dB)", lambda v: -v),
 
 
 def fcurve_points():
-    """[(f, c)] in --fs order: c grows as f^2 so the latent keeps the smallest f's size (the preset's c)."""
+    """[(f, c)] in --fs order: c grows as f^2 so the latent keeps the smallest f's size (the
+    preset's c)."""
     f_list = [int(v) for v in fs.split(",")]
     f0, c0 = min(f_list), make_config(preset).latent_channels
     if any(f % f0 for f in f_list) or len(set(f_list)) < 2:
-        raise SystemExit(f"error: --fs {fs}: give two or more compressions, each a multiple of the smallest")
+        raise SystemExit(f"error: --fs {fs}: give two or more compressions, each a multiple of the "
+                         "smallest")
     return [(f, c0 * (f // f0) ** 2) for f in f_list]
 
 
@@ -823,8 +904,8 @@ def score_fcurve(run_dir, heldout, dist):
         return json.load(open(path))
     model = load_dgae(os.path.join(run_dir, "ckpt.pt"), dist.device)
     diffusion = model.cfg.decoder == "diffusion"
-    s = score_reconstructions(model, heldout, 0, dist, num_images, batch_size, 0, mean_of=mean_of if diffusion else 0,
-                              pool=pool)
+    s = score_reconstructions(model, heldout, 0, dist, num_images, batch_size, 0,
+                              mean_of=mean_of if diffusion else 0, pool=pool)
     if not diffusion:  # a deterministic decode is its own conditional mean
         s["psnr_ez"], s["lowfreq_psnr_ez"] = s["psnr"], s["lowfreq_psnr"]
     s["pool"] = pool
@@ -848,9 +929,9 @@ def fcurve_table(points):
 
 
 def drop_verdict(table, measure, f_lo, f_hi):
-    """(D, SE, verdict): D = the Gaussian decoder's drop from f_lo to f_hi minus DGAE's, each drop the
-    growth of the measure's loss between the seed means, SE from the four seed spreads (D > 0: DGAE
-    loses less). Holds beyond +2 SE, fails beyond -2 SE, else undecided."""
+    """(D, SE, verdict): D = the Gaussian decoder's drop from f_lo to f_hi minus DGAE's, each drop
+    the growth of the measure's loss between the seed means, SE from the four seed spreads
+    (D > 0: DGAE loses less). Holds beyond +2 SE, fails beyond -2 SE, else undecided."""
     loss = FCURVE_MEASURES[measure][1]
     drops, variances = {}, {}
     for k in FCURVE_KINDS:
@@ -868,7 +949,8 @@ def run_fcurve(dist):
     check_one_process_and_data("fcurve", dist)
     points = fcurve_points()
     os.makedirs(out, exist_ok=True)
-    heldout = ImageSource(val_data, make_config(preset).resolution, builtin_limit=num_images or HELDOUT_SIZE)
+    heldout = ImageSource(val_data, make_config(preset).resolution,
+                          builtin_limit=num_images or HELDOUT_SIZE)
     def run_one(name, kind, f, c, lr, seed):
         train(os.path.join(out, name), kind, c, lr, seed, max_steps,
               extra=("--compression", f, "--resolution", make_config(preset).resolution))
@@ -878,31 +960,38 @@ def run_fcurve(dist):
     table = fcurve_table(points)
     f_list = sorted(f for f, _ in points)
     side = make_config(preset).resolution // f_list[0]
-    lines = [f"# claim 1 against f: {data or 'the built-in data'}, {preset} preset, a {side}x{side}x{dict(points)[f_list[0]]} "
-             "latent's size at every f",
-             "", f"{max_steps} steps, seeds {seeds}, lrs {lrs} (swept at the first seed, best by E[x|z] PSNR), "
-             f"{num_images} held-out images, E[x|z] from {mean_of} decodes without their sampling variance, "
-             f"low/high frequencies split at pooling factor {pool}; mean +- sd over seeds", "",
-             "| decoder | f | c | lr | seeds | " + " | ".join(FCURVE_MEASURES) + " |", "|" + "---|" * (5 + len(FCURVE_MEASURES))]
+    lines = [f"# claim 1 against f: {data or 'the built-in data'}, {preset} preset, a "
+             f"{side}x{side}x{dict(points)[f_list[0]]} latent's size at every f",
+             "", f"{max_steps} steps, seeds {seeds}, lrs {lrs} (swept at the first seed, best by "
+             f"E[x|z] PSNR), {num_images} held-out images, E[x|z] from {mean_of} decodes without "
+             f"their sampling variance, low/high frequencies split at pooling factor {pool}; mean "
+             "+- sd over seeds", "",
+             "| decoder | f | c | lr | seeds | " + " | ".join(FCURVE_MEASURES) + " |",
+             "|" + "---|" * (5 + len(FCURVE_MEASURES))]
     for (k, f), g in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         cells = ["{:.3f} +- {:.3f}".format(*mean_sd(g[m])) for m in FCURVE_MEASURES]
-        lines.append(f"| {k} | {f} | {g['c']} | {g['lr']:g} | {len(g['seeds'])} | " + " | ".join(cells) + " |")
-    lines += ["", f"## verdicts: D = the Gaussian decoder's drop from f={f_list[0]} to f={f_list[-1]} minus DGAE's "
-                  "(> 0: DGAE loses less); holds if D > 2 SE, fails if D < -2 SE, else undecided. The claim's rule is "
-                  "the first row; the others are reported beside it"]
+        lines.append(f"| {k} | {f} | {g['c']} | {g['lr']:g} | {len(g['seeds'])} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", f"## verdicts: D = the Gaussian decoder's drop from f={f_list[0]} to "
+                  f"f={f_list[-1]} minus DGAE's (> 0: DGAE loses less); holds if D > 2 SE, fails "
+                  "if D < -2 SE, else undecided. The claim's rule is the first row; the others are "
+                  "reported beside it"]
     verdict_json = {}
     for m, (label, _) in FCURVE_MEASURES.items():
         d, se, verdict = drop_verdict(table, m, f_list[0], f_list[-1])
         verdict_json[m] = {"D": d, "se": se, "verdict": verdict}
-        lines.append(f"- {label}: " + (f"D = {d:+.3f} +- {se:.3f} (SE): {verdict}" if d is not None else verdict))
+        lines.append(f"- {label}: "
+                     + (f"D = {d:+.3f} +- {se:.3f} (SE): {verdict}" if d is not None else verdict))
     report = "\n".join(lines) + "\n"
     print(report)
     path = os.path.join(out, "fcurve")
     write_text(path + ".md", report)
-    write_text(path + ".json", json.dumps({"groups": [{"kind": k, "f": f, **g} for (k, f), g in table.items()],
+    write_text(path + ".json", json.dumps({"groups": [{"kind": k, "f": f, **g}
+                                                      for (k, f), g in table.items()],
                                            "verdicts": verdict_json}, indent=1))
     for m, (label, _) in FCURVE_MEASURES.items():
-        series = {k: [(f, *mean_sd(table[(k, f)][m])) for f in f_list if (k, f) in table] for k in FCURVE_KINDS}
+        series = {k: [(f, *mean_sd(table[(k, f)][m])) for f in f_list if (k, f) in table]
+                  for k in FCURVE_KINDS}
         series = {k: v for k, v in series.items() if v}
         if series:
             line_plot(series, f"{path}_{m}.png", f"{label} against f (mean +- sd over seeds)",
@@ -911,28 +1000,33 @@ def run_fcurve(dist):
 
 
 
-MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge, "fcurve": run_fcurve}
+MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge,
+         "fcurve": run_fcurve}
 
 
 def main():
-    global max_steps, seeds, lrs, num_images, mean_of, compute_factor, dit_steps, num_samples, judge_steps
+    global max_steps, seeds, lrs, num_images, mean_of, compute_factor, dit_steps, num_samples, \
+        judge_steps
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
         common.configure(SETTINGS, ["--help"])
     mode = sys.argv[1]
     if mode not in MODES:
-        raise SystemExit(f"error: unknown mode {mode!r}; usage: python experiments/claims.py {{{','.join(MODES)}}} --name value ...")
+        raise SystemExit(f"error: unknown mode {mode!r}; usage: python experiments/claims.py "
+                         f"{{{','.join(MODES)}}} --name value ...")
     settings, _ = common.configure(SETTINGS, sys.argv[2:])
     globals().update(settings)
     if quick:
-        max_steps, seeds, lrs, num_images, mean_of, compute_factor = 4, "0", lrs.split(",")[0], 16, 2, 2
+        max_steps, seeds, lrs, num_images, mean_of, compute_factor = (
+            4, "0", lrs.split(",")[0], 16, 2, 2)
         dit_steps, num_samples, judge_steps = "2,4", 20, 60
-    common.check_settings(globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch", "num_samples",
-                                            "judge_steps", "compute_seeds", "pool"),
-                          count_or_0=("compute_factor",), positive=("dist_timeout",),
-                          at_most={"max_steps": common.MAX_STEPS, "num_images": common.MAX_SIZE,
-                                   "num_samples": common.MAX_SAMPLES, "batch_size": common.MAX_BATCH,
-                                   "judge_steps": common.MAX_STEPS, "dist_timeout": common.MAX_SECONDS})
+    common.check_settings(
+        globals(), count=("max_steps", "num_images", "mean_of", "batch_size", "anchor_ch",
+                          "num_samples", "judge_steps", "compute_seeds", "pool"),
+        count_or_0=("compute_factor",), positive=("dist_timeout",),
+        at_most={"max_steps": common.MAX_STEPS, "num_images": common.MAX_SIZE,
+                 "num_samples": common.MAX_SAMPLES, "batch_size": common.MAX_BATCH,
+                 "judge_steps": common.MAX_STEPS, "dist_timeout": common.MAX_SECONDS})
     dist = common.setup_distributed(device, dist_timeout)
     with common.user_errors():
         MODES[mode](dist)

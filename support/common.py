@@ -43,21 +43,23 @@ def _parse_like(value, default, name):
     try:
         return type(default)(value)
     except ValueError:
-        kind = {"int": "a whole number", "float": "a number"}.get(type(default).__name__, type(default).__name__)
+        kind = {"int": "a whole number", "float": "a number"}.get(type(default).__name__,
+                                                                  type(default).__name__)
         raise SystemExit(f"error: --{name} takes {kind}, got {value!r}") from None
 
 
 def setting_comments(path):
-    """{name: comment} for each `name = value  # comment` line at the top level of the script at `path`:
-    --help prints the comment beside each setting, so a setting's one line of documentation lives
-    next to its default and nowhere else."""
+    """{name: comment} for each `name = value  # comment` line at the top level of the script at
+    `path`: --help prints the comment beside each setting, so a setting's one line of documentation
+    lives next to its default and nowhere else."""
     notes = {}
     try:
         lines = open(path).read().splitlines()
     except OSError:
         return notes
     for line in lines:
-        m = re.match(r"([a-z_][a-z0-9_]*) = .*  # (.*)$", line)  # the last "  # ": a string may hold one
+        # the last "  # ": a string may hold one
+        m = re.match(r"([a-z_][a-z0-9_]*) = .*  # (.*)$", line)
         if m:
             notes[m.group(1)] = m.group(2)
     return notes
@@ -65,10 +67,11 @@ def setting_comments(path):
 
 def settings_block(namespace):
     """The settings a script defines at its top (pass `globals()` right after the block): lower-case
-    names with a bool, int, float, str or None default, not _private names, not CONSTANTS. Taken once at
-    import, so that every call of the script's main() starts from these defaults."""
+    names with a bool, int, float, str or None default, not _private names, not CONSTANTS. Taken
+    once at import, so that every call of the script's main() starts from these defaults."""
     settings = {k: v for k, v in namespace.items()
-                if not k.startswith("_") and not k.isupper() and (v is None or isinstance(v, (bool, int, float, str)))}
+                if not k.startswith("_") and not k.isupper()
+                and (v is None or isinstance(v, (bool, int, float, str)))}
     return dict(settings, __file__=namespace.get("__file__", ""))
 
 
@@ -76,11 +79,13 @@ def configure(defaults, argv=None):
     """The settings of one run: `defaults` (common.settings_block) overridden by `--name value` or
     `--name=value` arguments, each parsed to the type of its default (`--compression 32` is an int,
     `--compile false` a bool); `--latent-channels` sets latent_channels. `defaults` is not changed.
-    Returns (every setting, as a checkpoint records them; the set of names given on the command line).
+    Returns (every setting, as a checkpoint records them; the set of names given on the command
+    line).
     """
     settings = dict(defaults)
     keys = sorted(k for k, v in settings.items()  # not _private names, not CONSTANTS
-                  if not k.startswith("_") and not k.isupper() and (v is None or isinstance(v, (bool, int, float, str))))
+                  if not k.startswith("_") and not k.isupper()
+                  and (v is None or isinstance(v, (bool, int, float, str))))
     argv = sys.argv[1:] if argv is None else list(argv)
     given = set()
     i = 0
@@ -91,10 +96,12 @@ def configure(defaults, argv=None):
             print("settings (override with --name value; the default, then what it is):")
             width = max(len(f"--{k.replace('_', '-')} {settings[k]!r}") for k in keys)
             for k in keys:
-                print(f"  {f'--{k.replace(chr(95), chr(45))} {settings[k]!r}':<{width}}  {notes.get(k, '')}".rstrip())
+                print(f"  {f'--{k.replace(chr(95), chr(45))} {settings[k]!r}':<{width}}  "
+                      f"{notes.get(k, '')}".rstrip())
             sys.exit(0)
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; settings are given as --name value")
+            raise SystemExit(f"error: unexpected argument {arg!r}; "
+                             "settings are given as --name value")
         name, eq, value = arg[2:].partition("=")
         if not eq:  # the value is the next argument
             if i + 1 >= len(argv):
@@ -104,7 +111,8 @@ def configure(defaults, argv=None):
         i += 1
         key = name.replace("-", "_")
         if key not in keys:
-            raise SystemExit(f"error: unknown setting --{name}; valid settings: " + " ".join("--" + k.replace("_", "-") for k in keys))
+            raise SystemExit(f"error: unknown setting --{name}; valid settings: "
+                             + " ".join("--" + k.replace("_", "-") for k in keys))
         settings[key] = _parse_like(value, settings[key], name)
         given.add(key)
     return {k: settings[k] for k in keys}, given
@@ -127,29 +135,32 @@ SETTING_KINDS = {
     "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "finite": (lambda v: math.isfinite(v), "must be a finite number"),
     "steps": (lambda v: 1 <= v <= MAX_EULER_STEPS, f"must be from 1 to {MAX_EULER_STEPS}"),
-    "guidance": (lambda v: abs(v) <= MAX_GUIDANCE, f"must be a number from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}"),
+    "guidance": (lambda v: abs(v) <= MAX_GUIDANCE,
+                 f"must be a number from -{MAX_GUIDANCE:g} to {MAX_GUIDANCE:g}"),
 }
 
 
 def auto_flag(value, name, auto):
-    """A setting of true | false | auto as a bool; auto gives `auto`. A resumed run may hold a bool."""
+    """A setting of true | false | auto as a bool; auto gives `auto`. A resumed run may hold a
+    bool."""
     text = str(value).lower()
     if text not in ("auto", "true", "false"):
-        raise SystemExit(f"error: --{name.replace('_', '-')} takes auto, true or false, got {value!r}")
+        raise SystemExit(f"error: --{name.replace('_', '-')} takes auto, true or false, got "
+                         f"{value!r}")
     return auto if text == "auto" else text == "true"
 
 
 def channels_last_on(setting, device):
-    """--channels-last true | false | auto: on the CPU NHWC convolutions are faster (docs/NOTES.md); on CUDA
-    PyTorch's GroupNorm reads its input NCHW-contiguous (a copy into every norm, and NCHW out of it),
-    so auto is off there."""
+    """--channels-last true | false | auto: on the CPU NHWC convolutions are faster (docs/NOTES.md);
+    on CUDA PyTorch's GroupNorm reads its input NCHW-contiguous (a copy into every norm, and NCHW
+    out of it), so auto is off there."""
     return auto_flag(setting, "channels_last", device.type != "cuda")
 
 
 def default_workers(settings):
-    """--num-workers -1, resolved in `settings`: for an image folder (--data) up to 8 loading processes per
-    rank, bounded by this rank's share of the cores (JPEG decoding in the trainer would starve the GPU); 0 on
-    the built-in data, which is drawn in the process."""
+    """--num-workers -1, resolved in `settings`: for an image folder (--data) up to 8 loading
+    processes per rank, bounded by this rank's share of the cores (JPEG decoding in the trainer
+    would starve the GPU); 0 on the built-in data, which is drawn in the process."""
     if settings["num_workers"] == -1:
         per_rank = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         settings["num_workers"] = max(0, min(8, per_rank - 1)) if settings["data"] else 0
@@ -162,19 +173,26 @@ MAX_SIZE = 10**8  # images in a dataset
 MAX_RESOLUTION = 4096  # px
 MAX_SECONDS = 7 * 24 * 3600  # a week
 MAX_SAMPLES = 200_000  # samples into one .npz (the FID protocol takes 50,000)
-# Images (or latents) one process holds in one forward pass, and micro-batches summed into one step: the
-# largest batch that fits 80 GB is 1433 at 64 px (README), so 2^16 is far past any real one; 10^9 made
-# bench.py ask for 12 TB of random images and eval.py put a whole folder into one forward pass.
+# Images (or latents) one process holds in one forward pass, and micro-batches summed into one step:
+# the largest batch that fits 80 GB is 1433 at 64 px (README), so 2^16 is far past any real one;
+# 10^9 made bench.py ask for 12 TB of random images and eval.py put a whole folder into one forward
+# pass.
 MAX_BATCH = 65_536
-MAX_WORKERS = 256  # data-loading processes per process: more than any machine has cores; each is a process
-MAX_STEPS = 10**8  # optimizer steps of one run (the DiT-XL recipe takes 4 x 10^5; at 10 steps/s 10^8 is 4 months)
-MAX_SEED = 2**32 - 1  # seeds: numpy's range; derived seeds (seed x 1000 + rank, seed + image index) stay in torch's
-MAX_GRID_ROW = 256  # sample.py: samples of a class in one grid row (256 of 256 px make a 66,000 px wide PNG)
-MAX_REPEATS = 10_000  # bench.py: untimed and timed repetitions, timed data batches (a median of 10^4 is exact enough)
-# bench.py: tokens of an attention row; 4x the longest sequence of any preset (f=4 latents at 256 px, patch 1:
-# 4096), where the math kernel already holds batch x heads x 2^28 scores
+# data-loading processes per process: more than any machine has cores; each is a process
+MAX_WORKERS = 256
+# optimizer steps of one run (the DiT-XL recipe takes 4 x 10^5; at 10 steps/s 10^8 is 4 months)
+MAX_STEPS = 10**8
+# seeds: numpy's range; derived seeds (seed x 1000 + rank, seed + image index) stay in torch's
+MAX_SEED = 2**32 - 1
+# sample.py: samples of a class in one grid row (256 of 256 px make a 66,000 px wide PNG)
+MAX_GRID_ROW = 256
+# bench.py: untimed and timed repetitions, timed data batches (a median of 10^4 is exact enough)
+MAX_REPEATS = 10_000
+# bench.py: tokens of an attention row; 4x the longest sequence of any preset (f=4 latents at
+# 256 px, patch 1: 4096), where the math kernel already holds batch x heads x 2^28 scores
 MAX_SEQUENCE = 16_384
-MAX_MATMUL = 32_768  # bench.py: n of the n x n peak matmul (two 4 GiB float32 operands; 10^6 would be 4 TB each)
+# bench.py: n of the n x n peak matmul (two 4 GiB float32 operands; 10^6 would be 4 TB each)
+MAX_MATMUL = 32_768
 
 
 def check_settings(settings, choices=None, at_most=None, **kinds):
@@ -188,15 +206,18 @@ def check_settings(settings, choices=None, at_most=None, **kinds):
     for kind, names in kinds.items():
         ok, valid = SETTING_KINDS[kind]
         for name in names:
-            if settings[name] is not None and not ok(settings[name]):  # None: the preset's, checked once resolved
+            # None: the preset's, checked once resolved
+            if settings[name] is not None and not ok(settings[name]):
                 raise SystemExit(f"error: --{name.replace('_', '-')} {valid}, got {settings[name]}")
     for name, allowed in (choices or {}).items():
         if settings[name] not in allowed:
             shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed if a is not None)
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be one of {shown}, got {settings[name]!r}")
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be one of {shown}, got "
+                             f"{settings[name]!r}")
     for name, limit in (at_most or {}).items():
         if settings[name] is not None and not settings[name] <= limit:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at most {limit}, got {settings[name]}")
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at most {limit}, got "
+                             f"{settings[name]}")
 
 
 def writable_dir(path, flag):
@@ -212,32 +233,35 @@ def writable_dir(path, flag):
 
 
 def writable_file(path, flag, also=()):
-    """Refuse, at start-up, an output file that could not be written at the end: a folder given as the file
-    (or a name ending in a slash), a path under a file, a folder without write permission. `also`: the
-    files written beside it (eval.py's .txt table). Its folder is created if missing; what a link points
-    to is checked, since the write goes through the link (checkpoints.atomic_write)."""
+    """Refuse, at start-up, an output file that could not be written at the end: a folder given as
+    the file (or a name ending in a slash), a path under a file, a folder without write permission.
+    `also`: the files written beside it (eval.py's .txt table). Its folder is created if missing;
+    what a link points to is checked, since the write goes through the link
+    (checkpoints.atomic_write)."""
     for p in (path, *also):
         if p.endswith(os.sep) or os.path.isdir(p):
-            raise SystemExit(f"error: {flag} {path}: {p} is a folder, where a file is to be written; name a file "
-                             "(in that folder or elsewhere)")
+            raise SystemExit(f"error: {flag} {path}: {p} is a folder, where a file is to be "
+                             "written; name a file (in that folder or elsewhere)")
     writable_dir(os.path.dirname(os.path.realpath(path)), f"{flag} {path}: its folder")
 
 
 def refuse_out_dir_in_data(out_dir, data):
-    """Refuse an --out-dir that is the --data folder or inside it: the run's own image grids would be
-    read as training images (and more of them after each resume)."""
+    """Refuse an --out-dir that is the --data folder or inside it: the run's own image grids would
+    be read as training images (and more of them after each resume)."""
     if not data:
         return
     inside = os.path.realpath(data)
     if os.path.commonpath([inside, os.path.realpath(out_dir)]) == inside:
-        raise SystemExit(f"error: --out-dir {out_dir} is inside --data {data}, so the run's image grids would become "
-                         "training images; choose an --out-dir outside the data folder")
+        raise SystemExit(f"error: --out-dir {out_dir} is inside --data {data}, so the run's image "
+                         "grids would become training images; choose an --out-dir outside the "
+                         "data folder")
 
 
 def json_line(row):
     """A log row as one line of strict JSON: a non-finite number (a skipped NaN step) is written as
     null, since the bare NaN that json.dumps writes is refused by strict JSON readers."""
-    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in row.items()})
 
 
 class StepLog:
@@ -247,8 +271,10 @@ class StepLog:
     def __init__(self, path, dist, pbar, images_per_step, first_step):
         self.path, self.dist, self.pbar, self.images_per_step = path, dist, pbar, images_per_step
         self.first_step, self.t0 = first_step, time.time()
-        if dist.master:  # one row per step: a new run starts an empty log, a resumed one drops the rows
-            from support.checkpoints import write_text  # written after its checkpoint (by a run killed later)
+        # one row per step: a new run starts an empty log, a resumed one drops the rows written
+        # after its checkpoint (by a run killed later)
+        if dist.master:
+            from support.checkpoints import write_text
 
             kept = []
             if first_step > 0 and os.path.exists(path):
@@ -256,7 +282,8 @@ class StepLog:
                     try:
                         if json.loads(line)["step"] <= first_step:
                             kept.append(line if line.endswith("\n") else line + "\n")
-                    except (ValueError, KeyError, TypeError):  # a row cut short by a full disk: dropped
+                    # a row cut short by a full disk: dropped
+                    except (ValueError, KeyError, TypeError):
                         pass
             if kept:
                 write_text(path, "".join(kept))
@@ -270,12 +297,16 @@ class StepLog:
         counts = dict(counts)
         dev = self.dist.device
         vals = all_reduce_sum(torch.stack([*(v.float() for v in means.values()),
-                                           *(torch.tensor(float(v), device=dev) for v in counts.values())]), self.dist)
+                                           *(torch.tensor(float(v), device=dev)
+                                             for v in counts.values())]), self.dist)
         row = {k: v.item() for k, v in zip(means, vals[:len(means)] / self.dist.world_size)}
         row.update({k: v.item() for k, v in zip(counts, vals[len(means):])})
-        row.update(step=step, **{k: v.item() if torch.is_tensor(v) else v for k, v in values.items()},
-                   img_per_s=(step - self.first_step) * self.images_per_step / (time.time() - self.t0))
-        if self.dist.master:  # the row in one write; one that fails (a full disk) is taken back whole
+        row.update(step=step,
+                   **{k: v.item() if torch.is_tensor(v) else v for k, v in values.items()},
+                   img_per_s=(step - self.first_step) * self.images_per_step
+                             / (time.time() - self.t0))
+        # the row in one write; one that fails (a full disk) is taken back whole
+        if self.dist.master:
             data = (json_line(row) + "\n").encode()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             size = os.fstat(fd).st_size
@@ -285,17 +316,19 @@ class StepLog:
             except OSError as e:
                 os.ftruncate(fd, size)
                 close_bars()
-                raise SystemExit(f"error: could not write {self.path} ({e.strerror or e}); the rows before this "
-                                 "step are kept. Free some space and run again with --resume true.") from None
+                raise SystemExit(f"error: could not write {self.path} ({e.strerror or e}); the "
+                                 "rows before this step are kept. Free some space and run again "
+                                 "with --resume true.") from None
             finally:
                 os.close(fd)
-        self.pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s", "skipped_steps") if k in row})
+        self.pbar.set_postfix({k: f"{row[k]:.4g}" for k in (*means, "img_per_s", "skipped_steps")
+                               if k in row})
 
 
 @contextmanager
 def bars_closed_first():
-    """Close the open progress bars before an error that ends the script is printed (a full disk at a
-    save, an unreadable data folder mid-run), so that its one-line message stands on a line of its
+    """Close the open progress bars before an error that ends the script is printed (a full disk at
+    a save, an unreadable data folder mid-run), so that its one-line message stands on a line of its
     own instead of at the end of the bar's."""
     try:
         yield
@@ -339,7 +372,8 @@ class Dist:
 
 
 def launch_rank():
-    """This process's rank as torchrun set it (0 when run alone), known before torch.distributed starts."""
+    """This process's rank as torchrun set it (0 when run alone), known before torch.distributed
+    starts."""
     rank = os.environ.get("RANK", "0")
     return int(rank) if rank.isdigit() else 0  # a malformed RANK is refused by setup_distributed
 
@@ -360,7 +394,8 @@ def check_device(device):
     work: torch would fail only at the first tensor moved there, with a traceback."""
     if device and device not in available_devices():
         raise SystemExit(f"error: --device {device} is not available on this machine, which has: "
-                         f"{', '.join(available_devices())}; pass one of those, or leave --device out to pick one")
+                         f"{', '.join(available_devices())}; pass one of those, or leave --device "
+                         "out to pick one")
 
 
 def default_device():
@@ -369,10 +404,11 @@ def default_device():
 
 
 def use_deterministic_kernels(on):
-    """--deterministic: kernels that give the same bits on every run, so a resumed CUDA run continues
-    bit-for-bit (on the CPU it always does). cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first
-    matmul; cuDNN gives up autotuning and its nondeterministic convolution backward; an op with no
-    deterministic CUDA kernel warns (warn_only) rather than stopping a week-long run. Costs speed."""
+    """--deterministic: kernels that give the same bits on every run, so a resumed CUDA run
+    continues bit-for-bit (on the CPU it always does). cuBLAS needs CUBLAS_WORKSPACE_CONFIG before
+    its first matmul; cuDNN gives up autotuning and its nondeterministic convolution backward; an op
+    with no deterministic CUDA kernel warns (warn_only) rather than stopping a week-long run. Costs
+    speed."""
     if not on:
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -383,39 +419,47 @@ def use_deterministic_kernels(on):
 
 def setup_distributed(device="", timeout=600, deterministic=False):
     """Start torch.distributed when torchrun set RANK / LOCAL_RANK / WORLD_SIZE, else run as a
-    single process: the same script runs on a laptop, one GPU or many nodes (NCCL on GPUs, gloo on CPU).
+    single process: the same script runs on a laptop, one GPU or many nodes (NCCL on GPUs, gloo on
+    CPU).
 
     `timeout`: seconds a rank waits in a collective (all-reduce, barrier) for the others. Without it
     one stopped or hung rank leaves every other waiting for ever; with it the job ends (gloo raises,
-    see collective_timeouts; NCCL's watchdog ends the process with a "[Rank k] ... timeout" message)."""
+    see collective_timeouts; NCCL's watchdog ends the process with a "[Rank k] ... timeout"
+    message)."""
     check_device(device)
     use_deterministic_kernels(deterministic)
     device = device or default_device()
     seconds, timeout = timeout, datetime.timedelta(seconds=timeout)
     if "RANK" not in os.environ:
         return Dist(False, 0, 0, 1, torch.device(device), True)
-    missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    bad = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE") if v in os.environ and not os.environ[v].isdigit()]
-    problems = ([f"{', '.join(missing)} not set"] if missing else []) + ([f"{', '.join(bad)} not a whole number"] if bad else [])
+    missing = [v for v in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if v not in os.environ]
+    bad = [v for v in ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+           if v in os.environ and not os.environ[v].isdigit()]
+    problems = (([f"{', '.join(missing)} not set"] if missing else [])
+                + ([f"{', '.join(bad)} not a whole number"] if bad else []))
     if problems:
-        raise SystemExit(f"error: RANK is set, so this is a distributed launch, but {' and '.join(problems)}; start it "
-                         "with torchrun (which sets them all), or unset RANK to run one process")
+        raise SystemExit(f"error: RANK is set, so this is a distributed launch, but "
+                         f"{' and '.join(problems)}; start it with torchrun (which sets them all), "
+                         "or unset RANK to run one process")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     world = int(os.environ["WORLD_SIZE"])
     if device.startswith("cuda"):
         if local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"error: process {local_rank} of this node needs GPU {local_rank}, but it sees "
-                             f"{torch.cuda.device_count()} GPU(s) (CUDA_VISIBLE_DEVICES: "
-                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most that many processes "
-                             "per node (--nproc_per_node)")
+            raise SystemExit(f"error: process {local_rank} of this node needs GPU {local_rank}, "
+                             f"but it sees {torch.cuda.device_count()} GPU(s) "
+                             "(CUDA_VISIBLE_DEVICES: "
+                             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                             "that many processes per node (--nproc_per_node)")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device(device)
-    # Every rank first meets at rank 0's store (MASTER_ADDR:MASTER_PORT) and waits up to `timeout` for the others
-    # there: a process that never started (a node not launched, a wrong WORLD_SIZE or MASTER_ADDR) ends in
-    # torch's DistError after that wait, which becomes one line saying who is missing and what to check.
+    # Every rank first meets at rank 0's store (MASTER_ADDR:MASTER_PORT) and waits up to `timeout`
+    # for the others there: a process that never started (a node not launched, a wrong WORLD_SIZE or
+    # MASTER_ADDR) ends in torch's DistError after that wait, which becomes one line saying who is
+    # missing and what to check.
     try:
         if dev.type == "cuda":
             torch_dist.init_process_group("nccl", device_id=dev, timeout=timeout)
@@ -429,46 +473,56 @@ def setup_distributed(device="", timeout=600, deterministic=False):
 
 
 def group_not_formed(error, rank, world, seconds):
-    """The one line for a process group that could not be formed (setup_distributed), from torch's error:
-    rank 0's store waited `seconds` and not every rank joined ("1/2 clients joined"), another rank could not
-    reach that store, or rank 0 could not open it (the port is taken)."""
-    detail = re.sub(r"^\[[^\]]*\] ", "", str(error).splitlines()[0] if str(error) else type(error).__name__)[:200]
-    store = f"MASTER_ADDR:MASTER_PORT {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    """The one line for a process group that could not be formed (setup_distributed), from torch's
+    error: rank 0's store waited `seconds` and not every rank joined ("1/2 clients joined"), another
+    rank could not reach that store, or rank 0 could not open it (the port is taken)."""
+    detail = re.sub(r"^\[[^\]]*\] ", "",
+                    str(error).splitlines()[0] if str(error) else type(error).__name__)[:200]
+    store = (f"MASTER_ADDR:MASTER_PORT {os.environ.get('MASTER_ADDR')}:"
+             f"{os.environ.get('MASTER_PORT')}")
     joined = re.search(r"(\d+)/(\d+) clients joined", detail)
-    check = (f"check that all {world} processes were started (every node, --nnodes and --nproc_per_node agree "
-             f"with WORLD_SIZE {world}) and that {store} reaches rank 0, or raise --dist-timeout ({seconds:g} s now)")
+    check = (f"check that all {world} processes were started (every node, --nnodes and "
+             f"--nproc_per_node agree with WORLD_SIZE {world}) and that {store} reaches rank 0, or "
+             f"raise --dist-timeout ({seconds:g} s now)")
     if "EADDRINUSE" in detail or "address already in use" in detail.lower():
-        return (f"error: rank {rank} of {world}: {store} is in use by another process on this node ({detail}); "
-                "choose a free MASTER_PORT (torchrun --master-port) or end the process that holds it")
+        return (f"error: rank {rank} of {world}: {store} is in use by another process on this node "
+                f"({detail}); choose a free MASTER_PORT (torchrun --master-port) or end the "
+                "process that holds it")
     if joined:
         missing = world - int(joined.group(1))
         who = f"rank {1 - rank} of {world}" if world == 2 else f"{missing} of the {world} processes"
-        return f"error: rank {rank} of {world}: {who} never joined within {seconds:g} s ({detail}); {check}"
-    if "timed out" in detail.lower():
-        return (f"error: rank {rank} of {world}: rank 0 could not be reached at {store} within {seconds:g} s "
+        return (f"error: rank {rank} of {world}: {who} never joined within {seconds:g} s "
                 f"({detail}); {check}")
-    return f"error: rank {rank} of {world}: the process group could not be formed ({detail}); {check}"
+    if "timed out" in detail.lower():
+        return (f"error: rank {rank} of {world}: rank 0 could not be reached at {store} within "
+                f"{seconds:g} s ({detail}); {check}")
+    return (f"error: rank {rank} of {world}: the process group could not be formed ({detail}); "
+            f"{check}")
 
 
 @contextmanager
 def collective_timeouts():
     """Report a collective that failed because of another rank as one line naming this rank, instead
     of gloo's traceback: one that timed out (a rank stopped responding: see setup_distributed's
-    timeout), or one whose peer ended (it stopped on an error or a signal, with a message of its own)."""
+    timeout), or one whose peer ended (it stopped on an error or a signal, with a message of its
+    own)."""
     try:
         yield
     except RuntimeError as e:
         message = str(e)
         from_backend = isinstance(e, torch_dist.DistBackendError) or "gloo" in message
         timed_out = "timed out" in message.lower()
-        if "RANK" not in os.environ or not from_backend or not (timed_out or "closed by peer" in message):
+        if ("RANK" not in os.environ or not from_backend
+                or not (timed_out or "closed by peer" in message)):
             raise
-        detail = re.sub(r"^\[[^\]]*\] ", "", message.splitlines()[0])[:200]  # without gloo's source path
-        why = ("timed out ({}): another rank stopped responding (stopped, hung or on a lost host). The job ends; resume "
-               "it with --resume true. --dist-timeout sets the limit." if timed_out else
+        # without gloo's source path
+        detail = re.sub(r"^\[[^\]]*\] ", "", message.splitlines()[0])[:200]
+        why = ("timed out ({}): another rank stopped responding (stopped, hung or on a lost host). "
+               "The job ends; resume it with --resume true. --dist-timeout sets the limit."
+               if timed_out else
                "failed ({}): another rank ended; its own message says why. The job ends.")
-        raise SystemExit(f"error: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: a collective operation "
-                         + why.format(detail)) from None
+        raise SystemExit(f"error: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}: a "
+                         "collective operation " + why.format(detail)) from None
 
 
 def barrier(dist):
@@ -485,8 +539,8 @@ def all_reduce_sum(t, dist):
 
 
 def exit_now(dist, status):
-    """Leave at once with `status`: a single process with SystemExit; a DDP worker with os._exit, which
-    skips the interpreter's teardown, where gloo can abort (shutdown, below, says more)."""
+    """Leave at once with `status`: a single process with SystemExit; a DDP worker with os._exit,
+    which skips the interpreter's teardown, where gloo can abort (shutdown, below, says more)."""
     if not dist.ddp:
         raise SystemExit(status)
     sys.stdout.flush()
@@ -495,8 +549,8 @@ def exit_now(dist, status):
 
 
 def shutdown(dist, status=0):
-    """End the process with exit status `status` (0: done; EXIT_STOPPED: stopped by a signal, saved),
-    so that a DDP worker cannot crash on the way out.
+    """End the process with exit status `status` (0: done; EXIT_STOPPED: stopped by a signal,
+    saved), so that a DDP worker cannot crash on the way out.
 
     With gloo on CPU, a worker that simply returns intermittently aborts in the interpreter's
     teardown ("terminate called without an active exception"). So every rank waits for the others,

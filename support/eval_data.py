@@ -43,7 +43,8 @@ def to_pixels(x):
 
 
 def require_zip(path):
-    """np.savez writes a zip archive; refuse anything else named .npz in one line, not a traceback."""
+    """np.savez writes a zip archive; refuse anything else named .npz in one line, not a
+    traceback."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -64,7 +65,8 @@ class ImageSource:
     def __init__(self, path, res, num_workers=0, builtin_limit=None):
         self.path, self.n_bad, self.num_workers = path, 0, num_workers
         if not path and builtin_limit is not None:  # recon without --data: held-out built-in images
-            self.dataset = ProceduralDataset(res, size=builtin_limit or HELDOUT_SIZE, seed=HELDOUT_SEED)
+            self.dataset = ProceduralDataset(res, size=builtin_limit or HELDOUT_SIZE,
+                                             seed=HELDOUT_SEED)
             self.n = len(self.dataset)
         elif path.endswith(".npz"):
             require_zip(path)
@@ -74,21 +76,27 @@ class ImageSource:
                 with zf.open("arr_0.npy") as f:
                     version = np.lib.format.read_magic(f)
                     fmt = np.lib.format
-                    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                    read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                                   else fmt.read_array_header_2_0)
                     self.shape, fortran, dtype = read_header(f)
                     self.offset = f.tell()
             if fortran or dtype != np.uint8 or len(self.shape) != 4 or self.shape[3] != 3:
-                raise ValueError(f"{path}: arr_0 must be a C-order (N, H, W, 3) uint8 array, got {self.shape} {dtype}")
-            if self.shape[0] and 0 in self.shape[1:3]:  # 0 x 0 images: no network or metric takes them
-                raise ValueError(f"{path}: its images are {self.shape[1]} x {self.shape[2]} pixels (arr_0 {self.shape}); "
-                                 "write the samples again (sample.py --num-samples)")
+                raise ValueError(f"{path}: arr_0 must be a C-order (N, H, W, 3) uint8 array, got "
+                                 f"{self.shape} {dtype}")
+            # 0 x 0 images: no network or metric takes them
+            if self.shape[0] and 0 in self.shape[1:3]:
+                raise ValueError(f"{path}: its images are {self.shape[1]} x {self.shape[2]} pixels "
+                                 f"(arr_0 {self.shape}); write the samples again "
+                                 "(sample.py --num-samples)")
             self.dataset, self.n = None, self.shape[0]
         else:
-            self.dataset = ImageFolderDataset(path, res, split="val")  # evaluation: root/val, never root/train
+            # evaluation: root/val, never root/train
+            self.dataset = ImageFolderDataset(path, res, split="val")
             self.n = len(self.dataset)
 
     def count(self, limit):
-        """How many images a run with --num-images `limit` uses: the first `limit`, or all if it is 0."""
+        """How many images a run with --num-images `limit` uses: the first `limit`, or all if it is
+        0."""
         return self.n if limit <= 0 else min(limit, self.n)
 
     def shard(self, limit, bs, dist):
@@ -104,14 +112,16 @@ class ImageSource:
         return min(lo * bs, n), min(hi * bs, n)
 
     def batches(self, lo, hi, bs):
-        """Yield images lo..hi-1 as (B, 3, H, W) float pixel tensors in [0, 255] (unreadable ones skipped)."""
+        """Yield images lo..hi-1 as (B, 3, H, W) float pixel tensors in [0, 255] (unreadable ones
+        skipped)."""
         if self.dataset is None:
             item = int(np.prod(self.shape[1:]))  # bytes per image
             with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
                 f.seek(self.offset + lo * item)
                 for i in range(lo, hi, bs):
                     b = min(bs, hi - i)
-                    arr = np.frombuffer(f.read(b * item), dtype=np.uint8).reshape(b, *self.shape[1:])
+                    arr = np.frombuffer(f.read(b * item),
+                                        dtype=np.uint8).reshape(b, *self.shape[1:])
                     yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
         else:
             shard = InOrder(Subset(self.dataset, range(lo, hi)), bs, self.num_workers)
@@ -125,8 +135,8 @@ def at_least_two(source, flag, limit=0, needs="FID statistics need"):
     them with a line naming the input. `needs`: what needs the two, as the line says it."""
     n = source.count(limit)
     if n < 2:
-        raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; {needs} at least 2 "
-                         "(the ImageNet protocol uses 50K)")
+        raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; {needs} at "
+                         "least 2 (the ImageNet protocol uses 50K)")
     return source
 
 
@@ -135,7 +145,8 @@ def at_least_two(source, flag, limit=0, needs="FID statistics need"):
 
 
 def gather_rows(parts, width, dist):
-    """Concatenate this rank's list of row arrays, then all ranks' in rank order (= global order)."""
+    """Concatenate this rank's list of row arrays, then all ranks' in rank order (= global
+    order)."""
     a = np.concatenate(parts) if parts else np.zeros((0,) + width, np.float32)
     if not dist.ddp:
         return a
@@ -150,30 +161,34 @@ def total(count, dist):
 
 
 def readable_or_refuse(source, n_read, n_tried, dist, at_least=1, needs="FID statistics need"):
-    """Refuse, on every rank, a folder of which fewer than `at_least` images could be read: with none,
-    recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN (and recon's
-    spectral FD a linear-algebra traceback). n_read is the gathered (global) count, n_tried this rank's
-    share; `needs`: what needs them, as the line says it."""
+    """Refuse, on every rank, a folder of which fewer than `at_least` images could be read: with
+    none, recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN
+    (and recon's spectral FD a linear-algebra traceback). n_read is the gathered (global) count,
+    n_tried this rank's share; `needs`: what needs them, as the line says it."""
     if n_read >= at_least:
         return
     tried = total(n_tried, dist)
     if n_read == 0 and source.dataset is not None:
         raise unreadable_error(source.dataset, tried)
-    what = (f"only {n_read} of its {tried} images could be read (the warnings above say why)" if n_read < tried else
-            f"{n_read} image{'' if n_read == 1 else 's'}")
-    raise ValueError(f"{source.path or 'the held-out built-in images'}: {what}; {needs} at least {at_least}")
+    what = (f"only {n_read} of its {tried} images could be read (the warnings above say why)"
+            if n_read < tried else f"{n_read} image{'' if n_read == 1 else 's'}")
+    raise ValueError(f"{source.path or 'the held-out built-in images'}: {what}; {needs} at least "
+                     f"{at_least}")
 
 
 @torch.no_grad()
 def inception_features(source, model, dist, batch_size, limit=0, desc=""):
-    """Pool, spatial and logit features of the first `limit` (0 = all) images of a source, gathered."""
+    """Pool, spatial and logit features of the first `limit` (0 = all) images of a source,
+    gathered."""
     lo, hi = source.shard(limit, batch_size, dist)
     feats = {k: [] for k in FEATURE_DIMS}
     batches = source.batches(lo, hi, batch_size)
-    for x in tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc=desc, disable=not dist.master):
+    for x in tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc=desc,
+                  disable=not dist.master):
         for k, v in model(x.to(dist.device) / 255).items():
             feats[k].append(v.float().cpu().numpy())
     feats = {k: gather_rows(v, (FEATURE_DIMS[k],), dist) for k, v in feats.items()}
-    readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)  # FID statistics need 2
+    # FID statistics need 2
+    readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)
     return feats
 

@@ -137,7 +137,7 @@ def test_npz_images_are_streamed_slice_by_slice(tmp_path):
 
 
 def run_eval_in_process(monkeypatch, *argv):
-    importlib.reload(ev)  # fresh settings: configure() writes them into the module
+    importlib.reload(ev)  # eval.py binds support's functions at import: the stand-ins patched there
     monkeypatch.setattr(sys, "argv", ["eval.py", *argv])
     ev.main()
 
@@ -453,15 +453,11 @@ def test_gen_with_a_reference_of_three_images_skips_precision_recall_and_says_wh
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "s.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8))
-    fresh = importlib.reload(ev)  # its own settings: configure() writes them into the module
+    fresh = importlib.reload(ev)  # support's own functions, not a stand-in an earlier test bound at reload
     monkeypatch.setattr(fresh, "load_inception", lambda *a, **k: _FakeInception())
     monkeypatch.setattr(sys, "argv", ["eval.py", "gen", "--samples", str(tmp_path / "s.npz"), "--ref",
                                       str(tmp_path / "ref.npz"), "--resolution", "16", "--out", str(tmp_path / "r.json")])
-    try:
-        fresh.main()
-    finally:
-        monkeypatch.undo()
-        importlib.reload(ev)  # the defaults back for the other tests
+    fresh.main()
     results = json.load(open(tmp_path / "r.json"))
     assert "precision" not in results and "more than 3 images" in results["skipped"]["precision/recall"]
     assert math.isfinite(results["fid"])

@@ -3,7 +3,6 @@
 No timing is asserted: speeds depend on the machine and on what else runs on it; that is bench.py's job.
 """
 
-import importlib
 import json
 import os
 import subprocess
@@ -144,13 +143,9 @@ def test_quick_run_writes_every_field(tmp_path):
 
 
 def test_an_unavailable_device_is_one_line(monkeypatch):
-    importlib.reload(bench)  # fresh settings: configure() writes them into the module
     monkeypatch.setattr(sys, "argv", ["bench.py", "--device", "foo", "--quick", "true"])
-    try:
-        with pytest.raises(SystemExit, match="^error: --device foo is not available on this machine, which has: cpu"):
-            bench.main()
-    finally:
-        importlib.reload(bench)  # the defaults again, for whatever runs next
+    with pytest.raises(SystemExit, match="^error: --device foo is not available on this machine, which has: cpu"):
+        bench.main()
 
 
 # -----------------------------------------------------------------------------

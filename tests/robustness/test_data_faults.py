@@ -223,7 +223,6 @@ def test_unreadable_images_are_named_in_at_most_max_image_warnings_then_only_cou
 def test_no_readable_image_stops_train_ae_before_training(tmp_path, monkeypatch):
     bad_folder(tmp_path / "bad")
     monkeypatch.chdir(tmp_path)
-    importlib.reload(train_ae)  # fresh settings: configure() writes them into the module
     monkeypatch.setattr(sys, "argv", ["train_ae.py", "--data", "bad", "--preset", "tiny", "--resolution", "16",
                                       "--batch-size", "4", "--lpips-weight", "0", "--max-steps", "2"])
     with pytest.warns(UserWarning, match="skipping image"):

@@ -3,7 +3,6 @@ processes), an --out-dir inside the data, a full disk (a real file-size limit), 
 this machine lacks. Each ends the run in one line, before any work where it can be known before."""
 
 import fcntl
-import importlib
 import os
 import resource
 import signal
@@ -57,7 +56,6 @@ def test_a_second_run_into_a_folder_in_use_is_refused_and_the_lock_ends_with_the
 
 
 def run_in_process(monkeypatch, module, *args):
-    importlib.reload(module)  # fresh settings: configure() writes them into the module
     monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *args])
     module.main()
 

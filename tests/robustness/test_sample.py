@@ -3,7 +3,6 @@ a seed fixes the images, the .npz has the evaluator's format and the right conte
 reconstruction grid, and the errors. Runs sample.main() in-process on tiny random models."""
 
 import errno
-import importlib
 import os
 import sys
 
@@ -38,7 +37,6 @@ def ckpts(tmp_path):
 
 
 def run_sample(monkeypatch, *args):
-    importlib.reload(sample)  # fresh settings: configure() writes them into the module
     monkeypatch.setattr(sys, "argv", ["sample.py", *args])
     sample.main()
 

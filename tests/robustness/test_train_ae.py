@@ -1,7 +1,6 @@
 """train_ae.py: its optimizer, schedules and EMA, then the script run for real as a subprocess:
 resume, torchrun, image folders, and the errors."""
 
-import importlib
 import json
 import os
 import signal

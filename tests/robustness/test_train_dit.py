@@ -2,7 +2,6 @@
 statistics, and (slow) the whole pipeline train_ae -> train_dit -> sample. The latent cache it
 builds in step 1 is tested in test_latents.py."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -107,7 +106,6 @@ BAD_SETTINGS = [  # (flags, the one line expected)
 @pytest.mark.parametrize("flags,message", BAD_SETTINGS, ids=[" ".join(f) for f, _ in BAD_SETTINGS])
 def test_bad_settings_are_refused_before_any_work(tmp_path, ae, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
-    importlib.reload(train_dit)  # fresh settings: configure() writes them into the module
     monkeypatch.setattr(sys, "argv", ["train_dit.py", *DIT_FAST, *flags])
     with pytest.raises(SystemExit) as e:
         train_dit.main()
@@ -232,7 +230,6 @@ def test_resume_keeps_the_bookkeeping_too_and_says_what_the_command_line_changed
     monkeypatch.chdir(tmp_path)
     for args in ([*DIT_FAST, "--max-steps", "2", "--ckpt-every", "2", "--sample-steps", "2"],
                  ["--resume", "true", "--max-steps", "3", "--sample-every", "3"]):
-        importlib.reload(train_dit)  # fresh settings: configure() writes them into the module
         monkeypatch.setattr(sys, "argv", ["train_dit.py", *args])
         train_dit.main()
     assert "resumed with changed settings: --max-steps 2 -> 3, --sample-every 1000 -> 3" in capsys.readouterr().out
@@ -249,7 +246,6 @@ def test_a_flag_that_contradicts_the_resumed_checkpoint_is_refused(tmp_path, ae,
                   ["--ema-decay", "0.9"], ["--class-dropout", "0.3"], ["--t-dist", "uniform"], ["--seed", "1"],
                   ["--weight-decay", "0.1"], ["--grad-clip", "2"], ["--preset", "DiT-S/1"],
                   ["--data", str(tmp_path / "elsewhere")], ["--shard-size", "8"]):  # the latent cache's own: it would be stale
-        importlib.reload(train_dit)  # fresh settings: configure() writes them into the module
         monkeypatch.setattr(sys, "argv", ["train_dit.py", "--resume", "true", "--max-steps", "2", *flags])
         with pytest.raises(SystemExit) as e:
             train_dit.main()
