@@ -321,16 +321,23 @@ def train(run_dir, kind, channels, lr, seed, steps, extra=()):
     write_text(path, f"{before + time.perf_counter() - t0:.1f}")
 
 
+def scored_model(run_dir, source, dist, **kw):
+    """(the run's EMA model, whether it decodes by diffusion, score_reconstructions of it at the
+    checkpoint's decode steps, E[x|z] from --mean-of decodes for a diffusion decoder)."""
+    model = load_dgae(os.path.join(run_dir, "ckpt.pt"), dist.device)
+    diffusion = model.cfg.decoder == "diffusion"
+    scores = score_reconstructions(model, source, 0, dist, num_images, batch_size, 0,
+                                   mean_of=mean_of if diffusion else 0, **kw)
+    return model, diffusion, scores
+
+
 def score(run_dir, heldout_source, judge, dist):
     """scores.json of a finished run: the reconstruction measures at the checkpoint's decode steps
     (and the 1-step decode of a diffusion decoder), the E[x|z] estimate and the diagnostics."""
     path = os.path.join(run_dir, "scores.json")
     if os.path.exists(path):
         return json.load(open(path))
-    model = load_dgae(os.path.join(run_dir, "ckpt.pt"), dist.device)
-    diffusion = model.cfg.decoder == "diffusion"
-    s = score_reconstructions(model, heldout_source, 0, dist, num_images, batch_size, 0,
-                              mean_of=mean_of if diffusion else 0, judge=judge)
+    model, diffusion, s = scored_model(run_dir, heldout_source, dist, judge=judge)
     # E[x|z]: the decoder's conditional mean, its sampling variance removed
     # (metrics.conditional_mean_mse)
     s["ez_lowfreq_psnr"] = s["lowfreq_psnr_ez"] if diffusion else s["lowfreq_psnr"]
@@ -902,10 +909,7 @@ def score_fcurve(run_dir, heldout, dist):
     path = os.path.join(run_dir, "scores.json")
     if os.path.exists(path):
         return json.load(open(path))
-    model = load_dgae(os.path.join(run_dir, "ckpt.pt"), dist.device)
-    diffusion = model.cfg.decoder == "diffusion"
-    s = score_reconstructions(model, heldout, 0, dist, num_images, batch_size, 0,
-                              mean_of=mean_of if diffusion else 0, pool=pool)
+    _, diffusion, s = scored_model(run_dir, heldout, dist, pool=pool)
     if not diffusion:  # a deterministic decode is its own conditional mean
         s["psnr_ez"], s["lowfreq_psnr_ez"] = s["psnr"], s["lowfreq_psnr"]
     s["pool"] = pool

@@ -336,7 +336,8 @@ def test_recon_mode_runs_end_to_end_and_measures_the_quantised_reconstructions(t
     lp = load_lpips(weights[3], weights[5])
     ds = ImageFolderDataset(str(folder), 32)
     x = to_model_range(torch.stack([ds[i][0] for i in range(5)]))  # the items are uint8 pixels
-    rec = torch.cat([model.reconstruct(x[lo : lo + 2], steps=2, seed=lo) for lo in (0, 2, 4)])
+    with torch.no_grad():  # as eval.py decodes
+        rec = torch.cat([model.reconstruct(x[lo : lo + 2], steps=2, seed=lo) for lo in (0, 2, 4)])
     real, fake = eval_data.to_pixels(x), eval_data.to_pixels(rec)
     assert res["psnr"] == pytest.approx(metrics.psnr(real, fake).mean().item(), rel=1e-6)
     assert res["ssim"] == pytest.approx(metrics.ssim(real, fake).mean().item(), rel=1e-6)
@@ -367,8 +368,9 @@ def test_recon_mode_scores_builtin_heldout_images_without_any_weight_file(tmp_pa
     ds = ProceduralDataset(32, size=6, seed=eval_data.HELDOUT_SEED)
     x = torch.stack([ds[i][0] for i in range(6)])
     real = eval_data.to_pixels(x)
-    fake = eval_data.to_pixels(torch.cat([model.reconstruct(x[:4], steps=2, seed=0),
-                                          model.reconstruct(x[4:], steps=2, seed=4)]))
+    with torch.no_grad():  # as eval.py decodes
+        fake = eval_data.to_pixels(torch.cat([model.reconstruct(x[:4], steps=2, seed=0),
+                                              model.reconstruct(x[4:], steps=2, seed=4)]))
     for key, value in (("psnr", metrics.psnr(real, fake)), ("ssim", metrics.ssim(real, fake)), ("lowfreq_psnr", metrics.lowfreq_psnr(real, fake, 4)),
                        ("meancolour_psnr", metrics.psnr(real, real.mean(dim=(2, 3), keepdim=True).expand_as(real)))):
         assert res[key] == pytest.approx(value.mean().item(), rel=1e-6), key
@@ -390,7 +392,7 @@ def test_classes_mode_scores_the_labels_the_judge_agrees_with_and_refuses_bad_sa
     y[100:] = (y[100:] + 1) % 10
     np.savez(tmp_path / "s.npz", arr_0=to_uint8(x), labels=y)
     np.savez(tmp_path / "noise.npz", arr_0=to_uint8(torch.rand_like(x) * 2 - 1), labels=y)
-    import procedural  # one judge for both calls (eval.py is reloaded, and imports it from procedural)
+    from support import procedural  # one judge for both calls (eval.py is reloaded and imports it)
     judges, train_judge = [], procedural.train_pattern_classifier
     monkeypatch.setattr(procedural, "train_pattern_classifier",
                         lambda *a, **k: judges[0] if judges else judges.append(train_judge(*a, **k)) or judges[0])

@@ -401,7 +401,7 @@ def test_a_run_of_nonfinite_steps_stops_and_keeps_the_last_good_checkpoint(tmp_p
     # a real divergence: a checkpoint whose learning rate is 1e6 gives NaN within steps; it is
     # stopped the same way and the file on disk keeps finite weights
     ckpt = load(path)
-    torch.save(dict(ckpt, model_args=dict(ckpt["model_args"], lr=1e6)), path)
+    torch.save(dict(ckpt, config=dict(ckpt["config"], lr=1e6)), path)
     diverged = path.read_bytes()
     proc = run_train(tmp_path, "--resume", "true", "--max-steps", "30", check=False)
     assert proc.returncode == 1 and "had a non-finite loss or gradient" in proc.stderr
