@@ -13,7 +13,6 @@ file, holds the diffusion decoder; support/checkpoints.py loads trained models (
 
 import math
 from dataclasses import asdict, dataclass, replace
-from dataclasses import fields as dataclass_fields
 
 import torch
 import torch.nn as nn
@@ -453,27 +452,3 @@ def make_config(preset, **overrides):
 def config_to_dict(cfg):
     d = asdict(cfg)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def config_from_dict(d):
-    """The AEConfig a checkpoint's model_args describe. A key AEConfig lacks, or a value of another
-    type than the field's (an edited file, another version's), is a ValueError naming it."""
-    if not isinstance(d, dict):
-        raise ValueError(f"model_args is a {type(d).__name__}, not a dict of the model's settings")
-    defaults = {f.name: f.default for f in dataclass_fields(AEConfig)}
-    # older checkpoints recorded them here
-    d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}
-    unknown = sorted(set(d) - set(defaults))
-    if unknown:
-        raise ValueError(f"model_args has settings this version's model does not know: "
-                         f"{', '.join(unknown)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-    for k, v in values.items():
-        want = type(defaults[k])
-        fits = isinstance(v, want) and (want is bool or not isinstance(v, bool))
-        if not (fits or want is float and type(v) is int):  # 1 stands for 1.0
-            kinds = {"int": "a whole number", "float": "a number", "str": "a string",
-                     "tuple": "a list", "bool": "true/false"}
-            raise ValueError(f"model_args {k}={v!r} is not "
-                             f"{kinds.get(want.__name__, want.__name__)}")
-    return AEConfig(**values)

@@ -21,7 +21,8 @@ classes: stage 2 on the built-in data, where FID's ImageNet Inception means litt
 (procedural.PatternClassifier) is trained on built-in images, then names the pattern of each sample;
 the share named as the class it was sampled for, against chance and the CNN's accuracy on real
 images.
-Where the images come from and how the processes share them is support/eval_data.py.
+Where the images come from, how the processes share them and how results are written is
+support/eval_data.py.
 
 Conventions, chosen to match published numbers (the formulas are in support/metrics.py):
   - Everything is measured on uint8 images, i.e. what a saved PNG holds: reconstructions are
@@ -44,7 +45,6 @@ Conventions, chosen to match published numbers (the formulas are in support/metr
     recon the same decoder noise) on any number of GPUs, and alone computes and writes the results.
 """
 
-import json
 import math
 import os
 import sys
@@ -58,11 +58,12 @@ from tqdm import tqdm
 from support import checkpoints, common
 from support.data import InOrder
 from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two,
-                               gather_rows, inception_features, readable_or_refuse, require_zip,
-                               to_pixels, total)
+                               check_reference_stats, frechet_entries, gather_rows,
+                               inception_features, inception_score_entries, readable_or_refuse,
+                               require_zip, stats_of, table_path, to_pixels, total, write_results)
 from support.inception import load_inception
 from support.metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance,
-                             highfreq_energy, highfreq_ratio, inception_score, lowfreq_psnr,
+                             highfreq_energy, highfreq_ratio, lowfreq_psnr,
                              precision_recall, psnr, psnr_of_mse, ssim)
 from support.perceptual import load_lpips
 from support.procedural import ProceduralDataset, train_pattern_classifier
@@ -91,11 +92,6 @@ device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 computes distances alone)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
-
-
-def table_path(path):
-    """The .txt table written beside the results file `path`."""
-    return os.path.splitext(path)[0] + ".txt"
 
 
 def default_out(mode, steps=None):
@@ -129,23 +125,6 @@ def check_output(mode, dist):
         path = default_out(mode)
         common.writable_file(path, "--out (not given, so beside --samples)",
                              also=(table_path(path),))
-
-
-def write_results(results, path):
-    """The results as JSON at `path`, and as an aligned two-column table beside it (.txt) and on
-    stdout."""
-    checkpoints.write_text(path, json.dumps(results, indent=2))  # atomic: never half a file
-    width = max(len(k) for k in results)
-
-    def show(v):
-        if isinstance(v, dict):  # e.g. the skipped metrics and why
-            return "; ".join(f"{k}: {w}" for k, w in v.items())
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    table = "\n".join(f"{k:<{width}}  {show(v)}" for k, v in results.items())
-    checkpoints.write_text(table_path(path), table + "\n")
-    print(table)
-    print(f"wrote {path}")
 
 
 # -----------------------------------------------------------------------------
@@ -317,70 +296,8 @@ def run_recon(dist):
         write_results(results, out or default_out("recon", steps))
 
 
-def stats_of(feats, device="cpu"):
-    """The reference-batch format: FID statistics (mu, sigma) and sFID statistics
-    (mu_s, sigma_s)."""
-    (mu, sigma), (mu_s, sigma_s) = (feature_stats(feats["pool"], device),
-                                    feature_stats(feats["spatial"], device))
-    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "mu_s": mu_s.numpy(),
-            "sigma_s": sigma_s.numpy()}
-
-
-def frechet_entries(name, value, counts, dims):
-    """A Frechet distance for the report, with a note beside it where it means nothing:
-    {name: value, name_note: why}. Below `dims` images on a side (counts: {what: number}) the
-    covariance of the features is singular and the distance is dominated by that; a negative value
-    (which a distance cannot be: round-off on singular covariances) is reported as None, never as a
-    result, nor clamped to 0."""
-    why = [f"{n} {what}, fewer than the {dims} feature dimensions (the covariance is singular; the "
-           "protocol uses 50,000)" for what, n in counts.items() if n < dims]
-    if value < 0:
-        why.append(f"computed {value:.4g}, below 0, which a distance cannot be (round-off)")
-    entries = {name: None if value < 0 else value}
-    if why:
-        entries[f"{name}_note"] = "not meaningful: " + "; ".join(why)
-    return entries
-
-
-def inception_score_entries(logits, splits=10):
-    """The Inception Score (mean, std over `splits` chunks) for the report, with a note where a
-    chunk holds a single image: the score of one image is exactly 1, so such a score means
-    nothing."""
-    mean, std = inception_score(logits, splits)
-    entries = {"inception_score": mean, "inception_score_std": std}
-    if len(logits) < 2 * splits:
-        entries["inception_score_note"] = (
-            f"not meaningful: {len(logits)} samples in {min(splits, len(logits))} splits, some of "
-            f"a single image, which scores exactly 1 (the protocol: {splits} splits of 5,000)")
-    return entries
-
-
 # k of precision / recall's nearest-neighbour balls (metrics.precision_recall's default)
 PR_NEIGHBOURS = 3
-
-
-def check_reference_stats(path, stats):
-    """Refuse, in one line naming the file, FID statistics that cannot give a number: a mean without
-    its covariance (or the reverse), a string or object array, shapes that do not pair
-    (mu (D,), sigma (D, D)), or a value that is not finite (a NaN would be written as "fid": NaN
-    with exit status 0)."""
-    for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
-        if (m in stats) != (s in stats):
-            raise SystemExit(f"error: --ref {path} has {m if m in stats else s} but not "
-                             f"{s if m in stats else m}; FID statistics need both (eval.py stats "
-                             "writes them)")
-        if m not in stats:
-            continue
-        mu, sigma = stats[m], stats[s]
-        if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
-            raise SystemExit(f"error: --ref {path}: {m}/{s} are not numbers ({mu.dtype}, "
-                             f"{sigma.dtype})")
-        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-            raise SystemExit(f"error: --ref {path}: {m} {mu.shape} and {s} {sigma.shape} do not "
-                             "pair; a mean (D,) and a covariance (D, D) are needed")
-        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise SystemExit(f"error: --ref {path}: {m} or {s} holds a value that is not finite; "
-                             "recompute the reference with eval.py stats")
 
 
 def run_gen(dist):

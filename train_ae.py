@@ -19,7 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ae import PRESETS, AEConfig, DGAE, config_from_dict, config_to_dict, make_config
+from ae import PRESETS, AEConfig, DGAE, config_to_dict, make_config
 from support import checkpoints, common
 from support.data import (Loader, build_dataset, first_good, random_hflip, save_image_grid,
                           to_model_range)
@@ -142,7 +142,7 @@ def main(argv=None):
         # setting that is not None over it
         if ckpt is not None:
             name = ckpt["model_name"]
-            cfg = replace(config_from_dict(ckpt["model_args"]), attn_impl=attn_impl,
+            cfg = replace(checkpoints.config_from_dict(ckpt["model_args"]), attn_impl=attn_impl,
                           decode_steps=decode_steps)
             # before any memory is taken
             checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["model"], ckpt_path)

@@ -4,10 +4,11 @@ How a run is saved, stopped and resumed, and where pretrained files are found: t
 rank's RNG state (so --resume continues bit-identically), stop signals that end a run at a step
 boundary with a checkpoint, and the lookup of the VGG16, LPIPS and InceptionV3 weight files. The
 settings and torch.distributed live in common.py. A reader of the method can skip this file: the
-trainers call start_run, resumed_preset, resumed_config, save_training, restore_training,
-StopSignals and StepGuard, and that is all of it.
+trainers call start_run (with the resume rule, MAY_CHANGE_ON_RESUME), save_training,
+restore_training, StopSignals and StepGuard; sample.py and eval.py call load_dgae.
 """
 
+import dataclasses
 import hashlib
 import inspect
 import os
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from ae import DGAE, config_from_dict
+from ae import TRAINING_KEYS, AEConfig, DGAE
 from support import common
 
 # -----------------------------------------------------------------------------
@@ -406,6 +407,30 @@ def model_from_args(cls, args, state_dict, path):
         raise ValueError(f"{path}: its model_args do not build the model ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:160] if str(e) else ''}); use a checkpoint as "
                          "the training script wrote it") from None
+
+
+def config_from_dict(d):
+    """The AEConfig a checkpoint's model_args describe. A key AEConfig lacks, or a value of another
+    type than the field's (an edited file, another version's), is a ValueError naming it."""
+    if not isinstance(d, dict):
+        raise ValueError(f"model_args is a {type(d).__name__}, not a dict of the model's settings")
+    defaults = {f.name: f.default for f in dataclasses.fields(AEConfig)}
+    # older checkpoints recorded them here
+    d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}
+    unknown = sorted(set(d) - set(defaults))
+    if unknown:
+        raise ValueError(f"model_args has settings this version's model does not know: "
+                         f"{', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    for k, v in values.items():
+        want = type(defaults[k])
+        fits = isinstance(v, want) and (want is bool or not isinstance(v, bool))
+        if not (fits or want is float and type(v) is int):  # 1 stands for 1.0
+            kinds = {"int": "a whole number", "float": "a number", "str": "a string",
+                     "tuple": "a list", "bool": "true/false"}
+            raise ValueError(f"model_args {k}={v!r} is not "
+                             f"{kinds.get(want.__name__, want.__name__)}")
+    return AEConfig(**values)
 
 
 def encoder_fingerprint(state_dict):

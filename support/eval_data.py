@@ -1,5 +1,5 @@
 """
-The images eval.py scores, and how several processes share them.
+The images eval.py scores, how several processes share them, and what it writes and checks.
 
 An ImageSource is one of three things: an .npz of images (arr_0, what sample.py writes), streamed a
 batch at a time; a folder of images, ADM center-cropped, with unreadable files skipped and counted;
@@ -8,9 +8,13 @@ takes a contiguous run of the single-process batches (ImageSource.shard), and wh
 compute is gathered back in rank order (gather_rows, total), so rank 0 sees the arrays of a single
 process on any number of GPUs. Sources too small for FID statistics, or whose images could not be
 read, are refused in one line. Images reach metrics.py as (B, 3, H, W) float tensors of integers in
-[0, 255], what a saved PNG holds (to_pixels).
+[0, 255], what a saved PNG holds (to_pixels). At the end: the results file and its table
+(write_results), the FID statistics of a reference (stats_of, check_reference_stats) and the
+report's entries with a note where a number means nothing (frechet_entries,
+inception_score_entries).
 """
 
+import json
 import math
 import os
 import zipfile
@@ -21,8 +25,9 @@ import torch.distributed as torch_dist
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from support import common
+from support import checkpoints, common
 from support.data import ImageFolderDataset, InOrder, unreadable_error
+from support.metrics import feature_stats, inception_score
 from support.procedural import ProceduralDataset
 
 # the widths of the three InceptionV3 feature sets (inception.py): FID, sFID, IS
@@ -192,3 +197,90 @@ def inception_features(source, model, dist, batch_size, limit=0, desc=""):
     readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)
     return feats
 
+
+# -----------------------------------------------------------------------------
+# what eval.py reports and checks: its results file and table, the FID statistics' entries
+
+
+def table_path(path):
+    """The .txt table written beside the results file `path`."""
+    return os.path.splitext(path)[0] + ".txt"
+
+
+def write_results(results, path):
+    """The results as JSON at `path`, and as an aligned two-column table beside it (.txt) and on
+    stdout."""
+    checkpoints.write_text(path, json.dumps(results, indent=2))  # atomic: never half a file
+    width = max(len(k) for k in results)
+
+    def show(v):
+        if isinstance(v, dict):  # e.g. the skipped metrics and why
+            return "; ".join(f"{k}: {w}" for k, w in v.items())
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    table = "\n".join(f"{k:<{width}}  {show(v)}" for k, v in results.items())
+    checkpoints.write_text(table_path(path), table + "\n")
+    print(table)
+    print(f"wrote {path}")
+
+
+def stats_of(feats, device="cpu"):
+    """The reference-batch format: FID statistics (mu, sigma) and sFID statistics
+    (mu_s, sigma_s)."""
+    (mu, sigma), (mu_s, sigma_s) = (feature_stats(feats["pool"], device),
+                                    feature_stats(feats["spatial"], device))
+    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "mu_s": mu_s.numpy(),
+            "sigma_s": sigma_s.numpy()}
+
+
+def frechet_entries(name, value, counts, dims):
+    """A Frechet distance for the report, with a note beside it where it means nothing:
+    {name: value, name_note: why}. Below `dims` images on a side (counts: {what: number}) the
+    covariance of the features is singular and the distance is dominated by that; a negative value
+    (which a distance cannot be: round-off on singular covariances) is reported as None, never as a
+    result, nor clamped to 0."""
+    why = [f"{n} {what}, fewer than the {dims} feature dimensions (the covariance is singular; the "
+           "protocol uses 50,000)" for what, n in counts.items() if n < dims]
+    if value < 0:
+        why.append(f"computed {value:.4g}, below 0, which a distance cannot be (round-off)")
+    entries = {name: None if value < 0 else value}
+    if why:
+        entries[f"{name}_note"] = "not meaningful: " + "; ".join(why)
+    return entries
+
+
+def inception_score_entries(logits, splits=10):
+    """The Inception Score (mean, std over `splits` chunks) for the report, with a note where a
+    chunk holds a single image: the score of one image is exactly 1, so such a score means
+    nothing."""
+    mean, std = inception_score(logits, splits)
+    entries = {"inception_score": mean, "inception_score_std": std}
+    if len(logits) < 2 * splits:
+        entries["inception_score_note"] = (
+            f"not meaningful: {len(logits)} samples in {min(splits, len(logits))} splits, some of "
+            f"a single image, which scores exactly 1 (the protocol: {splits} splits of 5,000)")
+    return entries
+
+
+def check_reference_stats(path, stats):
+    """Refuse, in one line naming the file, FID statistics that cannot give a number: a mean without
+    its covariance (or the reverse), a string or object array, shapes that do not pair
+    (mu (D,), sigma (D, D)), or a value that is not finite (a NaN would be written as "fid": NaN
+    with exit status 0)."""
+    for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (m in stats) != (s in stats):
+            raise SystemExit(f"error: --ref {path} has {m if m in stats else s} but not "
+                             f"{s if m in stats else m}; FID statistics need both (eval.py stats "
+                             "writes them)")
+        if m not in stats:
+            continue
+        mu, sigma = stats[m], stats[s]
+        if mu.dtype.kind not in "fiu" or sigma.dtype.kind not in "fiu":
+            raise SystemExit(f"error: --ref {path}: {m}/{s} are not numbers ({mu.dtype}, "
+                             f"{sigma.dtype})")
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise SystemExit(f"error: --ref {path}: {m} {mu.shape} and {s} {sigma.shape} do not "
+                             "pair; a mean (D,) and a covariance (D, D) are needed")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise SystemExit(f"error: --ref {path}: {m} or {s} holds a value that is not finite; "
+                             "recompute the reference with eval.py stats")

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from ae import DGAE, config_from_dict
+from ae import DGAE
 from support import checkpoints, common
 from support.data import InOrder, to_model_range, unreadable_error
 
@@ -54,7 +54,7 @@ def stage1_info(path):
     # the weights must fit the model that model_args describes. Checked now, before the cache's
     # meta.json is written (a cache recorded from a damaged file would be stale for the good one),
     # on a model without storage (meta device), so no second full model is built.
-    cfg = config_from_dict(args)
+    cfg = checkpoints.config_from_dict(args)
     checkpoints.check_weights_fit(lambda: DGAE(cfg), ck["ema"], path)
     r, f = args["resolution"], args["compression"]
     return dict(ae_ckpt=os.path.abspath(path), ae_step=ck["step"],

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from support.perceptual import LPIPS, LPIPS_FILE, LPIPS_URL, VGG16_FILE, VGG16_URL, load_lpips
 
 # torchvision VGG16 ("D"): the conv indices inside `features` and their (C_out, C_in), written out
-# by hand from the architecture (not from lpips.py) so the tests check the layout independently.
+# by hand from the architecture (not from support/perceptual.py) so the tests check the layout independently.
 VGG_CONVS = [(0, 64, 3), (2, 64, 64), (5, 128, 64), (7, 128, 128), (10, 256, 128), (12, 256, 256),
              (14, 256, 256), (17, 512, 256), (19, 512, 512), (21, 512, 512), (24, 512, 512),
              (26, 512, 512), (28, 512, 512)]
