@@ -69,7 +69,7 @@ class AEConfig:
 # Size presets. `tiny` trains on a laptop CPU in minutes at 32 px; `base` is the paper-scale
 # 256 px ImageNet model (SD-VAE-sized encoder, ADM-sized pixel U-Net); `large` is the bigger
 # decoder the paper reports scaling to (our sizes). Flags override any field. Each preset also names
-# train_ae.py's learning rate and batch size for it (TRAINING_KEYS: not part of the model).
+# train_ae.py's learning rate and batch size for it (TRAINER_SETTINGS: not part of the model).
 #
 # The recipe is ours, chosen by measurement (docs/NOTES.md has each run):
 # - t ~ uniform for every preset: decoding starts at t = 1, where logit-normal t almost never
@@ -81,7 +81,7 @@ class AEConfig:
 #   tiny trains at batch 16.
 # - lr (AdamW, at a global batch of 256 for base and large): the small models tolerate, and in
 #   a few CPU minutes need, a much larger step than the paper-scale ones.
-TRAINING_KEYS = ("lr", "batch_size")
+TRAINER_SETTINGS = ("lr", "batch_size")
 PRESETS = {
     "tiny": dict(lr=1e-3, batch_size=16, resolution=32, compression=4, enc_ch=32, enc_res_blocks=1,
                  unet_ch=32, unet_mult=(1, 2, 2), unet_res_blocks=1, attn_res=(8,), cond_ch=32),
@@ -421,7 +421,7 @@ def make_config(preset, **overrides):
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
-    fields = {k: v for k, v in {**PRESETS[preset], **overrides}.items() if k not in TRAINING_KEYS}
+    fields = {k: v for k, v in {**PRESETS[preset], **overrides}.items() if k not in TRAINER_SETTINGS}
     if "latent_channels" not in fields:
         fields["latent_channels"] = DEFAULT_LATENT_CHANNELS.get(fields["compression"], 4)
     cfg = AEConfig(**fields)

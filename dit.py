@@ -282,11 +282,10 @@ class DiT(nn.Module):
         """
         B = x.shape[0]
         if cfg_scale == 1.0:
-            return self.forward(x, t, y,
-                                force_drop=torch.zeros(B, dtype=torch.bool, device=x.device))
+            return self(x, t, y, force_drop=torch.zeros(B, dtype=torch.bool, device=x.device))
         # (2B,) False: conditional half, True: null half
         drop = torch.arange(2 * B, device=x.device) >= B
-        v = self.forward(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop=drop)
+        v = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop=drop)
         v_cond, v_uncond = v[:B], v[B:]  # each (B, C, H, W)
         # Guidance goes on every channel. The original DiT code, copied into many later repos,
         # guides only the first 3 (`eps, rest = out[:, :3], out[:, 3:]`): a leftover from GLIDE,

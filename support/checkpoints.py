@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from ae import TRAINING_KEYS, AEConfig, DGAE
+from ae import TRAINER_SETTINGS, AEConfig, DGAE
 from support import common
 
 # -----------------------------------------------------------------------------
@@ -203,6 +203,25 @@ def load_checkpoint(path, kind, mmap=True):
     return ckpt
 
 
+def upgrade_config(ckpt, kind):
+    """The settings of a checkpoint written before the preset's values became None: those held
+    placeholders ("" for the preset and t_dist, 0 for sizes and the lr, -1 for loss weights, the
+    DiT's decode_steps 0). Put in their place the values the run used (model_name, and stage 1's
+    model_args, which recorded them resolved), so that such a run resumes under the one rule."""
+    config, args = ckpt.get("config"), ckpt.get("model_args")
+    if not isinstance(config, dict):
+        return ckpt
+    if config.get("preset") == "":
+        config["preset"] = ckpt.get("model_name", "")
+    if kind == "ae" and isinstance(args, dict):
+        for k, v in args.items():
+            if k in config and config[k] in ("", 0, -1.0) and type(config[k]) is not bool:
+                config[k] = v
+    if kind == "dit" and config.get("decode_steps") == 0:
+        config["decode_steps"] = None
+    return ckpt
+
+
 def resume_or_refuse(ckpt_path, resume, kind):
     """--resume: the run's checkpoint. Otherwise None, and an existing checkpoint is an error, so a
     finished or running job is never overwritten by accident."""
@@ -217,7 +236,7 @@ def resume_or_refuse(ckpt_path, resume, kind):
             raise ValueError(f"{ckpt_path}: its step ({ckpt['step']!r}) or its settings are not "
                              "what the training script writes (an edited file); resume from a "
                              "checkpoint as it was written")
-        return ckpt
+        return upgrade_config(ckpt, kind)
     if os.path.exists(ckpt_path):
         raise SystemExit(f"error: {ckpt_path} exists. Pass --resume true to continue that run, "
                          "or choose another --out-dir.")
@@ -271,9 +290,9 @@ def settings_for_resume(ckpt, settings, given, may_change):
     for name, value in ckpt.get("config", {}).items():
         if name not in settings or name in NEVER_RESUMED:
             continue
-        want = type(settings[name])
-        if not (settings[name] is None or type(value) is want
-                or want is float and type(value) is int or want is str and type(value) is bool):
+        want, number = type(settings[name]), (int, float)
+        if not (settings[name] is None or value is None or type(value) is want
+                or want in number and type(value) in number or want is str and type(value) is bool):
             raise ValueError(f"{os.path.join(settings['out_dir'], 'ckpt.pt')}: its setting "
                              f"{name}={value!r} is not a {want.__name__} (an edited file); resume "
                              "from a checkpoint as it was written")
@@ -416,7 +435,7 @@ def config_from_dict(d):
         raise ValueError(f"model_args is a {type(d).__name__}, not a dict of the model's settings")
     defaults = {f.name: f.default for f in dataclasses.fields(AEConfig)}
     # older checkpoints recorded them here
-    d = {k: v for k, v in d.items() if k not in TRAINING_KEYS}
+    d = {k: v for k, v in d.items() if k not in TRAINER_SETTINGS}
     unknown = sorted(set(d) - set(defaults))
     if unknown:
         raise ValueError(f"model_args has settings this version's model does not know: "

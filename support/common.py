@@ -140,6 +140,9 @@ SETTING_KINDS = {
 }
 
 
+WHOLE_KINDS = ("count", "count_or_0", "steps")
+
+
 def auto_flag(value, name, auto):
     """A setting of true | false | auto as a bool; auto gives `auto`. A resumed run may hold a
     bool."""
@@ -206,9 +209,16 @@ def check_settings(settings, choices=None, at_most=None, **kinds):
     for kind, names in kinds.items():
         ok, valid = SETTING_KINDS[kind]
         for name in names:
-            # None: the preset's, checked once resolved
-            if settings[name] is not None and not ok(settings[name]):
-                raise SystemExit(f"error: --{name.replace('_', '-')} {valid}, got {settings[name]}")
+            value, flag = settings[name], "--" + name.replace("_", "-")
+            if value is None:  # the preset's, checked once resolved
+                continue
+            # a setting whose default is None takes what was typed: its type is checked here
+            if kind in WHOLE_KINDS and type(value) is not int:
+                raise SystemExit(f"error: {flag} takes a whole number, got {value!r}")
+            if type(value) not in (int, float):
+                raise SystemExit(f"error: {flag} takes a number, got {value!r}")
+            if not ok(value):
+                raise SystemExit(f"error: {flag} {valid}, got {value}")
     for name, allowed in (choices or {}).items():
         if settings[name] not in allowed:
             shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed if a is not None)

@@ -311,6 +311,14 @@ def test_work_between_steps_is_given_up_at_a_stop_signal_and_the_model_is_left_c
     assert not net._forward_pre_hooks
     net(torch.zeros(1, 2))  # and it runs again
     assert len(calls) == 4
+    # the DiT's guided sampling goes through the module's call (hooks see it), with and without guidance
+    from dit import build_dit
+
+    dit, logged = build_dit("DiT-Tiny/1", (4, 4), 4, 10), []
+    with guard.given_up_at_stop("DiT grid", logged.append, dit):
+        for scale in (1.0, 4.0):
+            dit.forward_with_cfg(torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([0, 1]), scale)
+    assert logged == ["\nDiT grid skipped: stop signal SIGTERM"]
 
 
 class _NoSignal:

@@ -207,6 +207,8 @@ def run_in_process(monkeypatch, *args):
 
 
 BAD_SETTINGS = [  # (flags, the one line expected)
+    (["--lr", "abc"], "--lr takes a number, got 'abc'"),  # a setting whose default is None (the preset's)
+    (["--batch-size", "16.5"], "--batch-size takes a whole number, got 16.5"),
     (["--decode-steps", "0"], "--decode-steps must be from 1 to 1000, got 0"),  # else stored, and every later grid is noise
     (["--decode-steps", "-3"], "--decode-steps must be from 1 to 1000, got -3"),  # else the first grid crashes the run
     (["--decode-steps", "100000"], "--decode-steps must be from 1 to 1000, got 100000"),  # one grid would take many minutes
@@ -471,6 +473,24 @@ def test_resume_keeps_the_bookkeeping_too_and_says_what_the_command_line_changed
 RESUME_CONFLICTS = [["--lr", "1e6"], ["--preset", "small"], ["--batch-size", "8"], ["--grad-accum", "1"],
                     ["--warmup-steps", "7"], ["--ema-decay", "0.9"], ["--weight-decay", "0.1"], ["--grad-clip", "2"],
                     ["--seed", "1"], ["--lpips-weight", "0.5"], ["--t-dist", "logit_normal"], ["--compression", "8"]]
+
+
+def test_a_checkpoint_from_before_the_presets_values_were_none_resumes_and_loads(tmp_path, monkeypatch):
+    """Checkpoints of the earlier version recorded placeholders in their settings (preset "", lr 0.0,
+    sizes 0, t_dist "", loss weights -1) and lr, batch_size in model_args: they resume with the values
+    the run used, and load for sampling and evaluation."""
+    run_train(tmp_path, "--max-steps", "1", *FAST, "--lpips-weight", "0", "--lr", "2e-3")
+    path = tmp_path / "out/ae/ckpt.pt"
+    ckpt = load(path)
+    old = dict(ckpt["config"], preset="", lr=0.0, batch_size=0, resolution=0, compression=0,
+               latent_channels=0, t_dist="", recon_weight=-1.0, consistency_weight=-1.0)
+    torch.save(dict(ckpt, config=old, model_args=dict(ckpt["model_args"], lr=2e-3, batch_size=4)), path)
+    assert checkpoints.load_dgae(str(path)).cfg == checkpoints.config_from_dict(ckpt["model_args"])
+    monkeypatch.chdir(tmp_path)
+    run_in_process(monkeypatch, "--resume", "true", "--max-steps", "2", "--compression", "4")
+    config = load(path)["config"]
+    assert (config["preset"], config["lr"], config["batch_size"], config["resolution"], config["t_dist"],
+            config["recon_weight"]) == ("tiny", 2e-3, 4, 32, "uniform", 1.0)
 
 
 def test_a_resume_may_change_only_the_named_settings(tmp_path, monkeypatch):

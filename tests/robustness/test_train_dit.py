@@ -229,10 +229,12 @@ def test_resume_takes_the_whole_recipe_from_the_checkpoint(tmp_path, ae):
 def test_resume_keeps_the_bookkeeping_too_and_says_what_the_command_line_changed(tmp_path, ae, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for args in ([*DIT_FAST, "--max-steps", "2", "--ckpt-every", "2", "--sample-steps", "2"],
-                 ["--resume", "true", "--max-steps", "3", "--sample-every", "3"]):
+                 ["--resume", "true", "--max-steps", "3", "--sample-every", "3", "--decode-steps", "2"]):
         monkeypatch.setattr(sys, "argv", ["train_dit.py", *args])
         train_dit.main()
-    assert "resumed with changed settings: --max-steps 2 -> 3, --sample-every 1000 -> 3" in capsys.readouterr().out
+    # (--decode-steps was the stage-1 default, None, and may be set on a resume: the grids' steps)
+    assert ("resumed with changed settings: --decode-steps None -> 2, --max-steps 2 -> 3, "
+            "--sample-every 1000 -> 3") in capsys.readouterr().out
     config = torch.load(tmp_path / "out/dit/ckpt.pt", weights_only=True)["config"]
     assert (config["ckpt_every"], config["log_every"], config["sample_every"], config["sample_steps"]) == (2, 1, 3, 2)
     assert [json.loads(r)["step"] for r in open(tmp_path / "out/dit/log.jsonl")] == [1, 2, 3]
