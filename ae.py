@@ -4,11 +4,10 @@ Stage 1: the DGAE autoencoder.
     x (B, 3, H, W) --Encoder--> posterior N(mean, var) over z (B, c, H/f, W/f)
     z --diffusion decoder (decoder_diffusion.UNet + Euler sampler)--> x_hat
 
-This file holds, top to bottom: the config and its size presets; the SD-VAE style convolutional
-encoder and the diagonal Gaussian posterior with its KL term; the deterministic SD-VAE style
-decoder used as the paper's baseline (`--decoder gaussian`); the `DGAE` module (encode / decode /
-reconstruct / loss); make_config and the config's dict form. decoder_diffusion.py, read before this
-file, holds the diffusion decoder; support/checkpoints.py loads trained models (load_dgae).
+Top to bottom: the config and its size presets; the SD-VAE style conv encoder and the diagonal
+Gaussian posterior with its KL term; the deterministic SD-VAE style decoder, the paper's baseline
+(`--decoder gaussian`); the `DGAE` module (encode / decode / reconstruct / loss); make_config. The
+diffusion decoder is in decoder_diffusion.py (read it first), the loader in support/checkpoints.py.
 """
 
 import math
@@ -47,19 +46,15 @@ class AEConfig:
     cond_ch: int = 32
     dropout: float = 0.0  # in the U-Net's residual blocks (train_ae.py --dropout)
     attn_impl: str = "math"
-    # diffusion and loss: the paper states the loss terms (DGAE.loss); every value here is our
-    # choice
-    # training times: uniform | logit_normal (see decoder_diffusion.sample_t)
-    t_dist: str = "uniform"
+    # diffusion and loss: the paper states the loss terms (DGAE.loss); every value is our choice
+    t_dist: str = "uniform"  # training times: uniform | logit_normal (decoder_diffusion.sample_t)
     t_shift: float = 1.0  # shift_t of the training times and of the decoder's Euler grid (1 = none)
     decode_steps: int = 10
     lpips_weight: float = 0.5
     kl_weight: float = 1e-6  # on the KL per pixel value, i.e. SD-VAE's 1e-6 on a per-image sum
     recon_weight: float = 1.0  # L1 on the one-step estimate x0_hat of the flow loss (costs nothing)
-    # L1 on the one-step decode from pure noise (one more U-Net pass)
-    consistency_weight: float = 1.0
-    # baseline decoder base width; 0 = match the diffusion decoder's parameter count
-    gauss_ch: int = 0
+    consistency_weight: float = 1.0  # L1 on the one-step decode from noise (one more U-Net pass)
+    gauss_ch: int = 0  # baseline decoder base width; 0 = as many parameters as the U-Net
     # anchored diffusion decoder (our reading of the abstract, see DGAE.loss): the base width of a
     # deterministic decode x~ = D(z) that the U-Net sees beside x_t; 0 = no anchor
     anchor_ch: int = 0
@@ -70,15 +65,13 @@ class AEConfig:
 # 256 px ImageNet model (SD-VAE-sized encoder, ADM-sized pixel U-Net); `large` is the bigger
 # decoder the paper reports scaling to (our sizes). Flags override any field. Each preset also names
 # train_ae.py's learning rate and batch size for it (TRAINER_SETTINGS: not part of the model).
-#
-# The recipe is ours, chosen by measurement (docs/NOTES.md has each run):
+# The recipe is our choice, from the runs in docs/NOTES.md:
 # - t ~ uniform for every preset: decoding starts at t = 1, where logit-normal t almost never
 #   trains (P(t > 0.9) = 1.4%); a uniform density matches the sampler's uniform Euler grid.
 # - tiny is f=4 (8x8x4 latent), not f=8: at f=8 (4x4x4) both decoders stay within 3 dB of each
 #   image's mean colour in a laptop's budget.
-# - consistency_weight is on for every preset: without it the diffusion decoder can learn to
-#   denoise from x_t alone and ignore a small latent. It costs one more U-Net pass per step, so
-#   tiny trains at batch 16.
+# - consistency_weight is on for every preset: without it the diffusion decoder can denoise from
+#   x_t alone and ignore a small latent (its extra U-Net pass is why tiny trains at batch 16).
 # - lr (AdamW, at a global batch of 256 for base and large): the small models tolerate, and in
 #   a few CPU minutes need, a much larger step than the paper-scale ones.
 TRAINER_SETTINGS = ("lr", "batch_size")
@@ -106,10 +99,8 @@ def _widths(ch, max_mult, n_levels):
 
 
 class Encoder(nn.Module):
-    """SD-VAE style conv encoder: log2(f) stride-2 downsamples, res blocks, mid attention.
-
-    Outputs 2c channels: the mean and log-variance of the diagonal Gaussian posterior over z.
-    """
+    """SD-VAE style conv encoder: log2(f) stride-2 downsamples, res blocks, mid attention. Outputs
+    2c channels: the mean and log-variance of the diagonal Gaussian posterior over z."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -128,8 +119,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm_out = Norm(cur)
         self.conv_out = nn.Conv2d(cur, 2 * cfg.latent_channels, 3, padding=1)
-        # checkpoint every layer in training (a runtime switch, as UNet's)
-        self.grad_checkpoint = False
+        self.grad_checkpoint = False  # checkpoint each layer in training, as UNet's
 
     def forward(self, x):
         h = self.conv_in(x)  # (B, ch, H, W)
@@ -154,8 +144,7 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self):
-        """KL(q || N(0, I)) = 1/2 sum(mean^2 + var - 1 - logvar), summed over the latent, per image
-        (B,)."""
+        """(B,) KL(q || N(0, I)) = 1/2 sum(mean^2 + var - 1 - logvar) over the latent, per image."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
 
 
@@ -209,8 +198,7 @@ class DGAE(nn.Module):
       recovering informative signals that are not fully decoded from the latent").
     - "gaussian": the SD-VAE style deterministic baseline (GaussianDecoder).
     - "unet": a deterministic control with DGAE's own U-Net, x_hat = -UNet(0, 1, z) (the one-step
-      decode from an all-zero "noise"), trained with the pixel losses only. Against "diffusion" it
-      separates the effect of diffusion from that of the architecture.
+      decode from all-zero "noise"), pixel losses only: it separates diffusion from architecture.
     """
 
     def __init__(self, cfg):
@@ -230,10 +218,9 @@ class DGAE(nn.Module):
             self.decoder = GaussianDecoder(cfg)
             self.anchor = None
 
-    # Activation checkpointing of the encoder and the decoder alike (see
-    # decoder_diffusion.checkpointed): `model.grad_checkpoint = True`, as train_ae.py does for
-    # --grad-checkpoint. Not part of cfg: it changes how a training step computes, not what, so
-    # checkpoints never record it.
+    # Activation checkpointing of the encoder and decoder alike (decoder_diffusion.checkpointed),
+    # set by train_ae.py's --grad-checkpoint. Not in cfg: it changes how a training step computes,
+    # not what, so checkpoints never record it.
     @property
     def grad_checkpoint(self):
         return self.encoder.grad_checkpoint
@@ -245,8 +232,7 @@ class DGAE(nn.Module):
             self.anchor.grad_checkpoint = on
 
     def velocity(self, x_t, t, z, x_tilde=None):
-        """The diffusion decoder's v_hat (B, 3, H, W); x_tilde (B, 3, H, W) is the anchor's D(z), if
-        any."""
+        """The diffusion decoder's v_hat (B, 3, H, W); x_tilde is the anchor's D(z) (B, 3, H, W)."""
         return self.decoder(x_t, t, z, extra=x_tilde)
 
     def deterministic_decode(self, z):
@@ -268,10 +254,9 @@ class DGAE(nn.Module):
         return q.sample() if sample else q.mode()
 
     def decode(self, z, steps=None, seed=0):
-        """z -> x_hat in [-1, 1]. The diffusion decoder integrates the flow ODE in `steps` Euler
-        steps (None or 0: cfg.decode_steps) from noise that is a function of `seed` alone, so a
-        fixed seed gives the same reconstruction every time. Call it under torch.no_grad() (the
-        scripts do) unless a gradient must flow through the sampler."""
+        """z -> x_hat in [-1, 1]. The diffusion decoder takes `steps` Euler steps (None or 0:
+        cfg.decode_steps) from noise drawn from `seed` alone, so a seed always gives the same
+        reconstruction. Call it under torch.no_grad() unless a gradient must flow through it."""
         if self.cfg.decoder != "diffusion":
             return self.deterministic_decode(z).clamp(-1, 1)
         B, _, h, w = z.shape
@@ -289,8 +274,7 @@ class DGAE(nn.Module):
         return self.decode(self.encode(x), steps, seed)
 
     def forward(self, x, lpips=None):
-        # DDP only synchronises gradients of what runs through forward(), so training calls the
-        # model itself; forward is the loss.
+        # DDP syncs only the gradients of what runs through forward(), so forward is the loss
         return self.loss(x, lpips)
 
     def loss(self, x, lpips=None):
@@ -322,10 +306,7 @@ class DGAE(nn.Module):
         cfg = self.cfg
         q = self.posterior(x)
         z = q.sample()  # (B, c, h, w)
-        # The KL is summed over the latent per image; dividing by the 3 H W pixel values puts it on
-        # the per-value scale of the mean losses beside it, so kl_weight means what SD-VAE's 1e-6
-        # means on a reconstruction loss summed over pixels.
-        kl = q.kl().mean() / x[0].numel()
+        kl = q.kl().mean() / x[0].numel()  # per pixel value (/ 3 H W), like the mean losses
         terms = {}
         use_lpips = lpips is not None and cfg.lpips_weight > 0
         if cfg.decoder == "diffusion":
@@ -336,9 +317,8 @@ class DGAE(nn.Module):
             x_tilde = self.anchor(z).float() if self.anchor is not None else None  # (B, 3, H, W)
             inputs, times, latents, anchors = x_t, t, z, x_tilde
             if cfg.consistency_weight > 0:
-                # the consistency term's decode starts from fresh noise at t = 1; its U-Net pass
-                # rides in the same call as the flow term's (a 2B batch: the U-Net treats every
-                # image on its own, and one call of 2B is faster on a CPU than two of B)
+                # the consistency decode starts from fresh noise at t = 1; its U-Net pass rides in
+                # the flow term's call (images are independent; one 2B call beats two of B on a CPU)
                 eps1 = torch.randn_like(x)  # (B, 3, H, W): where decoding starts
                 inputs = torch.cat([x_t, eps1])  # (2B, 3, H, W)
                 times = torch.cat([t, torch.ones_like(t)])  # (2B,)
@@ -347,15 +327,13 @@ class DGAE(nn.Module):
             v_all = self.velocity(inputs, times, latents, anchors).float()  # (B or 2B, 3, H, W)
             v_hat = v_all[:B]
             terms["flow"] = F.mse_loss(v_hat, velocity_target(x, eps))
-            # (B, 3, H, W), the one-step estimate LPIPS looks at
-            x_pred = x0_estimate(x_t, t, v_hat)
+            x_pred = x0_estimate(x_t, t, v_hat)  # (B, 3, H, W), the one-step estimate LPIPS sees
             total = terms["flow"]
             if cfg.recon_weight > 0:
                 terms["recon"] = (x_pred - x).abs().mean()
                 total = total + cfg.recon_weight * terms["recon"]
             if cfg.consistency_weight > 0:
-                # (B, 3, H, W) = eps1 - v at t = 1
-                x1_hat = x0_estimate(eps1, torch.ones_like(t), v_all[B:])
+                x1_hat = x0_estimate(eps1, torch.ones_like(t), v_all[B:])  # eps1 - v, (B, 3, H, W)
                 terms["consistency"] = (x1_hat - x).abs().mean()
                 total = total + cfg.consistency_weight * terms["consistency"]
                 terms["psnr_t1"] = psnr_pm1(x1_hat.detach(), x).mean()
@@ -378,8 +356,7 @@ class DGAE(nn.Module):
 
 
 def psnr_pm1(x_hat, x):
-    """(B,) PSNR in dB of images in [-1, 1] (peak-to-peak 2), from the mean squared error over
-    C, H, W."""
+    """(B,) PSNR in dB of images in [-1, 1] (peak-to-peak 2), from the MSE over C, H, W."""
     mse = (x_hat.clamp(-1, 1) - x).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-10)
     return 10 * torch.log10(4.0 / mse)
 
@@ -394,13 +371,9 @@ def _count_params(model):
 
 def matched_gauss_ch(cfg):
     """The baseline decoder's base width whose parameter count is closest to the diffusion
-    decoder's.
-
-    A fair DGAE-vs-baseline comparison needs decoders of the same size: otherwise "DGAE wins" may
-    only mean "the bigger decoder wins". Widths are multiples of 4 (steps of 8 are too coarse for
-    the tiny preset: 24 gives 0.95M parameters and 32 1.68M against 1.28M); the models are built on
-    the meta device, which allocates no memory.
-    """
+    decoder's: otherwise "DGAE wins" may only mean "the bigger decoder wins". Widths are multiples
+    of 4 (8 is too coarse for tiny: 24 and 32 give 0.95M and 1.68M parameters against 1.28M); the
+    models are built on the meta device, which allocates no memory."""
     with torch.device("meta"):
         target = _count_params(DGAE(replace(cfg, decoder="diffusion")).decoder)
 
@@ -416,12 +389,11 @@ def matched_gauss_ch(cfg):
 
 def make_config(preset, **overrides):
     """A config from a preset name plus overrides (any AEConfig field); checks that the sizes fit.
-
-    The latent channels default to DEFAULT_LATENT_CHANNELS for the compression f.
-    """
+    The latent channels default to DEFAULT_LATENT_CHANNELS for the compression f."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose from {sorted(PRESETS)}")
-    fields = {k: v for k, v in {**PRESETS[preset], **overrides}.items() if k not in TRAINER_SETTINGS}
+    fields = {k: v for k, v in {**PRESETS[preset], **overrides}.items()
+              if k not in TRAINER_SETTINGS}
     if "latent_channels" not in fields:
         fields["latent_channels"] = DEFAULT_LATENT_CHANNELS.get(fields["compression"], 4)
     cfg = AEConfig(**fields)

@@ -1,20 +1,15 @@
 """
-The heart of DGAE: the decoder is a conditional diffusion model.
+The heart of DGAE: the decoder is a conditional diffusion model. Instead of mapping the latent z
+straight to pixels, it starts from Gaussian noise and denoises it into the image, guided by z.
 
-Instead of mapping the latent z straight to pixels, the decoder starts from Gaussian noise and
-denoises it into the image, guided by z. This file holds:
-
+0. the pieces every network of the repository shares (ae.py and dit.py import them from here):
+   attention, the sinusoidal time embedding, activation checkpointing;
 1. the rectified-flow math (noising, velocity target, t sampling, the one-step estimate of the
-   clean image, and the Euler ODE sampler). These are plain functions of tensors, independent of
-   any network, and the stage-2 DiT reuses them unchanged;
-2. the network blocks: the residual block with time-modulated normalisation, the self-attention
-   block and down/up-sampling, from which the U-Net here and the encoder in ae.py are built;
+   clean image, the Euler ODE sampler): plain functions of tensors, reused unchanged by the DiT;
+2. the network blocks (time-modulated residual block, self-attention, down/up-sampling), from
+   which the U-Net here and the encoder in ae.py are built;
 3. the latent conditioning network ("latent decoder") that turns z into a feature map at every
    U-Net resolution, and the conditional U-Net denoiser itself.
-
-It also holds the three small pieces every network of the repository shares (section 0): the
-attention, the sinusoidal time embedding and activation checkpointing; the encoder (ae.py) and the
-stage-2 DiT (dit.py) import them from here.
 
 Conventions: images x are in [-1, 1]; t in [0, 1] with t=0 the data and t=1 pure noise.
 """
@@ -31,19 +26,16 @@ from torch.utils.checkpoint import checkpoint
 
 
 def attention(q, k, v, impl="math"):
-    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v.
+    """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v; q, k, v and the
+    result are (B, nh, T, hs).
 
-    q, k, v: (B, nh, T, hs). Returns (B, nh, T, hs).
-    impl="math" is the readable reference: plain matmuls with the softmax in fp32 (under bf16
-    autocast the logits would otherwise lose precision). It has no data-dependent Python control
-    flow, so torch.compile captures it whole and fuses it into a few GPU kernels.
-    impl="sdpa" calls F.scaled_dot_product_attention, PyTorch's fused (flash / memory-efficient)
-    kernel. Both compute the same function; tests check they agree, forward and backward.
+    impl="math" is the readable reference: plain matmuls, the softmax in fp32 (bf16 autocast
+    logits would lose precision), no data-dependent control flow, so torch.compile fuses it whole.
+    impl="sdpa" is PyTorch's fused (flash / memory-efficient) kernel; tests check both agree.
     """
     if impl == "sdpa":
-        # the flash and memory-efficient kernels need a unit stride in the last dimension (the
-        # U-Net's q, k, v from an NCHW tensor have stride H*W there): otherwise SDPA falls back,
-        # silently, to its math kernel, which copies anyway
+        # the fused kernels need a unit last-dim stride (the U-Net's q, k, v from an NCHW tensor
+        # have stride H*W there); otherwise SDPA silently falls back to its copying math kernel
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return F.scaled_dot_product_attention(q, k, v)
     if impl != "math":
@@ -56,13 +48,9 @@ def attention(q, k, v, impl="math"):
 
 
 def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of the diffusion time t, as in the Transformer position encoding.
-
-    t: (B,) floats in [0, 1] (rectified-flow time). We multiply by 1000 first so that the
-    frequencies see the same range as the integer-timestep models this embedding was designed for;
-    without it, t in [0, 1] would barely move the low frequencies.
-    Returns (B, dim).
-    """
+    """Sinusoidal embedding (B, dim) of the time t (B,) in [0, 1], as the Transformer's position
+    encoding. t is scaled by 1000 first, to the range of the integer-timestep models it was designed
+    for: t in [0, 1] would barely move the low frequencies."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period)
                       * torch.arange(half, device=t.device, dtype=torch.float32) / half)
@@ -76,32 +64,25 @@ def timestep_embedding(t, dim, max_period=10000.0):
 def checkpointed(module, on, *args):
     """module(*args); if `on` and autograd is recording, through activation checkpointing.
 
-    Training keeps every activation of the forward pass for the backward. Checkpointing a block
-    keeps only its inputs instead, and runs the block's forward again during the backward to get
-    the rest back: the step costs one more forward pass of the checkpointed blocks (about a third
-    more compute, a backward being about two forwards) and needs far less activation memory, which
-    is what lets a large model at 256 px train at a useful batch on a small GPU.
-    The gradients are exactly those of the plain forward. The replay runs the same operations on the
-    same inputs, and the random-number state is handled by checkpoint's default preserve_rng_state:
-    the CPU (and the inputs' GPU) RNG state is saved when the block first runs, restored for the
-    replay, so a dropout mask is drawn again identically, and put back afterwards, so the RNG stream
-    (which checkpoints save for an exact --resume) continues as if nothing had been replayed.
-    use_reentrant=False is the implementation torch recommends; it works under DDP and
-    torch.compile. Under no_grad (the EMA, decoding, sampling) nothing is stored for a backward
-    anyway, so the block simply runs.
+    A checkpointed block keeps only its inputs for the backward and reruns its forward there: about
+    a third more compute for far less activation memory, which lets a large model at 256 px train
+    at a useful batch on a small GPU. The gradients are exactly the plain forward's: checkpoint's
+    default preserve_rng_state restores the RNG state for the replay (the same dropout mask) and
+    puts it back after, so the RNG stream that checkpoints save for an exact --resume goes on as if
+    nothing had been replayed. use_reentrant=False (torch's recommendation) works under DDP and
+    torch.compile. Under no_grad (the EMA, decoding, sampling) the block simply runs.
     """
     if on and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
 
+
 # -----------------------------------------------------------------------------
 # 1. rectified flow. The paper states only "a conditional diffusion model"; rectified flow is our
 # choice (README, "What the paper states and what we chose"): its straight path needs no noise
 # schedule, and a few Euler steps already decode well, which keeps decoding cheap.
-#
-# The forward process is a straight line between the data x and noise eps:
-#     x_t = (1 - t) x + t eps
-# Its time derivative dx_t/dt = eps - x is the velocity the network learns to predict. Sampling
+# The forward process is the straight line x_t = (1 - t) x + t eps from the data x to noise eps;
+# its time derivative dx_t/dt = eps - x is the velocity the network learns to predict. Sampling
 # integrates that ODE backwards from t=1 (noise) to t=0 (data).
 
 
@@ -117,11 +98,9 @@ def velocity_target(x, eps):
 
 
 def x0_estimate(x_t, t, v_hat):
-    """One-step estimate of the clean image, x0_hat = x_t - t v_hat.
-
-    Exact when v_hat is the true velocity (x_t - t (eps - x) = x). The training loss puts LPIPS on
-    this estimate, so the perceptual term shapes the decoder without running the whole sampler.
-    """
+    """One-step estimate of the clean image, x0_hat = x_t - t v_hat; exact for the true velocity
+    (x_t - t (eps - x) = x). The training loss puts LPIPS on this estimate, so the perceptual term
+    shapes the decoder without running the whole sampler."""
     t = t.view(-1, *([1] * (x_t.dim() - 1)))
     return x_t - t * v_hat
 
@@ -129,21 +108,19 @@ def x0_estimate(x_t, t, v_hat):
 def shift_t(t, shift):
     """t_s = shift * t / (1 + (shift - 1) * t): moves times towards the noise end when shift > 1.
 
-    A monotone map of [0, 1] onto itself with t_s(0) = 0 and t_s(1) = 1 (SD3's timestep shift).
-    Training and sampling apply the same shift, so the sampler's steps fall where training put
-    its samples: with shift 3, logit-normal t has P(t > 0.9) = 14% instead of 1.4%, and a 10-step
-    Euler grid takes its first steps in 1 -> 0.96 -> 0.92 rather than 1 -> 0.9.
+    SD3's timestep shift, a monotone map of [0, 1] onto itself. Training and sampling apply the same
+    shift, so the sampler's steps fall where training put its samples: with shift 3, logit-normal t
+    has P(t > 0.9) = 14% instead of 1.4%, and a 10-step Euler grid starts 1 -> 0.96 -> 0.92.
     """
     return shift * t / (1 + (shift - 1) * t)
 
 
 def sample_t(n, dist="logit_normal", device="cpu", shift=1.0, mean=0.0, std=1.0):
-    """Training times t in (0, 1).
+    """Training times t (n,) in (0, 1), from the global torch RNG (which checkpoints save).
 
-    logit-normal (t = sigmoid(u), u ~ N(mean, std)) puts more samples in the middle of the path,
-    where predicting the velocity is hardest and matters most (Esser et al., SD3); uniform is the
-    plain rectified-flow choice. `shift` > 1 then moves them towards t = 1 (see shift_t). Draws
-    from the global torch RNG, which checkpoints save.
+    logit-normal (t = sigmoid(u), u ~ N(mean, std)) puts more samples mid-path, where the velocity
+    is hardest to predict (Esser et al., SD3); uniform is the plain rectified-flow choice. A shift
+    above 1 then moves them towards t = 1 (see shift_t).
     """
     if dist == "logit_normal":
         t = torch.sigmoid(torch.randn(n, device=device) * std + mean)
@@ -155,13 +132,10 @@ def sample_t(n, dist="logit_normal", device="cpu", shift=1.0, mean=0.0, std=1.0)
 
 
 def flow_matching_loss(velocity_fn, x, t_dist="logit_normal", t_shift=1.0):
-    """The rectified-flow training loss |v_hat - v|^2 on a batch of clean data x (B, ...).
-
-    Draws t and eps, builds x_t, asks velocity_fn(x_t, t) for v_hat and regresses it on
-    v = eps - x. Returns (loss, x_t, t, v_hat). The DiT trains with it (velocity_fn = the DiT given
-    the class); DGAE.loss writes the same term out, because its U-Net call also serves the
-    consistency term.
-    """
+    """The rectified-flow training loss |v_hat - v|^2 on clean data x (B, ...): draws t and eps,
+    builds x_t, asks velocity_fn(x_t, t) for v_hat and regresses it on v = eps - x. Returns
+    (loss, x_t, t, v_hat). The DiT trains with it; DGAE.loss writes the same term out, because its
+    U-Net call also serves the consistency term."""
     t = sample_t(x.shape[0], t_dist, x.device, t_shift)  # (B,)
     eps = torch.randn_like(x)
     x_t = add_noise(x, eps, t)
@@ -170,14 +144,11 @@ def flow_matching_loss(velocity_fn, x, t_dist="logit_normal", t_shift=1.0):
 
 
 def euler_sample(velocity_fn, x1, steps, shift=1.0):
-    """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps.
-
-    velocity_fn(x_t, t) takes t as a (B,) tensor. Deterministic: the same x1 gives the same x0.
-    Each step moves x along the predicted velocity: x_{t - dt} = x_t - dt * v(x_t, t).
-    The grid is uniform in t before `shift` (the training shift, see shift_t) is applied to it.
-    Autograd records every step, as for any function of tensors: call it under torch.no_grad() to
-    sample (as the scripts do), or without, to backpropagate through the sampler.
-    """
+    """Integrate dx/dt = v(x, t) from t=1 (x1, pure noise) to t=0 with `steps` Euler steps,
+    x_{t - dt} = x_t - dt * v(x_t, t), on a grid uniform in t before `shift` (the training shift,
+    see shift_t). velocity_fn(x_t, t) takes t as a (B,) tensor. Deterministic: the same x1 gives
+    the same x0. Autograd records every step: call it under torch.no_grad() to sample (as the
+    scripts do), or without, to backpropagate through the sampler."""
     x = x1
     ts = shift_t(torch.linspace(1.0, 0.0, steps + 1, device=x1.device), shift)  # (steps + 1,)
     for i in range(steps):
@@ -194,10 +165,9 @@ def euler_sample(velocity_fn, x1, steps, shift=1.0):
 def Norm(ch):
     """GroupNorm with 32 groups as in SD-VAE and ADM, but never fewer than 4 channels per group.
 
-    Thin toy widths need the floor (our choice): GroupNorm(32, 32) normalises every channel on its
-    own over the image, i.e. it subtracts each channel's spatial mean, which is exactly the colour
-    the decoder must reproduce (docs/NOTES.md: +1.2 dB with four channels per group).
-    Widths of 128 and more keep SD-VAE's 32 groups.
+    The floor is our choice, for thin toy widths: GroupNorm(32, 32) subtracts each channel's spatial
+    mean, exactly the colour the decoder must reproduce (docs/NOTES.md: +1.2 dB with four channels
+    per group). Widths of 128 and more keep SD-VAE's 32 groups.
     """
     groups = math.gcd(32, ch)
     while groups > 1 and ch // groups < 4:
@@ -208,10 +178,9 @@ def Norm(ch):
 class ResBlock(nn.Module):
     """Residual block: norm -> SiLU -> conv -> norm (modulated) -> SiLU -> conv, plus the skip.
 
-    With an embedding `emb` (time, in the denoiser) the second normalisation is modulated,
-    h = norm(h) * (1 + scale) + shift, with (scale, shift) a linear function of emb: this is how
-    every block learns to behave differently at different noise levels (ADM's "scale-shift norm").
-    Without emb_dim (the encoder, the baseline decoder) it is a plain SD-VAE residual block.
+    With the time embedding `emb` (the denoiser) the second norm is modulated, ADM's "scale-shift
+    norm" h = norm(h) * (1 + scale) + shift with (scale, shift) linear in emb, so every block can
+    behave differently at each noise level; without emb_dim, a plain SD-VAE residual block.
     """
 
     def __init__(self, in_ch, out_ch, emb_dim=None, dropout=0.0):
@@ -236,8 +205,7 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Spatial self-attention over the H*W positions, with the repository's one `attention`
-    (section 0)."""
+    """Spatial self-attention over the H*W positions, through the shared `attention`."""
 
     def __init__(self, ch, head_dim=64, attn_impl="math"):
         super().__init__()
@@ -280,14 +248,11 @@ class Upsample(nn.Module):
 
 
 class LatentDecoder(nn.Module):
-    """Turns z (B, c, H/f, W/f) into a feature map at every resolution from H/f up to H.
-
-    This is how z guides the diffusion decoder by default. The paper says only that the decoder
-    is guided by z; how is our design (README, "What the paper states and what we chose"): a small
-    convolutional decoder upsamples z step by step, and the U-Net adds a projection of the map of
-    matching size to its activations. The U-Net thus receives z's content at every scale, already
-    spread out spatially, instead of having to infer it from a tiny tensor at the input.
-    Returns {resolution: (B, ch, r, r)}.
+    """Turns z (B, c, H/f, W/f) into {r: (B, ch, r, r)}, a feature map at every resolution r from
+    H/f up to H: how z guides the diffusion decoder by default. The paper says only that z guides
+    the decoder; how is our design (README, "What the paper states and what we chose"): a small
+    conv decoder upsamples z step by step and the U-Net adds a projection of the map of matching
+    size to its activations, so it gets z's content at every scale, not only as a tiny input.
     """
 
     def __init__(self, latent_channels, compression, ch):
@@ -309,8 +274,7 @@ class LatentDecoder(nn.Module):
 
 
 def _features_at(feats, r):
-    """The latent-decoder map at resolution r; below the latent's own resolution,
-    average-pool it."""
+    """The latent-decoder map at resolution r, average-pooled below the latent's own resolution."""
     if r in feats:
         return feats[r]
     return F.adaptive_avg_pool2d(feats[min(feats)], r)
@@ -324,8 +288,6 @@ class UNet(nn.Module):
     (concatenated), then nearest-upsample + conv. Self-attention at the resolutions in `attn_res`.
     cond="latent_decoder" (default) adds the LatentDecoder's features at the start of every level;
     cond="concat" instead upsamples z (nearest) to the image size and concatenates it with x_t.
-    Setting `grad_checkpoint = True` checkpoints, in training, the latent decoder, every res and
-    attention layer and every upsampling (see checkpointed, section 0).
     """
 
     def __init__(self, latent_channels, compression, resolution, ch=64, ch_mult=(1, 2, 2),
@@ -337,9 +299,9 @@ class UNet(nn.Module):
         self.cond = cond
         self.compression = compression
         self.ch = ch
-        # Activation checkpointing: a switch of how training runs, not of the model. It changes
-        # neither the function nor the weights, so it is not a constructor argument and no
-        # checkpoint records it: the training scripts set it from --grad-checkpoint on every run.
+        # `grad_checkpoint = True` checkpoints, in training, the latent decoder and every res,
+        # attention and upsampling layer (see checkpointed): a switch of how training runs, not of
+        # the model, so no constructor argument or checkpoint records it (--grad-checkpoint sets it)
         self.grad_checkpoint = False
         emb_dim = 4 * ch  # the time embedding that modulates every ResBlock
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
@@ -351,12 +313,10 @@ class UNet(nn.Module):
         if cond == "latent_decoder":
             self.latent_decoder = LatentDecoder(latent_channels, compression, cond_ch)
 
-        # Each level of either path is a ModuleDict: "blocks" (each a ResBlock, plus self-attention
-        # at the resolutions in attn_res), "cond_proj" (a 1x1 conv from the latent-decoder features
-        # to the level's width; latent_decoder conditioning only) and "resample" (not on the level
-        # nearest the middle). cond_proj is created first: creation order fixes which initial
-        # weights a seed draws, so a seed gives the same model as the runs in docs/NOTES.md.
-
+        # Each level of either path is a ModuleDict: "blocks" (a ResBlock, plus self-attention at
+        # the resolutions in attn_res), "cond_proj" (1x1 conv from the latent-decoder features to
+        # the level's width; latent_decoder only) and "resample" (not on the level nearest the
+        # middle). cond_proj comes first: creation order fixes the initial weights a seed draws.
         # down path; skip_widths lists the width of every tensor it keeps for the up path, in order
         self.down = nn.ModuleList()
         skip_widths = [ch]  # conv_in's output is the first skip
@@ -404,16 +364,14 @@ class UNet(nn.Module):
                 stage["resample"] = Upsample(width)
                 res *= 2
             self.up.append(stage)
-
         self.norm_out = Norm(width)
         self.conv_out = nn.Conv2d(width, 3, 3, padding=1)
         self._zero_init_residual_branches()
 
     def _zero_init_residual_branches(self):
-        """ADM's initialisation: the last layer of every residual branch (ResBlock.conv2, the
-        attention output projection) and the output conv start at zero, so each block starts as the
-        identity and the untrained U-Net outputs v_hat = 0. Training then grows each branch from
-        nothing instead of first undoing random noise, which converges faster and more stably."""
+        """ADM's init: the last layer of every residual branch (ResBlock.conv2, the attention output
+        projection) and the output conv start at zero, so each block starts as the identity and
+        v_hat = 0; training grows each branch from nothing instead of first undoing random noise."""
         for m in self.modules():
             if isinstance(m, ResBlock):
                 nn.init.zeros_(m.conv2.weight)
@@ -427,8 +385,7 @@ class UNet(nn.Module):
     def forward(self, x_t, t, z, extra=None):
         """x_t: (B, 3, H, W) noisy image, t: (B,) in [0, 1], z: (B, c, H/f, W/f), extra: None or
         (B, extra_in, H, W) inputs concatenated with x_t. Returns v_hat (B, 3, H, W)."""
-        # activation checkpointing of each layer below
-        ckpt = self.grad_checkpoint and self.training
+        ckpt = self.grad_checkpoint and self.training  # checkpoint each layer below
         emb = self.time_mlp(timestep_embedding(t, self.ch).to(x_t.dtype))  # (B, 4ch)
         feats = None
         if extra is not None:
@@ -438,8 +395,7 @@ class UNet(nn.Module):
             z_up = F.interpolate(z, scale_factor=float(self.compression), mode="nearest")
             x_t = torch.cat([x_t, z_up.to(x_t.dtype)], dim=1)  # (B, 3 + c, H, W)
         else:
-            # {r: (B, cond_ch, r, r)} for r = H/f ... H
-            feats = checkpointed(self.latent_decoder, ckpt, z)
+            feats = checkpointed(self.latent_decoder, ckpt, z)  # {r: (B, cond_ch, r, r)}
 
         h = self.conv_in(x_t)  # (B, ch, H, W)
         skips = [h]

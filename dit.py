@@ -6,10 +6,9 @@ rectified-flow path x_t = (1-t) z + t eps, the time t and a class label, and pre
 v = eps - z. train_dit.py trains it on cached latents; sample.py integrates it from t=1 to t=0 with
 classifier-free guidance (`forward_with_cfg`) and hands the latent to the DGAE decoder.
 
-Layout, top to bottom: small DiT helpers (adaLN `modulate`, the 2-D sin-cos position table); the
-embedders and the adaLN-Zero block; the `DiT` model; the table of presets ("DiT-XL/2", ...) and
-`build_dit`. The attention, the time embedding and activation checkpointing come from
-decoder_diffusion.py, which the stage-1 networks are built from too.
+Top to bottom: DiT helpers (adaLN `modulate`, the 2-D sin-cos position table); the embedders and
+the adaLN-Zero block; the `DiT` model; the presets ("DiT-XL/2", ...) and `build_dit`. Attention,
+the time embedding and activation checkpointing come from decoder_diffusion.py.
 """
 
 import torch
@@ -23,23 +22,17 @@ from decoder_diffusion import attention, checkpointed, timestep_embedding
 
 def modulate(x, shift, scale):
     """adaLN: LayerNorm whose affine shift/scale are regressed per sample from the conditioning.
-
-    x: (B, T, D); shift, scale: (B, D), broadcast over the T tokens. We use (1 + scale) so that a
-    zero scale means "leave the normalised activations alone", which is what zero-init gives us.
-    """
+    x: (B, T, D); shift, scale: (B, D), broadcast over the T tokens. With (1 + scale), a zero scale
+    (what zero-init gives) leaves the normalised activations alone."""
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
 def pos_embed_2d(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos position embedding of a grid_h x grid_w grid of patch tokens.
-
-    Returns (grid_h * grid_w, dim) float32, token index = row * grid_w + col, the order in which
-    the patchify conv's output is flattened. The first dim/2 channels encode the column, the last
-    dim/2 the row; each half is [sin(pos * w_k) for k] followed by [cos(pos * w_k) for k] with
-    w_k = 10000^(-k / (dim/4)), k = 0..dim/4-1. These are the numbers of the MAE/DiT table (whose
-    meshgrid also puts the column half first), extended to non-square grids. Not learned: the DiT
-    paper keeps it fixed, and a fixed table costs no parameters and is exactly reproducible.
-    """
+    """Fixed 2-D sin-cos position embedding (grid_h * grid_w, dim) float32 of a grid of patch
+    tokens, token index = row * grid_w + col (the patchify conv's flattening order). The first
+    dim/2 channels encode the column, the last dim/2 the row, each as [sin(pos * w_k)] then
+    [cos(pos * w_k)], w_k = 10000^(-k / (dim/4)), k = 0..dim/4-1: the MAE/DiT table (whose meshgrid
+    also puts the column first), extended to non-square grids. Fixed, as in the DiT paper."""
     assert dim % 4 == 0, "the 2-D sin-cos embedding needs hidden_size divisible by 4"
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
 
@@ -72,12 +65,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """y (B,) class ids -> (B, D), with label dropout for classifier-free guidance.
-
-    The table has num_classes + 1 rows: row `num_classes` is the "null" class, the learned
-    embedding of "no label". Training with a fraction of labels replaced by it teaches the same
-    network the unconditional velocity too, which guidance needs at sampling time.
-    """
+    """y (B,) class ids -> (B, D), with label dropout for classifier-free guidance: row
+    `num_classes` of the table is the learned "null" class. Training with a fraction of labels
+    replaced by it teaches the same network the unconditional velocity, which guidance needs."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -86,9 +76,9 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
 
     def drop_labels(self, y, force_drop=None):
-        """Replace labels by the null class: where force_drop (B,) is true, or, if it is None, each
-        label independently with probability dropout_prob. The coin flips come from the global torch
-        RNG (of y's device), so a run resumed with its saved RNG state drops the same labels."""
+        """Replace labels by the null class where force_drop (B,) is true, or if it is None, each
+        with probability dropout_prob, from the global torch RNG of y's device (so a resumed run
+        drops the same labels)."""
         if force_drop is None:
             drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob  # (B,) bool
         else:
@@ -96,16 +86,14 @@ class LabelEmbedder(nn.Module):
         return torch.where(drop, self.num_classes, y)
 
     def forward(self, y, force_drop=None):
-        # only Python-level flags are tested here (never tensor values), so torch.compile sees no
-        # branch
+        # only Python-level flags are tested (never tensor values): no branch for torch.compile
         if force_drop is not None or (self.training and self.dropout_prob > 0):
             y = self.drop_labels(y, force_drop)
         return self.embedding_table(y)  # (B, D)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the patch tokens, through the shared `attention`
-    (decoder_diffusion.py)."""
+    """Multi-head self-attention over the patch tokens, through the shared `attention`."""
 
     def __init__(self, dim, num_heads, attn_impl):
         super().__init__()
@@ -124,12 +112,9 @@ class SelfAttention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (DiT paper, Sec. 3.2).
-
-    The conditioning vector c regresses six (B, D) vectors: shift, scale and gate for the attention
-    branch and for the MLP branch. The LayerNorms have no affine parameters of their own, since
-    shift/scale replace them. The gates multiply each residual branch; they start at zero.
-    """
+    """Transformer block with adaLN-Zero conditioning (DiT paper, Sec. 3.2): c regresses shift,
+    scale and gate (B, D) for the attention and the MLP branch. The LayerNorms have no affine
+    parameters (shift/scale replace them); the gates multiply each residual branch, from zero."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio, attn_impl):
         super().__init__()
@@ -172,10 +157,9 @@ class DiT(nn.Module):
     """Class-conditional DiT predicting the rectified-flow velocity v = eps - x of a latent.
 
     forward(x, t, y): x (B, C, H, W) noisy latents x_t = (1-t) x_0 + t eps, t (B,) floats in [0, 1]
-    (t = 1 is pure noise), y (B,) long class ids -> v (B, C, H, W). The output has the same C as the
-    input: under rectified flow there is no variance to learn, unlike DiT's learned-sigma output.
-    Setting `grad_checkpoint = True` checkpoints every block in training (see
-    decoder_diffusion.checkpointed).
+    (t = 1 is pure noise), y (B,) long class ids -> v (B, C, H, W), the same C: rectified flow has
+    no variance to learn, unlike DiT's learned-sigma output. `grad_checkpoint = True` checkpoints
+    every block in training (decoder_diffusion.checkpointed).
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
@@ -199,11 +183,9 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.grid = (H // patch_size, W // patch_size)  # (h, w) tokens; T = h * w
         self.num_classes = num_classes
-        # Activation checkpointing: a switch of how training runs, not part of the model (it changes
-        # neither the function nor the weights), so it stays out of self.config and every
-        # checkpoint: train_dit.py sets it from --grad-checkpoint on every run, resumed or not.
+        # a switch of how training runs, not of the model (same function, same weights): out of
+        # self.config and checkpoints; train_dit.py sets it from --grad-checkpoint on every run
         self.grad_checkpoint = False
-
         # patchify: a conv with kernel = stride = p is exactly "cut into p x p patches and apply the
         # same linear map to each flattened patch"
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size,
@@ -233,24 +215,21 @@ class DiT(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # adaLN-Zero: zero the modulation regressors, so every shift, scale and gate is 0 at init.
-        # gate = 0 multiplies both residual branches by zero, so each block starts as the identity
-        # x -> x and the deep network starts as a shallow one; the DiT paper found this zero-init
-        # variant clearly better (FID) than plain adaLN, cross-attention or in-context conditioning.
+        # adaLN-Zero: every shift, scale and gate is 0 at init, so each block starts as the identity
+        # and the deep network as a shallow one (the DiT paper found this clearly better, in FID,
+        # than plain adaLN, cross-attention or in-context conditioning)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        # final layer zeroed too: the model outputs exactly v = 0 at init, a neutral start that
-        # gives no large random velocities. Training is not stuck: the final linear's gradient is
-        # its (non-zero) input, so it moves first, and then the gates start receiving gradient.
+        # final layer zeroed too, so v = 0 at init. Training is not stuck: the final linear's
+        # gradient is its non-zero input, so it moves first, and then the gates receive gradient.
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def unpatchify(self, x):
-        """(B, T, p*p*C) tokens -> (B, C, H, W); each token's vector is laid out as
-        (p_row, p_col, C)."""
+        """(B, T, p*p*C) tokens, each laid out as (p_row, p_col, C) -> (B, C, H, W)."""
         B = x.shape[0]
         (h, w), p, C = self.grid, self.patch_size, self.out_channels
         x = x.view(B, h, w, p, p, C)
@@ -258,41 +237,31 @@ class DiT(nn.Module):
         return x.reshape(B, C, h * p, w * p)
 
     def forward(self, x, t, y, force_drop=None):
-        """x (B, C, H, W), t (B,) in [0, 1], y (B,) long; force_drop optional (B,) bool mask of
-        labels to replace by the null class (otherwise labels drop at random in training mode
-        only)."""
+        """x (B, C, H, W), t (B,) in [0, 1], y (B,) long; force_drop: optional (B,) bool mask of
+        labels to replace by the null class (else labels drop at random, in training mode only)."""
         # (B, T, D), token = row*w + col
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, force_drop)  # (B, D) conditioning
-        # keep only each block's input for the backward
-        ckpt = self.grad_checkpoint and self.training
+        ckpt = self.grad_checkpoint and self.training  # store only each block's input for backward
         for block in self.blocks:
             x = checkpointed(block, ckpt, x, c)  # (B, T, D)
         x = self.final_layer(x, c)  # (B, T, p*p*C)
         return self.unpatchify(x)  # (B, C, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance: v = v_uncond + cfg_scale * (v_cond - v_uncond), on ALL
-        channels.
-
-        The conditional and the null-class passes run as one batch of 2B (one pass of the weights,
-        better GPU use). cfg_scale = 1 is the plain conditional model, computed as one forward pass
-        of B (half the work); 0 the unconditional one. Label dropout is forced off for the
-        conditional half, so this is deterministic even if the model is in training mode.
-        """
+        """Classifier-free guidance v_uncond + cfg_scale * (v_cond - v_uncond), on ALL channels.
+        The conditional and null-class passes run as one batch of 2B; cfg_scale = 1 is the plain
+        conditional model (one pass of B), 0 the unconditional one. Label dropout is forced off for
+        the conditional half, so this is deterministic even in training mode."""
         B = x.shape[0]
         if cfg_scale == 1.0:
             return self(x, t, y, force_drop=torch.zeros(B, dtype=torch.bool, device=x.device))
-        # (2B,) False: conditional half, True: null half
-        drop = torch.arange(2 * B, device=x.device) >= B
+        drop = torch.arange(2 * B, device=x.device) >= B  # (2B,): True for the null half
         v = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), force_drop=drop)
         v_cond, v_uncond = v[:B], v[B:]  # each (B, C, H, W)
-        # Guidance goes on every channel. The original DiT code, copied into many later repos,
-        # guides only the first 3 (`eps, rest = out[:, :3], out[:, 3:]`): a leftover from GLIDE,
-        # where the 3 channels were RGB pixels; the DiT authors call it a bug in the official
-        # repository's issue tracker (github.com/facebookresearch/DiT/issues/12). For latents, whose
-        # channels ALL carry image content (DGAE: 4 to 64 of them), it silently leaves channels 3..
-        # unguided.
+        # Guidance on every channel: the original DiT code guides only the first 3, a leftover from
+        # GLIDE's RGB pixels (github.com/facebookresearch/DiT/issues/12) that would leave latent
+        # channels 3.. unguided, though all of them carry image content (DGAE: 4 to 64).
         return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
@@ -317,11 +286,8 @@ DIT_PRESETS = {
 
 
 def build_dit(name, input_size, in_channels, num_classes, **overrides):
-    """Build the preset `name` (e.g. "DiT-XL/2") for a given latent shape and class count.
-
-    overrides are any other DiT constructor kwargs (attn_impl, class_dropout_prob, ...) and win over
-    the preset. Returns a DiT.
-    """
+    """The DiT preset `name` (e.g. "DiT-XL/2") for a latent shape and class count; overrides (any
+    other DiT keyword: attn_impl, class_dropout_prob, ...) win over the preset."""
     if name not in DIT_PRESETS:
         raise ValueError(f"unknown DiT preset {name!r}; valid names: {', '.join(DIT_PRESETS)}")
     kwargs = {**DIT_PRESETS[name], **overrides}
