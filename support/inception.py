@@ -1,39 +1,27 @@
 """
 InceptionV3 as the FID protocol uses it: the network behind FID, sFID, IS and precision/recall.
 
-Where it fits: eval.py pushes images through this network and metrics.py compares feature
-statistics (FID/rFID, sFID), class predictions (IS) and feature neighbourhoods (precision/recall).
-Those numbers are only comparable with published ones if the network is the exact one everyone
-uses: the TensorFlow Inception graph of 2015-12-05 that the original FID code and OpenAI's ADM
-evaluator load. pytorch-fid ported it to PyTorch and published the weights as
+eval.py runs it and metrics.py compares its features. They compare with published numbers only if
+the network is the one everyone uses: the TensorFlow Inception graph of 2015-12-05 that the original
+FID code and OpenAI's ADM evaluator load, as pytorch-fid ported it (INCEPTION_URL). We rebuild that
+port with its module names, so its file loads with strict=True: torchvision's Inception3 layout
+without the auxiliary head, and the changes that make PyTorch compute what the TF graph computes:
 
-    pt_inception-2015-12-05-6726825d.pth
-    https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth
-
-We rebuild that port from scratch, with its module names, so the file loads with strict=True and no
-renaming. It is torchvision's Inception3 layout (no auxiliary head, 1008-way classifier) with the
-"FID" changes that make PyTorch compute what the TF graph computes:
-
-  - Mixed_5b..5d, Mixed_6b..6e and Mixed_7b: the pooling branch averages over a 3x3 window with
-    count_include_pad=False. TF's average pool divides by the number of real pixels in the window;
-    PyTorch's default would also count the zero padding at the borders.
-  - Mixed_7c: the pooling branch is a 3x3 *max* pool (the TF graph has it so; the paper says avg).
-  - BatchNorm eps 0.001, convolutions without bias (BN carries the shift).
-  - the classifier has 1008 outputs (the TF graph's 1000 classes plus 8 unused ones).
+  - the pooling branches of Mixed_5b..5d, 6b..6e and 7b average with count_include_pad=False (TF
+    divides by the real pixels in the window, not the zero padding); Mixed_7c's is a 3x3 *max* pool
+    (the TF graph has it so; the paper says avg).
+  - BatchNorm eps 0.001, convolutions without bias, 1008 classes (TF's 1000 plus 8 unused).
   - inputs in [0, 1] are bilinearly resized to 299x299 (align_corners=False, as pytorch-fid) and
-    scaled to [-1, 1]. The weights and layers are the TF graph's, but TF's old resize samples the
-    pixels slightly differently, so features (and FIDs) match pytorch-fid's exactly and the TF
-    evaluator's closely, not bit for bit.
+    scaled to [-1, 1]. TF's old resize samples pixels slightly differently, so features (and FIDs)
+    match pytorch-fid's exactly and the TF evaluator's closely, not bit for bit.
 
-The forward pass returns the three feature sets the standard evaluator (guided-diffusion's
-evaluations/evaluator.py) reads from the TF graph:
+forward returns the features the ADM evaluator (guided-diffusion's evaluations/evaluator.py) reads:
 
   pool    (B, 2048)  `pool_3`: the global average pool after Mixed_7c.        -> FID, prec./recall
-  spatial (B, 2023)  `mixed_6/conv`: the 1x1 branch of Mixed_6d (TF's "mixed_6" is our Mixed_6d,
-                     counting Mixed_5b as "mixed"), its first 7 channels on the 17x17 grid,
-                     flattened in TF's (H, W, C) order so statistics match the reference .npz. -> sFID
-  logits  (B, 1008)  pool @ fc.weight^T *without* the bias: the standard IS code (improved-GAN,
-                     ADM) multiplies pool_3 by the softmax layer's weight matrix only.    -> IS
+  spatial (B, 2023)  `mixed_6/conv` (TF counts Mixed_5b as "mixed", so mixed_6 is our Mixed_6d):
+                     the first 7 channels of its 1x1 branch, in TF's (H, W, C) order.    -> sFID
+  logits  (B, 1008)  pool @ fc.weight^T *without* the bias, as the standard IS code (improved-GAN,
+                     ADM) does.                                                          -> IS
 """
 
 import torch
@@ -62,11 +50,8 @@ class BasicConv2d(nn.Module):
 
 
 def pool3x3(x, kind):
-    """The stride-1 3x3 pooling in front of a Mixed block's `branch_pool` conv (shape-preserving).
-
-    "avg": TF semantics, the zero padding is not counted in the average (the FID patch).
-    "max": Mixed_7c of the FID graph.
-    """
+    """The stride-1, shape-preserving 3x3 pool before a Mixed block's `branch_pool` conv. "avg"
+    leaves the zero padding out of the average (TF's semantics, the FID patch); "max": Mixed_7c."""
     if kind == "avg":
         return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
     if kind == "max":
@@ -74,14 +59,19 @@ def pool3x3(x, kind):
     raise ValueError(f"unknown pool kind {kind!r}")
 
 
-# Each Mixed block exposes branches(x) -> list of branch outputs and forward = their channel concat,
-# so the model can read one branch (Mixed_6d's 1x1 branch, for sFID) without computing it twice.
+class Mixed(nn.Module):
+    """A block with a pooling branch. forward concatenates branches(x) on channels, so the model can
+    read one branch (Mixed_6d's 1x1 branch, for sFID) without computing it twice."""
+
+    pool = "avg"  # the kind of pool3x3 in front of branch_pool
+
+    def forward(self, x):
+        return torch.cat(self.branches(x), 1)
 
 
-class InceptionA(nn.Module):
-    """35x35 block (Mixed_5b/5c/5d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1."""
-
-    pool = "avg"
+class InceptionA(Mixed):
+    """35x35 block (Mixed_5b/5c/5d): 1x1 | 1x1-5x5 | 1x1-3x3-3x3 | avgpool-1x1.
+    -> (B, 224 + pool_features, H, W)"""
 
     def __init__(self, c_in, pool_features):
         super().__init__()
@@ -98,13 +88,10 @@ class InceptionA(nn.Module):
         b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
         return [self.branch1x1(x), b5, b3, self.branch_pool(pool3x3(x, self.pool))]
 
-    def forward(self, x):
-        return torch.cat(self.branches(x), 1)  # (B, 224 + pool_features, H, W)
-
 
 class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17 (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2. Unchanged by the FID
-    port."""
+    """Grid reduction 35 -> 17 (Mixed_6a): 3x3/2 | 1x1-3x3-3x3/2 | maxpool/2.
+    -> (B, 480 + c_in, 17, 17)"""
 
     def __init__(self, c_in):
         super().__init__()
@@ -116,14 +103,11 @@ class InceptionB(nn.Module):
     def forward(self, x):
         b3 = self.branch3x3(x)
         b3dbl = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        # (B, 480 + c_in, H', W')
         return torch.cat([b3, b3dbl, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
-class InceptionC(nn.Module):
-    """17x17 block (Mixed_6b..6e) with factorised 7x7 convs (1x7 then 7x1) of c7 channels."""
-
-    pool = "avg"
+class InceptionC(Mixed):
+    """17x17 block (Mixed_6b..6e): 7x7 convs factorised as 1x7, 7x1. -> (B, 768, 17, 17)"""
 
     def __init__(self, c_in, channels_7x7):
         super().__init__()
@@ -147,13 +131,10 @@ class InceptionC(nn.Module):
             b7dbl = conv(b7dbl)
         return [self.branch1x1(x), b7, b7dbl, self.branch_pool(pool3x3(x, self.pool))]
 
-    def forward(self, x):
-        return torch.cat(self.branches(x), 1)  # (B, 768, 17, 17)
-
 
 class InceptionD(nn.Module):
-    """Grid reduction 17 -> 8 (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2. Unchanged by
-    the port."""
+    """Grid reduction 17 -> 8 (Mixed_7a): 1x1-3x3/2 | 1x1-1x7-7x1-3x3/2 | maxpool/2.
+    -> (B, 512 + c_in, 8, 8)"""
 
     def __init__(self, c_in):
         super().__init__()
@@ -167,13 +148,11 @@ class InceptionD(nn.Module):
     def forward(self, x):
         b3 = self.branch3x3_2(self.branch3x3_1(x))
         b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
-        # (B, 512 + c_in, H', W')
         return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
 
 
-class InceptionE(nn.Module):
-    """8x8 block (Mixed_7b with avg pooling, Mixed_7c with max pooling): expanded 1x3 / 3x1
-    splits."""
+class InceptionE(Mixed):
+    """8x8 block (Mixed_7b avg-pooled, Mixed_7c max-pooled), 1x3 / 3x1 splits -> (B, 2048, 8, 8)"""
 
     def __init__(self, c_in, pool):
         super().__init__()
@@ -195,16 +174,10 @@ class InceptionE(nn.Module):
         b3dbl = torch.cat([self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl)], 1)
         return [self.branch1x1(x), b3, b3dbl, self.branch_pool(pool3x3(x, self.pool))]
 
-    def forward(self, x):
-        return torch.cat(self.branches(x), 1)  # (B, 2048, 8, 8)
-
 
 class InceptionV3(nn.Module):
-    """The FID InceptionV3. forward(x) with x (B, 3, H, W) in [0, 1] -> dict(pool, spatial, logits).
-
-    Any H, W works: the input is resized to 299x299 first, as the protocol does. Freshly built it
-    has PyTorch's random init (what the tests use); `load_inception` loads the published weights.
-    """
+    """The FID InceptionV3: x (B, 3, H, W) in [0, 1], any H, W (resized to 299x299 first) ->
+    dict(pool, spatial, logits). Random init; `load_inception` loads the published weights."""
 
     def __init__(self):
         super().__init__()
@@ -253,12 +226,9 @@ class InceptionV3(nn.Module):
 
 
 def load_inception(path="", device="cpu", required=True):
-    """The FID InceptionV3 with the published pt_inception weights, loaded strictly.
-
-    The file is resolved by checkpoints.find_weights: `path`, else $DGAE_INCEPTION, else
-    <$DGAE_WEIGHTS or ./weights>/pt_inception-2015-12-05-6726825d.pth. A missing file raises
-    FileNotFoundError naming it, its URL and --inception-path (or returns None if not required).
-    """
+    """The FID InceptionV3 with the published weights, loaded strictly from `path`, else
+    $DGAE_INCEPTION, else <$DGAE_WEIGHTS or ./weights>/INCEPTION_FILE. A missing file raises
+    FileNotFoundError naming it, its URL and --inception-path, or returns None if not required."""
     file = checkpoints.find_weights(path, INCEPTION_FILE, INCEPTION_URL, "--inception-path",
                                     "DGAE_INCEPTION", required)
     if file is None:

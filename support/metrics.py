@@ -1,16 +1,10 @@
 """
-The measures eval.py reports, as plain functions of tensors: the formulas only, with no files,
-models or processes. eval.py's docstring gives the protocol around them (crops, uint8 rounding,
-sharding over GPUs) and why each convention matches published numbers.
-
-Pixel metrics take (B, 3, H, W) float tensors holding the integers 0..255 (what a saved PNG holds;
-eval_data.to_pixels rounds a reconstruction to them) and return one value per image: PSNR, SSIM, the
-low-frequency PSNR at the latent's resolution and the energy above the latent grid's Nyquist
-frequency, which highfreq_ratio totals over a dataset.
-
-Distribution metrics take InceptionV3 features (inception.py) of many images: the Frechet
-distance between their Gaussians (FID, sFID, rFID), the Inception Score, and precision / recall
-from k-nearest-neighbour balls.
+The measures eval.py reports, as plain functions of tensors: the formulas only, no files, models or
+processes. eval.py's docstring gives the protocol around them (crops, uint8 rounding, sharding over
+GPUs) and why each convention matches published numbers. Pixel metrics (PSNR, SSIM, low-frequency
+PSNR, high-frequency energy, band power) return one value per image; distribution metrics take the
+InceptionV3 features (inception.py) of many images: the Frechet distance between their Gaussians
+(FID, sFID, rFID), the Inception Score, and precision / recall from k-nearest-neighbour balls.
 """
 
 import numpy as np
@@ -18,13 +12,12 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# pixel metrics: inputs are (B, 3, H, W) float tensors of integers in [0, 255]
-
+# pixel metrics: inputs are (B, 3, H, W) float tensors holding the integers 0..255, what a saved PNG
+# holds (eval_data.to_pixels rounds a reconstruction to them)
 
 # Our choice: the MSE is floored at 1/12, the variance of rounding to 8 bits, so PSNR is at most
-# 10 log10(255^2 * 12) = 58.9 dB instead of inf: a flat crop in an image folder, scored against its
-# own mean colour, would otherwise make the mean over images infinite. Above the floor this is the
-# standard formula.
+# 10 log10(255^2 * 12) = 58.9 dB, not inf: a flat crop scored against its own mean colour would
+# otherwise make the mean over images infinite. Above the floor this is the standard formula.
 MSE_FLOOR = 1 / 12
 
 
@@ -39,16 +32,11 @@ def psnr(x, y):
 
 
 def conditional_mean_mse(samples, x):
-    """(B,) an unbiased estimate of the MSE of E[x_hat | z] against x, from K >= 2 decodes of one z.
-
-    samples (K, B, 3, H, W): K decodes of the same latents with different noise; x (B, 3, H, W).
-    The mean of K decodes misses x by the decoder's bias b plus the noise left after averaging:
-    E ||mean - x||^2 = ||b||^2 + sigma^2 / K. The decodes' sample variance (ddof 1) estimates
-    sigma^2 without bias, so ||mean - x||^2 - var / K estimates ||b||^2, the error of the decoder's
-    conditional mean itself, with no sampling variance left (our choice of estimator; a
-    deterministic decoder has sigma = 0). Per image it can fall below 0 by chance: psnr_of_mse
-    floors it.
-    """
+    """(B,) unbiased estimate of the MSE of E[x_hat | z] against x (B, 3, H, W), from samples
+    (K, B, 3, H, W): K >= 2 decodes of the same latents with different noise. Our estimator:
+    E ||mean - x||^2 = ||b||^2 + sigma^2 / K for the decoder's bias b, and the decodes' sample
+    variance (ddof 1) estimates sigma^2 without bias, so ||mean - x||^2 - var / K estimates ||b||^2.
+    Per image it can fall below 0 by chance: psnr_of_mse floors it."""
     k = samples.shape[0]
     s = samples.double()
     err = ((s.mean(0) - x.double()) ** 2).mean(dim=(1, 2, 3))  # (B,)
@@ -81,21 +69,16 @@ def ssim(x, y, size=11, sigma=1.5, k1=0.01, k2=0.03, data_range=255.0):
 
 
 def lowfreq_psnr(x, y, factor):
-    """(B,) PSNR after average-pooling both images by `factor` (the autoencoder's compression f).
-
-    The pooled image has the latent's resolution, so this scores what z can actually carry: the
-    colours and layout at the scale of one latent cell, blind to detail finer than a cell.
-    """
+    """(B,) PSNR after average-pooling both images by `factor` (the compression f) to the latent's
+    resolution: it scores what z can carry, blind to detail finer than one latent cell."""
     return psnr(F.avg_pool2d(x.double(), factor), F.avg_pool2d(y.double(), factor))
 
 
 def highfreq_energy(x, factor):
-    """(B,) spectral energy of x above the latent grid's Nyquist frequency.
-
-    The 2-D DFT of each channel; a frequency (ky, kx), in cycles per image, counts as high when
-    max(|ky|, |kx|) > H / (2 factor), i.e. when a grid of H / factor cells cannot represent it.
-    By Parseval, the sum of |X|^2 over all frequencies is H * W times the pixel energy.
-    """
+    """(B,) spectral energy of x above the latent grid's Nyquist frequency: sum |X|^2 of each
+    channel's 2-D DFT over the frequencies (ky, kx), in cycles per image, that a grid of H / factor
+    cells cannot represent, max(|ky|, |kx|) > H / (2 factor). (Parseval: the sum over all
+    frequencies is H * W times the pixel energy.)"""
     H, W = x.shape[-2:]
     spec = torch.fft.fft2(x.double()).abs() ** 2  # (B, 3, H, W)
     ky = torch.fft.fftfreq(H, d=1.0 / H, device=x.device).abs()  # (H,) cycles per image
@@ -105,26 +88,18 @@ def highfreq_energy(x, factor):
 
 
 def highfreq_ratio(recon_energy, real_energy):
-    """Total high-frequency energy of the reconstructions over that of the originals.
-
-    1.0: as much fine detail as the originals; below 1: blurred (a Gaussian decoder's
-    regression to the mean); above 1: more texture or noise than the originals. A ratio of totals
-    over the dataset, not a mean of per-image ratios, since flat images have no such energy.
-    """
+    """Total high-frequency energy of the reconstructions over the originals': 1 as detailed, < 1
+    blurred (regression to the mean), > 1 noisier. A ratio of totals, not a mean of per-image
+    ratios, since flat images have no such energy."""
     return float(np.sum(recon_energy) / max(np.sum(real_energy), 1e-12))
 
 
 def band_power(x):
-    """(B, 3 * H // 2) per-image spectrum: log(1 + mean |X(k)|^2) in each radial frequency band, per
-    channel.
-
-    Band b holds the frequencies k = (ky, kx), in cycles per image, with b < |k| <= b + 1, for
-    b = 0 .. H/2 - 1 (the mean colour, k = 0, is left out: PSNR judges it). The Frechet distance of
-    these vectors between reconstructions and originals (spectral_fd in eval.py) is a
-    distribution-level measure that needs no pretrained network: a decoder that blurs lowers the
-    high bands, one that adds noise raises them, one that samples plausible detail matches them.
-    It ignores where the detail is: a circularly shifted image has exactly the same vector.
-    """
+    """(B, 3 * H // 2) spectrum: log(1 + mean |X(k)|^2) per channel and radial band b, the
+    frequencies k in cycles per image with b < |k| <= b + 1, b = 0 .. H/2 - 1 (k = 0, the mean
+    colour, is left to PSNR). Its Frechet distance (eval.py's spectral_fd) needs no pretrained
+    network: blur lowers the high bands, noise raises them, plausible detail matches them. It
+    ignores where detail is: a circularly shifted image has the same vector."""
     B, C, H, W = x.shape
     spec = torch.fft.fft2(x.double()).abs() ** 2 / (H * W)  # (B, 3, H, W), per-pixel energy scale
     ky = torch.fft.fftfreq(H, d=1.0 / H, device=x.device)
@@ -143,8 +118,7 @@ def band_power(x):
 
 
 def feature_stats(f, device="cpu"):
-    """(N, D) features -> mean (D,) and covariance (D, D), float64
-    (N - 1 normalisation, as np.cov)."""
+    """(N, D) features -> float64 mean (D,) and covariance (D, D), normalised by N - 1 as np.cov."""
     f = torch.as_tensor(f).to(device, torch.float64)
     mu = f.mean(0)
     d = f - mu
@@ -160,11 +134,9 @@ def _sqrt_psd(a):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64, without scipy.
 
-    sqrtm(S1 S2) is not symmetric, which is why scipy's route can return complex garbage for
-    nearly singular covariances. But S1 S2 is similar to the symmetric PSD matrix
-    S1^(1/2) S2 S1^(1/2), so tr sqrtm(S1 S2) = sum of the square roots of that matrix's eigenvalues,
-    which a symmetric eigensolver gets stably (negative round-off eigenvalues clamped to 0).
-    """
+    S1 S2 is not symmetric (scipy's sqrtm can return complex garbage for nearly singular
+    covariances), but it is similar to the symmetric PSD S1^(1/2) S2 S1^(1/2), so tr sqrtm(S1 S2) is
+    the sum of the square roots of that matrix's eigenvalues, which eigvalsh gets stably."""
     mu1, sigma1, mu2, sigma2 = (torch.as_tensor(t).double() for t in (mu1, sigma1, mu2, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different sizes: {tuple(mu1.shape)} vs {tuple(mu2.shape)}")
@@ -176,15 +148,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def inception_score(logits, splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))) on each of `splits` chunks -> (mean, std) over chunks.
-
-    The protocol (improved-GAN, ADM) uses 10 chunks of 5000 for 50K samples; p(y) is the chunk's
-    mean prediction. xlogy makes 0 * log 0 = 0 for saturated softmax outputs.
-    """
+    """IS = exp(E_x KL(p(y|x) || p(y))) on each of `splits` chunks -> (mean, std) over chunks, p(y)
+    the chunk's mean prediction (improved-GAN, ADM: 10 chunks of 5000 for 50K samples)."""
     p = torch.softmax(torch.as_tensor(logits).double(), dim=1)  # (N, 1008)
     scores = []
     for part in p.tensor_split(min(splits, len(p))):  # exactly `splits` near-equal chunks
         py = part.mean(0, keepdim=True)  # (1, 1008) marginal
+        # xlogy: 0 * log 0 = 0 for saturated softmax outputs
         kl = (torch.xlogy(part, part) - torch.xlogy(part, py)).sum(1).mean()
         scores.append(kl.exp())
     scores = torch.stack(scores)
@@ -192,14 +162,12 @@ def inception_score(logits, splits=10):
 
 
 def _sq_dists(a, b):
-    """(n, D), (m, D) -> (n, m) squared Euclidean distances (the ADM evaluator's form,
-    clamped >= 0)."""
+    """(n, D), (m, D) -> (n, m) squared Euclidean distances (the ADM evaluator's form), >= 0."""
     return ((a * a).sum(1, keepdim=True) - 2 * a @ b.t() + (b * b).sum(1)[None]).clamp_min(0)
 
 
 def knn_radii(f, k=3, block=1024):
-    """(N,) squared distance from each row of f to its k-th nearest other row
-    (itself is the 0th)."""
+    """(N,) squared distance from each row of f to its k-th nearest other row (itself is 0th)."""
     return torch.cat([_sq_dists(f[i : i + block], f).topk(k + 1, dim=1, largest=False).values[:, k]
                       for i in range(0, len(f), block)])
 
@@ -211,8 +179,7 @@ def inside(f, ref, radii, block=1024):
 
 
 def precision_recall(ref_feats, sample_feats, k=3, device="cpu"):
-    """Improved precision (samples inside the real manifold) and recall
-    (reals inside the sample one)."""
+    """Improved precision (samples in the reals' k-NN balls) and recall (reals in the samples')."""
     r = torch.as_tensor(ref_feats, dtype=torch.float32, device=device)
     s = torch.as_tensor(sample_feats, dtype=torch.float32, device=device)
     precision = inside(s, r, knn_radii(r, k)).double().mean()
