@@ -1,17 +1,9 @@
 """
-The images eval.py scores, how several processes share them, and what it writes and checks.
-
-An ImageSource is one of three things: an .npz of images (arr_0, what sample.py writes), streamed a
-batch at a time; a folder of images, ADM center-cropped, with unreadable files skipped and counted;
-or, for recon without --data, held-out images of the built-in dataset. Under torchrun each rank
-takes a contiguous run of the single-process batches (ImageSource.shard), and what the ranks
-compute is gathered back in rank order (gather_rows, total), so rank 0 sees the arrays of a single
-process on any number of GPUs. Sources too small for FID statistics, or whose images could not be
-read, are refused in one line. Images reach metrics.py as (B, 3, H, W) float tensors of integers in
-[0, 255], what a saved PNG holds (to_pixels). At the end: the results file and its table
-(write_results), the FID statistics of a reference (stats_of, check_reference_stats) and the
-report's entries with a note where a number means nothing (frechet_entries,
-inception_score_entries).
+The images eval.py scores (ImageSource: an .npz, a folder, or held-out built-in images), how the
+ranks share them (each takes a contiguous run of the single-process batches, and the results are
+gathered back in rank order, so rank 0 sees a single process's arrays on any number of GPUs), and
+what eval.py writes and checks: its results file and table, the reference statistics, the report's
+entries with a note where a number means nothing.
 """
 
 import json
@@ -33,8 +25,8 @@ from support.procedural import ProceduralDataset
 # the widths of the three InceptionV3 feature sets (inception.py): FID, sFID, IS
 FEATURE_DIMS = {"pool": 2048, "spatial": 2023, "logits": 1008}
 
-# Held-out images of the built-in dataset: item i of the dataset with this seed. train_ae.py draws
-# its built-in training images from --seed (default 0), so a run never trains on these.
+# Held-out images: the built-in dataset with this seed. train_ae.py draws its images from --seed
+# (default 0), so a run never trains on these.
 HELDOUT_SEED = 999_999
 HELDOUT_SIZE = 500  # images scored when --data is empty and --num-images is 0
 
@@ -48,8 +40,7 @@ def to_pixels(x):
 
 
 def require_zip(path):
-    """np.savez writes a zip archive; refuse anything else named .npz in one line, not a
-    traceback."""
+    """Refuse, in one line, an .npz that is not a zip archive (what np.savez writes)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if not zipfile.is_zipfile(path):
@@ -59,13 +50,10 @@ def require_zip(path):
 
 class ImageSource:
     """Images from an .npz (arr_0: (N, H, W, 3) uint8), a folder (ADM center crop to `res`, read by
-    `num_workers` loader processes), or, for recon with no path, held-out images of the built-in
-    procedural dataset: the first `builtin_limit` of them, or HELDOUT_SIZE if it is 0.
-
-    .npz files are streamed: 50K 256^2 samples are 9.8 GB, so each rank seeks to its shard inside
-    the arr_0.npy member (cheap when stored uncompressed, as np.savez writes it) and reads one
-    batch at a time instead of loading it all.
-    """
+    `num_workers` loader processes; unreadable files skipped and counted in n_bad), or, for recon
+    with no path, the first `builtin_limit` (0: HELDOUT_SIZE) held-out built-in images. An .npz is
+    streamed (50K 256^2 samples are 9.8 GB): each rank seeks to its shard inside the uncompressed
+    arr_0.npy member and reads one batch at a time."""
 
     def __init__(self, path, res, num_workers=0, builtin_limit=None):
         self.path, self.n_bad, self.num_workers = path, 0, num_workers
@@ -79,9 +67,8 @@ class ImageSource:
                 if "arr_0.npy" not in zf.namelist():
                     raise ValueError(f"{path} has no arr_0 (images); it holds {zf.namelist()}")
                 with zf.open("arr_0.npy") as f:
-                    version = np.lib.format.read_magic(f)
                     fmt = np.lib.format
-                    read_header = (fmt.read_array_header_1_0 if version == (1, 0)
+                    read_header = (fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0)
                                    else fmt.read_array_header_2_0)
                     self.shape, fortran, dtype = read_header(f)
                     self.offset = f.tell()
@@ -94,39 +81,32 @@ class ImageSource:
                                  f"(arr_0 {self.shape}); write the samples again "
                                  "(sample.py --num-samples)")
             self.dataset, self.n = None, self.shape[0]
-        else:
-            # evaluation: root/val, never root/train
+        else:  # evaluation: root/val, never root/train
             self.dataset = ImageFolderDataset(path, res, split="val")
             self.n = len(self.dataset)
 
     def count(self, limit):
-        """How many images a run with --num-images `limit` uses: the first `limit`, or all if it is
-        0."""
+        """How many images --num-images `limit` uses: the first `limit`, or all if it is 0."""
         return self.n if limit <= 0 else min(limit, self.n)
 
     def shard(self, limit, bs, dist):
-        """This rank's contiguous index range [lo, hi) of the first `limit` (0 = all) images.
-
-        Ranks get whole batches of the single-process batching (image i is in batch i // bs on any
-        number of GPUs), so recon's per-batch decoder seeds, and the numbers, don't depend on the
-        world size.
-        """
+        """This rank's index range [lo, hi) of the first `limit` (0 = all) images: whole batches of
+        the single-process batching, so that recon's per-batch decoder seeds, and the numbers, do
+        not depend on the world size."""
         n = self.count(limit)
         n_batches = math.ceil(n / bs)
         lo, hi = (n_batches * r // dist.world_size for r in (dist.rank, dist.rank + 1))
         return min(lo * bs, n), min(hi * bs, n)
 
     def batches(self, lo, hi, bs):
-        """Yield images lo..hi-1 as (B, 3, H, W) float pixel tensors in [0, 255] (unreadable ones
-        skipped)."""
+        """Images lo..hi-1 as (B, 3, H, W) floats in [0, 255] (unreadable ones skipped)."""
         if self.dataset is None:
             item = int(np.prod(self.shape[1:]))  # bytes per image
             with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
                 f.seek(self.offset + lo * item)
                 for i in range(lo, hi, bs):
                     b = min(bs, hi - i)
-                    arr = np.frombuffer(f.read(b * item),
-                                        dtype=np.uint8).reshape(b, *self.shape[1:])
+                    arr = np.frombuffer(f.read(b * item), np.uint8).reshape(b, *self.shape[1:])
                     yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
         else:
             shard = InOrder(Subset(self.dataset, range(lo, hi)), bs, self.num_workers)
@@ -136,8 +116,8 @@ class ImageSource:
 
 
 def at_least_two(source, flag, limit=0, needs="FID statistics need"):
-    """FID statistics are a mean and a covariance: 0 or 1 images give NaN or a traceback, so refuse
-    them with a line naming the input. `needs`: what needs the two, as the line says it."""
+    """Refuse, in one line naming the input, fewer than 2 images, of which FID statistics (a mean
+    and a covariance) would be NaN or a traceback. `needs`: what needs the two."""
     n = source.count(limit)
     if n < 2:
         raise ValueError(f"{flag} {source.path}: {n} image{'' if n == 1 else 's'}; {needs} at "
@@ -150,8 +130,7 @@ def at_least_two(source, flag, limit=0, needs="FID statistics need"):
 
 
 def gather_rows(parts, width, dist):
-    """Concatenate this rank's list of row arrays, then all ranks' in rank order (= global
-    order)."""
+    """This rank's list of row arrays concatenated, then all ranks' in rank order (global order)."""
     a = np.concatenate(parts) if parts else np.zeros((0,) + width, np.float32)
     if not dist.ddp:
         return a
@@ -161,15 +140,14 @@ def gather_rows(parts, width, dist):
 
 
 def total(count, dist):
-    """A count summed over the ranks (every rank gets the sum)."""
+    """A count summed over the ranks."""
     return int(common.all_reduce_sum(torch.tensor([count], device=dist.device), dist).item())
 
 
 def readable_or_refuse(source, n_read, n_tried, dist, at_least=1, needs="FID statistics need"):
-    """Refuse, on every rank, a folder of which fewer than `at_least` images could be read: with
-    none, recon wrote 0 images and made-up numbers with exit 0; with one, FID statistics are NaN
-    (and recon's spectral FD a linear-algebra traceback). n_read is the gathered (global) count,
-    n_tried this rank's share; `needs`: what needs them, as the line says it."""
+    """Refuse, on every rank, a source of which fewer than `at_least` images could be read (none
+    would give made-up numbers, one NaN FID statistics). n_read: the global count; n_tried: this
+    rank's share; `needs`: what needs them."""
     if n_read >= at_least:
         return
     tried = total(n_tried, dist)
@@ -183,18 +161,16 @@ def readable_or_refuse(source, n_read, n_tried, dist, at_least=1, needs="FID sta
 
 @torch.no_grad()
 def inception_features(source, model, dist, batch_size, limit=0, desc=""):
-    """Pool, spatial and logit features of the first `limit` (0 = all) images of a source,
-    gathered."""
+    """Pool, spatial and logit features of the first `limit` (0 = all) images, gathered."""
     lo, hi = source.shard(limit, batch_size, dist)
     feats = {k: [] for k in FEATURE_DIMS}
-    batches = source.batches(lo, hi, batch_size)
-    for x in tqdm(batches, total=math.ceil((hi - lo) / batch_size), desc=desc,
-                  disable=not dist.master):
+    batches = tqdm(source.batches(lo, hi, batch_size), total=math.ceil((hi - lo) / batch_size),
+                   desc=desc, disable=not dist.master)
+    for x in batches:
         for k, v in model(x.to(dist.device) / 255).items():
             feats[k].append(v.float().cpu().numpy())
     feats = {k: gather_rows(v, (FEATURE_DIMS[k],), dist) for k, v in feats.items()}
-    # FID statistics need 2
-    readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)
+    readable_or_refuse(source, len(feats["pool"]), hi - lo, dist, at_least=2)  # FID statistics
     return feats
 
 
@@ -208,8 +184,7 @@ def table_path(path):
 
 
 def write_results(results, path):
-    """The results as JSON at `path`, and as an aligned two-column table beside it (.txt) and on
-    stdout."""
+    """The results as JSON at `path`, and as a two-column table beside it (.txt) and on stdout."""
     checkpoints.write_text(path, json.dumps(results, indent=2))  # atomic: never half a file
     width = max(len(k) for k in results)
 
@@ -225,20 +200,17 @@ def write_results(results, path):
 
 
 def stats_of(feats, device="cpu"):
-    """The reference-batch format: FID statistics (mu, sigma) and sFID statistics
-    (mu_s, sigma_s)."""
-    (mu, sigma), (mu_s, sigma_s) = (feature_stats(feats["pool"], device),
-                                    feature_stats(feats["spatial"], device))
-    return {"mu": mu.numpy(), "sigma": sigma.numpy(), "mu_s": mu_s.numpy(),
-            "sigma_s": sigma_s.numpy()}
+    """FID statistics (mu, sigma) and sFID statistics (mu_s, sigma_s): the reference format."""
+    mu, sigma = feature_stats(feats["pool"], device)
+    mu_s, sigma_s = feature_stats(feats["spatial"], device)
+    return {"mu": mu.numpy(), "sigma": sigma.numpy(),
+            "mu_s": mu_s.numpy(), "sigma_s": sigma_s.numpy()}
 
 
 def frechet_entries(name, value, counts, dims):
-    """A Frechet distance for the report, with a note beside it where it means nothing:
-    {name: value, name_note: why}. Below `dims` images on a side (counts: {what: number}) the
-    covariance of the features is singular and the distance is dominated by that; a negative value
-    (which a distance cannot be: round-off on singular covariances) is reported as None, never as a
-    result, nor clamped to 0."""
+    """{name: value, name_note: why it means nothing, if it does not}: fewer than `dims` images on a
+    side (counts: {what: number}) make the covariance singular; a negative value (round-off on
+    singular covariances) is reported as None, never as a result, nor clamped to 0."""
     why = [f"{n} {what}, fewer than the {dims} feature dimensions (the covariance is singular; the "
            "protocol uses 50,000)" for what, n in counts.items() if n < dims]
     if value < 0:
@@ -250,9 +222,8 @@ def frechet_entries(name, value, counts, dims):
 
 
 def inception_score_entries(logits, splits=10):
-    """The Inception Score (mean, std over `splits` chunks) for the report, with a note where a
-    chunk holds a single image: the score of one image is exactly 1, so such a score means
-    nothing."""
+    """The Inception Score (mean, std over `splits` chunks), with a note where a chunk holds a
+    single image, whose score is exactly 1."""
     mean, std = inception_score(logits, splits)
     entries = {"inception_score": mean, "inception_score_std": std}
     if len(logits) < 2 * splits:
@@ -264,9 +235,7 @@ def inception_score_entries(logits, splits=10):
 
 def check_reference_stats(path, stats):
     """Refuse, in one line naming the file, FID statistics that cannot give a number: a mean without
-    its covariance (or the reverse), a string or object array, shapes that do not pair
-    (mu (D,), sigma (D, D)), or a value that is not finite (a NaN would be written as "fid": NaN
-    with exit status 0)."""
+    its covariance (or the reverse), strings, unpaired shapes, or a value that is not finite."""
     for m, s in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (m in stats) != (s in stats):
             raise SystemExit(f"error: --ref {path} has {m if m in stats else s} but not "
