@@ -1,28 +1,10 @@
-"""
-Datasets and the data loader shared by every script of the pipeline.
-
-train_ae.py, train_dit.py (latent caching), sample.py (reconstructions) and eval.py (rFID)
-all read images through this file, so they all see the same pixels:
-
-- build_dataset: --data "" is the built-in ProceduralDataset of coloured shapes and textures
-  (procedural.py), any other --data an ImageFolderDataset.
-- ImageFolderDataset: an ImageNet-style folder (`train/<class>/*.JPEG`) with the ADM center
-  crop. Unreadable files, and images too large to decode or crop safely (MAX_IMAGE_PIXELS,
-  MAX_ASPECT_RATIO), are reported and skipped (the item is None), never a crash; a folder where
-  none can be read is a one-line error (unreadable_error), not an empty run.
-- collate_skip_bad: batches the good items and counts the bad ones; the two iterators below add
-  the counts up in their `.n_bad`, the one number a script reports.
-- InOrder: one pass over a fixed set of images, in order (the latent cache, evaluation).
-- Loader: an infinite, resumable, per-rank batch iterator. Its state_dict() goes into the
-  checkpoint so that `--resume` replays exactly the batches the interrupted run would have seen.
-- random_hflip: the training augmentation, applied to the batch in the trainer so that it draws
-  from the (checkpointed) global torch RNG instead of from worker processes.
-- first_good, to_uint8, save_image_grid, default_classes: images going out (grids, uint8 arrays)
-  and the classes a sample grid shows.
-
-Images are float32 tensors (3, H, W) in [-1, 1]; labels are Python ints.
+"""Datasets and the data loader: every script reads its images through this file, so all see the
+same pixels. build_dataset gives the built-in ProceduralDataset for --data "", else an
+ImageFolderDataset; InOrder makes one pass in order, Loader an infinite, resumable, per-rank one.
+Images are float32 (3, H, W) in [-1, 1] (uint8 from a folder until to_model_range), labels ints.
 """
 
+import itertools
 import math
 import os
 import stat
@@ -32,20 +14,26 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from support.checkpoints import atomic_write, loader_worker_init
 from support.procedural import ProceduralDataset
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Image.open reads only the header, so both limits are checked before any pixel is decoded: a
+# 12000 x 12000 PNG takes 1.8 GB (PIL's own guard only warns); ImageNet's largest are ~20 MP.
+MAX_IMAGE_PIXELS = 8192 * 8192
+# The crop resizes the short side to the resolution, so a 1 x 10000 PNG would become 256 x 2.56M
+# pixels (6.5 GB); at 32:1 the resize holds at most 32 x resolution^2 pixels.
+MAX_ASPECT_RATIO = 32
+MAX_IMAGE_WARNINGS = 20  # unreadable images named in a warning, per process; the rest are counted
+# a 16-bit greyscale PNG opens as I;16 (I in older Pillows); convert("RGB") would clip it at 255
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_EXPECTED = ("expected an ImageNet-style folder: <root>/train/<class>/*.JPEG "
+             "(or <root>/<class>/*.JPEG, or a flat folder of images); set it with --data")
 
 # -----------------------------------------------------------------------------
 # ImageNet-style image folders
-
-
-# Single-channel 16-bit modes (a 16-bit greyscale PNG opens as I;16, as I in older Pillows).
-# convert("RGB") clips their 0..65535 values at 255, so such an image would become near-white.
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def to_rgb(pil_image):
@@ -57,14 +45,9 @@ def to_rgb(pil_image):
 
 
 def center_crop_arr(pil_image, image_size):
-    """ADM center crop (guided-diffusion, image_datasets.py) -> np.uint8
-    (image_size, image_size, 3).
-
-    The field's standard preprocessing for ImageNet 256 (ADM, DiT, and the rFID protocol), kept
-    identical so numbers are comparable: halve with a BOX filter while the short side is still
-    >= 2x the target (cheap and alias-free for huge JPEGs), then one BICUBIC resize that makes
-    the short side exactly image_size, then cut the central square.
-    """
+    """ADM's center crop (guided-diffusion), the standard for ImageNet 256 and rFID -> np.uint8
+    (image_size, image_size, 3): halve with a BOX filter while the short side is >= 2x the target,
+    one BICUBIC resize of the short side to image_size, then the central square."""
     pil_image = to_rgb(pil_image)
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(s // 2 for s in pil_image.size), resample=Image.BOX)
@@ -77,47 +60,26 @@ def center_crop_arr(pil_image, image_size):
     return arr[top: top + image_size, left: left + image_size]
 
 
-def _is_image(name):
-    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
-
-
-# The largest image (width x height) decoded. Image.open reads only the header, so the size of a
-# larger file is known before any pixel is decoded: such a file is skipped like an unreadable one.
-# A 12000 x 12000 PNG takes 1.8 GB to decode for one item; ImageNet's largest photos are ~ 20 MP.
-# (PIL's own guard, Image.MAX_IMAGE_PIXELS = 89 MP, only warns below 179 MP and then decodes.)
-MAX_IMAGE_PIXELS = 8192 * 8192
-# The longest side an image may have, in units of its shortest (read from the header too). The crop
-# first resizes the short side to the resolution, so a 1 x 10000 PNG (35 KB, well under
-# MAX_IMAGE_PIXELS) would become 256 x 2,560,000 pixels: 6.5 GB for one item. At 32:1 the resize
-# holds at most 32 x resolution^2 pixels (6 MB at 256 px), and photos, panoramas included, stay
-# below it.
-MAX_ASPECT_RATIO = 32
-# unreadable images named in a warning, per process; the rest are only counted
-MAX_IMAGE_WARNINGS = 20
-
-
-def _regular_file(path):
-    """True for a regular file (or a link to one): a FIFO or a device named like an image would
-    block or never end a read."""
+def _is_image_file(folder, name):
+    """An image by its name, and a regular file: a FIFO named like an image would block a read."""
+    if not name.lower().endswith(IMG_EXTENSIONS) or name.startswith("."):
+        return False
     try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:  # a broken link, a file removed meanwhile: not an image to read
+        return stat.S_ISREG(os.stat(os.path.join(folder, name)).st_mode)
+    except OSError:  # a broken link, a file removed meanwhile
         return False
 
 
 def _images_under(top, walked):
-    """Image files under the folder `top`, following links to folders, each real folder once (those
-    in `walked`, other than top itself, are skipped; the ones read here are added to it)."""
-    found = []
+    """Yields the image files under `top`, following links, each real folder once (those in
+    `walked` other than top are skipped; the ones read here are added)."""
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         if dirpath != top and real in walked:
             dirnames[:] = []  # nor anything below it
             continue
         walked.add(real)
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if _is_image(f) and _regular_file(os.path.join(dirpath, f))]
-    return found
+        yield from (os.path.join(dirpath, f) for f in filenames if _is_image_file(dirpath, f))
 
 
 class ImageTooLarge(ValueError):
@@ -125,9 +87,8 @@ class ImageTooLarge(ValueError):
 
 
 def unreadable_error(dataset, tried, in_a_row=False):
-    """The one-line refusal of a dataset whose images cannot be read: the first `tried` failed, or
-    (in_a_row: a loader, whose epochs repeat images) `tried` draws in a row failed; each failure was
-    reported with a warning. A SystemExit, so it reads the same in any script."""
+    """The one-line SystemExit for a dataset whose first `tried` images could not be read (or, for
+    a loader, whose epochs repeat images: `tried` draws in a row)."""
     where = getattr(dataset, "root", "the dataset")
     what = (f"{tried} of its {len(dataset)} images in a row could not be read" if in_a_row else
             f"none of its {tried} images could be read" if tried >= len(dataset) else
@@ -136,47 +97,36 @@ def unreadable_error(dataset, tried, in_a_row=False):
                       "files, or pass another folder")
 
 
-_EXPECTED = ("expected an ImageNet-style folder: <root>/train/<class>/*.JPEG "
-             "(or <root>/<class>/*.JPEG, or a flat folder of images); set it with --data")
-
-
 class ImageFolderDataset(Dataset):
     """Images under `root/<split>/<class>/` (or `root/<class>/`, or flat `root/`), ADM
-    center-cropped.
-    split: "train" for training; evaluation reads "val" (an ImageNet root holds both)."""
+    center-cropped; evaluation reads split "val" (an ImageNet root holds both)."""
 
     def __init__(self, root, resolution, split="train"):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"--data {root!r}: no such folder; {_EXPECTED}")
         base = os.path.join(root, split) if os.path.isdir(os.path.join(root, split)) else root
         self.root, self.resolution = base, resolution
-        # classes = sorted sub-folder names, so label k means the same class on every machine
-        # (for ImageNet: the sorted wnids n01440764, ... -> 0..999, the usual indexing)
-        subdirs = sorted(d for d in os.listdir(base)
-                         if not d.startswith(".") and os.path.isdir(os.path.join(base, d)))
+        # classes = sorted sub-folder names, so label k is the same class on every machine
+        # (ImageNet's sorted wnids -> 0..999, the usual indexing)
+        self.classes = sorted(d for d in os.listdir(base)
+                              if not d.startswith(".") and os.path.isdir(os.path.join(base, d)))
+        # each real folder is read once: the root and the class folders count as read, so neither
+        # a link up to them (`up -> ..`) nor a link loop gives an image twice or another's label
+        walked = {os.path.realpath(base)} | {os.path.realpath(os.path.join(base, d))
+                                             for d in self.classes}
         samples = []
-        # every real folder is read once: the root and the class folders count as read, so a link up
-        # to them (`up -> ..`) is not walked into another class's label, nor a link loop for ever
-        walked = ({os.path.realpath(base)}
-                  | {os.path.realpath(os.path.join(base, d)) for d in subdirs})
-        for label, d in enumerate(subdirs):
+        for label, d in enumerate(self.classes):
             found = _images_under(os.path.join(base, d), walked)
-            # sorted: same order on every machine
-            samples += [(path, label) for path in sorted(found)]
-        if samples:
-            self.classes = subdirs
-        else:
-            # no class folders with images: a flat folder (e.g. ImageNet val as 50K loose JPEGs)
-            # is one class with label 0; eval.py and sample.py read such folders.
+            samples += [(path, label) for path in sorted(found)]  # the same order on every machine
+        if not samples:  # a flat folder (e.g. ImageNet val as loose JPEGs): one class, label 0
             self.classes = [os.path.basename(os.path.normpath(base))]
             samples = [(os.path.join(base, f), 0) for f in sorted(os.listdir(base))
-                       if _is_image(f) and _regular_file(os.path.join(base, f))]
+                       if _is_image_file(base, f)]
         if not samples:
             raise ValueError(f"--data {root!r}: found no images ({', '.join(IMG_EXTENSIONS)}) "
                              f"in {base!r}; {_EXPECTED}")
         self.samples = samples  # [(path, label)], sorted by label then path
-        self._warned = set()  # bad files already reported (per process: each worker keeps its
-        # own), at most MAX_IMAGE_WARNINGS of them, and then one warning that the rest go unreported
+        self._warned = set()  # bad files reported by this process, at most MAX_IMAGE_WARNINGS + 1
 
     def __len__(self):
         return len(self.samples)
@@ -196,8 +146,7 @@ class ImageFolderDataset(Dataset):
                                         f"{round(max(w, h) * self.resolution / min(w, h))} px "
                                         "long); not decoded")
                 arr = center_crop_arr(to_rgb(im), self.resolution)
-        # truncated JPEG, not an image, too large, permissions, ...: skip, never crash
-        except Exception as e:
+        except Exception as e:  # truncated, not an image, too large, permissions: skip, never crash
             if path not in self._warned and len(self._warned) <= MAX_IMAGE_WARNINGS:
                 self._warned.add(path)  # a folder of 100,000 bad files must not print 100,000 lines
                 warnings.warn(f"skipping image {path}: {type(e).__name__}: {e}"
@@ -206,14 +155,12 @@ class ImageFolderDataset(Dataset):
                                    "are skipped without a warning (the log's bad_images counts "
                                    "them all)", stacklevel=2)
             return None
-        # (3, H, W) uint8: a quarter of float32's bytes through the workers' shared memory (Docker's
-        # 64 MB /dev/shm) and the copy to the GPU; to_model_range makes it [-1, 1] floats where the
-        # batch lands
+        # (3, H, W) uint8: a quarter of float32's bytes through the workers' shared memory and the
+        # copy to the GPU
         return torch.from_numpy(arr).permute(2, 0, 1), label
 
 
 def build_dataset(data, resolution, num_classes=10, size=10000, seed=0):
-    """--data "" -> the built-in ProceduralDataset, else an ImageFolderDataset at `data`."""
     if data == "" or data is None:
         return ProceduralDataset(resolution, num_classes=num_classes, size=size, seed=seed)
     return ImageFolderDataset(data, resolution)
@@ -224,11 +171,10 @@ def build_dataset(data, resolution, num_classes=10, size=10000, seed=0):
 
 
 def collate_skip_bad(batch):
-    """[(x, y) or None] -> (x (B, 3, H, W), y (B,) long, n_bad). Runs inside the worker, so
-    n_bad travels back with the batch; the iterators below add it to their own .n_bad."""
+    """[(x, y) or None] -> (x (B, 3, H, W), y (B,) long, n_bad), computed in the worker."""
     good = [item for item in batch if item is not None]
     n_bad = len(batch) - len(good)
-    if not good:  # every image of the batch was bad; Loader skips such batches
+    if not good:
         return torch.empty(0, 3, 0, 0), torch.empty(0, dtype=torch.long), n_bad
     x = torch.stack([item[0] for item in good])  # (B, 3, H, W)
     y = torch.tensor([int(item[1]) for item in good], dtype=torch.long)  # (B,)
@@ -236,12 +182,7 @@ def collate_skip_bad(batch):
 
 
 class InOrder:
-    """The readable items of `dataset`, in order, in batches: for x (B, 3, H, W), y (B,) in
-    InOrder(...).
-
-    For one pass over a fixed set of images (the latent cache, evaluation). Unreadable images are
-    skipped and counted in .n_bad, so a caller that reports them reads one number.
-    """
+    """The readable items of `dataset`, in order: for x (B, 3, H, W), y (B,) in InOrder(...)."""
 
     def __init__(self, dataset, batch_size, num_workers=0, pin_memory=False):
         self.loader = DataLoader(dataset, batch_size, collate_fn=collate_skip_bad,
@@ -256,44 +197,15 @@ class InOrder:
                 yield x, y
 
 
-class ResumableDistributedSampler(Sampler):
-    """DistributedSampler's shuffled, drop_last shards, able to start `offset` images into the
-    epoch.
-
-    The permutation of an epoch comes from torch.randperm with a generator seeded by seed + epoch
-    (DistributedSampler's own rule), the same on every rank and every restart. `offset` counts the
-    images of that permutation all ranks together have used; rank r takes positions offset + r,
-    offset + r + W, ..., so shards are disjoint and equal, and a run resumed on another number of
-    ranks W continues at the very next image of the permutation.
-    """
-
-    def __init__(self, dataset, rank, world_size, seed):
-        self.n, self.rank, self.world_size, self.seed = len(dataset), rank, world_size, seed
-        self.epoch, self.offset = 0, 0
-        self.num_samples = self.n // world_size  # per rank, over a whole epoch
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __iter__(self):
-        perm = torch.randperm(
-            self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        rest = perm[self.offset:]
-        return iter(rest[self.rank:len(rest) // self.world_size * self.world_size:self.world_size])
-
-    def __len__(self):
-        return (self.n - self.offset) // self.world_size
-
-
 class Loader:
     """Infinite batch iterator for one rank: next(loader) -> (x (B, 3, H, W), y (B,)).
 
-    Every rank gets the same number of batches per epoch (num_samples // batch_size), which DDP
-    needs. state_dict() = (epoch, images of the epoch's order all ranks have used); a new Loader
-    given it continues with exactly the batches the old one would have produced next, and on
-    another number of ranks or another batch size at the next unused image. Unreadable images are
-    skipped and counted in .n_bad: this rank's, since this Loader was made, which the log reports.
-    (Not in the state: the checkpoint holds rank 0's state, and the ranks' counts differ.)
+    An epoch's order is DistributedSampler's: torch.randperm seeded by seed + epoch, the same on
+    every rank and restart. `offset` counts the images of that order all ranks together have used;
+    rank r takes positions offset + r, offset + r + W, ..., so every rank gets the same number of
+    batches (as DDP needs), and state_dict() (epoch, images used) resumes at the very next image,
+    also on another rank count or batch size. .n_bad counts this rank's skipped images since this
+    Loader was made (not in the state: the checkpoint holds rank 0's, and the ranks' differ).
     """
 
     def __init__(self, dataset, batch_size, rank=0, world_size=1, seed=0, num_workers=0):
@@ -303,19 +215,18 @@ class Loader:
                              f"use a smaller batch size or a bigger dataset (--data)")
         self.dataset, self.batch_size, self.rank, self.world_size, self.seed = (
             dataset, batch_size, rank, world_size, seed)
-        self.sampler = ResumableDistributedSampler(dataset, rank, world_size, seed)
-        self.batches_per_epoch = self.sampler.num_samples // batch_size
-        # The DataLoader draws its workers' base seed from `generator`; without one it would draw
-        # from the global torch RNG, and the trainer's noise (saved/restored for --resume) would
-        # depend on how many times the loader was (re)started.
+        self.batches_per_epoch = len(dataset) // world_size // batch_size
+        # the DataLoader's sampler: this rank's indices from `offset` on, refilled in place each
+        # time an epoch (re)starts; iter(self.loader) reads it in this process
+        self.order = []
+        # the workers' base seed comes from this generator, not from the global torch RNG, so the
+        # trainer's (checkpointed) noise does not depend on how often the loader was (re)started
         generator = torch.Generator().manual_seed(seed * 1000 + rank)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, drop_last=True,
+            dataset, batch_size=batch_size, sampler=self.order, drop_last=True,
             collate_fn=collate_skip_bad, num_workers=num_workers, generator=generator,
             persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(),
-            # stop signals and the folder's lock are the trainer's
-            worker_init_fn=loader_worker_init,
-        )
+            worker_init_fn=loader_worker_init)  # stop signals and the folder's lock: the trainer's
         self.epoch, self.offset, self.batch, self.n_bad = 0, 0, 0, 0  # batch: since `offset` images
         self._it = None
 
@@ -325,12 +236,12 @@ class Loader:
     def __next__(self):
         n_empty = 0
         while True:
-            if self._it is None:
-                # (re)start the epoch at the current position; the sampler is read in this
-                # process when the iterator is created, so persistent workers see the change.
-                self.sampler.set_epoch(self.epoch)
-                self.sampler.offset = self.images_used()
-                self.offset, self.batch = self.sampler.offset, 0
+            if self._it is None:  # (re)start the epoch at the current position
+                self.offset, self.batch = self.images_used(), 0
+                rng = torch.Generator().manual_seed(self.seed + self.epoch)
+                rest = torch.randperm(len(self.dataset), generator=rng).tolist()[self.offset:]
+                W = self.world_size
+                self.order[:] = rest[self.rank:len(rest) // W * W:W]
                 self._it = iter(self.loader)
             try:
                 x, y, bad = next(self._it)
@@ -339,12 +250,10 @@ class Loader:
                 continue
             self.batch += 1
             self.n_bad += bad
-            # A batch whose images were all unreadable is skipped. (Only then can ranks drift apart
-            # by a batch; with real data it does not happen.)
-            if len(y) > 0:
+            if len(y) > 0:  # a batch of unreadable images only is skipped
                 return x, y
-            # a whole epoch's share without one readable image (a folder of bad files, a storage
-            # mount gone mid-run) would loop here forever, in silence: stop with one line instead
+            # a whole epoch's share without one readable image (bad files, a storage mount gone
+            # mid-run) would loop here forever: stop with one line instead
             n_empty += 1
             if n_empty >= self.batches_per_epoch:
                 raise unreadable_error(self.dataset, n_empty * self.batch_size, in_a_row=True)
@@ -354,9 +263,7 @@ class Loader:
         return self.offset + self.batch * self.batch_size * self.world_size
 
     def state_dict(self):
-        # "batch" (this epoch's batches at this batch size and rank count) is for reading only; a
-        # resume continues from "images", which stays exact when the rank count or the batch size
-        # changes
+        # a resume continues from "images"; "batch" (at this batch size and rank count) is to read
         return {"epoch": self.epoch, "images": self.images_used(),
                 "batch": self.images_used() // (self.batch_size * self.world_size),
                 "seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size}
@@ -373,20 +280,17 @@ class Loader:
 
 
 def to_model_range(x):
-    """A batch (B, 3, H, W) as the models take it: uint8 pixels (an image folder's items) -> floats
-    in [-1, 1] on x's device; floats (the built-in data, drawn in [-1, 1]) are returned as they
-    are."""
+    """A batch (B, 3, H, W) as the models take it: uint8 pixels -> floats in [-1, 1] on x's device;
+    floats (the built-in data) are returned as they are."""
     return x.float().div_(127.5).sub_(1.0) if x.dtype == torch.uint8 else x
 
 
 def random_hflip(x, generator=None):
     """Mirror each image of x (B, 3, H, W) left-right with probability 1/2.
 
-    Done on the batch in the trainer, not in the dataset: the coin flips then come from the
-    trainer's RNG (the global torch RNG unless a generator is given), which the checkpoint saves,
-    so a resumed run flips exactly the same images. The coins are drawn on the CPU (or on the
-    generator's device), so a seed flips the same images whatever device x lives on.
-    """
+    Done in the trainer, not the dataset, so the coins come from the trainer's RNG (the global one
+    unless a generator is given), which the checkpoint saves: a resumed run flips the same images.
+    They are drawn on the CPU (or the generator's device), the same whatever device x lives on."""
     device = generator.device if generator is not None else torch.device("cpu")
     flip = torch.rand(x.shape[0], generator=generator, device=device) < 0.5  # (B,)
     flip = flip.to(x.device).view(-1, 1, 1, 1)
@@ -398,38 +302,29 @@ def random_hflip(x, generator=None):
 
 
 def first_good(dataset, n):
-    """Indices of the first n readable items (an unreadable image is None and must not break a
-    grid). A dataset with none at all is refused in one line (unreadable_error)."""
-    out = []
-    for i in range(len(dataset)):
-        if len(out) == n:
-            break
-        if dataset[i] is not None:
-            out.append(i)
+    """Indices of the first n readable items, for a grid; none at all is a one-line refusal."""
+    out = list(itertools.islice((i for i in range(len(dataset)) if dataset[i] is not None), n))
     if not out and len(dataset):
         raise unreadable_error(dataset, len(dataset))
     return out
 
 
-# DiT's sample.py favourites: golden retriever, otter, red panda, geyser, macaw, valley, balloon,
-# arctic fox
-IMAGENET_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]
-
-
 def default_classes(num_classes):
-    """The classes a class-conditional sample grid shows unless told otherwise (one row each)."""
-    return IMAGENET_GRID_CLASSES if num_classes == 1000 else list(range(min(num_classes, 10)))
+    """The classes of a sample grid, one row each: for ImageNet, DiT's sample.py favourites (golden
+    retriever, otter, red panda, geyser, macaw, valley, balloon, arctic fox)."""
+    if num_classes == 1000:
+        return [207, 360, 387, 974, 88, 979, 417, 279]
+    return list(range(min(num_classes, 10)))
 
 
 def to_uint8(x):
-    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8 numpy, rounding like the reference
-    evaluators."""
+    """(N, 3, H, W) floats in [-1, 1] -> (N, H, W, 3) uint8 numpy, rounded as evaluators do."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_image_grid(x, path, nrow=8, pad=2):
-    """Tile a batch (N, 3, H, W) in [-1, 1] into one PNG, nrow images per row."""
+    """Tile a batch (N, 3, H, W) in [-1, 1] into one image file, nrow images per row."""
     imgs = to_uint8(x)  # (N, H, W, 3)
     n, h, w, _ = imgs.shape
     ncol = min(nrow, n)
@@ -440,5 +335,4 @@ def save_image_grid(x, path, nrow=8, pad=2):
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h,
              pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[i]
     image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
-    # never half an image
     atomic_write(path, lambda fh: Image.fromarray(grid).save(fh, format=image_format))

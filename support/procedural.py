@@ -1,12 +1,8 @@
 """
-The built-in dataset: coloured shapes and textures (discs, stripes, checkerboards, ...), drawn on
-the fly and never downloaded. It makes `python train_ae.py` work out of the box and gives the tests
-something with sharp, high-frequency detail to reconstruct. data.build_dataset picks it for
---data "".
-
-Item i is a pure function of (seed, i), at any resolution; images are float32 tensors (3, H, W) in
-[-1, 1], labels are Python ints (the pattern's index). At the end, PatternClassifier: a small CNN
-that tells the patterns apart, with which eval.py classes scores stage 2's samples.
+The built-in dataset (--data ""): coloured shapes and textures drawn on the fly, never downloaded,
+with sharp detail to reconstruct. Item i is a pure function of (seed, i) at any resolution: a
+float32 tensor (3, H, W) in [-1, 1] and the pattern's index as label. PatternClassifier, a small
+CNN that tells the patterns apart, scores stage 2's samples (eval.py classes).
 """
 
 import math
@@ -35,10 +31,9 @@ def _rotate(yy, xx, cy, cx, angle):
     return c * dy - s * dx, s * dy + c * dx
 
 
-# Each pattern maps (rng, yy, xx) -> a mask (H, W) in [0, 1]: 1 = foreground colour,
-# 0 = background colour. Sizes, positions, phases and frequencies are random within the class;
-# frequencies are in cycles per unit of the [-1, 1] coordinates (x2 = cycles per image), chosen
-# so that at 32 px a period is still >= ~4 px and the class stays recognisable.
+# Each pattern maps (rng, yy, xx) -> a mask (H, W) in [0, 1] (1 = foreground colour). Sizes,
+# positions, phases and frequencies are random within the class; frequencies, in cycles per unit of
+# the [-1, 1] coordinates, keep a period >= ~4 px at 32 px, so the class stays recognisable.
 
 def _disc(rng, yy, xx):
     cy, cx = rng.uniform(-0.4, 0.4, 2)
@@ -119,8 +114,7 @@ _PATTERNS = [
 
 
 class ProceduralDataset(Dataset):
-    """Coloured shapes and textures, one pattern per class; item i is a pure function of
-    (seed, i)."""
+    """Coloured shapes and textures, one pattern per class."""
 
     def __init__(self, resolution=32, num_classes=10, size=10000, seed=0):
         if not 1 <= num_classes <= len(_PATTERNS):
@@ -161,14 +155,8 @@ class ProceduralDataset(Dataset):
 
 
 class PatternClassifier(nn.Module):
-    """A small CNN that names the pattern of a built-in image: x (B, 3, H, W) in [-1, 1] ->
-    logits (B, K).
-
-    It gives stage 2 on the built-in data a number (eval.py classes): the share of samples for class
-    c that it classifies as c, against chance (1/K) and against its own accuracy on real images.
-    Three levels of two 3x3 convolutions, then a global average, so any resolution divisible by 8
-    works.
-    """
+    """Names the pattern of a built-in image: x (B, 3, H, W) in [-1, 1] -> logits (B, K). Three
+    levels of two 3x3 convolutions, then a global average: any resolution divisible by 8 works."""
 
     def __init__(self, num_classes=10, width=16):
         super().__init__()
@@ -182,8 +170,7 @@ class PatternClassifier(nn.Module):
         self.head = nn.Linear(ch, num_classes)
 
     def embed(self, x):
-        """x (B, 3, H, W) in [-1, 1] -> (B, 4 * width) pooled features: the space of the judge's
-        Frechet distance."""
+        """(B, 4 * width) pooled features: the space of the judge's Frechet distance."""
         return self.features(x).mean((2, 3))
 
     def forward(self, x):
@@ -192,13 +179,9 @@ class PatternClassifier(nn.Module):
 
 def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=64, seed=0,
                              device="cpu"):
-    """Train a PatternClassifier on fresh built-in images (seed `seed`, each seen once), in eval
-    mode at the end.
-
-    Each image is mirrored with probability 1/2, as stage 2 trains on mirrored latents too: a
-    mirrored diagonal stripe is still a diagonal stripe. The learning rate falls linearly to 0,
-    which settles the weights. Deterministic for a seed (its own RNG, not the global one).
-    """
+    """A PatternClassifier trained on fresh built-in images, each seen once, in eval mode. Images
+    are mirrored with probability 1/2 (stage 2 trains on mirrored latents too); the learning rate
+    falls linearly to 0. Deterministic for a seed (its own RNG, not the global one)."""
     from support.data import random_hflip  # data.py imports this file, so not at the top
 
     images = ProceduralDataset(resolution, num_classes, size=steps * batch_size, seed=seed)
@@ -206,8 +189,7 @@ def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=6
         torch.manual_seed(seed)
         model = PatternClassifier(num_classes).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-        # the loader draws its workers' base seed from `generator`, not from the seeded RNG the
-        # flips use
+        # the loader draws its workers' base seed from `generator`, not from the flips' RNG
         batches = DataLoader(images, batch_size, generator=torch.Generator().manual_seed(seed))
         for step, (x, y) in enumerate(batches):  # x (B, 3, H, W), y (B,)
             for group in opt.param_groups:
