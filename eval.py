@@ -4,45 +4,25 @@ Evaluation: the numbers papers report, computed the way the field computes them.
     python eval.py recon --ckpt out/ae/ckpt.pt --data /imagenet/val  # stage 1: PSNR SSIM LPIPS rFID
     # stage 2: FID sFID IS P/R
     python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz
-    python eval.py stats --images /path/to/images --out stats.npz    # reusable FID statistics
-    # built-in data: samples of the right class?
-    python eval.py classes --samples out/dit/samples.npz
+    python eval.py stats --images /path/to/images --out stats.npz    # FID statistics, for --ref
+    python eval.py classes --samples out/dit/samples.npz  # built-in data: samples of their class?
     torchrun --nproc_per_node=8 eval.py <mode> ...                   # same, sharded over GPUs
 
-recon: every image of --data is ADM center-cropped to the model's resolution, encoded and decoded
-(--decode-steps Euler steps, seeded noise), and compared with the same cropped original.
-gen: the samples (.npz with arr_0, what sample.py writes, or a folder) against a reference: an
-.npz of precomputed statistics (mu, sigma, and mu_s, sigma_s for sFID; the ADM ImageNet 256
-reference batch also holds 10K images in arr_0, used for precision/recall), or images.
-stats: the FID statistics of a set of images, to pass as --ref later.
-(experiments/claims.py compare trains every decoder at c and c/2 and scores them with
-score_reconstructions.)
-classes: stage 2 on the built-in data, where FID's ImageNet Inception means little: a small CNN
-(procedural.PatternClassifier) is trained on built-in images, then names the pattern of each sample;
-the share named as the class it was sampled for, against chance and the CNN's accuracy on real
-images.
-Where the images come from, how the processes share them and how results are written is
-support/eval_data.py.
+recon: each image of --data, ADM center-cropped to the model's resolution, against its
+reconstruction. gen: the samples (.npz with arr_0, as sample.py writes, or a folder) against a
+reference .npz of statistics (mu, sigma; mu_s, sigma_s for sFID; ADM's batch also holds 10K images
+in arr_0, for precision/recall), or images. classes: where FID's ImageNet Inception means little,
+a small CNN (procedural.PatternClassifier) trained on built-in images names each sample's pattern.
 
-Conventions, chosen to match published numbers (the formulas are in support/metrics.py):
-  - Everything is measured on uint8 images, i.e. what a saved PNG holds: reconstructions are
-    rounded to uint8 exactly like the originals (data.to_uint8's rounding) before any metric.
-  - PSNR per image on [0, 255] (MSE over pixels and channels), averaged over images.
-  - SSIM per image (Wang et al. 2004): Gaussian window 11, sigma 1.5, K1 = 0.01, K2 = 0.03,
-    L = 255, over the 'valid' window positions, per channel, averaged; then over images.
-  - LPIPS VGG16 v0.1 (support/perceptual.py, the module the stage-1 loss uses), averaged over
-    images.
-  - FID / rFID on the 2048-d pool features of the FID InceptionV3 (support/inception.py); mean and
-    covariance (N - 1) in float64. sFID the same on the 2023-d mixed_6/conv features. IS over 10
-    splits. Precision / recall with k = 3 nearest neighbours in pool-feature space (Kynkaanniemi
-    et al. 2019, as the ADM evaluator computes them).
-  - The ADM reference statistics were computed with the TF graph; our PyTorch port of the same
-    network resizes differently (support/inception.py), so gFID against them is close to, not
-    identical with, the ADM evaluator's. For a paper table, also run that evaluator on the same
-    samples.npz.
-  - Under torchrun each rank takes a contiguous run of the single-process batches; features are
-    gathered in rank order (support/eval_data.py), so rank 0 sees the single-process arrays (and
-    recon the same decoder noise) on any number of GPUs, and alone computes and writes the results.
+Conventions, chosen to match published numbers (formulas and constants in support/metrics.py):
+  - Every metric is computed on uint8 images, what a saved PNG holds: reconstructions are rounded
+    like the originals. PSNR, SSIM and LPIPS are per image, then averaged over images.
+  - FID statistics: InceptionV3 pool features (sFID: mixed_6/conv), float64, covariance over N - 1.
+    Our PyTorch port of the TF network resizes differently (support/inception.py), so gFID is
+    close to, not identical with, the ADM evaluator's: for a paper table, also run theirs.
+  - Under torchrun each rank takes a contiguous run of the single-process batches, gathered in rank
+    order (support/eval_data.py): rank 0 sees the single-process arrays (and recon the same decoder
+    noise) on any number of GPUs, and alone computes and writes the results.
 """
 
 import math
@@ -95,8 +75,7 @@ SETTINGS = common.settings_block(globals())  # the defaults above: every main() 
 
 
 def default_out(mode, steps=None):
-    """Where `mode` writes its results without --out: beside its input (stats has no default: --out
-    is needed)."""
+    """Where `mode` writes its results without --out, beside its input (stats needs --out)."""
     if mode == "recon":
         return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval_recon_steps{steps}.json")
     return os.path.splitext(samples.rstrip("/"))[0] + ("_eval.json" if mode == "gen"
@@ -104,11 +83,8 @@ def default_out(mode, steps=None):
 
 
 def check_output(mode, dist):
-    """Refuse, before anything is loaded or scored, a results file that could not be written at the
-    end (common.writable_file): an --out that is a folder, lies under a file, or in a folder without
-    write permission, and the same for the default file beside the input; minutes or hours of
-    scoring would be lost. Rank 0 writes, so rank 0 checks. A mode whose inputs are missing refuses
-    them itself."""
+    """Refuse, before minutes of loading and scoring, a results file (--out, or the default beside
+    the input) that rank 0 could not write at the end (common.writable_file)."""
     if not dist.master:
         return
     if out:
@@ -131,23 +107,6 @@ def check_output(mode, dist):
 # the four modes
 
 
-def optional_measures(dist, vgg_path="", lpips_path="", inception_path=""):
-    """The LPIPS and Inception networks when their weight files are present, and why each is
-    missing.
-
-    Returns (lpips_net or None, inception or None, {metric: reason it was skipped}). A path the
-    user typed must exist (find_weights raises); a default location that is empty just skips.
-    """
-    lpips_net = load_lpips(vgg_path, lpips_path, required=False, device=dist.device)
-    inception = load_inception(inception_path, dist.device, required=False)
-    skipped = {}
-    if lpips_net is None:
-        skipped["lpips"] = "VGG16 / LPIPS weight files not found (--vgg-path, --lpips-path)"
-    if inception is None:
-        skipped["rfid"] = "FID Inception weight file not found (--inception-path)"
-    return lpips_net, inception, skipped
-
-
 def meancolour_psnr(real):
     """(B,) PSNR of the trivial baseline that paints each image its own mean colour: the floor a
     reconstruction must beat to show that the decoder uses z at all."""
@@ -158,107 +117,96 @@ def meancolour_psnr(real):
 def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net=None,
                           inception=None, mean_of=0, judge=None, pool=0):
     """Reconstruct the first `limit` (0 = all) images of `source` and measure them against the
-    originals.
-
-    Returns {metric: value} (complete on rank 0): per-image means of PSNR, SSIM, low-frequency PSNR,
-    the mean-colour baseline's PSNR and LPIPS (if given), the dataset's high-frequency ratio, the
-    spectral Frechet distance (metrics.band_power), rFID (if given), and the decoding time per
-    image.
-    Batch k is decoded with noise seed seed + (index of its first image), so the numbers do not
-    depend on the number of processes.
+    originals -> {metric: value} (complete on rank 0): per-image means of PSNR, SSIM, low-frequency
+    PSNR, the mean-colour floor and LPIPS (if given), the high-frequency ratio, the spectral Frechet
+    distance (metrics.band_power), rFID (if given), the decoding time. The batch of images i.. is
+    decoded with noise seed seed + i: the numbers do not depend on the number of processes.
     mean_of = K > 1 (a diffusion decoder): also the PSNR and low-frequency PSNR of the mean of K
-    decodes from different noise (psnr_mean: it keeps 1/K of the sampling variance), and of the
-    decoder's conditional mean E[x | z] itself, without that variance (psnr_ez, lowfreq_psnr_ez:
-    metrics.conditional_mean_mse on the unrounded decodes). A single sample pays for its detail in
-    PSNR.
-    pool: the pooling factor of the low-/high-frequency split (0 = the model's f; fixed across
-    models of different f, the measures keep one meaning).
-    judge (built-in data only: a procedural.PatternClassifier): its accuracy on the reconstructions
-    (the label of held-out image i is i mod its class count) and the Frechet distance in its feature
-    space.
-    """
+    decodes (psnr_mean: 1/K of the sampling variance left) and of the decoder's conditional mean
+    E[x | z] (psnr_ez, lowfreq_psnr_ez: metrics.conditional_mean_mse on the unrounded decodes).
+    pool: the low-/high-frequency split's pooling (0 = the model's f; fixed: one meaning across f).
+    judge (built-in data, a procedural.PatternClassifier): its accuracy on the reconstructions
+    (held-out image i is of class i mod K) and the Frechet distance of its features."""
     f = pool or model.cfg.compression
     lo, hi = source.shard(limit, bs, dist)
-    per_image = {"psnr": [], "ssim": [], "lowfreq_psnr": [], "meancolour_psnr": [], "lpips": [],
-                 "psnr_mean": [], "lowfreq_psnr_mean": [], "psnr_ez": [], "lowfreq_psnr_ez": [],
-                 "judge_correct": []}
-    hf = {"real": [], "recon": []}  # per-image high-frequency energies
-    pools = {"real": [], "recon": []}
-    spectra = {"real": [], "recon": []}
-    judged = {"real": [], "recon": []}
-    n_bands = 3 * (model.cfg.resolution // 2)
+    per_image = {k: [] for k in ("psnr", "ssim", "lowfreq_psnr", "meancolour_psnr", "lpips",
+                                 "psnr_mean", "lowfreq_psnr_mean", "psnr_ez", "lowfreq_psnr_ez",
+                                 "judge_correct")}
+    # per-image features of the originals and of their reconstructions, and their widths
+    widths = {"hf": (), "spectrum": (3 * (model.cfg.resolution // 2),),
+              "pool": (FEATURE_DIMS["pool"],),
+              "judge": (judge.head.in_features if judge is not None else 0,)}
+    feats = {side: {k: [] for k in widths} for side in ("real", "recon")}
+
+    def add(rows, key, values):  # a batch's (B, ...) values, kept as numpy
+        rows[key].append(values.cpu().numpy())
+
     decode_s = 0.0
     batches = source.batches(lo, hi, bs)
     for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon",
                                   disable=not dist.master)):
         real = real.to(dist.device)  # (B, 3, res, res) uint8 values
+        first = lo + i * bs  # the index of the batch's first image
         t0 = time.perf_counter()
         with common.autocast_context(dist.device):
-            rec = model.reconstruct(real / 127.5 - 1, steps=steps, seed=seed + lo + i * bs)
+            rec = model.reconstruct(real / 127.5 - 1, steps=steps, seed=seed + first)
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
         decode_s += time.perf_counter() - t0
         rec = to_pixels(rec)  # quantised like the originals: what a saved reconstruction PNG holds
-        per_image["psnr"].append(psnr(real, rec).cpu().numpy())
-        per_image["ssim"].append(ssim(real, rec).cpu().numpy())
-        per_image["lowfreq_psnr"].append(lowfreq_psnr(real, rec, f).cpu().numpy())
-        per_image["meancolour_psnr"].append(meancolour_psnr(real).cpu().numpy())
-        hf["real"].append(highfreq_energy(real, f).cpu().numpy())
-        hf["recon"].append(highfreq_energy(rec, f).cpu().numpy())
-        spectra["real"].append(band_power(real).cpu().numpy())
-        spectra["recon"].append(band_power(rec).cpu().numpy())
+        add(per_image, "psnr", psnr(real, rec))
+        add(per_image, "ssim", ssim(real, rec))
+        add(per_image, "lowfreq_psnr", lowfreq_psnr(real, rec, f))
+        add(per_image, "meancolour_psnr", meancolour_psnr(real))
+        if lpips_net is not None:
+            add(per_image, "lpips", lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double())
+        for side, images in (("real", real), ("recon", rec)):
+            add(feats[side], "hf", highfreq_energy(images, f))
+            add(feats[side], "spectrum", band_power(images))
+            if inception is not None:
+                add(feats[side], "pool", inception(images / 255)["pool"])
         if mean_of > 1:
             with common.autocast_context(dist.device):
                 z = model.encode(real / 127.5 - 1)
-                decodes = [model.decode(z, steps, seed=seed + lo + i * bs + 7919 * k).float()
+                decodes = [model.decode(z, steps, seed=seed + first + 7919 * k).float()
                            for k in range(mean_of)]
             decodes = torch.stack(decodes)  # (K, B, 3, H, W)
             mean_rec = to_pixels(decodes.mean(0))  # (B, 3, H, W): the mean of K decodes, rounded
-            per_image["psnr_mean"].append(psnr(real, mean_rec).cpu().numpy())
-            per_image["lowfreq_psnr_mean"].append(lowfreq_psnr(real, mean_rec, f).cpu().numpy())
+            add(per_image, "psnr_mean", psnr(real, mean_rec))
+            add(per_image, "lowfreq_psnr_mean", lowfreq_psnr(real, mean_rec, f))
             px = (decodes.clamp(-1, 1) + 1) * 127.5  # (K, B, 3, H, W) pixel values, unrounded
-            ez_mse = conditional_mean_mse(px, real)
             pooled = F.avg_pool2d(px.flatten(0, 1).double(), f).unflatten(0, px.shape[:2])
-            ez_lowfreq_mse = conditional_mean_mse(pooled, F.avg_pool2d(real.double(), f))
-            per_image["psnr_ez"].append(psnr_of_mse(ez_mse).cpu().numpy())
-            per_image["lowfreq_psnr_ez"].append(psnr_of_mse(ez_lowfreq_mse).cpu().numpy())
+            add(per_image, "psnr_ez", psnr_of_mse(conditional_mean_mse(px, real)))
+            add(per_image, "lowfreq_psnr_ez", psnr_of_mse(
+                conditional_mean_mse(pooled, F.avg_pool2d(real.double(), f))))
         if judge is not None:
-            labels = (torch.arange(lo + i * bs, lo + i * bs + len(real), device=real.device)
-                      % judge.head.out_features)
-            judged["real"].append(judge.embed(real / 127.5 - 1).double().cpu().numpy())
-            feats = judge.embed(rec / 127.5 - 1)
-            judged["recon"].append(feats.double().cpu().numpy())
-            per_image["judge_correct"].append(
-                (judge.head(feats).argmax(1) == labels).double().cpu().numpy())
-        if lpips_net is not None:
-            per_image["lpips"].append(
-                lpips_net(real / 127.5 - 1, rec / 127.5 - 1).double().cpu().numpy())
-        if inception is not None:
-            pools["real"].append(inception(real / 255)["pool"].cpu().numpy())
-            pools["recon"].append(inception(rec / 255)["pool"].cpu().numpy())
+            labels = torch.arange(first, first + len(real), device=real.device)
+            add(feats["real"], "judge", judge.embed(real / 127.5 - 1).double())
+            embedded = judge.embed(rec / 127.5 - 1)
+            add(feats["recon"], "judge", embedded.double())
+            correct = judge.head(embedded).argmax(1) == labels % judge.head.out_features
+            add(per_image, "judge_correct", correct.double())
     per_image = {k: gather_rows(v, (), dist) for k, v in per_image.items()}
-    hf = {k: gather_rows(v, (), dist) for k, v in hf.items()}
-    pools = {k: gather_rows(v, (FEATURE_DIMS["pool"],), dist) for k, v in pools.items()}
-    spectra = {k: gather_rows(v, (n_bands,), dist) for k, v in spectra.items()}
-    judged = {k: gather_rows(v, (judge.head.in_features if judge is not None else 0,), dist)
-              for k, v in judged.items()}
+    real_feats, recon_feats = [{k: gather_rows(v, widths[k], dist) for k, v in feats[side].items()}
+                               for side in ("real", "recon")]
     n = len(per_image["psnr"])
     # the FDs are of covariances
     readable_or_refuse(source, n, hi - lo, dist, at_least=2, needs=RECON_NEEDS)
     results = {"num_images": n, "num_unreadable": total(source.n_bad, dist)}
     results.update({k: float(v.mean()) for k, v in per_image.items() if len(v)})
-    results["highfreq_ratio"] = highfreq_ratio(hf["recon"], hf["real"])
+    results["highfreq_ratio"] = highfreq_ratio(recon_feats["hf"], real_feats["hf"])
+
+    def frechet(key, device="cpu"):  # between the originals' features and the reconstructions'
+        return frechet_distance(*feature_stats(real_feats[key], device),
+                                *feature_stats(recon_feats[key], device))
+
     if dist.master:
-        results["spectral_fd"] = frechet_distance(*feature_stats(spectra["real"]),
-                                                  *feature_stats(spectra["recon"]))
-    if judge is not None and dist.master:
-        results["judge_accuracy"] = results.pop("judge_correct")
-        results["judge_fd"] = frechet_distance(*feature_stats(judged["real"]),
-                                               *feature_stats(judged["recon"]))
-    if inception is not None and dist.master:
-        real_stats, recon_stats = (feature_stats(pools["real"], dist.device),
-                                   feature_stats(pools["recon"], dist.device))
-        results["rfid"] = frechet_distance(*real_stats, *recon_stats)
+        results["spectral_fd"] = frechet("spectrum")
+        if judge is not None:
+            results["judge_accuracy"] = results.pop("judge_correct")
+            results["judge_fd"] = frechet("judge")
+        if inception is not None:
+            results["rfid"] = frechet("pool", dist.device)
     results["decode_ms_per_image"] = 1000 * decode_s / max(hi - lo, 1)  # this rank's
     return results
 
@@ -268,10 +216,7 @@ RECON_NEEDS = "the spectral FD and rFID need"
 
 
 def run_recon(dist):
-    """Stage-1 reconstruction quality: PSNR, SSIM, low-frequency PSNR and high-frequency ratio
-    always; LPIPS and rFID when their weight files are present (the report names what it
-    skipped)."""
-
+    """Stage-1 reconstruction quality; LPIPS and rFID when their weight files are present."""
     if not ckpt:
         raise SystemExit("recon needs --ckpt (a train_ae.py checkpoint); --data is an image "
                          "folder, or empty for held-out images of the built-in dataset")
@@ -280,7 +225,10 @@ def run_recon(dist):
                          "images; give 2 or more, or 0 for all")
     model = checkpoints.load_dgae(ckpt, dist.device)
     steps = decode_steps or model.cfg.decode_steps
-    lpips_net, inception, skipped = optional_measures(dist, vgg_path, lpips_path, inception_path)
+    # a weight file's path the user typed must exist (find_weights raises); none at the default
+    # location skips its measure
+    lpips_net = load_lpips(vgg_path, lpips_path, required=False, device=dist.device)
+    inception = load_inception(inception_path, dist.device, required=False)
     source = at_least_two(ImageSource(data, model.cfg.resolution, num_workers,
                                       builtin_limit=num_images),
                           "--data", num_images, needs=RECON_NEEDS)
@@ -291,6 +239,11 @@ def run_recon(dist):
                    "data": data or f"built-in, held-out (seed {HELDOUT_SEED})",
                    "resolution": model.cfg.resolution, "compression": model.cfg.compression,
                    "decode_steps": steps, "seed": seed, **scores}
+        skipped = {}
+        if lpips_net is None:
+            skipped["lpips"] = "VGG16 / LPIPS weight files not found (--vgg-path, --lpips-path)"
+        if inception is None:
+            skipped["rfid"] = "FID Inception weight file not found (--inception-path)"
         if skipped:
             results["skipped"] = skipped
         write_results(results, out or default_out("recon", steps))
@@ -349,16 +302,16 @@ def run_gen(dist):
         sfid = frechet_distance(*fake_stats, ref_stats["mu_s"], ref_stats["sigma_s"])
         results.update(frechet_entries("sfid", sfid, counts, FEATURE_DIMS["spatial"]))
     results.update(inception_score_entries(fake["logits"]))
-    if (prec_recall and ref_feats is not None
-            and min(len(ref_feats["pool"]), len(fake["pool"])) <= PR_NEIGHBOURS):
-        results.setdefault("skipped", {})["precision/recall"] = (
-            f"needs more than {PR_NEIGHBOURS} images on each side (k = {PR_NEIGHBOURS} nearest "
-            f"neighbours); the reference has {len(ref_feats['pool'])}, the samples "
-            f"{len(fake['pool'])}")
-    elif prec_recall and ref_feats is not None:
-        results["num_ref_images"] = len(ref_feats["pool"])
-        results["precision"], results["recall"] = precision_recall(ref_feats["pool"], fake["pool"],
-                                                                   device=dist.device)
+    if prec_recall and ref_feats is not None:
+        n_ref = len(ref_feats["pool"])
+        if min(n_ref, n) <= PR_NEIGHBOURS:
+            results["skipped"] = {"precision/recall": (
+                f"needs more than {PR_NEIGHBOURS} images on each side (k = {PR_NEIGHBOURS} nearest "
+                f"neighbours); the reference has {n_ref}, the samples {n}")}
+        else:
+            results["num_ref_images"] = n_ref
+            results["precision"], results["recall"] = precision_recall(
+                ref_feats["pool"], fake["pool"], device=dist.device)
     write_results(results, out or default_out("gen"))
 
 
@@ -419,16 +372,14 @@ def run_classes(dist):
     heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)
     # rounded to uint8 like the samples
     real_feats, real_pred = judged(to_pixels(x) for x, _ in InOrder(heldout, batch_size))
-    # item i of the built-in data is of class i mod K
-    real_labels = torch.arange(HELDOUT_SIZE) % num_classes
+    real_labels = torch.arange(HELDOUT_SIZE) % num_classes  # built-in image i is of class i mod K
     y = labels[:n]
     names = heldout.class_names
     results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res,
                "num_classes": num_classes, "accuracy": (pred == y).float().mean().item(),
                "chance": 1 / num_classes,
                "real_accuracy": (real_pred == real_labels).float().mean().item(),
-               # the Frechet distance between the samples and held-out real images in the judge's
-               # feature space
+               # the Frechet distance to held-out real images in the judge's feature space
                "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
                "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
                                       for c in range(num_classes) if (y == c).any()}}
@@ -457,8 +408,7 @@ def main():
                  "batch_size": common.MAX_BATCH, "num_workers": common.MAX_WORKERS,
                  "judge_steps": common.MAX_STEPS, "seed": common.MAX_SEED,
                  "dist_timeout": common.MAX_SECONDS})
-    # an unavailable --device is refused here, before any work
-    dist = common.setup_distributed(device, dist_timeout)
+    dist = common.setup_distributed(device, dist_timeout)  # an unavailable --device: refused here
     check_output(mode, dist)  # and an output that cannot be written, before anything is loaded
     with common.user_errors():  # a missing weight file, folder or checkpoint: one line saying which
         MODES[mode](dist)

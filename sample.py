@@ -9,15 +9,12 @@ Sampling: class-conditional images from a trained DiT (stage 2), and stage-1 rec
 
 A sample: noise (C, h, w) -> Euler ODE of the DiT's velocity, classifier-free guidance on all
 channels -> un-normalised latent -> the stage-1 DGAE decoder (a diffusion model: it draws noise
-too). The DiT checkpoint records its stage-1 checkpoint and the latent mean/std, so --ckpt is all it
-takes. train_dit.py's grids are made the same way, from the EMA DiT during training.
-
-Determinism: samples are made in chunks of --batch-size consecutive indices; chunk c takes its
-labels, DiT noise and decoder seed from a generator seeded by (seed, c) alone, and rank r makes
-chunks r, r + W, ... . So the images depend on --seed and --batch-size, never on the number of
-processes: each chunk is the same computation, batch shape included, wherever it runs.
+too). The DiT checkpoint names its stage-1 checkpoint and holds the latent mean/std: --ckpt is all
+it takes. train_dit.py's grids are made by the same functions, from the EMA DiT.
+Samples are made in chunks of --batch-size; chunk c takes its labels, DiT noise and decoder seed
+from (seed, c) alone and rank r makes chunks r, r + W, ...: the images depend on --seed and
+--batch-size, never on the number of processes.
 The .npz: uint8 N x H x W x 3 under `arr_0` (what the ADM ImageNet evaluator reads), and `labels`.
-(The flag is --num-samples, not --num: torchrun would take --num for its own --numa-binding.)
 """
 
 import os
@@ -58,8 +55,8 @@ SETTINGS = common.settings_block(globals())  # the defaults above: every main() 
 def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
     """Everything random about chunk `chunk`, from (seed, chunk) alone: n labels (uniform unless
     given), the DiT's starting noise (n, C, h, w) at t=1, and the seed of the decoder's noise."""
-    g = torch.Generator().manual_seed(
-        int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0]))
+    chunk_seed = int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0])
+    g = torch.Generator().manual_seed(chunk_seed)
     y = torch.randint(num_classes, (n,), generator=g) if labels is None else labels
     noise = torch.randn(n, *latent_shape, generator=g)
     return y, noise, int(torch.randint(2**31, (1,), generator=g))
@@ -68,21 +65,16 @@ def chunk_inputs(seed, chunk, n, num_classes, latent_shape, labels=None):
 @torch.inference_mode()  # images for files only: no autograd bookkeeping
 def generate(dit, ae, y, noise, steps, cfg_scale, latent_mean, latent_std, decode_steps=None,
              decode_seed=0):
-    """Labels y (B,) and noise (B, C, h, w) on the model's device -> images (B, 3, H, W) in [-1, 1].
-
-    The same rectified-flow Euler sampler as the decoder (decoder_diffusion.euler_sample), here on
-    the DiT's velocity; with guidance, v = v_uncond + s (v_cond - v_uncond) on every channel.
-    """
-    # (B, C, h, w) at t=0
-    z = euler_sample(lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale), noise, steps)
-    # back to the encoder's scale
-    z = z.float() * latent_std.view(1, -1, 1, 1) + latent_mean.view(1, -1, 1, 1)
+    """Labels y (B,) and noise (B, C, h, w) on the model's device -> images (B, 3, H, W) in [-1, 1]:
+    the decoder's Euler sampler (decoder_diffusion.euler_sample) on the DiT's velocity, with
+    guidance v = v_uncond + s (v_cond - v_uncond) on every channel."""
+    z = euler_sample(lambda x, t: dit.forward_with_cfg(x, t, y, cfg_scale), noise, steps)  # t = 0
+    z = z.float() * latent_std.view(1, -1, 1, 1) + latent_mean.view(1, -1, 1, 1)  # encoder's scale
     return ae.decode(z, decode_steps, seed=decode_seed)  # None: the stage-1 default
 
 
 def _or_exit(load, *args):
-    """Call a checkpoint loader; a missing or wrong-kind file becomes a one-line error, not a
-    traceback."""
+    """load(*args); a missing or wrong-kind file: a one-line error, not a traceback."""
     try:
         return load(*args)
     except (FileNotFoundError, ValueError) as e:
@@ -91,8 +83,7 @@ def _or_exit(load, *args):
 
 
 def load_models(path, device, ae_path="", attn=""):
-    """A train_dit.py checkpoint -> (EMA DiT, its stage-1 DGAE, the checkpoint dict), in eval
-    mode."""
+    """A train_dit.py checkpoint -> (EMA DiT, its stage-1 DGAE, the checkpoint), in eval mode."""
     ck = _or_exit(checkpoints.load_checkpoint, path, "dit")
     args = ({**ck["model_args"], **({"attn_impl": attn} if attn else {})}
             if isinstance(ck["model_args"], dict) else None)
@@ -115,8 +106,7 @@ def load_models(path, device, ae_path="", attn=""):
 
 
 def grid_labels(classes, per_class, num_classes):
-    """--classes (a comma-separated string; "" = the default classes), each repeated per_class
-    times: one grid row per class."""
+    """--classes ("" = the default ones), each repeated per_class times: a grid row per class."""
     try:
         cls = [int(c) for c in classes.split(",")] if classes else default_classes(num_classes)
     except ValueError:
@@ -130,12 +120,9 @@ def grid_labels(classes, per_class, num_classes):
 
 
 def in_index_order(parts, total, n_chunks, batch_size, dist, path):
-    """Every rank's chunks -> (images (N, H, W, 3) uint8, labels (N,)) in sample-index order, on
-    rank 0.
-
-    Ranks hand their parts over as files beside the output `path` (50K samples at 256 px are
-    ~10 GB, too much for a collective), so with several nodes the output must be on a shared file
-    system."""
+    """Every rank's chunks -> (images (N, H, W, 3) uint8, labels (N,)) in sample order, on rank 0.
+    Ranks hand their parts over as files beside `path` (50K samples at 256 px are ~10 GB, too much
+    for a collective): with several nodes the output must be on a shared file system."""
     imgs, ys = ((np.concatenate(a) for a in zip(*parts)) if parts
                 else (np.zeros(0, np.uint8), np.zeros(0, np.int64)))
     if not dist.ddp:
@@ -151,8 +138,7 @@ def in_index_order(parts, total, n_chunks, batch_size, dist, path):
             part_imgs, part_ys = f["images"], f["labels"]
         os.remove(f"{path}.rank{r}.npz")
         pos = 0
-        # rank r made chunks r, r + W, ... in this order
-        for c in range(r, n_chunks, dist.world_size):
+        for c in range(r, n_chunks, dist.world_size):  # rank r made chunks r, r + W, ... in order
             lo, hi = c * batch_size, min(total, (c + 1) * batch_size)
             imgs[lo:hi], ys[lo:hi] = part_imgs[pos:pos + hi - lo], part_ys[pos:pos + hi - lo]
             pos += hi - lo
@@ -161,12 +147,10 @@ def in_index_order(parts, total, n_chunks, batch_size, dist, path):
 
 @torch.inference_mode()
 def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
-    """Stage 1: the first n readable images of `folder` beside their reconstructions, into
-    `path`."""
+    """Stage 1: the first n readable images of `folder` beside their reconstructions, in `path`."""
     ae = _or_exit(checkpoints.load_dgae, ckpt_path, device)
     with common.user_errors():  # no such folder, no images in it
         dataset = ImageFolderDataset(folder, ae.cfg.resolution)
-    # (N, 3, H, W)
     x = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, n)]).to(device))
     recon = ae.reconstruct(x, decode_steps, seed=seed)  # (N, 3, H, W); None: the stage-1 default
     # 4 (input, recon) pairs a row
@@ -176,11 +160,9 @@ def reconstruct(ckpt_path, folder, n, decode_steps, seed, path, device):
 
 
 def check_output(path, npz, master):
-    """Refuse, before any sampling, an output that could not be written at the end: an .npz
-    (--num-samples) must be named .npz, since np.savez would append .npz to any other name and the
-    file written would not be the one printed; a grid needs an image extension PIL knows; and the
-    file must be writable: not a folder, not under a file, in a folder one can write to (created if
-    missing)."""
+    """Refuse, before any sampling, an output that could not be written: an .npz not named .npz
+    (np.savez would append .npz, and the file written would not be the one printed), a grid without
+    an image extension PIL knows, a path that is not writable (common.writable_file)."""
     ext = os.path.splitext(path)[1].lower()
     if npz and ext != ".npz":
         raise SystemExit(f"error: --out {path}: with --num-samples the output is an .npz; name it "
@@ -195,8 +177,7 @@ def check_output(path, npz, master):
 def main():
     settings, _ = common.configure(SETTINGS)
     globals().update(settings)
-    # numbers out of range stop here, before any work: --steps -1 or --cfg-scale nan would write
-    # garbage images with exit 0
+    # out of range: refused before any work (--cfg-scale nan would write black images, exit 0)
     common.check_settings(settings, count=("per_class", "batch_size"),
                           count_or_0=("num_samples", "num", "seed"),
                           steps=("steps", "decode_steps"), guidance=("cfg_scale",),
@@ -205,12 +186,10 @@ def main():
                                    "per_class": common.MAX_GRID_ROW, "batch_size": common.MAX_BATCH,
                                    "seed": common.MAX_SEED, "dist_timeout": common.MAX_SECONDS})
     n_samples = num_samples or num  # --num is another name for --num-samples
-    # an unavailable --device is refused here, before any file is touched
-    dist = common.setup_distributed(device, dist_timeout)
+    dist = common.setup_distributed(device, dist_timeout)  # an unavailable --device: refused here
     default = "recon.png" if images else "samples.npz" if n_samples > 0 else "samples.png"
     path = out or os.path.join(os.path.dirname(ckpt), default)
-    # before hours of sampling
-    check_output(path, npz=n_samples > 0 and not images, master=dist.master)
+    check_output(path, npz=n_samples > 0 and not images, master=dist.master)  # before any sampling
     if images:  # stage 1: reconstructions, on rank 0
         if dist.master:
             reconstruct(ckpt, images, n_samples or 8, decode_steps, seed, path, dist.device)

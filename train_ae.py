@@ -1,7 +1,6 @@
 """
 Stage 1 training: the DGAE autoencoder (encoder + diffusion decoder), or the Gaussian baseline.
 
-One script for every scale:
     python train_ae.py                                          # tiny model, built-in data, CPU
     python train_ae.py --data /path/imagenet --compression 32   # one GPU
     torchrun --nproc_per_node=8 train_ae.py --data /path/imagenet --compression 32  # one node
@@ -79,17 +78,16 @@ channels_last = "auto"  # NHWC; auto: on CPU (faster, docs/NOTES.md), off on CUD
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
-
-# The one resume rule (checkpoints.settings_for_resume): a resumed run takes every setting from its
-# checkpoint; these may differ on the command line, and any other flag that disagrees is refused.
-# Besides the trainers' common list, an image folder may have moved (its image count is checked).
+# A resumed run takes every setting from its checkpoint but these (checkpoints.settings_for_resume):
+# the trainers' common list, and an image folder that moved (its image count is checked).
 MAY_CHANGE_ON_RESUME = checkpoints.MAY_CHANGE_ON_RESUME + ("data",)
 
-
-# the presets whose step at their default batch needs activation checkpointing to fit an 80 GB GPU
-# (predicted by experiments/bench.py --parts memory: base at f=32, batch 32, bf16, LPIPS on:
-# 168.6 GiB without, 41.6 with)
+# the presets whose step at their default batch fits an 80 GB GPU only with activation
+# checkpointing (experiments/bench.py --parts memory; README's memory table)
 CHECKPOINTED_PRESETS = ("base", "large")
+
+# the settings that are fields of ae.AEConfig (the rest of the model comes from the preset)
+MODEL_SETTINGS = tuple(f.name for f in fields(AEConfig) if f.name in SETTINGS)
 
 
 def checkpointing_on(setting, preset_name):
@@ -97,14 +95,9 @@ def checkpointing_on(setting, preset_name):
     return common.auto_flag(setting, "grad_checkpoint", preset_name in CHECKPOINTED_PRESETS)
 
 
-# the settings that are fields of the model's ae.AEConfig (the rest of the model comes from the
-# preset)
-MODEL_SETTINGS = tuple(f.name for f in fields(AEConfig) if f.name in SETTINGS)
-
-
 def check(settings):
-    """Every setting in range, before any work: a 0-step run would print "done" and write nothing.
-    The preset's values (None) are checked in main, once resolved."""
+    """Every setting in range, before any work (a 0-step run would say "done" and write nothing);
+    the preset's values (None) once main has resolved them."""
     common.check_settings(
         settings, count=("dataset_size", "grad_accum", "max_steps", "log_every", "sample_every",
                          "ckpt_every", "max_nonfinite_steps", "resolution", "batch_size"),
@@ -131,38 +124,35 @@ def main(argv=None):
     check(settings)
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
     ckpt, settings, dist = checkpoints.start_run("ae", settings, given, MAY_CHANGE_ON_RESUME, log)
-    # a resumed run's own settings too: an edited checkpoint may hold --ckpt-every 0
-    check(settings)
     globals().update(settings)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     dev = dist.device
 
     with common.user_errors():
-        # the model: a resumed run's is its checkpoint's; a new one's is the preset's, with each
-        # setting that is not None over it
+        # the model: a resumed run's is its checkpoint's (its weights checked to fit before any
+        # memory is taken); a new one's is the preset's, with each setting that is not None over it
         if ckpt is not None:
             name = ckpt["model_name"]
             cfg = replace(checkpoints.config_from_dict(ckpt["model_args"]), attn_impl=attn_impl,
                           decode_steps=decode_steps)
-            # before any memory is taken
             checkpoints.check_weights_fit(lambda: DGAE(cfg), ckpt["model"], ckpt_path)
         else:
             name = preset or ("base" if data else "tiny")
             overrides = {k: settings[k] for k in MODEL_SETTINGS if settings[k] is not None}
             if not data and compression is not None and resolution is None:
-                # the built-in data can be drawn at any size: draw it where f leaves the demo's 8x8
-                # latent grid
+                # the built-in data is drawn at any size: at the one where f leaves an 8x8 latent
                 overrides["resolution"] = 8 * compression
                 log(f"built-in data at {8 * compression} px, so that f={compression} leaves an 8x8 "
                     "latent grid (--resolution sets another size)")
             cfg = make_config(name, **overrides)
-        if cfg.resolution // cfg.compression < 2:
+        latent_size = cfg.resolution // cfg.compression
+        if latent_size < 2:
             raise SystemExit(f"error: --resolution {cfg.resolution} with --compression "
-                             f"{cfg.compression} leaves a {cfg.resolution // cfg.compression}x"
-                             f"{cfg.resolution // cfg.compression} latent; raise --resolution (the "
-                             "built-in data is drawn at any size; with --data, images are cropped "
-                             "to it)")
-        # every setting resolved, as the checkpoint records them (a resume takes exactly these back)
+                             f"{cfg.compression} leaves a {latent_size}x{latent_size} latent; "
+                             "raise --resolution (the built-in data is drawn at any size; with "
+                             "--data, images are cropped to it)")
+        # every setting resolved, as the checkpoint records them, and checked (an edited one may
+        # hold --ckpt-every 0)
         settings.update({k: getattr(cfg, k) for k in MODEL_SETTINGS}, preset=name,
                         lr=PRESETS[name]["lr"] if lr is None else lr,
                         batch_size=(PRESETS[name]["batch_size"] if batch_size is None
@@ -176,7 +166,6 @@ def main(argv=None):
         changed = checkpoints.dataset_changed(ckpt, len(dataset)) if ckpt is not None else None
         if changed:
             log(changed)
-
         # the perceptual loss needs the VGG16 + LPIPS files; the built-in run works without them
         lpips = None
         if cfg.lpips_weight > 0:
@@ -190,12 +179,10 @@ def main(argv=None):
     memory_format = torch.channels_last if nhwc else torch.contiguous_format
     net = DGAE(cfg).to(dev, memory_format=memory_format)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    # how this run computes: free to change on --resume
-    net.grad_checkpoint = checkpointing_on(grad_checkpoint, name)
+    net.grad_checkpoint = checkpointing_on(grad_checkpoint, name)  # may change on --resume
     optimizer = make_optimizer(net, lr, weight_decay, (0.9, 0.99), dev)
     log(f"model: {name}, {cfg.decoder} decoder, f={cfg.compression}, latent {cfg.latent_channels}x"
-        f"{cfg.resolution // cfg.compression}x{cfg.resolution // cfg.compression}; "
-        f"encoder {common.count_params(net.encoder) / 1e6:.2f}M, "
+        f"{latent_size}x{latent_size}; encoder {common.count_params(net.encoder) / 1e6:.2f}M, "
         f"decoder {common.count_params(net.decoder) / 1e6:.2f}M params; "
         f"activation checkpointing {'on' if net.grad_checkpoint else 'off'}")
 
@@ -208,15 +195,15 @@ def main(argv=None):
     else:
         checkpoints.seed_rank(seed, dist.rank)  # different noise and t on every rank
 
-    # The module the loop calls: compiled if asked, DDP-wrapped under torchrun. `net` stays the
-    # plain module, whose parameters and names the optimizer, the EMA and the checkpoints use.
+    # the module the loop calls, compiled if asked, DDP-wrapped under torchrun; `net` stays the
+    # plain module, whose parameters and names the optimizer, the EMA and the checkpoints use
     train_model = torch.compile(net) if compile else net
     if compile:
         log(checkpoints.COMPILE_NOTE)
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
-    # for the grids
+    # the inputs of the reconstruction grids
     fixed = to_model_range(torch.stack([dataset[i][0] for i in first_good(dataset, 8)]).to(dev))
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar,
@@ -234,8 +221,7 @@ def main(argv=None):
                                   lpips_used=lpips is not None)
 
     while step < max_steps:
-        # learning rate of this step: linear warm-up, constant, linear cool-down at the end
-        # (optim.lr_at)
+        # the learning rate: linear warm-up, constant, linear cool-down at the end (optim.lr_at)
         step_lr = lr_at(step, lr, warmup_steps, max_steps, round(lr_cooldown * max_steps))
         for group in optimizer.param_groups:
             group["lr"] = step_lr
@@ -247,9 +233,9 @@ def main(argv=None):
         for micro in range(grad_accum):
             try:
                 x, _ = next(loader)
-            # no image readable any more (a folder gone, a mount lost): keep the finished steps
             except SystemExit:
-                # (one process: under torchrun the others are mid-step)
+                # no image readable any more (a folder gone, a mount lost): keep the finished
+                # steps (one process only: under torchrun the others are mid-step)
                 if not dist.ddp and step % ckpt_every:
                     loader.load_state_dict(position)
                     save(step)
@@ -257,15 +243,13 @@ def main(argv=None):
                         "continues from it")
                 raise
             # in [-1, 1]; copied from pinned memory while the GPU works, then flipped there (the
-            # coins come from the checkpointed CPU RNG, so a seed flips the same images on any
-            # device)
+            # coins come from the checkpointed CPU RNG: a seed flips the same images on any device)
             x = random_hflip(to_model_range(x.to(dev, non_blocking=True)))
             if nhwc:
                 x = x.contiguous(memory_format=torch.channels_last)
             sync = micro == grad_accum - 1 or not dist.ddp
             with (nullcontext() if sync else train_model.no_sync()), autocast:
-                # DGAE.loss; DDP only syncs what runs through forward
-                loss, terms = train_model(x, lpips)
+                loss, terms = train_model(x, lpips)  # DGAE.loss (DDP syncs what runs in forward)
             (loss / grad_accum).backward()
             for k, v in [("loss", loss), *terms.items()]:
                 means[k] = means.get(k, 0.0) + v.detach().float() / grad_accum
@@ -288,15 +272,13 @@ def main(argv=None):
             save(step)
         if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
             # inputs in the top row, the EMA model's reconstructions (fixed decoder seed) below;
-            # after the save, and given up at a stop signal (the next step boundary then saves and
-            # stops)
+            # after the save, and given up at a stop signal (the next step boundary saves and stops)
             with guard.given_up_at_stop(f"reconstruction grid of step {step}", log,
                                         ema.decoder), torch.no_grad():
                 recon = ema.reconstruct(fixed, steps=cfg.decode_steps, seed=0)
                 save_image_grid(torch.cat([fixed, recon]),
                                 os.path.join(out_dir, f"recon_{step:06d}.png"), nrow=len(fixed))
-        # preempted: the step is saved, --resume continues bit-identically
-        if guard.stopping and step < max_steps:
+        if guard.stopping and step < max_steps:  # preempted: saved, --resume continues exactly
             guard.exit_saved(step, log)
     pbar.close()
     log(f"done: {ckpt_path}")
@@ -304,7 +286,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # a rank that stopped responding: one line, not a traceback; an error's line never after a
-    # progress bar
+    # a rank that stopped responding: one line; an error's line never after a progress bar
     with common.collective_timeouts(), common.bars_closed_first():
         main()

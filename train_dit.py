@@ -6,10 +6,8 @@ Stage 2 training: a class-conditional DiT on the latents of a trained DGAE (stag
         --preset DiT-XL/1 --batch-size 32 --lr 1e-4 --ema-decay 0.9999 --max-steps 400000
 Every setting below can be overridden with --name value (dashes or underscores).
 
-Step 1 (once per stage-1 checkpoint and dataset): encode every image and its mirror image with the
-stage-1 encoder into a latent cache, cache_dir = out_dir/latents by default. Step 1 is
-support/latents.py: its files, the checks it makes each time it is opened, its size on disk.
-
+Step 1 (once per stage-1 checkpoint and dataset; support/latents.py): encode every image and its
+mirror image with the stage-1 encoder into a latent cache (cache_dir = out_dir/latents by default).
 Step 2: train the DiT on z_norm = (z - mean_c) / std_c with the decoder's rectified-flow loss and
 sample with its Euler sampler (decoder_diffusion.py). The checkpoint records the stage-1 path,
 its encoder fingerprint and the latent statistics, so `python sample.py --ckpt out/dit/ckpt.pt`
@@ -20,15 +18,15 @@ import copy
 import os
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from decoder_diffusion import euler_sample, flow_matching_loss
+from decoder_diffusion import flow_matching_loss
 from dit import DIT_PRESETS, DiT, build_dit
+from sample import chunk_inputs, generate, grid_labels
 from support import checkpoints, common
-from support.data import Loader, build_dataset, default_classes, save_image_grid
+from support.data import Loader, build_dataset, save_image_grid
 from support.latents import LatentCache, build_latent_cache, cache_meta, stage1_info
 from support.optim import ema_decay_at, lr_at, make_optimizer, update_ema
 
@@ -77,15 +75,11 @@ deterministic = False  # deterministic CUDA: bit-for-bit resumes on GPUs too (sl
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 
-# -----------------------------------------------------------------------------
-# the script: step 1 (the cache), then step 2 (the training loop)
-
-
 def main(argv=None):
     settings, given = common.configure(SETTINGS, argv)
     settings = common.default_workers(settings)
-    # numbers out of range stop here, before any work (--shard-size 0 would leave a meta.json that
-    # marks later caches stale; --max-steps 0 would say "done" and write nothing)
+    # out of range: refused before any work (--shard-size 0 would leave a meta.json that marks later
+    # caches stale; --max-steps 0 would say "done" and write nothing)
     common.check_settings(
         settings, count=("dataset_size", "shard_size", "encode_batch_size", "batch_size",
                          "grad_accum", "max_steps", "log_every", "sample_every", "ckpt_every",
@@ -100,15 +94,14 @@ def main(argv=None):
                  "max_steps": common.MAX_STEPS, "warmup_steps": common.MAX_STEPS,
                  "seed": common.MAX_SEED, "dist_timeout": common.MAX_SECONDS})
     log = (lambda *a: print(*a, flush=True)) if common.launch_rank() == 0 else (lambda *a: None)
-    # a resumed run takes its settings back; the latent cache's own (--data, --shard-size) may not
-    # change
+    # a resumed run takes its settings back; the cache's own (--data, --shard-size) may not change
     ckpt, settings, dist = checkpoints.start_run("dit", settings, given,
                                                  checkpoints.MAY_CHANGE_ON_RESUME, log)
     globals().update(settings)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     dev = dist.device
-    # set-up: a bad path, flag or file stops here with a one-line message
-    with common.user_errors():
+
+    with common.user_errors():  # a bad path, flag or file: one line
         ae_path = ckpt["ae_ckpt"] if ckpt is not None and "ae_ckpt" not in given else ae_ckpt
         # read once: the encoder, decoder and fingerprint all come from it
         stage1, stage1_ckpt = stage1_info(ae_path)
@@ -120,17 +113,17 @@ def main(argv=None):
         if changed:
             log(changed)
         C, h, w = stage1["latent_shape"]
-        # <= 16x16 tokens
-        name = preset or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")
         if ckpt is not None:
             name = ckpt["model_name"]
+        else:  # at most 16x16 tokens
+            name = preset or ("DiT-Tiny/1" if not data else f"DiT-XL/{max(1, min(4, h // 16))}")
         settings["preset"] = name  # as the checkpoint records it
         if name not in DIT_PRESETS:
             raise SystemExit(f"error: unknown --preset {name}; valid: {', '.join(DIT_PRESETS)}")
 
-    # step 1: the latent cache (a no-op once it is complete and matches)
+    # step 1: the latent cache (a no-op once complete); one still to write is refused now if the
+    # folder cannot be written
     cache = cache_dir or os.path.join(out_dir, "latents")
-    # a cache to write: writable, now
     if dist.master and not os.path.exists(os.path.join(cache, "meta.json")):
         common.writable_dir(cache, "--cache-dir")
     meta = cache_meta(stage1, dataset, data, seed, shard_size)
@@ -139,18 +132,16 @@ def main(argv=None):
         f"classes) at {stage1['resolution']} px -> latents {tuple(stage1['latent_shape'])}, cache "
         f"{cache}")
     # from here on SIGTERM, SIGUSR1 or Ctrl-C stop the run at the next safe point, losing nothing
-    # finished: while encoding, after the batch (finished shards are kept); while training, after
-    # the step (saved)
+    # finished: while encoding after the batch (finished shards kept), while training after the step
     stop = checkpoints.StopSignals()
-    with common.user_errors():  # a stage-1 file whose weights do not fit its model_args: one line
+    # one line for stage-1 weights that do not fit, a stats.pt with std 0, too few latents
+    with common.user_errors():
         build_latent_cache(cache, meta, dataset,
                            lambda: checkpoints.dgae_from_checkpoint(stage1_ckpt, ae_path, dev),
                            dist, encode_batch_size, num_workers, stop)
-    with common.user_errors():  # e.g. a stats.pt with std 0
         latents = LatentCache(cache)
-    mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
-    with common.user_errors():  # e.g. fewer latents than one global batch
         loader = Loader(latents, batch_size, dist.rank, dist.world_size, seed)
+    mean, std = latents.mean.to(dev).view(1, -1, 1, 1), latents.std.to(dev).view(1, -1, 1, 1)
     log(f"latents: {len(latents)} images x 2 (with mirror images), per-channel mean "
         f"{[round(v, 3) for v in latents.mean.tolist()]}, std "
         f"{[round(v, 3) for v in latents.std.tolist()]}")
@@ -160,19 +151,16 @@ def main(argv=None):
     with common.user_errors():
         ae = checkpoints.dgae_from_checkpoint(stage1_ckpt, ae_path, dev) if dist.master else None
     torch.manual_seed(seed)  # the same initial weights on every rank
-    if ckpt is not None:
-        # the checkpoint's model; only --attn-impl (how attention is computed) may change
+    if ckpt is not None:  # the checkpoint's model; only --attn-impl (how it computes) may change
         args = dict(ckpt["model_args"],
                     **({"attn_impl": attn_impl} if "attn_impl" in given else {}))
         with common.user_errors():  # settings, weights or sizes edited: one line naming the file
-            name, net = ckpt["model_name"], checkpoints.model_from_args(DiT, args, ckpt["model"],
-                                                                        ckpt_path).to(dev)
+            net = checkpoints.model_from_args(DiT, args, ckpt["model"], ckpt_path).to(dev)
     else:
         net = build_dit(name, (h, w), C, num_classes, class_dropout_prob=class_dropout,
                         attn_impl=attn_impl).to(dev)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    # how this run computes: never saved, so free to change on --resume
-    net.grad_checkpoint = grad_checkpoint
+    net.grad_checkpoint = grad_checkpoint  # how it computes: never saved, may change on --resume
     optimizer = make_optimizer(net, lr, weight_decay, (0.9, 0.999), dev)
     log(f"model: {name}, {net.grid[0] * net.grid[1]} tokens, "
         f"{common.count_params(net) / 1e6:.2f}M params")
@@ -193,12 +181,10 @@ def main(argv=None):
     if dist.ddp:
         train_model = DDP(train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
     autocast = common.autocast_context(dev)
-    # the grids: a row of 8 samples per class, from noise and a decoder seed fixed for the whole run
-    # (drawn like chunk 0 of sample.py, from a generator of their own, not from the training RNG)
-    grid_y = torch.tensor(default_classes(num_classes)).repeat_interleave(8).to(dev)
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0]).generate_state(1)[0]))
-    grid_noise = torch.randn(len(grid_y), C, h, w, generator=g).to(dev)  # the DiT's start at t = 1
-    grid_seed = int(torch.randint(2**31, (1,), generator=g))
+    # the grids: sample.py's default grid (a row of 8 samples per class), from noise and a decoder
+    # seed fixed for the whole run, drawn like its chunk 0 (a generator of their own, not the RNG's)
+    grid_y = grid_labels("", 8, num_classes)
+    _, grid_noise, grid_seed = chunk_inputs(seed, 0, len(grid_y), num_classes, (C, h, w), grid_y)
     pbar = tqdm(total=max_steps, initial=step, disable=not dist.master, dynamic_ncols=True)
     steplog = common.StepLog(os.path.join(out_dir, "log.jsonl"), dist, pbar,
                              batch_size * grad_accum * dist.world_size, first_step=step)
@@ -207,19 +193,16 @@ def main(argv=None):
                                   check_every=log_every, last_step=max_steps)
 
     while step < max_steps:
-        # learning rate of this step: linear warm-up, then constant
+        # the learning rate: linear warm-up, then constant
         step_lr = lr_at(step, lr, warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = step_lr
 
-        # grad_accum micro-batches; DDP all-reduces the gradients on the last one only (see
-        # train_ae.py)
+        # grad_accum micro-batches; DDP all-reduces the gradients on the last one only (train_ae.py)
         means = {"loss": 0.0}  # this rank's mean over the micro-batches
         for micro in range(grad_accum):
-            # z2 (B, 2, C, h, w) float16: each image's latent and its mirror image's
-            z2, y = next(loader)
-            # the horizontal-flip augmentation: one of the two at random
-            pick = torch.randint(0, 2, (len(y),))
+            z2, y = next(loader)  # z2 (B, 2, C, h, w) float16: each image's latent, its mirror's
+            pick = torch.randint(0, 2, (len(y),))  # the horizontal flip: one of the two at random
             z = z2[torch.arange(len(y)), pick].to(dev, non_blocking=True).float()  # (B, C, h, w)
             z = (z - mean) / std  # per-channel zero mean, unit variance: the scale the noise has
             y = y.to(dev, non_blocking=True)
@@ -252,13 +235,12 @@ def main(argv=None):
                 latent_mean=latents.mean, latent_std=latents.std, num_classes=num_classes,
                 class_names=meta["class_names"])
         if (step % sample_every == 0 or step == max_steps) and dist.master and not guard.stopping:
-            # guided Euler with the EMA DiT from the fixed noise, back to the encoder's scale,
-            # decode; after the save, and given up at a stop signal (see train_ae.py)
+            # guided Euler with the EMA DiT from the fixed noise, then the decoder (sample.py);
+            # after the save, and given up at a stop signal (see train_ae.py)
             with guard.given_up_at_stop(f"sample grid of step {step}", log, ema,
-                                        ae.decoder), torch.no_grad(), autocast:
-                z = euler_sample(lambda x_t, t: ema.forward_with_cfg(x_t, t, grid_y, cfg_scale),
-                                 grid_noise, sample_steps)
-                x = ae.decode(z.float() * std + mean, decode_steps, seed=grid_seed)  # (N, 3, H, W)
+                                        ae.decoder), autocast:
+                x = generate(ema, ae, grid_y.to(dev), grid_noise.to(dev), sample_steps, cfg_scale,
+                             mean, std, decode_steps, grid_seed)  # (N, 3, H, W)
                 save_image_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"), nrow=8)
         if guard.stopping and step < max_steps:  # preempted: the step is saved (see train_ae.py)
             guard.exit_saved(step, log)
@@ -268,7 +250,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # a rank that stopped responding: one line, not a traceback; an error's line never after a
-    # progress bar
+    # a rank that stopped responding: one line; an error's line never after a progress bar
     with common.collective_timeouts(), common.bars_closed_first():
         main()
