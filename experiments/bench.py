@@ -1,32 +1,21 @@
 """
 Benchmarks: what a training step, a decode and a sample cost, and how close each comes to the
-machine's limit.
+machine's limit. Every time is the median of `reps` calls after `warmup` untimed ones (compilation,
+allocator growth, caches), the GPU synchronised after each. MFU = FLOPs of one call (torch's
+FlopCounterMode) / its time, over the FLOP/s of an n x n matmul timed in the same run: machines of
+one kind differ by up to 2x, so quote ratios measured in one run, not bare times.
 
     python experiments/bench.py  # tiny DGAE + DiT-Tiny/1 on this machine (CPU included), fp32
-    # tiny sizes, 2 repetitions: every path runs, < 1 min on 2 cores
-    python experiments/bench.py --quick true
+    python experiments/bench.py --quick true  # tiny sizes: every path runs, < 1 min on 2 cores
     python experiments/bench.py --ae-preset base --compression 8 --dit-preset DiT-XL/2 \\
         --batch-size 32 --checkpoint true --json gpu.json  # GPU, bf16
-    # two saved runs side by side (eager vs compiled, f8 vs f32, ...)
-    python experiments/bench.py --compare a.json,b.json
-    # also the official DiT code's step (needs timm), same batch
-    python experiments/bench.py --parts dit --official-dit ~/DiT
-    # GPU memory, predicted here
+    python experiments/bench.py --compare a.json,b.json  # two saved runs side by side
+    python experiments/bench.py --parts dit --official-dit ~/DiT  # + the official DiT's step
     python experiments/bench.py --parts memory --ae-preset base --compression 32 --batch-size 32
 
---parts memory needs no GPU: it runs one stage-1 training step (two, so the optimizer state exists)
-on PyTorch's meta device, where tensors have shapes and no data, under CUDA's bf16 autocast rules
-(CudaAutocastRules), counts the bytes of every live tensor (LiveBytes) and prints the peak, with and
-without activation checkpointing, and the largest batch per GPU that fits --gpu-gib
-(predict_train_peak). It predicts torch.cuda.max_memory_allocated; the CUDA context, cuDNN/cuBLAS
-workspaces and allocator fragmentation come on top (MEMORY_HEADROOM).
-
-Every time is the median of `reps` calls after `warmup` untimed ones (they absorb compilation,
-allocator growth and caches), the GPU synchronised after each call. Model FLOP utilisation (MFU) =
-FLOPs of one call (torch's FlopCounterMode) / its time, over the FLOP/s of an n x n matmul in the
-same dtype timed in the same run: machines of one kind differ by up to 2x, so quote ratios measured
-in one run, not bare times. Asserts nothing; tests/robustness/test_bench.py checks the FLOP counts
-and the fields, never a speed.
+--parts memory needs no GPU: it predicts torch.cuda.max_memory_allocated over two stage-1 training
+steps in bf16 by running them on the meta device (shapes, no data) under CUDA's autocast rules
+(CudaAutocastRules) and counting the bytes of every live tensor (LiveBytes).
 """
 
 import copy
@@ -44,7 +33,6 @@ from contextlib import contextmanager, nullcontext
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -57,7 +45,7 @@ from support import common
 from support.checkpoints import write_text
 from support.data import Loader, build_dataset
 from support.optim import make_optimizer, update_ema
-from support.perceptual import LPIPS
+from support.perceptual import LPIPS, load_lpips
 
 # -----------------------------------------------------------------------------
 # what to measure
@@ -83,10 +71,7 @@ compile = False  # torch.compile the training steps, the decoder and the DiT sam
 checkpoint = False  # activation checkpointing, as --grad-checkpoint (DiT blocks, U-Net layers)
 channels_last = "auto"  # NHWC for the stage-1 convnet; auto = as train_ae.py: on CPU, off on CUDA
 fused_adamw = True  # one fused AdamW kernel instead of a loop over the tensors
-# the side-by-side with the DiT authors' code: a checkout of github.com/facebookresearch/DiT (its
-# models.py needs timm, which is never a dependency of this repository: imported only when this is
-# given); "" = skip
-official_dit = ""  # path of a checkout of facebookresearch/DiT to time its step beside ours
+official_dit = ""  # a checkout of facebookresearch/DiT (needs timm): its step timed beside ours
 # how
 warmup = 3  # untimed repetitions before timing
 reps = 7  # timed repetitions (the median is reported)
@@ -107,9 +92,8 @@ peak_flops_per_s = None  # the matmul's, measured first
 def reset_peak(dev):
     if dev.type == "cuda":
         return torch.cuda.reset_peak_memory_stats(dev)
-    # Linux: writing 5 to clear_refs resets the process's RSS high-water mark, which getrusage
-    # reports, so each row gets its own peak. Where that fails the figure is the process's peak so
-    # far.
+    # Linux: writing 5 to clear_refs resets the RSS high-water mark that getrusage reports, so each
+    # row gets its own peak; where that fails the figure is the process's peak so far
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -118,17 +102,15 @@ def reset_peak(dev):
 
 
 def peak_mib(dev):
-    """CUDA: the caching allocator's peak of live tensors. CPU: the peak resident memory of the
-    whole process."""
+    """CUDA: the caching allocator's peak of live tensors. CPU: the process's peak resident size."""
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin"
-                                                                 else 2**10)
+    unit = 2**20 if sys.platform == "darwin" else 2**10  # ru_maxrss: bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
 
 
 def timed(fn, dev):
-    """(median seconds per call over `reps` calls after `warmup` calls, peak MiB during the timed
-    calls)."""
+    """(median seconds per call over `reps` calls after `warmup` calls, peak MiB while timed)."""
     # CUDA calls only queue the work
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -145,9 +127,8 @@ def timed(fn, dev):
 
 
 def count_flops(fn):
-    """FLOPs of one call of fn by torch's counter: matmuls and convolutions at 2 per multiply-add,
-    forward and backward. Elementwise work (norms, activations, AdamW) is left out, as MFU
-    conventionally does."""
+    """FLOPs of one call of fn (forward and backward) by torch's counter: matmuls and convolutions,
+    2 per multiply-add. Elementwise work (norms, activations, AdamW) is left out, as in MFU."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -155,18 +136,15 @@ def count_flops(fn):
 
 def attention_flops(B, H, T, D, backward=False):
     """Model FLOPs of softmax(q k^T / sqrt(D)) v on (B, H, T, D): q k^T and att v are 2 B H T T D
-    each. The backward of a matmul is two matmuls of its size (one per operand), so forward +
-    backward is 3x forward."""
+    each; the backward of a matmul is two matmuls of its size, so forward + backward is 3x."""
     return 4 * B * H * T * T * D * (3 if backward else 1)
 
 
 @contextmanager
 def math_attention(model):
-    """Count the model's attention as the math path. The counter has no formula for the CPU fused
-    kernel (it counts 0) and on CUDA counts flash's recomputation of q k^T in the backward: hardware
-    work, not model FLOPs. One count for every implementation keeps their MFUs comparable."""
-    # our models' switch; timm's (the official DiT's)
-    math_path = {"attn_impl": "math", "fused_attn": False}
+    """Count the model's attention as the math path, so every implementation's MFU compares: the
+    counter counts 0 for the CPU fused kernel, and flash's backward recomputation on CUDA."""
+    math_path = {"attn_impl": "math", "fused_attn": False}  # our models' switch; timm's
     saved = [(m, k, getattr(m, k)) for m in model.modules() for k in math_path if hasattr(m, k)]
     for m, k, _ in saved:
         setattr(m, k, math_path[k])
@@ -189,29 +167,30 @@ def graph_breaks():
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
+def flow_loss(net, z, y):
+    """train_dit.py's loss: flow matching of the class-conditional DiT on latents z."""
+    return flow_matching_loss(lambda x_t, t: net(x_t, t, y), z)[0]
+
+
 def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
-    """Time forward + backward + grad clip + AdamW + EMA update of net, loss_fn(net, *batch) being
-    the loss: what the trainers' loops do with one micro-batch. Returns the EMA copy, which decodes
-    and samples, as in the scripts."""
+    """Time the trainers' step on one micro-batch: forward + backward of loss_fn(net, *batch), grad
+    clip, AdamW, EMA update. Returns the EMA copy, which decodes and samples."""
 
     def fwd_bwd(forward, inputs=batch):
         with autocast:
             loss = forward(*inputs)
         loss.backward()  # outside autocast, as in the trainers
 
-    # counted before checkpointing (recomputation is not model FLOPs), on one item of the batch:
-    # every op is per item, so the batch's FLOPs are B times as many, and an un-checkpointed step
-    # never runs at full size
+    # counted before checkpointing (recomputation is not model FLOPs), on one item: every op is per
+    # item, so the batch has B times its FLOPs, and an un-checkpointed step never runs at full size
     one = tuple(t[:1] for t in batch)
     with math_attention(net):
         flops = batch[0].shape[0] * count_flops(lambda: fwd_bwd(lambda *b: loss_fn(net, *b), one))
     net.zero_grad(set_to_none=True)
     ema = copy.deepcopy(net).requires_grad_(False).eval()
-    # as the trainers set it: only each block's input kept, the rest recomputed
-    net.grad_checkpoint = checkpoint
+    net.grad_checkpoint = checkpoint  # as the trainers set it: only each block's input kept
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused_adamw)
-    # (compiled as one graph: model and loss together)
-    forward = lambda *b: loss_fn(net, *b)  # noqa: E731
+    forward = lambda *b: loss_fn(net, *b)  # noqa: E731  (compiled as one graph: model and loss)
     forward = torch.compile(forward) if compile else forward
 
     def step():
@@ -227,6 +206,7 @@ def train_row(name, net, loss_fn, batch, dev, autocast, **extra):
            graph_breaks=graph_breaks() - breaks if compile else None, **extra)
     return ema
 
+
 def stage1(cfg, dev, autocast, no_grad):
     """A DGAE training step, then decoding with the EMA weights at each of `decode_steps`."""
     fmt = (torch.channels_last if common.channels_last_on(channels_last, dev)
@@ -234,17 +214,15 @@ def stage1(cfg, dev, autocast, no_grad):
     ae = DGAE(cfg).to(dev, memory_format=fmt)
     perceptual = None
     if lpips:
-        from support.perceptual import load_lpips
         with common.user_errors():  # a missing weight file is a one-line error
             perceptual = load_lpips(device=dev)
-    x = (torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1).contiguous(
-        memory_format=fmt)
+    x = torch.rand(batch_size, 3, cfg.resolution, cfg.resolution, device=dev) * 2 - 1
+    x = x.contiguous(memory_format=fmt)
     ema = train_row("ae_train_step", ae, lambda m, x: m(x, perceptual)[0], (x,), dev, autocast)
     del ae  # decoding's peak memory: the EMA weights, not the trained copy too
     with no_grad(), autocast, math_attention(ema):
         z = ema.encode(x)
-        # decoding n steps is n such U-Net passes
-        step_flops = count_flops(lambda: ema.decode(z, steps=1))
+        step_flops = count_flops(lambda: ema.decode(z, steps=1))  # n steps: n such U-Net passes
     if compile:
         ema.decoder = torch.compile(ema.decoder)
     for steps in [int(s) for s in decode_steps.split(",")]:
@@ -256,10 +234,8 @@ def stage1(cfg, dev, autocast, no_grad):
 
 
 def official_model(h, c):
-    """The official DiT of the preset `dit_preset`, from the models.py of the checkout
-    `official_dit`, loaded by its path. learn_sigma off: it then predicts what ours does, with the
-    same layers and FLOPs. Its attention is timm's, by default the fused kernel: compare it with our
-    --attn-impl sdpa."""
+    """The official DiT `dit_preset` from `official_dit`/models.py, learn_sigma off: ours, layer for
+    layer. Its attention is timm's fused kernel by default: compare it with our --attn-impl sdpa."""
     path = os.path.join(official_dit, "models.py")
     try:
         spec = importlib.util.spec_from_file_location("official_dit_models", path)
@@ -278,19 +254,16 @@ def official_model(h, c):
 
 
 def stage2(cfg, dev, autocast, no_grad):
-    """A DiT training step on latents of the stage-1 shape (what train_dit.py reads from its cache),
-    then sampling."""
+    """A DiT training step on latents of the stage-1 shape (train_dit.py's cache), then sampling."""
     h, c = cfg.resolution // cfg.compression, cfg.latent_channels
     dit = build_dit(dit_preset, h, c, 1000, attn_impl=attn_impl).to(dev)
     tokens = dit.grid[0] * dit.grid[1]
     z = torch.randn(batch_size, c, h, h, device=dev)
     y = torch.randint(0, 1000, (batch_size,), device=dev)
-    # as train_dit.py
-    flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731
-    ema = train_row("dit_train_step", dit, flow, (z, y), dev, autocast, tokens=tokens)
+    ema = train_row("dit_train_step", dit, flow_loss, (z, y), dev, autocast, tokens=tokens)
     del dit  # sampling's peak memory: the EMA weights, not the trained copy too
     if official_dit:  # the same step (batch, loss, AdamW, clip, EMA) of the official code's model
-        train_row("dit_official_train_step", official_model(h, c).to(dev), flow, (z, y), dev,
+        train_row("dit_official_train_step", official_model(h, c).to(dev), flow_loss, (z, y), dev,
                   autocast, tokens=tokens)
 
     def velocity(x_t, t):  # with guidance, one pass of a doubled batch (DiT.forward_with_cfg)
@@ -312,20 +285,18 @@ def seq_lengths():
 
 
 def attention_rows(dev, dtype):
-    """Attention alone with the DiT's heads and head size: eager math, compiled math, the fused
-    kernel."""
+    """Attention alone with the DiT's heads and head size: eager math, compiled math, sdpa."""
     H = DIT_PRESETS[dit_preset]["num_heads"]
     D = DIT_PRESETS[dit_preset]["hidden_size"] // H
-    impls = {"math": lambda q, k, v: attention(q, k, v, "math"),
-             "math_compiled": torch.compile(lambda q, k, v: attention(q, k, v, "math"),
-                                            dynamic=False),
+    math = lambda q, k, v: attention(q, k, v, "math")  # noqa: E731
+    impls = {"math": math, "math_compiled": torch.compile(math, dynamic=False),
              "sdpa": lambda q, k, v: attention(q, k, v, "sdpa")}
     torch._dynamo.config.recompile_limit = 64  # one static graph per length and grad mode
     for T in seq_lengths():
-        q, k, v = (torch.randn(batch_size, H, T, D, device=dev, dtype=dtype, requires_grad=True)
+        shape = [batch_size, H, T, D]
+        q, k, v = (torch.randn(*shape, device=dev, dtype=dtype, requires_grad=True)
                    for _ in range(3))
         g = torch.randn_like(q)  # the output's gradient
-        shape = [batch_size, H, T, D]
         for impl, fn in impls.items():
             def fwd():
                 with torch.no_grad():
@@ -339,12 +310,34 @@ def attention_rows(dev, dtype):
                    flops=attention_flops(*shape, True), shape=shape)
 
 
+def matmul_row(dev, dtype):
+    """The n x n matmul (2 n^3 FLOPs in the compute dtype): the peak FLOP/s of every MFU."""
+    global peak_flops_per_s
+    n = matmul_size or (8192 if dev.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
+    s, mem = timed(lambda: a @ b, dev)
+    peak_flops_per_s = 2 * n**3 / s
+    record(f"matmul_{n}", s, mem, flops=2 * n**3)
+
+
+def data_row(cfg):
+    """Images/s of the trainers' Loader with `num_workers` processes: is training input-bound?"""
+    loader = Loader(build_dataset(data, cfg.resolution), batch_size, num_workers=num_workers,
+                    seed=seed)
+    for _ in range(max(warmup, 1)):  # starts the workers
+        next(loader)
+    t0 = time.perf_counter()
+    for _ in range(data_batches):
+        next(loader)
+    record("data_pipeline", (time.perf_counter() - t0) / data_batches, None, images=batch_size,
+           num_workers=num_workers)
+
+
 # -----------------------------------------------------------------------------
 # the memory model: one training step's peak GPU memory, predicted on the meta device
 
-# what a GPU holds beyond torch's live tensors, subtracted before a prediction "fits": the CUDA
-# context (about 0.5 GiB), cuDNN and cuBLAS workspaces, NCCL buffers, and the caching allocator's
-# fragmentation (our margin)
+# what a GPU holds beyond torch's live tensors, subtracted before a prediction "fits" (our margin):
+# the CUDA context (about 0.5 GiB), cuDNN/cuBLAS workspaces, NCCL buffers, allocator fragmentation
 MEMORY_HEADROOM = dict(fixed_gib=3.0, share=0.10)
 
 # CUDA autocast's cast lists (PyTorch's AMP docs, "CUDA Ops that can autocast to float16 /
@@ -360,10 +353,9 @@ AUTOCAST_FP32 = {"group_norm", "layer_norm", "softmax", "log_softmax", "mse_loss
 
 
 class CudaAutocastRules(TorchFunctionMode):
-    """torch.autocast("cuda", bfloat16)'s casts, applied to tensors of any device (the meta device
-    has no autocast of its own): floating inputs of a function in AUTOCAST_LOWER are cast to bf16,
-    of one in AUTOCAST_FP32 to fp32. Like autocast it acts above autograd, so backward saves the
-    cast copies."""
+    """torch.autocast("cuda", bfloat16)'s casts on any device (the meta device has no autocast of
+    its own): floating inputs of a function in AUTOCAST_LOWER go to bf16, in AUTOCAST_FP32 to fp32.
+    Like autocast it acts above autograd, so backward saves the cast copies."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         name = getattr(func, "__name__", "")
@@ -379,9 +371,9 @@ class CudaAutocastRules(TorchFunctionMode):
 
 
 class LiveBytes(TorchDispatchMode):
-    """The bytes of all tensor storages alive (`now`) and their maximum (`peak`), over every op run
-    inside it. A storage counts from the op that makes it until it is freed; each is rounded up to
-    the CUDA caching allocator's 512-byte blocks."""
+    """The bytes of all tensor storages alive (`now`) and their maximum (`peak`) over the ops run
+    inside it: a storage counts from the op that makes it until it is freed, rounded up to the CUDA
+    caching allocator's 512-byte blocks."""
 
     def __init__(self):
         super().__init__()
@@ -413,9 +405,8 @@ class LiveBytes(TorchDispatchMode):
 
 @contextmanager
 def recompute_under_rules(on):
-    """Activation checkpointing's recomputation in backward under CudaAutocastRules, as
-    torch.utils.checkpoint re-enters a real autocast for it: decoder_diffusion.checkpointed's
-    checkpoint gets the rules as its recompute context."""
+    """Checkpointing's recomputation in backward under CudaAutocastRules, as torch.utils.checkpoint
+    re-enters a real autocast for it: decoder_diffusion's checkpoint gets them as its context."""
     if not on:
         yield
         return
@@ -429,11 +420,9 @@ def recompute_under_rules(on):
 
 
 def two_steps_peak(build, dev, bf16, grad_checkpoint):
-    """Peak bytes of live tensors over two training steps of the trainers' loop on `dev`
-    (meta: predicted; cpu: counted on real tensors): the model, its EMA, AdamW (fused where the
-    trainers fuse it) and its state, the gradients, and the loss's activations, under bf16 autocast
-    rules if bf16. build() makes, on the current device, (model, inputs, loss_fn) with
-    loss_fn(model, *inputs) the step's loss."""
+    """Peak bytes of live tensors over two steps of the trainers' loop on `dev` (meta: predicted;
+    cpu: counted): model, EMA, AdamW state, gradients and activations, under bf16 autocast rules if
+    bf16. build() makes (model, inputs, loss_fn) on the current device, loss_fn(model, *inputs)."""
     with LiveBytes() as mem:
         with torch.device(dev):
             net, inputs, loss_fn = build()
@@ -455,30 +444,23 @@ def two_steps_peak(build, dev, bf16, grad_checkpoint):
     return mem.peak
 
 
-def train_step_peak(cfg, batch, dev, bf16, grad_checkpoint, with_lpips, channels_last=False):
-    """two_steps_peak of train_ae.py's step: DGAE.loss on a batch of images (with LPIPS if
-    with_lpips)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+def train_step_peak(cfg, batch, dev, bf16, grad_checkpoint, with_lpips):
+    """two_steps_peak of train_ae.py's step: DGAE's loss on a batch of images, with LPIPS or not."""
 
     def build():
         lp = LPIPS().requires_grad_(False) if with_lpips else None
-        x = torch.randn(batch, 3, cfg.resolution, cfg.resolution).contiguous(memory_format=fmt)
-        return DGAE(cfg).to(memory_format=fmt), (x,), lambda net, x: net(x, lp)[0]
-
+        x = torch.randn(batch, 3, cfg.resolution, cfg.resolution)
+        return DGAE(cfg), (x,), lambda net, x: net(x, lp)[0]
     return two_steps_peak(build, dev, bf16, grad_checkpoint)
 
 
 def dit_step_peak(preset, latent_shape, batch, dev, bf16, grad_checkpoint, num_classes=1000):
-    """two_steps_peak of train_dit.py's step: the flow loss of a DiT on a batch of latents
-    (c, h, w)."""
+    """two_steps_peak of train_dit.py's step on a batch of latents of shape (c, h, w)."""
     c, h, _ = latent_shape
 
     def build():
         z, y = torch.randn(batch, *latent_shape), torch.randint(0, num_classes, (batch,))
-        # as train_dit.py
-        flow = lambda m, z, y: flow_matching_loss(lambda x_t, t: m(x_t, t, y), z)[0]  # noqa: E731
-        return build_dit(preset, h, c, num_classes), (z, y), flow
-
+        return build_dit(preset, h, c, num_classes), (z, y), flow_loss
     return two_steps_peak(build, dev, bf16, grad_checkpoint)
 
 
@@ -487,11 +469,10 @@ def memory_available_gib(gib):
     return gib * (1 - MEMORY_HEADROOM["share"]) - MEMORY_HEADROOM["fixed_gib"]
 
 
-def predict_train_peak(cfg, batch, grad_checkpoint, with_lpips, channels_last=False):
-    """Predicted peak GiB of live tensors of one train_ae.py step on a CUDA GPU in bf16 (the
-    trainers' autocast)."""
-    return train_step_peak(cfg, batch, torch.device("meta"), True, grad_checkpoint, with_lpips,
-                           channels_last) / 2**30
+def predict_train_peak(cfg, batch, grad_checkpoint, with_lpips):
+    """Predicted peak GiB of live tensors of one train_ae.py step on a CUDA GPU in bf16."""
+    return train_step_peak(cfg, batch, torch.device("meta"), True, grad_checkpoint,
+                           with_lpips) / 2**30
 
 
 def largest_batch(cfg, grad_checkpoint, with_lpips, gib, known=None):
@@ -512,45 +493,29 @@ def largest_batch(cfg, grad_checkpoint, with_lpips, gib, known=None):
 
 
 def memory_rows(cfg):
-    """--parts memory: the predicted peak at --batch-size with and without checkpointing, and the
-    largest batch."""
+    """--parts memory: the predicted peaks and largest batches of the stage-1 and DiT steps."""
+    room = memory_available_gib(gpu_gib)
     print(f"stage-1 training step on a CUDA GPU in bf16, predicted on the meta device: "
           f"{ae_preset}, f={cfg.compression}, {cfg.resolution} px, LPIPS "
-          f"{'on' if lpips else 'off'}; a GPU of {gpu_gib:g} GiB leaves "
-          f"{memory_available_gib(gpu_gib):.1f} GiB for tensors after the headroom")
+          f"{'on' if lpips else 'off'}; a GPU of {gpu_gib:g} GiB leaves {room:.1f} GiB for tensors "
+          "after the headroom")
     print(f"{'checkpointing':>14s}{'batch':>7s}{'peak GiB':>10s}{'fits':>6s}{'largest batch':>15s}")
     for ckpt in (False, True):
         peak = predict_train_peak(cfg, batch_size, ckpt, lpips)
         best = largest_batch(cfg, ckpt, lpips, gpu_gib, known=(batch_size, peak))
-        fits = peak <= memory_available_gib(gpu_gib)
         print(f"{'on' if ckpt else 'off':>14s}{batch_size:7d}{peak:10.1f}"
-              f"{'yes' if fits else 'no':>6s}{best:15d}")
+              f"{'yes' if peak <= room else 'no':>6s}{best:15d}")
         results[f"memory_checkpoint_{'on' if ckpt else 'off'}"] = dict(
-            batch=batch_size, peak_gib=peak, fits=fits, largest_batch=best, gpu_gib=gpu_gib)
-    shape = (cfg.latent_channels, cfg.resolution // cfg.compression,
-             cfg.resolution // cfg.compression)
+            batch=batch_size, peak_gib=peak, fits=peak <= room, largest_batch=best, gpu_gib=gpu_gib)
+    h = cfg.resolution // cfg.compression
+    shape = (cfg.latent_channels, h, h)
     peak = dit_step_peak(dit_preset, shape, batch_size, torch.device("meta"), True,
                          checkpoint) / 2**30
-    fits = peak <= memory_available_gib(gpu_gib)
-    print(f"train_dit.py step, {dit_preset} on {shape[0]}x{shape[1]}x{shape[2]} latents, batch "
-          f"{batch_size}, checkpointing {'on' if checkpoint else 'off'}: {peak:.1f} GiB predicted, "
-          f"{'fits' if fits else 'does not fit'}")
-    results["memory_dit"] = dict(batch=batch_size, peak_gib=peak, fits=fits, gpu_gib=gpu_gib,
-                                 preset=dit_preset)
-
-
-def data_row(cfg):
-    """Images/s of the Loader the trainers use, with `num_workers` processes: is training
-    input-bound?"""
-    loader = Loader(build_dataset(data, cfg.resolution), batch_size, num_workers=num_workers,
-                    seed=seed)
-    for _ in range(max(warmup, 1)):  # starts the workers
-        next(loader)
-    t0 = time.perf_counter()
-    for _ in range(data_batches):
-        next(loader)
-    record("data_pipeline", (time.perf_counter() - t0) / data_batches, None, images=batch_size,
-           num_workers=num_workers)
+    print(f"train_dit.py step, {dit_preset} on {shape[0]}x{h}x{h} latents, batch {batch_size}, "
+          f"checkpointing {'on' if checkpoint else 'off'}: {peak:.1f} GiB predicted, "
+          f"{'fits' if peak <= room else 'does not fit'}")
+    results["memory_dit"] = dict(batch=batch_size, peak_gib=peak, fits=peak <= room,
+                                 gpu_gib=gpu_gib, preset=dit_preset)
 
 
 def cell(v, spec):
@@ -559,9 +524,8 @@ def cell(v, spec):
 
 
 def print_table(rows):
-    """One line per row: median ms per call, ms per image, achieved GFLOP/s, MFU (vs the matmul),
-    peak memory; then the ratios: attention against sdpa, our DiT step against the official code's,
-    data against training."""
+    """One line per row (ms per call and per image, GFLOP/s, MFU, peak memory), then the ratios:
+    attention against sdpa, our DiT step against the official code's, data against training."""
     print(f"{'':32s}{'ms':>10s}{'ms/img':>9s}{'GFLOP/s':>10s}{'MFU':>6s}{'peak MiB':>10s}")
     for name, r in rows.items():
         print(f"{name:32s}{cell(r['ms'], '10.2f')}{cell(r['ms_per_img'], '9.3f')}"
@@ -580,8 +544,8 @@ def print_table(rows):
         print(f"DiT train step: ours {ours:.2f} ms, the official code's {theirs:.2f} ms: ours "
               f"takes {ours / theirs:.2f}x its time")
     if "data_pipeline" in rows and "ae_train_step" in rows:
-        data_rate, train_rate = (rows["data_pipeline"]["img_per_s"],
-                                 rows["ae_train_step"]["img_per_s"])
+        data_rate = rows["data_pipeline"]["img_per_s"]
+        train_rate = rows["ae_train_step"]["img_per_s"]
         print(f"data pipeline {data_rate:.0f} img/s with {num_workers} workers vs stage-1 step "
               f"{train_rate:.0f} img/s: "
               + ("input-bound, add workers" if data_rate < train_rate else "not input-bound"))
@@ -605,19 +569,9 @@ def compare_runs(path_a, path_b):
                   f"{cell(ra['peak_mib'], '9.0f')}{cell(rb['peak_mib'], '9.0f')}")
 
 
-def main():
-    global peak_flops_per_s
-    # in main, not at import time: the tests import this file
-    settings, given = common.configure(SETTINGS)
-    globals().update(settings)
-    if quick:  # QUICK's sizes, except those given on the command line
-        globals().update({k: v for k, v in QUICK.items() if k not in given})
-        settings = {k: globals()[k] for k in settings}
-    if compare:
-        return compare_runs(*compare.split(","))
-    # every setting checked before any work: a bad value is one line, not a traceback after minutes
-    # (a size past its bound, before anything is allocated: --matmul-size 10**6 would ask for two
-    # 4 TB matrices)
+def check(settings):
+    """The stage-1 config, every setting checked before any work: a bad value is one line, not a
+    traceback after minutes (nor --matmul-size 10**6 asking for two 4 TB matrices)."""
     common.check_settings(
         settings, count=("batch_size", "reps", "data_batches"), steps=("sample_steps",),
         count_or_0=("warmup", "num_workers", "matmul_size", "seed"), positive=("gpu_gib",),
@@ -630,25 +584,35 @@ def main():
                  "seed": common.MAX_SEED})
     for name, limit in (("attn_seq", common.MAX_SEQUENCE),
                         ("decode_steps", common.MAX_EULER_STEPS)):
-        values = settings[name].split(",")
-        if not all(v.strip().isdigit() and 1 <= int(v) <= limit for v in values):
+        if not all(v.strip().isdigit() and 1 <= int(v) <= limit for v in settings[name].split(",")):
             raise SystemExit(f"error: --{name.replace('_', '-')} takes comma-separated whole "
                              f"numbers from 1 to {limit}, got {settings[name]!r}")
-    # a compression the preset's resolution does not divide: one line, not a traceback
-    with common.user_errors():
-        make_config(ae_preset, attn_impl=attn_impl,
-                    **({"compression": compression} if compression else {}))
-    if "data" in parts.split(",") and data and not os.path.isdir(data):
+    with common.user_errors():  # a compression the preset's resolution does not divide
+        cfg = make_config(ae_preset, attn_impl=attn_impl,
+                          **({"compression": compression} if compression else {}))
+    wanted = parts.split(",")
+    if "data" in wanted and data and not os.path.isdir(data):
         raise SystemExit(f"error: --data {data!r}: no such folder (an image folder, or leave it "
                          "out for the built-in data)")
-    wanted = parts.split(",")
     if (not set(wanted) <= {"ae", "dit", "attn", "data", "memory"}
             or precision not in ("auto", "fp32", "bf16")):
         raise SystemExit(f"error: --parts takes some of ae,dit,attn,data, or memory alone (got "
                          f"{parts!r}); --precision auto, fp32 or bf16 (got {precision!r})")
+    return cfg
+
+
+def main():
+    # in main, not at import time: the tests import this file
+    settings, given = common.configure(SETTINGS)
+    globals().update(settings)
+    if quick:  # QUICK's sizes, except those given on the command line
+        globals().update({k: v for k, v in QUICK.items() if k not in given})
+        settings = {k: globals()[k] for k in settings}
+    if compare:
+        return compare_runs(*compare.split(","))
+    cfg = check(settings)
+    wanted = parts.split(",")
     if "memory" in wanted:
-        cfg = make_config(ae_preset, attn_impl=attn_impl,
-                          **({"compression": compression} if compression else {}))
         memory_rows(cfg)
         if json:
             write_text(json, jsonlib.dumps(dict(device="meta (predicted)", settings=settings,
@@ -658,8 +622,7 @@ def main():
         raise SystemExit("error: --official-dit times the official DiT's step beside ours: it "
                          "needs dit in --parts, and no --checkpoint (the official code has no "
                          "activation checkpointing)")
-    # one line listing this machine's devices, not a traceback mid-benchmark
-    common.check_device(device)
+    common.check_device(device)  # one line listing this machine's devices, not a traceback
     torch.manual_seed(seed)
     dev = torch.device(device or common.default_device())
     dtype = (torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda")
@@ -674,16 +637,7 @@ def main():
     device_line = f"{name}; torch {torch.__version__}; {str(dtype)[6:]}"
     print(f"device: {device_line}; " + ", ".join(f"{k} {settings[k]}" for k in (
         "batch_size", "compile", "checkpoint", "channels_last", "fused_adamw", "attn_impl")))
-
-    # the peak: 2 n^3 FLOPs in the compute dtype
-    n = matmul_size or (8192 if dev.type == "cuda" else 2048)
-    a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
-    s, mem = timed(lambda: a @ b, dev)
-    peak_flops_per_s = 2 * n**3 / s
-    record(f"matmul_{n}", s, mem, flops=2 * n**3)
-    del a, b
-    cfg = make_config(ae_preset, attn_impl=attn_impl,
-                      **({"compression": compression} if compression else {}))
+    matmul_row(dev, dtype)
     if "ae" in wanted:
         stage1(cfg, dev, autocast, no_grad)
     if "dit" in wanted:
@@ -692,7 +646,6 @@ def main():
         attention_rows(dev, dtype)
     if "data" in wanted:
         data_row(cfg)
-
     print_table(results)
     if json:
         write_text(json, jsonlib.dumps(dict(device=device_line, settings=settings, results=results),

@@ -1,74 +1,34 @@
 """
 The paper's claims, measured: one command per claim, a table with mean and spread over seeds, and
-a verdict by rules fixed before the runs.
+a verdict by rules fixed before the runs: "holds" or "fails" only beyond 2 standard errors over
+seeds, else "undecided". docs/CLAIMS.md has the runs and what they found.
 
     python experiments/claims.py compare                     # claims 1 and 2 on the built-in data
     python experiments/claims.py compare --data photos/train --val-data photos/val \\
         --out out/claims/photos
-    # just the runs whose name contains this
-    python experiments/claims.py compare --only anchored_c2
+    python experiments/claims.py compare --only anchored_c2  # just the runs whose name has this
     python experiments/claims.py compare --report-only true  # the table of the runs finished so far
     python experiments/claims.py diagnose --ckpt out/ae/ckpt.pt  # does a stage-1 decoder use z?
     python experiments/claims.py converge                    # claim 3: the same DiT on four latents
     python experiments/claims.py fcurve --data photos/train --val-data photos/val \\
         --out out/claims/fcurve  # claim 1 against f
 
-compare trains, with real `python train_ae.py` runs into out/<run>/, four decoders on the same
-encoder, each at the preset's latent channels c and at c/2:
-    dgae      the diffusion decoder, the default: the U-Net sees x_t and z (--anchor-ch 0)
-    anchored  the diffusion decoder anchored on a deterministic decode x~ = D(z) (ae.DGAE)
-    gauss     the SD-VAE style deterministic baseline (L1 + KL; + LPIPS when its weights exist)
-    unet      DGAE's own U-Net as a deterministic decoder (pixel losses only): diffusion vs
-              architecture
-in this order, one run at a time, each finished run skipped when the command runs again (an
-interrupted one resumes): (1) seed 0 at every learning rate of --lrs (the sweep); (2) the other
-seeds at each decoder's best rate (the highest E[x|z] low-frequency PSNR of the sweep, at each c);
-(3) the deterministic decoders at c for --compute-factor times the steps, at the first
---compute-seeds seeds (equal decoder compute: a DGAE step runs the U-Net twice, for the flow and
-the consistency terms, "unet" once, "gauss" a smaller network; the report gives each decoder's
-FLOPs per step, claims.decoder_step_flops).
-Each finished run is scored once on held-out images (scores.json in its folder): see
-eval.score_reconstructions and `diagnose` below. The report is out/report.md.
-
-diagnose measures how much a decoder depends on z, cheaply, on any checkpoint:
-  - zgap_t: the flow loss with z shuffled within the batch minus the loss with the right z, at
-    several t (for a deterministic decoder: the same for its MSE). 0 means the decoder ignores z.
-  - probe_r2: a linear map (ridge least squares) from z to the image average-pooled to the latent
-    grid, fitted on training images, scored by R^2 on held-out ones: how much of the coarse image
-    z carries, whatever the decoder does with it.
-  - psnr_t1 is in the training log (log.jsonl): the PSNR of the one-step decode from noise.
-
-converge (claim 3, the built-in data) trains the same DiT (train_dit.py's defaults: preset, tokens,
-lr, batch, t distribution, guidance) on the per-channel-normalised latents of four stage-1 models of
-the compare folder, at each seed of --seeds (each decoder at its rate of the lr sweep at the first
-of --seeds, as compare picks it, so the list starts with the seed compare swept at; finished seeds
-are reused; the DiT gets the same seed): DGAE at c/2 and the Gaussian decoder at c (the claim), DGAE
-at c and the Gaussian decoder at c/2 (controls; --controls false skips them). At each DiT step of
---dit-steps it samples --num-samples images (uniform labels) and scores them with eval.py classes:
-the share the pattern classifier names as their class, and the Frechet distance to held-out images
-in its feature space, each beside the autoencoder's own ceiling (its reconstructions' scores). The
-DiT's lr is constant after warm-up, so training on to the next step count with --resume is the same
-run. The target, fixed before the run, is the accuracy the Gaussian-c latents reach at the last step
-of the same seed; "converges faster" is the ratio of DiT steps each latent needs to reach it. DiT
-losses are never compared across latent spaces. Writes converge/converge_s<seed>.md, .json and .png
-for each seed and, over two or more seeds, converge_summary.md, .json and .png (mean and spread of
-each step's accuracy, the speed-up of every seed).
-
-fcurve (the abstract's first claim: a diffusion decoder loses less than a deterministic one as the
-spatial compression f grows) trains DGAE and the Gaussian decoder at each f of --fs with the
-latent's size fixed (c = the preset's c times (f / first f)^2: f4c4, f8c16, f16c64 at 32 px, as
-DC-AE-style high-compression autoencoders are compared), at each seed (the lr sweep at the first
-seed at each f, the other seeds at its winner). Each run is scored on held-out images with measures
-that keep one meaning across f: full-resolution PSNR of E[x|z] (metrics.conditional_mean_mse over
---mean-of decodes, no sampling variance left), low-frequency PSNR of E[x|z] and the high-frequency
-ratio at one pooling factor (--pool), the spectral FD. The rule, fixed before the runs: with D =
-(the Gaussian decoder's drop in E[x|z] PSNR from the first to the last f) - (DGAE's drop), each drop
-the difference of the seed means and its standard error from the seeds' spreads, the claim holds if
-D > 2 SE(D), fails if D < -2 SE(D), and is undecided otherwise (also with fewer than 2 seeds). The
-same rule is reported for the other measures. Writes fcurve.md, .json and one plot per measure (mean
-+- sd over seeds against f).
+compare: real `python train_ae.py` runs, into out/<run>/, of four decoders on one encoder at the
+preset's latent channels c and at c/2: dgae (the diffusion decoder), anchored (the U-Net also sees
+a deterministic decode x~ = D(z)), gauss (the SD-VAE style baseline), unet (DGAE's U-Net as a
+deterministic decoder: diffusion against architecture). First seed 0 at each rate of --lrs, then
+the other seeds at each decoder's best rate, then gauss and unet at c for --compute-factor times
+the steps (equal decoder compute: a DGAE step runs its U-Net twice). A finished run is skipped and
+an interrupted one resumes; each is scored once (scores.json in its folder). The report is
+out/report.md, the rules in claims.verdicts.
+diagnose: does a decoder use z? The shuffled-z loss gap (z_gap) and a linear probe (linear_probe).
+converge: the same DiT on four of compare's latents at each seed; claim 3 is the speed-up of DGAE
+at c/2 over the Gaussian decoder at c (converge_one_seed, summarise_converge).
+fcurve: DGAE and the Gaussian decoder at each f of --fs, the latent's size fixed (c grows as f^2);
+the rule is drop_verdict's.
 """
 
+import itertools
 import json
 import math
 import os
@@ -145,12 +105,8 @@ CLAIM1_LOWFREQ_DB, CLAIM2_LOWFREQ_DB, HIGHFREQ_RANGE = 1.0, 2.0, (0.85, 1.15)
 
 @torch.inference_mode()
 def z_gap(model, x, times=DIAG_TIMES, seed=0):
-    """{t: loss(shuffled z) - loss(right z)}; x (B, 3, H, W) in [-1, 1], B >= 2.
-
-    The noise and times are the same for both losses, and the shuffle is a roll by one image, so
-    every image gets another image's latent. A diffusion decoder's loss is the flow loss at that t;
-    a deterministic decoder's is the MSE of its decode (reported under t = 1).
-    """
+    """{t: loss(shuffled z) - loss(right z)}; x (B, 3, H, W) in [-1, 1], B >= 2: the same noise
+    for both, z rolled by one image. A deterministic decoder's loss is its decode's MSE (t = 1)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     z = model.encode(x)  # (B, c, h, w): the posterior mean
     z_wrong = z.roll(1, dims=0)
@@ -165,8 +121,7 @@ def z_gap(model, x, times=DIAG_TIMES, seed=0):
         target = velocity_target(x, eps)
 
         def loss(zz):
-            # the anchor depends on z too
-            anchor = model.anchor(zz) if model.anchor is not None else None
+            anchor = model.anchor(zz) if model.anchor is not None else None  # depends on z too
             return F.mse_loss(model.velocity(x_t, tt, zz, anchor), target)
 
         gaps[t] = (loss(z_wrong) - loss(z)).item()
@@ -183,42 +138,33 @@ def ridge_fit(a, b, lam=1e-3):
     return torch.linalg.solve(gram + reg, ac.t() @ (b - b_mean)), a_mean, b_mean
 
 
-def r_squared(pred, b, ref_mean):
-    """1 - SSE / SST over all entries, SST around ref_mean (the training targets' mean)."""
-    return float(1 - ((pred - b) ** 2).sum() / ((b - ref_mean) ** 2).sum())
-
-
 @torch.inference_mode()
 def linear_probe(model, train_x, test_x):
-    """R^2 on test_x of a ridge map from z (flattened) to the image average-pooled to the latent
-    grid."""
+    """R^2 on test_x of a ridge map from z to the image average-pooled to the latent grid."""
     f = model.cfg.compression
 
     def pairs(x):
-        # (N, c h w)
-        z = torch.cat([model.encode(b) for b in x.split(100)]).flatten(1).double().cpu()
+        z = torch.cat([model.encode(b) for b in x.split(100)]).flatten(1).double().cpu()  # (N, chw)
         return z, F.avg_pool2d(x, f).flatten(1).double().cpu()  # (N, 3 h w)
 
     (za, pa), (zb, pb) = pairs(train_x), pairs(test_x)
     w, z_mean, p_mean = ridge_fit(za, pa)
-    return r_squared((zb - z_mean) @ w + p_mean, pb, p_mean)
+    pred = (zb - z_mean) @ w + p_mean
+    # R^2 = 1 - SSE / SST over all entries, SST around the training targets' mean
+    return float(1 - ((pred - pb) ** 2).sum() / ((pb - p_mean) ** 2).sum())
 
 
 def colour_code_psnr(real, f, channels):
-    """A property of the data, not of any decoder: the mean low-frequency PSNR (as
-    metrics.lowfreq_psnr) of coding each f x f cell's mean colour linearly in `channels` numbers, by
-    the cells' principal components. real: (N, 3, H, W) in [0, 255]. A latent with that many
-    channels per cell, spent on colour alone and linearly, holds this much of the coarse image; a
-    decoder can beat it only by packing colour across cells or nonlinearly. With 3 or more channels
-    the code is exact (the PSNR cap)."""
+    """Low-frequency PSNR of coding each f x f cell's mean colour in its top `channels` principal
+    components; real (N, 3, H, W) in [0, 255]. A property of the data: how much of the coarse image
+    a latent that size holds without packing colour nonlinearly (exact with 3 or more channels)."""
     cells = F.avg_pool2d(real.double(), f)  # (N, 3, h, w)
     v = cells.permute(0, 2, 3, 1).reshape(-1, 3)  # (N h w, 3): one mean colour per cell
     mean = v.mean(0)
-    # (3, k): the top k axes
-    axes = torch.linalg.eigh((v - mean).t() @ (v - mean))[1][:, max(0, 3 - channels):]
+    axes = torch.linalg.eigh((v - mean).t() @ (v - mean))[1][:, max(0, 3 - channels):]  # (3, k)
     coded = (v - mean) @ axes @ axes.t() + mean
-    return float(psnr(cells,
-                      coded.view(cells.shape[0], *cells.shape[2:], 3).permute(0, 3, 1, 2)).mean())
+    coded = coded.view(cells.shape[0], *cells.shape[2:], 3).permute(0, 3, 1, 2)
+    return float(psnr(cells, coded).mean())
 
 
 def first_pixels(source, n):
@@ -226,20 +172,15 @@ def first_pixels(source, n):
     return torch.cat(list(source.batches(0, source.count(n), 100)))
 
 
-def first_images(source, n, dev):
-    """The first n images of an ImageSource as (n, 3, H, W) floats in [-1, 1] on dev."""
-    return first_pixels(source, n).to(dev) / 127.5 - 1
-
-
-def diagnostics(model, train_data, heldout, dev, n_probe=1000):
-    """zgap at DIAG_TIMES on 64 held-out images and the linear probe (fitted on the first n_probe
-    training images, of the built-in training set when train_data is "")."""
+def diagnostics(model, train_data, source, dev, n_probe=1000):
+    """zgap on the first 64 images of the ImageSource and the linear probe, fitted on the first
+    n_probe training images and scored on the source's first 500 of --num-images."""
+    heldout = first_pixels(source, num_images).to(dev) / 127.5 - 1
     train_set = build_dataset(train_data, model.cfg.resolution, size=n_probe)
-    train_x = to_model_range(torch.cat([x for x, _ in InOrder(
-        Subset(train_set, range(min(n_probe, len(train_set)))), 100)]).to(dev))
-    test_x = heldout[:500]
+    train_set = Subset(train_set, range(min(n_probe, len(train_set))))
+    train_x = to_model_range(torch.cat([x for x, _ in InOrder(train_set, 100)]).to(dev))
     out = {f"zgap_t{t:g}": v for t, v in z_gap(model, heldout[:64]).items()}
-    out["probe_r2"] = linear_probe(model, train_x, test_x)
+    out["probe_r2"] = linear_probe(model, train_x, heldout[:500])
     return out
 
 
@@ -248,14 +189,20 @@ def run_diagnose(dist):
         raise SystemExit("diagnose needs --ckpt (a train_ae.py checkpoint); --data is its training "
                          "folder (\"\" = the built-in data), --val-data a held-out folder")
     model = load_dgae(ckpt, dist.device)
-    held = first_images(ImageSource(val_data, model.cfg.resolution, builtin_limit=num_images),
-                        num_images, dist.device)
-    result = {"ckpt": ckpt, **diagnostics(model, data, held, dist.device)}
-    print(json.dumps(result, indent=1))
+    source = ImageSource(val_data, model.cfg.resolution, builtin_limit=num_images)
+    print(json.dumps({"ckpt": ckpt, **diagnostics(model, data, source, dist.device)}, indent=1))
 
 
 # -----------------------------------------------------------------------------
-# compare: the runs, their scores, the table and the verdicts
+# shared by the modes: the runs, their scores, tables and verdicts
+
+
+def seed_list():
+    return [int(s) for s in seeds.split(",")]
+
+
+def lr_list():
+    return [float(v) for v in lrs.split(",")]
 
 
 def run_name(kind, channels, lr, seed, factor=1, f=None):
@@ -278,16 +225,18 @@ def script(name, *args):
                          "finished parts are kept")
 
 
+def resume_flag(run_dir):
+    return ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
+
+
 def kind_flags(kind):
     """train_ae.py's flags for a decoder kind."""
     return [a.replace("ANCHOR", str(anchor_ch)) for a in KIND_FLAGS[kind]]
 
 
 def step_flops(kind, channels):
-    """(total, decoder) FLOPs per image of one training step of this kind at the preset's size,
-    forward and backward by torch's counter (matmuls and convolutions): the whole step, and the step
-    less the encoder's share, which every kind runs alike. Counted on the meta device: nothing is
-    computed, so any preset takes seconds."""
+    """(total, decoder) FLOPs per image of a training step of this kind, forward and backward,
+    counted on the meta device; the decoder's share is the step less the encoder's."""
     flags = kind_flags(kind)
     overrides = {k[2:].replace("-", "_"): int(v) if v.isdigit() else v
                  for k, v in zip(flags[::2], flags[1::2])}
@@ -300,85 +249,30 @@ def step_flops(kind, channels):
 
 
 def decoder_step_flops(kind, channels):
-    """FLOPs per image of one training step of this kind's decoder (step_flops): what "equal decoder
-    compute" equalises."""
+    """What "equal decoder compute" equalises: step_flops' decoder share."""
     return step_flops(kind, channels)[1]
 
 
 def train(run_dir, kind, channels, lr, seed, steps, extra=()):
     """One real `python train_ae.py` run (resumed if a checkpoint is there; a finished one just
-    reloads)."""
-    flags = kind_flags(kind) + list(extra)
-    resume = ["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt")) else []
+    reloads). Its wall clock, summed over the calls, goes to train_seconds.txt."""
     t0 = time.perf_counter()
-    script("train_ae.py", *flags, "--preset", preset, "--latent-channels", channels,
-           "--lr", f"{lr:g}", "--seed", seed, "--max-steps", steps, "--data", data,
-           "--out-dir", run_dir, *shlex.split(train_args), *resume)
-    # the wall clock of the training, summed over the calls that resumed it (equal compute in
-    # seconds)
+    script("train_ae.py", *kind_flags(kind), *extra, "--preset", preset, "--latent-channels",
+           channels, "--lr", f"{lr:g}", "--seed", seed, "--max-steps", steps, "--data", data,
+           "--out-dir", run_dir, *shlex.split(train_args), *resume_flag(run_dir))
     path = os.path.join(run_dir, "train_seconds.txt")
     before = float(open(path).read()) if os.path.exists(path) else 0.0
     write_text(path, f"{before + time.perf_counter() - t0:.1f}")
 
 
 def scored_model(run_dir, source, dist, **kw):
-    """(the run's EMA model, whether it decodes by diffusion, score_reconstructions of it at the
-    checkpoint's decode steps, E[x|z] from --mean-of decodes for a diffusion decoder)."""
+    """(the run's EMA model, whether it decodes by diffusion, its score_reconstructions: at the
+    checkpoint's decode steps, with E[x|z] from --mean-of decodes for a diffusion decoder)."""
     model = load_dgae(os.path.join(run_dir, "ckpt.pt"), dist.device)
     diffusion = model.cfg.decoder == "diffusion"
     scores = score_reconstructions(model, source, 0, dist, num_images, batch_size, 0,
                                    mean_of=mean_of if diffusion else 0, **kw)
     return model, diffusion, scores
-
-
-def score(run_dir, heldout_source, judge, dist):
-    """scores.json of a finished run: the reconstruction measures at the checkpoint's decode steps
-    (and the 1-step decode of a diffusion decoder), the E[x|z] estimate and the diagnostics."""
-    path = os.path.join(run_dir, "scores.json")
-    if os.path.exists(path):
-        return json.load(open(path))
-    model, diffusion, s = scored_model(run_dir, heldout_source, dist, judge=judge)
-    # E[x|z]: the decoder's conditional mean, its sampling variance removed
-    # (metrics.conditional_mean_mse)
-    s["ez_lowfreq_psnr"] = s["lowfreq_psnr_ez"] if diffusion else s["lowfreq_psnr"]
-    if diffusion:
-        s["psnr_1step"] = score_reconstructions(model, heldout_source, 1, dist, num_images,
-                                                batch_size, 0)["psnr"]
-    held = first_images(heldout_source, num_images, dist.device)
-    s.update(diagnostics(model, data, held, dist.device))
-    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
-    s["psnr_t1_log"] = [(r["step"], round(r["psnr_t1"], 2)) for r in log if "psnr_t1" in r]
-    seconds = os.path.join(run_dir, "train_seconds.txt")
-    if os.path.exists(seconds):
-        s["train_seconds"] = float(open(seconds).read())
-    ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
-    s["lpips_used"] = bool(ck["lpips_used"])
-    s["decoder_params_M"] = round(common.count_params(model.decoder) / 1e6 +
-                                  (common.count_params(model.anchor) / 1e6
-                                   if model.anchor is not None else 0), 3)
-    write_text(path, json.dumps(s, indent=1))
-    return s
-
-
-def plan(c):
-    """The runs in the order they are trained: [(name, kind, channels, lr, seed, factor)]; the parts
-    after the sweep need its scores (best_lr), so plan() is called again as runs finish."""
-    seed_list = [int(s) for s in seeds.split(",")]
-    lr_list = [float(v) for v in lrs.split(",")]
-    kind_list = kinds.split(",")
-    parts = [(k, ch, lr, seed_list[0], 1)
-             for lr in lr_list for ch in (c // 2, c) for k in kind_list]
-    for k in kind_list:
-        for ch in (c // 2, c):
-            lr = best_lr(k, ch, lr_list, seed_list[0])
-            if lr is not None:
-                parts += [(k, ch, lr, s, 1) for s in seed_list[1:]]
-    if compute_factor > 1:
-        for k in ("gauss", "unet"):
-            lr = best_lr(k, c, lr_list, seed_list[0]) if k in kind_list else None
-            if lr is not None:
-                parts += [(k, c, lr, s, compute_factor) for s in seed_list[:compute_seeds]]
-    return [(run_name(*p), *p) for p in parts]
 
 
 def finished_scores(name):
@@ -398,44 +292,51 @@ def finished_scores(name):
     return scores
 
 
-def best_lr(kind, channels, lr_list, seed, f=None, key="ez_lowfreq_psnr"):
-    """The sweep's best rate for (kind, channels) by E[x|z] low-frequency PSNR; None until all are
-    scored."""
-    scored = [(finished_scores(run_name(kind, channels, lr, seed, f=f)), lr) for lr in lr_list]
+def scored_seeds(name_of_seed):
+    """[(seed, scores)] for each seed of --seeds whose run name_of_seed(seed) is scored."""
+    rows = [(s, finished_scores(name_of_seed(s))) for s in seed_list()]
+    return [(s, r) for s, r in rows if r is not None]
+
+
+def best_lr(kind, channels, f=None, key="ez_lowfreq_psnr"):
+    """The sweep's best rate (at the first seed) by `key`; None until every rate is scored."""
+    scored = [(finished_scores(run_name(kind, channels, lr, seed_list()[0], f=f)), lr)
+              for lr in lr_list()]
     if any(s is None for s, _ in scored):
         return None
     return max(scored, key=lambda p: p[0][key])[1]
 
 
-COLUMNS = ("psnr", "psnr_1step", "lowfreq_psnr", "ez_lowfreq_psnr", "highfreq_ratio", "spectral_fd",
-           "judge_accuracy", "judge_fd", "zgap_t1", "zgap_t0.5", "probe_r2", "train_seconds")
+def run_plan(make_plan, run_one):
+    """Train and score (run_one) the runs of make_plan() [(name, ...)] one at a time, skipping the
+    finished ones and those --only leaves out; the plan is made anew after each run, as later parts
+    need the sweep's scores."""
+    done = set()
+    while not report_only:
+        todo = [p for p in make_plan() if p[0] not in done and only in p[0]]
+        if not todo:
+            break
+        if finished_scores(todo[0][0]) is None:
+            run_one(*todo[0])
+        done.add(todo[0][0])
+    if only and not done and not report_only:
+        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like "
+                         f"{make_plan()[0][0]}")
+
+
+def check_one_process_and_data(mode, dist):
+    if dist.ddp:
+        raise SystemExit(f"{mode} runs its training jobs one after another; start it with plain "
+                         "python")
+    if bool(data) != bool(val_data):
+        raise SystemExit(f"error: {mode} needs both --data (training folder) and --val-data "
+                         "(held-out folder), or neither (the built-in data and its held-out "
+                         "images)")
 
 
 def mean_sd(values):
     v = np.asarray(values, dtype=float)
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def summarise(c):
-    """{(kind, channels, factor): {"lr", "seeds", column: [per-seed values]}} at each decoder's best
-    rate (the first of --lrs while the sweep is unfinished)."""
-    groups = {}
-    lr_list = [float(v) for v in lrs.split(",")]
-    seed_list = [int(s) for s in seeds.split(",")]
-    for kind in kinds.split(","):
-        for ch, factor in ((c // 2, 1), (c, 1), (c, compute_factor)):
-            if factor != 1 and (kind not in ("gauss", "unet") or compute_factor <= 1):
-                continue
-            lr = best_lr(kind, ch, lr_list, seed_list[0]) or lr_list[0]
-            rows = [(s, finished_scores(run_name(kind, ch, lr, s, factor))) for s in seed_list]
-            rows = [(s, r) for s, r in rows if r is not None]
-            if rows:
-                g = {"lr": lr, "seeds": [s for s, _ in rows],
-                     "lpips_used": any(r["lpips_used"] for _, r in rows),
-                     "decoder_params_M": rows[0][1]["decoder_params_M"]}
-                g.update({col: [r[col] for _, r in rows if col in r] for col in COLUMNS})
-                groups[(kind, ch, factor)] = g
-    return groups
 
 
 def mean_se(values):
@@ -453,101 +354,187 @@ def decide(margin, se):
     return "holds" if margin > 2 * se else "fails" if margin < -2 * se else "undecided"
 
 
-def verdicts(groups, c):
-    """Each claim's rules applied to the table, for dgae and anchored, once against the references
-    at equal steps and once against those at equal decoder compute (--compute-factor times the
-    steps): {"claim N, kind, equal ...": (verdict, why)}, verdict "holds", "fails", "undecided" (a
-    margin within 2 standard errors, or one seed) or "open" (runs missing). A claim holds if every
-    rule holds, fails if any fails.
+def mean_sd_text(values):
+    m, sd = mean_sd(values)
+    return f"{m:.3f} +- {sd:.3f}" if len(values) > 1 else f"{m:.3f}"
 
-    Claim 1 (at c): E[x|z] low-frequency PSNR within 1 dB of the best deterministic decoder (gauss,
-    unet), a lower mean spectral Frechet distance than each of theirs, and a high-frequency ratio
-    within 0.85-1.15. Claim 2: at c/2, a spectral distance no higher than the Gaussian decoder's at
-    c and an E[x|z] low-frequency PSNR within 2 dB of it. Each margin's SE comes from the seeds'
-    spreads of the two rows it compares (their seeds are independent runs).
-    """
+
+def md_row(cells):
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def md_table(columns):
+    """A markdown table's header and separator lines."""
+    return [md_row(columns), "|" + "---|" * len(columns)]
+
+
+def write_outputs(path, lines, result):
+    """Print the report and write it to path.md, the numbers to path.json."""
+    report = "\n".join(lines) + "\n"
+    print(report)
+    write_text(path + ".md", report)
+    write_text(path + ".json", json.dumps(result, indent=1))
+
+
+# -----------------------------------------------------------------------------
+# compare: claims 1 and 2
+
+COLUMNS = ("psnr", "psnr_1step", "lowfreq_psnr", "ez_lowfreq_psnr", "highfreq_ratio", "spectral_fd",
+           "judge_accuracy", "judge_fd", "zgap_t1", "zgap_t0.5", "probe_r2", "train_seconds")
+
+
+def plan(c):
+    """The runs in the order they are trained: [(name, kind, channels, lr, seed, factor)]; the parts
+    after the sweep need its scores (best_lr), so plan() is called again as runs finish."""
+    first, kind_list = seed_list()[0], kinds.split(",")
+    parts = [(k, ch, lr, first, 1) for lr in lr_list() for ch in (c // 2, c) for k in kind_list]
+    for k in kind_list:
+        for ch in (c // 2, c):
+            lr = best_lr(k, ch)
+            if lr is not None:
+                parts += [(k, ch, lr, s, 1) for s in seed_list()[1:]]
+    if compute_factor > 1:
+        for k in ("gauss", "unet"):
+            lr = best_lr(k, c) if k in kind_list else None
+            if lr is not None:
+                parts += [(k, c, lr, s, compute_factor) for s in seed_list()[:compute_seeds]]
+    return [(run_name(*p), *p) for p in parts]
+
+
+def score(run_dir, heldout_source, judge, dist):
+    """Write scores.json of a finished run: the reconstruction measures at the checkpoint's decode
+    steps (and the 1-step decode of a diffusion decoder), E[x|z] and the diagnostics."""
+    model, diffusion, s = scored_model(run_dir, heldout_source, dist, judge=judge)
+    # E[x|z]: the decoder's conditional mean, its sampling variance removed (conditional_mean_mse)
+    s["ez_lowfreq_psnr"] = s["lowfreq_psnr_ez"] if diffusion else s["lowfreq_psnr"]
+    if diffusion:
+        s["psnr_1step"] = score_reconstructions(model, heldout_source, 1, dist, num_images,
+                                                batch_size, 0)["psnr"]
+    s.update(diagnostics(model, data, heldout_source, dist.device))
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    s["psnr_t1_log"] = [(r["step"], round(r["psnr_t1"], 2)) for r in log if "psnr_t1" in r]
+    seconds = os.path.join(run_dir, "train_seconds.txt")
+    if os.path.exists(seconds):
+        s["train_seconds"] = float(open(seconds).read())
+    ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    s["lpips_used"] = bool(ck["lpips_used"])
+    params = common.count_params(model.decoder) / 1e6
+    if model.anchor is not None:
+        params += common.count_params(model.anchor) / 1e6
+    s["decoder_params_M"] = round(params, 3)
+    write_text(os.path.join(run_dir, "scores.json"), json.dumps(s, indent=1))
+
+
+def summarise(c):
+    """{(kind, channels, factor): {"lr", "seeds", column: [per-seed values]}} at each decoder's best
+    rate (the first of --lrs while the sweep is unfinished)."""
+    groups = {}
+    for kind in kinds.split(","):
+        for ch, factor in ((c // 2, 1), (c, 1), (c, compute_factor)):
+            if factor != 1 and (kind not in ("gauss", "unet") or compute_factor <= 1):
+                continue
+            lr = best_lr(kind, ch) or lr_list()[0]
+            rows = scored_seeds(lambda s: run_name(kind, ch, lr, s, factor))
+            if rows:
+                groups[(kind, ch, factor)] = {
+                    "lr": lr, "seeds": [s for s, _ in rows],
+                    "lpips_used": any(r["lpips_used"] for _, r in rows),
+                    "decoder_params_M": rows[0][1]["decoder_params_M"],
+                    **{col: [r[col] for _, r in rows if col in r] for col in COLUMNS}}
+    return groups
+
+
+def claim_rules(claim, g, refs, db):
+    """[(label, value, rule, margin, SE)] of one claim for the row g against the reference rows;
+    a margin's SE comes from the seeds' spreads of the two rows it compares (independent runs)."""
+    def difference(a, b, measure):  # mean(a) - mean(b) and its SE
+        (mean_a, se_a), (mean_b, se_b) = mean_se(a[measure]), mean_se(b[measure])
+        return mean_a - mean_b, math.hypot(se_a, se_b)
+
+    best = max(refs, key=lambda r: np.mean(r["ez_lowfreq_psnr"]))
+    lf, lf_se = difference(g, best, "ez_lowfreq_psnr")
+    rules = [("E[x|z] low-freq PSNR", lf, f"(rule: >= -{db:g} dB)", lf + db, lf_se)]
+    for r in refs:
+        fd, fd_se = difference(r, g, "spectral_fd")
+        rules.append(("spectral FD below a reference's", fd, "(rule: > 0)", fd, fd_se))
+    if claim == "claim 1":
+        hf, hf_se = mean_se(g["highfreq_ratio"])
+        lo, hi = HIGHFREQ_RANGE
+        rules.append(("high-frequency ratio", hf, f"(rule: {lo}-{hi})", min(hf - lo, hi - hf),
+                      hf_se))
+    return rules
+
+
+def verdicts(groups, c):
+    """{"claim N, kind, equal steps|compute (xF)": (verdict, why)} for dgae and anchored against
+    the references at equal steps and at --compute-factor times their steps. Verdict: "holds" if
+    every rule holds, "fails" if any fails, "undecided" (a margin within 2 SE, or one seed), "open"
+    (runs missing). Claim 1 (at c): E[x|z] low-frequency PSNR within 1 dB of the best deterministic
+    decoder (gauss, unet), a spectral FD below each of theirs, a high-frequency ratio in 0.85-1.15.
+    Claim 2 (at c/2): against gauss at c, within 2 dB and a spectral FD below."""
     out = {}
     factors = [1] + ([compute_factor] if compute_factor > 1 else [])
-    trained = kinds.split(",")
-    for kind in ("dgae", "anchored"):
-        for claim, ch, ref_kinds, db in (("claim 1", c, ("gauss", "unet"), CLAIM1_LOWFREQ_DB),
-                                         ("claim 2", c // 2, ("gauss",), CLAIM2_LOWFREQ_DB)):
-            for factor in factors:
-                name = f"{claim}, {kind}, " + ("equal steps" if factor == 1
-                                               else f"equal compute (x{factor})")
-                g = groups.get((kind, ch, 1))
-                wanted = [(k, c, factor) for k in ref_kinds if k in trained]
-                refs = [groups[key] for key in wanted if key in groups]
-                if g is None or not wanted or len(refs) < len(wanted):
-                    out[name] = ("open", "not all runs are finished")
-                    continue
-                best = max(refs, key=lambda r: np.mean(r["ez_lowfreq_psnr"]))
-                (lf, lf_se), (lf_ref, lf_ref_se) = (mean_se(g["ez_lowfreq_psnr"]),
-                                                    mean_se(best["ez_lowfreq_psnr"]))
-                rules = [("E[x|z] low-freq PSNR", lf - lf_ref, f"(rule: >= -{db:g} dB)",
-                          lf - lf_ref + db, math.hypot(lf_se, lf_ref_se))]
-                fd, fd_se = mean_se(g["spectral_fd"])
-                for r in refs:
-                    ref_fd, ref_se = mean_se(r["spectral_fd"])
-                    rules.append(("spectral FD below a reference's", ref_fd - fd, "(rule: > 0)",
-                                  ref_fd - fd, math.hypot(fd_se, ref_se)))
-                if claim == "claim 1":
-                    hf, hf_se = mean_se(g["highfreq_ratio"])
-                    rules.append(("high-frequency ratio", hf,
-                                  f"(rule: {HIGHFREQ_RANGE[0]}-{HIGHFREQ_RANGE[1]})",
-                                  min(hf - HIGHFREQ_RANGE[0], HIGHFREQ_RANGE[1] - hf), hf_se))
-                each = [decide(margin, se) for *_, margin, se in rules]
-                verdict = ("fails" if "fails" in each
-                           else "holds" if all(v == "holds" for v in each) else "undecided")
-                why = "; ".join(f"{label} {value:+.2f} +- {se:.2f} SE {rule}: {v}"
-                                for (label, value, rule, _, se), v in zip(rules, each))
-                n_seeds = min(len(g["seeds"]), *(len(r["seeds"]) for r in refs))
-                if n_seeds < 2:  # no spread between seeds, no standard error: nothing is decided
-                    why = f"1 seed, no standard error: {why}"
-                out[name] = (verdict, why)
+    rule_sets = (("claim 1", c, ("gauss", "unet"), CLAIM1_LOWFREQ_DB),
+                 ("claim 2", c // 2, ("gauss",), CLAIM2_LOWFREQ_DB))
+    for kind, rule_set, factor in itertools.product(("dgae", "anchored"), rule_sets, factors):
+        claim, ch, ref_kinds, db = rule_set
+        name = f"{claim}, {kind}, " + ("equal steps" if factor == 1
+                                       else f"equal compute (x{factor})")
+        g = groups.get((kind, ch, 1))
+        wanted = [(k, c, factor) for k in ref_kinds if k in kinds.split(",")]
+        refs = [groups[key] for key in wanted if key in groups]
+        if g is None or not wanted or len(refs) < len(wanted):
+            out[name] = ("open", "not all runs are finished")
+            continue
+        rules = claim_rules(claim, g, refs, db)
+        each = [decide(margin, se) for *_, margin, se in rules]
+        verdict = ("fails" if "fails" in each
+                   else "holds" if all(v == "holds" for v in each) else "undecided")
+        why = "; ".join(f"{label} {value:+.2f} +- {se:.2f} SE {rule}: {v}"
+                        for (label, value, rule, _, se), v in zip(rules, each))
+        if min(len(g["seeds"]), *(len(r["seeds"]) for r in refs)) < 2:
+            why = f"1 seed, no standard error: {why}"  # no spread, nothing is decided
+        out[name] = (verdict, why)
     return out
+
+
+def equal_compute_note(groups, flops, c):
+    """The report's line on equal compute: each reference's FLOPs (and wall clock) beside DGAE's."""
+    dgae_total, dgae_dec = flops["dgae"]
+    seconds = {k: np.mean(g["train_seconds"]) for (k, ch, fac), g in groups.items()
+               if ch == c and g.get("train_seconds")
+               and fac == (1 if k == "dgae" else compute_factor)}
+    given = [f"{k} {dec / 1e9:.3f} ({total / 1e9:.3f} with the encoder), so x{compute_factor} its "
+             f"steps is {compute_factor * dec / dgae_dec:.2f}x DGAE's decoder compute and "
+             f"{compute_factor * total / dgae_total:.2f}x its total training compute"
+             + (f", {seconds[k] / seconds['dgae']:.2f}x its wall clock on this machine"
+                if k in seconds and "dgae" in seconds else "")
+             for k, (total, dec) in flops.items() if k in ("gauss", "unet")]
+    return (f"equal compute: one training step of DGAE does {dgae_dec / 1e9:.3f} GFLOP per image "
+            f"in its decoder, {dgae_total / 1e9:.3f} with the encoder (forward and backward); "
+            + "; ".join(given) + ". DGAE itself trains at x1 only: at equal compute it has also "
+            "trained for fewer steps")
 
 
 def write_report(c, heldout):
     groups = summarise(c)
+    lpips = any(g["lpips_used"] for g in groups.values())
     lines = [f"# stage 1 on {data or 'the built-in data'}: every decoder at c = {c} and c/2 = "
-             f"{c // 2}",
-             "", f"{preset} preset, {max_steps} steps"
+             f"{c // 2}", "",
+             f"{preset} preset, {max_steps} steps"
              + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "")
              + f", seeds {seeds}, learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by "
              f"E[x|z] low-frequency PSNR), {num_images} held-out images, {mean_of} decodes for "
-             "E[x|z]; LPIPS " + ("on" if any(g["lpips_used"] for g in groups.values())
-                                 else "off (no weight files, or --lpips-weight 0)"),
+             "E[x|z]; LPIPS " + ("on" if lpips else "off (no weight files, or --lpips-weight 0)"),
              ""]
     flops = {k: step_flops(k, c) for k in kinds.split(",")}  # (total, decoder) per image, at c
     if compute_factor > 1 and "dgae" in flops:
-        groups_s = {k: np.mean(g["train_seconds"]) for (k, ch, fac), g in groups.items()
-                    if ch == c and g.get("train_seconds")
-                    and fac == (1 if k == "dgae" else compute_factor)}
-        given = [f"{k} {v[1] / 1e9:.3f} ({v[0] / 1e9:.3f} with the encoder), so x{compute_factor} "
-                 f"its steps is {compute_factor * v[1] / flops['dgae'][1]:.2f}x DGAE's decoder "
-                 f"compute and {compute_factor * v[0] / flops['dgae'][0]:.2f}x its total training "
-                 "compute"
-                 + (f", {groups_s[k] / groups_s['dgae']:.2f}x its wall clock on this machine"
-                    if k in groups_s and "dgae" in groups_s else "")
-                 for k, v in flops.items() if k in ("gauss", "unet")]
-        lines += [f"equal compute: one training step of DGAE does {flops['dgae'][1] / 1e9:.3f} "
-                  f"GFLOP per image in its decoder, {flops['dgae'][0] / 1e9:.3f} with the encoder "
-                  "(forward and backward); " + "; ".join(given)
-                  + ". DGAE itself trains at x1 only: at equal compute it has also trained for "
-                  "fewer steps", ""]
-    lines += ["| decoder | latent | steps | lr | seeds | params M | " + " | ".join(COLUMNS) + " |",
-              "|" + "---|" * (6 + len(COLUMNS))]
+        lines += [equal_compute_note(groups, flops, c), ""]
+    lines += md_table(["decoder", "latent", "steps", "lr", "seeds", "params M", *COLUMNS])
     for (kind, ch, factor), g in groups.items():
-        cells = []
-        for col in COLUMNS:
-            if not g[col]:
-                cells.append("")
-                continue
-            m, sd = mean_sd(g[col])
-            cells.append(f"{m:.3f} +- {sd:.3f}" if len(g[col]) > 1 else f"{m:.3f}")
-        lines.append(f"| {kind} | c={ch} | x{factor} | {g['lr']:g} | {len(g['seeds'])} | "
-                     f"{g['decoder_params_M']} | " + " | ".join(cells) + " |")
+        cells = [mean_sd_text(g[col]) if g[col] else "" for col in COLUMNS]
+        lines.append(md_row([kind, f"c={ch}", f"x{factor}", f"{g['lr']:g}", len(g["seeds"]),
+                             g["decoder_params_M"], *cells]))
     real = first_pixels(heldout, num_images)  # (N, 3, H, W) uint8
     baseline = float(meancolour_psnr(real).mean())
     cell = make_config(preset).compression
@@ -560,31 +547,15 @@ def write_report(c, heldout):
     lines += ["", "## verdicts (rules in claims.verdicts; each margin +- its standard error over "
                   "seeds: holds or fails only beyond 2 SE, else undecided)"]
     results = verdicts(groups, c)
-    for claim, (holds, why) in results.items():
-        lines.append(f"- {claim}: {holds}: {why}")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    write_text(os.path.join(out, "report.md"), report)
-    write_text(os.path.join(out, "report.json"), json.dumps(
-        {"meancolour_psnr": baseline,
-         "decoder_step_flops_per_image": {k: v[1] for k, v in flops.items()},
-         "step_flops_per_image": {k: v[0] for k, v in flops.items()},
-         "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
-         "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g}
-                    for (k, ch, fac), g in groups.items()],
-         "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}}, indent=1))
-
-
-def check_one_process_and_data(mode, dist):
-    """compare and fcurve start their training jobs one after another, and score on held-out
-    images."""
-    if dist.ddp:
-        raise SystemExit(f"{mode} runs its training jobs one after another; start it with plain "
-                         "python")
-    if bool(data) != bool(val_data):
-        raise SystemExit(f"error: {mode} needs both --data (training folder) and --val-data "
-                         "(held-out folder), or neither (the built-in data and its held-out "
-                         "images)")
+    lines += [f"- {claim}: {holds}: {why}" for claim, (holds, why) in results.items()]
+    write_outputs(os.path.join(out, "report"), lines, {
+        "meancolour_psnr": baseline,
+        "decoder_step_flops_per_image": {k: v[1] for k, v in flops.items()},
+        "step_flops_per_image": {k: v[0] for k, v in flops.items()},
+        "colour_code_psnr": {f"c={ch}": v for ch, v in codes.items()},
+        "groups": [{"kind": k, "channels": ch, "steps_factor": fac, **g}
+                   for (k, ch, fac), g in groups.items()],
+        "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}})
 
 
 def run_compare(dist):
@@ -593,15 +564,15 @@ def run_compare(dist):
     if unknown:
         raise SystemExit(f"error: --kinds: unknown decoder {sorted(unknown)}; choose from "
                          f"{','.join(KIND_FLAGS)}")
-    c = make_config(preset).latent_channels
+    c, res = make_config(preset).latent_channels, make_config(preset).resolution
     if c < 2:
         raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
     os.makedirs(out, exist_ok=True)
-    res = make_config(preset).resolution
     heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
     judge = None
     if not data:  # the built-in data's classes: the pattern classifier judges the reconstructions
         judge = train_pattern_classifier(res, steps=judge_steps, device=dist.device)
+
     def run_one(name, kind, ch, lr, seed, factor):
         train(os.path.join(out, name), kind, ch, lr, seed, max_steps * factor)
         score(os.path.join(out, name), heldout, judge, dist)
@@ -610,41 +581,18 @@ def run_compare(dist):
     write_report(c, heldout)
 
 
-def run_plan(make_plan, run_one):
-    """Train and score the runs of make_plan() [(name, ...)] one at a time, in its order, skipping
-    the finished ones (scores.json) and those --only leaves out; the plan is made again after each
-    run, as later parts need the sweep's scores. run_one(name, ...) trains and scores one run. A
-    --only that matches no run is an error (a typo would otherwise train nothing and say
-    nothing)."""
-    done = set()
-    while not report_only:
-        todo = [p for p in make_plan() if p[0] not in done and only in p[0]]
-        if not todo:
-            break
-        if finished_scores(todo[0][0]) is None:
-            run_one(*todo[0])
-        done.add(todo[0][0])
-    if only and not done and not report_only:
-        raise SystemExit(f"error: --only {only!r} matches no run of the plan; its names look like "
-                         f"{make_plan()[0][0]}")
-
-
 # -----------------------------------------------------------------------------
 # converge: claim 3
 
 
 def converge_latents(c, seed):
     """[(label, stage-1 run name, its scores.json)] at this seed: the claim's two latents first,
-    then the controls. Each decoder's rate is its sweep winner at the first of --seeds, as in
-    compare."""
-    lr_list, sweep_seed = [float(v) for v in lrs.split(",")], int(seeds.split(",")[0])
-    found = []
-    pairs = (("gauss", c), ("dgae", c // 2)) + ((("dgae", c), ("gauss", c // 2)) if controls
-                                                else ())
-    for kind, ch in pairs:
-        lr = best_lr(kind, ch, lr_list, sweep_seed)
+    then the controls, each decoder at its sweep winner (as in compare)."""
+    found, pairs = [], [("gauss", c), ("dgae", c // 2)]
+    for kind, ch in pairs + ([("dgae", c), ("gauss", c // 2)] if controls else []):
+        lr, first = best_lr(kind, ch), seed_list()[0]
         if lr is None:  # the sweep is unfinished: name its first missing run
-            run = next(r for r in (run_name(kind, ch, v, sweep_seed) for v in lr_list)
+            run = next(r for r in (run_name(kind, ch, v, first) for v in lr_list())
                        if finished_scores(r) is None)
         else:
             run = run_name(kind, ch, lr, seed)
@@ -652,7 +600,7 @@ def converge_latents(c, seed):
             extra = f" --train-args {shlex.quote(train_args)}" if train_args else ""
             raise SystemExit(
                 f"error: converge needs the stage-1 run {os.path.join(out, run)} (each decoder at "
-                f"its rate of the lr sweep at seed {sweep_seed}, the first of --seeds; to repeat "
+                f"its rate of the lr sweep at seed {first}, the first of --seeds; to repeat "
                 f"claim 3 at another seed, start --seeds with the seed compare swept at, e.g. "
                 f"--seeds 0,{seed}); train it with `python experiments/claims.py compare --out "
                 f"{out} --preset {preset} --max-steps {max_steps} --seeds {seeds} --lrs {lrs} "
@@ -663,24 +611,22 @@ def converge_latents(c, seed):
 
 def curve_speedup(ref, curve, levels=20):
     """How many times fewer steps `curve` needs than `ref` to reach the same accuracy, read from the
-    whole curves: each [(step, accuracy)] is made monotone (its running maximum), inverted by
-    interpolation in log steps at `levels` accuracies spread over the range both reach, and the
-    horizontal shift between them averaged in log steps. exp(shift) > 1: `curve` is faster. None if
-    their ranges do not overlap."""
+    whole curves [(step, accuracy)]: each made monotone (its running maximum) and inverted by
+    interpolation in log steps at `levels` accuracies that both reach; exp(the mean shift in log
+    steps), > 1 if `curve` is faster. None if their ranges do not overlap."""
     def inverse(c):
-        steps = np.log([s for s, _ in c])
-        acc = np.maximum.accumulate([a for _, a in c])
-        return steps, acc
+        return np.log([s for s, _ in c]), np.maximum.accumulate([a for _, a in c])
+
+    def rising(s, a):  # np.interp needs increasing x: a flat stretch keeps its first step
+        keep = np.r_[True, np.diff(a) > 0]
+        return a[keep], s[keep]
 
     (s_ref, a_ref), (s_cur, a_cur) = inverse(ref), inverse(curve)
     lo, hi = max(a_ref[0], a_cur[0]), min(a_ref[-1], a_cur[-1])
     if not hi > lo:
         return None
     grid = np.linspace(lo, hi, levels)
-    # np.interp needs increasing x: a flat stretch of the running maximum keeps its first step
-    first = lambda s, a: (a[np.r_[True, np.diff(a) > 0]],  # noqa: E731
-                          s[np.r_[True, np.diff(a) > 0]])
-    shift = np.interp(grid, *first(s_ref, a_ref)) - np.interp(grid, *first(s_cur, a_cur))
+    shift = np.interp(grid, *rising(s_ref, a_ref)) - np.interp(grid, *rising(s_cur, a_cur))
     return float(np.exp(shift.mean()))
 
 
@@ -689,23 +635,31 @@ def steps_to_reach(curve, target):
     return next((step for step, v in curve if v >= target), None)
 
 
-def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None, size=(640, 400)):
-    """A line plot drawn with PIL: series {label: [(x, y, err)]}, err drawn as a bar of +- err
-    (0: none); hlines {label: y}: a thin line in the label's colour (e.g. a ceiling)."""
+def accuracy_curve(row):
+    return [(p["step"], p["accuracy"]) for p in row["curve"]]
+
+
+def line_plot(series, path, title, xlabel, y_range=None, hlines=None, size=(640, 400)):
+    """A line plot against log x drawn with PIL: series {label: [(x, y, err)]}, err drawn as a bar
+    of +- err (0: none); hlines {label: y}: a thin line in the label's colour (e.g. a ceiling)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     left, top, right, bottom = 60, 20, size[0] - 170, size[1] - 40
     xs = sorted({p[0] for c in series.values() for p in c})
-    tx = (lambda v: math.log(v)) if log_x else (lambda v: v)  # noqa: E731
-    x0, x1 = tx(xs[0]), tx(xs[-1]) if xs[-1] > xs[0] else tx(xs[0]) + 1
+    x0, x1 = math.log(xs[0]), math.log(xs[-1]) if xs[-1] > xs[0] else math.log(xs[0]) + 1
     ys = ([y + e * sgn for c in series.values() for _, y, e in c for sgn in (-1, 1)]
           + list((hlines or {}).values()))
     y0, y1 = y_range or (min(ys), max(ys))
     y0, y1 = (y0, y1) if y1 > y0 else (y0 - 1, y1 + 1)
-    px = lambda v: left + (tx(v) - x0) / (x1 - x0) * (right - left)  # noqa: E731
-    py = lambda v: bottom - (v - y0) / (y1 - y0) * (bottom - top)  # noqa: E731
+
+    def px(v):
+        return left + (math.log(v) - x0) / (x1 - x0) * (right - left)
+
+    def py(v):
+        return bottom - (v - y0) / (y1 - y0) * (bottom - top)
+
     d.rectangle([left, top, right, bottom], outline="black")
     d.text((left, 4), title, fill="black")
     for i in range(5):
@@ -720,11 +674,10 @@ def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None
     for i, (label, curve) in enumerate(series.items()):
         col = colours[i % len(colours)]
         d.line([(px(x), py(y)) for x, y, _ in curve], fill=col, width=3)
-        for x, y, e in curve:
-            if e:
-                d.line([px(x), py(y - e), px(x), py(y + e)], fill=col, width=1)
-                d.line([px(x) - 4, py(y + e), px(x) + 4, py(y + e)], fill=col)
-                d.line([px(x) - 4, py(y - e), px(x) + 4, py(y - e)], fill=col)
+        for x, y, e in [p for p in curve if p[2]]:
+            d.line([px(x), py(y - e), px(x), py(y + e)], fill=col, width=1)
+            for end in (y + e, y - e):
+                d.line([px(x) - 4, py(end), px(x) + 4, py(end)], fill=col)
         if hlines and label in hlines:
             d.line([left, py(hlines[label]), right, py(hlines[label])], fill=col, width=1)
         d.text((right + 10, top + 18 * i), label, fill=col)
@@ -733,101 +686,92 @@ def line_plot(series, path, title, xlabel, log_x=True, y_range=None, hlines=None
     atomic_write(path, lambda fh: img.save(fh, format="PNG"))
 
 
+def write_converge_report(path, lines, result, curves):
+    """path.md (the table, its first line the plot's title), path.json and path.png (the accuracy
+    curves {label: [(step, accuracy)]}, each latent's ceiling a thin line)."""
+    write_outputs(path, lines, result)
+    ceilings = {k: r["ceiling_accuracy"] for k, r in result["latents"].items()}
+    line_plot({k: [(x, y, 0) for x, y in c] for k, c in curves.items()}, path + ".png",
+              lines[0].lstrip("# "), "DiT steps (log scale); y: share of samples the pattern "
+              "classifier names right", y_range=(0, 1), hlines=ceilings)
+    print(f"wrote {path}.png")
+
+
 def converge_one_seed(dist, c, seed, step_list, root):
     """Claim 3 at one seed (the stage-1 runs' and the DiT's): trains, samples and judges each
     latent's DiT up to every step of step_list, then writes converge_s<seed>.md, .json and .png."""
     rows = {}
     for label, ae_run, ae_scores in converge_latents(c, seed):
         ae_path = os.path.join(out, ae_run, "ckpt.pt")
-        # named by its stage-1 run: a new best rate trains a new DiT
-        run_dir = os.path.join(root, ae_run)
+        run_dir = os.path.join(root, ae_run)  # named by its stage-1 run: a new best rate, a new DiT
         curve = []
         for step in step_list:
             result = os.path.join(run_dir, f"classes_{step}.json")
             if not os.path.exists(result):
-                resume = (["--resume", "true"] if os.path.exists(os.path.join(run_dir, "ckpt.pt"))
-                          else [])
                 script("train_dit.py", "--ae-ckpt", ae_path, "--out-dir", run_dir,
                        "--max-steps", step, "--ckpt-every", step, "--sample-every", step,
-                       "--seed", seed, *resume, *shlex.split(dit_args))
-                samples_path = os.path.join(run_dir, f"samples_{step}.npz")
+                       "--seed", seed, *resume_flag(run_dir), *shlex.split(dit_args))
+                samples = os.path.join(run_dir, f"samples_{step}.npz")
                 script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples",
-                       num_samples, "--out", samples_path, "--device", dist.device.type)
-                script("eval.py", "classes", "--samples", samples_path, "--out", result,
+                       num_samples, "--out", samples, "--device", dist.device.type)
+                script("eval.py", "classes", "--samples", samples, "--out", result,
                        "--device", dist.device.type, "--judge-steps", judge_steps)
             r = json.load(open(result))
             curve.append({"step": step, "accuracy": r["accuracy"], "judge_fd": r["judge_fd"]})
         rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"],
                        "ceiling_judge_fd": ae_scores["judge_fd"], "ae_ckpt": ae_path}
-    labels = list(rows)
-    target = rows[labels[0]]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
-    ref_steps = steps_to_reach([(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]],
-                               target)
+    ref = next(iter(rows))
+    target = rows[ref]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
+    ref_steps = steps_to_reach(accuracy_curve(rows[ref]), target)
     lines = [f"# claim 3, seed {seed}: the same DiT on four latents (built-in data, {num_samples} "
              "samples per point)", "",
-             f"target (fixed before the run): accuracy {target:.3f}, what the {labels[0]} latents "
-             f"reach at step {step_list[-1]}; ratio = DiT steps {labels[0]} needs / steps the "
+             f"target (fixed before the run): accuracy {target:.3f}, what the {ref} latents "
+             f"reach at step {step_list[-1]}; ratio = DiT steps {ref} needs / steps the "
              "latent needs (> 1: faster); shift = the same ratio read from the whole curves "
              "(claims.curve_speedup)", "",
-             "| latent | " + " | ".join(f"acc@{s}" for s in step_list) + " | ceiling acc | "
-             + " | ".join(f"fd@{s}" for s in step_list)
-             + " | ceiling fd | steps to target | ratio | shift |",
-             "|" + "---|" * (2 * len(step_list) + 6)]
-    ref_curve = [(p["step"], p["accuracy"]) for p in rows[labels[0]]["curve"]]
+             *md_table(["latent", *(f"acc@{s}" for s in step_list), "ceiling acc",
+                        *(f"fd@{s}" for s in step_list), "ceiling fd", "steps to target",
+                        "ratio", "shift"])]
     for label, r in rows.items():
-        curve = [(p["step"], p["accuracy"]) for p in r["curve"]]
-        reach = steps_to_reach(curve, target)
+        reach = steps_to_reach(accuracy_curve(r), target)
         r["steps_to_target"], r["speedup"] = reach, (ref_steps / reach if reach else None)
-        r["curve_speedup"] = curve_speedup(ref_curve, curve)
-        lines.append(f"| {label} | " + " | ".join(f"{p['accuracy']:.3f}" for p in r["curve"])
-                     + f" | {r['ceiling_accuracy']:.3f} | "
-                     + " | ".join(f"{p['judge_fd']:.2f}" for p in r["curve"])
-                     + f" | {r['ceiling_judge_fd']:.2f} | {reach or 'not reached'} | "
-                     + (f"{r['speedup']:.2f}" if r["speedup"] else "-") + " | "
-                     + (f"{r['curve_speedup']:.2f}" if r["curve_speedup"] else "-") + " |")
-    path = os.path.join(root, f"converge_s{seed}")
-    write_converge_report(path, "\n".join(lines) + "\n",
+        r["curve_speedup"] = curve_speedup(accuracy_curve(rows[ref]), accuracy_curve(r))
+        lines.append(md_row([label, *(f"{p['accuracy']:.3f}" for p in r["curve"]),
+                             f"{r['ceiling_accuracy']:.3f}",
+                             *(f"{p['judge_fd']:.2f}" for p in r["curve"]),
+                             f"{r['ceiling_judge_fd']:.2f}", reach or "not reached",
+                             f"{r['speedup']:.2f}" if r["speedup"] else "-",
+                             f"{r['curve_speedup']:.2f}" if r["curve_speedup"] else "-"]))
+    write_converge_report(os.path.join(root, f"converge_s{seed}"), lines,
                           {"target_accuracy": target, "latents": rows},
-                          {k: [(p["step"], p["accuracy"]) for p in r["curve"]]
-                           for k, r in rows.items()},
-                          {k: r["ceiling_accuracy"] for k, r in rows.items()})
+                          {k: accuracy_curve(r) for k, r in rows.items()})
     return rows
 
 
 def summarise_converge(per_seed):
-    """{label: {"steps", "accuracy_mean", "accuracy_sd", "ceiling_accuracy", "speedups"}} over the
-    seeds' results {seed: converge_one_seed's rows}; a speed-up is None where a latent never
+    """{label: {"steps", "accuracy_mean", "accuracy_sd", "ceiling_accuracy", "speedups", ...}} over
+    the seeds' results {seed: converge_one_seed's rows}; a speed-up is None where a latent never
     reached its seed's target."""
     summary = {}
     for label in next(iter(per_seed.values())):
-        # (seeds, steps)
-        curves = np.array([[p["accuracy"] for p in rows[label]["curve"]]
-                           for rows in per_seed.values()])
-        summary[label] = {
-            "steps": [p["step"] for p in next(iter(per_seed.values()))[label]["curve"]],
+        runs = [rows[label] for rows in per_seed.values()]
+        curves = np.array([[p["accuracy"] for p in r["curve"]] for r in runs])  # (seeds, steps)
+        s = summary[label] = {
+            "steps": [p["step"] for p in runs[0]["curve"]],
             "accuracy_mean": curves.mean(0).tolist(), "accuracy_sd": curves.std(0, ddof=1).tolist(),
-            "ceiling_accuracy": float(np.mean([rows[label]["ceiling_accuracy"]
-                                               for rows in per_seed.values()])),
-            "speedups": [rows[label]["speedup"] for rows in per_seed.values()],
-            "curve_speedups": [rows[label].get("curve_speedup") for rows in per_seed.values()]}
-        logs = [math.log(v) for v in summary[label]["curve_speedups"] if v]
+            "ceiling_accuracy": float(np.mean([r["ceiling_accuracy"] for r in runs])),
+            "speedups": [r["speedup"] for r in runs],
+            "curve_speedups": [r.get("curve_speedup") for r in runs]}
+        logs = [math.log(v) for v in s["curve_speedups"] if v]
         m, se = mean_se(logs) if logs else (math.nan, math.nan)
         # claim 3 ("converges faster"): the mean log speed-up over seeds against 0, beyond 2 SE
-        summary[label].update(speedup_mean=math.exp(m) if logs else None, log_speedup_se=se,
-                              verdict=decide(m, se) if len(logs) == len(per_seed) else "undecided")
+        s.update(speedup_mean=math.exp(m) if logs else None, log_speedup_se=se,
+                 verdict=decide(m, se) if len(logs) == len(per_seed) else "undecided")
     return summary
 
 
-def write_converge_report(path, report, result, curves, ceilings):
-    """path.md (the table, its first line the plot's title), path.json (the numbers), path.png (the
-    plot)."""
-    print(report)
-    write_text(path + ".md", report)
-    write_text(path + ".json", json.dumps(result, indent=1))
-    line_plot({k: [(x, y, 0) for x, y in c] for k, c in curves.items()}, path + ".png",
-              report.splitlines()[0].lstrip("# "), "DiT steps (log scale); y: share of samples the "
-              "pattern classifier names right", y_range=(0, 1), hlines=ceilings)
-    print(f"wrote {path}.png")
+def times(v):
+    return f"{v:.2f}x" if v else "not reached"
 
 
 def run_converge(dist):
@@ -837,35 +781,30 @@ def run_converge(dist):
     c = make_config(preset).latent_channels
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
-    seed_list = list(dict.fromkeys(int(s) for s in seeds.split(",")))
-    for seed in seed_list:  # every stage-1 run is there before the first DiT trains
+    seed_order = list(dict.fromkeys(seed_list()))
+    for seed in seed_order:  # every stage-1 run is there before the first DiT trains
         converge_latents(c, seed)
     os.makedirs(root, exist_ok=True)
-    per_seed = {seed: converge_one_seed(dist, c, seed, step_list, root) for seed in seed_list}
-    if len(seed_list) < 2:
+    per_seed = {seed: converge_one_seed(dist, c, seed, step_list, root) for seed in seed_order}
+    if len(seed_order) < 2:
         return
     summary = summarise_converge(per_seed)
-    fmt = lambda v: f"{v:.2f}x" if v else "not reached"  # noqa: E731
     lines = [f"# claim 3 over seeds {seeds}: each step's accuracy, mean over the seeds (+- their "
              "standard deviation)", "",
-             "| latent | " + " | ".join(f"acc@{s}" for s in step_list)
-             + " | ceiling acc | speed-up per seed (target) | per seed (shift) | "
-             "shift over seeds | faster? |",
-             "|" + "---|" * (len(step_list) + 6)]
+             *md_table(["latent", *(f"acc@{s}" for s in step_list), "ceiling acc",
+                        "speed-up per seed (target)", "per seed (shift)", "shift over seeds",
+                        "faster?"])]
     for label, r in summary.items():
         over = (f"{r['speedup_mean']:.2f}x (log +- {r['log_speedup_se']:.2f} SE)"
                 if r["speedup_mean"] else "-")
-        lines.append(f"| {label} | " + " | ".join(f"{m:.3f} +- {sd:.3f}" for m, sd
-                                                  in zip(r["accuracy_mean"], r["accuracy_sd"]))
-                     + f" | {r['ceiling_accuracy']:.3f} | "
-                     + ", ".join(fmt(v) for v in r["speedups"]) + " | "
-                     + ", ".join(fmt(v) for v in r["curve_speedups"])
-                     + f" | {over} | {r['verdict']} |")
-    write_converge_report(os.path.join(root, "converge_summary"), "\n".join(lines) + "\n",
-                          {"seeds": seed_list, "latents": summary},
+        lines.append(md_row([label, *(f"{m:.3f} +- {sd:.3f}" for m, sd
+                                      in zip(r["accuracy_mean"], r["accuracy_sd"])),
+                             f"{r['ceiling_accuracy']:.3f}", ", ".join(map(times, r["speedups"])),
+                             ", ".join(map(times, r["curve_speedups"])), over, r["verdict"]]))
+    write_converge_report(os.path.join(root, "converge_summary"), lines,
+                          {"seeds": seed_order, "latents": summary},
                           {k: list(zip(r["steps"], r["accuracy_mean"]))
-                           for k, r in summary.items()},
-                          {k: r["ceiling_accuracy"] for k, r in summary.items()})
+                           for k, r in summary.items()})
 
 
 # -----------------------------------------------------------------------------
@@ -880,8 +819,7 @@ FCURVE_MEASURES = {"psnr_ez": ("PSNR of E[x|z] (dB)", lambda v: -v),
 
 
 def fcurve_points():
-    """[(f, c)] in --fs order: c grows as f^2 so the latent keeps the smallest f's size (the
-    preset's c)."""
+    """[(f, c)] in --fs order: c grows as f^2, so the latent keeps the smallest f's size."""
     f_list = [int(v) for v in fs.split(",")]
     f0, c0 = min(f_list), make_config(preset).latent_channels
     if any(f % f0 for f in f_list) or len(set(f_list)) < 2:
@@ -893,42 +831,24 @@ def fcurve_points():
 def fcurve_plan(points):
     """[(name, kind, f, c, lr, seed)] in training order: the sweep at the first seed, then each seed
     at every f, each decoder at its rate of the sweep (by E[x|z] PSNR) once the sweep is scored."""
-    seed_list, lr_list = [int(v) for v in seeds.split(",")], [float(v) for v in lrs.split(",")]
-    parts = [(k, f, c, lr, seed_list[0]) for f, c in points for k in FCURVE_KINDS for lr in lr_list]
-    for seed in seed_list[1:]:
-        for f, c in points:
-            for k in FCURVE_KINDS:
-                lr = best_lr(k, c, lr_list, seed_list[0], f=f, key="psnr_ez")
-                if lr is not None:
-                    parts.append((k, f, c, lr, seed))
+    parts = [(k, f, c, lr, seed_list()[0]) for f, c in points for k in FCURVE_KINDS
+             for lr in lr_list()]
+    for seed, (f, c), k in itertools.product(seed_list()[1:], points, FCURVE_KINDS):
+        lr = best_lr(k, c, f=f, key="psnr_ez")
+        if lr is not None:
+            parts.append((k, f, c, lr, seed))
     return [(run_name(k, c, lr, seed, f=f), k, f, c, lr, seed) for k, f, c, lr, seed in parts]
-
-
-def score_fcurve(run_dir, heldout, dist):
-    """scores.json of a finished fcurve run: the measures at the fixed pooling factor --pool."""
-    path = os.path.join(run_dir, "scores.json")
-    if os.path.exists(path):
-        return json.load(open(path))
-    _, diffusion, s = scored_model(run_dir, heldout, dist, pool=pool)
-    if not diffusion:  # a deterministic decode is its own conditional mean
-        s["psnr_ez"], s["lowfreq_psnr_ez"] = s["psnr"], s["lowfreq_psnr"]
-    s["pool"] = pool
-    write_text(path, json.dumps(s, indent=1))
-    return s
 
 
 def fcurve_table(points):
     """{(kind, f): {"c", "lr", "seeds", measure: [per-seed values]}} of the finished runs."""
-    seed_list, lr_list = [int(v) for v in seeds.split(",")], [float(v) for v in lrs.split(",")]
     table = {}
-    for f, c in points:
-        for k in FCURVE_KINDS:
-            lr = best_lr(k, c, lr_list, seed_list[0], f=f, key="psnr_ez") or lr_list[0]
-            rows = [(s, finished_scores(run_name(k, c, lr, s, f=f))) for s in seed_list]
-            rows = [(s, r) for s, r in rows if r is not None]
-            if rows:
-                table[(k, f)] = {"c": c, "lr": lr, "seeds": [s for s, _ in rows],
-                                 **{m: [r[m] for _, r in rows] for m in FCURVE_MEASURES}}
+    for (f, c), k in itertools.product(points, FCURVE_KINDS):
+        lr = best_lr(k, c, f=f, key="psnr_ez") or lr_list()[0]
+        rows = scored_seeds(lambda s: run_name(k, c, lr, s, f=f))
+        if rows:
+            table[(k, f)] = {"c": c, "lr": lr, "seeds": [s for s, _ in rows],
+                             **{m: [r[m] for _, r in rows] for m in FCURVE_MEASURES}}
     return table
 
 
@@ -953,29 +873,32 @@ def run_fcurve(dist):
     check_one_process_and_data("fcurve", dist)
     points = fcurve_points()
     os.makedirs(out, exist_ok=True)
-    heldout = ImageSource(val_data, make_config(preset).resolution,
-                          builtin_limit=num_images or HELDOUT_SIZE)
+    res = make_config(preset).resolution
+    heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
+
     def run_one(name, kind, f, c, lr, seed):
-        train(os.path.join(out, name), kind, c, lr, seed, max_steps,
-              extra=("--compression", f, "--resolution", make_config(preset).resolution))
-        score_fcurve(os.path.join(out, name), heldout, dist)
+        run_dir = os.path.join(out, name)
+        train(run_dir, kind, c, lr, seed, max_steps, ("--compression", f, "--resolution", res))
+        _, diffusion, s = scored_model(run_dir, heldout, dist, pool=pool)  # one pool at every f
+        if not diffusion:  # a deterministic decode is its own conditional mean
+            s["psnr_ez"], s["lowfreq_psnr_ez"] = s["psnr"], s["lowfreq_psnr"]
+        s["pool"] = pool
+        write_text(os.path.join(run_dir, "scores.json"), json.dumps(s, indent=1))
 
     run_plan(lambda: fcurve_plan(points), run_one)
     table = fcurve_table(points)
     f_list = sorted(f for f, _ in points)
-    side = make_config(preset).resolution // f_list[0]
+    side = res // f_list[0]
     lines = [f"# claim 1 against f: {data or 'the built-in data'}, {preset} preset, a "
              f"{side}x{side}x{dict(points)[f_list[0]]} latent's size at every f",
              "", f"{max_steps} steps, seeds {seeds}, lrs {lrs} (swept at the first seed, best by "
              f"E[x|z] PSNR), {num_images} held-out images, E[x|z] from {mean_of} decodes without "
              f"their sampling variance, low/high frequencies split at pooling factor {pool}; mean "
              "+- sd over seeds", "",
-             "| decoder | f | c | lr | seeds | " + " | ".join(FCURVE_MEASURES) + " |",
-             "|" + "---|" * (5 + len(FCURVE_MEASURES))]
-    for (k, f), g in sorted(table.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+             *md_table(["decoder", "f", "c", "lr", "seeds", *FCURVE_MEASURES])]
+    for (k, f), g in sorted(table.items()):
         cells = ["{:.3f} +- {:.3f}".format(*mean_sd(g[m])) for m in FCURVE_MEASURES]
-        lines.append(f"| {k} | {f} | {g['c']} | {g['lr']:g} | {len(g['seeds'])} | "
-                     + " | ".join(cells) + " |")
+        lines.append(md_row([k, f, g["c"], f"{g['lr']:g}", len(g["seeds"]), *cells]))
     lines += ["", f"## verdicts: D = the Gaussian decoder's drop from f={f_list[0]} to "
                   f"f={f_list[-1]} minus DGAE's (> 0: DGAE loses less); holds if D > 2 SE, fails "
                   "if D < -2 SE, else undecided. The claim's rule is the first row; the others are "
@@ -986,13 +909,9 @@ def run_fcurve(dist):
         verdict_json[m] = {"D": d, "se": se, "verdict": verdict}
         lines.append(f"- {label}: "
                      + (f"D = {d:+.3f} +- {se:.3f} (SE): {verdict}" if d is not None else verdict))
-    report = "\n".join(lines) + "\n"
-    print(report)
     path = os.path.join(out, "fcurve")
-    write_text(path + ".md", report)
-    write_text(path + ".json", json.dumps({"groups": [{"kind": k, "f": f, **g}
-                                                      for (k, f), g in table.items()],
-                                           "verdicts": verdict_json}, indent=1))
+    write_outputs(path, lines, {"groups": [{"kind": k, "f": f, **g} for (k, f), g in table.items()],
+                                "verdicts": verdict_json})
     for m, (label, _) in FCURVE_MEASURES.items():
         series = {k: [(f, *mean_sd(table[(k, f)][m])) for f in f_list if (k, f) in table]
                   for k in FCURVE_KINDS}
@@ -1001,7 +920,6 @@ def run_fcurve(dist):
             line_plot(series, f"{path}_{m}.png", f"{label} against f (mean +- sd over seeds)",
                       "spatial compression f (log scale), latent size fixed")
     print(f"wrote {path}.md, .json and one plot per measure")
-
 
 
 MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_converge,
