@@ -585,7 +585,7 @@ def check(settings):
     for name, limit in (("attn_seq", common.MAX_SEQUENCE),
                         ("decode_steps", common.MAX_EULER_STEPS)):
         if not all(v.strip().isdigit() and 1 <= int(v) <= limit for v in settings[name].split(",")):
-            raise SystemExit(f"error: --{name.replace('_', '-')} takes comma-separated whole "
+            raise SystemExit(f"error: {common.flag_of(name)} takes comma-separated whole "
                              f"numbers from 1 to {limit}, got {settings[name]!r}")
     with common.user_errors():  # a compression the preset's resolution does not divide
         cfg = make_config(ae_preset, attn_impl=attn_impl,

@@ -238,12 +238,12 @@ def settings_for_resume(ckpt, settings, given, may_change):
                              f"{name}={value!r} is not a {want.__name__} (an edited file); resume "
                              "from a checkpoint as it was written")
         if name in given and settings[name] != value:
-            flag = "--" + name.replace("_", "-")
+            flag = common.flag_of(name)
             if name not in may_change:
                 raise SystemExit(
                     f"error: {flag} {settings[name]} does not match the checkpoint being resumed "
                     f"({value}); a resumed run keeps its settings, except "
-                    f"{', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE_ON_RESUME[:4])} "
+                    f"{', '.join(common.flag_of(n) for n in MAY_CHANGE_ON_RESUME[:4])} "
                     "and how it computes: drop the flag, or start a new run in another --out-dir")
             changed.append(f"{flag} {value} -> {settings[name]}")
         settings[name] = settings[name] if name in given else value

@@ -24,7 +24,7 @@ from tqdm import tqdm
 # settings: plain variables at the top of each script, overridden from the command line
 
 
-def _flag(name):
+def flag_of(name):
     """The command-line flag of a setting: batch_size -> --batch-size."""
     return "--" + name.replace("_", "-")
 
@@ -88,7 +88,7 @@ def configure(defaults, argv=None):
         if arg in ("-h", "--help"):
             notes = setting_comments(settings.get("__file__", ""))
             print("settings (override with --name value; the default, then what it is):")
-            shown = {k: f"{_flag(k)} {settings[k]!r}" for k in keys}
+            shown = {k: f"{flag_of(k)} {settings[k]!r}" for k in keys}
             width = max(len(s) for s in shown.values())
             for k in keys:
                 print(f"  {shown[k]:<{width}}  {notes.get(k, '')}".rstrip())
@@ -104,7 +104,7 @@ def configure(defaults, argv=None):
         key = name.replace("-", "_")
         if key not in keys:
             raise SystemExit(f"error: unknown setting --{name}; valid settings: "
-                             + " ".join(_flag(k) for k in keys))
+                             + " ".join(flag_of(k) for k in keys))
         settings[key] = _parse_like(value, settings[key], name)
         given.add(key)
     return {k: settings[k] for k in keys}, given
@@ -153,7 +153,7 @@ def auto_flag(value, name, auto):
     """A true | false | auto setting (or a resumed run's bool) as a bool; auto gives `auto`."""
     text = str(value).lower()
     if text not in ("auto", "true", "false"):
-        raise SystemExit(f"error: {_flag(name)} takes auto, true or false, got {value!r}")
+        raise SystemExit(f"error: {flag_of(name)} takes auto, true or false, got {value!r}")
     return auto if text == "auto" else text == "true"
 
 
@@ -179,7 +179,7 @@ def check_settings(settings, choices=None, at_most=None, **kinds):
     for kind, names in kinds.items():
         ok, valid = SETTING_KINDS[kind]
         for name in names:
-            value, flag = settings[name], _flag(name)
+            value, flag = settings[name], flag_of(name)
             if value is None:  # the preset's, checked once resolved
                 continue
             # a setting whose default is None takes what was typed: its type is checked here
@@ -192,10 +192,12 @@ def check_settings(settings, choices=None, at_most=None, **kinds):
     for name, allowed in (choices or {}).items():
         if settings[name] not in allowed:
             shown = ", ".join(repr(a) if a == "" else str(a) for a in allowed if a is not None)
-            raise SystemExit(f"error: {_flag(name)} must be one of {shown}, got {settings[name]!r}")
+            raise SystemExit(f"error: {flag_of(name)} must be one of {shown}, "
+                             f"got {settings[name]!r}")
     for name, limit in (at_most or {}).items():
         if settings[name] is not None and not settings[name] <= limit:
-            raise SystemExit(f"error: {_flag(name)} must be at most {limit}, got {settings[name]}")
+            raise SystemExit(f"error: {flag_of(name)} must be at most {limit}, "
+                             f"got {settings[name]}")
 
 
 def writable_dir(path, flag):
