@@ -17,8 +17,9 @@ compare: real `python train_ae.py` runs, into out/<run>/, of four decoders on on
 preset's latent channels c and at c/2: dgae (the diffusion decoder), anchored (the U-Net also sees
 a deterministic decode x~ = D(z)), gauss (the SD-VAE style baseline), unet (DGAE's U-Net as a
 deterministic decoder: diffusion against architecture). First seed 0 at each rate of --lrs, then
-the other seeds at each decoder's best rate, then gauss and unet at c for --compute-factor times
-the steps (equal decoder compute: a DGAE step runs its U-Net twice). A finished run is skipped and
+the other seeds at each decoder's best rate, then dgae, gauss and unet at c for --compute-factor
+times the steps (equal decoder compute for gauss and unet, as a DGAE step runs its U-Net twice;
+DGAE as long, so that "costlier" and "under-trained" separate). A finished run is skipped and
 an interrupted one resumes; each is scored once (scores.json in its folder). The report is
 out/report.md, the rules in claims.verdicts.
 diagnose: does a decoder use z? The shuffled-z loss gap (z_gap) and a linear probe (linear_probe).
@@ -69,7 +70,7 @@ seeds = "0,1,2"  # training seeds; the sweep runs at the first
 lrs = "1e-3,3e-4"  # learning-rate sweep of every decoder (seed 0, both c); the first is run first
 kinds = "dgae,anchored,gauss,unet"  # the decoders to train (see the docstring)
 anchor_ch = 16  # the anchored decoder's --anchor-ch
-compute_factor = 3  # deterministic decoders' equal-compute runs: this many times the steps; 0: none
+compute_factor = 3  # equal-compute runs (dgae, gauss, unet): this many times the steps; 0: none
 compute_seeds = 1  # their seeds (first N of --seeds): 1 where the verdict is far outside the spread
 train_args = ""  # more train_ae.py flags for every run, e.g. "--lpips-weight 0"
 only = ""  # run only parts whose name contains this (the report still collects all finished ones)
@@ -94,6 +95,7 @@ SETTINGS = common.settings_block(globals())  # the defaults above: every main() 
 KIND_FLAGS = {"dgae": ["--decoder", "diffusion", "--anchor-ch", "0"],
               "anchored": ["--decoder", "diffusion", "--anchor-ch", "ANCHOR"],
               "gauss": ["--decoder", "gaussian"], "unet": ["--decoder", "unet"]}
+LONG_KINDS = ("dgae", "gauss", "unet")  # the decoders also trained for --compute-factor x the steps
 DIAG_TIMES = (0.1, 0.5, 0.9, 1.0)  # the t at which zgap is measured
 # the rules, fixed before any run (README, "The paper's claims, measured")
 CLAIM1_LOWFREQ_DB, CLAIM2_LOWFREQ_DB, HIGHFREQ_RANGE = 1.0, 2.0, (0.85, 1.15)
@@ -394,7 +396,7 @@ def plan(c):
             if lr is not None:
                 parts += [(k, ch, lr, s, 1) for s in seed_list()[1:]]
     if compute_factor > 1:
-        for k in ("gauss", "unet"):
+        for k in LONG_KINDS:
             lr = best_lr(k, c) if k in kind_list else None
             if lr is not None:
                 parts += [(k, c, lr, s, compute_factor) for s in seed_list()[:compute_seeds]]
@@ -431,7 +433,7 @@ def summarise(c):
     groups = {}
     for kind in kinds.split(","):
         for ch, factor in ((c // 2, 1), (c, 1), (c, compute_factor)):
-            if factor != 1 and (kind not in ("gauss", "unet") or compute_factor <= 1):
+            if factor != 1 and (kind not in LONG_KINDS or compute_factor <= 1):
                 continue
             lr = best_lr(kind, ch) or lr_list()[0]
             rows = scored_seeds(lambda s: run_name(kind, ch, lr, s, factor))
@@ -467,20 +469,25 @@ def claim_rules(claim, g, refs, db):
 
 def verdicts(groups, c):
     """{"claim N, kind, equal steps|compute (xF)": (verdict, why)} for dgae and anchored against
-    the references at equal steps and at --compute-factor times their steps. Verdict: "holds" if
+    the references at equal steps and at --compute-factor times their steps, and claim 1 for dgae
+    and the references all at --compute-factor times the steps. Verdict: "holds" if
     every rule holds, "fails" if any fails, "undecided" (a margin within 2 SE, or one seed), "open"
     (runs missing). Claim 1 (at c): E[x|z] low-frequency PSNR within 1 dB of the best deterministic
     decoder (gauss, unet), a spectral FD below each of theirs, a high-frequency ratio in 0.85-1.15.
     Claim 2 (at c/2): against gauss at c, within 2 dB and a spectral FD below."""
     out = {}
-    factors = [1] + ([compute_factor] if compute_factor > 1 else [])
+    factors = [(1, 1)] + ([(1, compute_factor)] if compute_factor > 1 else [])
     rule_sets = (("claim 1", c, ("gauss", "unet"), CLAIM1_LOWFREQ_DB),
                  ("claim 2", c // 2, ("gauss",), CLAIM2_LOWFREQ_DB))
-    for kind, rule_set, factor in itertools.product(("dgae", "anchored"), rule_sets, factors):
+    cases = list(itertools.product(("dgae", "anchored"), rule_sets, factors))
+    if compute_factor > 1:  # DGAE trained as long as the references: costlier or under-trained?
+        cases.append(("dgae", rule_sets[0], (compute_factor, compute_factor)))
+    for kind, rule_set, (own, factor) in cases:
         claim, ch, ref_kinds, db = rule_set
-        name = f"{claim}, {kind}, " + ("equal steps" if factor == 1
-                                       else f"equal compute (x{factor})")
-        g = groups.get((kind, ch, 1))
+        name = f"{claim}, {kind}, " + ("equal steps" if own == factor == 1 else
+                                       f"equal steps (x{factor})" if own == factor else
+                                       f"equal compute (x{factor})")
+        g = groups.get((kind, ch, own))
         wanted = [(k, c, factor) for k in ref_kinds if k in kinds.split(",")]
         refs = [groups[key] for key in wanted if key in groups]
         if g is None or not wanted or len(refs) < len(wanted):
@@ -512,8 +519,8 @@ def equal_compute_note(groups, flops, c):
              for k, (total, dec) in flops.items() if k in ("gauss", "unet")]
     return (f"equal compute: one training step of DGAE does {dgae_dec / 1e9:.3f} GFLOP per image "
             f"in its decoder, {dgae_total / 1e9:.3f} with the encoder (forward and backward); "
-            + "; ".join(given) + ". DGAE itself trains at x1 only: at equal compute it has also "
-            "trained for fewer steps")
+            + "; ".join(given) + ". At equal compute DGAE has also trained for fewer steps; its "
+            f"own x{compute_factor} rows, beside the references', separate the two")
 
 
 def write_report(c, heldout):

@@ -268,6 +268,12 @@ def test_verdicts_apply_each_rule_at_equal_steps_and_at_equal_compute(monkeypatc
     assert "-0.50 +- 0.08 SE (rule: >= -1 dB): holds" in v["claim 1, dgae, equal steps"][1]
     # unet at equal compute was never trained while unet is one of --kinds: open, not decided on gauss alone
     assert v["claim 1, dgae, equal compute (x3)"][0] == "open" and v["claim 1, anchored, equal steps"][0] == "open"
+    # DGAE at x3 against the references at x3: its own row, not the x1 row (which would fail by 2.5 dB)
+    long = {**groups, ("unet", 4, 3): _group(33.0, 6.0), ("dgae", 4, 3): _group(34.5, 4.0)}
+    v = claims.verdicts(long, 4)
+    assert v["claim 1, dgae, equal steps (x3)"][0] == "holds" and "+1.50 +- 0.08 SE" in v["claim 1, dgae, equal steps (x3)"][1]
+    assert v["claim 1, dgae, equal compute (x3)"][0] == "holds"  # x1 at 33.0 against unet x3 at 33.0: 0 >= -1
+    assert not any("anchored" in k and "(x3)" in k and "equal steps" in k for k in v)  # no anchored x3 runs
     # a miss inside 2 standard errors is undecided, not "fails": -1.05 dB with seeds spread by 0.5 dB
     near = {**groups, ("dgae", 4, 1): _group(32.45, 5.0, spread=0.5)}
     assert claims.verdicts(near, 4)["claim 1, dgae, equal steps"][0] == "undecided"
@@ -399,6 +405,13 @@ def test_plan_runs_the_sweep_then_the_seeds_then_the_equal_compute_runs(tmp_path
     assert later == ["gauss_c4_lr0.0003_s1", "gauss_c4_lr0.0003_s2", "gauss_c4_lr0.0003_s0_x3"]
     monkeypatch.setattr(claims, "compute_seeds", 2)
     assert [p[0] for p in claims.plan(4)][10:] == ["gauss_c4_lr0.0003_s0_x3", "gauss_c4_lr0.0003_s1_x3"]
+    for name, ez in [("dgae_c4_lr0.001_s0", 26.0), ("dgae_c4_lr0.0003_s0", 24.0)]:
+        os.makedirs(tmp_path / name)
+        json.dump({"ez_lowfreq_psnr": ez}, open(tmp_path / name / "scores.json", "w"))
+    # DGAE also trains as long as the references (x3), at its own best rate, before them
+    assert [p[0] for p in claims.plan(4)][8:] == [
+        "dgae_c4_lr0.001_s1", "dgae_c4_lr0.001_s2", "gauss_c4_lr0.0003_s1", "gauss_c4_lr0.0003_s2",
+        "dgae_c4_lr0.001_s0_x3", "dgae_c4_lr0.001_s1_x3", "gauss_c4_lr0.0003_s0_x3", "gauss_c4_lr0.0003_s1_x3"]
     # 0 or fewer seeds would silently drop (or, negative, slice away) the equal-compute runs: refused in one line
     proc = subprocess.run([sys.executable, "experiments/claims.py", "compare", "--compute-seeds", "0", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -432,14 +445,15 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.load(open(out / "report.json"))
     groups = {(g["kind"], g["channels"], g["steps_factor"]): g for g in report["groups"]}
-    # dgae and gauss at c = 4 and c/2 = 2, and gauss at 2x the steps (--quick's equal-compute factor)
-    assert set(groups) == {("dgae", 2, 1), ("dgae", 4, 1), ("gauss", 2, 1), ("gauss", 4, 1), ("gauss", 4, 2)}
+    # dgae and gauss at c = 4 and c/2 = 2, and both at c for 2x the steps (--quick's equal-compute factor)
+    assert set(groups) == {("dgae", 2, 1), ("dgae", 4, 1), ("gauss", 2, 1), ("gauss", 4, 1), ("gauss", 4, 2), ("dgae", 4, 2)}
     for g in groups.values():
         assert g["seeds"] == [0] and g["lr"] == 1e-3 and g["lpips_used"] is False
         for col in ("psnr", "ez_lowfreq_psnr", "spectral_fd", "judge_accuracy", "judge_fd", "zgap_t1", "probe_r2"):
             assert len(g[col]) == 1 and math.isfinite(g[col][0]), col
     assert len(groups[("dgae", 4, 1)]["psnr_1step"]) == 1 and groups[("gauss", 4, 1)]["psnr_1step"] == []
     assert torch.load(out / "gauss_c4_lr0.001_s0_x2" / "ckpt.pt", weights_only=True)["step"] == 8
+    assert torch.load(out / "dgae_c4_lr0.001_s0_x2" / "ckpt.pt", weights_only=True)["step"] == 8
     # the floor, scored on the same held-out images as every run
     scored_all = json.load(open(out / "dgae_c4_lr0.001_s0" / "scores.json"))
     scored = scored_all["meancolour_psnr"]
@@ -447,9 +461,9 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     # 4 channels per cell hold any colour exactly; 2 do not hold the built-in data's (random colours)
     assert report["colour_code_psnr"]["c=4"] > 58 > report["colour_code_psnr"]["c=2"]
     assert set(report["verdicts"]) == {f"claim {n}, {k}, {cmp}" for n in (1, 2) for k in ("dgae", "anchored")
-                                       for cmp in ("equal steps", "equal compute (x2)")}
+                                       for cmp in ("equal steps", "equal compute (x2)")} | {"claim 1, dgae, equal steps (x2)"}
     assert report["verdicts"]["claim 1, anchored, equal steps"]["verdict"] == "open"  # not trained: open, not failed
-    for cmp in ("equal steps", "equal compute (x2)"):  # one seed: no standard error, so nothing is decided
+    for cmp in ("equal steps", "equal compute (x2)", "equal steps (x2)"):  # one seed: no standard error, so nothing is decided
         assert report["verdicts"][f"claim 1, dgae, {cmp}"]["verdict"] == "undecided"
         assert report["verdicts"][f"claim 1, dgae, {cmp}"]["why"].startswith("1 seed, no standard error")
     md = open(out / "report.md").read()
