@@ -389,15 +389,16 @@ def run_classes(dist):
 MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "classes": run_classes}
 
 
-def main():
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         common.configure(SETTINGS, ["--help"])  # lists the settings and exits
-    mode = sys.argv[1]
+    mode = argv[0]
     if mode not in MODES:
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python eval.py "
                          f"{{{','.join(MODES)}}} --name value ...")
-    settings, _ = common.configure(SETTINGS, sys.argv[2:])  # the settings follow the mode
+    settings, _ = common.configure(SETTINGS, argv[1:])  # the settings follow the mode
     globals().update(settings)
     # out of range: refused before any work, a size past its bound before any allocation
     common.check_settings(

@@ -174,8 +174,8 @@ def check_output(path, npz, master):
         common.writable_file(path, "--out")
 
 
-def main():
-    settings, _ = common.configure(SETTINGS)
+def main(argv=None):
+    settings, _ = common.configure(SETTINGS, argv)
     globals().update(settings)
     # out of range: refused before any work (--cfg-scale nan would write black images, exit 0)
     common.check_settings(settings, count=("per_class", "batch_size"),

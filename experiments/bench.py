@@ -601,9 +601,9 @@ def check(settings):
     return cfg
 
 
-def main():
+def main(argv=None):
     # in main, not at import time: the tests import this file
-    settings, given = common.configure(SETTINGS)
+    settings, given = common.configure(SETTINGS, argv)
     globals().update(settings)
     if quick:  # QUICK's sizes, except those given on the command line
         globals().update({k: v for k, v in QUICK.items() if k not in given})

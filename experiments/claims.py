@@ -933,17 +933,18 @@ MODES = {"compare": run_compare, "diagnose": run_diagnose, "converge": run_conve
          "fcurve": run_fcurve}
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     global max_steps, seeds, lrs, num_images, mean_of, compute_factor, dit_steps, num_samples, \
         judge_steps
-    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         common.configure(SETTINGS, ["--help"])
-    mode = sys.argv[1]
+    mode = argv[0]
     if mode not in MODES:
         raise SystemExit(f"error: unknown mode {mode!r}; usage: python experiments/claims.py "
                          f"{{{','.join(MODES)}}} --name value ...")
-    settings, _ = common.configure(SETTINGS, sys.argv[2:])
+    settings, _ = common.configure(SETTINGS, argv[1:])
     globals().update(settings)
     if quick:
         max_steps, seeds, lrs, num_images, mean_of, compute_factor = (

@@ -463,6 +463,10 @@ def test_gen_with_a_reference_of_three_images_skips_precision_recall_and_says_wh
     results = json.load(open(tmp_path / "r.json"))
     assert "precision" not in results and "more than 3 images" in results["skipped"]["precision/recall"]
     assert math.isfinite(results["fid"])
+    # main(argv) from a notebook: its own arguments, not sys.argv's, and a second call starts from the defaults
+    fresh.main(["gen", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--resolution", "16",
+                "--out", str(tmp_path / "r2.json")])
+    assert json.load(open(tmp_path / "r2.json"))["fid"] == results["fid"]
 
 
 def test_classes_refuses_labels_that_are_not_one_per_image(tmp_path):
