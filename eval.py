@@ -6,6 +6,7 @@ Evaluation: the numbers papers report, computed the way the field computes them.
     python eval.py gen --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz
     python eval.py stats --images /path/to/images --out stats.npz    # FID statistics, for --ref
     python eval.py classes --samples out/dit/samples.npz  # built-in data: samples of their class?
+    python eval.py classes --samples S.npz --data photos/train --val-data photos/val  # a folder's
     torchrun --nproc_per_node=8 eval.py <mode> ...                   # same, sharded over GPUs
 
 recon: each image of --data, ADM center-cropped to the model's resolution, against its
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from support import checkpoints, common
-from support.data import InOrder
+from support.data import ImageFolderDataset, InOrder, to_model_range
 from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two,
                                check_reference_stats, frechet_entries, gather_rows,
                                inception_features, inception_score_entries, readable_or_refuse,
@@ -51,7 +52,7 @@ from support.procedural import ProceduralDataset, train_pattern_classifier
 # -----------------------------------------------------------------------------
 # settings (override with --name value)
 ckpt = ""  # recon: stage-1 checkpoint written by train_ae.py
-data = ""  # recon: folder of images to reconstruct (ImageNet val: 50K images)
+data = ""  # recon: folder of images to reconstruct (ImageNet val: 50K images); classes: see below
 samples = ""  # gen: generated images, an .npz with arr_0 (N, H, W, 3) uint8 or a folder
 ref = ""  # gen: reference .npz with mu/sigma[/mu_s/sigma_s][/arr_0], or images (.npz or folder)
 images = ""  # stats: images to summarise (.npz or folder)
@@ -68,6 +69,9 @@ vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
 judge_steps = 600  # classes: training steps of the pattern classifier that judges the samples
+# classes on natural images: the judge learns --data (one sub-folder per class, as train_dit.py
+# read it) and is scored on --val-data's held-out images ("" = --data's val split, else --data)
+val_data = ""
 device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 computes distances alone)
 # -----------------------------------------------------------------------------
@@ -125,8 +129,9 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
     decodes (psnr_mean: 1/K of the sampling variance left) and of the decoder's conditional mean
     E[x | z] (psnr_ez, lowfreq_psnr_ez: metrics.conditional_mean_mse on the unrounded decodes).
     pool: the low-/high-frequency split's pooling (0 = the model's f; fixed: one meaning across f).
-    judge (built-in data, a procedural.PatternClassifier): its accuracy on the reconstructions
-    (held-out image i is of class i mod K) and the Frechet distance of its features."""
+    judge (a procedural.PatternClassifier; `source` a folder or the built-in data, which give
+    each image's class): its accuracy on the reconstructions and the Frechet distance of its
+    features."""
     f = pool or model.cfg.compression
     lo, hi = source.shard(limit, bs, dist)
     per_image = {k: [] for k in ("psnr", "ssim", "lowfreq_psnr", "meancolour_psnr", "lpips",
@@ -142,9 +147,10 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
         rows[key].append(values.cpu().numpy())
 
     decode_s = 0.0
-    batches = source.batches(lo, hi, bs)
+    batches = source.batches(lo, hi, bs, labels=judge is not None)
     for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon",
                                   disable=not dist.master)):
+        real, labels = real if judge is not None else (real, None)  # labels: (B,) classes
         real = real.to(dist.device)  # (B, 3, res, res) uint8 values
         first = lo + i * bs  # the index of the batch's first image
         t0 = time.perf_counter()
@@ -180,11 +186,10 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
             add(per_image, "lowfreq_psnr_ez", psnr_of_mse(
                 conditional_mean_mse(pooled, F.avg_pool2d(real.double(), f))))
         if judge is not None:
-            labels = torch.arange(first, first + len(real), device=real.device)
             add(feats["real"], "judge", judge.embed(real / 127.5 - 1).double())
             embedded = judge.embed(rec / 127.5 - 1)
             add(feats["recon"], "judge", embedded.double())
-            correct = judge.head(embedded).argmax(1) == labels % judge.head.out_features
+            correct = judge.head(embedded).argmax(1) == labels.to(real.device)
             add(per_image, "judge_correct", correct.double())
     per_image = {k: gather_rows(v, (), dist) for k, v in per_image.items()}
     real_feats, recon_feats = [{k: gather_rows(v, widths[k], dist) for k, v in feats[side].items()}
@@ -355,12 +360,25 @@ def run_classes(dist):
     if len(labels) != source.n or source.n == 0:
         raise SystemExit(f"--samples {samples}: {source.n} images and {len(labels)} labels; "
                          "classes needs one label per image")
-    if labels.min() < 0 or labels.max() >= num_classes:
+    if data:  # the judge learns the labelled folder; the real images are its held-out split
+        learn = ImageFolderDataset(data, res)
+        heldout = ImageFolderDataset(val_data or data, res, split="val")
+        names = learn.classes
+        if heldout.classes != names:
+            raise SystemExit(f"--val-data {val_data or data}: classes {heldout.classes[:5]}... "
+                             f"differ from --data's {names[:5]}...; give both the same sub-folders")
+    else:
+        learn = None
+        heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)
+        names = heldout.class_names
+    k = len(names)
+    if labels.min() < 0 or labels.max() >= k:
         raise SystemExit(f"--samples {samples}: labels in [{labels.min()}, {labels.max()}], not in "
-                         f"[0, --num-classes {num_classes})")
+                         + (f"[0, {k}): --data has {k} classes" if data else
+                            f"[0, --num-classes {k})"))
     if not dist.master:  # small work (the built-in data is small): rank 0 does it all
         return
-    judge = train_pattern_classifier(res, num_classes, steps=judge_steps, device=dist.device)
+    judge = train_pattern_classifier(res, k, steps=judge_steps, device=dist.device, images=learn)
 
     # uint8 pixel values (as floats in [0, 255]) -> the judge's (features (N, D), class (N,))
     @torch.no_grad()
@@ -369,20 +387,18 @@ def run_classes(dist):
         return feats, judge.head(feats).argmax(1)
 
     feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
-    heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)
-    # rounded to uint8 like the samples
-    real_feats, real_pred = judged(to_pixels(x) for x, _ in InOrder(heldout, batch_size))
-    real_labels = torch.arange(HELDOUT_SIZE) % num_classes  # built-in image i is of class i mod K
+    # the held-out real images, rounded to uint8 like the samples, and their classes
+    real = [(*judged([to_pixels(to_model_range(x))]), y) for x, y in InOrder(heldout, batch_size)]
+    real_feats, real_pred, real_labels = (torch.cat(parts) for parts in zip(*real))
     y = labels[:n]
-    names = heldout.class_names
     results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res,
-               "num_classes": num_classes, "accuracy": (pred == y).float().mean().item(),
-               "chance": 1 / num_classes,
+               "num_classes": k, "judged_on": data or "built-in data",
+               "accuracy": (pred == y).float().mean().item(), "chance": 1 / k,
                "real_accuracy": (real_pred == real_labels).float().mean().item(),
                # the Frechet distance to held-out real images in the judge's feature space
                "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
                "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
-                                      for c in range(num_classes) if (y == c).any()}}
+                                      for c in range(k) if (y == c).any()}}
     write_results(results, out or default_out("classes"))
 
 

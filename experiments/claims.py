@@ -23,7 +23,8 @@ DGAE as long, so that "costlier" and "under-trained" separate). A finished run i
 an interrupted one resumes; each is scored once (scores.json in its folder). The report is
 out/report.md, the rules in claims.verdicts.
 diagnose: does a decoder use z? The shuffled-z loss gap (z_gap) and a linear probe (linear_probe).
-converge: the same DiT on four of compare's latents at each seed; claim 3 is the speed-up of DGAE
+converge: the same DiT on four of compare's latents at each seed, its samples named by a classifier
+trained on the same data (built-in or --data's classes); claim 3 is the speed-up of DGAE
 at c/2 over the Gaussian decoder at c (converge_one_seed, summarise_converge).
 fcurve: DGAE and the Gaussian decoder at each f of --fs, the latent's size fixed (c grows as f^2);
 the rule is drop_verdict's.
@@ -54,7 +55,7 @@ from eval import meancolour_psnr, score_reconstructions
 from experiments.bench import count_flops
 from support import common
 from support.checkpoints import atomic_write, load_dgae, write_text
-from support.data import InOrder, build_dataset, to_model_range
+from support.data import ImageFolderDataset, InOrder, build_dataset, to_model_range
 from support.eval_data import HELDOUT_SIZE, ImageSource
 from support.metrics import psnr
 from support.procedural import train_pattern_classifier
@@ -85,7 +86,7 @@ dit_args = ""  # converge: more train_dit.py flags for every run
 fs = "4,8,16"  # fcurve: the spatial compressions, the latent's size fixed at the first's
 pool = 4  # fcurve: pooling factor of the low-/high-frequency measures, the same for every f
 controls = True  # converge: also the controls (DGAE at c, Gaussian at c/2), beside the claim's pair
-judge_steps = 600  # training steps of the pattern classifier that judges the built-in data
+judge_steps = 600  # training steps of the pattern classifier that judges the classes
 quick = False  # the tests' form: 4 steps, one seed, one rate, 16 images
 device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # seconds a process waits for the others (claims.py itself runs as one process)
@@ -565,6 +566,17 @@ def write_report(c, heldout):
         "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}})
 
 
+def make_judge(res, heldout, dist):
+    """The pattern classifier that judges what class a reconstruction or sample shows, trained on
+    the built-in data or on --data's classes (then --val-data must have the same sub-folders)."""
+    learn = ImageFolderDataset(data, res) if data else None
+    if learn is not None and heldout.dataset.classes != learn.classes:
+        raise SystemExit(f"error: --val-data {val_data} has classes {heldout.dataset.classes[:5]}"
+                         f"..., --data {learn.classes[:5]}...; give both the same sub-folders")
+    k = len(learn.classes) if learn is not None else 10  # train_dit.py's built-in classes
+    return train_pattern_classifier(res, k, steps=judge_steps, device=dist.device, images=learn)
+
+
 def run_compare(dist):
     check_one_process_and_data("compare", dist)
     unknown = set(kinds.split(",")) - set(KIND_FLAGS)
@@ -576,9 +588,7 @@ def run_compare(dist):
         raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
     os.makedirs(out, exist_ok=True)
     heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
-    judge = None
-    if not data:  # the built-in data's classes: the pattern classifier judges the reconstructions
-        judge = train_pattern_classifier(res, steps=judge_steps, device=dist.device)
+    judge = make_judge(res, heldout, dist)
 
     def run_one(name, kind, ch, lr, seed, factor):
         train(os.path.join(out, name), kind, ch, lr, seed, max_steps * factor)
@@ -605,6 +615,8 @@ def converge_latents(c, seed):
             run = run_name(kind, ch, lr, seed)
         if finished_scores(run) is None:
             extra = f" --train-args {shlex.quote(train_args)}" if train_args else ""
+            if data:
+                extra += f" --data {shlex.quote(data)} --val-data {shlex.quote(val_data)}"
             raise SystemExit(
                 f"error: converge needs the stage-1 run {os.path.join(out, run)} (each decoder at "
                 f"its rate of the lr sweep at seed {first}, the first of --seeds; to repeat "
@@ -717,12 +729,15 @@ def converge_one_seed(dist, c, seed, step_list, root):
             if not os.path.exists(result):
                 script("train_dit.py", "--ae-ckpt", ae_path, "--out-dir", run_dir,
                        "--max-steps", step, "--ckpt-every", step, "--sample-every", step,
-                       "--seed", seed, *resume_flag(run_dir), *shlex.split(dit_args))
+                       "--seed", seed, "--data", data, *resume_flag(run_dir),
+                       # the built-in data's DiT on a folder too (train_dit.py would take DiT-XL)
+                       *(("--preset", "DiT-Tiny/1") if data else ()), *shlex.split(dit_args))
                 samples = os.path.join(run_dir, f"samples_{step}.npz")
                 script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples",
                        num_samples, "--out", samples, "--device", dist.device.type)
                 script("eval.py", "classes", "--samples", samples, "--out", result,
-                       "--device", dist.device.type, "--judge-steps", judge_steps)
+                       "--device", dist.device.type, "--judge-steps", judge_steps,
+                       "--data", data, "--val-data", val_data)
             r = json.load(open(result))
             curve.append({"step": step, "accuracy": r["accuracy"], "judge_fd": r["judge_fd"]})
         rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"],
@@ -730,8 +745,8 @@ def converge_one_seed(dist, c, seed, step_list, root):
     ref = next(iter(rows))
     target = rows[ref]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
     ref_steps = steps_to_reach(accuracy_curve(rows[ref]), target)
-    lines = [f"# claim 3, seed {seed}: the same DiT on four latents (built-in data, {num_samples} "
-             "samples per point)", "",
+    lines = [f"# claim 3, seed {seed}: the same DiT on each latent ({data or 'built-in data'}, "
+             f"{num_samples} samples per point)", "",
              f"target (fixed before the run): accuracy {target:.3f}, what the {ref} latents "
              f"reach at step {step_list[-1]}; ratio = DiT steps {ref} needs / steps the "
              "latent needs (> 1: faster); shift = the same ratio read from the whole curves "
@@ -782,9 +797,7 @@ def times(v):
 
 
 def run_converge(dist):
-    if data:
-        raise SystemExit("converge judges samples with the built-in data's pattern classifier; run "
-                         "it without --data")
+    check_one_process_and_data("converge", dist)
     c = make_config(preset).latent_channels
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")

@@ -98,9 +98,13 @@ class ImageSource:
         lo, hi = (n_batches * r // dist.world_size for r in (dist.rank, dist.rank + 1))
         return min(lo * bs, n), min(hi * bs, n)
 
-    def batches(self, lo, hi, bs):
-        """Images lo..hi-1 as (B, 3, H, W) floats in [0, 255] (unreadable ones skipped)."""
+    def batches(self, lo, hi, bs, labels=False):
+        """Images lo..hi-1 as (B, 3, H, W) floats in [0, 255] (unreadable ones skipped); with
+        labels, (images, their classes (B,)), which a folder or the built-in data has."""
         if self.dataset is None:
+            if labels:
+                raise ValueError(f"{self.path}: an .npz of images holds no classes; give a folder "
+                                 "with one sub-folder per class")
             item = int(np.prod(self.shape[1:]))  # bytes per image
             with zipfile.ZipFile(self.path) as zf, zf.open("arr_0.npy") as f:
                 f.seek(self.offset + lo * item)
@@ -110,8 +114,9 @@ class ImageSource:
                     yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
         else:
             shard = InOrder(Subset(self.dataset, range(lo, hi)), bs, self.num_workers)
-            for x, _ in shard:
-                yield x.float() if x.dtype == torch.uint8 else to_pixels(x)
+            for x, y in shard:
+                x = x.float() if x.dtype == torch.uint8 else to_pixels(x)
+                yield (x, y) if labels else x
             self.n_bad += shard.n_bad
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 
 @lru_cache(maxsize=8)
@@ -178,23 +178,32 @@ class PatternClassifier(nn.Module):
 
 
 def train_pattern_classifier(resolution, num_classes=10, steps=600, batch_size=64, seed=0,
-                             device="cpu"):
-    """A PatternClassifier trained on fresh built-in images, each seen once, in eval mode. Images
-    are mirrored with probability 1/2 (stage 2 trains on mirrored latents too); the learning rate
+                             device="cpu", images=None):
+    """A PatternClassifier trained on fresh built-in images, each seen once, or on `images`, a
+    labelled folder (data.ImageFolderDataset) drawn with replacement; in eval mode. Images are
+    mirrored with probability 1/2 (stage 2 trains on mirrored latents too); the learning rate
     falls linearly to 0. Deterministic for a seed (its own RNG, not the global one)."""
-    from support.data import random_hflip  # data.py imports this file, so not at the top
+    from support.data import collate_skip_bad, random_hflip, to_model_range  # data.py imports us
 
-    images = ProceduralDataset(resolution, num_classes, size=steps * batch_size, seed=seed)
+    sampler = None
+    if images is None:
+        images = ProceduralDataset(resolution, num_classes, size=steps * batch_size, seed=seed)
+    else:
+        sampler = RandomSampler(images, replacement=True, num_samples=steps * batch_size,
+                                generator=torch.Generator().manual_seed(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = PatternClassifier(num_classes).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
         # the loader draws its workers' base seed from `generator`, not from the flips' RNG
-        batches = DataLoader(images, batch_size, generator=torch.Generator().manual_seed(seed))
-        for step, (x, y) in enumerate(batches):  # x (B, 3, H, W), y (B,)
+        batches = DataLoader(images, batch_size, sampler=sampler, collate_fn=collate_skip_bad,
+                             generator=torch.Generator().manual_seed(seed))
+        for step, (x, y, _) in enumerate(batches):  # x (B, 3, H, W), y (B,)
             for group in opt.param_groups:
                 group["lr"] = 2e-3 * (1 - step / steps)
-            x = random_hflip(x).to(device)  # the coins come from the forked, seeded RNG
+            if len(y) == 0:  # a batch of unreadable files only
+                continue
+            x = random_hflip(to_model_range(x)).to(device)  # coins from the forked, seeded RNG
             loss = F.cross_entropy(model(x), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

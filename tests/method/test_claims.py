@@ -9,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,7 +370,7 @@ def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_s
     monkeypatch.setattr(claims, "dit_steps", "10,20")
     monkeypatch.setattr(claims, "converge_latents", lambda c, seed: [])  # the stage-1 runs are checked elsewhere
     monkeypatch.setattr(claims, "converge_one_seed", lambda dist, c, seed, steps, root: per_seed[seed])
-    claims.run_converge(None)
+    claims.run_converge(SimpleNamespace(ddp=False))
     summary = json.load(open(tmp_path / "converge" / "converge_summary.json"))
     assert summary["seeds"] == [0, 1]
     dgae = summary["latents"]["dgae c=2"]
@@ -386,7 +387,7 @@ def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_s
     assert (tmp_path / "converge" / "converge_summary.png").stat().st_size > 1000
     monkeypatch.setattr(claims, "seeds", "1")  # one seed: its own report only, no summary
     os.remove(tmp_path / "converge" / "converge_summary.json")
-    claims.run_converge(None)
+    claims.run_converge(SimpleNamespace(ddp=False))
     assert not (tmp_path / "converge" / "converge_summary.json").exists()
 
 
@@ -510,6 +511,46 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     assert torch.load(out / "converge" / "dgae_c2_lr0.001_s0" / "ckpt.pt", weights_only=True)["step"] == 4  # resumed from 2
     png = out / "converge" / "converge_s0.png"
     assert png.stat().st_size > 1000 and "| latent |" in open(out / "converge" / "converge_s0.md").read()
+
+
+@pytest.mark.slow
+def test_claim_3_runs_on_an_image_folder_with_a_judge_of_its_classes(tmp_path):
+    # three classes of 32-px images, noise around each class's colour: compare scores the reconstructions
+    # with a judge trained on the folder, converge trains the DiTs on it and judges their samples the same way
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("val", 8)):
+        for k, name in enumerate(("blue", "green", "red")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                arr = np.clip(rng.normal(60, 30, (32, 32, 3)), 0, 255)
+                arr[..., 2 - k] += 150
+                Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(tmp_path / split / name / f"{i}.png")
+    out = tmp_path / "cmp"
+    data = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmp = subprocess.run([sys.executable, "experiments/claims.py", "compare", "--quick", "true", "--kinds", "dgae,gauss",
+                          "--compute-factor", "0", "--out", str(out), *data, "--device", "cpu",
+                          "--train-args", "--lpips-weight 0 --batch-size 4 --decode-steps 1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert cmp.returncode == 0, cmp.stdout[-2000:] + cmp.stderr[-3000:]
+    conv = subprocess.run([sys.executable, "experiments/claims.py", "converge", "--quick", "true", "--out", str(out),
+                           "--controls", "false", *data, "--device", "cpu",
+                           "--dit-args", "--batch-size 8 --log-every 1 --sample-steps 2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert conv.returncode == 0, conv.stdout[-2000:] + conv.stderr[-3000:]
+    result = json.load(open(out / "converge" / "converge_s0.json"))
+    assert list(result["latents"]) == ["gauss c=4", "dgae c=2"]
+    for label, r in result["latents"].items():
+        stage1 = json.load(open(os.path.join(os.path.dirname(r["ae_ckpt"]), "scores.json")))
+        assert r["ceiling_accuracy"] == stage1["judge_accuracy"] and 0 <= r["ceiling_accuracy"] <= 1
+        run = os.path.basename(os.path.dirname(r["ae_ckpt"]))
+        judged = json.load(open(out / "converge" / run / "classes_4.json"))
+        assert judged["judged_on"] == str(tmp_path / "train") and judged["num_classes"] == 3
+        assert set(judged["per_class_accuracy"]) <= {"blue", "green", "red"}
+        assert judged["real_accuracy"] >= 0.9  # the judge knows the folder's colours, at 60 quick steps
+        dit = torch.load(out / "converge" / run / "ckpt.pt", weights_only=True)
+        assert dit["num_classes"] == 3 and dit["step"] == 4
 
 
 def test_a_failing_run_stops_compare_with_one_line_that_says_where_flags_go(tmp_path):

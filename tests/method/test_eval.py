@@ -469,6 +469,47 @@ def test_gen_with_a_reference_of_three_images_skips_precision_recall_and_says_wh
     assert json.load(open(tmp_path / "r2.json"))["fid"] == results["fid"]
 
 
+def _colour_folder(root, n, seed):
+    """n 16-px images per class of three classes, each noise around its own colour."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for k, name in enumerate(("blue", "green", "red")):  # sorted, so class k is this colour
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            arr = np.clip(rng.normal(60, 30, (16, 16, 3)), 0, 255)
+            arr[..., 2 - k] += 150
+            arr = arr.clip(0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+            images.append(arr)
+            labels.append(k)
+    return np.stack(images), np.array(labels)
+
+
+def test_classes_on_a_folder_trains_the_judge_on_its_classes(tmp_path, monkeypatch):
+    _colour_folder(tmp_path / "train", 30, seed=0)
+    (tmp_path / "train" / "red" / "broken.png").write_bytes(b"not a png")  # skipped, not fatal
+    x, y = _colour_folder(tmp_path / "val", 10, seed=1)
+    np.savez(tmp_path / "right.npz", arr_0=x, labels=y)
+    np.savez(tmp_path / "wrong.npz", arr_0=x, labels=(y + 1) % 3)
+    flags = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val"), "--judge-steps", "40",
+             "--device", "cpu"]
+    run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "right.npz"), *flags)
+    run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "wrong.npz"), *flags)
+    right, wrong = (json.load(open(tmp_path / f"{n}_classes.json")) for n in ("right", "wrong"))
+    assert right["num_classes"] == 3 and right["chance"] == pytest.approx(1 / 3)
+    assert right["real_accuracy"] >= 0.9 and right["accuracy"] >= 0.9 and wrong["accuracy"] <= 0.1, (right, wrong)
+    assert set(right["per_class_accuracy"]) == {"blue", "green", "red"}
+    assert math.isfinite(right["judge_fd"]) and right["judge_fd"] == wrong["judge_fd"]  # images, not labels
+    # labels past the folder's classes, and a held-out folder with other classes: one line each
+    np.savez(tmp_path / "k4.npz", arr_0=x, labels=np.arange(len(x)) % 4)
+    with pytest.raises(SystemExit, match=r"not in \[0, 3\): --data has 3 classes"):
+        run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "k4.npz"), *flags)
+    (tmp_path / "val" / "violet").mkdir()
+    with pytest.raises(SystemExit, match="differ from --data's"):
+        run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "right.npz"), *flags)
+
+
 def test_classes_refuses_labels_that_are_not_one_per_image(tmp_path):
     np.savez(tmp_path / "s.npz", arr_0=np.zeros((4, 16, 16, 3), np.uint8), labels=np.zeros((4, 1), np.int64))
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "classes", "--samples", str(tmp_path / "s.npz")],
