@@ -389,6 +389,8 @@ def run_classes(dist):
     feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
     # the held-out real images, rounded to uint8 like the samples, and their classes
     real = [(*judged([to_pixels(to_model_range(x))]), y) for x, y in InOrder(heldout, batch_size)]
+    if not real:
+        raise SystemExit(f"--val-data {val_data or data}: none of its images could be read")
     real_feats, real_pred, real_labels = (torch.cat(parts) for parts in zip(*real))
     y = labels[:n]
     results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res,

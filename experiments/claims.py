@@ -570,6 +570,8 @@ def make_judge(res, heldout, dist):
     """The pattern classifier that judges what class a reconstruction or sample shows, trained on
     the built-in data or on --data's classes (then --val-data must have the same sub-folders)."""
     learn = ImageFolderDataset(data, res) if data else None
+    if learn is not None and not isinstance(heldout.dataset, ImageFolderDataset):
+        return None  # held-out images without classes (an .npz): nothing to judge by
     if learn is not None and heldout.dataset.classes != learn.classes:
         raise SystemExit(f"error: --val-data {val_data} has classes {heldout.dataset.classes[:5]}"
                          f"..., --data {learn.classes[:5]}...; give both the same sub-folders")
@@ -588,11 +590,12 @@ def run_compare(dist):
         raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
     os.makedirs(out, exist_ok=True)
     heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
-    judge = make_judge(res, heldout, dist)
+    judge = []  # trained when the first run is scored, not for a call with nothing to score
 
     def run_one(name, kind, ch, lr, seed, factor):
         train(os.path.join(out, name), kind, ch, lr, seed, max_steps * factor)
-        score(os.path.join(out, name), heldout, judge, dist)
+        judge[:] = judge or [make_judge(res, heldout, dist)]
+        score(os.path.join(out, name), heldout, judge[0], dist)
 
     run_plan(lambda: plan(c), run_one)
     write_report(c, heldout)
