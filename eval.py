@@ -70,8 +70,8 @@ lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
 judge_steps = 600  # classes: training steps of the pattern classifier that judges the samples
 # classes on natural images: the judge learns --data (one sub-folder per class, as train_dit.py
-# read it) and is scored on --val-data's held-out images ("" = --data's val split, else --data)
-val_data = ""
+# read it) and is scored on --val-data's held-out images
+val_data = ""  # classes: held-out images of --data's classes ("" = --data's val split, else --data)
 device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 computes distances alone)
 # -----------------------------------------------------------------------------
