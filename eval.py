@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from support import checkpoints, common
-from support.data import ImageFolderDataset, InOrder, to_model_range
+from support.data import ImageFolderDataset, InOrder, check_same_classes, to_model_range
 from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two,
                                check_reference_stats, frechet_entries, gather_rows,
                                inception_features, inception_score_entries, readable_or_refuse,
@@ -363,10 +363,8 @@ def run_classes(dist):
     if data:  # the judge learns the labelled folder; the real images are its held-out split
         learn = ImageFolderDataset(data, res)
         heldout = ImageFolderDataset(val_data or data, res, split="val")
+        check_same_classes(learn, heldout, f"--val-data {val_data or data}")
         names = learn.classes
-        if heldout.classes != names:
-            raise SystemExit(f"--val-data {val_data or data}: classes {heldout.classes[:5]}... "
-                             f"differ from --data's {names[:5]}...; give both the same sub-folders")
     else:
         learn = None
         heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)

@@ -55,7 +55,8 @@ from eval import meancolour_psnr, score_reconstructions
 from experiments.bench import count_flops
 from support import common
 from support.checkpoints import atomic_write, load_dgae, write_text
-from support.data import ImageFolderDataset, InOrder, build_dataset, to_model_range
+from support.data import (ImageFolderDataset, InOrder, build_dataset, check_same_classes,
+                          to_model_range)
 from support.eval_data import HELDOUT_SIZE, ImageSource
 from support.metrics import psnr
 from support.procedural import train_pattern_classifier
@@ -480,8 +481,9 @@ def verdicts(groups, c):
     factors = [(1, 1)] + ([(1, compute_factor)] if compute_factor > 1 else [])
     rule_sets = (("claim 1", c, ("gauss", "unet"), CLAIM1_LOWFREQ_DB),
                  ("claim 2", c // 2, ("gauss",), CLAIM2_LOWFREQ_DB))
-    cases = list(itertools.product(("dgae", "anchored"), rule_sets, factors))
-    if compute_factor > 1:  # DGAE trained as long as the references: costlier or under-trained?
+    judged = [k for k in ("dgae", "anchored") if k in kinds.split(",")]
+    cases = list(itertools.product(judged, rule_sets, factors))
+    if compute_factor > 1 and "dgae" in judged:  # DGAE trained as long as the references: costlier or under-trained?
         cases.append(("dgae", rule_sets[0], (compute_factor, compute_factor)))
     for kind, rule_set, (own, factor) in cases:
         claim, ch, ref_kinds, db = rule_set
@@ -532,8 +534,8 @@ def write_report(c, heldout):
              f"{preset} preset, {max_steps} steps"
              + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "")
              + f", seeds {seeds}, learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by "
-             f"E[x|z] low-frequency PSNR), {num_images} held-out images, {mean_of} decodes for "
-             "E[x|z]; LPIPS " + ("on" if lpips else "off (no weight files, or --lpips-weight 0)"),
+             f"E[x|z] low-frequency PSNR), {heldout.count(num_images)} held-out images, {mean_of} "
+             "decodes for E[x|z]; LPIPS " + ("on" if lpips else "off (no weight files, or --lpips-weight 0)"),
              ""]
     flops = {k: step_flops(k, c) for k in kinds.split(",")}  # (total, decoder) per image, at c
     if compute_factor > 1 and "dgae" in flops:
@@ -572,11 +574,11 @@ def make_judge(res, heldout, dist):
     learn = ImageFolderDataset(data, res) if data else None
     if learn is not None and not isinstance(heldout.dataset, ImageFolderDataset):
         return None  # held-out images without classes (an .npz): nothing to judge by
-    if learn is not None and heldout.dataset.classes != learn.classes:
-        raise SystemExit(f"error: --val-data {val_data} has classes {heldout.dataset.classes[:5]}"
-                         f"..., --data {learn.classes[:5]}...; give both the same sub-folders")
-    k = len(learn.classes) if learn is not None else 10  # train_dit.py's built-in classes
-    return train_pattern_classifier(res, k, steps=judge_steps, device=dist.device, images=learn)
+    if learn is None:  # the built-in data's classes, train_dit.py's
+        return train_pattern_classifier(res, steps=judge_steps, device=dist.device)
+    check_same_classes(learn, heldout.dataset, f"--val-data {val_data}")
+    return train_pattern_classifier(res, len(learn.classes), steps=judge_steps,
+                                    device=dist.device, images=learn)
 
 
 def run_compare(dist):
@@ -594,7 +596,8 @@ def run_compare(dist):
 
     def run_one(name, kind, ch, lr, seed, factor):
         train(os.path.join(out, name), kind, ch, lr, seed, max_steps * factor)
-        judge[:] = judge or [make_judge(res, heldout, dist)]
+        if not judge:
+            judge.append(make_judge(res, heldout, dist))
         score(os.path.join(out, name), heldout, judge[0], dist)
 
     run_plan(lambda: plan(c), run_one)

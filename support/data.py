@@ -97,6 +97,14 @@ def unreadable_error(dataset, tried, in_a_row=False):
                       "files, or pass another folder")
 
 
+def check_same_classes(learn, heldout, heldout_flag):
+    """Refuses held-out images (an ImageFolderDataset) whose class sub-folders are not the training
+    folder's: a judge trained on `learn` calls class k what k is there."""
+    if heldout.classes != learn.classes:
+        raise ValueError(f"{heldout_flag}: classes {heldout.classes[:5]}... differ from --data's "
+                         f"{learn.classes[:5]}...; give both the same sub-folders")
+
+
 class ImageFolderDataset(Dataset):
     """Images under `root/<split>/<class>/` (or `root/<class>/`, or flat `root/`), ADM
     center-cropped; evaluation reads split "val" (an ImageNet root holds both)."""

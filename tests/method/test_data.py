@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from support.data import (ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, collate_skip_bad, random_hflip,
+from support.data import (ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, check_same_classes, collate_skip_bad, random_hflip,
                   to_model_range)
 from support.procedural import ProceduralDataset
 
@@ -144,6 +144,12 @@ def test_image_folder_labels_by_sorted_class_name(tmp_path):
     assert y == 0 and x[0].min() > 0.9 and x[1:].max() < -0.8
     # the same folder given without "train/" also works (root/<class>/...)
     assert ImageFolderDataset(str(tmp_path / "train"), 8).samples == ds.samples
+    # a held-out split must hold the same classes for a judge trained on this one
+    _save(str(tmp_path / "val" / "n01_ant" / "e.png"), red)
+    with pytest.raises(ValueError, match=r"--val-data V: classes \['n01_ant'\]\.\.\. differ from --data's"):
+        check_same_classes(ds, ImageFolderDataset(str(tmp_path), 8, split="val"), "--val-data V")
+    _save(str(tmp_path / "val" / "n02_zebra" / "f.png"), blue)
+    check_same_classes(ds, ImageFolderDataset(str(tmp_path), 8, split="val"), "--val-data V")
 
 
 def test_flat_folder_is_one_class(tmp_path):
