@@ -634,3 +634,39 @@ def test_a_damaged_scores_file_is_one_line_naming_it(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"dgae_c4_lr0.001_s0/scores.json cannot be read \(JSONDecodeError\); delete it"):
         claims.finished_scores("dgae_c4_lr0.001_s0")
     assert claims.finished_scores("not_run_yet") is None
+
+
+@pytest.mark.slow
+def test_fcurve_runs_on_a_flat_folder_of_photos_of_any_size(tmp_path):
+    # loose JPEGs of mixed, non-square sizes, as a set of photographs comes: center-cropped to 32 px;
+    # each (decoder, f) trained at its f with the latent's size kept, scored, tabulated and plotted
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 8)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            h, w = rng.integers(40, 90, 2)
+            ramp = np.linspace(0, 255, w)[None, :, None] * rng.uniform(0.2, 1, 3)
+            arr = np.clip(ramp + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / split / f"photo_{i}.jpg", quality=90)
+    out = tmp_path / "fc"
+    proc = subprocess.run([sys.executable, "experiments/claims.py", "fcurve", "--quick", "true", "--fs", "4,8",
+                           "--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val"), "--out", str(out),
+                           "--device", "cpu", "--train-args", "--lpips-weight 0 --batch-size 4 --decode-steps 1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.load(open(out / "fcurve.json"))
+    cells = {(g["kind"], g["f"]): g for g in report["groups"]}
+    assert set(cells) == {("dgae", 4), ("dgae", 8), ("gauss", 4), ("gauss", 8)}
+    for (kind, f), g in cells.items():
+        assert g["c"] == {4: 4, 8: 16}[f] and g["seeds"] == [0]
+        assert all(len(g[m]) == 1 and math.isfinite(g[m][0]) for m in claims.FCURVE_MEASURES)
+        ck = torch.load(out / claims.run_name(kind, g["c"], g["lr"], 0, f=f) / "ckpt.pt", weights_only=True)
+        assert ck["config"]["compression"] == f and ck["model_args"]["latent_channels"] == g["c"]
+    # a deterministic decoder's E[x|z] is its one decode
+    gauss = json.load(open(out / claims.run_name("gauss", 4, cells[("gauss", 4)]["lr"], 0, f=4) / "scores.json"))
+    assert gauss["psnr_ez"] == gauss["psnr"] and gauss["lowfreq_psnr_ez"] == gauss["lowfreq_psnr"]
+    for m in claims.FCURVE_MEASURES:  # one seed: no standard error, nothing decided
+        assert report["verdicts"][m]["verdict"].startswith("undecided")
+        assert (out / f"fcurve_{m}.png").stat().st_size > 1000
+    assert "| dgae | 8 | 16 |" in open(out / "fcurve.md").read()
