@@ -481,9 +481,11 @@ def verdicts(groups, c):
     factors = [(1, 1)] + ([(1, compute_factor)] if compute_factor > 1 else [])
     rule_sets = (("claim 1", c, ("gauss", "unet"), CLAIM1_LOWFREQ_DB),
                  ("claim 2", c // 2, ("gauss",), CLAIM2_LOWFREQ_DB))
-    judged = [k for k in ("dgae", "anchored") if k in kinds.split(",")]
+    kind_list = kinds.split(",")
+    judged = [k for k in ("dgae", "anchored") if k in kind_list]  # no verdict for a kind not run
     cases = list(itertools.product(judged, rule_sets, factors))
-    if compute_factor > 1 and "dgae" in judged:  # DGAE trained as long as the references: costlier or under-trained?
+    # DGAE trained as long as the references: costlier or under-trained?
+    if compute_factor > 1 and "dgae" in judged:
         cases.append(("dgae", rule_sets[0], (compute_factor, compute_factor)))
     for kind, rule_set, (own, factor) in cases:
         claim, ch, ref_kinds, db = rule_set
@@ -491,7 +493,7 @@ def verdicts(groups, c):
                                        f"equal steps (x{factor})" if own == factor else
                                        f"equal compute (x{factor})")
         g = groups.get((kind, ch, own))
-        wanted = [(k, c, factor) for k in ref_kinds if k in kinds.split(",")]
+        wanted = [(k, c, factor) for k in ref_kinds if k in kind_list]
         refs = [groups[key] for key in wanted if key in groups]
         if g is None or not wanted or len(refs) < len(wanted):
             out[name] = ("open", "not all runs are finished")
@@ -535,7 +537,8 @@ def write_report(c, heldout):
              + (f" (x{compute_factor} for the equal-compute rows)" if compute_factor > 1 else "")
              + f", seeds {seeds}, learning rates swept {lrs} (seed {seeds.split(',')[0]}, best by "
              f"E[x|z] low-frequency PSNR), {heldout.count(num_images)} held-out images, {mean_of} "
-             "decodes for E[x|z]; LPIPS " + ("on" if lpips else "off (no weight files, or --lpips-weight 0)"),
+             "decodes for E[x|z]; LPIPS "
+             + ("on" if lpips else "off (no weight files, or --lpips-weight 0)"),
              ""]
     flops = {k: step_flops(k, c) for k in kinds.split(",")}  # (total, decoder) per image, at c
     if compute_factor > 1 and "dgae" in flops:
