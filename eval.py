@@ -13,7 +13,9 @@ recon: each image of --data, ADM center-cropped to the model's resolution, again
 reconstruction. gen: the samples (.npz with arr_0, as sample.py writes, or a folder) against a
 reference .npz of statistics (mu, sigma; mu_s, sigma_s for sFID; ADM's batch also holds 10K images
 in arr_0, for precision/recall), or images. classes: where FID's ImageNet Inception means little,
-a small CNN (procedural.PatternClassifier) trained on built-in images names each sample's pattern.
+a small CNN (procedural.PatternClassifier) trained on built-in images names each sample's pattern;
+with --ae-ckpt (the stage-1 model) it also scores that autoencoder's reconstructions of the held-out
+images, the latent's ceiling, and gives the samples' FD to them.
 
 Conventions, chosen to match published numbers (formulas and constants in support/metrics.py):
   - Every metric is computed on uint8 images, what a saved PNG holds: reconstructions are rounded
@@ -62,7 +64,7 @@ num_images = 0  # recon/gen/stats: use only the first N images (0 = all)
 batch_size = 50  # images per forward pass (per process)
 num_workers = min(4, os.cpu_count() or 1)  # data-loader workers for folders (fewer on fewer cores)
 decode_steps = None  # recon: Euler steps of the diffusion decoder (None = the checkpoint's default)
-seed = 0  # recon: decoder noise seed (each batch uses seed + the index of its first image)
+seed = 0  # recon, classes: decoder noise seed (each batch: seed + the index of its first image)
 prec_recall = True  # gen: precision/recall when the reference holds images (10K for ADM's batch)
 inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION, $DGAE_WEIGHTS)
 vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
@@ -72,6 +74,9 @@ judge_steps = 600  # classes: training steps of the pattern classifier that judg
 # classes on natural images: the judge learns --data (one sub-folder per class, as train_dit.py
 # read it) and is scored on --val-data's held-out images
 val_data = ""  # classes: held-out images of --data's classes ("" = --data's val split, else --data)
+# classes: a stage-1 checkpoint; the judge also names its reconstructions of the held-out images (the
+# latent's ceiling) and measures the samples' FD to them (each latent against what it can express)
+ae_ckpt = ""
 device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 computes distances alone)
 # -----------------------------------------------------------------------------
@@ -376,6 +381,10 @@ def run_classes(dist):
                             f"[0, --num-classes {k})"))
     if not dist.master:  # small work (the built-in data is small): rank 0 does it all
         return
+    model = checkpoints.load_dgae(ae_ckpt, dist.device) if ae_ckpt else None
+    if model is not None and model.cfg.resolution != res:
+        raise SystemExit(f"--ae-ckpt {ae_ckpt} works at {model.cfg.resolution} px, --samples are "
+                         f"{res} px; give the stage-1 checkpoint the DiT's latents came from")
     judge = train_pattern_classifier(res, k, steps=judge_steps, device=dist.device, images=learn)
 
     # uint8 pixel values (as floats in [0, 255]) -> the judge's (features (N, D), class (N,))
@@ -390,6 +399,23 @@ def run_classes(dist):
     if not real:
         raise SystemExit(f"--val-data {val_data or data}: none of its images could be read")
     real_feats, real_pred, real_labels = (torch.cat(parts) for parts in zip(*real))
+    ceiling = {}
+    if model is not None:  # the same held-out images through the autoencoder, decoded from seed
+
+        @torch.inference_mode()
+        def reconstructed(x, first):  # (B, 3, H, W) -> (B, 3, H, W) rounded pixel values
+            with common.autocast_context(dist.device):
+                x = to_model_range(x).to(dist.device)
+                return to_pixels(model.reconstruct(x, seed=seed + first))
+
+        rec = [(*judged([reconstructed(x, i * batch_size)]), y)
+               for i, (x, y) in enumerate(InOrder(heldout, batch_size))]
+        rec_feats, rec_pred, rec_labels = (torch.cat(parts) for parts in zip(*rec))
+        ceiling = {"ae_ckpt": ae_ckpt,
+                   "recon_accuracy": (rec_pred == rec_labels).float().mean().item(),
+                   # the samples against the reconstructions: 0 = the DiT reached its latent's ceiling
+                   "judge_fd_recon": frechet_distance(*feature_stats(feats),
+                                                      *feature_stats(rec_feats))}
     y = labels[:n]
     results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res,
                "num_classes": k, "judged_on": data or "built-in data",
@@ -397,6 +423,7 @@ def run_classes(dist):
                "real_accuracy": (real_pred == real_labels).float().mean().item(),
                # the Frechet distance to held-out real images in the judge's feature space
                "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
+               **ceiling,
                "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
                                       for c in range(k) if (y == c).any()}}
     write_results(results, out or default_out("classes"))

@@ -335,10 +335,15 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
             result = args[args.index("--out") + 1]
             os.makedirs(os.path.dirname(result), exist_ok=True)
             step = int(os.path.basename(result)[len("classes_"):-len(".json")])
-            json.dump({"accuracy": step / 40, "judge_fd": 1.0}, open(result, "w"))
+            json.dump({"accuracy": step / 40, "judge_fd": 1.0, "judge_fd_recon": 100 / step}, open(result, "w"))
 
     monkeypatch.setattr(claims, "script", fake_script)
     rows = claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
+    # each latent's samples are judged against that latent's own reconstructions: its stage-1 model goes to eval.py
+    judged = [a[a.index("--ae-ckpt") + 1] for name, a in calls if name == "eval.py"]
+    assert judged == [str(tmp_path / r / "ckpt.pt") for r in ("gauss_c4_lr0.001_s2",) * 2 + ("dgae_c2_lr0.001_s2",) * 2]
+    assert [p["judge_fd_recon"] for p in rows["dgae c=2"]["curve"]] == [10.0, 5.0]
+    assert "| 10.00 | 5.00 |" in open(tmp_path / "c" / "converge_s2.md").read()
     dit_runs = [args for name, args in calls if name == "train_dit.py"]
     assert len(dit_runs) == 4 and all(a[a.index("--seed") + 1] == "2" for a in dit_runs)
     assert [a[a.index("--ae-ckpt") + 1] for a in dit_runs][::2] == [str(tmp_path / r / "ckpt.pt")
@@ -347,8 +352,9 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
     assert rows["dgae c=2"]["speedup"] == 1.0 and (tmp_path / "c" / "converge_s2.png").exists()
 
 
-def converge_rows(accuracies, ceiling, speedup, curve_speedup=None):
-    return {"curve": [{"step": s, "accuracy": a, "judge_fd": 1.0} for s, a in zip((10, 20), accuracies)],
+def converge_rows(accuracies, ceiling, speedup, curve_speedup=None, fd_recon=None):
+    extra = {"judge_fd_recon": fd_recon} if fd_recon is not None else {}  # results from before --ae-ckpt lack it
+    return {"curve": [{"step": s, "accuracy": a, "judge_fd": 1.0, **extra} for s, a in zip((10, 20), accuracies)],
             "ceiling_accuracy": ceiling, "speedup": speedup, "curve_speedup": curve_speedup}
 
 
@@ -368,8 +374,8 @@ def test_curve_speedup_reads_a_known_horizontal_shift_from_the_whole_curve():
 
 
 def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_seeds_speed_up(tmp_path, monkeypatch):
-    per_seed = {0: {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, None, 1.5)},
-                1: {"gauss c=4": converge_rows((0.4, 0.8), 0.9, 1.0, 1.0), "dgae c=2": converge_rows((0.6, 0.9), 0.8, 2.0, 1.7)}}
+    per_seed = {0: {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, None, 1.5, 5.0)},
+                1: {"gauss c=4": converge_rows((0.4, 0.8), 0.9, 1.0, 1.0), "dgae c=2": converge_rows((0.6, 0.9), 0.8, 2.0, 1.7, 7.0)}}
     monkeypatch.setattr(claims, "out", str(tmp_path))
     monkeypatch.setattr(claims, "seeds", "0,1,0")  # a repeated seed counts once
     monkeypatch.setattr(claims, "dit_steps", "10,20")
@@ -383,7 +389,9 @@ def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_s
     assert dgae["accuracy_mean"] == pytest.approx([0.5, 0.7]) and dgae["ceiling_accuracy"] == pytest.approx(0.75)
     assert dgae["accuracy_sd"] == pytest.approx([0.02 ** 0.5, 0.08 ** 0.5])  # two seeds: |a - b| / sqrt(2)
     table = open(tmp_path / "converge" / "converge_summary.md").read()
-    assert "| dgae c=2 | 0.500 +- 0.141 | 0.700 +- 0.283 | 0.750 | not reached, 2.00x | 1.50x, 1.70x |" in table
+    # the last step's FD to the latent's own reconstructions, mean +- SD over seeds; "-" where a seed lacks it
+    assert "| dgae c=2 | 0.500 +- 0.141 | 0.700 +- 0.283 | 0.750 | 6.000 +- 1.414 | not reached, 2.00x | 1.50x, 1.70x |" in table
+    assert "| gauss c=4 | 0.300 +- 0.141 | 0.700 +- 0.141 | 0.850 | - |" in table
     # the shift over seeds: exp(mean log) = sqrt(1.5 * 1.7), its log SE |log 1.7 - log 1.5| / 2; 1.60x is
     # beyond 2 SE (0.125) of no speed-up: faster, and the reference against itself is undecided (SE 0)
     assert dgae["speedup_mean"] == pytest.approx((1.5 * 1.7) ** 0.5)
@@ -507,6 +515,7 @@ def test_compare_quick_trains_every_part_and_reports_the_verdicts(tmp_path):
     for label, r in result["latents"].items():
         assert [p["step"] for p in r["curve"]] == [2, 4]
         assert all(0 <= p["accuracy"] <= 1 and math.isfinite(p["judge_fd"]) for p in r["curve"])
+        assert all(p["judge_fd_recon"] > 0 for p in r["curve"])  # against the latent's own reconstructions
         assert r["ceiling_accuracy"] == groups[(label.split()[0], int(label[-1]), 1)]["judge_accuracy"][0]
     ref = result["latents"]["gauss c=4"]
     assert result["target_accuracy"] == ref["curve"][-1]["accuracy"] and ref["speedup"] == 1.0

@@ -522,3 +522,46 @@ def test_recon_of_one_image_is_refused_not_a_nan():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "recon", "--ckpt", "x.pt", "--num-images", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("error: recon --num-images 1")
+
+
+def test_classes_with_the_autoencoder_measures_samples_against_its_reconstructions(tmp_path, monkeypatch):
+    # Known answers: samples that ARE the autoencoder's reconstructions of the held-out images (decoded
+    # with the documented seeds: seed + the index of each batch's first image) lie at FD 0 from them and
+    # score the reconstructions' accuracy; the real held-out images lie at FD 0 from the real images.
+    from ae import DGAE, config_to_dict, make_config
+    from support.checkpoints import load_dgae
+    from support.data import ImageFolderDataset, to_model_range
+
+    _colour_folder(tmp_path / "train", 30, seed=0)
+    x, y = _colour_folder(tmp_path / "val", 10, seed=1)
+    cfg = make_config("tiny", resolution=16, decode_steps=2)
+    torch.manual_seed(0)
+    sd = DGAE(cfg).state_dict()
+    ckpt = str(tmp_path / "ae.pt")
+    checkpoints.save_checkpoint(ckpt, {"kind": "ae", "model": sd, "ema": sd, "model_args": config_to_dict(cfg)})
+    model = load_dgae(ckpt)
+    heldout = ImageFolderDataset(str(tmp_path / "val"), 16, split="val")
+    real = to_model_range(torch.stack([heldout[i][0] for i in range(len(heldout))]))  # (30, 3, 16, 16)
+    labels = np.array([heldout[i][1] for i in range(len(heldout))])
+    with torch.no_grad():
+        rec = torch.cat([model.reconstruct(real[lo : lo + 8], seed=5 + lo) for lo in range(0, 30, 8)])
+    np.savez(tmp_path / "recon.npz", arr_0=eval_data.to_pixels(rec).permute(0, 2, 3, 1).numpy().astype(np.uint8), labels=labels)
+    np.savez(tmp_path / "real.npz", arr_0=x, labels=y)
+    flags = ["--data", str(tmp_path / "train"), "--val-data", str(tmp_path / "val"), "--judge-steps", "40",
+             "--device", "cpu", "--ae-ckpt", ckpt, "--seed", "5", "--batch-size", "8"]
+    run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "recon.npz"), *flags)
+    run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "real.npz"), *flags)
+    as_recon, as_real = (json.load(open(tmp_path / f"{n}_classes.json")) for n in ("recon", "real"))
+    assert as_recon["judge_fd_recon"] == pytest.approx(0, abs=1e-4) and as_recon["judge_fd"] > 1e-3
+    assert as_recon["accuracy"] == pytest.approx(as_recon["recon_accuracy"]) and as_recon["ae_ckpt"] == ckpt
+    assert as_real["judge_fd"] == pytest.approx(0, abs=1e-4)  # sqrtm noise against FDs of ~60
+    assert as_real["judge_fd_recon"] == pytest.approx(as_recon["judge_fd"], rel=1e-6)  # the same two sets
+    # another decoder seed gives other reconstructions: no longer the samples
+    run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "recon.npz"), *flags[:-4], "--batch-size", "8")
+    assert json.load(open(tmp_path / "recon_classes.json"))["judge_fd_recon"] > 1e-3
+    # a stage-1 model of another resolution than the samples: one line before the judge trains
+    cfg32 = make_config("tiny")
+    sd32 = DGAE(cfg32).state_dict()
+    checkpoints.save_checkpoint(str(tmp_path / "ae32.pt"), {"kind": "ae", "model": sd32, "ema": sd32, "model_args": config_to_dict(cfg32)})
+    with pytest.raises(SystemExit, match="works at 32 px, --samples are 16 px"):
+        run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "real.npz"), *flags[:-6], "--ae-ckpt", str(tmp_path / "ae32.pt"))
