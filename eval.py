@@ -74,8 +74,8 @@ judge_steps = 600  # classes: training steps of the pattern classifier that judg
 # classes on natural images: the judge learns --data (one sub-folder per class, as train_dit.py
 # read it) and is scored on --val-data's held-out images
 val_data = ""  # classes: held-out images of --data's classes ("" = --data's val split, else --data)
-# classes: a stage-1 checkpoint; the judge also names its reconstructions of the held-out images (the
-# latent's ceiling) and measures the samples' FD to them (each latent against what it can express)
+# classes: a stage-1 checkpoint; the judge also names its reconstructions of the held-out images
+# (the latent's ceiling) and measures the samples' FD to them (each latent against what it can show)
 ae_ckpt = ""
 device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 computes distances alone)
@@ -413,7 +413,7 @@ def run_classes(dist):
         rec_feats, rec_pred, rec_labels = (torch.cat(parts) for parts in zip(*rec))
         ceiling = {"ae_ckpt": ae_ckpt,
                    "recon_accuracy": (rec_pred == rec_labels).float().mean().item(),
-                   # the samples against the reconstructions: 0 = the DiT reached its latent's ceiling
+                   # the samples against the reconstructions: 0 = the DiT reached its ceiling
                    "judge_fd_recon": frechet_distance(*feature_stats(feats),
                                                       *feature_stats(rec_feats))}
     y = labels[:n]

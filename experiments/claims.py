@@ -748,7 +748,7 @@ def converge_one_seed(dist, c, seed, step_list, root):
                        "--device", dist.device.type, "--judge-steps", judge_steps,
                        "--data", data, "--val-data", val_data, "--ae-ckpt", ae_path)
             r = json.load(open(result))
-            # judge_fd: to the real held-out images; judge_fd_recon: to this latent's reconstructions
+            # judge_fd: to the real held-out images; judge_fd_recon: to the latent's reconstructions
             curve.append({"step": step, "accuracy": r["accuracy"], "judge_fd": r["judge_fd"],
                           "judge_fd_recon": r.get("judge_fd_recon")})
         rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"],
