@@ -930,9 +930,9 @@ def run_fcurve(dist):
     lines = [f"# claim 1 against f: {data or 'the built-in data'}, {preset} preset, a "
              f"{side}x{side}x{dict(points)[f_list[0]]} latent's size at every f",
              "", f"{max_steps} steps, seeds {seeds}, lrs {lrs} (swept at the first seed, best by "
-             f"E[x|z] PSNR), {num_images} held-out images, E[x|z] from {mean_of} decodes without "
-             f"their sampling variance, low/high frequencies split at pooling factor {pool}; mean "
-             "+- sd over seeds", "",
+             f"E[x|z] PSNR), {heldout.count(num_images)} held-out images, E[x|z] from {mean_of} "
+             "decodes without their sampling variance, low/high frequencies split at pooling "
+             f"factor {pool}; mean +- sd over seeds", "",
              *md_table(["decoder", "f", "c", "lr", "seeds", *FCURVE_MEASURES])]
     for (k, f), g in sorted(table.items()):
         cells = ["{:.3f} +- {:.3f}".format(*mean_sd(g[m])) for m in FCURVE_MEASURES]
