@@ -63,7 +63,7 @@ resolution = 256  # gen/stats: folder images are ADM center-cropped to this size
 num_images = 0  # recon/gen/stats: use only the first N images (0 = all)
 batch_size = 50  # images per forward pass (per process)
 num_workers = min(4, os.cpu_count() or 1)  # data-loader workers for folders (fewer on fewer cores)
-decode_steps = None  # recon: Euler steps of the diffusion decoder (None = the checkpoint's default)
+decode_steps = None  # recon, classes: the diffusion decoder's Euler steps (None = the checkpoint's)
 seed = 0  # recon, classes: decoder noise seed (each batch: seed + the index of its first image)
 prec_recall = True  # gen: precision/recall when the reference holds images (10K for ADM's batch)
 inception_path = ""  # pt_inception-2015-12-05-6726825d.pth (or $DGAE_INCEPTION, $DGAE_WEIGHTS)
@@ -78,7 +78,7 @@ val_data = ""  # classes: held-out images of --data's classes ("" = --data's val
 # (the latent's ceiling) and measures the samples' FD to them (each latent against what it can show)
 ae_ckpt = ""
 device = ""  # "" = auto (cuda, mps, cpu)
-dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 computes distances alone)
+dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 alone computes distances)
 # -----------------------------------------------------------------------------
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
@@ -379,12 +379,13 @@ def run_classes(dist):
         raise SystemExit(f"--samples {samples}: labels in [{labels.min()}, {labels.max()}], not in "
                          + (f"[0, {k}): --data has {k} classes" if data else
                             f"[0, --num-classes {k})"))
-    if not dist.master:  # small work (the built-in data is small): rank 0 does it all
-        return
+    # the stage-1 model is read (and a wrong one refused) on every rank, before any work
     model = checkpoints.load_dgae(ae_ckpt, dist.device) if ae_ckpt else None
     if model is not None and model.cfg.resolution != res:
         raise SystemExit(f"--ae-ckpt {ae_ckpt} works at {model.cfg.resolution} px, --samples are "
                          f"{res} px; give the stage-1 checkpoint the DiT's latents came from")
+    if not dist.master:  # small work (the built-in data is small): rank 0 does it all
+        return
     judge = train_pattern_classifier(res, k, steps=judge_steps, device=dist.device, images=learn)
 
     # uint8 pixel values (as floats in [0, 255]) -> the judge's (features (N, D), class (N,))
@@ -393,23 +394,26 @@ def run_classes(dist):
         feats = torch.cat([judge.embed(x.to(dist.device) / 127.5 - 1).cpu() for x in batches])
         return feats, judge.head(feats).argmax(1)
 
+    @torch.inference_mode()
+    def reconstructed(px, first):  # (B, 3, H, W) pixel values -> their reconstructions, rounded
+        with common.autocast_context(dist.device):  # decoder noise: seed + the batch's first index
+            x = px.to(dist.device) / 127.5 - 1
+            return to_pixels(model.reconstruct(x, steps=decode_steps, seed=seed + first))
+
     feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
-    # the held-out real images, rounded to uint8 like the samples, and their classes
-    real = [(*judged([to_pixels(to_model_range(x))]), y) for x, y in InOrder(heldout, batch_size)]
+    # the held-out real images, rounded to uint8 like the samples, and their classes; with
+    # --ae-ckpt the same rounded images through the autoencoder too (the latent's ceiling)
+    real, rec = [], []
+    for i, (x, y) in enumerate(InOrder(heldout, batch_size)):
+        px = to_pixels(to_model_range(x))  # (B, 3, H, W)
+        real.append((*judged([px]), y))
+        if model is not None:
+            rec.append((*judged([reconstructed(px, i * batch_size)]), y))
     if not real:
         raise SystemExit(f"--val-data {val_data or data}: none of its images could be read")
     real_feats, real_pred, real_labels = (torch.cat(parts) for parts in zip(*real))
     ceiling = {}
-    if model is not None:  # the same held-out images through the autoencoder, decoded from seed
-
-        @torch.inference_mode()
-        def reconstructed(x, first):  # (B, 3, H, W) -> (B, 3, H, W) rounded pixel values
-            with common.autocast_context(dist.device):
-                x = to_model_range(x).to(dist.device)
-                return to_pixels(model.reconstruct(x, seed=seed + first))
-
-        rec = [(*judged([reconstructed(x, i * batch_size)]), y)
-               for i, (x, y) in enumerate(InOrder(heldout, batch_size))]
+    if model is not None:
         rec_feats, rec_pred, rec_labels = (torch.cat(parts) for parts in zip(*rec))
         ceiling = {"ae_ckpt": ae_ckpt,
                    "recon_accuracy": (rec_pred == rec_labels).float().mean().item(),

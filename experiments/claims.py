@@ -750,8 +750,13 @@ def converge_one_seed(dist, c, seed, step_list, root):
             r = json.load(open(result))
             # judge_fd: to the real held-out images; judge_fd_recon: to the latent's reconstructions
             curve.append({"step": step, "accuracy": r["accuracy"], "judge_fd": r["judge_fd"],
-                          "judge_fd_recon": r.get("judge_fd_recon")})
-        rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"],
+                          "judge_fd_recon": r.get("judge_fd_recon"),
+                          "recon_accuracy": r.get("recon_accuracy")})
+        # the ceiling: the judge on this autoencoder's reconstructions, as eval.py measured it
+        # beside the samples (compare's score where a result predates that)
+        ceiling = curve[-1]["recon_accuracy"]
+        rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"]
+                       if ceiling is None else ceiling,
                        "ceiling_judge_fd": ae_scores["judge_fd"], "ae_ckpt": ae_path}
     ref = next(iter(rows))
     target = rows[ref]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
