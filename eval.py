@@ -74,9 +74,9 @@ judge_steps = 600  # classes: training steps of the pattern classifier that judg
 # classes on natural images: the judge learns --data (one sub-folder per class, as train_dit.py
 # read it) and is scored on --val-data's held-out images
 val_data = ""  # classes: held-out images of --data's classes ("" = --data's val split, else --data)
-# classes: a stage-1 checkpoint; the judge also names its reconstructions of the held-out images
-# (the latent's ceiling) and measures the samples' FD to them (each latent against what it can show)
-ae_ckpt = ""
+# with it the judge also names the held-out images' reconstructions (the latent's ceiling) and
+# gives the samples' FD to them: each latent against what it can show
+ae_ckpt = ""  # classes: the stage-1 checkpoint the DiT's latents came from ("" = none)
 device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 alone computes distances)
 # -----------------------------------------------------------------------------
