@@ -74,8 +74,6 @@ judge_steps = 600  # classes: training steps of the pattern classifier that judg
 # classes on natural images: the judge learns --data (one sub-folder per class, as train_dit.py
 # read it) and is scored on --val-data's held-out images
 val_data = ""  # classes: held-out images of --data's classes ("" = --data's val split, else --data)
-# with it the judge also names the held-out images' reconstructions (the latent's ceiling) and
-# gives the samples' FD to them: each latent against what it can show
 ae_ckpt = ""  # classes: the stage-1 checkpoint the DiT's latents came from ("" = none)
 device = ""  # "" = auto (cuda, mps, cpu)
 dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 alone computes distances)
@@ -408,15 +406,15 @@ def run_classes(dist):
         px = to_pixels(to_model_range(x))  # (B, 3, H, W)
         real.append((*judged([px]), y))
         if model is not None:
-            rec.append((*judged([reconstructed(px, i * batch_size)]), y))
+            rec.append(judged([reconstructed(px, i * batch_size)]))  # the same labels as real
     if not real:
         raise SystemExit(f"--val-data {val_data or data}: none of its images could be read")
     real_feats, real_pred, real_labels = (torch.cat(parts) for parts in zip(*real))
     ceiling = {}
     if model is not None:
-        rec_feats, rec_pred, rec_labels = (torch.cat(parts) for parts in zip(*rec))
+        rec_feats, rec_pred = (torch.cat(parts) for parts in zip(*rec))
         ceiling = {"ae_ckpt": ae_ckpt,
-                   "recon_accuracy": (rec_pred == rec_labels).float().mean().item(),
+                   "recon_accuracy": (rec_pred == real_labels).float().mean().item(),
                    # the samples against the reconstructions: 0 = the DiT reached its ceiling
                    "judge_fd_recon": frechet_distance(*feature_stats(feats),
                                                       *feature_stats(rec_feats))}

@@ -837,11 +837,11 @@ def run_converge(dist):
     for label, r in summary.items():
         over = (f"{r['speedup_mean']:.2f}x (log +- {r['log_speedup_se']:.2f} SE)"
                 if r["speedup_mean"] else "-")
-        fds = [v for v in r["final_fd_recon"] if v is not None]
         lines.append(md_row([label, *(f"{m:.3f} +- {sd:.3f}" for m, sd
                                       in zip(r["accuracy_mean"], r["accuracy_sd"])),
                              f"{r['ceiling_accuracy']:.3f}",
-                             mean_sd_text(fds) if len(fds) == len(r["final_fd_recon"]) else "-",
+                             "-" if None in r["final_fd_recon"]
+                             else mean_sd_text(r["final_fd_recon"]),
                              ", ".join(map(times, r["speedups"])),
                              ", ".join(map(times, r["curve_speedups"])), over, r["verdict"]]))
     write_converge_report(os.path.join(root, "converge_summary"), lines,
