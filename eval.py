@@ -15,7 +15,8 @@ reference .npz of statistics (mu, sigma; mu_s, sigma_s for sFID; ADM's batch als
 in arr_0, for precision/recall), or images. classes: where FID's ImageNet Inception means little,
 a small CNN (procedural.PatternClassifier) trained on built-in images names each sample's pattern;
 with --ae-ckpt (the stage-1 model) it also scores that autoencoder's reconstructions of the held-out
-images, the latent's ceiling, and gives the samples' FD to them.
+images, the latent's ceiling, and gives the samples' FD to them. Several sample files (--samples
+a.npz,b.npz) share one judge and one reconstruction; each result goes beside its file.
 
 Conventions, chosen to match published numbers (formulas and constants in support/metrics.py):
   - Every metric is computed on uint8 images, what a saved PNG holds: reconstructions are rounded
@@ -42,8 +43,9 @@ from support import checkpoints, common
 from support.data import ImageFolderDataset, InOrder, check_same_classes, to_model_range
 from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two,
                                check_reference_stats, frechet_entries, gather_rows,
-                               inception_features, inception_score_entries, readable_or_refuse,
-                               require_zip, stats_of, table_path, to_pixels, total, write_results)
+                               inception_features, inception_score_entries, labelled_samples,
+                               readable_or_refuse, require_zip, stats_of, table_path, to_pixels,
+                               total, write_results)
 from support.inception import load_inception
 from support.metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance,
                              highfreq_energy, highfreq_ratio, lowfreq_psnr,
@@ -55,7 +57,7 @@ from support.procedural import ProceduralDataset, train_pattern_classifier
 # settings (override with --name value)
 ckpt = ""  # recon: stage-1 checkpoint written by train_ae.py
 data = ""  # recon: folder of images to reconstruct (ImageNet val: 50K images); classes: see below
-samples = ""  # gen: generated images, an .npz with arr_0 (N, H, W, 3) uint8 or a folder
+samples = ""  # gen: images, .npz with arr_0 (N, H, W, 3) uint8 or folder; classes: .npz[,.npz...]
 ref = ""  # gen: reference .npz with mu/sigma[/mu_s/sigma_s][/arr_0], or images (.npz or folder)
 images = ""  # stats: images to summarise (.npz or folder)
 out = ""  # results .json (the table goes beside it as .txt); stats: the .npz to write
@@ -81,12 +83,13 @@ dist_timeout = 600  # torchrun: seconds a rank waits for others (rank 0 alone co
 SETTINGS = common.settings_block(globals())  # the defaults above: every main() starts from them
 
 
-def default_out(mode, steps=None):
-    """Where `mode` writes its results without --out, beside its input (stats needs --out)."""
+def default_out(mode, steps=None, path=None):
+    """Where `mode` writes its results without --out, beside its input (path: one of classes'
+    samples; stats needs --out)."""
     if mode == "recon":
         return os.path.join(os.path.dirname(os.path.abspath(ckpt)), f"eval_recon_steps{steps}.json")
-    return os.path.splitext(samples.rstrip("/"))[0] + ("_eval.json" if mode == "gen"
-                                                       else "_classes.json")
+    return os.path.splitext((path or samples).rstrip("/"))[0] + ("_eval.json" if mode == "gen"
+                                                                 else "_classes.json")
 
 
 def check_output(mode, dist):
@@ -95,6 +98,9 @@ def check_output(mode, dist):
     if not dist.master:
         return
     if out:
+        if mode == "classes" and "," in samples:
+            raise SystemExit("error: --out names one results file; with several --samples each "
+                             "result goes beside its samples (leave --out out)")
         if mode != "stats" and table_path(out) == out:  # the table would overwrite the results
             raise SystemExit(f"error: --out {out}: the table is written beside the results as "
                              ".txt, so the results cannot be a .txt file; name it e.g. "
@@ -105,9 +111,10 @@ def check_output(mode, dist):
         common.writable_dir(os.path.dirname(os.path.abspath(ckpt)),
                             "--out (not given, so beside --ckpt)")
     elif mode in ("gen", "classes") and samples:
-        path = default_out(mode)
-        common.writable_file(path, "--out (not given, so beside --samples)",
-                             also=(table_path(path),))
+        for each in samples.split(",") if mode == "classes" else [samples]:
+            path = default_out(mode, path=each)
+            common.writable_file(path, "--out (not given, so beside --samples)",
+                                 also=(table_path(path),))
 
 
 # -----------------------------------------------------------------------------
@@ -344,25 +351,14 @@ def run_stats(dist):
 
 
 def run_classes(dist):
-    if not samples.endswith(".npz"):
-        raise SystemExit("classes needs --samples, an .npz of samples and their labels (sample.py "
-                         "--num-samples writes one)")
-    require_zip(samples)
-    with np.load(samples) as f:
-        if "labels" not in f.files:
-            raise SystemExit(f"--samples {samples} has no labels; classes needs the .npz of "
-                             "sample.py --num-samples")
-        labels = f["labels"]
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise SystemExit(f"--samples {samples}: labels of shape {labels.shape} and type "
-                         f"{labels.dtype}; classes needs one whole-number label per image, shape "
-                         "(N,), as sample.py --num-samples writes them")
-    labels = torch.from_numpy(labels).long()
-    source = ImageSource(samples, 0)
-    n, res = source.count(num_images), source.shape[1]
-    if len(labels) != source.n or source.n == 0:
-        raise SystemExit(f"--samples {samples}: {source.n} images and {len(labels)} labels; "
-                         "classes needs one label per image")
+    # several sample files (e.g. one per training step) share one judge and one reconstruction
+    paths = samples.split(",")
+    sets = [labelled_samples(path) for path in paths]  # every file checked before any work
+    res = sets[0][0].shape[1]
+    for path, (source, _) in zip(paths, sets):
+        if source.shape[1] != res:
+            raise SystemExit(f"--samples {path}: {source.shape[1]} px, {paths[0]}: {res} px; "
+                             "score samples of one resolution together")
     if data:  # the judge learns the labelled folder; the real images are its held-out split
         learn = ImageFolderDataset(data, res)
         heldout = ImageFolderDataset(val_data or data, res, split="val")
@@ -373,10 +369,11 @@ def run_classes(dist):
         heldout = ProceduralDataset(res, num_classes, size=HELDOUT_SIZE, seed=HELDOUT_SEED)
         names = heldout.class_names
     k = len(names)
-    if labels.min() < 0 or labels.max() >= k:
-        raise SystemExit(f"--samples {samples}: labels in [{labels.min()}, {labels.max()}], not in "
-                         + (f"[0, {k}): --data has {k} classes" if data else
-                            f"[0, --num-classes {k})"))
+    for path, (_, labels) in zip(paths, sets):
+        if labels.min() < 0 or labels.max() >= k:
+            raise SystemExit(f"--samples {path}: labels in [{labels.min()}, {labels.max()}], not "
+                             + (f"in [0, {k}): --data has {k} classes" if data else
+                                f"in [0, --num-classes {k})"))
     # the stage-1 model is read (and a wrong one refused) on every rank, before any work
     model = checkpoints.load_dgae(ae_ckpt, dist.device) if ae_ckpt else None
     if model is not None and model.cfg.resolution != res:
@@ -398,7 +395,6 @@ def run_classes(dist):
             x = px.to(dist.device) / 127.5 - 1
             return to_pixels(model.reconstruct(x, steps=decode_steps, seed=seed + first))
 
-    feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
     # the held-out real images, rounded to uint8 like the samples, and their classes; with
     # --ae-ckpt the same rounded images through the autoencoder too (the latent's ceiling)
     real, rec = [], []
@@ -414,21 +410,25 @@ def run_classes(dist):
     if model is not None:
         rec_feats, rec_pred = (torch.cat(parts) for parts in zip(*rec))
         ceiling = {"ae_ckpt": ae_ckpt,
-                   "recon_accuracy": (rec_pred == real_labels).float().mean().item(),
-                   # the samples against the reconstructions: 0 = the DiT reached its ceiling
-                   "judge_fd_recon": frechet_distance(*feature_stats(feats),
-                                                      *feature_stats(rec_feats))}
-    y = labels[:n]
-    results = {"mode": "classes", "samples": samples, "num_samples": n, "resolution": res,
-               "num_classes": k, "judged_on": data or "built-in data",
-               "accuracy": (pred == y).float().mean().item(), "chance": 1 / k,
-               "real_accuracy": (real_pred == real_labels).float().mean().item(),
-               # the Frechet distance to held-out real images in the judge's feature space
-               "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
-               **ceiling,
-               "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean().item(), 3)
-                                      for c in range(k) if (y == c).any()}}
-    write_results(results, out or default_out("classes"))
+                   "recon_accuracy": (rec_pred == real_labels).float().mean().item()}
+    for path, (source, labels) in zip(paths, sets):
+        n = source.count(num_images)
+        feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
+        y = labels[:n]
+        if model is not None:  # the samples against the reconstructions: 0 = at the ceiling
+            ceiling["judge_fd_recon"] = frechet_distance(*feature_stats(feats),
+                                                         *feature_stats(rec_feats))
+        results = {"mode": "classes", "samples": path, "num_samples": n, "resolution": res,
+                   "num_classes": k, "judged_on": data or "built-in data",
+                   "accuracy": (pred == y).float().mean().item(), "chance": 1 / k,
+                   "real_accuracy": (real_pred == real_labels).float().mean().item(),
+                   # the Frechet distance to held-out real images in the judge's feature space
+                   "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
+                   **ceiling,
+                   "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean()
+                                                          .item(), 3)
+                                          for c in range(k) if (y == c).any()}}
+        write_results(results, out or default_out("classes", path=path))
 
 
 MODES = {"recon": run_recon, "gen": run_gen, "stats": run_stats, "classes": run_classes}

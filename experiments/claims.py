@@ -732,22 +732,27 @@ def converge_one_seed(dist, c, seed, step_list, root):
     for label, ae_run, ae_scores in converge_latents(c, seed):
         ae_path = os.path.join(out, ae_run, "ckpt.pt")
         run_dir = os.path.join(root, ae_run)  # named by its stage-1 run: a new best rate, a new DiT
-        curve = []
+        todo = []  # samples not yet judged: one eval.py call judges them all (one judge, one recon)
         for step in step_list:
-            result = os.path.join(run_dir, f"classes_{step}.json")
-            if not os.path.exists(result):
+            samples = os.path.join(run_dir, f"samples_{step}.npz")
+            if os.path.exists(os.path.join(run_dir, f"samples_{step}_classes.json")):
+                continue
+            if not os.path.exists(samples):
                 script("train_dit.py", "--ae-ckpt", ae_path, "--out-dir", run_dir,
                        "--max-steps", step, "--ckpt-every", step, "--sample-every", step,
                        "--seed", seed, "--data", data, *resume_flag(run_dir),
                        # the built-in data's DiT on a folder too (train_dit.py would take DiT-XL)
                        *(("--preset", "DiT-Tiny/1") if data else ()), *shlex.split(dit_args))
-                samples = os.path.join(run_dir, f"samples_{step}.npz")
                 script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples",
                        num_samples, "--out", samples, "--device", dist.device.type)
-                script("eval.py", "classes", "--samples", samples, "--out", result,
-                       "--device", dist.device.type, "--judge-steps", judge_steps,
-                       "--data", data, "--val-data", val_data, "--ae-ckpt", ae_path)
-            r = json.load(open(result))
+            todo.append(samples)
+        if todo:
+            script("eval.py", "classes", "--samples", ",".join(todo), "--device",
+                   dist.device.type, "--judge-steps", judge_steps, "--data", data,
+                   "--val-data", val_data, "--ae-ckpt", ae_path)
+        curve = []
+        for step in step_list:
+            r = json.load(open(os.path.join(run_dir, f"samples_{step}_classes.json")))
             # judge_fd: to the real held-out images; judge_fd_recon: to the latent's reconstructions
             curve.append({"step": step, "accuracy": r["accuracy"], "judge_fd": r["judge_fd"],
                           "judge_fd_recon": r.get("judge_fd_recon"),

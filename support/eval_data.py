@@ -258,3 +258,26 @@ def check_reference_stats(path, stats):
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise SystemExit(f"error: --ref {path}: {m} or {s} holds a value that is not finite; "
                              "recompute the reference with eval.py stats")
+
+
+def labelled_samples(path):
+    """(ImageSource, labels (N,) long) of one .npz of sample.py --num-samples; refused in one line
+    if it is not one."""
+    if not path.endswith(".npz"):
+        raise SystemExit("classes needs --samples, an .npz of samples and their labels (sample.py "
+                         "--num-samples writes one), or several joined by commas")
+    require_zip(path)
+    with np.load(path) as f:
+        if "labels" not in f.files:
+            raise SystemExit(f"--samples {path} has no labels; classes needs the .npz of "
+                             "sample.py --num-samples")
+        labels = f["labels"]
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise SystemExit(f"--samples {path}: labels of shape {labels.shape} and type "
+                         f"{labels.dtype}; classes needs one whole-number label per image, shape "
+                         "(N,), as sample.py --num-samples writes them")
+    source = ImageSource(path, 0)
+    if len(labels) != source.n or source.n == 0:
+        raise SystemExit(f"--samples {path}: {source.n} images and {len(labels)} labels; "
+                         "classes needs one label per image")
+    return source, torch.from_numpy(labels).long()

@@ -332,17 +332,19 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
     def fake_script(name, *args):  # stands in for the subprocesses; eval.py leaves a result that grows with the step
         calls.append((name, [str(a) for a in args]))
         if name == "eval.py":
-            result = args[args.index("--out") + 1]
-            os.makedirs(os.path.dirname(result), exist_ok=True)
-            step = int(os.path.basename(result)[len("classes_"):-len(".json")])
-            json.dump({"accuracy": step / 40, "judge_fd": 1.0, "judge_fd_recon": 100 / step, "recon_accuracy": 0.85},
-                      open(result, "w"))
+            for samples in args[args.index("--samples") + 1].split(","):
+                os.makedirs(os.path.dirname(samples), exist_ok=True)
+                step = int(os.path.basename(samples)[len("samples_"):-len(".npz")])
+                json.dump({"accuracy": step / 40, "judge_fd": 1.0, "judge_fd_recon": 100 / step,
+                           "recon_accuracy": 0.85}, open(samples[:-len(".npz")] + "_classes.json", "w"))
 
     monkeypatch.setattr(claims, "script", fake_script)
     rows = claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
-    # each latent's samples are judged against that latent's own reconstructions: its stage-1 model goes to eval.py
-    judged = [a[a.index("--ae-ckpt") + 1] for name, a in calls if name == "eval.py"]
-    assert judged == [str(tmp_path / r / "ckpt.pt") for r in ("gauss_c4_lr0.001_s2",) * 2 + ("dgae_c2_lr0.001_s2",) * 2]
+    # each latent's samples are judged against that latent's own reconstructions: its stage-1 model goes to eval.py,
+    # once for all its steps' samples (one judge, one reconstruction of the held-out images)
+    judged = [(a[a.index("--ae-ckpt") + 1], a[a.index("--samples") + 1]) for name, a in calls if name == "eval.py"]
+    assert judged == [(str(tmp_path / r / "ckpt.pt"), ",".join(str(tmp_path / "c" / r / f"samples_{s}.npz") for s in (10, 20)))
+                      for r in ("gauss_c4_lr0.001_s2", "dgae_c2_lr0.001_s2")]
     assert [p["judge_fd_recon"] for p in rows["dgae c=2"]["curve"]] == [10.0, 5.0]
     md = open(tmp_path / "c" / "converge_s2.md").read()
     assert "| latent | acc@10 | acc@20 | ceiling acc | fd@10 | fd@20 | steps to target | ratio | shift |" in md
@@ -353,6 +355,13 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
                                                                     for r in ("gauss_c4_lr0.001_s2", "dgae_c2_lr0.001_s2")]
     assert json.load(open(tmp_path / "c" / "converge_s2.json"))["target_accuracy"] == 0.5
     assert rows["dgae c=2"]["speedup"] == 1.0 and (tmp_path / "c" / "converge_s2.png").exists()
+    # resumed with one step judged and the next one's samples drawn: nothing trains, only the unjudged samples are judged
+    run = tmp_path / "c" / "dgae_c2_lr0.001_s2"
+    os.remove(run / "samples_20_classes.json")
+    open(run / "samples_20.npz", "w").close()
+    calls.clear()
+    claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
+    assert [(name, a[a.index("--samples") + 1]) for name, a in calls] == [("eval.py", str(run / "samples_20.npz"))]
 
 
 def converge_rows(accuracies, ceiling, speedup, curve_speedup=None, fd_recon=None):
@@ -561,7 +570,7 @@ def test_claim_3_runs_on_an_image_folder_with_a_judge_of_its_classes(tmp_path):
     assert list(result["latents"]) == ["gauss c=4", "dgae c=2"]
     for label, r in result["latents"].items():
         run = os.path.basename(os.path.dirname(r["ae_ckpt"]))
-        judged = json.load(open(out / "converge" / run / "classes_4.json"))
+        judged = json.load(open(out / "converge" / run / "samples_4_classes.json"))
         # the ceiling: the folder's judge on this autoencoder's reconstructions of the held-out images
         assert r["ceiling_accuracy"] == judged["recon_accuracy"] and 0 <= r["ceiling_accuracy"] <= 1
         assert judged["ae_ckpt"] == r["ae_ckpt"] and math.isfinite(judged["judge_fd_recon"])

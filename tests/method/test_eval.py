@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -556,6 +557,23 @@ def test_classes_with_the_autoencoder_measures_samples_against_its_reconstructio
     assert as_recon["accuracy"] == pytest.approx(as_recon["recon_accuracy"]) and as_recon["ae_ckpt"] == ckpt
     assert as_real["judge_fd"] == pytest.approx(0, abs=1e-4)  # sqrtm noise against FDs of ~60
     assert as_real["judge_fd_recon"] == pytest.approx(as_recon["judge_fd"], rel=1e-6)  # the same two sets
+    # several sample files in one call share the judge and the reconstructions: each result is the
+    # one its file gets alone, written beside it
+    both = tmp_path / "both"
+    both.mkdir()
+    for n in ("recon", "real"):
+        shutil.copy(tmp_path / f"{n}.npz", both / f"{n}.npz")
+    run_eval_in_process(monkeypatch, "classes", "--samples", f"{both / 'recon.npz'},{both / 'real.npz'}", *flags)
+    for n, alone in (("recon", as_recon), ("real", as_real)):
+        together = json.load(open(both / f"{n}_classes.json"))
+        assert together.pop("samples") == str(both / f"{n}.npz") and alone.pop("samples")
+        assert together == alone
+    with pytest.raises(SystemExit, match="with several --samples each result goes beside its samples"):
+        run_eval_in_process(monkeypatch, "classes", "--samples", f"{both / 'recon.npz'},{both / 'real.npz'}",
+                            "--out", str(tmp_path / "r.json"), *flags)
+    np.savez(tmp_path / "s8.npz", arr_0=x[:, ::2, ::2], labels=y)
+    with pytest.raises(SystemExit, match="s8.npz: 8 px, .*real.npz: 16 px; score samples of one resolution"):
+        run_eval_in_process(monkeypatch, "classes", "--samples", f"{tmp_path / 'real.npz'},{tmp_path / 's8.npz'}", *flags)
     # another decoder seed gives other reconstructions: no longer the samples
     run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "recon.npz"), *flags[:-4], "--batch-size", "8")
     assert json.load(open(tmp_path / "recon_classes.json"))["judge_fd_recon"] > 1e-3
