@@ -44,8 +44,8 @@ from support.data import ImageFolderDataset, InOrder, check_same_classes, to_mod
 from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two,
                                check_reference_stats, frechet_entries, gather_rows,
                                inception_features, inception_score_entries, labelled_samples,
-                               readable_or_refuse, require_zip, stats_of, table_path, to_pixels,
-                               total, write_results)
+                               readable_or_refuse, require_zip, sample_files, stats_of, table_path,
+                               to_pixels, total, write_results)
 from support.inception import load_inception
 from support.metrics import (band_power, conditional_mean_mse, feature_stats, frechet_distance,
                              highfreq_energy, highfreq_ratio, lowfreq_psnr,
@@ -98,7 +98,7 @@ def check_output(mode, dist):
     if not dist.master:
         return
     if out:
-        if mode == "classes" and "," in samples:
+        if mode == "classes" and len(sample_files(samples)) > 1:
             raise SystemExit("error: --out names one results file; with several --samples each "
                              "result goes beside its samples (leave --out out)")
         if mode != "stats" and table_path(out) == out:  # the table would overwrite the results
@@ -111,7 +111,7 @@ def check_output(mode, dist):
         common.writable_dir(os.path.dirname(os.path.abspath(ckpt)),
                             "--out (not given, so beside --ckpt)")
     elif mode in ("gen", "classes") and samples:
-        for each in samples.split(",") if mode == "classes" else [samples]:
+        for each in sample_files(samples) if mode == "classes" else [samples]:
             path = default_out(mode, path=each)
             common.writable_file(path, "--out (not given, so beside --samples)",
                                  also=(table_path(path),))
@@ -158,11 +158,11 @@ def score_reconstructions(model, source, steps, dist, limit, bs, seed, lpips_net
 
     decode_s = 0.0
     batches = source.batches(lo, hi, bs, labels=judge is not None)
-    for i, real in enumerate(tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon",
-                                  disable=not dist.master)):
+    for real in tqdm(batches, total=math.ceil((hi - lo) / bs), desc="recon",
+                     disable=not dist.master):
         real, labels = real if judge is not None else (real, None)  # labels: (B,) classes
         real = real.to(dist.device)  # (B, 3, res, res) uint8 values
-        first = lo + i * bs  # the index of the batch's first image
+        first = source.first  # the index of the batch's first image
         t0 = time.perf_counter()
         with common.autocast_context(dist.device):
             rec = model.reconstruct(real / 127.5 - 1, steps=steps, seed=seed + first)
@@ -352,7 +352,7 @@ def run_stats(dist):
 
 def run_classes(dist):
     # several sample files (e.g. one per training step) share one judge and one reconstruction
-    paths = samples.split(",")
+    paths = sample_files(samples)
     sets = [labelled_samples(path) for path in paths]  # every file checked before any work
     res = sets[0][0].shape[1]
     for path, (source, _) in zip(paths, sets):
@@ -398,26 +398,26 @@ def run_classes(dist):
     # the held-out real images, rounded to uint8 like the samples, and their classes; with
     # --ae-ckpt the same rounded images through the autoencoder too (the latent's ceiling)
     real, rec = [], []
-    for i, (x, y) in enumerate(InOrder(heldout, batch_size)):
+    batches = InOrder(heldout, batch_size)
+    for x, y in batches:
         px = to_pixels(to_model_range(x))  # (B, 3, H, W)
         real.append((*judged([px]), y))
         if model is not None:
-            rec.append(judged([reconstructed(px, i * batch_size)]))  # the same labels as real
+            rec.append(judged([reconstructed(px, batches.first)]))  # the same labels as real
     if not real:
         raise SystemExit(f"--val-data {val_data or data}: none of its images could be read")
     real_feats, real_pred, real_labels = (torch.cat(parts) for parts in zip(*real))
-    ceiling = {}
     if model is not None:
         rec_feats, rec_pred = (torch.cat(parts) for parts in zip(*rec))
-        ceiling = {"ae_ckpt": ae_ckpt,
-                   "recon_accuracy": (rec_pred == real_labels).float().mean().item()}
+        recon_accuracy = (rec_pred == real_labels).float().mean().item()
     for path, (source, labels) in zip(paths, sets):
         n = source.count(num_images)
         feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
         y = labels[:n]
-        if model is not None:  # the samples against the reconstructions: 0 = at the ceiling
-            ceiling["judge_fd_recon"] = frechet_distance(*feature_stats(feats),
-                                                         *feature_stats(rec_feats))
+        ceiling = {} if model is None else {
+            "ae_ckpt": ae_ckpt, "recon_accuracy": recon_accuracy,
+            # the samples against the reconstructions: 0 = the DiT reached its ceiling
+            "judge_fd_recon": frechet_distance(*feature_stats(feats), *feature_stats(rec_feats))}
         results = {"mode": "classes", "samples": path, "num_samples": n, "resolution": res,
                    "num_classes": k, "judged_on": data or "built-in data",
                    "accuracy": (pred == y).float().mean().item(), "chance": 1 / k,

@@ -743,8 +743,14 @@ def converge_one_seed(dist, c, seed, step_list, root):
                        "--seed", seed, "--data", data, *resume_flag(run_dir),
                        # the built-in data's DiT on a folder too (train_dit.py would take DiT-XL)
                        *(("--preset", "DiT-Tiny/1") if data else ()), *shlex.split(dit_args))
-                script("sample.py", "--ckpt", os.path.join(run_dir, "ckpt.pt"), "--num-samples",
-                       num_samples, "--out", samples, "--device", dist.device.type)
+                dit_path = os.path.join(run_dir, "ckpt.pt")
+                # a DiT already past this step (its samples deleted) would be sampled as this step
+                at = torch.load(dit_path, map_location="cpu", weights_only=True)["step"]
+                if at != step:
+                    raise SystemExit(f"{dit_path} is at step {at}, not {step}, and "
+                                     f"{samples} is missing; delete {run_dir} to train it again")
+                script("sample.py", "--ckpt", dit_path, "--num-samples", num_samples, "--out",
+                       samples, "--device", dist.device.type)
             todo.append(samples)
         if todo:
             script("eval.py", "classes", "--samples", ",".join(todo), "--device",

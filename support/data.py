@@ -190,18 +190,21 @@ def collate_skip_bad(batch):
 
 
 class InOrder:
-    """The readable items of `dataset`, in order: for x (B, 3, H, W), y (B,) in InOrder(...)."""
+    """The readable items of `dataset`, in order: for x (B, 3, H, W), y (B,) in InOrder(...).
+    .first: the dataset index of the batch just given, where it would start had nothing been
+    skipped (a batch of unreadable items only is left out, and the next keeps its own index)."""
 
     def __init__(self, dataset, batch_size, num_workers=0, pin_memory=False):
         self.loader = DataLoader(dataset, batch_size, collate_fn=collate_skip_bad,
                                  num_workers=num_workers, pin_memory=pin_memory,
                                  worker_init_fn=loader_worker_init)
-        self.n_bad = 0
+        self.n_bad, self.first = 0, None
 
     def __iter__(self):
-        for x, y, n_bad in self.loader:
+        for k, (x, y, n_bad) in enumerate(self.loader):
             self.n_bad += n_bad
             if len(y):
+                self.first = k * self.loader.batch_size
                 yield x, y
 
 

@@ -56,7 +56,7 @@ class ImageSource:
     arr_0.npy member and reads one batch at a time."""
 
     def __init__(self, path, res, num_workers=0, builtin_limit=None):
-        self.path, self.n_bad, self.num_workers = path, 0, num_workers
+        self.path, self.n_bad, self.num_workers, self.first = path, 0, num_workers, None
         if not path and builtin_limit is not None:  # recon without --data: held-out built-in images
             self.dataset = ProceduralDataset(res, size=builtin_limit or HELDOUT_SIZE,
                                              seed=HELDOUT_SEED)
@@ -100,7 +100,8 @@ class ImageSource:
 
     def batches(self, lo, hi, bs, labels=False):
         """Images lo..hi-1 as (B, 3, H, W) floats in [0, 255] (unreadable ones skipped); with
-        labels, (images, their classes (B,)), which a folder or the built-in data has."""
+        labels, (images, their classes (B,)), which a folder or the built-in data has. .first:
+        the index of the batch just given (InOrder.first: a skipped batch moves no other)."""
         if self.dataset is None:
             if labels:
                 raise ValueError(f"{self.path}: an .npz of images holds no classes; give a folder "
@@ -111,11 +112,13 @@ class ImageSource:
                 for i in range(lo, hi, bs):
                     b = min(bs, hi - i)
                     arr = np.frombuffer(f.read(b * item), np.uint8).reshape(b, *self.shape[1:])
+                    self.first = i
                     yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2).float()
         else:
             shard = InOrder(Subset(self.dataset, range(lo, hi)), bs, self.num_workers)
             for x, y in shard:
                 x = x.float() if x.dtype == torch.uint8 else to_pixels(x)
+                self.first = lo + shard.first
                 yield (x, y) if labels else x
             self.n_bad += shard.n_bad
 
@@ -265,7 +268,7 @@ def labelled_samples(path):
     if it is not one."""
     if not path.endswith(".npz"):
         raise SystemExit("classes needs --samples, an .npz of samples and their labels (sample.py "
-                         "--num-samples writes one), or several joined by commas")
+                         f"--num-samples writes one), or several joined by commas; got {path!r}")
     require_zip(path)
     with np.load(path) as f:
         if "labels" not in f.files:
@@ -281,3 +284,15 @@ def labelled_samples(path):
         raise SystemExit(f"--samples {path}: {source.n} images and {len(labels)} labels; "
                          "classes needs one label per image")
     return source, torch.from_numpy(labels).long()
+
+
+def sample_files(arg):
+    """eval.py classes' --samples as a list: one .npz, or several joined by commas (a file whose
+    name holds a comma counts as one); each file once."""
+    if not arg or os.path.isfile(arg):
+        return [arg]
+    paths = [p.strip() for p in arg.split(",")]
+    if "" in paths:
+        raise SystemExit(f"error: --samples {arg}: an empty name between commas; join the .npz "
+                         "files with single commas")
+    return list(dict.fromkeys(paths))

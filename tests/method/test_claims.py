@@ -331,6 +331,11 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
 
     def fake_script(name, *args):  # stands in for the subprocesses; eval.py leaves a result that grows with the step
         calls.append((name, [str(a) for a in args]))
+        if name == "train_dit.py":  # trains on to --max-steps, never back (train_dit.py: "nothing to train")
+            ckpt, step = os.path.join(args[args.index("--out-dir") + 1], "ckpt.pt"), int(args[args.index("--max-steps") + 1])
+            os.makedirs(os.path.dirname(ckpt), exist_ok=True)
+            if not os.path.exists(ckpt) or torch.load(ckpt)["step"] < step:
+                torch.save({"step": step}, ckpt)
         if name == "eval.py":
             for samples in args[args.index("--samples") + 1].split(","):
                 os.makedirs(os.path.dirname(samples), exist_ok=True)
@@ -362,6 +367,10 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
     calls.clear()
     claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
     assert [(name, a[a.index("--samples") + 1]) for name, a in calls] == [("eval.py", str(run / "samples_20.npz"))]
+    # a step's samples gone while the DiT is already past it: refused, not the later DiT sampled as that step
+    os.remove(run / "samples_10_classes.json")
+    with pytest.raises(SystemExit, match=r"ckpt.pt is at step 20, not 10, and \S*samples_10.npz is missing; delete"):
+        claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
 
 
 def converge_rows(accuracies, ceiling, speedup, curve_speedup=None, fd_recon=None):

@@ -519,6 +519,42 @@ def test_classes_refuses_labels_that_are_not_one_per_image(tmp_path):
     assert "labels of shape (4, 1)" in proc.stderr.strip().splitlines()[-1]
 
 
+
+def test_a_batch_of_unreadable_images_moves_no_other_batchs_decoder_seed(tmp_path, monkeypatch):
+    # Each batch decodes with seed + the index of its first image in the folder: a batch left out
+    # because none of its images could be read must not shift the next (else a torchrun shard,
+    # which starts at its own index, would decode other noise than one process).
+    from ae import DGAE, config_to_dict, make_config
+    from support.checkpoints import load_dgae
+    from support.data import ImageFolderDataset, InOrder, to_model_range
+
+    cfg = make_config("tiny", resolution=16, decode_steps=2)
+    torch.manual_seed(0)  # weights jittered off the init, whose zero output layers make every decode its noise
+    sd = {k: v + 0.2 * torch.randn_like(v) if v.is_floating_point() else v for k, v in DGAE(cfg).state_dict().items()}
+    ckpt = str(tmp_path / "ae.pt")
+    checkpoints.save_checkpoint(ckpt, {"kind": "ae", "model": sd, "ema": sd, "model_args": config_to_dict(cfg)})
+    folder = tmp_path / "val"
+    folder.mkdir()
+    for i, img in enumerate(np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)):
+        Image.fromarray(img).save(folder / f"{'ad'[i // 2]}{i}.png")  # a0 a1 | b c (unreadable) | d2 d3
+    for name in ("b.png", "c.png"):
+        (folder / name).write_bytes(b"not a png")
+    batches = InOrder(ImageFolderDataset(str(folder), 16), 2)
+    assert [batches.first for _ in batches] == [0, 4]
+    monkeypatch.setenv("DGAE_WEIGHTS", str(tmp_path / "no_weights_here"))  # no LPIPS, no rFID: pixels only
+    for var in ("DGAE_INCEPTION", "DGAE_VGG16", "DGAE_LPIPS"):
+        monkeypatch.delenv(var, raising=False)
+    run_eval_in_process(monkeypatch, "recon", "--ckpt", ckpt, "--data", str(folder), "--batch-size", "2",
+                        "--seed", "7", "--out", str(tmp_path / "r.json"), "--device", "cpu", "--num-workers", "0")
+    res = json.load(open(tmp_path / "r.json"))
+    assert (res["num_images"], res["num_unreadable"]) == (4, 2)
+    ds = ImageFolderDataset(str(folder), 16)
+    x = to_model_range(torch.stack([ds[i][0] for i in (0, 1, 4, 5)]))  # (4, 3, 16, 16)
+    model = load_dgae(ckpt)
+    with torch.no_grad():  # the second readable batch starts at image 4: seed 7 + 4
+        rec = torch.cat([model.reconstruct(x[:2], steps=2, seed=7), model.reconstruct(x[2:], steps=2, seed=11)])
+    assert res["psnr"] == pytest.approx(metrics.psnr(eval_data.to_pixels(x), eval_data.to_pixels(rec)).mean().item(), rel=1e-6)
+
 def test_recon_of_one_image_is_refused_not_a_nan():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "recon", "--ckpt", "x.pt", "--num-images", "1"],
                           capture_output=True, text=True, timeout=120)
@@ -571,6 +607,8 @@ def test_classes_with_the_autoencoder_measures_samples_against_its_reconstructio
     with pytest.raises(SystemExit, match="with several --samples each result goes beside its samples"):
         run_eval_in_process(monkeypatch, "classes", "--samples", f"{both / 'recon.npz'},{both / 'real.npz'}",
                             "--out", str(tmp_path / "r.json"), *flags)
+    with pytest.raises(SystemExit, match="an empty name between commas"):
+        run_eval_in_process(monkeypatch, "classes", "--samples", f"{both / 'recon.npz'},,{both / 'real.npz'}", *flags)
     np.savez(tmp_path / "s8.npz", arr_0=x[:, ::2, ::2], labels=y)
     with pytest.raises(SystemExit, match="s8.npz: 8 px, .*real.npz: 16 px; score samples of one resolution"):
         run_eval_in_process(monkeypatch, "classes", "--samples", f"{tmp_path / 'real.npz'},{tmp_path / 's8.npz'}", *flags)
