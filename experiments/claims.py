@@ -85,6 +85,7 @@ dit_steps = "125,177,250,354,500,707,1000,1414,2000,2828"  # converge: DiT steps
 num_samples = 600  # converge: samples scored at each of those steps
 dit_args = ""  # converge: more train_dit.py flags for every run
 fs = "4,8,16"  # fcurve: the spatial compressions, the latent's size fixed at the first's
+fixed_c = False  # fcurve: keep the first f's channels at every f instead (the latent shrinks)
 pool = 4  # fcurve: pooling factor of the low-/high-frequency measures, the same for every f
 controls = True  # converge: also the controls (DGAE at c, Gaussian at c/2), beside the claim's pair
 judge_steps = 600  # training steps of the pattern classifier that judges the classes
@@ -873,13 +874,14 @@ FCURVE_MEASURES = {"psnr_ez": ("PSNR of E[x|z] (dB)", lambda v: -v),
 
 
 def fcurve_points():
-    """[(f, c)] in --fs order: c grows as f^2, so the latent keeps the smallest f's size."""
+    """[(f, c)] in --fs order: c grows as f^2, so the latent keeps the smallest f's size; with
+    --fixed-c, c stays the preset's at every f."""
     f_list = [int(v) for v in fs.split(",")]
     f0, c0 = min(f_list), make_config(preset).latent_channels
     if any(f % f0 for f in f_list) or len(set(f_list)) < 2:
         raise SystemExit(f"error: --fs {fs}: give two or more compressions, each a multiple of the "
                          "smallest")
-    return [(f, c0 * (f // f0) ** 2) for f in f_list]
+    return [(f, c0 if fixed_c else c0 * (f // f0) ** 2) for f in f_list]
 
 
 def fcurve_plan(points):
@@ -942,9 +944,10 @@ def run_fcurve(dist):
     run_plan(lambda: fcurve_plan(points), run_one)
     table = fcurve_table(points)
     f_list = sorted(f for f, _ in points)
-    side = res // f_list[0]
-    lines = [f"# claim 1 against f: {data or 'the built-in data'}, {preset} preset, a "
-             f"{side}x{side}x{dict(points)[f_list[0]]} latent's size at every f",
+    side, c0 = res // f_list[0], dict(points)[f_list[0]]
+    lines = [f"# claim 1 against f: {data or 'the built-in data'}, {preset} preset, "
+             + (f"c = {c0} at every f" if fixed_c else
+                f"a {side}x{side}x{c0} latent's size at every f"),
              "", f"{max_steps} steps, seeds {seeds}, lrs {lrs} (swept at the first seed, best by "
              f"E[x|z] PSNR), {heldout.count(num_images)} held-out images, E[x|z] from {mean_of} "
              "decodes without their sampling variance, low/high frequencies split at pooling "
@@ -963,7 +966,7 @@ def run_fcurve(dist):
         verdict_json[m] = {"D": d, "se": se, "verdict": verdict}
         lines.append(f"- {label}: "
                      + (f"D = {d:+.3f} +- {se:.3f} (SE): {verdict}" if d is not None else verdict))
-    path = os.path.join(out, "fcurve")
+    path = os.path.join(out, "fcurve_fixed_c" if fixed_c else "fcurve")
     write_outputs(path, lines, {"groups": [{"kind": k, "f": f, **g} for (k, f), g in table.items()],
                                 "verdicts": verdict_json})
     for m, (label, _) in FCURVE_MEASURES.items():
@@ -972,7 +975,8 @@ def run_fcurve(dist):
         series = {k: v for k, v in series.items() if v}
         if series:
             line_plot(series, f"{path}_{m}.png", f"{label} against f (mean +- sd over seeds)",
-                      "spatial compression f (log scale), latent size fixed")
+                      "spatial compression f (log scale), "
+                      + ("channels fixed" if fixed_c else "latent size fixed"))
     print(f"wrote {path}.md, .json and one plot per measure")
 
 

@@ -617,6 +617,9 @@ def test_fcurve_keeps_the_latent_size_and_sweeps_before_the_other_seeds(tmp_path
     monkeypatch.setattr(claims, "fs", "4,16,8")
     points = claims.fcurve_points()
     assert points == [(4, 4), (16, 64), (8, 16)]  # (32/f)^2 * c = 256 numbers at every f
+    monkeypatch.setattr(claims, "fixed_c", True)
+    assert claims.fcurve_points() == [(4, 4), (16, 4), (8, 4)]  # the channels kept: the latent shrinks with f
+    monkeypatch.setattr(claims, "fixed_c", False)
     monkeypatch.setattr(claims, "fs", "4,6")
     with pytest.raises(SystemExit, match="multiple of the smallest"):
         claims.fcurve_points()
@@ -634,6 +637,23 @@ def test_fcurve_keeps_the_latent_size_and_sweeps_before_the_other_seeds(tmp_path
     seed1 = [p for p in claims.fcurve_plan(points) if p[-1] == 1]
     assert [(p[1], p[4]) for p in seed1] == [("dgae", 3e-4), ("gauss", 1e-3)] * 3
 
+
+
+def test_fcurve_with_fixed_channels_reports_apart_from_the_fixed_size_curve(tmp_path, monkeypatch):
+    # --fixed-c: c = 4 at f = 4 and 8 (the latent shrinks 4x); its runs, report and plots are its own
+    for name, value in (("preset", "tiny"), ("fs", "4,8"), ("fixed_c", True), ("seeds", "0,1"), ("lrs", "1e-3"),
+                        ("out", str(tmp_path)), ("report_only", True)):
+        monkeypatch.setattr(claims, name, value)
+    for (k, f), base in {("dgae", 4): 30.0, ("dgae", 8): 27.0, ("gauss", 4): 29.0, ("gauss", 8): 25.0}.items():
+        for seed, jitter in ((0, 0.1), (1, -0.1)):
+            d = tmp_path / claims.run_name(k, 4, 1e-3, seed, f=f)
+            d.mkdir()
+            (d / "scores.json").write_text(json.dumps({m: base + jitter for m in claims.FCURVE_MEASURES}))
+    claims.run_fcurve(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    md = open(tmp_path / "fcurve_fixed_c.md").read()
+    assert md.startswith("# claim 1 against f: the built-in data, tiny preset, c = 4 at every f")
+    assert "| dgae | 8 | 4 |" in md and not (tmp_path / "fcurve.md").exists()
+    assert json.load(open(tmp_path / "fcurve_fixed_c.json"))["verdicts"]["psnr_ez"]["D"] == pytest.approx(1.0)
 
 def test_drop_verdict_compares_the_two_decoders_losses_with_their_standard_error():
     rows = lambda v: {m: list(v) for m in claims.FCURVE_MEASURES}  # noqa: E731
