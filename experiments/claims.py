@@ -831,6 +831,9 @@ def times(v):
 def run_converge(dist):
     check_one_process_and_data("converge", dist)
     c = make_config(preset).latent_channels
+    if data and len(ImageFolderDataset(data, make_config(preset).resolution).classes) < 2:
+        raise SystemExit(f"error: converge --data {data}: one class (a flat folder), where every "
+                         "sample is named right; the judge needs two or more class sub-folders")
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
     seed_order = list(dict.fromkeys(seed_list()))

@@ -373,6 +373,20 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
         claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
 
 
+
+def test_converge_refuses_a_flat_folder_whose_one_class_every_sample_would_match(tmp_path, monkeypatch):
+    from PIL import Image
+    for split in ("train", "val"):
+        (tmp_path / split).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(tmp_path / split / f"{i}.png")
+    monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
+    monkeypatch.setattr(claims, "val_data", str(tmp_path / "val"))
+    monkeypatch.setattr(claims, "out", str(tmp_path / "out"))
+    with pytest.raises(SystemExit, match="one class .a flat folder., where every sample is named right"):
+        claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    assert not (tmp_path / "out").exists()  # refused before any run
+
 def converge_rows(accuracies, ceiling, speedup, curve_speedup=None, fd_recon=None):
     extra = {"judge_fd_recon": fd_recon} if fd_recon is not None else {}  # results from before --ae-ckpt lack it
     return {"curve": [{"step": s, "accuracy": a, "judge_fd": 1.0, **extra} for s, a in zip((10, 20), accuracies)],
