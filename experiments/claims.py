@@ -26,8 +26,8 @@ diagnose: does a decoder use z? The shuffled-z loss gap (z_gap) and a linear pro
 converge: the same DiT on four of compare's latents at each seed, its samples named by a classifier
 trained on the same data (built-in or --data's classes); claim 3 is the speed-up of DGAE
 at c/2 over the Gaussian decoder at c (converge_one_seed, summarise_converge).
-fcurve: DGAE and the Gaussian decoder at each f of --fs, the latent's size fixed (c grows as f^2);
-the rule is drop_verdict's.
+fcurve: DGAE and the Gaussian decoder at each f of --fs, the latent's size fixed (c grows as f^2),
+or with --fixed-c its channels; the rule is drop_verdict's.
 """
 
 import itertools
@@ -54,7 +54,7 @@ from decoder_diffusion import add_noise, velocity_target
 from eval import meancolour_psnr, score_reconstructions
 from experiments.bench import count_flops
 from support import common
-from support.checkpoints import atomic_write, load_dgae, write_text
+from support.checkpoints import atomic_write, load_checkpoint, load_dgae, write_text
 from support.data import (ImageFolderDataset, InOrder, build_dataset, check_same_classes,
                           to_model_range)
 from support.eval_data import HELDOUT_SIZE, ImageSource
@@ -746,7 +746,7 @@ def converge_one_seed(dist, c, seed, step_list, root):
                        *(("--preset", "DiT-Tiny/1") if data else ()), *shlex.split(dit_args))
                 dit_path = os.path.join(run_dir, "ckpt.pt")
                 # a DiT already past this step (its samples deleted) would be sampled as this step
-                at = torch.load(dit_path, map_location="cpu", weights_only=True)["step"]
+                at = load_checkpoint(dit_path, "dit")["step"]  # memory-mapped, not read whole
                 if at != step:
                     raise SystemExit(f"{dit_path} is at step {at}, not {step}, and "
                                      f"{samples} is missing; delete {run_dir} to train it again")
@@ -831,9 +831,13 @@ def times(v):
 def run_converge(dist):
     check_one_process_and_data("converge", dist)
     c = make_config(preset).latent_channels
-    if data and len(ImageFolderDataset(data, make_config(preset).resolution).classes) < 2:
-        raise SystemExit(f"error: converge --data {data}: one class (a flat folder), where every "
-                         "sample is named right; the judge needs two or more class sub-folders")
+    if data:  # the judge names samples by class: one class would name every sample right
+        res = make_config(preset).resolution
+        learn, heldout = ImageFolderDataset(data, res), ImageFolderDataset(val_data, res, "val")
+        if len(learn.classes) < 2:
+            raise SystemExit(f"error: converge --data {data}: one class, so every sample would be "
+                             "named right; the judge needs two or more class sub-folders")
+        check_same_classes(learn, heldout, f"--val-data {val_data}")
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
     seed_order = list(dict.fromkeys(seed_list()))

@@ -18,6 +18,7 @@ import ae
 import eval as ev
 from experiments import claims
 from support import common, metrics
+from support.checkpoints import REQUIRED_KEYS
 from support.eval_data import ImageSource, to_pixels
 from support.procedural import PatternClassifier
 
@@ -335,7 +336,7 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
             ckpt, step = os.path.join(args[args.index("--out-dir") + 1], "ckpt.pt"), int(args[args.index("--max-steps") + 1])
             os.makedirs(os.path.dirname(ckpt), exist_ok=True)
             if not os.path.exists(ckpt) or torch.load(ckpt)["step"] < step:
-                torch.save({"step": step}, ckpt)
+                torch.save({**dict.fromkeys(REQUIRED_KEYS["dit"], {}), "kind": "dit", "step": step}, ckpt)
         if name == "eval.py":
             for samples in args[args.index("--samples") + 1].split(","):
                 os.makedirs(os.path.dirname(samples), exist_ok=True)
@@ -383,9 +384,18 @@ def test_converge_refuses_a_flat_folder_whose_one_class_every_sample_would_match
     monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
     monkeypatch.setattr(claims, "val_data", str(tmp_path / "val"))
     monkeypatch.setattr(claims, "out", str(tmp_path / "out"))
-    with pytest.raises(SystemExit, match="one class .a flat folder., where every sample is named right"):
+    with pytest.raises(SystemExit, match="one class, so every sample would be named right"):
         claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
     assert not (tmp_path / "out").exists()  # refused before any run
+    for split, names in (("train2", "ab"), ("val2", "ac")):  # held-out classes other than the training folder's
+        for name in names:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / split / name / "0.png")
+    monkeypatch.setattr(claims, "data", str(tmp_path / "train2"))
+    monkeypatch.setattr(claims, "val_data", str(tmp_path / "val2"))
+    with pytest.raises(ValueError, match="--val-data .*val2: classes \\['a', 'c'\\]... differ from --data's"):
+        claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    assert not (tmp_path / "out").exists()
 
 def converge_rows(accuracies, ceiling, speedup, curve_speedup=None, fd_recon=None):
     extra = {"judge_fd_recon": fd_recon} if fd_recon is not None else {}  # results from before --ae-ckpt lack it
@@ -658,9 +668,11 @@ def test_fcurve_with_fixed_channels_reports_apart_from_the_fixed_size_curve(tmp_
     for name, value in (("preset", "tiny"), ("fs", "4,8"), ("fixed_c", True), ("seeds", "0,1"), ("lrs", "1e-3"),
                         ("out", str(tmp_path)), ("report_only", True)):
         monkeypatch.setattr(claims, name, value)
-    for (k, f), base in {("dgae", 4): 30.0, ("dgae", 8): 27.0, ("gauss", 4): 29.0, ("gauss", 8): 25.0}.items():
+    # the fixed-size curve's f = 8 runs (c = 16) in the same --out, far off: they must not enter
+    for (k, f, c), base in {("dgae", 4, 4): 30.0, ("dgae", 8, 4): 27.0, ("gauss", 4, 4): 29.0, ("gauss", 8, 4): 25.0,
+                            ("dgae", 8, 16): 0.0, ("gauss", 8, 16): 50.0}.items():
         for seed, jitter in ((0, 0.1), (1, -0.1)):
-            d = tmp_path / claims.run_name(k, 4, 1e-3, seed, f=f)
+            d = tmp_path / claims.run_name(k, c, 1e-3, seed, f=f)
             d.mkdir()
             (d / "scores.json").write_text(json.dumps({m: base + jitter for m in claims.FCURVE_MEASURES}))
     claims.run_fcurve(SimpleNamespace(ddp=False, device=torch.device("cpu")))

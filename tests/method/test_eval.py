@@ -539,8 +539,9 @@ def test_a_batch_of_unreadable_images_moves_no_other_batchs_decoder_seed(tmp_pat
         Image.fromarray(img).save(folder / f"{'ad'[i // 2]}{i}.png")  # a0 a1 | b c (unreadable) | d2 d3
     for name in ("b.png", "c.png"):
         (folder / name).write_bytes(b"not a png")
-    batches = InOrder(ImageFolderDataset(str(folder), 16), 2)
-    assert [batches.first for _ in batches] == [0, 4]
+    for workers in (0, 2):  # loader processes prefetch, and still hand the batches over in order
+        batches = InOrder(ImageFolderDataset(str(folder), 16), 2, num_workers=workers)
+        assert [batches.first for _ in batches] == [0, 4]
     monkeypatch.setenv("DGAE_WEIGHTS", str(tmp_path / "no_weights_here"))  # no LPIPS, no rFID: pixels only
     for var in ("DGAE_INCEPTION", "DGAE_VGG16", "DGAE_LPIPS"):
         monkeypatch.delenv(var, raising=False)
@@ -554,6 +555,16 @@ def test_a_batch_of_unreadable_images_moves_no_other_batchs_decoder_seed(tmp_pat
     with torch.no_grad():  # the second readable batch starts at image 4: seed 7 + 4
         rec = torch.cat([model.reconstruct(x[:2], steps=2, seed=7), model.reconstruct(x[2:], steps=2, seed=11)])
     assert res["psnr"] == pytest.approx(metrics.psnr(eval_data.to_pixels(x), eval_data.to_pixels(rec)).mean().item(), rel=1e-6)
+
+
+def test_sample_files_splits_on_commas_once_each_and_keeps_a_comma_named_file_whole(tmp_path):
+    assert eval_data.sample_files("a.npz, b.npz,a.npz") == ["a.npz", "b.npz"]
+    assert eval_data.sample_files("") == [""]  # not given: classes says what it needs
+    odd = tmp_path / "x,y.npz"
+    odd.write_bytes(b"")
+    assert eval_data.sample_files(str(odd)) == [str(odd)]
+    with pytest.raises(SystemExit, match="an empty name between commas"):
+        eval_data.sample_files("a.npz,")
 
 def test_recon_of_one_image_is_refused_not_a_nan():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "recon", "--ckpt", "x.pt", "--num-images", "1"],
