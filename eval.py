@@ -407,23 +407,27 @@ def run_classes(dist):
     if not real:
         raise SystemExit(f"--val-data {val_data or data}: none of its images could be read")
     real_feats, real_pred, real_labels = (torch.cat(parts) for parts in zip(*real))
+    real_stats = feature_stats(real_feats)  # once, for every sample file
+    real_accuracy = (real_pred == real_labels).float().mean().item()
     if model is not None:
         rec_feats, rec_pred = (torch.cat(parts) for parts in zip(*rec))
+        rec_stats = feature_stats(rec_feats)
         recon_accuracy = (rec_pred == real_labels).float().mean().item()
     for path, (source, labels) in zip(paths, sets):
         n = source.count(num_images)
         feats, pred = judged(source.batches(0, n, batch_size))  # (n, D), (n,)
         y = labels[:n]
+        stats = feature_stats(feats)
         ceiling = {} if model is None else {
             "ae_ckpt": ae_ckpt, "recon_accuracy": recon_accuracy,
             # the samples against the reconstructions: 0 = the DiT reached its ceiling
-            "judge_fd_recon": frechet_distance(*feature_stats(feats), *feature_stats(rec_feats))}
+            "judge_fd_recon": frechet_distance(*stats, *rec_stats)}
         results = {"mode": "classes", "samples": path, "num_samples": n, "resolution": res,
                    "num_classes": k, "judged_on": data or "built-in data",
                    "accuracy": (pred == y).float().mean().item(), "chance": 1 / k,
-                   "real_accuracy": (real_pred == real_labels).float().mean().item(),
+                   "real_accuracy": real_accuracy,
                    # the Frechet distance to held-out real images in the judge's feature space
-                   "judge_fd": frechet_distance(*feature_stats(feats), *feature_stats(real_feats)),
+                   "judge_fd": frechet_distance(*stats, *real_stats),
                    **ceiling,
                    "per_class_accuracy": {names[c]: round((pred[y == c] == c).float().mean()
                                                           .item(), 3)

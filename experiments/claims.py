@@ -830,10 +830,11 @@ def times(v):
 
 def run_converge(dist):
     check_one_process_and_data("converge", dist)
-    c = make_config(preset).latent_channels
+    cfg = make_config(preset)
+    c = cfg.latent_channels
     if data:  # the judge names samples by class: one class would name every sample right
-        res = make_config(preset).resolution
-        learn, heldout = ImageFolderDataset(data, res), ImageFolderDataset(val_data, res, "val")
+        learn = ImageFolderDataset(data, cfg.resolution)
+        heldout = ImageFolderDataset(val_data, cfg.resolution, "val")
         if len(learn.classes) < 2:
             raise SystemExit(f"error: converge --data {data}: one class, so every sample would be "
                              "named right; the judge needs two or more class sub-folders")

@@ -374,7 +374,6 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
         claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
 
 
-
 def test_converge_refuses_a_flat_folder_whose_one_class_every_sample_would_match(tmp_path, monkeypatch):
     from PIL import Image
     for split in ("train", "val"):
@@ -396,6 +395,7 @@ def test_converge_refuses_a_flat_folder_whose_one_class_every_sample_would_match
     with pytest.raises(ValueError, match="--val-data .*val2: classes \\['a', 'c'\\]... differ from --data's"):
         claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
     assert not (tmp_path / "out").exists()
+
 
 def converge_rows(accuracies, ceiling, speedup, curve_speedup=None, fd_recon=None):
     extra = {"judge_fd_recon": fd_recon} if fd_recon is not None else {}  # results from before --ae-ckpt lack it
@@ -660,7 +660,6 @@ def test_fcurve_keeps_the_latent_size_and_sweeps_before_the_other_seeds(tmp_path
             (d / "scores.json").write_text(json.dumps({"psnr_ez": v}))
     seed1 = [p for p in claims.fcurve_plan(points) if p[-1] == 1]
     assert [(p[1], p[4]) for p in seed1] == [("dgae", 3e-4), ("gauss", 1e-3)] * 3
-
 
 
 def test_fcurve_with_fixed_channels_reports_apart_from_the_fixed_size_curve(tmp_path, monkeypatch):
