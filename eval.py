@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from support import checkpoints, common
-from support.data import ImageFolderDataset, InOrder, check_same_classes, to_model_range
+from support.data import ImageFolderDataset, InOrder, check_judge_classes, to_model_range
 from support.eval_data import (FEATURE_DIMS, HELDOUT_SEED, HELDOUT_SIZE, ImageSource, at_least_two,
                                check_reference_stats, frechet_entries, gather_rows,
                                inception_features, inception_score_entries, labelled_samples,
@@ -73,8 +73,8 @@ vgg_path = ""  # vgg16-397923af.pth (or $DGAE_VGG16)
 lpips_path = ""  # LPIPS v0.1 vgg.pth (or $DGAE_LPIPS)
 num_classes = 10  # classes: how many built-in classes the DiT was trained on (train_dit.py: 10)
 judge_steps = 600  # classes: training steps of the pattern classifier that judges the samples
-# classes on natural images: the judge learns --data (one sub-folder per class, as train_dit.py
-# read it) and is scored on --val-data's held-out images
+# classes on natural images: the judge learns --data (a sub-folder per class, two or more, as
+# train_dit.py read it) and is scored on --val-data's held-out images
 val_data = ""  # classes: held-out images of --data's classes ("" = --data's val split, else --data)
 ae_ckpt = ""  # classes: the stage-1 checkpoint the DiT's latents came from ("" = none)
 device = ""  # "" = auto (cuda, mps, cpu)
@@ -362,7 +362,7 @@ def run_classes(dist):
     if data:  # the judge learns the labelled folder; the real images are its held-out split
         learn = ImageFolderDataset(data, res)
         heldout = ImageFolderDataset(val_data or data, res, split="val")
-        check_same_classes(learn, heldout, f"--val-data {val_data or data}")
+        check_judge_classes(learn, heldout, f"--val-data {val_data or data}")
         names = learn.classes
     else:
         learn = None

@@ -55,7 +55,7 @@ from eval import meancolour_psnr, score_reconstructions
 from experiments.bench import count_flops
 from support import common
 from support.checkpoints import atomic_write, load_checkpoint, load_dgae, write_text
-from support.data import (ImageFolderDataset, InOrder, build_dataset, check_same_classes,
+from support.data import (ImageFolderDataset, InOrder, build_dataset, check_judge_classes,
                           to_model_range)
 from support.eval_data import HELDOUT_SIZE, ImageSource
 from support.metrics import psnr
@@ -572,17 +572,25 @@ def write_report(c, heldout):
         "verdicts": {k: {"verdict": h, "why": w} for k, (h, w) in results.items()}})
 
 
+def judge_folder(res, heldout):
+    """--data, the labelled images a judge learns, its classes checked against the held-out
+    folder's; None where there is nothing to judge by: held-out images without classes (an .npz)
+    or a --data of one class (every image would be named right)."""
+    learn = ImageFolderDataset(data, res)
+    if not isinstance(heldout.dataset, ImageFolderDataset) or len(learn.classes) < 2:
+        return None
+    check_judge_classes(learn, heldout.dataset, f"--val-data {val_data}")
+    return learn
+
+
 def make_judge(res, heldout, dist):
     """The pattern classifier that judges what class a reconstruction or sample shows, trained on
-    the built-in data or on --data's classes (then --val-data must have the same sub-folders)."""
-    learn = ImageFolderDataset(data, res) if data else None
-    if learn is not None and not isinstance(heldout.dataset, ImageFolderDataset):
-        return None  # held-out images without classes (an .npz): nothing to judge by
-    if learn is None:  # the built-in data's classes, train_dit.py's
+    the built-in data's classes or on --data's (None where judge_folder finds nothing to judge)."""
+    if not data:  # the built-in data's classes, train_dit.py's
         return train_pattern_classifier(res, steps=judge_steps, device=dist.device)
-    check_same_classes(learn, heldout.dataset, f"--val-data {val_data}")
-    return train_pattern_classifier(res, len(learn.classes), steps=judge_steps,
-                                    device=dist.device, images=learn)
+    learn = judge_folder(res, heldout)
+    return None if learn is None else train_pattern_classifier(
+        res, len(learn.classes), steps=judge_steps, device=dist.device, images=learn)
 
 
 def run_compare(dist):
@@ -596,6 +604,8 @@ def run_compare(dist):
         raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
     os.makedirs(out, exist_ok=True)
     heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
+    if data:  # held-out classes that are not --data's: refused before any run
+        judge_folder(res, heldout)
     judge = []  # trained when the first run is scored, not for a call with nothing to score
 
     def run_one(name, kind, ch, lr, seed, factor):
@@ -832,13 +842,10 @@ def run_converge(dist):
     check_one_process_and_data("converge", dist)
     cfg = make_config(preset)
     c = cfg.latent_channels
-    if data:  # the judge names samples by class: one class would name every sample right
-        learn = ImageFolderDataset(data, cfg.resolution)
-        heldout = ImageFolderDataset(val_data, cfg.resolution, "val")
-        if len(learn.classes) < 2:
-            raise SystemExit(f"error: converge --data {data}: one class, so every sample would be "
-                             "named right; the judge needs two or more class sub-folders")
-        check_same_classes(learn, heldout, f"--val-data {val_data}")
+    if data:  # refused before any run: a judge cannot name classes by these folders
+        check_judge_classes(ImageFolderDataset(data, cfg.resolution),
+                            ImageFolderDataset(val_data, cfg.resolution, "val"),
+                            f"--val-data {val_data}")
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
     seed_order = list(dict.fromkeys(seed_list()))

@@ -97,9 +97,13 @@ def unreadable_error(dataset, tried, in_a_row=False):
                       "files, or pass another folder")
 
 
-def check_same_classes(learn, heldout, heldout_flag):
-    """Refuses held-out images (an ImageFolderDataset) whose class sub-folders are not the training
-    folder's: a judge trained on `learn` calls class k what k is there."""
+def check_judge_classes(learn, heldout, heldout_flag):
+    """Refuses image folders (ImageFolderDatasets) a class judge cannot score by: `learn` with one
+    class (every image would be named right) or held-out images whose class sub-folders are not
+    `learn`'s (a judge trained on `learn` calls class k what k is there)."""
+    if len(learn.classes) < 2:
+        raise ValueError(f"--data {learn.root}: one class, so every image would be named right; "
+                         "the judge needs two or more class sub-folders")
     if heldout.classes != learn.classes:
         raise ValueError(f"{heldout_flag}: classes {heldout.classes[:5]}... differ from --data's "
                          f"{learn.classes[:5]}...; give both the same sub-folders")

@@ -383,7 +383,7 @@ def test_converge_refuses_a_flat_folder_whose_one_class_every_sample_would_match
     monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
     monkeypatch.setattr(claims, "val_data", str(tmp_path / "val"))
     monkeypatch.setattr(claims, "out", str(tmp_path / "out"))
-    with pytest.raises(SystemExit, match="one class, so every sample would be named right"):
+    with pytest.raises(ValueError, match="one class, so every image would be named right"):
         claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
     assert not (tmp_path / "out").exists()  # refused before any run
     for split, names in (("train2", "ab"), ("val2", "ac")):  # held-out classes other than the training folder's
@@ -395,6 +395,32 @@ def test_converge_refuses_a_flat_folder_whose_one_class_every_sample_would_match
     with pytest.raises(ValueError, match="--val-data .*val2: classes \\['a', 'c'\\]... differ from --data's"):
         claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_judges_only_folders_with_classes_to_name_and_refuses_other_held_out_classes_before_any_run(
+        tmp_path, monkeypatch):
+    from PIL import Image
+    for split, names in (("train", "ab"), ("val", "ac"), ("flat", "")):
+        (tmp_path / split).mkdir()
+        for name in names or ".":
+            (tmp_path / split / name).mkdir(exist_ok=True)
+            Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / split / name / "0.png")
+    monkeypatch.setattr(claims, "out", str(tmp_path / "out"))
+    monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
+    monkeypatch.setattr(claims, "val_data", str(tmp_path / "val"))
+    with pytest.raises(ValueError, match=r"--val-data .*val: classes \['a', 'c'\]... differ from --data's"):
+        claims.run_compare(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    assert os.listdir(tmp_path / "out") == []  # refused before any run
+    # the same classes: the judge's folder; a one-class --data or an .npz held out: nothing to judge
+    monkeypatch.setattr(claims, "val_data", str(tmp_path / "train"))
+    heldout = ImageSource(str(tmp_path / "train"), 32)
+    assert claims.judge_folder(32, heldout).classes == ["a", "b"]
+    monkeypatch.setattr(claims, "data", str(tmp_path / "flat"))
+    assert claims.judge_folder(32, heldout) is None
+    assert claims.make_judge(32, heldout, SimpleNamespace(device=torch.device("cpu"))) is None
+    monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
+    np.savez(tmp_path / "v.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
+    assert claims.judge_folder(32, ImageSource(str(tmp_path / "v.npz"), 32)) is None
 
 
 def converge_rows(accuracies, ceiling, speedup, curve_speedup=None, fd_recon=None):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from support.data import (ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, check_same_classes, collate_skip_bad, random_hflip,
+from support.data import (ImageFolderDataset, InOrder, Loader, build_dataset, center_crop_arr, check_judge_classes, collate_skip_bad, random_hflip,
                   to_model_range)
 from support.procedural import ProceduralDataset
 
@@ -147,9 +147,9 @@ def test_image_folder_labels_by_sorted_class_name(tmp_path):
     # a held-out split must hold the same classes for a judge trained on this one
     _save(str(tmp_path / "val" / "n01_ant" / "e.png"), red)
     with pytest.raises(ValueError, match=r"--val-data V: classes \['n01_ant'\]\.\.\. differ from --data's"):
-        check_same_classes(ds, ImageFolderDataset(str(tmp_path), 8, split="val"), "--val-data V")
+        check_judge_classes(ds, ImageFolderDataset(str(tmp_path), 8, split="val"), "--val-data V")
     _save(str(tmp_path / "val" / "n02_zebra" / "f.png"), blue)
-    check_same_classes(ds, ImageFolderDataset(str(tmp_path), 8, split="val"), "--val-data V")
+    check_judge_classes(ds, ImageFolderDataset(str(tmp_path), 8, split="val"), "--val-data V")
 
 
 def test_flat_folder_is_one_class(tmp_path):
@@ -160,6 +160,9 @@ def test_flat_folder_is_one_class(tmp_path):
         "ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"]
     assert {y for _, y in ds.samples} == {0} and len(ds.classes) == 1
     assert ds[1][0].shape == (3, 8, 8)
+    # a judge of classes would name every image of it right: refused
+    with pytest.raises(ValueError, match="val: one class, so every image would be named right"):
+        check_judge_classes(ds, ds, "--val-data V")
     assert isinstance(build_dataset("", 16, num_classes=10, size=5), ProceduralDataset)
 
 

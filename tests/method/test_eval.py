@@ -509,6 +509,12 @@ def test_classes_on_a_folder_trains_the_judge_on_its_classes(tmp_path, monkeypat
     (tmp_path / "val" / "violet").mkdir()
     with pytest.raises(SystemExit, match="differ from --data's"):
         run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "right.npz"), *flags)
+    # a flat folder is one class, which every sample would match: refused, nothing written
+    flat = ["--data", str(tmp_path / "train" / "red"), "--val-data", str(tmp_path / "val" / "red")]
+    with pytest.raises(SystemExit, match="red: one class, so every image would be named right"):
+        run_eval_in_process(monkeypatch, "classes", "--samples", str(tmp_path / "k4.npz"), *flat,
+                            "--out", str(tmp_path / "flat.json"))
+    assert not (tmp_path / "flat.json").exists()
 
 
 def test_classes_refuses_labels_that_are_not_one_per_image(tmp_path):
