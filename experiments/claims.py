@@ -449,15 +449,20 @@ def summarise(c):
     return groups
 
 
+def difference(a, b, measure):
+    """mean(a) - mean(b) of two rows' per-seed values and its SE (independent runs)."""
+    (mean_a, se_a), (mean_b, se_b) = mean_se(a[measure]), mean_se(b[measure])
+    return mean_a - mean_b, math.hypot(se_a, se_b)
+
+
+def best_reference(refs):
+    return max(refs, key=lambda r: np.mean(r["ez_lowfreq_psnr"]))
+
+
 def claim_rules(claim, g, refs, db):
     """[(label, value, rule, margin, SE)] of one claim for the row g against the reference rows;
     a margin's SE comes from the seeds' spreads of the two rows it compares (independent runs)."""
-    def difference(a, b, measure):  # mean(a) - mean(b) and its SE
-        (mean_a, se_a), (mean_b, se_b) = mean_se(a[measure]), mean_se(b[measure])
-        return mean_a - mean_b, math.hypot(se_a, se_b)
-
-    best = max(refs, key=lambda r: np.mean(r["ez_lowfreq_psnr"]))
-    lf, lf_se = difference(g, best, "ez_lowfreq_psnr")
+    lf, lf_se = difference(g, best_reference(refs), "ez_lowfreq_psnr")
     rules = [("E[x|z] low-freq PSNR", lf, f"(rule: >= -{db:g} dB)", lf + db, lf_se)]
     for r in refs:
         fd, fd_se = difference(r, g, "spectral_fd")
@@ -505,6 +510,11 @@ def verdicts(groups, c):
                    else "holds" if all(v == "holds" for v in each) else "undecided")
         why = "; ".join(f"{label} {value:+.2f} +- {se:.2f} SE {rule}: {v}"
                         for (label, value, rule, _, se), v in zip(rules, each))
+        best = best_reference(refs)
+        if g.get("lowfreq_psnr") and best.get("lowfreq_psnr"):
+            # what one decode shows (sample.py, the grids) beside the rule's conditional mean
+            one, one_se = difference(g, best, "lowfreq_psnr")
+            why += f"; one decode's low-freq PSNR {one:+.2f} +- {one_se:.2f} SE (not in the rule)"
         if min(len(g["seeds"]), *(len(r["seeds"]) for r in refs)) < 2:
             why = f"1 seed, no standard error: {why}"  # no spread, nothing is decided
         out[name] = (verdict, why)

@@ -264,6 +264,12 @@ def test_verdicts_apply_each_rule_at_equal_steps_and_at_equal_compute(monkeypatc
     # at equal compute -2.5 dB (margin -0.5): fails
     assert v["claim 2, dgae, equal steps"][0] == "holds" and v["claim 2, dgae, equal compute (x3)"][0] == "fails"
     assert "-2.50 +- 0.08 SE" in v["claim 2, dgae, equal compute (x3)"][1]
+    # one decode's low-frequency PSNR is reported beside the rule, and does not move the verdict
+    one_decode = {**groups, ("dgae", 2, 1): {**groups[("dgae", 2, 1)], "lowfreq_psnr": [27.0, 27.0, 27.0]},
+                  ("gauss", 4, 1): {**groups[("gauss", 4, 1)], "lowfreq_psnr": [31.4, 31.5, 31.6]}}
+    verdict, why = claims.verdicts(one_decode, 4)["claim 2, dgae, equal steps"]
+    assert verdict == "holds" and why.endswith("one decode's low-freq PSNR -4.50 +- 0.06 SE (not in the rule)")
+    assert "one decode" not in v["claim 2, dgae, equal steps"][1]  # rows without it: no such line
     # claim 1 at equal steps: the best reference is unet (33.5 dB): -0.5 dB holds (rule -1), the FD is lower
     # than both references' beyond 2 SE, and the ratio 1.0 is in range
     assert v["claim 1, dgae, equal steps"][0] == "holds"
