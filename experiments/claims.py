@@ -612,10 +612,12 @@ def run_compare(dist):
     c, res = make_config(preset).latent_channels, make_config(preset).resolution
     if c < 2:
         raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
-    os.makedirs(out, exist_ok=True)
     heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
-    if data:  # held-out classes that are not --data's: refused before any run
-        judge_folder(res, heldout)
+    # held-out classes that are not --data's: refused before any run
+    if data and judge_folder(res, heldout) is None:
+        print("no judge: --val-data has no classes or --data has one, so the report has no "
+              "judge_accuracy or judge_fd")
+    os.makedirs(out, exist_ok=True)
     judge = []  # trained when the first run is scored, not for a call with nothing to score
 
     def run_one(name, kind, ch, lr, seed, factor):

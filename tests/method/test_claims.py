@@ -404,7 +404,7 @@ def test_converge_refuses_a_flat_folder_whose_one_class_every_sample_would_match
 
 
 def test_compare_judges_only_folders_with_classes_to_name_and_refuses_other_held_out_classes_before_any_run(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, capsys):
     from PIL import Image
     for split, names in (("train", "ab"), ("val", "ac"), ("flat", "")):
         (tmp_path / split).mkdir()
@@ -416,13 +416,16 @@ def test_compare_judges_only_folders_with_classes_to_name_and_refuses_other_held
     monkeypatch.setattr(claims, "val_data", str(tmp_path / "val"))
     with pytest.raises(ValueError, match=r"--val-data .*val: classes \['a', 'c'\]... differ from --data's"):
         claims.run_compare(SimpleNamespace(ddp=False, device=torch.device("cpu")))
-    assert os.listdir(tmp_path / "out") == []  # refused before any run
+    assert not (tmp_path / "out").exists()  # refused before any run
     # the same classes: the judge's folder; a one-class --data or an .npz held out: nothing to judge
     monkeypatch.setattr(claims, "val_data", str(tmp_path / "train"))
     heldout = ImageSource(str(tmp_path / "train"), 32)
     assert claims.judge_folder(32, heldout).classes == ["a", "b"]
     monkeypatch.setattr(claims, "data", str(tmp_path / "flat"))
     assert claims.judge_folder(32, heldout) is None
+    monkeypatch.setattr(claims, "report_only", True)  # said before any run, not silently left out
+    claims.run_compare(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    assert "no judge: --val-data has no classes or --data has one" in capsys.readouterr().out
     assert claims.make_judge(32, heldout, SimpleNamespace(device=torch.device("cpu"))) is None
     monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
     np.savez(tmp_path / "v.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
