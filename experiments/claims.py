@@ -25,7 +25,9 @@ out/report.md, the rules in claims.verdicts.
 diagnose: does a decoder use z? The shuffled-z loss gap (z_gap) and a linear probe (linear_probe).
 converge: the same DiT on four of compare's latents at each seed, its samples named by a classifier
 trained on the same data (built-in or --data's classes); claim 3 is the speed-up of DGAE
-at c/2 over the Gaussian decoder at c (converge_one_seed, summarise_converge).
+at c/2 over the Gaussian decoder at c (converge_one_seed, summarise_converge). A seed's report,
+out/converge/converge_s<seed>.json, stands for that seed in later calls with the same settings:
+seeds run on several machines pool by copying their reports into one out/converge.
 fcurve: DGAE and the Gaussian decoder at each f of --fs, the latent's size fixed (c grows as f^2),
 or with --fixed-c its channels; the rule is drop_verdict's.
 """
@@ -593,12 +595,11 @@ def judge_folder(res, heldout):
     return learn
 
 
-def make_judge(res, heldout, dist):
+def make_judge(res, learn, dist):
     """The pattern classifier that judges what class a reconstruction or sample shows, trained on
-    the built-in data's classes or on --data's (None where judge_folder finds nothing to judge)."""
+    the built-in data's classes, or with --data on learn, judge_folder's images (None: no judge)."""
     if not data:  # the built-in data's classes, train_dit.py's
         return train_pattern_classifier(res, steps=judge_steps, device=dist.device)
-    learn = judge_folder(res, heldout)
     return None if learn is None else train_pattern_classifier(
         res, len(learn.classes), steps=judge_steps, device=dist.device, images=learn)
 
@@ -614,7 +615,8 @@ def run_compare(dist):
         raise SystemExit(f"compare halves the latent channels; the preset {preset!r} has {c}")
     heldout = ImageSource(val_data, res, builtin_limit=num_images or HELDOUT_SIZE)
     # held-out classes that are not --data's: refused before any run
-    if data and judge_folder(res, heldout) is None:
+    learn = judge_folder(res, heldout) if data else None
+    if data and learn is None:
         print("no judge: --val-data has no classes or --data has one, so the report has no "
               "judge_accuracy or judge_fd")
     os.makedirs(out, exist_ok=True)
@@ -623,7 +625,7 @@ def run_compare(dist):
     def run_one(name, kind, ch, lr, seed, factor):
         train(os.path.join(out, name), kind, ch, lr, seed, max_steps * factor)
         if not judge:
-            judge.append(make_judge(res, heldout, dist))
+            judge.append(make_judge(res, learn, dist))
         score(os.path.join(out, name), heldout, judge[0], dist)
 
     run_plan(lambda: plan(c), run_one)
@@ -748,6 +750,41 @@ def write_converge_report(path, lines, result, curves):
     print(f"wrote {path}.png")
 
 
+def converge_settings(step_list):
+    """What a seed's converge report depends on besides its stage-1 runs: recorded in the report,
+    so that a later call takes the finished seed from it only if they are unchanged."""
+    return {"dit_steps": step_list, "num_samples": num_samples, "judge_steps": judge_steps,
+            "controls": controls, "dit_args": dit_args}
+
+
+def finished_seed(root, seed, step_list):
+    """A seed's rows from its converge_s<seed>.json where a call with these settings finished it
+    (its stage-1 and DiT runs need not be kept, e.g. reports copied from another machine); None
+    where there is no report. One with other settings is refused, not silently mixed in."""
+    path = os.path.join(root, f"converge_s{seed}.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        made, rows = result.get("settings"), result["latents"]
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}); delete it to run "
+                         f"seed {seed} again") from None
+    now, made = converge_settings(step_list), made if isinstance(made, dict) else {}
+    differ = [f"--{k.replace('_', '-')} {text(made.get(k))}, now {text(v)}"
+              for k, v in now.items() if made.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: {path} was made with other settings ({'; '.join(differ)}); run "
+                         f"with those, or delete it to run seed {seed} again")
+    return rows
+
+
+def text(value):
+    """A setting as it is typed: a list comma-separated."""
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def converge_one_seed(dist, c, seed, step_list, root):
     """Claim 3 at one seed (the stage-1 runs' and the DiT's): trains, samples and judges each
     latent's DiT up to every step of step_list, then writes converge_s<seed>.md, .json and .png."""
@@ -817,7 +854,8 @@ def converge_one_seed(dist, c, seed, step_list, root):
                              f"{r['speedup']:.2f}" if r["speedup"] else "-",
                              f"{r['curve_speedup']:.2f}" if r["curve_speedup"] else "-"]))
     write_converge_report(os.path.join(root, f"converge_s{seed}"), lines,
-                          {"target_accuracy": target, "latents": rows},
+                          {"target_accuracy": target, "latents": rows,
+                           "settings": converge_settings(step_list)},
                           {k: accuracy_curve(r) for k, r in rows.items()})
     return rows
 
@@ -861,10 +899,13 @@ def run_converge(dist):
     step_list = sorted({int(v) for v in dit_steps.split(",")})
     root = os.path.join(out, "converge")
     seed_order = list(dict.fromkeys(seed_list()))
+    done = {seed: finished_seed(root, seed, step_list) for seed in seed_order}
     for seed in seed_order:  # every stage-1 run is there before the first DiT trains
-        converge_latents(c, seed)
+        if done[seed] is None:
+            converge_latents(c, seed)
     os.makedirs(root, exist_ok=True)
-    per_seed = {seed: converge_one_seed(dist, c, seed, step_list, root) for seed in seed_order}
+    per_seed = {seed: done[seed] or converge_one_seed(dist, c, seed, step_list, root)
+                for seed in seed_order}
     if len(seed_order) < 2:
         return
     summary = summarise_converge(per_seed)

@@ -366,6 +366,7 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
     assert [a[a.index("--ae-ckpt") + 1] for a in dit_runs][::2] == [str(tmp_path / r / "ckpt.pt")
                                                                     for r in ("gauss_c4_lr0.001_s2", "dgae_c2_lr0.001_s2")]
     assert json.load(open(tmp_path / "c" / "converge_s2.json"))["target_accuracy"] == 0.5
+    assert claims.finished_seed(str(tmp_path / "c"), 2, [10, 20]) == json.loads(json.dumps(rows))  # read back whole
     assert rows["dgae c=2"]["speedup"] == 1.0 and (tmp_path / "c" / "converge_s2.png").exists()
     # resumed with one step judged and the next one's samples drawn: nothing trains, only the unjudged samples are judged
     run = tmp_path / "c" / "dgae_c2_lr0.001_s2"
@@ -426,7 +427,7 @@ def test_compare_judges_only_folders_with_classes_to_name_and_refuses_other_held
     monkeypatch.setattr(claims, "report_only", True)  # said before any run, not silently left out
     claims.run_compare(SimpleNamespace(ddp=False, device=torch.device("cpu")))
     assert "no judge: --val-data has no classes or --data has one" in capsys.readouterr().out
-    assert claims.make_judge(32, heldout, SimpleNamespace(device=torch.device("cpu"))) is None
+    assert claims.make_judge(32, claims.judge_folder(32, heldout), SimpleNamespace(device=torch.device("cpu"))) is None
     monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
     np.savez(tmp_path / "v.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
     assert claims.judge_folder(32, ImageSource(str(tmp_path / "v.npz"), 32)) is None
@@ -482,6 +483,33 @@ def test_converge_over_seeds_writes_the_mean_and_spread_of_each_step_and_every_s
     os.remove(tmp_path / "converge" / "converge_summary.json")
     claims.run_converge(SimpleNamespace(ddp=False))
     assert not (tmp_path / "converge" / "converge_summary.json").exists()
+
+
+def test_converge_takes_a_finished_seed_from_its_report_and_refuses_one_made_with_other_settings(tmp_path, monkeypatch):
+    """Seeds finished on other machines pool by their reports alone: no stage-1 run or DiT is needed again."""
+    monkeypatch.setattr(claims, "out", str(tmp_path))
+    monkeypatch.setattr(claims, "seeds", "0,1")
+    monkeypatch.setattr(claims, "dit_steps", "20,10")
+    root = tmp_path / "converge"
+    root.mkdir()
+    for seed, shift in ((0, 1.5), (1, 1.7)):
+        rows = {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, 2.0, shift)}
+        json.dump({"latents": rows, "settings": claims.converge_settings([10, 20])}, open(root / f"converge_s{seed}.json", "w"))
+    monkeypatch.setattr(claims, "script", lambda *a: pytest.fail(f"nothing is run again: {a}"))
+    claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))  # no stage-1 run exists in out
+    summary = json.load(open(root / "converge_summary.json"))["latents"]["dgae c=2"]
+    assert summary["curve_speedups"] == [1.5, 1.7] and summary["speedup_mean"] == pytest.approx((1.5 * 1.7) ** 0.5)
+    monkeypatch.setattr(claims, "num_samples", 300)  # a report of another size is refused, the setting named
+    with pytest.raises(SystemExit, match=r"converge_s0\.json was made with other settings \(--num-samples 600, now 300\); "
+                                         r"run with those, or delete it to run seed 0 again"):
+        claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    monkeypatch.setattr(claims, "num_samples", 600)
+    monkeypatch.setattr(claims, "dit_steps", "10,20,40")
+    with pytest.raises(SystemExit, match=r"\(--dit-steps 10,20, now 10,20,40\)"):
+        claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    (root / "converge_s1.json").write_text("{")  # damaged: named, with what to do
+    with pytest.raises(SystemExit, match=r"converge_s1\.json cannot be read \(JSONDecodeError\); delete it to run seed 1"):
+        claims.finished_seed(str(root), 1, [10, 20])
 
 
 def test_plan_runs_the_sweep_then_the_seeds_then_the_equal_compute_runs(tmp_path, monkeypatch):
