@@ -750,17 +750,40 @@ def write_converge_report(path, lines, result, curves):
     print(f"wrote {path}.png")
 
 
+def sample_settings():
+    """What a latent's samples and their judging depend on besides its stage-1 run and the step:
+    recorded in each DiT folder and in each seed's report."""
+    return {"num_samples": num_samples, "judge_steps": judge_steps, "dit_args": dit_args,
+            # the judge's classes (the DiT's too); a folder's names, as paths differ by machine
+            "data_classes": ImageFolderDataset(data, make_config(preset).resolution).classes
+            if data else "built-in"}
+
+
 def converge_settings(step_list):
-    """What a seed's converge report depends on besides its stage-1 runs: recorded in the report,
-    so that a later call takes the finished seed from it only if they are unchanged."""
-    return {"dit_steps": step_list, "num_samples": num_samples, "judge_steps": judge_steps,
-            "controls": controls, "dit_args": dit_args}
+    """What a seed's report depends on: recorded in it, so that a later call takes the finished
+    seed from the report only if they are unchanged."""
+    return {"dit_steps": step_list, "controls": controls, "preset": preset,
+            "max_steps": max_steps, "lrs": lrs, "train_args": train_args, **sample_settings()}
+
+
+def check_settings(path, made, now, remedy):
+    """Refuse, naming each difference, where the settings `made` (read from path) are not `now`."""
+    def text(v):  # as typed: a list comma-separated, a string quoted
+        return ("not recorded" if v is None else ",".join(map(str, v)) if isinstance(v, list)
+                else shlex.quote(v) if isinstance(v, str) else str(v))
+    made = made if isinstance(made, dict) else {}
+    differ = [f"{'--data' if k == 'data_classes' else '--' + k.replace('_', '-')} "
+              f"{text(made.get(k))}, now {text(v)}" for k, v in now.items() if made.get(k) != v]
+    if differ:
+        raise SystemExit(f"error: {path} was made with other settings ({'; '.join(differ)}); run "
+                         f"with those, or {remedy}")
 
 
 def finished_seed(root, seed, step_list):
     """A seed's rows from its converge_s<seed>.json where a call with these settings finished it
     (its stage-1 and DiT runs need not be kept, e.g. reports copied from another machine); None
-    where there is no report. One with other settings is refused, not silently mixed in."""
+    where there is none, or it predates recorded settings (the seed is made anew from its runs).
+    One with other settings is refused, not silently mixed in."""
     path = os.path.join(root, f"converge_s{seed}.json")
     if not os.path.exists(path):
         return None
@@ -768,21 +791,30 @@ def finished_seed(root, seed, step_list):
         with open(path) as f:
             result = json.load(f)
         made, rows = result.get("settings"), result["latents"]
+        if not rows or not all(isinstance(r, dict) and r.get("curve") for r in rows.values()):
+            raise ValueError("no latents")
     except (OSError, ValueError, KeyError, AttributeError) as e:
         raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}); delete it to run "
                          f"seed {seed} again") from None
-    now, made = converge_settings(step_list), made if isinstance(made, dict) else {}
-    differ = [f"--{k.replace('_', '-')} {text(made.get(k))}, now {text(v)}"
-              for k, v in now.items() if made.get(k) != v]
-    if differ:
-        raise SystemExit(f"error: {path} was made with other settings ({'; '.join(differ)}); run "
-                         f"with those, or delete it to run seed {seed} again")
+    if made is None:
+        return None
+    check_settings(path, made, converge_settings(step_list), f"delete it to run seed {seed} again")
+    with_speedups(rows)  # derived anew, as for a seed made from its runs
     return rows
 
 
-def text(value):
-    """A setting as it is typed: a list comma-separated."""
-    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+def with_speedups(rows):
+    """Adds to each latent's row (the claim's reference first) its steps to the target, the ratio
+    of the reference's steps to those, and the whole-curve shift; returns the target accuracy,
+    what the reference reaches at its last step (fixed before the runs)."""
+    ref = next(iter(rows))
+    target = rows[ref]["curve"][-1]["accuracy"]
+    ref_steps = steps_to_reach(accuracy_curve(rows[ref]), target)
+    for r in rows.values():
+        reach = steps_to_reach(accuracy_curve(r), target)
+        r["steps_to_target"], r["speedup"] = reach, (ref_steps / reach if reach else None)
+        r["curve_speedup"] = curve_speedup(accuracy_curve(rows[ref]), accuracy_curve(r))
+    return target
 
 
 def converge_one_seed(dist, c, seed, step_list, root):
@@ -792,6 +824,14 @@ def converge_one_seed(dist, c, seed, step_list, root):
     for label, ae_run, ae_scores in converge_latents(c, seed):
         ae_path = os.path.join(out, ae_run, "ckpt.pt")
         run_dir = os.path.join(root, ae_run)  # named by its stage-1 run: a new best rate, a new DiT
+        # its samples are reused on resume only if made as this call would make them
+        made = os.path.join(run_dir, "settings.json")
+        if os.path.exists(made):
+            check_settings(made, json.load(open(made)), sample_settings(),
+                           f"delete {run_dir} to train its DiT again")
+        else:
+            os.makedirs(run_dir, exist_ok=True)
+            write_text(made, json.dumps(sample_settings()))
         todo = []  # samples not yet judged: one eval.py call judges them all (one judge, one recon)
         for step in step_list:
             samples = os.path.join(run_dir, f"samples_{step}.npz")
@@ -829,9 +869,7 @@ def converge_one_seed(dist, c, seed, step_list, root):
         rows[label] = {"curve": curve, "ceiling_accuracy": ae_scores["judge_accuracy"]
                        if ceiling is None else ceiling,
                        "ceiling_judge_fd": ae_scores["judge_fd"], "ae_ckpt": ae_path}
-    ref = next(iter(rows))
-    target = rows[ref]["curve"][-1]["accuracy"]  # the Gaussian decoder at c, at the last step
-    ref_steps = steps_to_reach(accuracy_curve(rows[ref]), target)
+    ref, target = next(iter(rows)), with_speedups(rows)
     lines = [f"# claim 3, seed {seed}: the same DiT on each latent ({data or 'built-in data'}, "
              f"{num_samples} samples per point)", "",
              f"target (fixed before the run): accuracy {target:.3f}, what the {ref} latents "
@@ -843,9 +881,7 @@ def converge_one_seed(dist, c, seed, step_list, root):
              *md_table(["latent", *(f"acc@{s}" for s in step_list), "ceiling acc",
                         *(f"fd@{s}" for s in step_list), "steps to target", "ratio", "shift"])]
     for label, r in rows.items():
-        reach = steps_to_reach(accuracy_curve(r), target)
-        r["steps_to_target"], r["speedup"] = reach, (ref_steps / reach if reach else None)
-        r["curve_speedup"] = curve_speedup(accuracy_curve(rows[ref]), accuracy_curve(r))
+        reach = r["steps_to_target"]
         lines.append(md_row([label, *(f"{p['accuracy']:.3f}" for p in r["curve"]),
                              f"{r['ceiling_accuracy']:.3f}",
                              *("-" if p["judge_fd_recon"] is None else f"{p['judge_fd_recon']:.2f}"
@@ -904,8 +940,8 @@ def run_converge(dist):
         if done[seed] is None:
             converge_latents(c, seed)
     os.makedirs(root, exist_ok=True)
-    per_seed = {seed: done[seed] or converge_one_seed(dist, c, seed, step_list, root)
-                for seed in seed_order}
+    per_seed = {seed: converge_one_seed(dist, c, seed, step_list, root) if done[seed] is None
+                else done[seed] for seed in seed_order}
     if len(seed_order) < 2:
         return
     summary = summarise_converge(per_seed)

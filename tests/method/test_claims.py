@@ -366,7 +366,7 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
     assert [a[a.index("--ae-ckpt") + 1] for a in dit_runs][::2] == [str(tmp_path / r / "ckpt.pt")
                                                                     for r in ("gauss_c4_lr0.001_s2", "dgae_c2_lr0.001_s2")]
     assert json.load(open(tmp_path / "c" / "converge_s2.json"))["target_accuracy"] == 0.5
-    assert claims.finished_seed(str(tmp_path / "c"), 2, [10, 20]) == json.loads(json.dumps(rows))  # read back whole
+    assert claims.finished_seed(str(tmp_path / "c"), 2, [10, 20]) == rows  # read back whole, the same shape
     assert rows["dgae c=2"]["speedup"] == 1.0 and (tmp_path / "c" / "converge_s2.png").exists()
     # resumed with one step judged and the next one's samples drawn: nothing trains, only the unjudged samples are judged
     run = tmp_path / "c" / "dgae_c2_lr0.001_s2"
@@ -375,6 +375,12 @@ def test_converge_at_a_later_seed_gives_the_dit_that_seed_and_writes_that_seeds_
     calls.clear()
     claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
     assert [(name, a[a.index("--samples") + 1]) for name, a in calls] == [("eval.py", str(run / "samples_20.npz"))]
+    # samples made another way (here fewer per step) are not reused: the DiT folder is named
+    monkeypatch.setattr(claims, "num_samples", 300)
+    with pytest.raises(SystemExit, match=r"gauss_c4_lr0\.001_s2.settings\.json was made with other settings \(--num-samples 600, "
+                                         r"now 300\); run with those, or delete \S*gauss_c4_lr0\.001_s2 to train its DiT again"):
+        claims.converge_one_seed(SimpleNamespace(device=torch.device("cpu")), 4, 2, [10, 20], str(tmp_path / "c"))
+    monkeypatch.setattr(claims, "num_samples", 600)
     # a step's samples gone while the DiT is already past it: refused, not the later DiT sampled as that step
     os.remove(run / "samples_10_classes.json")
     with pytest.raises(SystemExit, match=r"ckpt.pt is at step 20, not 10, and \S*samples_10.npz is missing; delete"):
@@ -492,13 +498,17 @@ def test_converge_takes_a_finished_seed_from_its_report_and_refuses_one_made_wit
     monkeypatch.setattr(claims, "dit_steps", "20,10")
     root = tmp_path / "converge"
     root.mkdir()
-    for seed, shift in ((0, 1.5), (1, 1.7)):
-        rows = {"gauss c=4": converge_rows((0.2, 0.6), 0.8, 1.0, 1.0), "dgae c=2": converge_rows((0.4, 0.5), 0.7, 2.0, shift)}
+    ref, faster = [(10, 0.2), (20, 0.6)], {0: [(10, 0.4), (20, 0.7)], 1: [(10, 0.3), (20, 0.65)]}
+    for seed in (0, 1):  # the stored speed-ups are stale (99): they are derived anew from the curves
+        rows = {"gauss c=4": converge_rows([a for _, a in ref], 0.8, 99.0, 99.0),
+                "dgae c=2": converge_rows([a for _, a in faster[seed]], 0.7, 99.0, 99.0)}
         json.dump({"latents": rows, "settings": claims.converge_settings([10, 20])}, open(root / f"converge_s{seed}.json", "w"))
     monkeypatch.setattr(claims, "script", lambda *a: pytest.fail(f"nothing is run again: {a}"))
     claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))  # no stage-1 run exists in out
     summary = json.load(open(root / "converge_summary.json"))["latents"]["dgae c=2"]
-    assert summary["curve_speedups"] == [1.5, 1.7] and summary["speedup_mean"] == pytest.approx((1.5 * 1.7) ** 0.5)
+    shifts = [claims.curve_speedup(ref, faster[seed]) for seed in (0, 1)]
+    assert summary["curve_speedups"] == pytest.approx(shifts) and 1 < shifts[1] < shifts[0] < 99
+    assert summary["speedup_mean"] == pytest.approx((shifts[0] * shifts[1]) ** 0.5) and summary["speedups"] == [1.0, 1.0]
     monkeypatch.setattr(claims, "num_samples", 300)  # a report of another size is refused, the setting named
     with pytest.raises(SystemExit, match=r"converge_s0\.json was made with other settings \(--num-samples 600, now 300\); "
                                          r"run with those, or delete it to run seed 0 again"):
@@ -507,6 +517,14 @@ def test_converge_takes_a_finished_seed_from_its_report_and_refuses_one_made_wit
     monkeypatch.setattr(claims, "dit_steps", "10,20,40")
     with pytest.raises(SystemExit, match=r"\(--dit-steps 10,20, now 10,20,40\)"):
         claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    monkeypatch.setattr(claims, "dit_steps", "10,20")
+    monkeypatch.setattr(claims, "dit_args", "--lr 1e-4")  # strings quoted as typed, an empty one too
+    monkeypatch.setattr(claims, "controls", False)
+    with pytest.raises(SystemExit, match=r"\(--controls True, now False; --dit-args '', now '--lr 1e-4'\)"):
+        claims.run_converge(SimpleNamespace(ddp=False, device=torch.device("cpu")))
+    # a report from before reports recorded their settings: the seed is made anew from its runs
+    json.dump({"latents": rows}, open(root / "converge_s0.json", "w"))
+    assert claims.finished_seed(str(root), 0, [10, 20]) is None
     (root / "converge_s1.json").write_text("{")  # damaged: named, with what to do
     with pytest.raises(SystemExit, match=r"converge_s1\.json cannot be read \(JSONDecodeError\); delete it to run seed 1"):
         claims.finished_seed(str(root), 1, [10, 20])
