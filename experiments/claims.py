@@ -32,6 +32,7 @@ fcurve: DGAE and the Gaussian decoder at each f of --fs, the latent's size fixed
 or with --fixed-c its channels; the rule is drop_verdict's.
 """
 
+import functools
 import itertools
 import json
 import math
@@ -750,12 +751,18 @@ def write_converge_report(path, lines, result, curves):
     print(f"wrote {path}.png")
 
 
+@functools.cache
+def folder_classes(path, res):
+    """A folder's class names, scanned once per call of claims.py (an ImageNet folder takes long)."""
+    return tuple(ImageFolderDataset(path, res).classes)
+
+
 def sample_settings():
     """What a latent's samples and their judging depend on besides its stage-1 run and the step:
     recorded in each DiT folder and in each seed's report."""
     return {"num_samples": num_samples, "judge_steps": judge_steps, "dit_args": dit_args,
             # the judge's classes (the DiT's too); a folder's names, as paths differ by machine
-            "data_classes": ImageFolderDataset(data, make_config(preset).resolution).classes
+            "data_classes": list(folder_classes(data, make_config(preset).resolution))
             if data else "built-in"}
 
 

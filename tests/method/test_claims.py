@@ -435,6 +435,7 @@ def test_compare_judges_only_folders_with_classes_to_name_and_refuses_other_held
     assert "no judge: --val-data has no classes or --data has one" in capsys.readouterr().out
     assert claims.make_judge(32, claims.judge_folder(32, heldout), SimpleNamespace(device=torch.device("cpu"))) is None
     monkeypatch.setattr(claims, "data", str(tmp_path / "train"))
+    assert claims.sample_settings()["data_classes"] == ["a", "b"]  # converge records a folder's classes, not its path
     np.savez(tmp_path / "v.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
     assert claims.judge_folder(32, ImageSource(str(tmp_path / "v.npz"), 32)) is None
 
