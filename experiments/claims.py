@@ -753,7 +753,7 @@ def write_converge_report(path, lines, result, curves):
 
 @functools.cache
 def folder_classes(path, res):
-    """A folder's class names, scanned once per call of claims.py (an ImageNet folder takes long)."""
+    """A folder's class names, scanned once per call of claims.py (an ImageNet folder is slow)."""
     return tuple(ImageFolderDataset(path, res).classes)
 
 
